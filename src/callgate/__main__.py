@@ -1,0 +1,3 @@
+from callgate.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""`callgate serve | token | check-config`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from callgate import __version__
+from callgate.audit import AuditLog
+from callgate.auth import mint_token
+from callgate.config import (
+    HMAC_ALGORITHMS,
+    Settings,
+    is_loopback_host,
+    load_settings,
+    uses_development_secret,
+)
+from callgate.errors import ConfigError
+from callgate.log import configure_logging, get_logger
+from callgate.transport.server import RunningServer, serve
+
+log = get_logger("callgate")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="callgate", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"callgate {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("serve", help="run the signaling server")
+    run.add_argument("--config", type=Path, help="TOML config file (default: built-in defaults)")
+    run.add_argument("--host", help="override server.host")
+    run.add_argument("--port", type=int, help="override server.port")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    token = commands.add_parser("token", help="mint a development token with the HS secret")
+    token.add_argument("sub", help="the user id the token is for")
+    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
+    token.add_argument("--config", type=Path, help="TOML config file with auth.secret")
+
+    check = commands.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("file", type=Path)
+    return parser
+
+
+def _with_overrides(settings: Settings, host: str | None, port: int | None) -> Settings:
+    server = settings.server.model_copy(
+        update={k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    )
+    # Re-validate: a command-line port must obey the same bounds as the config file.
+    return Settings.model_validate({**settings.model_dump(), "server": server.model_dump()})
+
+
+def _refuse_development_secret_off_loopback(settings: Settings) -> None:
+    if uses_development_secret(settings) and not is_loopback_host(settings.server.host):
+        raise ConfigError(
+            f"auth.secret: the shipped development secret may only be used on loopback, not on"
+            f" {settings.server.host!r}; set CALLGATE_AUTH_SECRET to a secret of your own"
+        )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    configure_logging(level=args.log_level)
+    settings = _with_overrides(load_settings(args.config), args.host, args.port)
+    _refuse_development_secret_off_loopback(settings)
+    audit = AuditLog.open(settings.audit.path)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            running: RunningServer = await nursery.start(serve, settings, audit)
+            log.info("listening", url=running.url, audit=settings.audit.path)
+            if uses_development_secret(settings):
+                log.warning(
+                    "development secret in use: loopback only",
+                    mint_with="callgate token alice --config config/callgate.toml",
+                )
+
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:
+        log.info("stopped")
+    finally:
+        audit.close()
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    hmac_algorithms = [a for a in settings.auth.algorithms if a in HMAC_ALGORITHMS]
+    if settings.auth.secret is None or not hmac_algorithms:
+        raise ConfigError("auth.secret: `callgate token` needs an HS256/384/512 secret")
+    if args.ttl <= 0:
+        raise ConfigError("--ttl must be a positive number of seconds")
+    claims = {}
+    if settings.auth.issuer:
+        claims["iss"] = settings.auth.issuer
+    if settings.auth.audience:
+        claims["aud"] = settings.auth.audience
+    token = mint_token(
+        settings.auth.secret.get_secret_value(),
+        args.sub,
+        ttl=args.ttl,
+        now=int(time.time()),
+        algorithm=hmac_algorithms[0],
+        **claims,
+    )
+    print(token)
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from callgate.auth import TokenVerifier
+
+    settings = load_settings(args.file)
+    TokenVerifier.from_settings(settings.auth)
+    print(f"{args.file}: ok")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {"serve": _serve, "token": _token, "check-config": _check_config}
+    try:
+        return handlers[args.command](args)
+    except ConfigError as exc:
+        print(f"callgate: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"callgate: {exc}", file=sys.stderr)
+        return 1

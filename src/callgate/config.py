@@ -1,0 +1,250 @@
+"""Frozen settings from a TOML file plus the environment, validated once at start.
+
+Every key has a safe default; `config/callgate.toml` documents each one. Any key can be overridden
+by `CALLGATE_<SECTION>_<KEY>` (for example `CALLGATE_AUTH_SECRET`, `CALLGATE_SERVER_PORT`); list
+values in the environment are a JSON array or a comma-separated string. A bad value is refused
+with a `ConfigError` that names the key and where it came from.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from limits import parse_many
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from callgate.errors import ConfigError
+
+# The secret shipped in config/callgate.toml. `callgate serve` refuses it on any non-loopback host.
+DEVELOPMENT_SECRET = "callgate-development-secret-for-localhost-only"  # noqa: S105 - public on purpose
+
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+PUBLIC_KEY_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+SUPPORTED_ALGORITHMS = HMAC_ALGORITHMS | PUBLIC_KEY_ALGORITHMS
+# RFC 7518 3.2: an HMAC key must be at least as long as the hash output.
+MIN_HMAC_SECRET_BYTES = 32
+
+ENV_PREFIX = "CALLGATE_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_string_is_unset(cls, value: object) -> object:
+        # TOML has no null: `issuer = ""` means "not set", like leaving the key out.
+        return None if value == "" else value
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=0, le=65535)
+    path: str = Field("/ws", pattern=r"^/[A-Za-z0-9._~/-]*$")
+    max_message_bytes: int = Field(65536, ge=4096, le=16 * 1024 * 1024)
+    auth_timeout: float = Field(10.0, gt=0, le=300)
+    outbound_queue: int = Field(256, ge=8, le=65536)
+    close_timeout: float = Field(3.0, gt=0, le=60)
+
+
+class AuthSettings(_Section):
+    algorithms: tuple[str, ...] = ("HS256",)
+    secret: SecretStr | None = None
+    public_key_file: Path | None = None
+    issuer: str | None = None
+    audience: str | None = None
+    leeway: float = Field(10.0, ge=0, le=300)
+    allow_query_token: bool = False
+
+    @field_validator("algorithms")
+    @classmethod
+    def _known_algorithms(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one algorithm is required")
+        unknown = sorted(set(value) - SUPPORTED_ALGORITHMS)
+        if unknown:
+            raise ValueError(
+                f"unsupported {unknown}; choose from {sorted(SUPPORTED_ALGORITHMS)}"
+                " ('none' is never accepted)"
+            )
+        return value
+
+    @field_validator("secret")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().encode()) < MIN_HMAC_SECRET_BYTES:
+            raise ValueError(f"must be at least {MIN_HMAC_SECRET_BYTES} bytes (RFC 7518 3.2)")
+        return value
+
+
+class CallSettings(_Section):
+    ring_timeout: float = Field(45.0, gt=0, le=600)
+    max_calls_per_user: int = Field(1, ge=1, le=16)
+
+
+class LimitSettings(_Section):
+    """Rate limits in the `limits` notation; `;` joins several windows that all apply."""
+
+    call_request: str = "10/minute;100/hour"
+    call_request_pair: str = "3/minute"
+    messages: str = "50/second"
+    handshakes: str = "60/minute"
+    # More refused (rate-limited) messages than this on one connection closes it with 4029.
+    flood: str = "20/10 seconds"
+
+    @field_validator("*")
+    @classmethod
+    def _parseable(cls, value: str) -> str:
+        try:
+            parse_many(value)
+        except ValueError:
+            raise ValueError(
+                f"not a rate limit: {value!r} (example: '10/minute;100/hour')"
+            ) from None
+        return value
+
+
+class ValidationSettings(_Section):
+    """Field limits of contract section 6, counted in UTF-8 bytes where they say bytes."""
+
+    max_sdp_bytes: int = Field(16384, ge=1024, le=1024 * 1024)
+    max_candidate_bytes: int = Field(1024, ge=128, le=65536)
+    max_user_id_length: int = Field(128, ge=1, le=1024)
+    max_call_id_length: int = Field(128, ge=1, le=1024)
+
+
+class AuditSettings(_Section):
+    path: str = "-"
+
+
+class IceSettings(_Section):
+    stun_urls: tuple[str, ...] = ("stun:stun.l.google.com:19302",)
+    turn_urls: tuple[str, ...] = ()
+    turn_secret: SecretStr | None = None
+    turn_ttl: int = Field(3600, ge=60, le=7 * 24 * 3600)
+
+    @field_validator("stun_urls", "turn_urls")
+    @classmethod
+    def _ice_urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for url in value:
+            if not url.startswith(("stun:", "stuns:", "turn:", "turns:")):
+                raise ValueError(f"{url!r} is not a stun:/stuns:/turn:/turns: URL")
+        return value
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    server: ServerSettings = ServerSettings()
+    auth: AuthSettings = AuthSettings()
+    calls: CallSettings = CallSettings()
+    limits: LimitSettings = LimitSettings()
+    validation: ValidationSettings = ValidationSettings()
+    audit: AuditSettings = AuditSettings()
+    ice: IceSettings = IceSettings()
+
+    def check_coherence(self) -> None:
+        """Raises: ConfigError for keys that are valid alone but not together."""
+        algorithms = set(self.auth.algorithms)
+        if algorithms & HMAC_ALGORITHMS and self.auth.secret is None:
+            raise ConfigError(
+                "auth.secret: required for HS256/HS384/HS512; set it in the config file"
+                " or in CALLGATE_AUTH_SECRET"
+            )
+        if algorithms & PUBLIC_KEY_ALGORITHMS and self.auth.public_key_file is None:
+            raise ConfigError(
+                "auth.public_key_file: required for RS*/PS*/ES*/EdDSA (a PEM public key)"
+            )
+        if self.ice.turn_urls and self.ice.turn_secret is None:
+            raise ConfigError("ice.turn_secret: required when ice.turn_urls is set")
+
+
+_LIST_FIELDS = {("auth", "algorithms"), ("ice", "stun_urls"), ("ice", "turn_urls")}
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    overrides: dict[str, dict[str, Any]] = {}
+    for section, field in Settings.model_fields.items():
+        model = field.annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        for key in model.model_fields:
+            raw = environ.get(f"{ENV_PREFIX}{section}_{key}".upper())
+            if raw is None:
+                continue
+            value: Any = raw
+            if (section, key) in _LIST_FIELDS:
+                value = _parse_env_list(section, key, raw)
+            overrides.setdefault(section, {})[key] = value
+    return overrides
+
+
+def _parse_env_list(section: str, key: str, raw: str) -> list[str]:
+    if raw.lstrip().startswith("["):
+        try:
+            parsed = json.loads(raw)
+        except ValueError:
+            raise ConfigError(f"{section}.{key} (from the environment): not a JSON array") from None
+        if not isinstance(parsed, list):
+            raise ConfigError(f"{section}.{key} (from the environment): not a JSON array")
+        return [str(item) for item in parsed]
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def load_settings(
+    path: Path | None = None, *, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Read the TOML file (if any), apply environment overrides, validate.
+
+    Raises:
+        ConfigError: unreadable file, bad TOML, unknown key, or a bad value (named).
+    """
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            with path.open("rb") as handle:
+                data = tomllib.load(handle)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    for section, values in _env_overrides(os.environ if environ is None else environ).items():
+        existing = data.get(section, {})
+        if not isinstance(existing, dict):
+            raise ConfigError(f"{section}: must be a table in {source}")
+        data[section] = {**existing, **values}
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
+            for error in exc.errors(include_url=False, include_input=False)
+        )
+        raise ConfigError(f"invalid configuration ({source}): {problems}") from None
+    settings.check_coherence()
+    return settings
+
+
+def is_loopback_host(host: str) -> bool:
+    """True when `host` only listens on this machine (127.0.0.0/8, ::1 or localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def uses_development_secret(settings: Settings) -> bool:
+    secret = settings.auth.secret
+    return secret is not None and secret.get_secret_value() == DEVELOPMENT_SECRET

@@ -1,0 +1,201 @@
+"""Call state: the states, the roles a device can have in a call, and every transition.
+
+Theory of operation
+-------------------
+A call is placed by one *device* (connection) of the caller and rings on every device the callee
+had connected at that moment. It has two live states, RINGING and CONNECTED; a call that ends is
+removed at once, so no state outlives its call. Which messages a device may send about a call
+depends only on (state, message kind, role of that device), and that is the table `TRANSITIONS`
+below: an entry names the `Step` the switchboard performs; a missing entry means `forbidden`.
+
+Roles are per device, not per user: the caller's *other* devices, and the callee's devices that
+did not answer, are BYSTANDERs of the call and may not speak in it.
+
+Call ids are chosen by clients. A call is found through the sender's own calls (a user has at
+most `max_calls_per_user`), so a call id is only ever visible to its two participants: anyone else
+gets `unknown_call`, whether or not the id exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+from callgate.core.events import ConnId, TimerId
+from callgate.protocol.messages import (
+    CallAnswer,
+    CallEnd,
+    CallId,
+    CallReject,
+    CallRenegotiate,
+    IceCandidate,
+    InCallMessage,
+    Media,
+    UserId,
+)
+
+
+class CallState(Enum):
+    RINGING = auto()  # offered, ringing on the callee's devices, not yet answered
+    CONNECTED = auto()  # answered on one callee device; media is being set up or flowing
+
+
+class Role(Enum):
+    CALLER = auto()  # the device that sent the call-request
+    CALLEE_RINGING = auto()  # a callee device that is ringing (before the answer)
+    CALLEE_ACTIVE = auto()  # the callee device that answered
+    BYSTANDER = auto()  # another device of a participant: not part of this call
+
+
+class Step(Enum):
+    ANSWER = auto()  # callee takes the call on this device; the others stop ringing
+    REJECT = auto()  # callee declines with call-reject; the others stop ringing
+    DECLINE = auto()  # callee declines with call-end while ringing; same outcome as REJECT
+    CANCEL = auto()  # caller hangs up before the answer
+    HANGUP = auto()  # either side ends a connected call
+    RELAY = auto()  # forward to the other side (ICE candidates), state unchanged
+    RENEGOTIATE = auto()  # forward a new description (ICE restart, voice to video)
+
+
+R, C = CallState.RINGING, CallState.CONNECTED
+TRANSITIONS: dict[tuple[CallState, type[InCallMessage], Role], Step] = {
+    (R, CallAnswer, Role.CALLEE_RINGING): Step.ANSWER,
+    (R, CallReject, Role.CALLEE_RINGING): Step.REJECT,
+    (R, CallEnd, Role.CALLEE_RINGING): Step.DECLINE,
+    (R, CallEnd, Role.CALLER): Step.CANCEL,
+    (R, IceCandidate, Role.CALLER): Step.RELAY,
+    (R, IceCandidate, Role.CALLEE_RINGING): Step.RELAY,
+    (C, CallEnd, Role.CALLER): Step.HANGUP,
+    (C, CallEnd, Role.CALLEE_ACTIVE): Step.HANGUP,
+    (C, IceCandidate, Role.CALLER): Step.RELAY,
+    (C, IceCandidate, Role.CALLEE_ACTIVE): Step.RELAY,
+    (C, CallRenegotiate, Role.CALLER): Step.RENEGOTIATE,
+    (C, CallRenegotiate, Role.CALLEE_ACTIVE): Step.RENEGOTIATE,
+}
+del R, C
+
+
+@dataclass(slots=True, eq=False)
+class Call:
+    """One live call. Mutated only by `CallRegistry` and the switchboard."""
+
+    call_id: CallId
+    caller: UserId
+    callee: UserId
+    media: Media
+    caller_conn: ConnId
+    # Insertion-ordered set of the callee devices still ringing (empty once answered).
+    ringing: dict[ConnId, None]
+    requested_at: float
+    ring_timer: TimerId
+    state: CallState = CallState.RINGING
+    callee_conn: ConnId | None = None
+    answered_at: float | None = None
+    renegotiations: int = field(default=0)
+
+    def role_of(self, conn: ConnId) -> Role:
+        if conn == self.caller_conn:
+            return Role.CALLER
+        if conn == self.callee_conn:
+            return Role.CALLEE_ACTIVE
+        if conn in self.ringing:
+            return Role.CALLEE_RINGING
+        return Role.BYSTANDER
+
+    def peer_of(self, user: UserId) -> UserId:
+        return self.callee if user == self.caller else self.caller
+
+    def callee_side(self) -> list[ConnId]:
+        """The callee devices that take part now: every ringing one, or the one that answered."""
+        return [self.callee_conn] if self.callee_conn is not None else list(self.ringing)
+
+    def other_side(self, role: Role) -> list[ConnId]:
+        """Where a message from a device in `role` goes."""
+        return [self.caller_conn] if role is not Role.CALLER else self.callee_side()
+
+    def devices(self) -> list[ConnId]:
+        return [self.caller_conn, *self.callee_side()]
+
+
+class CallRegistry:
+    """Live calls, indexed by participant user and by device. Holds nothing for ended calls."""
+
+    def __init__(self) -> None:
+        self._by_user: dict[UserId, dict[CallId, Call]] = {}
+        self._by_device: dict[ConnId, dict[Call, None]] = {}
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __iter__(self) -> Iterator[Call]:
+        seen: set[int] = set()
+        for calls in self._by_user.values():
+            for call in calls.values():
+                if id(call) not in seen:
+                    seen.add(id(call))
+                    yield call
+
+    def find(self, user: UserId, call_id: CallId) -> Call | None:
+        """The call `call_id` of which `user` is a participant, if any."""
+        return self._by_user.get(user, {}).get(call_id)
+
+    def id_in_use(self, call_id: CallId, *users: UserId) -> bool:
+        return any(call_id in self._by_user.get(user, {}) for user in users)
+
+    def count_for(self, user: UserId) -> int:
+        return len(self._by_user.get(user, {}))
+
+    def ringing_from(self, caller: UserId, callee: UserId) -> Call | None:
+        """A call `caller` placed to `callee` that is still ringing (the glare test)."""
+        for call in self._by_user.get(caller, {}).values():
+            if call.caller == caller and call.callee == callee and call.state is CallState.RINGING:
+                return call
+        return None
+
+    def of_device(self, conn: ConnId) -> list[Call]:
+        return list(self._by_device.get(conn, {}))
+
+    def add(self, call: Call) -> None:
+        for user in (call.caller, call.callee):
+            self._by_user.setdefault(user, {})[call.call_id] = call
+        for conn in call.devices():
+            self._link(conn, call)
+
+    def answer(self, call: Call, conn: ConnId, now: float) -> list[ConnId]:
+        """Move `call` to CONNECTED on device `conn`; returns the devices that stop ringing."""
+        others = [device for device in call.ringing if device != conn]
+        for device in others:
+            self._unlink(device, call)
+        call.ringing = {}
+        call.callee_conn = conn
+        call.state = CallState.CONNECTED
+        call.answered_at = now
+        return others
+
+    def drop_ringing_device(self, call: Call, conn: ConnId) -> None:
+        call.ringing.pop(conn, None)
+        self._unlink(conn, call)
+
+    def remove(self, call: Call) -> None:
+        for user in (call.caller, call.callee):
+            calls = self._by_user.get(user)
+            if calls is not None and calls.get(call.call_id) is call:
+                del calls[call.call_id]
+                if not calls:
+                    del self._by_user[user]
+        for conn in call.devices():
+            self._unlink(conn, call)
+
+    def _link(self, conn: ConnId, call: Call) -> None:
+        self._by_device.setdefault(conn, {})[call] = None
+
+    def _unlink(self, conn: ConnId, call: Call) -> None:
+        calls = self._by_device.get(conn)
+        if calls is not None:
+            calls.pop(call, None)
+            if not calls:
+                del self._by_device[conn]
+
+    def is_empty(self) -> bool:
+        return not self._by_user and not self._by_device

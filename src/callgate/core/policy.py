@@ -1,0 +1,40 @@
+"""The rules the switchboard applies, and the narrow port through which it asks for rate limits.
+
+`CallThrottle` is the one place the core consults something outside itself: the real one
+(`callgate.ratelimit.RateLimiter`) keeps moving-window counters that read the wall clock, and a
+multi-node backend will keep them in a shared store. The core only asks "may this caller call
+this callee now?" and never sees how that is counted; tests pass a plain fake.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from callgate.protocol.messages import UserId
+
+
+@dataclass(frozen=True, slots=True)
+class CallRules:
+    ring_timeout: float = 45.0
+    max_calls_per_user: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Throttled:
+    """A limit refused the request; `limit` names its config key, `retry_after` is in seconds."""
+
+    limit: str
+    retry_after: int
+
+
+class CallThrottle(Protocol):
+    def admit_call(self, caller: UserId, callee: UserId) -> Throttled | None:
+        """Count one call attempt if it is within every limit; otherwise say which limit refused."""
+
+
+class NoThrottle:
+    """Admits everything (tests of the call logic that are not about rate limits)."""
+
+    def admit_call(self, caller: UserId, callee: UserId) -> Throttled | None:
+        return None

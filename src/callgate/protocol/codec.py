@@ -1,0 +1,307 @@
+"""Decode client frames into typed messages and encode server messages (contract 1, 3, 5, 6).
+
+`decode` is total: for any text it returns an `Envelope` or raises `ProtocolError`, never anything
+else (a hypothesis test holds it to that). It checks the envelope, the event name, every field the
+server reads (type, enum value, length, UTF-8 size) and refuses what could not be forwarded
+safely: lone surrogates (not encodable as UTF-8), NaN/Infinity, absurd nesting or numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeGuard
+
+from callgate.errors import ErrorCode, Refused
+from callgate.protocol.messages import (
+    Auth,
+    CallAnswer,
+    CallEnd,
+    CallReject,
+    CallRenegotiate,
+    CallRequest,
+    ClientMessage,
+    Envelope,
+    IceCandidate,
+    Media,
+    Ref,
+    UserConnected,
+)
+
+MAX_REF_LENGTH = 128
+MAX_SAFE_INTEGER = 2**53 - 1  # refs must survive a JavaScript client's Number
+MAX_TOKEN_BYTES = 16384
+MAX_SHORT_STRING = 256  # sdpMid, usernameFragment and similar small strings
+_REFUSED_IN_IDS = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+_CALL_ID = re.compile(r"[A-Za-z0-9._:-]+")
+# A JSON escape of a UTF-16 surrogate. Only such text can decode to a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+
+
+class ProtocolError(Refused):
+    """A frame is not a valid message; carries the frame's `ref` when one could be read."""
+
+    def __init__(self, code: ErrorCode, message: str, ref: Ref | None = None) -> None:
+        super().__init__(code, message)
+        self.ref = ref
+
+
+@dataclass(frozen=True, slots=True)
+class FieldLimits:
+    """Contract section 6; the defaults are the contract's."""
+
+    max_sdp_bytes: int = 16384
+    max_candidate_bytes: int = 1024
+    max_user_id_length: int = 128
+    max_call_id_length: int = 128
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _parse(text: str) -> object:
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        # ValueError covers bad JSON, NaN/Infinity and integers past Python's digit limit.
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "not valid JSON") from None
+    if _SURROGATE_ESCAPE.search(text) is not None:
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ProtocolError(
+                ErrorCode.INVALID_MESSAGE, "text contains an unpaired UTF-16 surrogate"
+            ) from None
+    return value
+
+
+def valid_user_id(value: object, max_length: int) -> TypeGuard[str]:
+    """1..max_length characters, none of them control, format, surrogate or line separators."""
+    if not isinstance(value, str) or not 0 < len(value) <= max_length:
+        return False
+    if value.isprintable():  # fast path: printable text has none of the refused categories
+        return True
+    return not any(unicodedata.category(char) in _REFUSED_IN_IDS for char in value)
+
+
+def valid_call_id(value: object, max_length: int) -> TypeGuard[str]:
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= max_length
+        and _CALL_ID.fullmatch(value) is not None
+    )
+
+
+class _Fields:
+    """Reads typed fields out of one `data` object, raising `invalid_message` that names them."""
+
+    __slots__ = ("data", "event", "limits", "ref")
+
+    def __init__(self, event: str, data: Mapping[str, Any], ref: Ref | None, limits: FieldLimits):
+        self.event = event
+        self.data = data
+        self.ref = ref
+        self.limits = limits
+
+    def fail(self, message: str) -> NoReturn:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"{self.event}: {message}", self.ref)
+
+    def user_id(self, key: str) -> str:
+        value = self.data.get(key)
+        if not valid_user_id(value, self.limits.max_user_id_length):
+            self.fail(
+                f"'{key}' must be a user id of 1-{self.limits.max_user_id_length} characters"
+                " without control characters"
+            )
+        return value
+
+    def call_id(self, key: str) -> str:
+        value = self.data.get(key)
+        if not valid_call_id(value, self.limits.max_call_id_length):
+            self.fail(
+                f"'{key}' must be a call id of 1-{self.limits.max_call_id_length}"
+                " characters from [A-Za-z0-9._:-]"
+            )
+        return value
+
+    def description(self, key: str, allowed_types: tuple[str, ...]) -> None:
+        value = self.data.get(key)
+        if not isinstance(value, dict):
+            self.fail(f"'{key}' must be an object {{type, sdp}}")
+        kind = value.get("type")
+        if kind not in allowed_types:
+            self.fail(f"'{key}.type' must be one of {', '.join(allowed_types)}")
+        sdp = value.get("sdp")
+        if not isinstance(sdp, str):
+            self.fail(f"'{key}.sdp' must be a string")
+        if len(sdp) > self.limits.max_sdp_bytes or (
+            len(sdp) * 4 > self.limits.max_sdp_bytes
+            and len(sdp.encode("utf-8")) > self.limits.max_sdp_bytes
+        ):
+            self.fail(f"'{key}.sdp' is over {self.limits.max_sdp_bytes} bytes")
+
+    def candidate(self, key: str) -> None:
+        if key not in self.data:
+            self.fail(f"'{key}' is required (use null for end-of-candidates)")
+        value = self.data[key]
+        if value is None:
+            return
+        if not isinstance(value, dict):
+            self.fail(f"'{key}' must be an RTCIceCandidate object or null")
+        text = value.get("candidate")
+        if not isinstance(text, str):
+            self.fail(f"'{key}.candidate' must be a string")
+        if len(text.encode("utf-8")) > self.limits.max_candidate_bytes:
+            self.fail(f"'{key}.candidate' is over {self.limits.max_candidate_bytes} bytes")
+        for name in ("sdpMid", "usernameFragment"):
+            part = value.get(name)
+            if part is not None and (not isinstance(part, str) or len(part) > MAX_SHORT_STRING):
+                self.fail(f"'{key}.{name}' must be a short string or null")
+        index = value.get("sdpMLineIndex")
+        if index is not None and (
+            not isinstance(index, int) or isinstance(index, bool) or not 0 <= index <= 65535
+        ):
+            self.fail(f"'{key}.sdpMLineIndex' must be an integer 0-65535 or null")
+
+    def optional_timestamp(self, key: str) -> None:
+        value = self.data.get(key)
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            self.fail(f"'{key}' must be milliseconds since the epoch")
+
+
+def _read_ref(envelope: Mapping[str, Any]) -> Ref | None:
+    if "ref" not in envelope:
+        return None
+    ref = envelope["ref"]
+    if isinstance(ref, str) and 0 < len(ref) <= MAX_REF_LENGTH:
+        return ref
+    if isinstance(ref, int) and not isinstance(ref, bool) and abs(ref) <= MAX_SAFE_INTEGER:
+        return ref
+    raise ProtocolError(
+        ErrorCode.INVALID_MESSAGE,
+        f"'ref' must be a string of 1-{MAX_REF_LENGTH} characters or a safe integer",
+    )
+
+
+def _decode_auth(fields: _Fields) -> Auth:
+    token = fields.data.get("token")
+    if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_BYTES:
+        fields.fail("'token' must be a non-empty string")
+    resume = fields.data.get("resume")
+    if resume is not None and (not isinstance(resume, str) or len(resume) > MAX_REF_LENGTH):
+        fields.fail("'resume' must be a session id string")
+    return Auth(token=token, resume=resume)
+
+
+def _decode_call_request(fields: _Fields) -> CallRequest:
+    call_id = fields.call_id("id")
+    from_user = fields.user_id("from")
+    to = fields.user_id("to")
+    media = fields.data.get("type")
+    if media not in ("video", "voice"):
+        fields.fail("'type' must be 'video' or 'voice'")
+    fields.description("offer", ("offer",))
+    fields.optional_timestamp("timestamp")
+    media_kind: Media = "video" if media == "video" else "voice"
+    return CallRequest(call_id, from_user, to, media_kind, fields.data)
+
+
+def _decode_answer(fields: _Fields) -> CallAnswer:
+    call_id, to = fields.call_id("callId"), fields.user_id("to")
+    fields.description("answer", ("answer",))
+    return CallAnswer(call_id, to, fields.data)
+
+
+def _decode_reject(fields: _Fields) -> CallReject:
+    return CallReject(fields.call_id("callId"), fields.user_id("to"), fields.data)
+
+
+def _decode_end(fields: _Fields) -> CallEnd:
+    return CallEnd(fields.call_id("callId"), fields.user_id("to"), fields.data)
+
+
+def _decode_ice(fields: _Fields) -> IceCandidate:
+    call_id, to = fields.call_id("callId"), fields.user_id("to")
+    fields.candidate("candidate")
+    return IceCandidate(call_id, to, fields.data)
+
+
+def _decode_renegotiate(fields: _Fields) -> CallRenegotiate:
+    call_id, to = fields.call_id("callId"), fields.user_id("to")
+    fields.description("description", ("offer", "answer"))
+    return CallRenegotiate(call_id, to, fields.data)
+
+
+_DECODERS: dict[str, Callable[[_Fields], ClientMessage]] = {
+    Auth.EVENT: _decode_auth,
+    CallRequest.EVENT: _decode_call_request,
+    CallAnswer.EVENT: _decode_answer,
+    CallReject.EVENT: _decode_reject,
+    CallEnd.EVENT: _decode_end,
+    IceCandidate.EVENT: _decode_ice,
+    CallRenegotiate.EVENT: _decode_renegotiate,
+}
+
+
+def decode(text: str, limits: FieldLimits) -> Envelope:
+    """Decode one text frame.
+
+    Raises:
+        ProtocolError: `invalid_message` or `unknown_event`, with the frame's `ref` when readable.
+    """
+    envelope = _parse(text)
+    if not isinstance(envelope, dict):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "a message must be a JSON object")
+    ref = _read_ref(envelope)
+    event = envelope.get("event")
+    if not isinstance(event, str):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'event' must be a string", ref)
+    data = envelope.get("data")
+    if event == UserConnected.EVENT:
+        # The original design sends the bare user id string as data.
+        if not valid_user_id(data, limits.max_user_id_length):
+            raise ProtocolError(
+                ErrorCode.INVALID_MESSAGE, "user-connected: data must be your user id", ref
+            )
+        return Envelope(UserConnected(data), ref)
+    decoder = _DECODERS.get(event)
+    if decoder is None:
+        shown = event[:64].encode("ascii", "backslashreplace").decode("ascii")
+        raise ProtocolError(ErrorCode.UNKNOWN_EVENT, f"unknown event '{shown}'", ref)
+    if not isinstance(data, dict):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"{event}: 'data' must be an object", ref)
+    return Envelope(decoder(_Fields(event, data, ref, limits)), ref)
+
+
+def peek_ref(text: str) -> Ref | None:
+    """The `ref` of a frame the server will not process (rate limited), if it has a valid one."""
+    try:
+        envelope = _parse(text)
+        return _read_ref(envelope) if isinstance(envelope, dict) else None
+    except ProtocolError:
+        return None
+
+
+def encode(event: str, data: Mapping[str, Any] | None = None, ref: Ref | None = None) -> str:
+    """One server message as compact JSON text (UTF-8 on the wire)."""
+    message: dict[str, Any] = {"event": event}
+    if data is not None:
+        message["data"] = data
+    if ref is not None:
+        message["ref"] = ref
+    return json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+
+
+def encode_error(
+    code: ErrorCode, message: str, ref: Ref | None = None, retry_after: int | None = None
+) -> str:
+    data: dict[str, Any] = {"code": code.value, "message": message}
+    if retry_after is not None:
+        data["retryAfter"] = retry_after
+    return encode("error", data, ref)
