@@ -129,7 +129,7 @@ class Client:
         """No message arrives within `seconds` (used only to prove nothing was sent)."""
         with trio.move_on_after(seconds):
             message = await self.ws.get_message()
-            raise AssertionError(f"unexpected message {message}")
+            raise AssertionError(f"unexpected message {message!r}")
 
 
 ClientFactory = Callable[..., Awaitable[Client]]
@@ -199,7 +199,9 @@ async def gate(harness: Harness) -> Harness:
     return harness
 
 
-SDP_OFFER = "v=0\r\no=- 4611731400430051336 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=secret-offer-marker\r\n"
+SDP_OFFER = (
+    "v=0\r\no=- 4611731400430051336 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=secret-offer-marker\r\n"
+)
 SDP_ANSWER = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=secret-answer-marker\r\n"
 CANDIDATE = {
     "candidate": "candidate:842163049 1 udp 1677729535 198.51.100.7 46154 typ srflx marker-ice",

@@ -29,7 +29,9 @@ async def test_alice_calls_bob_on_two_devices(gate: Harness) -> None:
     # ICE from the caller before the answer reaches every ringing device.
     await alice.send("ice-candidate", {"candidate": CANDIDATE, "callId": "call-1", "to": "bob"})
     for device in (bob_phone, bob_laptop):
-        await device.expect("ice-candidate", callId="call-1", candidate=CANDIDATE, **{"from": "alice"})
+        await device.expect(
+            "ice-candidate", callId="call-1", candidate=CANDIDATE, **{"from": "alice"}
+        )
 
     # bob answers on his phone, with a forged `from` that the server overwrites.
     answer = {
@@ -45,7 +47,9 @@ async def test_alice_calls_bob_on_two_devices(gate: Harness) -> None:
     await bob_laptop.expect("call-end", callId="call-1", reason="answered_elsewhere")
 
     # ICE flows both ways between alice and the answering device only.
-    await bob_phone.send("ice-candidate", {"candidate": CANDIDATE, "callId": "call-1", "to": "alice"})
+    await bob_phone.send(
+        "ice-candidate", {"candidate": CANDIDATE, "callId": "call-1", "to": "alice"}
+    )
     await alice.expect("ice-candidate", **{"from": "bob"})
     await alice.send("ice-candidate", {"candidate": None, "callId": "call-1", "to": "bob"})
     await bob_phone.expect("ice-candidate", candidate=None, **{"from": "alice"})
@@ -91,7 +95,9 @@ async def test_audit_log_never_holds_sdp_candidates_or_tokens(gate: Harness) -> 
     await alice.expect("call-end")
     # A failed login whose token is in the audit path too.
     stranger = await gate.open()
-    other_signature = token_for("alice", secret="another-secret-that-is-long-enough!!").split(".")[2]
+    other_signature = token_for("alice", secret="another-secret-that-is-long-enough!!").split(".")[
+        2
+    ]
     forged = alice_token.rsplit(".", 1)[0] + "." + other_signature
     await stranger.send("auth", {"token": forged})
     await stranger.expect_closed(4001, "invalid token")

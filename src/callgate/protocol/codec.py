@@ -272,8 +272,9 @@ def decode(text: str, limits: FieldLimits) -> Envelope:
         return Envelope(UserConnected(data), ref)
     decoder = _DECODERS.get(event)
     if decoder is None:
-        shown = event[:64].encode("ascii", "backslashreplace").decode("ascii")
-        raise ProtocolError(ErrorCode.UNKNOWN_EVENT, f"unknown event '{shown}'", ref)
+        # JSON-escaped: control characters in the name never reach a client's terminal verbatim.
+        shown = json.dumps(event[:64])
+        raise ProtocolError(ErrorCode.UNKNOWN_EVENT, f"unknown event {shown}", ref)
     if not isinstance(data, dict):
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"{event}: 'data' must be an object", ref)
     return Envelope(decoder(_Fields(event, data, ref, limits)), ref)

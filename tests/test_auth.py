@@ -1,0 +1,105 @@
+"""Token checks without sockets (the wire tests cover the 4001 close)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from hypothesis import given
+from hypothesis import strategies as st
+
+from callgate.auth import TokenVerifier
+from callgate.config import AuthSettings
+from callgate.errors import AuthError, ConfigError
+from conftest import SECRET, token_for
+
+
+def verifier(**auth: object) -> TokenVerifier:
+    return TokenVerifier.from_settings(AuthSettings.model_validate({"secret": SECRET, **auth}))
+
+
+def pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def test_valid_hs256() -> None:
+    identity = verifier().verify(token_for("alice", jti="j1"))
+    assert identity.user == "alice" and identity.token_id == "j1"
+    assert identity.expires_at > time.time()
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "key", "curve_alg"),
+    [
+        ("EdDSA", ed25519.Ed25519PrivateKey.generate(), "EdDSA"),
+        ("ES256", ec.generate_private_key(ec.SECP256R1()), "ES256"),
+    ],
+)
+def test_public_key_algorithms(
+    tmp_path: Path,
+    algorithm: str,
+    key: ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey,
+    curve_alg: str,
+) -> None:
+    path = tmp_path / "key.pem"
+    path.write_bytes(pem(key))
+    check = verifier(algorithms=[algorithm], public_key_file=str(path))
+    token = jwt.encode({"sub": "bob", "exp": int(time.time()) + 60}, key, algorithm=curve_alg)
+    assert check.verify(token).user == "bob"
+    # An HS256 token is refused: that algorithm is not configured.
+    with pytest.raises(AuthError):
+        check.verify(token_for("bob"))
+
+
+def test_algorithm_must_match_key_type(tmp_path: Path) -> None:
+    path = tmp_path / "ec.pem"
+    path.write_bytes(pem(ec.generate_private_key(ec.SECP256R1())))
+    with pytest.raises(ConfigError, match=r"auth\.algorithms: RS256"):
+        verifier(algorithms=["RS256"], public_key_file=str(path))
+    with pytest.raises(ConfigError, match=r"auth\.algorithms: ES384"):
+        verifier(algorithms=["ES384"], public_key_file=str(path))
+
+
+def test_private_key_file_is_refused(tmp_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    path = tmp_path / "private.pem"
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    with pytest.raises(ConfigError, match=r"auth\.public_key_file"):
+        verifier(algorithms=["ES256"], public_key_file=str(path))
+
+
+def test_leeway_applies_to_exp() -> None:
+    just_expired = token_for("alice", ttl=-5)
+    assert verifier(leeway=30).verify(just_expired).user == "alice"
+    with pytest.raises(AuthError) as refused:
+        verifier(leeway=0).verify(just_expired)
+    assert refused.value.reason == "token expired" and refused.value.detail == "expired"
+
+
+def test_audience_and_issuer_when_configured() -> None:
+    check = verifier(audience="callgate", issuer="https://idp")
+    assert check.verify(token_for("a", aud="callgate", iss="https://idp")).user == "a"
+    for token in (token_for("a", iss="https://idp"), token_for("a", aud="callgate")):
+        with pytest.raises(AuthError) as refused:
+            check.verify(token)
+        assert refused.value.reason == "invalid token"
+
+
+@given(st.text(max_size=300))
+def test_any_string_is_identity_or_auth_error(token: str) -> None:
+    try:
+        verifier().verify(token)
+    except AuthError:
+        pass

@@ -1,0 +1,113 @@
+"""Configuration: the shipped file is valid, bad values are refused naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from callgate.config import DEVELOPMENT_SECRET, is_loopback_host, load_settings
+from callgate.errors import ConfigError
+
+SHIPPED = Path(__file__).parent.parent / "config" / "callgate.toml"
+
+
+def test_shipped_config_is_valid_and_safe() -> None:
+    settings = load_settings(SHIPPED, environ={})
+    assert settings.server.host == "127.0.0.1"
+    assert settings.auth.allow_query_token is False
+    assert settings.auth.secret is not None
+    assert settings.auth.secret.get_secret_value() == DEVELOPMENT_SECRET
+    assert settings.limits.call_request == "10/minute;100/hour"
+
+
+def test_every_required_key_is_in_the_shipped_file() -> None:
+    text = SHIPPED.read_text()
+    for key in (
+        "host",
+        "port",
+        "path",
+        "max_message_bytes",
+        "auth_timeout",
+        "algorithms",
+        "secret",
+        "public_key_file",
+        "issuer",
+        "audience",
+        "leeway",
+        "allow_query_token",
+        "ring_timeout",
+        "max_calls_per_user",
+        "call_request",
+        "call_request_pair",
+        "messages",
+        "handshakes",
+        "stun_urls",
+        "turn_urls",
+        "turn_secret",
+        "turn_ttl",
+    ):
+        assert f"\n{key} = " in text, key
+
+
+def test_environment_overrides(tmp_path: Path) -> None:
+    env = {
+        "CALLGATE_AUTH_SECRET": "x" * 40,
+        "CALLGATE_SERVER_PORT": "9999",
+        "CALLGATE_AUTH_ALGORITHMS": "HS256,HS512",
+        "CALLGATE_ICE_STUN_URLS": '["stun:a:1", "stun:b:2"]',
+        "CALLGATE_AUTH_ALLOW_QUERY_TOKEN": "true",
+    }
+    settings = load_settings(SHIPPED, environ=env)
+    assert settings.server.port == 9999
+    assert settings.auth.algorithms == ("HS256", "HS512")
+    assert settings.ice.stun_urls == ("stun:a:1", "stun:b:2")
+    assert settings.auth.allow_query_token is True
+    assert settings.auth.secret is not None and settings.auth.secret.get_secret_value() == "x" * 40
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "named"),
+    [
+        ("[server]\nport = 70000\n", {}, "server.port"),
+        ("[server]\nprot = 1\n", {}, "server.prot"),
+        ("[auth]\nalgorithms = ['none']\n", {}, "auth.algorithms"),
+        ("[auth]\nsecret = 'short'\n", {}, "auth.secret"),
+        ("", {}, "auth.secret"),  # HS256 without any secret
+        ("[limits]\nmessages = 'lots'\n", {}, "limits.messages"),
+        ("[ice]\nturn_urls = ['turn:x']\n", {"CALLGATE_AUTH_SECRET": "y" * 40}, "ice.turn_secret"),
+        ("[calls]\nring_timeout = -1\n", {}, "calls.ring_timeout"),
+        ("[server\n", {}, "not valid TOML"),
+        ("", {"CALLGATE_SERVER_PORT": "many"}, "server.port"),
+        ("[auth]\nalgorithms = ['RS256']\n", {}, "auth.public_key_file"),
+    ],
+)
+def test_bad_config_names_the_key(
+    tmp_path: Path, toml: str, env: dict[str, str], named: str
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_settings(path, environ=env)
+
+
+def test_secret_never_in_repr() -> None:
+    settings = load_settings(SHIPPED, environ={})
+    assert DEVELOPMENT_SECRET not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.9.9.9", True),
+        ("::1", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("10.0.0.1", False),
+        ("example.org", False),
+    ],
+)
+def test_loopback_hosts(host: str, loopback: bool) -> None:
+    assert is_loopback_host(host) is loopback

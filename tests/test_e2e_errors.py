@@ -1,0 +1,385 @@
+"""Every error code of contract section 5 and every close code callgate uses, on real sockets.
+
+Each refusal is also checked not to disturb another user's call.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+import trio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from conftest import SECRET, STEP, Client, Harness, call_request, make_settings, token_for
+
+
+async def connected_pair(gate: Harness) -> tuple[Client, Client]:
+    """alice and bob in a connected call `ab`, to prove refusals elsewhere leave it alone."""
+    alice = await gate.connect("alice")
+    bob = await gate.connect("bob")
+    await alice.send("call-request", call_request("ab", "alice", "bob"))
+    await bob.expect("call-request")
+    answer = {"callId": "ab", "to": "alice", "answer": {"type": "answer", "sdp": "v=0"}}
+    await bob.send("call-answer", answer)
+    await alice.expect("call-answer")
+    return alice, bob
+
+
+async def still_works(alice: Client, bob: Client) -> None:
+    await alice.send("ice-candidate", {"candidate": None, "callId": "ab", "to": "bob"})
+    await bob.expect("ice-candidate", callId="ab")
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ("not json", "invalid_message"),
+        ("[1, 2]", "invalid_message"),
+        ('{"data": {}}', "invalid_message"),
+        ('{"event": "call-request", "data": {"id": "x"}, "ref": 3}', "invalid_message"),
+        ('{"event": "call-request", "data": []}', "invalid_message"),
+        ('{"event": "dance", "data": {}, "ref": "r"}', "unknown_event"),
+        ('{"event": "session", "data": {}}', "unknown_event"),
+        (
+            '{"event": "ice-candidate", "data": {"callId": "a b", "to": "x", "candidate": null}}',
+            "invalid_message",
+        ),
+        ('{"event": "call-end", "data": {"callId": "c", "to": "\\u0007bell"}}', "invalid_message"),
+        ('{"event": "call-end", "data": {"callId": "c", "to": "\\ud800"}}', "invalid_message"),
+    ],
+)
+async def test_bad_frames_get_an_error_and_the_connection_stays(
+    gate: Harness, frame: str, code: str
+) -> None:
+    alice, bob = await connected_pair(gate)
+    await alice.ws.send_message(frame)
+    message = await alice.expect("error", code=code)
+    parsed = json.loads(frame) if frame.startswith("{") else {}
+    assert message.get("ref") == parsed.get("ref")
+    assert message["data"]["message"]
+    await still_works(alice, bob)
+
+
+async def test_spoofed_from_is_forbidden(gate: Harness) -> None:
+    alice, bob = await connected_pair(gate)
+    carol = await gate.connect("carol")
+    await carol.send("call-request", call_request("x", "alice", "bob"), ref=1)
+    await carol.expect_error("forbidden", ref=1)
+    await bob.expect_silence()
+    await still_works(alice, bob)
+    denied = gate.audit.records("authz.denied")[0]
+    assert denied["user"] == "carol" and denied["reason"] == "forbidden"
+
+
+async def test_message_to_someone_not_your_peer_is_forbidden(gate: Harness) -> None:
+    alice, bob = await connected_pair(gate)
+    carol = await gate.connect("carol")
+    await alice.send("ice-candidate", {"candidate": None, "callId": "ab", "to": "carol"}, ref=2)
+    await alice.expect_error("forbidden", ref=2)
+    await carol.expect_silence()
+    await still_works(alice, bob)
+
+
+async def test_answering_a_call_you_were_not_called_on(gate: Harness) -> None:
+    alice, bob = await connected_pair(gate)
+    carol = await gate.connect("carol")
+    answer = {"callId": "ab", "to": "alice", "answer": {"type": "answer", "sdp": "v=0"}}
+    await carol.send("call-answer", answer, ref="c")
+    await carol.expect_error("unknown_call", ref="c")
+    # Same answer for an id that does not exist at all: ids cannot be probed.
+    await carol.send("call-answer", answer | {"callId": "nope"}, ref="d")
+    await carol.expect_error("unknown_call", ref="d")
+    await still_works(alice, bob)
+
+
+async def test_caller_answering_own_call_is_forbidden(gate: Harness) -> None:
+    alice = await gate.connect("alice")
+    bob = await gate.connect("bob")
+    await alice.send("call-request", call_request("c", "alice", "bob"))
+    await bob.expect("call-request")
+    answer = {"callId": "c", "to": "bob", "answer": {"type": "answer", "sdp": "v=0"}}
+    await alice.send("call-answer", answer, ref=1)
+    await alice.expect_error("forbidden", ref=1)
+
+
+async def test_second_call_while_in_one_is_forbidden(gate: Harness) -> None:
+    alice, bob = await connected_pair(gate)
+    await gate.connect("carol")
+    await alice.send("call-request", call_request("second", "alice", "carol"), ref=1)
+    await alice.expect_error("forbidden", ref=1)
+    await still_works(alice, bob)
+
+
+async def test_reused_live_call_id_is_call_exists(harness: Harness) -> None:
+    await harness.start(make_settings(calls={"max_calls_per_user": 2}))
+    alice = await harness.connect("alice")
+    bob = await harness.connect("bob")
+    await alice.send("call-request", call_request("same", "alice", "bob"))
+    await bob.expect("call-request")
+    await alice.send("call-request", call_request("same", "alice", "bob"), ref=1)
+    await alice.expect_error("call_exists", ref=1)
+
+
+async def test_user_connected_only_for_yourself(gate: Harness) -> None:
+    alice = await gate.connect("alice")
+    await alice.send("user-connected", "alice", ref=1)
+    await alice.expect("ack")
+    await alice.send("user-connected", "bob", ref=2)
+    await alice.expect_error("forbidden", ref=2)
+
+
+async def test_call_request_flood_is_rate_limited_and_others_unaffected(harness: Harness) -> None:
+    await harness.start(
+        make_settings(limits={"call_request": "3/minute", "call_request_pair": "100/minute"})
+    )
+    alice, bob = await connected_pair(harness)
+    await harness.connect("carol")
+    mallory = await harness.connect("mallory")
+    for attempt in range(3):
+        await mallory.send("call-request", call_request(f"m{attempt}", "mallory", "dave"))
+        await mallory.expect("call-reject", reason="unavailable")
+    await mallory.send("call-request", call_request("m3", "mallory", "carol"), ref="r")
+    error = await mallory.expect_error("rate_limited", ref="r")
+    assert error["data"]["retryAfter"] >= 1
+    assert harness.audit.records("call.rate_limited")[0]["reason"] == "call_request"
+    await still_works(alice, bob)
+
+
+async def test_pair_limit(harness: Harness) -> None:
+    await harness.start(make_settings(limits={"call_request_pair": "1/minute"}))
+    mallory = await harness.connect("mallory")
+    await mallory.send("call-request", call_request("m1", "mallory", "dave"))
+    await mallory.expect("call-reject", reason="unavailable")
+    await mallory.send("call-request", call_request("m2", "mallory", "dave"))
+    await mallory.expect_error("rate_limited")
+    await mallory.send("call-request", call_request("m3", "mallory", "erin"))
+    await mallory.expect("call-reject", reason="unavailable")  # another callee is fine
+
+
+async def test_message_flood_closes_4029(harness: Harness) -> None:
+    await harness.start(make_settings(limits={"messages": "5/minute", "flood": "3/minute"}))
+    alice, bob = await connected_pair(harness)
+    mallory = await harness.connect("mallory")
+    for n in range(5):
+        await mallory.send("user-connected", "mallory", ref=n)
+        await mallory.expect("ack")
+    for n in range(3):
+        await mallory.send("user-connected", "mallory", ref=f"x{n}")
+        error = await mallory.expect_error("rate_limited", ref=f"x{n}")
+        assert error["data"]["retryAfter"] >= 1
+    await mallory.send("user-connected", "mallory")
+    await mallory.expect_closed(4029)
+    await still_works(alice, bob)
+
+
+async def test_handshake_limit_per_address(harness: Harness) -> None:
+    await harness.start(make_settings(limits={"handshakes": "2/minute"}))
+    await harness.connect("a")
+    await harness.connect("b")
+    third = await harness.open(headers=[(b"authorization", f"Bearer {token_for('c')}".encode())])
+    error = await third.expect_error("rate_limited")
+    assert error["data"]["retryAfter"] >= 1
+    await third.expect_closed(4029)
+
+
+async def test_binary_frame_closes_1003(gate: Harness) -> None:
+    alice, bob = await connected_pair(gate)
+    await bob.ws.send_message(b"\x00\x01")
+    await bob.expect_closed(1003)
+    await alice.expect("call-end", reason="peer_disconnected")
+
+
+async def test_too_big_frame_closes_1009(harness: Harness) -> None:
+    await harness.start(make_settings(server={"max_message_bytes": 4096}))
+    alice = await harness.connect("alice")
+    # 2000 characters but 6000 bytes: the limit is in bytes, not characters.
+    await alice.send("user-connected", "alice", ref="é" * 2000)
+    await alice.expect_closed(1009)
+    bob = await harness.connect("bob")
+    await bob.send("user-connected", "b" * 5000)
+    await bob.expect_closed(1009)
+
+
+async def test_wrong_path_is_404(gate: Harness) -> None:
+    assert gate.server is not None
+    upgrade = (
+        "GET /other HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    async with await trio.open_tcp_stream("127.0.0.1", gate.server.port) as stream:
+        await stream.send_all(upgrade.encode())
+        with trio.fail_after(STEP):
+            reply = await stream.receive_some(4096)
+    assert reply.startswith(b"HTTP/1.1 404")
+
+
+# -- authentication ---------------------------------------------------------------------------
+
+
+def _rsa_pem() -> tuple[rsa.RSAPrivateKey, bytes]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return key, public
+
+
+def _bad_tokens(public_pem: bytes) -> dict[str, str]:
+    now = int(time.time())
+    return {
+        "alg none": _unsigned({"sub": "eve", "exp": now + 60}, "none"),
+        "alg none uppercase": _unsigned({"sub": "eve", "exp": now + 60}, "NONE"),
+        # HS/RS confusion: the server's *public* key used as an HMAC secret.
+        "hs with public key": _hmac_raw({"sub": "eve", "exp": now + 60}, public_pem),
+        "expired": token_for("eve", ttl=-120),
+        "not yet valid": token_for("eve", nbf=now + 600),
+        "issued in the future": jwt.encode(
+            {"sub": "eve", "exp": now + 9000, "iat": now + 3600}, SECRET, algorithm="HS256"
+        ),
+        "wrong audience": token_for("eve", aud="other-service"),
+        "wrong issuer": token_for("eve", iss="https://evil.example"),
+        "missing sub": jwt.encode({"exp": now + 60}, SECRET, algorithm="HS256"),
+        "missing exp": jwt.encode({"sub": "eve"}, SECRET, algorithm="HS256"),
+        "sub not a string": jwt.encode({"sub": 42, "exp": now + 60}, SECRET, algorithm="HS256"),
+        "sub with control chars": token_for("eve\nadmin"),
+        "wrong secret": token_for("eve", secret="another-secret-that-is-long-enough!!"),
+        "garbage": "definitely.not.a-jwt",
+        "empty segments": "..",
+        "binary junk": "\u00ff\u0000abc",
+    }
+
+
+def _unsigned(claims: dict[str, object], alg: str) -> str:
+    def b64(raw: bytes) -> str:
+        return jwt.utils.base64url_encode(raw).decode()
+
+    header = json.dumps({"alg": alg, "typ": "JWT"}).encode()
+    return b64(header) + "." + b64(json.dumps(claims).encode()) + "."
+
+
+def _hmac_raw(claims: dict[str, object], key: bytes) -> str:
+    """An HS256 token signed with arbitrary bytes (pyjwt refuses PEM keys as HMAC secrets)."""
+    import hashlib
+    import hmac
+
+    def b64(raw: bytes) -> str:
+        return jwt.utils.base64url_encode(raw).decode()
+
+    signing_input = b64(b'{"alg":"HS256","typ":"JWT"}') + "." + b64(json.dumps(claims).encode())
+    signature = hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
+    return signing_input + "." + b64(signature)
+
+
+@pytest.fixture
+def rsa_keys(tmp_path: Path) -> tuple[rsa.RSAPrivateKey, str]:
+    key, public = _rsa_pem()
+    path = tmp_path / "public.pem"
+    path.write_bytes(public)
+    return key, str(path)
+
+
+async def test_every_bad_token_class_is_refused_4001(
+    harness: Harness, rsa_keys: tuple[rsa.RSAPrivateKey, str]
+) -> None:
+    key, public_file = rsa_keys
+    settings = make_settings(
+        auth={
+            "algorithms": ["HS256", "RS256"],
+            "public_key_file": public_file,
+            "issuer": "https://issuer.example",
+            "audience": "callgate",
+        }
+    )
+    await harness.start(settings)
+    with open(public_file, "rb") as handle:
+        public_pem = handle.read()
+    good = jwt.encode(
+        {
+            "sub": "ok",
+            "exp": int(time.time()) + 60,
+            "iss": "https://issuer.example",
+            "aud": "callgate",
+        },
+        key,
+        algorithm="RS256",
+    )
+    await harness.connect("ok", token=good)  # the RS256 path works
+    for name, token in _bad_tokens(public_pem).items():
+        by_message = await harness.open()
+        await by_message.send("auth", {"token": token})
+        expected = "token expired" if name == "expired" else "invalid token"
+        try:
+            await by_message.expect_closed(4001, expected)
+        except AssertionError as failure:
+            raise AssertionError(f"token class {name!r} was not refused") from failure
+    assert harness.audit.records("auth.failed")
+    for record in harness.audit.records("auth.failed"):
+        assert set(record) <= {"ts", "event", "conn", "addr", "reason"}
+
+
+async def test_bad_header_token_is_refused_after_upgrade(gate: Harness) -> None:
+    client = await gate.open(headers=[(b"authorization", b"Bearer nope")])
+    await client.expect_closed(4001, "invalid token")
+
+
+async def test_query_token_refused_unless_enabled(harness: Harness) -> None:
+    await harness.start()
+    client = await harness.open(url=harness.url + "?token=" + token_for("alice"))
+    await client.expect_closed(4001, "invalid token")
+    assert harness.audit.records("auth.failed")[0]["reason"] == "query_token_refused"
+
+
+async def test_query_token_when_enabled(harness: Harness) -> None:
+    await harness.start(make_settings(auth={"allow_query_token": True}))
+    client = await harness.open(url=harness.url + "?token=" + token_for("alice"))
+    await client.expect("session", user="alice")
+
+
+async def test_auth_message_then_session(gate: Harness) -> None:
+    client = await gate.open()
+    await client.send("auth", {"token": token_for("alice")}, ref="login")
+    session = await client.expect("session", user="alice")
+    assert session["data"]["connectionId"] and session["data"]["sessionId"]
+    assert session["data"]["iceServers"] == [{"urls": ["stun:stun.example.org:3478"]}]
+    assert session["data"]["expiresAt"] > time.time()
+    await client.expect("ack")
+
+
+async def test_anything_before_auth_closes_4001(gate: Harness) -> None:
+    client = await gate.open()
+    await client.send("call-request", call_request("c", "alice", "bob"))
+    await client.expect_closed(4001, "authentication required")
+
+
+async def test_auth_timeout(harness: Harness) -> None:
+    await harness.start(make_settings(server={"auth_timeout": 0.2}))
+    client = await harness.open()
+    await client.expect_closed(4001, "auth timeout")
+
+
+async def test_connection_closes_when_token_expires(gate: Harness) -> None:
+    alice = await gate.connect("alice", token=token_for("alice", ttl=1))
+    await alice.expect_closed(4001, "token expired")
+
+
+async def test_turn_credentials_in_session(harness: Harness) -> None:
+    await harness.start(
+        make_settings(
+            ice={
+                "turn_urls": ["turn:turn.example.org:3478?transport=udp"],
+                "turn_secret": "turn-shared-secret",
+                "turn_ttl": 600,
+            }
+        )
+    )
+    alice = await harness.connect("alice")
+    turn = alice.session["iceServers"][1]
+    expiry, user = turn["username"].split(":")
+    assert user == "alice" and 0 < int(expiry) - time.time() <= 601
+    assert turn["credential"] and "turn-shared-secret" not in json.dumps(alice.session)
