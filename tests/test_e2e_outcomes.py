@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import trio
 
-from conftest import SDP_ANSWER, Harness, call_request, make_settings
+from conftest import SDP_ANSWER, Client, Harness, call_request, make_settings
+
+
+async def ringing_on_two_devices(gate: Harness) -> tuple[Client, Client, Client]:
+    """alice's call `c1` ringing on both of bob's devices."""
+    alice = await gate.connect("alice")
+    bob1 = await gate.connect("bob")
+    bob2 = await gate.connect("bob")
+    await alice.send("call-request", call_request("c1", "alice", "bob"))
+    await bob1.expect("call-request")
+    await bob2.expect("call-request")
+    return alice, bob1, bob2
 
 
 def answer(call_id: str, to: str) -> dict[str, object]:
@@ -65,12 +76,7 @@ async def test_ring_timeout_ends_both_sides(harness: Harness) -> None:
 
 
 async def test_reject_on_one_device_stops_the_others(gate: Harness) -> None:
-    alice = await gate.connect("alice")
-    bob1 = await gate.connect("bob")
-    bob2 = await gate.connect("bob")
-    await alice.send("call-request", call_request("c1", "alice", "bob"))
-    await bob1.expect("call-request")
-    await bob2.expect("call-request")
+    alice, bob1, bob2 = await ringing_on_two_devices(gate)
     await bob2.send("call-reject", {"callId": "c1", "to": "alice", "reason": "declined"})
     await alice.expect("call-reject", callId="c1", reason="declined", **{"from": "bob"})
     await bob1.expect("call-end", callId="c1", reason="rejected_elsewhere")
@@ -79,12 +85,7 @@ async def test_reject_on_one_device_stops_the_others(gate: Harness) -> None:
 
 
 async def test_caller_cancels_before_answer(gate: Harness) -> None:
-    alice = await gate.connect("alice")
-    bob1 = await gate.connect("bob")
-    bob2 = await gate.connect("bob")
-    await alice.send("call-request", call_request("c1", "alice", "bob"))
-    await bob1.expect("call-request")
-    await bob2.expect("call-request")
+    alice, bob1, bob2 = await ringing_on_two_devices(gate)
     await alice.send("call-end", {"callId": "c1", "to": "bob"})
     await bob1.expect("call-end", callId="c1", reason="cancelled", **{"from": "alice"})
     await bob2.expect("call-end", callId="c1", reason="cancelled")
@@ -106,24 +107,14 @@ async def test_callee_disconnect_ends_connected_call(gate: Harness) -> None:
 
 
 async def test_caller_disconnect_while_ringing(gate: Harness) -> None:
-    alice = await gate.connect("alice")
-    bob1 = await gate.connect("bob")
-    bob2 = await gate.connect("bob")
-    await alice.send("call-request", call_request("c1", "alice", "bob"))
-    await bob1.expect("call-request")
-    await bob2.expect("call-request")
+    alice, bob1, bob2 = await ringing_on_two_devices(gate)
     await alice.ws.aclose()
     await bob1.expect("call-end", callId="c1", reason="peer_disconnected")
     await bob2.expect("call-end", callId="c1", reason="peer_disconnected")
 
 
 async def test_one_ringing_device_leaving_keeps_the_call(gate: Harness) -> None:
-    alice = await gate.connect("alice")
-    bob1 = await gate.connect("bob")
-    bob2 = await gate.connect("bob")
-    await alice.send("call-request", call_request("c1", "alice", "bob"))
-    await bob1.expect("call-request")
-    await bob2.expect("call-request")
+    alice, bob1, bob2 = await ringing_on_two_devices(gate)
     await bob1.ws.aclose()
     await bob2.send("call-answer", answer("c1", "alice"))
     await alice.expect("call-answer", callId="c1")

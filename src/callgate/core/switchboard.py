@@ -154,19 +154,10 @@ class Switchboard:
             "media": message.media,
             "conn": conn,
         }
-        requested = Audit("call.requested", fields)
         # Glare is checked before the caller's own call count: a user who is being rung by the
         # callee is "in a call" already, and must learn that the other call wins.
         if self._calls.ringing_from(callee, user) is not None:
-            return _acked(
-                conn,
-                ref,
-                [
-                    requested,
-                    _refusal_to_caller(conn, message.call_id, callee, "glare"),
-                    Audit("call.busy", {**fields, "reason": "glare"}),
-                ],
-            )
+            return _decided_for_caller(conn, ref, fields, "call.busy", "glare")
         if self._calls.count_for(user) >= self._rules.max_calls_per_user:
             raise Refused(
                 ErrorCode.FORBIDDEN,
@@ -182,7 +173,7 @@ class Switchboard:
                     ref,
                     throttled.retry_after,
                 ),
-                requested,
+                Audit("call.requested", fields),
                 Audit(
                     "call.rate_limited",
                     {**fields, "reason": throttled.limit, "retry_after": throttled.retry_after},
@@ -190,25 +181,9 @@ class Switchboard:
             ]
         devices = self.devices_of(callee)
         if not devices:
-            return _acked(
-                conn,
-                ref,
-                [
-                    requested,
-                    _refusal_to_caller(conn, message.call_id, callee, "unavailable"),
-                    Audit("call.unavailable", {**fields, "reason": "unavailable"}),
-                ],
-            )
+            return _decided_for_caller(conn, ref, fields, "call.unavailable", "unavailable")
         if self._calls.count_for(callee) >= self._rules.max_calls_per_user:
-            return _acked(
-                conn,
-                ref,
-                [
-                    requested,
-                    _refusal_to_caller(conn, message.call_id, callee, "busy"),
-                    Audit("call.busy", {**fields, "reason": "busy"}),
-                ],
-            )
+            return _decided_for_caller(conn, ref, fields, "call.busy", "busy")
         timer = self._next_timer
         self._next_timer += 1
         call = Call(
@@ -228,7 +203,7 @@ class Switchboard:
             conn,
             ref,
             [
-                requested,
+                Audit("call.requested", fields),
                 *(Deliver(device, CallRequest.EVENT, forwarded) for device in devices),
                 Audit("call.ringing", {**fields, "devices": len(devices)}),
                 StartTimer(timer, now + self._rules.ring_timeout),
@@ -377,8 +352,20 @@ def _forward(data: Mapping[str, Any], sender: UserId) -> dict[str, Any]:
     return {**data, "from": sender}
 
 
-def _refusal_to_caller(conn: ConnId, call_id: str, callee: UserId, reason: str) -> Deliver:
-    return Deliver(conn, "call-reject", {"callId": call_id, "from": callee, "reason": reason})
+def _decided_for_caller(
+    conn: ConnId, ref: Ref | None, fields: dict[str, Any], audit_event: str, reason: str
+) -> list[Action]:
+    """A request that is valid and allowed, but that the server answers with `call-reject`."""
+    reject = {"callId": fields["call_id"], "from": fields["callee"], "reason": reason}
+    return _acked(
+        conn,
+        ref,
+        [
+            Audit("call.requested", fields),
+            Deliver(conn, "call-reject", reject),
+            Audit(audit_event, {**fields, "reason": reason}),
+        ],
+    )
 
 
 def _call_end_to(devices: list[ConnId], call: Call, sender: UserId, reason: str) -> list[Action]:

@@ -47,43 +47,38 @@ class CallRequest:
 
 
 @dataclass(frozen=True, slots=True)
-class CallAnswer:
+class _InCall:
+    """A message about an existing call: it names the call and addresses the peer in `to`."""
+
+    EVENT: ClassVar[str]
+    call_id: CallId
+    to: UserId
+    data: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class CallAnswer(_InCall):
     EVENT: ClassVar[str] = "call-answer"
-    call_id: CallId
-    to: UserId
-    data: Mapping[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
-class CallReject:
+class CallReject(_InCall):
     EVENT: ClassVar[str] = "call-reject"
-    call_id: CallId
-    to: UserId
-    data: Mapping[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
-class CallEnd:
+class CallEnd(_InCall):
     EVENT: ClassVar[str] = "call-end"
-    call_id: CallId
-    to: UserId
-    data: Mapping[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
-class IceCandidate:
+class IceCandidate(_InCall):
     EVENT: ClassVar[str] = "ice-candidate"
-    call_id: CallId
-    to: UserId
-    data: Mapping[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
-class CallRenegotiate:
+class CallRenegotiate(_InCall):
     EVENT: ClassVar[str] = "call-renegotiate"
-    call_id: CallId
-    to: UserId
-    data: Mapping[str, Any]
 
 
 # Messages about an existing call: they name it by `call_id` and address the peer in `to`.
