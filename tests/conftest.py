@@ -25,7 +25,6 @@ STEP = 10.0
 def make_settings(**sections: dict[str, Any]) -> Settings:
     """Test settings: loopback, port 0, generous limits unless a test narrows them."""
     base: dict[str, dict[str, Any]] = {
-        "server": {"host": "127.0.0.1", "port": 0, "auth_timeout": 5, "close_timeout": 2},
         "auth": {"secret": SECRET},
         "limits": {
             "handshakes": "100000/minute",
@@ -34,6 +33,9 @@ def make_settings(**sections: dict[str, Any]) -> Settings:
             "call_request_pair": "1000/minute",
         },
         "ice": {"stun_urls": ["stun:stun.example.org:3478"]},
+        # Dropped devices end their calls at once unless a test is about resuming.
+        "calls": {"reconnect_grace": 0},
+        "server": {"host": "127.0.0.1", "port": 0, "auth_timeout": 5, "close_timeout": 2},
     }
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}

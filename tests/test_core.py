@@ -6,9 +6,26 @@ from typing import Any
 
 import pytest
 
-from callgate.core.actions import Ack, Action, Audit, CancelTimer, Deliver, SendError, StartTimer
+from callgate.core.actions import (
+    Ack,
+    Action,
+    Audit,
+    CancelTimer,
+    Close,
+    Deliver,
+    SendError,
+    StartTimer,
+)
 from callgate.core.calls import TRANSITIONS, CallState, Role, Step
-from callgate.core.events import Authenticated, Disconnected, MessageReceived, TimerFired
+from callgate.core.events import (
+    Authenticated,
+    Disconnected,
+    MessageReceived,
+    RevocationChanged,
+    ShuttingDown,
+    TimerFired,
+    TokenRefreshed,
+)
 from callgate.core.policy import CallRules, NoThrottle, Throttled
 from callgate.core.switchboard import Switchboard
 from callgate.errors import ErrorCode
@@ -135,7 +152,7 @@ def test_ringing_reaches_every_callee_device_and_arms_a_timer() -> None:
         ("b1", "call-request"),
         ("b2", "call-request"),
     ]
-    assert StartTimer(0, 130.0) in actions
+    assert StartTimer(1, 130.0) in actions
     assert audits(actions) == ["call.requested", "call.ringing"]
 
 
@@ -147,26 +164,26 @@ def test_answer_stops_other_devices_and_cancels_timer() -> None:
         ("a1", "call-answer", None),
         ("b1", "call-end", "answered_elsewhere"),
     ]
-    assert CancelTimer(0) in actions
+    assert CancelTimer(1) in actions
 
 
 def test_ring_timeout_fires_once() -> None:
     b = Board()
     b.ring()
-    actions = b.board.handle(TimerFired(0), 130.0)
+    actions = b.board.handle(TimerFired(1), 130.0)
     assert delivered(actions) == [
         ("a1", "call-end", "timeout"),
         ("b1", "call-end", "timeout"),
         ("b2", "call-end", "timeout"),
     ]
     assert audits(actions) == ["call.timeout"]
-    assert b.board.handle(TimerFired(0), 131.0) == []
+    assert b.board.handle(TimerFired(1), 131.0) == []
 
 
 def test_stale_timer_after_answer_does_nothing() -> None:
     b = Board()
     b.connect()
-    assert b.board.handle(TimerFired(0), 200.0) == []
+    assert b.board.handle(TimerFired(1), 200.0) == []
     assert len(b.board.calls) == 1
 
 
@@ -207,7 +224,7 @@ def test_last_ringing_device_leaving_ends_the_call() -> None:
     assert b.board.handle(Disconnected("b1"), 101.0) == []
     actions = b.board.handle(Disconnected("b2"), 102.0)
     assert delivered(actions) == [("a1", "call-end", "peer_disconnected")]
-    assert CancelTimer(0) in actions
+    assert CancelTimer(1) in actions
 
 
 def test_everyone_leaving_leaves_nothing_behind() -> None:
@@ -295,3 +312,137 @@ def test_every_requested_call_has_exactly_one_terminal_audit() -> None:
     log += audits(b.send("c1", request("y", "carol", "dave")))
     assert log.count("call.requested") == 3
     assert sum(1 for event in log if event in terminal) == 3
+
+
+# -- sessions: hold, resume, refresh, revocation, shutdown ----------------------------------------
+
+
+class GraceBoard(Board):
+    """alice (a1) in a connected call with bob (b1), with a 15 s reconnect grace."""
+
+    def __init__(self) -> None:
+        super().__init__(CallRules(ring_timeout=30, reconnect_grace=15, resume_buffer=2))
+        self.board.handle(Authenticated("a1", "alice", session_id="s-a1"), self.now)
+        self.connect()
+
+    def resume(self, conn: str, user: str, session: str) -> list[Action]:
+        return self.board.handle(
+            Authenticated(conn, user, session_id=f"s-{conn}", resume=session), self.now
+        )
+
+
+def test_dropped_device_is_held_and_its_peer_notices_nothing() -> None:
+    b = GraceBoard()
+    actions = b.board.handle(Disconnected("a1"), 101.0)
+    assert delivered(actions) == []
+    assert audits(actions) == ["session.held"]
+    assert b.board.held_devices() == 1
+    # bob keeps talking; it is buffered for alice.
+    assert delivered(b.send("b1", in_call(IceCandidate, "alice"))) == []
+
+
+def test_resume_takes_over_calls_and_delivers_the_buffer_in_order() -> None:
+    b = GraceBoard()
+    held = b.board.handle(Disconnected("a1"), 101.0)
+    grace = next(a for a in held if isinstance(a, StartTimer))
+    b.send("b1", in_call(IceCandidate, "alice"))
+    actions = b.resume("a9", "alice", "s-a1")
+    assert [(d[0], d[1]) for d in delivered(actions)] == [
+        ("a9", "session"),
+        ("a9", "ice-candidate"),
+    ]
+    session = next(a for a in actions if isinstance(a, Deliver))
+    assert session.data["resumed"] is True and session.data["sessionId"] == "s-a9"
+    assert "session.resumed" in audits(actions)
+    assert CancelTimer(grace.timer) in actions
+    # The call now lives on a9: bob's messages reach it, and alice can hang up from it.
+    assert delivered(b.send("b1", in_call(IceCandidate, "alice"))) == [
+        ("a9", "ice-candidate", None)
+    ]
+    assert delivered(b.send("a9", in_call(CallEnd, "bob"))) == [("b1", "call-end", None)]
+
+
+def test_session_ids_are_single_use_and_bound_to_the_user() -> None:
+    b = GraceBoard()
+    b.board.handle(Disconnected("a1"), 101.0)
+    stolen = b.resume("m1", "mallory", "s-a1")
+    assert stolen[0].data["resumed"] is False  # type: ignore[union-attr]
+    assert b.board.held_devices() == 1  # mallory took nothing
+    b.resume("a9", "alice", "s-a1")
+    again = b.resume("a8", "alice", "s-a1")
+    assert again[0].data["resumed"] is False  # type: ignore[union-attr]
+
+
+def test_grace_expiry_ends_calls_and_counts_dropped_messages() -> None:
+    b = GraceBoard()
+    actions = b.board.handle(Disconnected("a1"), 101.0)
+    grace = next(a for a in actions if isinstance(a, StartTimer))
+    for _ in range(5):
+        b.send("b1", in_call(IceCandidate, "alice"))
+    actions = b.board.handle(TimerFired(grace.timer), grace.deadline)
+    assert delivered(actions) == [("b1", "call-end", "peer_disconnected")]
+    expired = next(a for a in actions if isinstance(a, Audit) and a.event == "session.expired")
+    assert expired.fields["dropped_messages"] == 5
+    assert b.resume("a9", "alice", "s-a1")[0].data["resumed"] is False  # type: ignore[union-attr]
+
+
+def test_resume_of_a_live_half_open_device_retires_the_old_connection() -> None:
+    b = GraceBoard()
+    actions = b.resume("a9", "alice", "s-a1")
+    assert Close("a1", 4003, "session resumed on another connection") in actions
+    assert b.board.handle(Disconnected("a1"), 102.0) == []  # the old socket's end changes nothing
+    assert delivered(b.send("b1", in_call(IceCandidate, "alice"))) == [
+        ("a9", "ice-candidate", None)
+    ]
+
+
+def test_refresh_rotates_the_session_id() -> None:
+    b = GraceBoard()
+    actions = b.board.handle(TokenRefreshed("a1", "s-new", {"expiresAt": 5}), 101.0)
+    assert delivered(actions) == [("a1", "session", None)]
+    assert audits(actions) == ["token.refreshed"]
+    b.board.handle(Disconnected("a1"), 102.0)
+    assert b.resume("a9", "alice", "s-a1")[0].data["resumed"] is False  # type: ignore[union-attr]
+    assert b.resume("a8", "alice", "s-new")[0].data["resumed"] is True  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("token_ids", "users_before"),
+    [(frozenset({"jti-a"}), {}), (frozenset(), {"alice": 50.0})],
+    ids=["by-jti", "by-user"],
+)
+def test_revocation_closes_live_devices_and_ends_their_calls(
+    token_ids: frozenset[str], users_before: dict[str, float]
+) -> None:
+    b = Board()
+    b.board.handle(Authenticated("a1", "alice", token_id="jti-a", issued_at=10.0), b.now)
+    b.connect()
+    actions = b.board.handle(RevocationChanged(token_ids, users_before), 110.0)
+    assert Close("a1", 4003, "token revoked") in actions
+    assert delivered(actions) == [("b1", "call-end", "revoked")]
+    ended = next(a for a in actions if isinstance(a, Audit) and a.event == "call.ended")
+    assert ended.fields["reason"] == "revoked"
+    # a2's token has no jti and no iat: kept when revoking by jti; revoked with the user, since
+    # without `iat` it cannot prove it was issued after the cut-off.
+    assert b.board.devices_of("alice") == (["a2"] if token_ids else [])
+
+
+def test_revocation_reaches_held_devices() -> None:
+    b = GraceBoard()
+    b.board.handle(Authenticated("a1", "alice", session_id="s-a1", token_id="t1"), b.now)
+    b.board.handle(Disconnected("a1"), 101.0)
+    actions = b.board.handle(RevocationChanged(frozenset({"t1"})), 102.0)
+    assert delivered(actions) == [("b1", "call-end", "revoked")]
+    assert b.resume("a9", "alice", "s-a1")[0].data["resumed"] is False  # type: ignore[union-attr]
+
+
+def test_shutdown_ends_every_call_once() -> None:
+    b = Board()
+    b.connect()
+    actions = b.board.handle(ShuttingDown(), 120.0)
+    assert sorted(delivered(actions)) == [
+        ("a1", "call-end", "server_shutdown"),
+        ("b1", "call-end", "server_shutdown"),
+    ]
+    assert audits(actions) == ["call.ended"]
+    assert len(b.board.calls) == 0

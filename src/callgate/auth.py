@@ -8,7 +8,9 @@ What is checked, in the order RFC 8725 (JWT Best Current Practices) asks:
   `none` is never accepted, and a public key is never used as an HMAC secret (key confusion);
 * the signature, then `exp` (required), `nbf` and `iat` (honoured when present) with `leeway`;
 * `iss` and `aud` when configured; `sub` (required) must be a valid user id;
-* header fields that point at keys (`jku`, `x5u`, `jwk`, `kid`) are never followed.
+* `kid` only selects among keys the operator configured (`keys.py`); once keys by `kid` are
+  configured, an unknown `kid` is refused. Header fields that point at keys (`jku`, `x5u`, `jwk`)
+  are never followed.
 
 Every failure becomes `AuthError` with a public reason (`invalid token` or `token expired`) and a
 fixed audit category; token content never appears in either.
@@ -17,22 +19,17 @@ fixed audit category; token content never appears in either.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from callgate.config import HMAC_ALGORITHMS, AuthSettings
-from callgate.errors import AuthError, ConfigError
+from callgate.config import AuthSettings
+from callgate.errors import AuthError
+from callgate.keys import KeyRing, load_keyring
 from callgate.protocol.codec import valid_user_id
 
 INVALID = "invalid token"
 EXPIRED = "token expired"
-
-_EC_ALGORITHM_FOR_CURVE = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
-_RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 
 # pyjwt exception -> audit category. Order matters: subclasses first.
 _CATEGORIES: tuple[tuple[type[Exception], str], ...] = (
@@ -52,51 +49,23 @@ _CATEGORIES: tuple[tuple[type[Exception], str], ...] = (
 class Identity:
     user: str
     expires_at: int  # the token's `exp`, unix seconds
-    token_id: str | None = None  # `jti`, for revocation (later)
-
-
-PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
-
-
-def _algorithms_for_key(key: PublicKey) -> frozenset[str]:
-    if isinstance(key, rsa.RSAPublicKey):
-        return _RSA_ALGORITHMS
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        algorithm = _EC_ALGORITHM_FOR_CURVE.get(key.curve.name)
-        return frozenset({algorithm}) if algorithm else frozenset()
-    return frozenset({"EdDSA"})
-
-
-def load_public_key(path: Path) -> PublicKey:
-    """Raises: ConfigError naming `auth.public_key_file`."""
-    try:
-        pem = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"auth.public_key_file: cannot read {path}: {exc.strerror}") from None
-    try:
-        key = load_pem_public_key(pem)
-    except ValueError:
-        raise ConfigError(
-            f"auth.public_key_file: {path} is not a PEM public key"
-            " (a private key does not belong on the server)"
-        ) from None
-    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey):
-        raise ConfigError(f"auth.public_key_file: unsupported key type {type(key).__name__}")
-    return key
+    token_id: str | None = None  # `jti`, for revocation
+    issued_at: float | None = None  # `iat`, for revoking a user's older tokens
 
 
 class TokenVerifier:
+    """Verifies tokens against the current `KeyRing`, which reloads swap in whole."""
+
     def __init__(
         self,
+        ring: KeyRing,
         *,
-        keys: dict[str, Any],
         issuer: str | None = None,
         audience: str | None = None,
         leeway: float = 10.0,
         max_user_id_length: int = 128,
     ) -> None:
-        """`keys` maps each allowed algorithm to the one key that may verify it."""
-        self._keys = keys
+        self.ring = ring
         self._issuer = issuer
         self._audience = audience
         self._leeway = leeway
@@ -104,40 +73,24 @@ class TokenVerifier:
 
     @classmethod
     def from_settings(cls, auth: AuthSettings, *, max_user_id_length: int = 128) -> TokenVerifier:
-        """Raises: ConfigError when a configured algorithm has no key of its type."""
-        keys: dict[str, Any] = {}
-        public_key = load_public_key(auth.public_key_file) if auth.public_key_file else None
-        usable = _algorithms_for_key(public_key) if public_key is not None else frozenset()
-        for algorithm in auth.algorithms:
-            if algorithm in HMAC_ALGORITHMS and auth.secret is not None:
-                keys[algorithm] = auth.secret.get_secret_value().encode()
-            elif algorithm in usable:
-                keys[algorithm] = public_key
-            else:
-                raise ConfigError(
-                    f"auth.algorithms: {algorithm} does not match the key in auth.public_key_file"
-                    f" (it can verify: {', '.join(sorted(usable)) or 'nothing'})"
-                )
+        """Raises: ConfigError when a key file is unusable."""
         return cls(
-            keys=keys,
+            load_keyring(auth),
             issuer=auth.issuer,
             audience=auth.audience,
             leeway=auth.leeway,
             max_user_id_length=max_user_id_length,
         )
 
-    @property
-    def algorithms(self) -> frozenset[str]:
-        return frozenset(self._keys)
-
     def verify(self, token: str) -> Identity:
-        """Raises: AuthError (reason `invalid token` or `token expired`)."""
+        """Raises: AuthError (reason `invalid token` or `token expired`; detail `unknown_kid`
+        when the token names a key this ring does not have)."""
         try:
             header = jwt.get_unverified_header(token)
             algorithm = header.get("alg")
-            key = self._keys.get(algorithm) if isinstance(algorithm, str) else None
-            if key is None or not isinstance(algorithm, str):
+            if not isinstance(algorithm, str):
                 raise AuthError(INVALID, "algorithm_not_allowed")
+            key = self._key_for(header.get("kid"), algorithm)
             claims = jwt.decode(
                 token,
                 key,
@@ -168,11 +121,29 @@ class TokenVerifier:
         if not isinstance(expires_at, int | float) or isinstance(expires_at, bool):
             raise AuthError(INVALID, "malformed")
         token_id = claims.get("jti")
+        issued_at = claims.get("iat")
         return Identity(
             user=subject,
             expires_at=int(expires_at),
             token_id=token_id if isinstance(token_id, str) else None,
+            issued_at=float(issued_at)
+            if isinstance(issued_at, int | float) and not isinstance(issued_at, bool)
+            else None,
         )
+
+    def _key_for(self, kid: object, algorithm: str) -> Any:
+        ring = self.ring
+        if kid is not None and ring.kid_keys_configured():
+            entry = ring.for_kid(kid) if isinstance(kid, str) else None
+            if entry is None:
+                raise AuthError(INVALID, "unknown_kid")
+            if algorithm not in entry.algorithms:
+                raise AuthError(INVALID, "algorithm_not_allowed")
+            return entry.key
+        key = ring.default.get(algorithm)
+        if key is None:
+            raise AuthError(INVALID, "algorithm_not_allowed")
+        return key
 
 
 def _category(exc: Exception) -> str:
@@ -183,7 +154,7 @@ def _category(exc: Exception) -> str:
 
 
 def mint_token(
-    secret: str, user: str, *, ttl: int, now: int, algorithm: str = "HS256", **claims: Any
+    secret: str, user: str, *, ttl: int, now: int, algorithm: str = "HS256", **claims: object
 ) -> str:
     """A development token signed with the HMAC secret (`callgate token`, tests)."""
     payload = {"sub": user, "iat": now, "exp": now + ttl, **claims}

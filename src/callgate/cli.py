@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -45,6 +46,18 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file", type=Path)
+
+    revoke = commands.add_parser(
+        "revoke", help="revoke a token (by jti) or a user's tokens issued before now"
+    )
+    revoke.add_argument("--config", type=Path, help="TOML config file naming auth.revocation_file")
+    revoke.add_argument("--file", type=Path, help="the revocation file (default: from the config)")
+    target = revoke.add_mutually_exclusive_group(required=True)
+    target.add_argument("--jti", help="the token id to revoke")
+    target.add_argument("--user", help="revoke every token of this user issued before --before")
+    revoke.add_argument(
+        "--before", type=float, help="unix time for --user (default: now)", default=None
+    )
     return parser
 
 
@@ -71,21 +84,32 @@ def _serve(args: argparse.Namespace) -> int:
     audit = AuditLog.open(settings.audit.path)
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            running: RunningServer = await nursery.start(serve, settings, audit)
-            log.info("listening", url=running.url, audit=settings.audit.path)
-            if uses_development_secret(settings):
-                log.warning(
-                    "development secret in use: loopback only",
-                    mint_with="callgate token alice --config config/callgate.toml",
-                )
+        # Signals are received as messages, so SIGINT/SIGTERM drain instead of interrupting.
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async with trio.open_nursery() as nursery:
+                running: RunningServer = await nursery.start(serve, settings, audit)
+                log.info("listening", url=running.url, audit=settings.audit.path)
+                if uses_development_secret(settings):
+                    log.warning(
+                        "development secret in use: loopback only",
+                        mint_with="callgate token alice --config config/callgate.toml",
+                    )
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        log.info("SIGHUP: reloading keys and revocations")
+                        running.reload()
+                        continue
+                    log.info("shutting down", signal=signal.Signals(signum).name)
+                    with trio.move_on_after(settings.server.drain_timeout + 1):
+                        await running.shutdown()
+                    nursery.cancel_scope.cancel()
+                    break
 
     try:
         trio.run(main)
-    except KeyboardInterrupt:
-        log.info("stopped")
     finally:
         audit.close()
+    log.info("stopped")
     return 0
 
 
@@ -118,13 +142,37 @@ def _check_config(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.file)
     TokenVerifier.from_settings(settings.auth)
+    if settings.auth.revocation_file is not None:
+        from callgate.revocation import load_revocations
+
+        load_revocations(settings.auth.revocation_file)
     print(f"{args.file}: ok")
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    from callgate.revocation import add_revocation
+
+    path = args.file
+    if path is None:
+        path = load_settings(args.config).auth.revocation_file
+    if path is None:
+        raise ConfigError("auth.revocation_file: not set; pass --file or set it in --config")
+    before = args.before if args.before is not None else time.time()
+    revoked = add_revocation(path, token_id=args.jti, user=args.user, before=before)
+    what = f"token {args.jti}" if args.jti else f"tokens of {args.user} issued before {before:.0f}"
+    print(f"revoked {what} in {path} ({len(revoked.tokens)} tokens, {len(revoked.users)} users)")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"serve": _serve, "token": _token, "check-config": _check_config}
+    handlers = {
+        "serve": _serve,
+        "token": _token,
+        "check-config": _check_config,
+        "revoke": _revoke,
+    }
     try:
         return handlers[args.command](args)
     except ConfigError as exc:

@@ -53,6 +53,15 @@ class ServerSettings(_Section):
     auth_timeout: float = Field(10.0, gt=0, le=300)
     outbound_queue: int = Field(256, ge=8, le=65536)
     close_timeout: float = Field(3.0, gt=0, le=60)
+    # Browsers' `Origin` values allowed to connect; empty allows any. Requests without an
+    # `Origin` header (apps, servers) are not affected.
+    allowed_origins: tuple[str, ...] = ()
+    drain_timeout: float = Field(10.0, gt=0, le=300)
+    # Seconds between keepalive pings; a peer that has not answered by the next one is dropped.
+    # 0 turns keepalive off.
+    ping_interval: float = Field(20.0, ge=0, le=3600)
+    max_connections_per_user: int = Field(10, ge=1, le=10000)
+    max_connections_per_address: int = Field(256, ge=1, le=1_000_000)
 
 
 class AuthSettings(_Section):
@@ -63,6 +72,18 @@ class AuthSettings(_Section):
     audience: str | None = None
     leeway: float = Field(10.0, ge=0, le=300)
     allow_query_token: bool = False
+    # Seconds before `exp` at which `token-expiring` is sent.
+    refresh_before: float = Field(60.0, ge=0, le=86400)
+    # More verification keys, chosen by the token's `kid`: a JWKS file, PEM files by kid, a URL.
+    jwks_file: Path | None = None
+    key_files: dict[str, Path] = Field(default_factory=dict)
+    jwks_url: str | None = Field(None, pattern=r"^https?://")
+    # Seconds a fetched JWKS is used before it is fetched again; an unknown `kid` refetches at
+    # most once per `jwks_min_refresh` seconds.
+    jwks_cache_ttl: float = Field(300.0, ge=10, le=86400)
+    jwks_min_refresh: float = Field(30.0, ge=1, le=3600)
+    # JSON file of revoked tokens (by `jti`) and users (tokens issued before a time).
+    revocation_file: Path | None = None
 
     @field_validator("algorithms")
     @classmethod
@@ -88,6 +109,10 @@ class AuthSettings(_Section):
 class CallSettings(_Section):
     ring_timeout: float = Field(45.0, gt=0, le=600)
     max_calls_per_user: int = Field(1, ge=1, le=16)
+    # Seconds a dropped device's calls wait for it to resume; 0 ends them at once.
+    reconnect_grace: float = Field(15.0, ge=0, le=600)
+    # Messages kept for a held device during the grace; more are dropped and counted.
+    resume_buffer: int = Field(32, ge=0, le=4096)
 
 
 class LimitSettings(_Section):
@@ -121,6 +146,13 @@ class ValidationSettings(_Section):
     max_call_id_length: int = Field(128, ge=1, le=1024)
 
 
+class TlsSettings(_Section):
+    """Serve `wss://` when both are set."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
 class AuditSettings(_Section):
     path: str = "-"
 
@@ -150,6 +182,7 @@ class Settings(BaseModel):
     validation: ValidationSettings = ValidationSettings()
     audit: AuditSettings = AuditSettings()
     ice: IceSettings = IceSettings()
+    tls: TlsSettings = TlsSettings()
 
     def check_coherence(self) -> None:
         """Raises: ConfigError for keys that are valid alone but not together."""
@@ -159,15 +192,26 @@ class Settings(BaseModel):
                 "auth.secret: required for HS256/HS384/HS512; set it in the config file"
                 " or in CALLGATE_AUTH_SECRET"
             )
-        if algorithms & PUBLIC_KEY_ALGORITHMS and self.auth.public_key_file is None:
+        has_public_keys = (
+            self.auth.public_key_file or self.auth.jwks_file or self.auth.key_files
+        ) or self.auth.jwks_url
+        if algorithms & PUBLIC_KEY_ALGORITHMS and not has_public_keys:
             raise ConfigError(
-                "auth.public_key_file: required for RS*/PS*/ES*/EdDSA (a PEM public key)"
+                "auth.public_key_file: RS*/PS*/ES*/EdDSA need a key: public_key_file, key_files,"
+                " jwks_file or jwks_url"
             )
+        if (self.tls.cert_file is None) != (self.tls.key_file is None):
+            raise ConfigError("tls.cert_file, tls.key_file: set both, or neither")
         if self.ice.turn_urls and self.ice.turn_secret is None:
             raise ConfigError("ice.turn_secret: required when ice.turn_urls is set")
 
 
-_LIST_FIELDS = {("auth", "algorithms"), ("ice", "stun_urls"), ("ice", "turn_urls")}
+_LIST_FIELDS = {
+    ("auth", "algorithms"),
+    ("ice", "stun_urls"),
+    ("ice", "turn_urls"),
+    ("server", "allowed_origins"),
+}
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
@@ -183,6 +227,13 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
             value: Any = raw
             if (section, key) in _LIST_FIELDS:
                 value = _parse_env_list(section, key, raw)
+            elif raw.lstrip().startswith("{"):
+                try:
+                    value = json.loads(raw)
+                except ValueError:
+                    raise ConfigError(
+                        f"{section}.{key} (from the environment): not a JSON object"
+                    ) from None
             overrides.setdefault(section, {})[key] = value
     return overrides
 

@@ -25,6 +25,7 @@ class CloseCode(IntEnum):
 
     NORMAL = 1000
     GOING_AWAY = 1001
+    ABNORMAL = 1006  # audit only: the peer vanished without a close frame (keepalive timeout)
     UNSUPPORTED_DATA = 1003
     POLICY_VIOLATION = 1008  # extension: the client stopped reading (outbound queue full)
     MESSAGE_TOO_BIG = 1009

@@ -48,6 +48,15 @@ class Audit:
 
 
 @dataclass(frozen=True, slots=True)
+class Close:
+    """Close one connection with a WebSocket close code, after what is queued for it."""
+
+    conn: ConnId
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class StartTimer:
     """Fire `TimerFired(timer)` at `deadline` (the same clock as the `now` given to the core)."""
 
@@ -60,4 +69,4 @@ class CancelTimer:
     timer: TimerId
 
 
-Action = Deliver | Ack | SendError | Audit | StartTimer | CancelTimer
+Action = Deliver | Ack | SendError | Audit | Close | StartTimer | CancelTimer

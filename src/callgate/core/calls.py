@@ -173,6 +173,20 @@ class CallRegistry:
         call.answered_at = now
         return others
 
+    def move_device(self, old: ConnId, new: ConnId) -> int:
+        """A resumed device: its calls now reach it on connection `new`. Returns how many."""
+        calls = self._by_device.pop(old, {})
+        for call in calls:
+            if call.caller_conn == old:
+                call.caller_conn = new
+            if call.callee_conn == old:
+                call.callee_conn = new
+            if old in call.ringing:
+                call.ringing = {(new if c == old else c): None for c in call.ringing}
+        if calls:
+            self._by_device[new] = calls
+        return len(calls)
+
     def drop_ringing_device(self, call: Call, conn: ConnId) -> None:
         call.ringing.pop(conn, None)
         self._unlink(conn, call)

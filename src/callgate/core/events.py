@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from callgate.protocol.messages import ClientMessage, Ref, UserId
 
@@ -12,10 +14,44 @@ TimerId = int
 
 @dataclass(frozen=True, slots=True)
 class Authenticated:
-    """A connection proved it is `user`; from now on it is one of the user's devices."""
+    """A connection proved it is `user`; from now on it is one of the user's devices.
+
+    `session` is what the transport puts in the `session` message (expiry, ICE servers); the core
+    adds `sessionId` (fresh, from the transport's randomness) and whether `resume` succeeded.
+    `token_id` (`jti`) and `issued_at` (`iat`) let revocation find the device later.
+    """
 
     conn: ConnId
     user: UserId
+    session_id: str = ""
+    session: Mapping[str, Any] = field(default_factory=dict)
+    resume: str | None = None
+    token_id: str | None = None
+    issued_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRefreshed:
+    """An authenticated connection presented a fresh token for the same user."""
+
+    conn: ConnId
+    session_id: str
+    session: Mapping[str, Any] = field(default_factory=dict)
+    token_id: str | None = None
+    issued_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RevocationChanged:
+    """The revocation list is now this: tokens by `jti`, and users' tokens issued before a time."""
+
+    token_ids: frozenset[str] = frozenset()
+    users_before: Mapping[UserId, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ShuttingDown:
+    """The server is stopping: every live call ends now."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,4 +77,12 @@ class TimerFired:
     timer: TimerId
 
 
-Event = Authenticated | MessageReceived | Disconnected | TimerFired
+Event = (
+    Authenticated
+    | TokenRefreshed
+    | MessageReceived
+    | Disconnected
+    | TimerFired
+    | RevocationChanged
+    | ShuttingDown
+)

@@ -18,6 +18,10 @@ from callgate.protocol.messages import UserId
 class CallRules:
     ring_timeout: float = 45.0
     max_calls_per_user: int = 1
+    # Seconds a dropped device's calls are held for it to resume; 0 ends them at once.
+    reconnect_grace: float = 0.0
+    # Messages kept for a held device; the rest are dropped and counted in the audit.
+    resume_buffer: int = 32
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,16 +32,29 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, assert_never
 
-from callgate.core.actions import Ack, Action, Audit, CancelTimer, Deliver, SendError, StartTimer
+from callgate.core.actions import (
+    Ack,
+    Action,
+    Audit,
+    CancelTimer,
+    Close,
+    Deliver,
+    SendError,
+    StartTimer,
+)
 from callgate.core.calls import TRANSITIONS, Call, CallRegistry, CallState, Role, Step
+from callgate.core.devices import Device, DeviceRegistry, Hold
 from callgate.core.events import (
     Authenticated,
     ConnId,
     Disconnected,
     Event,
     MessageReceived,
+    RevocationChanged,
+    ShuttingDown,
     TimerFired,
     TimerId,
+    TokenRefreshed,
 )
 from callgate.core.policy import CallRules, CallThrottle
 from callgate.errors import ErrorCode, Refused
@@ -62,10 +75,10 @@ class Switchboard:
     def __init__(self, rules: CallRules, throttle: CallThrottle) -> None:
         self._rules = rules
         self._throttle = throttle
-        self._device_user: dict[ConnId, UserId] = {}
-        self._user_devices: dict[UserId, dict[ConnId, None]] = {}
+        self._devices = DeviceRegistry()
         self._calls = CallRegistry()
         self._ring_timers: dict[TimerId, Call] = {}
+        self._grace_timers: dict[TimerId, Device] = {}
         self._next_timer: TimerId = 0
 
     # -- inspection (tests, metrics) ---------------------------------------------------------
@@ -75,41 +88,126 @@ class Switchboard:
         return self._calls
 
     def devices_of(self, user: UserId) -> list[ConnId]:
-        return list(self._user_devices.get(user, {}))
+        """The user's online devices (held ones are not: they do not ring)."""
+        return self._devices.online(user)
+
+    def held_devices(self) -> int:
+        return sum(1 for device in self._devices.all() if device.hold is not None)
 
     def is_idle(self) -> bool:
-        """True when no device, call or timer is held: nothing outlived its connection or call."""
+        """True when no device, session, call or timer is left: nothing outlived its owner."""
         return (
-            not self._device_user
-            and not self._user_devices
+            self._devices.is_empty()
             and self._calls.is_empty()
             and not self._ring_timers
+            and not self._grace_timers
         )
 
     # -- the one entry point -----------------------------------------------------------------
 
     def handle(self, event: Event, now: float) -> list[Action]:
         match event:
-            case Authenticated(conn=conn, user=user):
-                self._device_user[conn] = user
-                self._user_devices.setdefault(user, {})[conn] = None
-                return []
+            case Authenticated():
+                actions = self._on_authenticated(event)
+            case TokenRefreshed():
+                actions = self._on_refreshed(event)
             case MessageReceived():
-                return self._on_message(event, now)
+                actions = self._on_message(event, now)
             case Disconnected(conn=conn):
-                return self._on_disconnected(conn, now)
+                actions = self._on_disconnected(conn, now)
             case TimerFired(timer=timer):
-                return self._on_ring_timeout(timer, now)
+                actions = self._on_timer(timer, now)
+            case RevocationChanged():
+                actions = self._on_revocation(event, now)
+            case ShuttingDown():
+                actions = self._on_shutdown(now)
             case _:
                 assert_never(event)
+        return self._route_to_held(actions)
+
+    def _new_timer(self) -> TimerId:
+        self._next_timer += 1
+        return self._next_timer
+
+    def _route_to_held(self, actions: list[Action]) -> list[Action]:
+        """Deliveries to a held device wait in its buffer (bounded) instead of going out."""
+        routed: list[Action] = []
+        for action in actions:
+            device = self._devices.get(action.conn) if isinstance(action, Deliver) else None
+            if device is None or device.hold is None:
+                routed.append(action)
+            elif len(device.hold.buffer) < self._rules.resume_buffer:
+                device.hold.buffer.append(action)  # type: ignore[arg-type]
+            else:
+                device.hold.dropped += 1
+        return routed
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    def _on_authenticated(self, event: Authenticated) -> list[Action]:
+        conn, user = event.conn, event.user
+        previous = self._devices.by_session(event.resume) if event.resume else None
+        resumable = previous is not None and previous.user == user and previous.conn != conn
+        device = Device(conn, user, event.session_id, event.token_id, event.issued_at)
+        actions: list[Action] = []
+        if previous is not None and resumable:
+            actions = self._take_over(previous, device)
+        self._devices.add(device)
+        session = {**event.session, "sessionId": event.session_id}
+        if event.resume is not None:
+            session["resumed"] = resumable
+            if not resumable:
+                actions.append(Audit("session.resume_failed", {"conn": conn, "user": user}))
+        # The new `session` message goes before anything buffered for the resumed device.
+        return [Deliver(conn, "session", session), *actions]
+
+    def _take_over(self, previous: Device, device: Device) -> list[Action]:
+        """`device` continues `previous`: its calls, and what was buffered for it."""
+        actions: list[Action] = []
+        if previous.hold is not None:
+            self._grace_timers.pop(previous.hold.timer, None)
+            actions.append(CancelTimer(previous.hold.timer))
+            buffered = previous.hold.buffer
+        else:
+            # Still connected (a half-open socket the server has not noticed yet): retire it.
+            actions.append(Close(previous.conn, 4003, "session resumed on another connection"))
+            buffered = []
+        self._devices.remove(previous)
+        calls = self._calls.move_device(previous.conn, device.conn)
+        actions += [Deliver(device.conn, d.event, d.data) for d in buffered]
+        actions.append(
+            Audit(
+                "session.resumed",
+                {
+                    "conn": device.conn,
+                    "previous_conn": previous.conn,
+                    "user": device.user,
+                    "calls": calls,
+                    "delivered": len(buffered),
+                },
+            )
+        )
+        return actions
+
+    def _on_refreshed(self, event: TokenRefreshed) -> list[Action]:
+        device = self._devices.get(event.conn)
+        if device is None:
+            raise ValueError(f"refresh on unknown connection {event.conn}")
+        device.token_id, device.issued_at = event.token_id, event.issued_at
+        self._devices.rotate_session(device, event.session_id)
+        return [
+            Deliver(event.conn, "session", {**event.session, "sessionId": event.session_id}),
+            Audit("token.refreshed", {"conn": event.conn, "user": device.user}),
+        ]
 
     # -- messages ----------------------------------------------------------------------------
 
     def _on_message(self, event: MessageReceived, now: float) -> list[Action]:
         conn, message, ref = event.conn, event.message, event.ref
-        user = self._device_user.get(conn)
-        if user is None:
-            raise ValueError(f"message from unauthenticated connection {conn}")
+        device = self._devices.get(conn)
+        if device is None or device.hold is not None:
+            raise ValueError(f"message from a connection that is not online: {conn}")
+        user = device.user
         try:
             match message:
                 case CallRequest():
@@ -184,8 +282,7 @@ class Switchboard:
             return _decided_for_caller(conn, ref, fields, "call.unavailable", "unavailable")
         if self._calls.count_for(callee) >= self._rules.max_calls_per_user:
             return _decided_for_caller(conn, ref, fields, "call.busy", "busy")
-        timer = self._next_timer
-        self._next_timer += 1
+        timer = self._new_timer()
         call = Call(
             call_id=message.call_id,
             caller=user,
@@ -297,24 +394,60 @@ class Switchboard:
     # -- connections and timers --------------------------------------------------------------
 
     def _on_disconnected(self, conn: ConnId, now: float) -> list[Action]:
-        user = self._device_user.pop(conn, None)
-        if user is None:
-            return []
-        devices = self._user_devices[user]
-        del devices[conn]
-        if not devices:
-            del self._user_devices[user]
-        actions: list[Action] = []
+        device = self._devices.get(conn)
+        if device is None:
+            return []  # never authenticated, or already taken over / revoked
+        self._devices.go_offline(device)
         for call in self._calls.of_device(conn):
-            role = call.role_of(conn)
-            if role is Role.CALLEE_RINGING and len(call.ringing) > 1:
+            if call.role_of(conn) is Role.CALLEE_RINGING and len(call.ringing) > 1:
                 # Other devices still ring: the call goes on without this one.
                 self._calls.drop_ringing_device(call, conn)
-                continue
-            actions += _call_end_to(call.other_side(role), call, user, "peer_disconnected")
-            actions += self._finish(call)
-            actions.append(_ended(call, now, reason="peer_disconnected", by=user))
+        calls = self._calls.of_device(conn)
+        if calls and self._rules.reconnect_grace > 0:
+            timer = self._new_timer()
+            device.hold = Hold(timer)
+            self._grace_timers[timer] = device
+            return [
+                StartTimer(timer, now + self._rules.reconnect_grace),
+                Audit("session.held", {"conn": conn, "user": device.user, "calls": len(calls)}),
+            ]
+        return self._retire(device, "peer_disconnected", now)
+
+    def _retire(self, device: Device, reason: str, now: float) -> list[Action]:
+        """Forget a device and end every call it is in, telling the other participants why."""
+        if device.hold is not None:
+            self._grace_timers.pop(device.hold.timer, None)
+        self._devices.remove(device)
+        actions: list[Action] = []
+        for call in self._calls.of_device(device.conn):
+            actions += self._terminate(call, reason, now, by=device)
         return actions
+
+    def _terminate(self, call: Call, reason: str, now: float, by: Device | None) -> list[Action]:
+        """End `call` for a reason of the server's; every other device of it gets `call-end`."""
+        actions: list[Action] = []
+        for conn in call.devices():
+            if by is None or conn != by.conn:
+                sender = call.callee if conn == call.caller_conn else call.caller
+                actions += _call_end_to([conn], call, sender, reason)
+        actions += self._finish(call)
+        actions.append(_ended(call, now, reason=reason, by=by.user if by else None))
+        return actions
+
+    def _on_timer(self, timer: TimerId, now: float) -> list[Action]:
+        device = self._grace_timers.pop(timer, None)
+        if device is None or device.hold is None:
+            return self._on_ring_timeout(timer, now)
+        # Nobody resumed the device: what was buffered for it is lost, and said so.
+        expired = Audit(
+            "session.expired",
+            {
+                "conn": device.conn,
+                "user": device.user,
+                "dropped_messages": device.hold.dropped + len(device.hold.buffer),
+            },
+        )
+        return [*self._retire(device, "peer_disconnected", now), expired]
 
     def _on_ring_timeout(self, timer: TimerId, now: float) -> list[Action]:
         call = self._ring_timers.pop(timer, None)
@@ -327,6 +460,24 @@ class Switchboard:
             *_call_end_to(ringing, call, call.caller, "timeout"),
             Audit("call.timeout", {**_call_fields(call), "reason": "timeout"}),
         ]
+
+    def _on_revocation(self, event: RevocationChanged, now: float) -> list[Action]:
+        users_before = dict(event.users_before)
+        actions: list[Action] = []
+        for device in self._devices.all():
+            if not device.is_revoked(event.token_ids, users_before):
+                continue
+            if device.hold is None:
+                actions.append(Close(device.conn, 4003, "token revoked"))
+            actions.append(Audit("session.revoked", {"conn": device.conn, "user": device.user}))
+            actions += self._retire(device, "revoked", now)
+        return actions
+
+    def _on_shutdown(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        for call in list(self._calls):
+            actions += self._terminate(call, "server_shutdown", now, by=None)
+        return actions
 
     def _forget_timer(self, call: Call) -> TimerId:
         self._ring_timers.pop(call.ring_timer, None)
@@ -382,7 +533,7 @@ def _call_fields(call: Call) -> dict[str, Any]:
     }
 
 
-def _ended(call: Call, now: float, *, reason: str, by: UserId) -> Audit:
+def _ended(call: Call, now: float, *, reason: str, by: UserId | None) -> Audit:
     """The one canonical `call.ended` line; `duration_ms` counts from the answer (0 if none)."""
     duration = 0 if call.answered_at is None else round((now - call.answered_at) * 1000)
     return Audit(

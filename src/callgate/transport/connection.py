@@ -2,14 +2,21 @@
 
 Life of a connection
 --------------------
-1. The upgrade is accepted whenever the path is right: a refused token, a rate-limited address or
-   a missing `auth` message close the *WebSocket* with a code (4001, 4029), because browsers cannot
-   read the status of a failed upgrade.
-2. Authentication: `Authorization: Bearer` on the upgrade, or a first `auth` message within
-   `auth_timeout` (a `?token=` query parameter only when `allow_query_token` is on).
-3. The read loop: size and type checks, the per-connection message limit, decoding, then the
-   switchboard. The loop also ends at the token's `exp` (close 4001 `token expired`).
-4. Everything sent to the client goes through a bounded memory channel drained by a writer task.
+1. Before the upgrade: the path (else 404), the `Origin` allow-list (else 403), and whether the
+   server is still accepting (else 503).
+2. After the upgrade, refusals close the *WebSocket* with a code, because browsers cannot read
+   the status of a failed upgrade: too many connections from the address or the user, or too many
+   handshakes (4029); a bad token (4001); a revoked token (4003).
+3. Authentication: `Authorization: Bearer` on the upgrade, or a first `auth` message within
+   `auth_timeout` (a `?token=` query parameter only when `allow_query_token` is on). A `resume`
+   session id (in the `auth` message, or the `Callgate-Resume` header) lets the switchboard hand
+   the new connection the calls of a dropped device.
+4. The read loop: size and type checks, the per-connection message limit, decoding, then the
+   switchboard. An `auth` message on an open connection renews the token (same user only).
+5. Beside it run the writer, the expiry watcher (`token-expiring` at `exp - refresh_before`,
+   close 4001 at `exp`) and the keepalive (a ping every `ping_interval`; no pong by the next one
+   drops the peer).
+6. Everything sent to the client goes through a bounded memory channel drained by the writer.
    Senders never wait: a full channel means the client is not reading, and that connection alone
    is aborted (close 1008), so one slow reader cannot slow anybody else.
 
@@ -22,6 +29,8 @@ from __future__ import annotations
 import math
 import secrets
 import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
@@ -30,8 +39,27 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 from callgate.auth import INVALID, Identity, TokenVerifier
-from callgate.core.actions import Ack, Action, Audit, CancelTimer, Deliver, SendError, StartTimer
-from callgate.core.events import Authenticated, Disconnected, MessageReceived, TimerFired, TimerId
+from callgate.core.actions import (
+    Ack,
+    Action,
+    Audit,
+    CancelTimer,
+    Close,
+    Deliver,
+    SendError,
+    StartTimer,
+)
+from callgate.core.events import (
+    Authenticated,
+    Disconnected,
+    Event,
+    MessageReceived,
+    RevocationChanged,
+    ShuttingDown,
+    TimerFired,
+    TimerId,
+    TokenRefreshed,
+)
 from callgate.errors import AuthError, CloseCode, CloseConnection, ErrorCode
 from callgate.ice import ice_servers
 from callgate.log import get_logger
@@ -44,6 +72,7 @@ from callgate.protocol.codec import (
     peek_ref,
 )
 from callgate.protocol.messages import Auth, Ref
+from callgate.revocation import RevocationList
 from callgate.transport.timers import Timers
 
 if TYPE_CHECKING:
@@ -53,6 +82,8 @@ if TYPE_CHECKING:
     from callgate.ratelimit import RateLimiter
 
 log = get_logger("callgate.connection")
+
+RESUME_HEADER = b"callgate-resume"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,20 +97,25 @@ class PeerGone(Exception):
 
 
 class Connection:
-    """One client socket: its id, its user once authenticated, and its bounded outbox."""
+    """One client socket: its id, its identity once authenticated, and its bounded outbox."""
 
     def __init__(self, conn_id: str, ws: WebSocketConnection, addr: str, queue_size: int) -> None:
         self.id = conn_id
         self.ws = ws
         self.addr = addr
-        self.user: str | None = None
+        self.identity: Identity | None = None
         self.scope = trio.CancelScope()
+        self.expiry_scope: trio.CancelScope | None = None
         self.close_code: int | None = None
         self.close_reason = ""
         self.writer_done = trio.Event()
         self._outbox, self._outbox_reader = trio.open_memory_channel[str | _CloseRequest](
             queue_size
         )
+
+    @property
+    def user(self) -> str | None:
+        return self.identity.user if self.identity is not None else None
 
     def push(self, text: str) -> None:
         """Queue one message without waiting; a full queue aborts this connection."""
@@ -92,7 +128,7 @@ class Connection:
             self._enqueue(_CloseRequest(code, reason))
 
     def abort(self, code: int, reason: str) -> None:
-        """Stop now, without draining the queue (the client is not reading)."""
+        """Stop now, without draining the queue (the client is not reading, or is gone)."""
         if self.close_code is None:
             self.close_code, self.close_reason = code, reason
         self.scope.cancel()
@@ -133,12 +169,19 @@ class Connection:
         return message
 
 
-def _bearer_token(request: WebSocketRequest) -> str | None:
-    for name, value in request.headers:
-        if name.lower() == b"authorization":
-            scheme, _, token = value.decode("latin-1").strip().partition(" ")
-            return token.strip() if scheme.lower() == "bearer" and token.strip() else ""
+def _header(request: WebSocketRequest, name: bytes) -> str | None:
+    for key, value in request.headers:
+        if key.lower() == name:
+            return value.decode("latin-1").strip()
     return None
+
+
+def _bearer_token(request: WebSocketRequest) -> str | None:
+    value = _header(request, b"authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else ""
 
 
 def _remote_address(request: WebSocketRequest) -> str:
@@ -146,8 +189,15 @@ def _remote_address(request: WebSocketRequest) -> str:
     return str(getattr(remote, "address", remote))
 
 
+def _trio_deadline(unix_time: float) -> float:
+    """The trio-clock moment of a unix time (such as a token's `exp`)."""
+    remaining = unix_time - time.time()
+    return trio.current_time() + max(0.0, remaining) if math.isfinite(remaining) else math.inf
+
+
 class ConnectionHub:
-    """All live connections of one server, and the executor of the switchboard's actions."""
+    """All connections of one server, the executor of the switchboard's actions, and the holder
+    of what reloads change (keys, revocations)."""
 
     def __init__(
         self,
@@ -160,24 +210,34 @@ class ConnectionHub:
     ) -> None:
         self._settings = settings
         self._board = board
-        self._verifier = verifier
+        self.verifier = verifier
         self._limiter = limiter
         self._audit = audit
         self._timers = Timers(nursery, self._on_timer)
-        self._connections: dict[str, Connection] = {}
+        self._live: dict[str, Connection] = {}  # authenticated
+        self._all: dict[str, Connection] = {}  # accepted, authenticated or not
+        self._per_address: Counter[str] = Counter()
         self._field_limits = FieldLimits(**settings.validation.model_dump())
+        self.revocations = RevocationList()
+        self.accepting = True
+        self._all_gone = trio.Event()
+        # Called (and awaited) when a token names an unknown `kid`; set when jwks_url is used.
+        self.refresh_remote_keys: Callable[[], Awaitable[bool]] | None = None
 
     # -- inspection (tests) ------------------------------------------------------------------
 
     @property
     def connection_count(self) -> int:
-        return len(self._connections)
+        return len(self._all)
 
     @property
     def armed_timers(self) -> int:
         return len(self._timers)
 
     # -- executing the core's decisions ------------------------------------------------------
+
+    def dispatch(self, event: Event) -> None:
+        self.execute(self._board.handle(event, trio.current_time()))
 
     def execute(self, actions: list[Action]) -> None:
         for action in actions:
@@ -192,23 +252,45 @@ class ConnectionHub:
                         self._count_strike(conn)
                 case Audit(event=event, fields=fields):
                     self._audit.write(event, fields)
+                case Close(conn=conn, code=code, reason=reason):
+                    connection = self._live.get(conn)
+                    if connection is not None:
+                        connection.close(code, reason)
                 case StartTimer(timer=timer, deadline=deadline):
                     self._timers.start(timer, deadline)
                 case CancelTimer(timer=timer):
                     self._timers.cancel(timer)
 
     def _push(self, conn_id: str, text: str) -> None:
-        connection = self._connections.get(conn_id)
+        connection = self._live.get(conn_id)
         if connection is not None:
             connection.push(text)
 
     def _count_strike(self, conn_id: str) -> None:
-        connection = self._connections.get(conn_id)
+        connection = self._live.get(conn_id)
         if connection is not None and self._limiter.is_flooding(conn_id):
             connection.close(CloseCode.RATE_LIMIT_ABUSE, "rate limit exceeded")
 
     def _on_timer(self, timer: TimerId) -> None:
-        self.execute(self._board.handle(TimerFired(timer), trio.current_time()))
+        self.dispatch(TimerFired(timer))
+
+    # -- reloads and shutdown ----------------------------------------------------------------
+
+    def apply_revocations(self, revocations: RevocationList) -> None:
+        self.revocations = revocations
+        self.dispatch(RevocationChanged(revocations.tokens, revocations.users))
+
+    async def shutdown(self) -> None:
+        """End every call, close every connection with 1001, wait up to `drain_timeout`."""
+        self.accepting = False
+        self.dispatch(ShuttingDown())
+        for connection in list(self._all.values()):
+            connection.close(CloseCode.GOING_AWAY, "server shutting down")
+        with trio.move_on_after(self._settings.server.drain_timeout):
+            if self._all:
+                await self._all_gone.wait()
+        for connection in list(self._all.values()):
+            connection.abort(CloseCode.GOING_AWAY, "server shutting down")
 
     # -- one connection ----------------------------------------------------------------------
 
@@ -227,15 +309,25 @@ class ConnectionHub:
         if target.path != server.path:
             await request.reject(404, body=b'{"message": "not found"}')
             return
+        origin = _header(request, b"origin")
+        if server.allowed_origins and origin is not None and origin not in server.allowed_origins:
+            self._audit.write("conn.refused", {"addr": _remote_address(request), "code": 403})
+            await request.reject(403, body=b'{"message": "origin not allowed"}')
+            return
+        if not self.accepting:
+            await request.reject(503, body=b'{"message": "server shutting down"}')
+            return
         addr = _remote_address(request)
         connection = Connection(conn_id, await request.accept(), addr, server.outbound_queue)
+        self._all[conn_id] = connection
+        self._per_address[addr] += 1
         self._audit.write("conn.open", {"conn": conn_id, "addr": addr})
         try:
             with connection.scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(connection.run_writer)
                     try:
-                        await self._converse(connection, request, target.query)
+                        await self._converse(connection, request, target.query, nursery)
                     except PeerGone:
                         pass
                     except CloseConnection as close:
@@ -249,10 +341,12 @@ class ConnectionHub:
 
     def _forget(self, connection: Connection) -> None:
         """Synchronous cleanup: runs even when the connection was cancelled."""
-        self._connections.pop(connection.id, None)
-        if connection.user is not None:
-            now = trio.current_time()
-            self.execute(self._board.handle(Disconnected(connection.id), now))
+        self._all.pop(connection.id, None)
+        self._per_address[connection.addr] -= 1
+        if self._per_address[connection.addr] <= 0:
+            del self._per_address[connection.addr]
+        if self._live.pop(connection.id, None) is not None:
+            self.dispatch(Disconnected(connection.id))
         closed = connection.ws.closed
         code = connection.close_code or (closed.code if closed is not None else None)
         reason = connection.close_reason or (closed.reason if closed is not None else None)
@@ -260,44 +354,100 @@ class ConnectionHub:
             "conn.close",
             {"conn": connection.id, "user": connection.user, "close_code": code, "reason": reason},
         )
+        if not self._all:
+            self._all_gone.set()
+            self._all_gone = trio.Event()
 
     async def _converse(
-        self, connection: Connection, request: WebSocketRequest, query: str
+        self,
+        connection: Connection,
+        request: WebSocketRequest,
+        query: str,
+        nursery: trio.Nursery,
     ) -> None:
-        retry = self._limiter.admit_handshake(connection.addr)
-        if retry is not None:
+        self._admit_address(connection)
+        try:
+            identity, ref, resume = await self._authenticate(connection, request, query)
+            self._check_not_revoked(identity)
+        except CloseConnection as refused:
+            detail = refused.detail if isinstance(refused, AuthError) else refused.reason
+            self._audit.write(
+                "auth.failed",
+                {"conn": connection.id, "addr": connection.addr, "reason": detail},
+            )
+            raise
+        if len(self._board.devices_of(identity.user)) >= (
+            self._settings.server.max_connections_per_user
+        ):
+            raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "too many connections")
+        connection.identity = identity
+        self._live[connection.id] = connection
+        self.dispatch(
+            Authenticated(
+                connection.id,
+                identity.user,
+                session_id=secrets.token_urlsafe(24),
+                session=self._session_data(connection, identity),
+                resume=resume,
+                token_id=identity.token_id,
+                issued_at=identity.issued_at,
+            )
+        )
+        if ref is not None:
+            connection.push(encode("ack", None, ref))
+        self._audit.write(
+            "auth.ok",
+            {"conn": connection.id, "user": identity.user, "expires_at": identity.expires_at},
+        )
+        nursery.start_soon(self._watch_expiry, connection)
+        if self._settings.server.ping_interval > 0:
+            nursery.start_soon(self._keepalive, connection)
+        await self._read_loop(connection)
+
+    def _admit_address(self, connection: Connection) -> None:
+        """Raises: CloseConnection 4029 when the address is over its connection cap or rate."""
+        over_cap = (
+            self._per_address[connection.addr] > self._settings.server.max_connections_per_address
+        )
+        retry = None if over_cap else self._limiter.admit_handshake(connection.addr)
+        if over_cap or retry is not None:
             connection.push(
                 encode_error(
                     ErrorCode.RATE_LIMITED,
                     "too many connections from your address",
-                    retry_after=retry,
+                    retry_after=retry or 1,
                 )
             )
-            raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "rate limit exceeded")
-        try:
-            identity, ref = await self._authenticate(connection, request, query)
-        except AuthError as refused:
             self._audit.write(
-                "auth.failed",
-                {"conn": connection.id, "addr": connection.addr, "reason": refused.detail},
+                "conn.refused", {"conn": connection.id, "addr": connection.addr, "code": 4029}
             )
-            raise
-        self._admit(connection, identity, ref)
-        with trio.move_on_at(_trio_deadline(identity.expires_at)):
-            await self._read_loop(connection)
-            return
-        raise CloseConnection(CloseCode.UNAUTHENTICATED, "token expired")
+            raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "rate limit exceeded")
+
+    def _check_not_revoked(self, identity: Identity) -> None:
+        if self.revocations.revokes(identity.user, identity.token_id, identity.issued_at):
+            raise CloseConnection(CloseCode.FORBIDDEN, "token revoked")
+
+    async def _verify(self, token: str) -> Identity:
+        """Verify, refreshing remote keys once when the token names an unknown `kid`."""
+        try:
+            return self.verifier.verify(token)
+        except AuthError as refused:
+            if refused.detail != "unknown_kid" or self.refresh_remote_keys is None:
+                raise
+            if not await self.refresh_remote_keys():
+                raise
+        return self.verifier.verify(token)
 
     async def _authenticate(
         self, connection: Connection, request: WebSocketRequest, query: str
-    ) -> tuple[Identity, Ref | None]:
+    ) -> tuple[Identity, Ref | None, str | None]:
         """Raises: AuthError, CloseConnection, PeerGone."""
         query_tokens = parse_qs(query).get("token")
         if query_tokens and not self._settings.auth.allow_query_token:
             raise AuthError(INVALID, "query_token_refused")
         token = _bearer_token(request) or (query_tokens[0] if query_tokens else None)
         if token:
-            return self._verifier.verify(token), None
+            return await self._verify(token), None, _header(request, RESUME_HEADER)
         with trio.move_on_after(self._settings.server.auth_timeout):
             text = await connection.receive()
             self._check_size(text)
@@ -305,33 +455,18 @@ class ConnectionHub:
                 envelope = decode(text, self._field_limits)
             except ProtocolError:
                 raise AuthError("authentication required", "not_authenticated") from None
-            if not isinstance(envelope.message, Auth):
+            message = envelope.message
+            if not isinstance(message, Auth):
                 raise AuthError("authentication required", "not_authenticated")
-            return self._verifier.verify(envelope.message.token), envelope.ref
+            return await self._verify(message.token), envelope.ref, message.resume
         raise AuthError("auth timeout", "auth_timeout")
 
-    def _admit(self, connection: Connection, identity: Identity, ref: Ref | None) -> None:
-        connection.user = identity.user
-        self._connections[connection.id] = connection
-        self.execute(
-            self._board.handle(Authenticated(connection.id, identity.user), trio.current_time())
-        )
-        connection.push(encode("session", self._session_data(connection, identity)))
-        if ref is not None:
-            connection.push(encode("ack", None, ref))
-        self._audit.write(
-            "auth.ok",
-            {"conn": connection.id, "user": identity.user, "expires_at": identity.expires_at},
-        )
-
     def _session_data(self, connection: Connection, identity: Identity) -> dict[str, object]:
-        now = int(time.time())
         return {
             "user": identity.user,
             "connectionId": connection.id,
-            "sessionId": secrets.token_urlsafe(24),
             "expiresAt": identity.expires_at,
-            "iceServers": ice_servers(self._settings.ice, identity.user, now=now),
+            "iceServers": ice_servers(self._settings.ice, identity.user, now=int(time.time())),
         }
 
     def _check_size(self, text: str) -> None:
@@ -358,16 +493,70 @@ class ConnectionHub:
                 connection.push(encode_error(bad.code, bad.message, bad.ref))
                 continue
             if isinstance(envelope.message, Auth):
-                # Token refresh on an open connection is contract section 8 (a later issue).
-                connection.push(
-                    encode_error(ErrorCode.FORBIDDEN, "already authenticated", envelope.ref)
-                )
+                await self._refresh(connection, envelope.message, envelope.ref)
                 continue
-            event = MessageReceived(connection.id, envelope.message, envelope.ref)
-            self.execute(self._board.handle(event, trio.current_time()))
+            self.dispatch(MessageReceived(connection.id, envelope.message, envelope.ref))
 
+    async def _refresh(self, connection: Connection, message: Auth, ref: Ref | None) -> None:
+        """A fresh token on an open connection (contract section 8).
 
-def _trio_deadline(expires_at: int) -> float:
-    """The trio-clock moment of a unix time (`exp`)."""
-    remaining = expires_at - time.time()
-    return trio.current_time() + max(0.0, remaining) if math.isfinite(remaining) else math.inf
+        Raises: CloseConnection 4003 for another user's token or a revoked one.
+        """
+        current = connection.identity
+        if current is None:
+            return
+        try:
+            identity = await self._verify(message.token)
+        except AuthError as refused:
+            # The current token still holds until its `exp`: the client may try again.
+            connection.push(encode_error(ErrorCode.FORBIDDEN, refused.reason, ref))
+            self._audit.write(
+                "auth.failed",
+                {"conn": connection.id, "user": current.user, "reason": refused.detail},
+            )
+            return
+        if identity.user != current.user:
+            raise CloseConnection(CloseCode.FORBIDDEN, "identity change")
+        self._check_not_revoked(identity)
+        connection.identity = identity
+        self.dispatch(
+            TokenRefreshed(
+                connection.id,
+                secrets.token_urlsafe(24),
+                self._session_data(connection, identity),
+                identity.token_id,
+                identity.issued_at,
+            )
+        )
+        if ref is not None:
+            connection.push(encode("ack", None, ref))
+        if connection.expiry_scope is not None:
+            connection.expiry_scope.cancel()  # the watcher starts over with the new `exp`
+
+    async def _watch_expiry(self, connection: Connection) -> None:
+        refresh_before = self._settings.auth.refresh_before
+        while connection.identity is not None:
+            expires_at = connection.identity.expires_at
+            with trio.CancelScope() as scope:
+                connection.expiry_scope = scope
+                if refresh_before > 0:
+                    await trio.sleep_until(_trio_deadline(expires_at - refresh_before))
+                    connection.push(encode("token-expiring", {"expiresAt": expires_at}))
+                await trio.sleep_until(_trio_deadline(expires_at))
+                connection.close(CloseCode.UNAUTHENTICATED, "token expired")
+                return
+
+    async def _keepalive(self, connection: Connection) -> None:
+        interval = self._settings.server.ping_interval
+        while True:
+            await trio.sleep(interval)
+            with trio.move_on_after(interval) as waiting:
+                try:
+                    await connection.ws.ping()
+                except ConnectionClosed:
+                    return
+            if waiting.cancelled_caught:
+                # No pong within an interval: the peer is gone without a close (a phone that
+                # lost its network). Its calls go into the reconnect grace.
+                connection.abort(CloseCode.ABNORMAL, "keepalive timeout")
+                return

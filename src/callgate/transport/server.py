@@ -1,9 +1,17 @@
-"""`serve`: the listening socket, the switchboard and every connection, in one nursery."""
+"""`serve`: the listening socket, the switchboard, every connection, and what reloads them.
+
+Everything runs in one nursery. Connections run in their own nursery, beside the listener, so that
+a graceful shutdown can stop accepting (cancel the listener) while the connections drain.
+"""
 
 from __future__ import annotations
 
+import ssl
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import trio
 from trio_websocket import serve_websocket
@@ -13,24 +21,158 @@ from callgate.auth import TokenVerifier
 from callgate.config import Settings
 from callgate.core.policy import CallRules
 from callgate.core.switchboard import Switchboard
+from callgate.errors import ConfigError
+from callgate.keys import MAX_JWKS_BYTES, load_keyring, parse_jwks
+from callgate.log import get_logger
 from callgate.ratelimit import RateLimiter
+from callgate.revocation import load_revocations
 from callgate.transport.connection import ConnectionHub
 
+log = get_logger("callgate.server")
+# How often watched files are checked for changes: revocations take effect within a second.
+WATCH_INTERVAL = 0.5
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(slots=True)
 class RunningServer:
     """What `nursery.start(serve, ...)` returns once the server is listening."""
 
     host: str
     port: int
     path: str
+    tls: bool
     board: Switchboard
     hub: ConnectionHub
+    reload: Callable[[], None]
+    _listener: trio.CancelScope
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"ws://{host}:{self.port}{self.path}"
+        return f"{'wss' if self.tls else 'ws'}://{host}:{self.port}{self.path}"
+
+    async def shutdown(self) -> None:
+        """Stop accepting, close every connection with 1001, within `drain_timeout`."""
+        self._listener.cancel()
+        await self.hub.shutdown()
+
+
+def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    tls = settings.tls
+    if tls.cert_file is None or tls.key_file is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"tls.cert_file, tls.key_file: cannot load: {exc}") from None
+    return context
+
+
+def _watched_files(settings: Settings) -> list[Path]:
+    auth = settings.auth
+    files = [auth.public_key_file, auth.jwks_file, *auth.key_files.values()]
+    return [path for path in files if path is not None]
+
+
+def _file_state(paths: list[Path]) -> tuple[tuple[int, int] | None, ...]:
+    states: list[tuple[int, int] | None] = []
+    for path in paths:
+        try:
+            stat = path.stat()
+            states.append((stat.st_mtime_ns, stat.st_size))
+        except OSError:
+            states.append(None)
+    return tuple(states)
+
+
+def _fetch(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - http(s) only, by config
+        data: bytes = response.read(MAX_JWKS_BYTES + 1)
+        return data
+
+
+class _Reloader:
+    """Keys and revocations: reloaded when their files change, on SIGHUP, and (remote JWKS)
+    periodically and on an unknown `kid`, never blocking the event loop on the network."""
+
+    def __init__(self, settings: Settings, hub: ConnectionHub) -> None:
+        self._settings = settings
+        self._hub = hub
+        self._wake = trio.Event()
+        self._last_fetch = -float("inf")
+        self._fetch_lock = trio.Lock()
+
+    def request(self) -> None:
+        self._wake.set()
+
+    def reload_keys(self) -> None:
+        try:
+            ring = load_keyring(self._settings.auth)
+        except ConfigError as exc:
+            log.error("keys not reloaded; keeping the previous ones", error=str(exc))
+            return
+        self._hub.verifier.ring = ring.with_remote(self._hub.verifier.ring.remote)
+        log.info("keys reloaded", kids=sorted(ring.by_kid))
+
+    def reload_revocations(self) -> None:
+        path = self._settings.auth.revocation_file
+        if path is None:
+            return
+        try:
+            revocations = load_revocations(path)
+        except ConfigError as exc:
+            log.error("revocations not reloaded; keeping the previous list", error=str(exc))
+            return
+        self._hub.apply_revocations(revocations)
+
+    async def refresh_remote(self) -> bool:
+        """Fetch the JWKS URL, at most once per `jwks_min_refresh`. True if keys changed."""
+        url = self._settings.auth.jwks_url
+        if url is None:
+            return False
+        async with self._fetch_lock:
+            if trio.current_time() - self._last_fetch < self._settings.auth.jwks_min_refresh:
+                return False
+            self._last_fetch = trio.current_time()
+            try:
+                raw = await trio.to_thread.run_sync(_fetch, url, abandon_on_cancel=True)
+                keys = parse_jwks(raw, frozenset(self._settings.auth.algorithms), "auth.jwks_url")
+            except (OSError, ConfigError) as exc:
+                log.error("jwks_url not fetched; keeping the previous keys", error=str(exc))
+                return False
+            before = self._hub.verifier.ring.remote
+            self._hub.verifier.ring = self._hub.verifier.ring.with_remote(keys)
+            return set(keys) != set(before)
+
+    async def watch_files(self) -> None:
+        keys = _watched_files(self._settings)
+        revocation = self._settings.auth.revocation_file
+        key_state, revocation_state = (
+            _file_state(keys),
+            _file_state([revocation] if revocation else []),
+        )
+        while True:
+            with trio.move_on_after(WATCH_INTERVAL):
+                await self._wake.wait()
+            forced = self._wake.is_set()
+            self._wake = trio.Event()
+            now_keys = _file_state(keys)
+            now_revocation = _file_state([revocation] if revocation else [])
+            if forced or now_keys != key_state:
+                key_state = now_keys
+                self.reload_keys()
+            if forced or now_revocation != revocation_state:
+                revocation_state = now_revocation
+                self.reload_revocations()
+            if forced:
+                await self.refresh_remote()
+
+    async def poll_remote(self) -> None:
+        while True:
+            await self.refresh_remote()
+            await trio.sleep(self._settings.auth.jwks_cache_ttl)
 
 
 async def serve(
@@ -42,33 +184,82 @@ async def serve(
     """Serve until cancelled.
 
     Raises:
-        ConfigError: a key in `auth` cannot be used (checked before listening).
+        ConfigError: a key, revocation or TLS file cannot be used (checked before listening).
         OSError: the address cannot be bound.
     """
     verifier = TokenVerifier.from_settings(
         settings.auth, max_user_id_length=settings.validation.max_user_id_length
     )
-    limiter = RateLimiter(settings.limits)
-    board = Switchboard(
-        CallRules(settings.calls.ring_timeout, settings.calls.max_calls_per_user), limiter
+    ssl_context = _ssl_context(settings)
+    revocations = (
+        load_revocations(settings.auth.revocation_file) if settings.auth.revocation_file else None
     )
+    limiter = RateLimiter(settings.limits)
+    rules = CallRules(
+        ring_timeout=settings.calls.ring_timeout,
+        max_calls_per_user=settings.calls.max_calls_per_user,
+        reconnect_grace=settings.calls.reconnect_grace,
+        resume_buffer=settings.calls.resume_buffer,
+    )
+    board = Switchboard(rules, limiter)
     async with trio.open_nursery() as nursery:
         hub = ConnectionHub(settings, board, verifier, limiter, audit, nursery)
+        if revocations is not None:
+            hub.revocations = revocations
+        reloader = _Reloader(settings, hub)
+        if settings.auth.jwks_url is not None:
+            hub.refresh_remote_keys = reloader.refresh_remote
+            nursery.start_soon(reloader.poll_remote)
+        nursery.start_soon(reloader.watch_files)
+        connections = await nursery.start(_connections_nursery)
+        listener = trio.CancelScope()
         ws_server = await nursery.start(
             partial(
-                serve_websocket,
-                hub.handle,
-                settings.server.host,
-                settings.server.port,
-                None,
-                # trio-websocket counts characters; the byte limit is checked per message too.
-                max_message_size=settings.server.max_message_bytes,
-                connect_timeout=settings.server.auth_timeout,
-                disconnect_timeout=settings.server.close_timeout,
+                _listen,
+                listener,
+                partial(
+                    serve_websocket,
+                    hub.handle,
+                    settings.server.host,
+                    settings.server.port,
+                    ssl_context,
+                    handler_nursery=connections,
+                    # trio-websocket counts characters; the byte limit is checked per message.
+                    max_message_size=settings.server.max_message_bytes,
+                    connect_timeout=settings.server.auth_timeout,
+                    disconnect_timeout=settings.server.close_timeout,
+                ),
             )
         )
         endpoint = ws_server.listeners[0]
         port = getattr(endpoint, "port", settings.server.port)
         task_status.started(
-            RunningServer(settings.server.host, port, settings.server.path, board, hub)
+            RunningServer(
+                settings.server.host,
+                port,
+                settings.server.path,
+                ssl_context is not None,
+                board,
+                hub,
+                reloader.request,
+                listener,
+            )
         )
+
+
+async def _connections_nursery(
+    *, task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED
+) -> None:
+    async with trio.open_nursery() as nursery:
+        task_status.started(nursery)
+        await trio.sleep_forever()
+
+
+async def _listen(
+    scope: trio.CancelScope,
+    run: Callable[..., object],
+    *,
+    task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    with scope:
+        await run(task_status=task_status)  # type: ignore[misc]
