@@ -1,0 +1,313 @@
+"""Token lifecycle and resilience on real sockets: refresh, expiry, resume, keys, revocation."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jwt
+import trio
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from callgate.revocation import add_revocation
+
+from conftest import STEP, Client, Harness, call_request, make_settings, token_for
+
+
+async def connected(h: Harness, alice: Client | None = None) -> tuple[Client, Client]:
+    alice = alice or await h.connect("alice")
+    bob = await h.connect("bob")
+    await alice.send("call-request", call_request("ab", "alice", "bob"))
+    await bob.expect("call-request")
+    answer = {"callId": "ab", "to": "alice", "answer": {"type": "answer", "sdp": "v=0"}}
+    await bob.send("call-answer", answer)
+    await alice.expect("call-answer")
+    return alice, bob
+
+
+async def talk(sender: Client, receiver: Client, to: str) -> None:
+    await sender.send("ice-candidate", {"candidate": None, "callId": "ab", "to": to})
+    await receiver.expect("ice-candidate", callId="ab")
+
+
+# -- refresh and expiry ----------------------------------------------------------------------------
+
+
+async def test_refresh_before_expiry_keeps_the_connection_and_call(harness: Harness) -> None:
+    await harness.start(make_settings(auth={"refresh_before": 1.5}))
+    alice, bob = await connected(harness)
+    # Renew to a token that expires in 2 s: the warning comes 1.5 s before that.
+    await alice.send("auth", {"token": token_for("alice", ttl=2)})
+    short = await alice.expect("session", user="alice")
+    warning = await alice.expect("token-expiring")
+    assert warning["data"]["expiresAt"] == short["data"]["expiresAt"]
+    await alice.send("auth", {"token": token_for("alice", ttl=600)}, ref="renew")
+    renewed = await alice.expect("session", user="alice")
+    assert renewed["data"]["expiresAt"] > short["data"]["expiresAt"]
+    assert renewed["data"]["sessionId"] != short["data"]["sessionId"]
+    assert renewed["data"]["iceServers"]
+    await alice.expect("ack")
+    await alice.expect_silence(2.0)  # the short token's `exp` passes without a close
+    await talk(alice, bob, "bob")
+    assert harness.audit.events().count("token.refreshed") == 2
+
+
+async def test_no_refresh_warns_then_closes_at_exp(harness: Harness) -> None:
+    await harness.start(make_settings(auth={"refresh_before": 0.5}))
+    alice = await harness.connect("alice", token=token_for("alice", ttl=1))
+    await alice.expect("token-expiring")
+    await alice.expect_closed(4001, "token expired")
+
+
+async def test_refresh_with_another_users_token_closes_4003(gate: Harness) -> None:
+    alice = await gate.connect("alice")
+    await alice.send("auth", {"token": token_for("mallory")})
+    await alice.expect_closed(4003, "identity change")
+
+
+async def test_refresh_with_a_bad_token_is_refused_but_keeps_the_connection(gate: Harness) -> None:
+    alice = await gate.connect("alice")
+    await alice.send("auth", {"token": "garbage"}, ref=1)
+    await alice.expect_error("forbidden", ref=1)
+    await alice.send("user-connected", "alice", ref=2)
+    await alice.expect("ack")
+
+
+# -- reconnect and resume --------------------------------------------------------------------------
+
+
+async def resume(h: Harness, user: str, session_id: str, token: str | None = None) -> Client:
+    client = await h.open()
+    await client.send("auth", {"token": token or token_for(user), "resume": session_id})
+    session = await client.expect("session")
+    client.session = session["data"]
+    return client
+
+
+async def test_drop_and_resume_within_grace_keeps_the_call(harness: Harness) -> None:
+    await harness.start(make_settings(calls={"reconnect_grace": 30}))
+    alice, bob = await connected(harness)
+    await alice.ws.aclose()
+    # bob keeps sending while alice is away: it waits for her.
+    await bob.send("ice-candidate", {"candidate": None, "callId": "ab", "to": "alice"})
+    alice2 = await resume(harness, "alice", alice.session["sessionId"])
+    assert alice2.session["resumed"] is True
+    await alice2.expect("ice-candidate", callId="ab", **{"from": "bob"})
+    # The ICE restart is the only thing bob sees.
+    restart = {"callId": "ab", "to": "bob", "description": {"type": "offer", "sdp": "v=0 restart"}}
+    await alice2.send("call-renegotiate", restart)
+    await bob.expect("call-renegotiate", **{"from": "alice"})
+    await talk(bob, alice2, "alice")
+    assert "call-end" not in harness.audit.text
+    assert "session.resumed" in harness.audit.events()
+    assert not harness.audit.records("call.ended")
+
+
+async def test_resume_after_the_grace_fails(harness: Harness) -> None:
+    await harness.start(make_settings(calls={"reconnect_grace": 0.2}))
+    alice, bob = await connected(harness)
+    await alice.ws.aclose()
+    await bob.expect("call-end", reason="peer_disconnected")
+    late = await resume(harness, "alice", alice.session["sessionId"])
+    assert late.session["resumed"] is False
+    assert harness.audit.records("session.expired")
+
+
+async def test_resume_with_another_users_token_fails(harness: Harness) -> None:
+    await harness.start(make_settings(calls={"reconnect_grace": 30}))
+    alice, bob = await connected(harness)
+    await alice.ws.aclose()
+    thief = await resume(harness, "mallory", alice.session["sessionId"])
+    assert thief.session["resumed"] is False
+    await bob.expect_silence()
+    # The real alice can still resume.
+    alice2 = await resume(harness, "alice", alice.session["sessionId"])
+    assert alice2.session["resumed"] is True
+
+
+async def test_a_session_id_resumes_once(harness: Harness) -> None:
+    await harness.start(make_settings(calls={"reconnect_grace": 30}))
+    alice, _bob = await connected(harness)
+    await alice.ws.aclose()
+    alice2 = await resume(harness, "alice", alice.session["sessionId"])
+    assert alice2.session["resumed"] is True
+    await alice2.ws.aclose()
+    replay = await resume(harness, "alice", alice.session["sessionId"])
+    assert replay.session["resumed"] is False
+    # The new session id from the resume is the one that works now.
+    alice3 = await resume(harness, "alice", alice2.session["sessionId"])
+    assert alice3.session["resumed"] is True
+
+
+async def test_resume_by_header(harness: Harness) -> None:
+    await harness.start(make_settings(calls={"reconnect_grace": 30}))
+    alice, _bob = await connected(harness)
+    await alice.ws.aclose()
+    client = await harness.open(
+        headers=[
+            (b"authorization", f"Bearer {token_for('alice')}".encode()),
+            (b"callgate-resume", alice.session["sessionId"].encode()),
+        ]
+    )
+    await client.expect("session", resumed=True)
+
+
+# -- keys --------------------------------------------------------------------------------------------
+
+
+def jwks_for(keys: dict[str, ec.EllipticCurvePrivateKey]) -> str:
+    entries = []
+    for kid, key in keys.items():
+        jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
+        entries.append(jwk | {"kid": kid, "alg": "ES256", "use": "sig"})
+    return json.dumps({"keys": entries})
+
+
+def es256_token(user: str, kid: str, key: ec.EllipticCurvePrivateKey) -> str:
+    claims = {"sub": user, "exp": int(time.time()) + 600}
+    return jwt.encode(claims, key, algorithm="ES256", headers={"kid": kid})
+
+
+async def test_key_rotation_without_dropping_connections(harness: Harness, tmp_path: Path) -> None:
+    old, new = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(jwks_for({"old": old}))
+    await harness.start(
+        make_settings(auth={"algorithms": ["HS256", "ES256"], "jwks_file": str(jwks)})
+    )
+    alice = await harness.connect("alice", token=es256_token("alice", "old", old))
+    unknown = await harness.open()
+    await unknown.send("auth", {"token": es256_token("bob", "new", new)})
+    await unknown.expect_closed(4001, "invalid token")
+    assert harness.audit.records("auth.failed")[-1]["reason"] == "unknown_kid"
+
+    jwks.write_text(jwks_for({"new": new}))  # the file watcher picks it up
+    assert harness.server is not None
+    with trio.fail_after(STEP):
+        while harness.server.hub.verifier.ring.for_kid("new") is None:
+            await trio.sleep(0.05)
+    await harness.connect("bob", token=es256_token("bob", "new", new))
+    await alice.send("user-connected", "alice", ref=1)  # the old-key connection is still up
+    await alice.expect("ack")
+    stale = await harness.open()
+    await stale.send("auth", {"token": es256_token("carol", "old", old)})
+    await stale.expect_closed(4001, "invalid token")
+
+
+# -- revocation --------------------------------------------------------------------------------------
+
+
+async def test_revocation_cuts_a_live_connection_and_ends_its_call(
+    harness: Harness, tmp_path: Path
+) -> None:
+    revocations = tmp_path / "revoked.json"
+    await harness.start(make_settings(auth={"revocation_file": str(revocations)}))
+    alice = await harness.connect("alice", token=token_for("alice", jti="stolen-token"))
+    alice, bob = await connected(harness, alice)
+    add_revocation(revocations, token_id="stolen-token")
+    with trio.fail_after(2):  # "within a second", with room for a slow machine
+        await bob.expect("call-end", callId="ab", reason="revoked", **{"from": "alice"})
+    await alice.expect_closed(4003, "token revoked")
+    ended = harness.audit.records("call.ended")[0]
+    assert ended["reason"] == "revoked"
+    again = await harness.open()
+    await again.send("auth", {"token": token_for("alice", jti="stolen-token")})
+    await again.expect_closed(4003, "token revoked")
+    # A fresh token for the same user is fine: only that token was revoked.
+    await harness.connect("alice", token=token_for("alice", jti="fresh"))
+
+
+async def test_revoking_a_user_by_time(harness: Harness, tmp_path: Path) -> None:
+    revocations = tmp_path / "revoked.json"
+    await harness.start(make_settings(auth={"revocation_file": str(revocations)}))
+    alice = await harness.connect("alice", token=token_for("alice"))
+    add_revocation(revocations, user="alice", before=time.time() + 1)
+    await alice.expect_closed(4003, "token revoked")
+
+
+# -- hostile and slow clients -------------------------------------------------------------------------
+
+
+async def test_a_client_that_stops_reading_is_closed_and_others_carry_on(harness: Harness) -> None:
+    await harness.start(make_settings(server={"outbound_queue": 8}))
+    alice, bob = await connected(harness)  # bob will stop reading: we never call get_message
+    carol = await harness.connect("carol")
+    dave = await harness.connect("dave")
+    await carol.send("call-request", call_request("cd", "carol", "dave"))
+    await dave.expect("call-request")
+    bulk = {"candidate": None, "callId": "ab", "to": "bob", "padding": "x" * 60_000}
+    done = trio.Event()
+
+    async def flood() -> None:
+        for _ in range(2000):  # bounded: at most ~120 MB over loopback
+            if done.is_set():
+                return
+            await alice.send("ice-candidate", bulk)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flood)
+        await alice.expect("call-end", callId="ab", reason="peer_disconnected")
+        done.set()
+    answer = {"callId": "cd", "to": "carol", "answer": {"type": "answer", "sdp": "v=0"}}
+    await dave.send("call-answer", answer)
+    await carol.expect("call-answer")
+    closes = [r for r in harness.audit.records("conn.close") if r.get("user") == "bob"]
+    assert closes[0]["close_code"] == 1008
+
+
+async def raw_upgrade(port: int, headers: dict[str, str]) -> tuple[trio.SocketStream, bytes]:
+    lines = [
+        "GET /ws HTTP/1.1",
+        "Host: 127.0.0.1",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode())
+    with trio.fail_after(STEP):
+        reply = await stream.receive_some(4096)
+    return stream, reply
+
+
+async def test_keepalive_drops_a_silent_peer(harness: Harness) -> None:
+    await harness.start(make_settings(server={"ping_interval": 0.2}))
+    assert harness.server is not None
+    stream, reply = await raw_upgrade(
+        harness.server.port, {"Authorization": f"Bearer {token_for('ghost')}"}
+    )
+    async with stream:
+        assert reply.startswith(b"HTTP/1.1 101")
+        with trio.fail_after(STEP):  # we never answer the pings
+            while not harness.audit.records("conn.close"):
+                await trio.sleep(0.05)
+    close = harness.audit.records("conn.close")[0]
+    assert close["reason"] == "keepalive timeout"
+
+
+async def test_origin_allow_list(harness: Harness) -> None:
+    await harness.start(make_settings(server={"allowed_origins": ["https://app.example"]}))
+    assert harness.server is not None
+    stream, reply = await raw_upgrade(harness.server.port, {"Origin": "https://evil.example"})
+    await stream.aclose()
+    assert reply.startswith(b"HTTP/1.1 403")
+    stream, reply = await raw_upgrade(harness.server.port, {"Origin": "https://app.example"})
+    await stream.aclose()
+    assert reply.startswith(b"HTTP/1.1 101")
+
+
+async def test_connection_caps(harness: Harness) -> None:
+    await harness.start(
+        make_settings(server={"max_connections_per_user": 2, "max_connections_per_address": 3})
+    )
+    await harness.connect("alice")
+    await harness.connect("alice")
+    third = await harness.open(headers=[(b"authorization", f"Bearer {token_for('alice')}".encode())])
+    await third.expect_closed(4029, "too many connections")
+    await harness.connect("bob")
+    fourth = await harness.open()
+    await fourth.expect_error("rate_limited")
+    await fourth.expect_closed(4029)
