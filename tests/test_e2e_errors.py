@@ -219,7 +219,7 @@ async def test_wrong_path_is_404(gate: Harness) -> None:
     assert reply.startswith(b"HTTP/1.1 404")
 
 
-# -- authentication ---------------------------------------------------------------------------
+# -- authentication ----------------------------------------------------------------------
 
 
 def _rsa_pem() -> tuple[rsa.RSAPrivateKey, bytes]:

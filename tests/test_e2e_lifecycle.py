@@ -11,7 +11,6 @@ import trio
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from callgate.revocation import add_revocation
-
 from conftest import STEP, Client, Harness, call_request, make_settings, token_for
 
 
@@ -31,7 +30,7 @@ async def talk(sender: Client, receiver: Client, to: str) -> None:
     await receiver.expect("ice-candidate", callId="ab")
 
 
-# -- refresh and expiry ----------------------------------------------------------------------------
+# -- refresh and expiry ----------------------------------------------------------------------
 
 
 async def test_refresh_before_expiry_keeps_the_connection_and_call(harness: Harness) -> None:
@@ -74,7 +73,7 @@ async def test_refresh_with_a_bad_token_is_refused_but_keeps_the_connection(gate
     await alice.expect("ack")
 
 
-# -- reconnect and resume --------------------------------------------------------------------------
+# -- reconnect and resume ----------------------------------------------------------------------
 
 
 async def resume(h: Harness, user: str, session_id: str, token: str | None = None) -> Client:
@@ -153,7 +152,7 @@ async def test_resume_by_header(harness: Harness) -> None:
     await client.expect("session", resumed=True)
 
 
-# -- keys --------------------------------------------------------------------------------------------
+# -- keys ----------------------------------------------------------------------
 
 
 def jwks_for(keys: dict[str, ec.EllipticCurvePrivateKey]) -> str:
@@ -195,7 +194,7 @@ async def test_key_rotation_without_dropping_connections(harness: Harness, tmp_p
     await stale.expect_closed(4001, "invalid token")
 
 
-# -- revocation --------------------------------------------------------------------------------------
+# -- revocation ----------------------------------------------------------------------
 
 
 async def test_revocation_cuts_a_live_connection_and_ends_its_call(
@@ -226,12 +225,12 @@ async def test_revoking_a_user_by_time(harness: Harness, tmp_path: Path) -> None
     await alice.expect_closed(4003, "token revoked")
 
 
-# -- hostile and slow clients -------------------------------------------------------------------------
+# -- hostile and slow clients ----------------------------------------------------------------------
 
 
 async def test_a_client_that_stops_reading_is_closed_and_others_carry_on(harness: Harness) -> None:
     await harness.start(make_settings(server={"outbound_queue": 8}))
-    alice, bob = await connected(harness)  # bob will stop reading: we never call get_message
+    alice, _bob = await connected(harness)  # bob stops reading: nothing calls get_message
     carol = await harness.connect("carol")
     dave = await harness.connect("dave")
     await carol.send("call-request", call_request("cd", "carol", "dave"))
@@ -305,7 +304,9 @@ async def test_connection_caps(harness: Harness) -> None:
     )
     await harness.connect("alice")
     await harness.connect("alice")
-    third = await harness.open(headers=[(b"authorization", f"Bearer {token_for('alice')}".encode())])
+    third = await harness.open(
+        headers=[(b"authorization", f"Bearer {token_for('alice')}".encode())]
+    )
     await third.expect_closed(4029, "too many connections")
     await harness.connect("bob")
     fourth = await harness.open()

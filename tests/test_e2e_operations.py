@@ -1,0 +1,228 @@
+"""Operating the server: TLS, JWKS over HTTP, SIGTERM drain, SIGHUP reload, `callgate revoke`."""
+
+from __future__ import annotations
+
+import datetime
+import http.server
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from trio_websocket import connect_websocket_url
+
+from callgate.cli import main as cli_main
+from callgate.revocation import load_revocations
+from conftest import SECRET, STEP, Client, Harness, call_request, make_settings, token_for
+from test_e2e_lifecycle import es256_token, jwks_for
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert_pem)
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file, cert_pem
+
+
+async def test_wss_with_tls(harness: Harness, tmp_path: Path) -> None:
+    cert_file, key_file, cert_pem = self_signed(tmp_path)
+    running = await harness.start(
+        make_settings(tls={"cert_file": str(cert_file), "key_file": str(key_file)})
+    )
+    assert running.url.startswith("wss://")
+    context = ssl.create_default_context(cadata=cert_pem.decode())
+    ws = await connect_websocket_url(
+        harness.nursery,
+        f"wss://localhost:{running.port}/ws",
+        ssl_context=context,
+        extra_headers=[(b"authorization", f"Bearer {token_for('alice')}".encode())],
+    )
+    client = Client(ws)
+    harness.clients.append(client)
+    await client.expect("session", user="alice")
+
+
+@pytest.fixture
+def jwks_http() -> Iterator[tuple[str, dict[str, Any]]]:
+    """A JWKS document served over HTTP on loopback; tests replace `state["body"]`."""
+    state: dict[str, Any] = {"body": b'{"keys": []}', "hits": 0}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            state["hits"] += 1
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(state["body"])
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/jwks.json", state
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+async def test_jwks_url_refetched_once_on_unknown_kid(
+    harness: Harness, jwks_http: tuple[str, dict[str, Any]]
+) -> None:
+    url, state = jwks_http
+    first, second = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    state["body"] = jwks_for({"k1": first}).encode()
+    await harness.start(
+        make_settings(
+            auth={"algorithms": ["ES256"], "jwks_url": url, "jwks_min_refresh": 1, "secret": ""}
+        )
+    )
+    assert harness.server is not None
+    with trio.fail_after(STEP):
+        while harness.server.hub.verifier.ring.for_kid("k1") is None:
+            await trio.sleep(0.05)
+    await harness.connect("alice", token=es256_token("alice", "k1", first))
+    # The IdP rotates: the unknown kid triggers one refetch, which finds it.
+    state["body"] = jwks_for({"k1": first, "k2": second}).encode()
+    await trio.sleep(1.1)  # past jwks_min_refresh, so the refetch is allowed
+    await harness.connect("bob", token=es256_token("bob", "k2", second))
+    hits = state["hits"]
+    # A burst of unknown kids costs at most one more fetch per jwks_min_refresh.
+    for _ in range(5):
+        bogus = await harness.open()
+        await bogus.send("auth", {"token": es256_token("eve", "k-unknown", second)})
+        await bogus.expect_closed(4001, "invalid token")
+    assert state["hits"] - hits <= 1
+
+
+def test_revoke_command_edits_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "revoked.json"
+    assert cli_main(["revoke", "--file", str(path), "--jti", "abc"]) == 0
+    assert cli_main(["revoke", "--file", str(path), "--user", "alice", "--before", "100"]) == 0
+    revoked = load_revocations(path)
+    assert revoked.tokens == frozenset({"abc"})
+    assert revoked.users == {"alice": 100.0}
+    assert "revoked" in capsys.readouterr().out
+
+
+def _server_config(tmp_path: Path, **extra: str) -> Path:
+    config = tmp_path / "callgate.toml"
+    config.write_text(
+        "[server]\nhost = '127.0.0.1'\nport = 0\ndrain_timeout = 5\n"
+        f"[auth]\nsecret = '{SECRET}'\n"
+        f"revocation_file = '{tmp_path / 'revoked.json'}'\n"
+        f"[audit]\npath = '{tmp_path / 'audit.log'}'\n"
+        "[calls]\nreconnect_grace = 0\n"
+        "[limits]\nhandshakes = '1000/minute'\n"
+    )
+    return config
+
+
+async def _start_process(config: Path) -> tuple[trio.Process, str]:
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "callgate", "serve", "--config", str(config)],
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stderr is not None
+    buffer = b""
+    with trio.fail_after(30):
+        while b'"listening"' not in buffer:
+            chunk = await process.stderr.receive_some(4096)
+            assert chunk, buffer
+            buffer += chunk
+    line = next(line for line in buffer.splitlines() if b'"listening"' in line)
+    return process, json.loads(line)["url"]
+
+
+async def test_sigterm_drains_with_1001_and_terminal_audit_lines(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    process, url = await _start_process(_server_config(tmp_path))
+    try:
+        clients = []
+        for user in ("alice", "bob"):
+            ws = await connect_websocket_url(
+                nursery,
+                url,
+                extra_headers=[(b"authorization", f"Bearer {token_for(user)}".encode())],
+            )
+            client = Client(ws)
+            await client.expect("session")
+            clients.append(client)
+        alice, bob = clients
+        await alice.send("call-request", call_request("ab", "alice", "bob"))
+        await bob.expect("call-request")
+        process.send_signal(signal.SIGTERM)
+        await bob.expect("call-end", callId="ab", reason="server_shutdown")
+        await bob.expect_closed(1001)
+        await alice.expect("call-end", reason="server_shutdown")
+        await alice.expect_closed(1001)
+        with trio.fail_after(STEP):
+            assert await process.wait() == 0
+        for client in clients:
+            await client.ws._stream.aclose()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    records = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+    ended = [r for r in records if r["event"] == "call.ended"]
+    assert len(ended) == 1 and ended[0]["reason"] == "server_shutdown"
+    assert [r["close_code"] for r in records if r["event"] == "conn.close"] == [1001, 1001]
+
+
+async def test_sighup_reloads_revocations(nursery: trio.Nursery, tmp_path: Path) -> None:
+    config = _server_config(tmp_path)
+    process, url = await _start_process(config)
+    try:
+        ws = await connect_websocket_url(
+            nursery,
+            url,
+            extra_headers=[(b"authorization", f"Bearer {token_for('alice', jti='j1')}".encode())],
+        )
+        alice = Client(ws)
+        await alice.expect("session")
+        assert cli_main(["revoke", "--config", str(config), "--jti", "j1"]) == 0
+        process.send_signal(signal.SIGHUP)
+        await alice.expect_closed(4003, "token revoked")
+        await ws._stream.aclose()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(STEP):
+            await process.wait()
