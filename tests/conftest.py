@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+import structlog
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, connect_websocket_url
 
@@ -61,7 +62,7 @@ class AuditCapture:
 
     def __init__(self) -> None:
         self.stream = io.StringIO()
-        self.log = AuditLog(self.stream)
+        self.log = AuditLog(self.stream, strict=True)
 
     @property
     def text(self) -> str:
@@ -185,7 +186,11 @@ class Harness:
 @pytest.fixture
 async def harness(nursery: trio.Nursery) -> AsyncIterator[Harness]:
     h = Harness(nursery)
-    yield h
+    with structlog.testing.capture_logs() as logs:
+        yield h
+    # The server contains a crashing connection and only logs it: that must fail the test.
+    crashes = [entry for entry in logs if entry.get("log_level") in {"error", "critical"}]
+    assert not crashes, crashes
     with trio.move_on_after(STEP):
         for client in h.clients:
             await client.ws.aclose()

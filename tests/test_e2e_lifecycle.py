@@ -99,7 +99,10 @@ async def test_drop_and_resume_within_grace_keeps_the_call(harness: Harness) -> 
     await bob.expect("call-renegotiate", **{"from": "alice"})
     await talk(bob, alice2, "alice")
     assert "call-end" not in harness.audit.text
-    assert "session.resumed" in harness.audit.events()
+    resumed = harness.audit.records("session.resumed")[0]
+    assert resumed["previous_conn"] == alice.conn
+    assert resumed["calls"] == 1
+    assert resumed["delivered"] == 1
     assert not harness.audit.records("call.ended")
 
 
@@ -110,7 +113,7 @@ async def test_resume_after_the_grace_fails(harness: Harness) -> None:
     await bob.expect("call-end", reason="peer_disconnected")
     late = await resume(harness, "alice", alice.session["sessionId"])
     assert late.session["resumed"] is False
-    assert harness.audit.records("session.expired")
+    assert harness.audit.records("session.expired")[0]["dropped_messages"] == 0
 
 
 async def test_resume_with_another_users_token_fails(harness: Harness) -> None:

@@ -39,6 +39,10 @@ AUDIT_FIELDS = frozenset(
         "code",
         "close_code",
         "expires_at",
+        "previous_conn",
+        "calls",
+        "delivered",
+        "dropped_messages",
     }
 )
 # Keys that could hold secrets or media descriptions; never written even if allow-listed later.
@@ -80,9 +84,12 @@ def _dumps(record: Any, **_: Any) -> str:
 class AuditLog:
     """Writes audit records to a text stream (stdout or an append-only file), one per line."""
 
-    def __init__(self, stream: TextIO, *, owns_stream: bool = False) -> None:
+    def __init__(self, stream: TextIO, *, owns_stream: bool = False, strict: bool = False) -> None:
+        """`strict` (tests) raises on a field outside the allow-list instead of dropping it, so a
+        new audit field cannot be silently lost."""
         self._stream = stream
         self._owns_stream = owns_stream
+        self._strict = strict
         self._logger = structlog.wrap_logger(
             structlog.WriteLogger(stream),
             processors=[
@@ -103,6 +110,10 @@ class AuditLog:
         return cls(open(path, "a", encoding="utf-8"), owns_stream=True)
 
     def write(self, event: str, fields: Mapping[str, Any]) -> None:
+        if self._strict:
+            unknown = set(fields) - AUDIT_FIELDS
+            if unknown:
+                raise ValueError(f"audit fields not in the allow-list: {sorted(unknown)}")
         # structlog names the event positionally; an `event` key in fields would collide.
         self._logger.msg(event, **{k: v for k, v in fields.items() if k != "event"})
 
