@@ -46,6 +46,20 @@ def test_every_required_key_is_in_the_shipped_file() -> None:
         "turn_urls",
         "turn_secret",
         "turn_ttl",
+        # token lifecycle and resilience
+        "refresh_before",
+        "jwks_file",
+        "jwks_url",
+        "revocation_file",
+        "reconnect_grace",
+        "allowed_origins",
+        "drain_timeout",
+        "ping_interval",
+        "outbound_queue",
+        "max_connections_per_user",
+        "max_connections_per_address",
+        "cert_file",
+        "key_file",
     ):
         assert f"\n{key} = " in text, key
 
