@@ -175,6 +175,19 @@ class Harness:
         client.session = session["data"]
         return client
 
+    async def connected_call(
+        self, alice: Client | None = None, call_id: str = "ab"
+    ) -> tuple[Client, Client]:
+        """alice and bob in an answered call `call_id` (alice may be a device already open)."""
+        alice = alice or await self.connect("alice")
+        bob = await self.connect("bob")
+        await alice.send("call-request", call_request(call_id, "alice", "bob"))
+        await bob.expect("call-request")
+        answer = {"callId": call_id, "to": "alice", "answer": {"type": "answer", "sdp": "v=0"}}
+        await bob.send("call-answer", answer)
+        await alice.expect("call-answer")
+        return alice, bob
+
     async def settle(self) -> None:
         """Wait until the server has processed every disconnect (no sleeps-and-hope)."""
         assert self.server is not None

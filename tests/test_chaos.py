@@ -17,19 +17,11 @@ from typing import Any
 import trio
 from trio_websocket import ConnectionClosed, connect_websocket_url
 
+from callgate.audit import TERMINAL_CALL_EVENTS
 from conftest import Client, Harness, call_request, make_settings, token_for
 
 USERS = [f"user{n}" for n in range(10)]
 SECONDS = 4.0
-TERMINAL = {
-    "call.unavailable",
-    "call.busy",
-    "call.rate_limited",
-    "call.rejected",
-    "call.cancelled",
-    "call.timeout",
-    "call.ended",
-}
 
 
 class Actor:
@@ -161,7 +153,9 @@ async def test_chaos_leaves_a_consistent_trail_and_nothing_behind(harness: Harne
         requested = Counter(
             (r["call_id"], r["caller"]) for r in records if r["event"] == "call.requested"
         )
-        terminal = Counter((r["call_id"], r["caller"]) for r in records if r["event"] in TERMINAL)
+        terminal = Counter(
+            (r["call_id"], r["caller"]) for r in records if r["event"] in TERMINAL_CALL_EVENTS
+        )
         assert requested, "the chaos placed no call at all"
         assert requested == terminal
         assert all(count == 1 for count in terminal.values())

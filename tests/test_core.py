@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from callgate.audit import TERMINAL_CALL_EVENTS
 from callgate.core.actions import (
     Ack,
     Action,
@@ -294,15 +295,6 @@ def test_max_calls_per_user_two() -> None:
 
 
 def test_every_requested_call_has_exactly_one_terminal_audit() -> None:
-    terminal = {
-        "call.unavailable",
-        "call.busy",
-        "call.rate_limited",
-        "call.rejected",
-        "call.cancelled",
-        "call.timeout",
-        "call.ended",
-    }
     b = Board()
     log: list[str] = []
     log += audits(b.ring())
@@ -311,7 +303,7 @@ def test_every_requested_call_has_exactly_one_terminal_audit() -> None:
     log += audits(b.board.handle(Disconnected("a1"), 120.0))
     log += audits(b.send("c1", request("y", "carol", "dave")))
     assert log.count("call.requested") == 3
-    assert sum(1 for event in log if event in terminal) == 3
+    assert sum(1 for event in log if event in TERMINAL_CALL_EVENTS) == 3
 
 
 # -- sessions: hold, resume, refresh, revocation, shutdown ----------------------------------------

@@ -18,18 +18,6 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from conftest import SECRET, STEP, Client, Harness, call_request, make_settings, token_for
 
 
-async def connected_pair(gate: Harness) -> tuple[Client, Client]:
-    """alice and bob in a connected call `ab`, to prove refusals elsewhere leave it alone."""
-    alice = await gate.connect("alice")
-    bob = await gate.connect("bob")
-    await alice.send("call-request", call_request("ab", "alice", "bob"))
-    await bob.expect("call-request")
-    answer = {"callId": "ab", "to": "alice", "answer": {"type": "answer", "sdp": "v=0"}}
-    await bob.send("call-answer", answer)
-    await alice.expect("call-answer")
-    return alice, bob
-
-
 async def still_works(alice: Client, bob: Client) -> None:
     await alice.send("ice-candidate", {"candidate": None, "callId": "ab", "to": "bob"})
     await bob.expect("ice-candidate", callId="ab")
@@ -56,7 +44,7 @@ async def still_works(alice: Client, bob: Client) -> None:
 async def test_bad_frames_get_an_error_and_the_connection_stays(
     gate: Harness, frame: str, code: str
 ) -> None:
-    alice, bob = await connected_pair(gate)
+    alice, bob = await gate.connected_call()
     await alice.ws.send_message(frame)
     message = await alice.expect("error", code=code)
     parsed = json.loads(frame) if frame.startswith("{") else {}
@@ -66,7 +54,7 @@ async def test_bad_frames_get_an_error_and_the_connection_stays(
 
 
 async def test_spoofed_from_is_forbidden(gate: Harness) -> None:
-    alice, bob = await connected_pair(gate)
+    alice, bob = await gate.connected_call()
     carol = await gate.connect("carol")
     await carol.send("call-request", call_request("x", "alice", "bob"), ref=1)
     await carol.expect_error("forbidden", ref=1)
@@ -77,7 +65,7 @@ async def test_spoofed_from_is_forbidden(gate: Harness) -> None:
 
 
 async def test_message_to_someone_not_your_peer_is_forbidden(gate: Harness) -> None:
-    alice, bob = await connected_pair(gate)
+    alice, bob = await gate.connected_call()
     carol = await gate.connect("carol")
     await alice.send("ice-candidate", {"candidate": None, "callId": "ab", "to": "carol"}, ref=2)
     await alice.expect_error("forbidden", ref=2)
@@ -86,7 +74,7 @@ async def test_message_to_someone_not_your_peer_is_forbidden(gate: Harness) -> N
 
 
 async def test_answering_a_call_you_were_not_called_on(gate: Harness) -> None:
-    alice, bob = await connected_pair(gate)
+    alice, bob = await gate.connected_call()
     carol = await gate.connect("carol")
     answer = {"callId": "ab", "to": "alice", "answer": {"type": "answer", "sdp": "v=0"}}
     await carol.send("call-answer", answer, ref="c")
@@ -108,7 +96,7 @@ async def test_caller_answering_own_call_is_forbidden(gate: Harness) -> None:
 
 
 async def test_second_call_while_in_one_is_forbidden(gate: Harness) -> None:
-    alice, bob = await connected_pair(gate)
+    alice, bob = await gate.connected_call()
     await gate.connect("carol")
     await alice.send("call-request", call_request("second", "alice", "carol"), ref=1)
     await alice.expect_error("forbidden", ref=1)
@@ -137,7 +125,7 @@ async def test_call_request_flood_is_rate_limited_and_others_unaffected(harness:
     await harness.start(
         make_settings(limits={"call_request": "3/minute", "call_request_pair": "100/minute"})
     )
-    alice, bob = await connected_pair(harness)
+    alice, bob = await harness.connected_call()
     await harness.connect("carol")
     mallory = await harness.connect("mallory")
     for attempt in range(3):
@@ -163,7 +151,7 @@ async def test_pair_limit(harness: Harness) -> None:
 
 async def test_message_flood_closes_4029(harness: Harness) -> None:
     await harness.start(make_settings(limits={"messages": "5/minute", "flood": "3/minute"}))
-    alice, bob = await connected_pair(harness)
+    alice, bob = await harness.connected_call()
     mallory = await harness.connect("mallory")
     for n in range(5):
         await mallory.send("user-connected", "mallory", ref=n)
@@ -188,7 +176,7 @@ async def test_handshake_limit_per_address(harness: Harness) -> None:
 
 
 async def test_binary_frame_closes_1003(gate: Harness) -> None:
-    alice, bob = await connected_pair(gate)
+    alice, bob = await gate.connected_call()
     await bob.ws.send_message(b"\x00\x01")
     await bob.expect_closed(1003)
     await alice.expect("call-end", reason="peer_disconnected")

@@ -14,17 +14,6 @@ from callgate.revocation import add_revocation
 from conftest import STEP, Client, Harness, call_request, make_settings, token_for
 
 
-async def connected(h: Harness, alice: Client | None = None) -> tuple[Client, Client]:
-    alice = alice or await h.connect("alice")
-    bob = await h.connect("bob")
-    await alice.send("call-request", call_request("ab", "alice", "bob"))
-    await bob.expect("call-request")
-    answer = {"callId": "ab", "to": "alice", "answer": {"type": "answer", "sdp": "v=0"}}
-    await bob.send("call-answer", answer)
-    await alice.expect("call-answer")
-    return alice, bob
-
-
 async def talk(sender: Client, receiver: Client, to: str) -> None:
     await sender.send("ice-candidate", {"candidate": None, "callId": "ab", "to": to})
     await receiver.expect("ice-candidate", callId="ab")
@@ -35,7 +24,7 @@ async def talk(sender: Client, receiver: Client, to: str) -> None:
 
 async def test_refresh_before_expiry_keeps_the_connection_and_call(harness: Harness) -> None:
     await harness.start(make_settings(auth={"refresh_before": 1.5}))
-    alice, bob = await connected(harness)
+    alice, bob = await harness.connected_call()
     # Renew to a token that expires in 2 s: the warning comes 1.5 s before that.
     await alice.send("auth", {"token": token_for("alice", ttl=2)})
     short = await alice.expect("session", user="alice")
@@ -86,7 +75,7 @@ async def resume(h: Harness, user: str, session_id: str, token: str | None = Non
 
 async def test_drop_and_resume_within_grace_keeps_the_call(harness: Harness) -> None:
     await harness.start(make_settings(calls={"reconnect_grace": 30}))
-    alice, bob = await connected(harness)
+    alice, bob = await harness.connected_call()
     await alice.ws.aclose()
     # bob keeps sending while alice is away: it waits for her.
     await bob.send("ice-candidate", {"candidate": None, "callId": "ab", "to": "alice"})
@@ -108,7 +97,7 @@ async def test_drop_and_resume_within_grace_keeps_the_call(harness: Harness) -> 
 
 async def test_resume_after_the_grace_fails(harness: Harness) -> None:
     await harness.start(make_settings(calls={"reconnect_grace": 0.2}))
-    alice, bob = await connected(harness)
+    alice, bob = await harness.connected_call()
     await alice.ws.aclose()
     await bob.expect("call-end", reason="peer_disconnected")
     late = await resume(harness, "alice", alice.session["sessionId"])
@@ -118,7 +107,7 @@ async def test_resume_after_the_grace_fails(harness: Harness) -> None:
 
 async def test_resume_with_another_users_token_fails(harness: Harness) -> None:
     await harness.start(make_settings(calls={"reconnect_grace": 30}))
-    alice, bob = await connected(harness)
+    alice, bob = await harness.connected_call()
     await alice.ws.aclose()
     thief = await resume(harness, "mallory", alice.session["sessionId"])
     assert thief.session["resumed"] is False
@@ -130,7 +119,7 @@ async def test_resume_with_another_users_token_fails(harness: Harness) -> None:
 
 async def test_a_session_id_resumes_once(harness: Harness) -> None:
     await harness.start(make_settings(calls={"reconnect_grace": 30}))
-    alice, _bob = await connected(harness)
+    alice, _bob = await harness.connected_call()
     await alice.ws.aclose()
     alice2 = await resume(harness, "alice", alice.session["sessionId"])
     assert alice2.session["resumed"] is True
@@ -144,7 +133,7 @@ async def test_a_session_id_resumes_once(harness: Harness) -> None:
 
 async def test_resume_by_header(harness: Harness) -> None:
     await harness.start(make_settings(calls={"reconnect_grace": 30}))
-    alice, _bob = await connected(harness)
+    alice, _bob = await harness.connected_call()
     await alice.ws.aclose()
     client = await harness.open(
         headers=[
@@ -206,7 +195,7 @@ async def test_revocation_cuts_a_live_connection_and_ends_its_call(
     revocations = tmp_path / "revoked.json"
     await harness.start(make_settings(auth={"revocation_file": str(revocations)}))
     alice = await harness.connect("alice", token=token_for("alice", jti="stolen-token"))
-    alice, bob = await connected(harness, alice)
+    alice, bob = await harness.connected_call(alice)
     add_revocation(revocations, token_id="stolen-token")
     with trio.fail_after(2):  # "within a second", with room for a slow machine
         await bob.expect("call-end", callId="ab", reason="revoked", **{"from": "alice"})
@@ -233,7 +222,7 @@ async def test_revoking_a_user_by_time(harness: Harness, tmp_path: Path) -> None
 
 async def test_a_client_that_stops_reading_is_closed_and_others_carry_on(harness: Harness) -> None:
     await harness.start(make_settings(server={"outbound_queue": 8}))
-    alice, _bob = await connected(harness)  # bob stops reading: nothing calls get_message
+    alice, _bob = await harness.connected_call()  # bob stops reading: nothing calls get_message
     carol = await harness.connect("carol")
     dave = await harness.connect("dave")
     await carol.send("call-request", call_request("cd", "carol", "dave"))

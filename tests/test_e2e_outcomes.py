@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import trio
 
+from callgate.audit import TERMINAL_CALL_EVENTS
 from conftest import SDP_ANSWER, Client, Harness, call_request, make_settings
 
 
@@ -134,10 +135,5 @@ async def test_nothing_outlives_its_connections(gate: Harness) -> None:
     await gate.settle()
     assert gate.server is not None and gate.server.hub.armed_timers == 0
     requested = gate.audit.records("call.requested")
-    terminal = [
-        r
-        for r in gate.audit.records()
-        if r["event"]
-        in {"call.ended", "call.timeout", "call.rejected", "call.cancelled", "call.busy"}
-    ]
+    terminal = [r for r in gate.audit.records() if r["event"] in TERMINAL_CALL_EVENTS]
     assert len(requested) == len(terminal) == 1

@@ -50,6 +50,18 @@ REDACTED_FIELDS = frozenset(
     {"sdp", "offer", "answer", "description", "candidate", "token", "authorization", "secret"}
 )
 MAX_VALUE_CHARS = 256
+# Every `call.requested` record is followed by exactly one of these for the same call.
+TERMINAL_CALL_EVENTS = frozenset(
+    {
+        "call.unavailable",
+        "call.busy",
+        "call.rate_limited",
+        "call.rejected",
+        "call.cancelled",
+        "call.timeout",
+        "call.ended",
+    }
+)
 
 
 def _keep_allowed(_: Any, __: str, record: MutableMapping[str, Any]) -> Mapping[str, Any]:
