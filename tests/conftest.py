@@ -13,12 +13,13 @@ import structlog
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, connect_websocket_url
 
-from callgate.audit import AuditLog
+from callgate.audit import AuditLog, StreamSink
 from callgate.auth import mint_token
 from callgate.config import Settings, load_settings
 from callgate.transport.server import RunningServer, serve
 
 SECRET = "test-secret-that-is-long-enough-for-hs256!"
+AUDIT_KEY = b"audit-key-for-tests-only-32-bytes-long!"
 # Generous bound on how long one network step may take on a slow, shared CI machine.
 STEP = 10.0
 
@@ -62,7 +63,7 @@ class AuditCapture:
 
     def __init__(self) -> None:
         self.stream = io.StringIO()
-        self.log = AuditLog(self.stream, strict=True)
+        self.log = AuditLog(StreamSink(self.stream), key=AUDIT_KEY, strict=True)
 
     @property
     def text(self) -> str:

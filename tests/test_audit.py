@@ -5,12 +5,12 @@ from __future__ import annotations
 import io
 import json
 
-from callgate.audit import AuditLog
+from callgate.audit import AuditLog, StreamSink
 
 
 def write(fields: dict[str, object], event: str = "call.requested") -> dict[str, object]:
     stream = io.StringIO()
-    AuditLog(stream).write(event, fields)
+    AuditLog(StreamSink(stream)).write(event, fields)
     lines = stream.getvalue().splitlines()
     assert len(lines) == 1
     record = json.loads(lines[0])
@@ -22,7 +22,7 @@ def test_unknown_and_secret_fields_never_written() -> None:
     record = write(
         {"caller": "alice", "sdp": "v=0 secret", "token": "eyJ", "candidate": "c", "offer": {}}
     )
-    assert set(record) == {"ts", "event", "caller"}
+    assert set(record) == {"ts", "event", "caller", "seq"}
 
 
 def test_record_shape() -> None:
@@ -35,7 +35,7 @@ def test_record_shape() -> None:
 def test_hostile_user_ids_cannot_break_lines_or_inject_escapes() -> None:
     stream = io.StringIO()
     hostile = 'eve\n{"event":"call.ended"}\r\x1b[2J\u2028\u0085'
-    AuditLog(stream).write("authz.denied", {"user": hostile, "reason": hostile})
+    AuditLog(StreamSink(stream)).write("authz.denied", {"user": hostile, "reason": hostile})
     text = stream.getvalue()
     assert text.count("\n") == 1 and text.endswith("\n")
     assert "\x1b" not in text and "\r" not in text and "\u2028" not in text

@@ -308,7 +308,7 @@ async def test_every_bad_token_class_is_refused_4001(
             raise AssertionError(f"token class {name!r} was not refused") from failure
     assert harness.audit.records("auth.failed")
     for record in harness.audit.records("auth.failed"):
-        assert set(record) <= {"ts", "event", "conn", "addr", "reason"}
+        assert set(record) <= {"ts", "event", "conn", "addr", "reason", "seq", "mac"}
 
 
 async def test_bad_header_token_is_refused_after_upgrade(gate: Harness) -> None:

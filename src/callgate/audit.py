@@ -10,12 +10,20 @@ escape sequence on an auditor's screen.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import sys
+import time
 from collections.abc import Mapping, MutableMapping
-from typing import Any, TextIO
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
+
+if TYPE_CHECKING:
+    from callgate.config import AuditSettings
 
 # Every key an audit record may carry. docs/protocol.md documents each.
 AUDIT_FIELDS = frozenset(
@@ -43,6 +51,11 @@ AUDIT_FIELDS = frozenset(
         "calls",
         "delivered",
         "dropped_messages",
+        # the chain itself, and the records that link files and checkpoint the trail
+        "seq",
+        "mac",
+        "prev_file",
+        "records",
     }
 )
 # Keys that could hold secrets or media descriptions; never written even if allow-listed later.
@@ -81,11 +94,35 @@ def _scalar(value: Any) -> Any:
     return text if len(text) <= MAX_VALUE_CHARS else text[:MAX_VALUE_CHARS] + "..."
 
 
-def _flatten(_: Any, __: str, record: MutableMapping[str, Any]) -> Mapping[str, Any]:
+def _flatten(_: Any, __: str, record: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     # `ts` and `event` first, so a line reads left to right as "when, what, details".
     ordered = {"ts": record.get("ts"), "event": record.get("event")}
     ordered.update((key, _scalar(value)) for key, value in record.items() if value is not None)
     return ordered
+
+
+def canonical(record: Mapping[str, Any]) -> bytes:
+    """The bytes a record's MAC covers: sorted keys, no spaces, ASCII only, without `mac`."""
+    return json.dumps(
+        {k: v for k, v in record.items() if k != "mac"},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=True,
+    ).encode("ascii")
+
+
+def chain_mac(key: bytes, previous_mac: str, record: Mapping[str, Any]) -> str:
+    """HMAC-SHA256 over the previous record's MAC and this record's canonical JSON."""
+    return hmac.new(
+        key, previous_mac.encode() + b"\n" + canonical(record), hashlib.sha256
+    ).hexdigest()
+
+
+def sign(key: bytes, document: Mapping[str, Any]) -> str:
+    """The signature of a checkpoint line (the sidecar file), over its canonical JSON."""
+    return hmac.new(
+        key, canonical({k: v for k, v in document.items() if k != "sig"}), hashlib.sha256
+    ).hexdigest()
 
 
 def _dumps(record: Any, **_: Any) -> str:
@@ -94,42 +131,257 @@ def _dumps(record: Any, **_: Any) -> str:
 
 
 class AuditLog:
-    """Writes audit records to a text stream (stdout or an append-only file), one per line."""
+    """Writes audit records, one JSON object per line, each sealed into a hash chain.
 
-    def __init__(self, stream: TextIO, *, owns_stream: bool = False, strict: bool = False) -> None:
+    Every record gets `seq` (1, 2, ... across restarts and rotations) and, when a key is
+    configured, `mac`: HMAC-SHA256(key, previous mac + canonical JSON of the record). Every
+    `checkpoint_every` records or `checkpoint_seconds` (and at close), an `audit.checkpoint` record
+    is written and its seq and mac are also appended, signed, to the sink's checkpoint file, which
+    lets `callgate audit verify` notice a trail cut short. See docs/audit-log.md.
+    """
+
+    def __init__(
+        self,
+        sink: AuditSink,
+        *,
+        key: bytes | None = None,
+        strict: bool = False,
+        checkpoint_every: int = 1000,
+        checkpoint_seconds: float = 60.0,
+    ) -> None:
         """`strict` (tests) raises on a field outside the allow-list instead of dropping it, so a
         new audit field cannot be silently lost."""
-        self._stream = stream
-        self._owns_stream = owns_stream
+        self._sink = sink
+        self._key = key
         self._strict = strict
+        self._checkpoint_every = checkpoint_every
+        self._checkpoint_seconds = checkpoint_seconds
+        self._seq, self._mac = sink.last_link()
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
         self._logger = structlog.wrap_logger(
-            structlog.WriteLogger(stream),
+            sink,
             processors=[
                 _keep_allowed,
                 _redact,
                 structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
                 _flatten,
+                self._seal,
                 structlog.processors.JSONRenderer(serializer=_dumps),
             ],
+            # The plain BoundLogger proxies `msg` to the sink as is (no levels in an audit log).
+            wrapper_class=structlog.BoundLogger,
             cache_logger_on_first_use=True,
         )
+        if sink.chained_across_files:
+            self._emit("audit.opened", {"reason": "start", "prev_file": sink.previous_file()})
 
     @classmethod
-    def open(cls, path: str) -> AuditLog:
-        """`-` is stdout; anything else is a file opened for appending."""
-        if path == "-":
-            return cls(sys.stdout)
-        return cls(open(path, "a", encoding="utf-8"), owns_stream=True)
+    def open(cls, settings: AuditSettings) -> AuditLog:
+        """`path = "-"` is stdout; anything else is a rotating file, continued across restarts."""
+        key = settings.key.get_secret_value().encode() if settings.key is not None else None
+        sink: AuditSink
+        if settings.path == "-":
+            sink = StreamSink(sys.stdout)
+        else:
+            sink = FileSink(Path(settings.path), settings.rotate_bytes, settings.rotate_seconds)
+        return cls(
+            sink,
+            key=key,
+            checkpoint_every=settings.checkpoint_every,
+            checkpoint_seconds=settings.checkpoint_seconds,
+        )
+
+    @property
+    def tamper_evident(self) -> bool:
+        return self._key is not None
 
     def write(self, event: str, fields: Mapping[str, Any]) -> None:
         if self._strict:
             unknown = set(fields) - AUDIT_FIELDS
             if unknown:
                 raise ValueError(f"audit fields not in the allow-list: {sorted(unknown)}")
+        if self._sink.needs_rotation():
+            previous = self._sink.rotate()
+            self._emit("audit.opened", {"reason": "rotation", "prev_file": previous})
+        self._emit(event, fields)
+        self._since_checkpoint += 1
+        if self._since_checkpoint >= self._checkpoint_every:
+            self.checkpoint()
+
+    def tick(self) -> None:
+        """Called about once a second: a time-based checkpoint when records are waiting."""
+        if (
+            self._since_checkpoint
+            and time.monotonic() - self._last_checkpoint >= self._checkpoint_seconds
+        ):
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        self._emit("audit.checkpoint", {"records": self._since_checkpoint})
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        if self._key is not None:
+            line: dict[str, Any] = {
+                "ts": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+                "file": self._sink.name,
+                "seq": self._seq,
+                "mac": self._mac,
+            }
+            line["sig"] = sign(self._key, line)
+            self._sink.write_checkpoint(_dumps(line))
+
+    def close(self) -> None:
+        if self._since_checkpoint:
+            self.checkpoint()
+        self._sink.close()
+
+    def _emit(self, event: str, fields: Mapping[str, Any]) -> None:
         # structlog names the event positionally; an `event` key in fields would collide.
         self._logger.msg(event, **{k: v for k, v in fields.items() if k != "event"})
 
+    def _seal(self, _: Any, __: str, record: MutableMapping[str, Any]) -> Mapping[str, Any]:
+        self._seq += 1
+        record["seq"] = self._seq
+        if self._key is not None:
+            self._mac = chain_mac(self._key, self._mac, record)
+            record["mac"] = self._mac
+        return record
+
+
+class AuditSink:
+    """Where lines go. The base class is an in-memory-free no-op; see the two below."""
+
+    name = "-"
+    chained_across_files = False
+
+    def msg(self, line: str) -> None:  # structlog's logger interface
+        raise NotImplementedError
+
+    def last_link(self) -> tuple[int, str]:
+        """(seq, mac) of the last record already written, to continue the chain."""
+        return 0, ""
+
+    def previous_file(self) -> str | None:
+        return None
+
+    def needs_rotation(self) -> bool:
+        return False
+
+    def rotate(self) -> str:
+        raise NotImplementedError
+
+    def write_checkpoint(self, line: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class StreamSink(AuditSink):
+    """A text stream (stdout, or a StringIO in tests); checkpoints are written in-line only."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def msg(self, line: str) -> None:
+        self._stream.write(line + "\n")
+        self._stream.flush()
+
     def close(self) -> None:
         self._stream.flush()
-        if self._owns_stream:
-            self._stream.close()
+
+
+class FileSink(AuditSink):
+    """An append-only file, rotated by size and age into `<path>.<UTC time>` files.
+
+    The chain continues from the last record of the current file (or, when it is missing, of
+    the newest rotated one), so a restart or a rotation never starts a new chain. Checkpoints
+    are appended to `<path>.checkpoints`, which is never rotated.
+    """
+
+    chained_across_files = True
+
+    def __init__(self, path: Path, rotate_bytes: int, rotate_seconds: float) -> None:
+        self.path = path
+        self._rotate_bytes = rotate_bytes
+        self._rotate_seconds = rotate_seconds
+        self._checkpoints = path.with_name(path.name + ".checkpoints")
+        self._previous = self._newest_rotated()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("a", encoding="utf-8")
+        self._size = self._file.tell()
+        self._opened = time.monotonic()
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.path.name
+
+    def rotated_files(self) -> list[Path]:
+        prefix = self.path.name + "."
+        return sorted(
+            p for p in self.path.parent.glob(prefix + "*") if p.name[len(prefix) :][:1].isdigit()
+        )
+
+    def _newest_rotated(self) -> str | None:
+        rotated = self.rotated_files()
+        return rotated[-1].name if rotated else None
+
+    def last_link(self) -> tuple[int, str]:
+        for candidate in (self.path, *reversed(self.rotated_files())):
+            record = _last_record(candidate)
+            if record is not None:
+                return int(record.get("seq", 0)), str(record.get("mac", ""))
+        return 0, ""
+
+    def previous_file(self) -> str | None:
+        # Only a fresh current file follows a rotated one; an existing one continues itself.
+        return self._previous if self._size == 0 else None
+
+    def msg(self, line: str) -> None:
+        self._file.write(line + "\n")
+        self._file.flush()
+        self._size += len(line) + 1
+
+    def needs_rotation(self) -> bool:
+        return self._size > 0 and (
+            self._size >= self._rotate_bytes
+            or time.monotonic() - self._opened >= self._rotate_seconds
+        )
+
+    def rotate(self) -> str:
+        self._file.close()
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        rotated = self.path.with_name(f"{self.path.name}.{stamp}")
+        self.path.rename(rotated)
+        self._file = self.path.open("a", encoding="utf-8")
+        self._size = 0
+        self._opened = time.monotonic()
+        return rotated.name
+
+    def write_checkpoint(self, line: str) -> None:
+        with self._checkpoints.open("a", encoding="utf-8") as out:
+            out.write(line + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _last_record(path: Path) -> dict[str, Any] | None:
+    """The last complete JSON line of a file (a crash may leave a partial one after it)."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, 2)
+            size = handle.tell()
+            handle.seek(max(0, size - 65536))
+            tail = handle.read().splitlines()
+    except OSError:
+        return None
+    for line in reversed(tail):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            return record
+    return None

@@ -81,7 +81,9 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(level=args.log_level)
     settings = _with_overrides(load_settings(args.config), args.host, args.port)
     _refuse_development_secret_off_loopback(settings)
-    audit = AuditLog.open(settings.audit.path)
+    audit = AuditLog.open(settings.audit)
+    if not audit.tamper_evident:
+        log.warning("audit.key is not set: audit records are numbered but not tamper-evident")
 
     async def main() -> None:
         # Signals are received as messages, so SIGINT/SIGTERM drain instead of interrupting.

@@ -155,6 +155,19 @@ class TlsSettings(_Section):
 
 class AuditSettings(_Section):
     path: str = "-"
+    # HMAC key of the record chain; without one, records are numbered but not tamper-evident.
+    key: SecretStr | None = None
+    rotate_bytes: int = Field(64 * 1024 * 1024, ge=4096)
+    rotate_seconds: float = Field(86400.0, ge=1)
+    checkpoint_every: int = Field(1000, ge=1)
+    checkpoint_seconds: float = Field(60.0, ge=0.1)
+
+    @field_validator("key")
+    @classmethod
+    def _key_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().encode()) < MIN_HMAC_SECRET_BYTES:
+            raise ValueError(f"must be at least {MIN_HMAC_SECRET_BYTES} bytes")
+        return value
 
 
 class IceSettings(_Section):

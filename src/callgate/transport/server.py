@@ -211,6 +211,7 @@ async def serve(
             hub.refresh_remote_keys = reloader.refresh_remote
             nursery.start_soon(reloader.poll_remote)
         nursery.start_soon(reloader.watch_files)
+        nursery.start_soon(_audit_ticks, audit)
         connections = await nursery.start(_connections_nursery)
         listener = trio.CancelScope()
         ws_server = await nursery.start(
@@ -245,6 +246,13 @@ async def serve(
                 listener,
             )
         )
+
+
+async def _audit_ticks(audit: AuditLog) -> None:
+    """Time-based audit checkpoints, even when no record is being written."""
+    while True:
+        await trio.sleep(1)
+        audit.tick()
 
 
 async def _connections_nursery(
