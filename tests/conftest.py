@@ -6,11 +6,13 @@ import io
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
 import trio
+from jsonschema import Draft202012Validator
 from trio_websocket import ConnectionClosed, WebSocketConnection, connect_websocket_url
 
 from callgate.audit import AuditLog, StreamSink
@@ -18,6 +20,9 @@ from callgate.auth import mint_token
 from callgate.config import Settings, load_settings
 from callgate.transport.server import RunningServer, serve
 
+SCHEMA = Draft202012Validator(
+    json.loads((Path(__file__).parent.parent / "docs" / "audit-log.schema.json").read_text())
+)
 SECRET = "test-secret-that-is-long-enough-for-hs256!"
 AUDIT_KEY = b"audit-key-for-tests-only-32-bytes-long!"
 # Generous bound on how long one network step may take on a slow, shared CI machine.
@@ -52,6 +57,12 @@ def _toml_free(sections: dict[str, dict[str, Any]]) -> dict[str, str]:
             name = f"CALLGATE_{section}_{key}".upper()
             env[name] = json.dumps(value) if isinstance(value, list) else str(value)
     return env
+
+
+def assert_valid_record(record: dict[str, Any]) -> None:
+    """Every audit record the suite sees must match the published schema."""
+    errors = sorted(SCHEMA.iter_errors(record), key=lambda e: list(e.path))
+    assert not errors, (record, [error.message for error in errors])
 
 
 def token_for(user: str, ttl: int = 3600, secret: str = SECRET, **claims: Any) -> str:
@@ -205,6 +216,8 @@ async def harness(nursery: trio.Nursery) -> AsyncIterator[Harness]:
     # The server contains a crashing connection and only logs it: that must fail the test.
     crashes = [entry for entry in logs if entry.get("log_level") in {"error", "critical"}]
     assert not crashes, crashes
+    for record in h.audit.records():
+        assert_valid_record(record)
     with trio.move_on_after(STEP):
         for client in h.clients:
             await client.ws.aclose()

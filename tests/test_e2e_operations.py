@@ -25,7 +25,18 @@ from trio_websocket import connect_websocket_url
 
 from callgate.cli import main as cli_main
 from callgate.revocation import load_revocations
-from conftest import SECRET, STEP, Client, Harness, call_request, make_settings, token_for
+from callgate.trail import verify
+from conftest import (
+    AUDIT_KEY,
+    SECRET,
+    STEP,
+    Client,
+    Harness,
+    assert_valid_record,
+    call_request,
+    make_settings,
+    token_for,
+)
 from test_e2e_lifecycle import es256_token, jwks_for
 
 
@@ -146,7 +157,7 @@ def _server_config(tmp_path: Path, **extra: str) -> Path:
         "[server]\nhost = '127.0.0.1'\nport = 0\ndrain_timeout = 5\n"
         f"[auth]\nsecret = '{SECRET}'\n"
         f"revocation_file = '{tmp_path / 'revoked.json'}'\n"
-        f"[audit]\npath = '{tmp_path / 'audit.log'}'\n"
+        f"[audit]\npath = '{tmp_path / 'audit.log'}'\nkey = '{AUDIT_KEY.decode()}'\n"
         "[calls]\nreconnect_grace = 0\n"
         "[limits]\nhandshakes = '1000/minute'\n"
     )
@@ -202,6 +213,10 @@ async def test_sigterm_drains_with_1001_and_terminal_audit_lines(
             process.kill()
             await process.wait()
     records = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+    for record in records:
+        assert_valid_record(record)
+    # The trail the real server wrote verifies, final checkpoint included.
+    assert verify([tmp_path / "audit.log"], AUDIT_KEY, [tmp_path / "audit.log.checkpoints"]) == []
     ended = [r for r in records if r["event"] == "call.ended"]
     assert len(ended) == 1 and ended[0]["reason"] == "server_shutdown"
     assert [r["close_code"] for r in records if r["event"] == "conn.close"] == [1001, 1001]

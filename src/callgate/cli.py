@@ -47,6 +47,26 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file", type=Path)
 
+    audit = commands.add_parser("audit", help="verify or report on audit trail files")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_commands.add_parser(
+        "verify", help="check the MAC chain, sequence, files and checkpoints of a trail"
+    )
+    verify.add_argument("files", nargs="+", type=Path)
+    verify.add_argument("--config", type=Path, help="config file with audit.key")
+    verify.add_argument(
+        "--checkpoints",
+        type=Path,
+        action="append",
+        help="checkpoint file (default: the trail's own .checkpoints file, if present)",
+    )
+    report = audit_commands.add_parser("report", help="one row per call, and refusals per user")
+    report.add_argument("files", nargs="+", type=Path)
+    report.add_argument("--format", choices=["table", "csv", "jsonl"], default="table")
+    report.add_argument("--user", help="only calls and refusals of this user")
+    report.add_argument("--since", help="only records at or after this time (RFC 3339 or unix)")
+    report.add_argument("--until", help="only records at or before this time")
+
     revoke = commands.add_parser(
         "revoke", help="revoke a token (by jti) or a user's tokens issued before now"
     )
@@ -167,6 +187,35 @@ def _revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from callgate import trail
+
+    missing = [str(path) for path in args.files if not path.is_file()]
+    if missing:
+        raise ConfigError(f"no such audit file: {', '.join(missing)}")
+    if args.audit_command == "report":
+        refusals: dict[str, Counter[str]] = {}
+        rows = trail.calls(
+            args.files, user=args.user, since=args.since, until=args.until, refusals=refusals
+        )
+        trail.write_report(rows, sys.stdout, args.format, refusals)
+        return 0
+    settings = load_settings(args.config)
+    if settings.audit.key is None:
+        raise ConfigError("audit.key: needed to verify; set it in --config or CALLGATE_AUDIT_KEY")
+    checkpoints = args.checkpoints or trail.checkpoint_files_for(args.files)
+    problems = trail.verify(args.files, settings.audit.key.get_secret_value().encode(), checkpoints)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"audit trail NOT intact: {len(problems)} problem(s); the first is the first break")
+        return 1
+    print(f"audit trail intact: {len(args.files)} file(s), {len(checkpoints)} checkpoint file(s)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {
@@ -174,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "token": _token,
         "check-config": _check_config,
         "revoke": _revoke,
+        "audit": _audit,
     }
     try:
         return handlers[args.command](args)
