@@ -42,6 +42,7 @@ def make_settings(**sections: dict[str, Any]) -> Settings:
         "ice": {"stun_urls": ["stun:stun.example.org:3478"]},
         # Dropped devices end their calls at once unless a test is about resuming.
         "calls": {"reconnect_grace": 0},
+        "metrics": {"enabled": False},
         "server": {"host": "127.0.0.1", "port": 0, "auth_timeout": 5, "close_timeout": 2},
     }
     for name, values in sections.items():

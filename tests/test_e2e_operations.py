@@ -159,6 +159,7 @@ def _server_config(tmp_path: Path, **extra: str) -> Path:
         f"revocation_file = '{tmp_path / 'revoked.json'}'\n"
         f"[audit]\npath = '{tmp_path / 'audit.log'}'\nkey = '{AUDIT_KEY.decode()}'\n"
         "[calls]\nreconnect_grace = 0\n"
+        "[metrics]\nport = 0\n"
         "[limits]\nhandshakes = '1000/minute'\n"
     )
     return config

@@ -146,6 +146,14 @@ class ValidationSettings(_Section):
     max_call_id_length: int = Field(128, ge=1, le=1024)
 
 
+class MetricsSettings(_Section):
+    """Prometheus `/metrics`, `/healthz` and `/readyz` on their own port."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=0, le=65535)
+
+
 class TlsSettings(_Section):
     """Serve `wss://` when both are set."""
 
@@ -196,6 +204,7 @@ class Settings(BaseModel):
     audit: AuditSettings = AuditSettings()
     ice: IceSettings = IceSettings()
     tls: TlsSettings = TlsSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     def check_coherence(self) -> None:
         """Raises: ConfigError for keys that are valid alone but not together."""

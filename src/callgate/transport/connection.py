@@ -30,9 +30,9 @@ import math
 import secrets
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import trio
@@ -63,6 +63,7 @@ from callgate.core.events import (
 from callgate.errors import AuthError, CloseCode, CloseConnection, ErrorCode
 from callgate.ice import ice_servers
 from callgate.log import get_logger
+from callgate.metrics import Metrics
 from callgate.protocol.codec import (
     FieldLimits,
     ProtocolError,
@@ -219,6 +220,7 @@ class ConnectionHub:
         self._per_address: Counter[str] = Counter()
         self._field_limits = FieldLimits(**settings.validation.model_dump())
         self.revocations = RevocationList()
+        self.metrics = Metrics(self.live_counts)
         self.accepting = True
         self._all_gone = trio.Event()
         # Called (and awaited) when a token names an unknown `kid`; set when jwks_url is used.
@@ -234,16 +236,38 @@ class ConnectionHub:
     def armed_timers(self) -> int:
         return len(self._timers)
 
+    def live_counts(self) -> dict[str, dict[str, int]]:
+        """Connections and calls by state, for the metrics gauges."""
+        calls = {"ringing": 0, "connected": 0}
+        for call in self._board.calls:
+            calls[call.state.name.lower()] += 1
+        return {
+            "connections": {
+                "unauthenticated": len(self._all) - len(self._live),
+                "authenticated": len(self._live),
+                "held": self._board.held_devices(),
+            },
+            "calls": calls,
+        }
+
     # -- executing the core's decisions ------------------------------------------------------
 
-    def dispatch(self, event: Event) -> None:
-        self.execute(self._board.handle(event, trio.current_time()))
+    def audit(self, event: str, fields: Mapping[str, Any]) -> None:
+        """Every audit record goes through here: the trail, and the metrics derived from it."""
+        self._audit.write(event, fields)
+        self.metrics.observe_audit(event, fields)
 
-    def execute(self, actions: list[Action]) -> None:
+    def dispatch(self, event: Event, *, forwarded: bool = False) -> None:
+        self.execute(self._board.handle(event, trio.current_time()), forwarded=forwarded)
+
+    def execute(self, actions: list[Action], *, forwarded: bool = False) -> None:
+        """Carry out the core's actions; `forwarded` counts deliveries a client message caused."""
         for action in actions:
             match action:
                 case Deliver(conn=conn, event=event, data=data):
                     self._push(conn, encode(event, data))
+                    if forwarded:
+                        self.metrics.forwarded.labels(event).inc()
                 case Ack(conn=conn, ref=ref):
                     self._push(conn, encode("ack", None, ref))
                 case SendError(conn=conn, code=code, message=message, ref=ref, retry_after=retry):
@@ -251,7 +275,7 @@ class ConnectionHub:
                     if code is ErrorCode.RATE_LIMITED:
                         self._count_strike(conn)
                 case Audit(event=event, fields=fields):
-                    self._audit.write(event, fields)
+                    self.audit(event, fields)
                 case Close(conn=conn, code=code, reason=reason):
                     connection = self._live.get(conn)
                     if connection is not None:
@@ -311,7 +335,7 @@ class ConnectionHub:
             return
         origin = _header(request, b"origin")
         if server.allowed_origins and origin is not None and origin not in server.allowed_origins:
-            self._audit.write("conn.refused", {"addr": _remote_address(request), "code": 403})
+            self.audit("conn.refused", {"addr": _remote_address(request), "code": 403})
             await request.reject(403, body=b'{"message": "origin not allowed"}')
             return
         if not self.accepting:
@@ -321,7 +345,7 @@ class ConnectionHub:
         connection = Connection(conn_id, await request.accept(), addr, server.outbound_queue)
         self._all[conn_id] = connection
         self._per_address[addr] += 1
-        self._audit.write("conn.open", {"conn": conn_id, "addr": addr})
+        self.audit("conn.open", {"conn": conn_id, "addr": addr})
         try:
             with connection.scope:
                 async with trio.open_nursery() as nursery:
@@ -347,10 +371,12 @@ class ConnectionHub:
             del self._per_address[connection.addr]
         if self._live.pop(connection.id, None) is not None:
             self.dispatch(Disconnected(connection.id))
+        if connection.close_code == CloseCode.POLICY_VIOLATION:
+            self.metrics.queue_drops.inc()
         closed = connection.ws.closed
         code = connection.close_code or (closed.code if closed is not None else None)
         reason = connection.close_reason or (closed.reason if closed is not None else None)
-        self._audit.write(
+        self.audit(
             "conn.close",
             {"conn": connection.id, "user": connection.user, "close_code": code, "reason": reason},
         )
@@ -371,7 +397,7 @@ class ConnectionHub:
             self._check_not_revoked(identity)
         except CloseConnection as refused:
             detail = refused.detail if isinstance(refused, AuthError) else refused.reason
-            self._audit.write(
+            self.audit(
                 "auth.failed",
                 {"conn": connection.id, "addr": connection.addr, "reason": detail},
             )
@@ -379,6 +405,7 @@ class ConnectionHub:
         if len(self._board.devices_of(identity.user)) >= (
             self._settings.server.max_connections_per_user
         ):
+            self.metrics.rate_limited.labels("connections_per_user").inc()
             raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "too many connections")
         connection.identity = identity
         self._live[connection.id] = connection
@@ -395,7 +422,7 @@ class ConnectionHub:
         )
         if ref is not None:
             connection.push(encode("ack", None, ref))
-        self._audit.write(
+        self.audit(
             "auth.ok",
             {"conn": connection.id, "user": identity.user, "expires_at": identity.expires_at},
         )
@@ -418,7 +445,7 @@ class ConnectionHub:
                     retry_after=retry or 1,
                 )
             )
-            self._audit.write(
+            self.audit(
                 "conn.refused", {"conn": connection.id, "addr": connection.addr, "code": 4029}
             )
             raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "rate limit exceeded")
@@ -478,13 +505,16 @@ class ConnectionHub:
     async def _read_loop(self, connection: Connection) -> None:
         while True:
             text = await connection.receive()
+            arrived = time.perf_counter()
             self._check_size(text)
             retry = self._limiter.admit_message(connection.id)
             if retry is not None:
+                self.metrics.rate_limited.labels("messages").inc()
                 connection.push(
                     encode_error(ErrorCode.RATE_LIMITED, "too many messages", peek_ref(text), retry)
                 )
                 if self._limiter.is_flooding(connection.id):
+                    self.metrics.rate_limited.labels("flood").inc()
                     raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "rate limit exceeded")
                 continue
             try:
@@ -495,7 +525,10 @@ class ConnectionHub:
             if isinstance(envelope.message, Auth):
                 await self._refresh(connection, envelope.message, envelope.ref)
                 continue
-            self.dispatch(MessageReceived(connection.id, envelope.message, envelope.ref))
+            self.dispatch(
+                MessageReceived(connection.id, envelope.message, envelope.ref), forwarded=True
+            )
+            self.metrics.forward_latency.observe(time.perf_counter() - arrived)
 
     async def _refresh(self, connection: Connection, message: Auth, ref: Ref | None) -> None:
         """A fresh token on an open connection (contract section 8).
@@ -510,7 +543,7 @@ class ConnectionHub:
         except AuthError as refused:
             # The current token still holds until its `exp`: the client may try again.
             connection.push(encode_error(ErrorCode.FORBIDDEN, refused.reason, ref))
-            self._audit.write(
+            self.audit(
                 "auth.failed",
                 {"conn": connection.id, "user": current.user, "reason": refused.detail},
             )

@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 
 import trio
+from prometheus_client import CONTENT_TYPE_LATEST
 from trio_websocket import serve_websocket
 
 from callgate.audit import AuditLog
@@ -27,6 +28,7 @@ from callgate.log import get_logger
 from callgate.ratelimit import RateLimiter
 from callgate.revocation import load_revocations
 from callgate.transport.connection import ConnectionHub
+from callgate.transport.http import Route, serve_http
 
 log = get_logger("callgate.server")
 # How often watched files are checked for changes: revocations take effect within a second.
@@ -45,6 +47,7 @@ class RunningServer:
     hub: ConnectionHub
     reload: Callable[[], None]
     _listener: trio.CancelScope
+    metrics_port: int | None = None
 
     @property
     def url(self) -> str:
@@ -234,6 +237,11 @@ async def serve(
         )
         endpoint = ws_server.listeners[0]
         port = getattr(endpoint, "port", settings.server.port)
+        metrics_port = None
+        if settings.metrics.enabled:
+            metrics_port = await nursery.start(
+                serve_http, settings.metrics.host, settings.metrics.port, _routes(hub)
+            )
         task_status.started(
             RunningServer(
                 settings.server.host,
@@ -244,8 +252,24 @@ async def serve(
                 hub,
                 reloader.request,
                 listener,
+                metrics_port,
             )
         )
+
+
+def _routes(hub: ConnectionHub) -> dict[str, Route]:
+    def metrics() -> tuple[int, bytes, bytes]:
+        return 200, CONTENT_TYPE_LATEST.encode(), hub.metrics.exposition()
+
+    def healthz() -> tuple[int, bytes, bytes]:
+        return 200, b"text/plain", b"ok\n"
+
+    def readyz() -> tuple[int, bytes, bytes]:
+        # Ready only while accepting: a draining node leaves the load balancer's rotation.
+        ready = hub.accepting
+        return (200, b"text/plain", b"ready\n") if ready else (503, b"text/plain", b"draining\n")
+
+    return {"/metrics": metrics, "/healthz": healthz, "/readyz": readyz}
 
 
 async def _audit_ticks(audit: AuditLog) -> None:
