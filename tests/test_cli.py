@@ -41,3 +41,20 @@ def test_serve_refuses_development_secret_off_loopback() -> None:
     )
     assert result.returncode == 2
     assert "development secret" in result.stderr
+
+
+def test_serve_refuses_development_audit_key_off_loopback() -> None:
+    import os
+
+    env = {**os.environ, "CALLGATE_AUTH_SECRET": "an-operator-secret-that-is-long-enough!!"}
+    result = subprocess.run(
+        [sys.executable, "-m", "callgate", "serve", "--config", str(SHIPPED), "--host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    assert result.returncode == 2
+    assert "audit.key" in result.stderr
+    assert "CALLGATE_AUDIT_KEY" in result.stderr

@@ -60,6 +60,13 @@ def test_every_required_key_is_in_the_shipped_file() -> None:
         "max_connections_per_address",
         "cert_file",
         "key_file",
+        # the audit trail and the operator's view
+        "key",
+        "rotate_bytes",
+        "rotate_seconds",
+        "checkpoint_every",
+        "checkpoint_seconds",
+        "enabled",
     ):
         assert f"\n{key} = " in text, key
 

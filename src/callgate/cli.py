@@ -90,10 +90,12 @@ def _with_overrides(settings: Settings, host: str | None, port: int | None) -> S
 
 
 def _refuse_development_secret_off_loopback(settings: Settings) -> None:
-    if uses_development_secret(settings) and not is_loopback_host(settings.server.host):
+    key = uses_development_secret(settings)
+    if key is not None and not is_loopback_host(settings.server.host):
+        variable = "CALLGATE_" + key.replace(".", "_").upper()
         raise ConfigError(
-            f"auth.secret: the shipped development secret may only be used on loopback, not on"
-            f" {settings.server.host!r}; set CALLGATE_AUTH_SECRET to a secret of your own"
+            f"{key}: the shipped development secret may only be used on loopback, not on"
+            f" {settings.server.host!r}; set {variable} to a secret of your own"
         )
 
 

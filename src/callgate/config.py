@@ -23,6 +23,7 @@ from callgate.errors import ConfigError
 
 # The secret shipped in config/callgate.toml. `callgate serve` refuses it on any non-loopback host.
 DEVELOPMENT_SECRET = "callgate-development-secret-for-localhost-only"  # noqa: S105 - public on purpose
+DEVELOPMENT_AUDIT_KEY = "callgate-development-audit-key-for-localhost-only"
 
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 PUBLIC_KEY_ALGORITHMS = frozenset(
@@ -318,6 +319,11 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-def uses_development_secret(settings: Settings) -> bool:
-    secret = settings.auth.secret
-    return secret is not None and secret.get_secret_value() == DEVELOPMENT_SECRET
+def uses_development_secret(settings: Settings) -> str | None:
+    """The key of a shipped, public development secret the settings use, if any."""
+    secret, audit_key = settings.auth.secret, settings.audit.key
+    if secret is not None and secret.get_secret_value() == DEVELOPMENT_SECRET:
+        return "auth.secret"
+    if audit_key is not None and audit_key.get_secret_value() == DEVELOPMENT_AUDIT_KEY:
+        return "audit.key"
+    return None
