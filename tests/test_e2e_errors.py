@@ -371,3 +371,17 @@ async def test_turn_credentials_in_session(harness: Harness) -> None:
     expiry, user = turn["username"].split(":")
     assert user == "alice" and 0 < int(expiry) - time.time() <= 601
     assert turn["credential"] and "turn-shared-secret" not in json.dumps(alice.session)
+
+
+async def test_socketio_long_polling_gets_a_clear_400(gate: Harness) -> None:
+    assert gate.server is not None
+    async with await trio.open_tcp_stream("127.0.0.1", gate.server.port) as stream:
+        await stream.send_all(b"GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: x\r\n\r\n")
+        with trio.fail_after(STEP):
+            reply = b""
+            while chunk := await stream.receive_some(4096):
+                reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400")
+    assert b"application/json" in head
+    assert "transports: ['websocket']" in json.loads(body)["message"]

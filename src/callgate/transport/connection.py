@@ -74,6 +74,7 @@ from callgate.protocol.codec import (
 )
 from callgate.protocol.messages import Auth, Ref
 from callgate.revocation import RevocationList
+from callgate.transport.listener import Accepted
 from callgate.transport.timers import Timers
 
 if TYPE_CHECKING:
@@ -183,11 +184,6 @@ def _bearer_token(request: WebSocketRequest) -> str | None:
         return None
     scheme, _, token = value.partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else ""
-
-
-def _remote_address(request: WebSocketRequest) -> str:
-    remote = request.remote
-    return str(getattr(remote, "address", remote))
 
 
 def _trio_deadline(unix_time: float) -> float:
@@ -318,30 +314,27 @@ class ConnectionHub:
 
     # -- one connection ----------------------------------------------------------------------
 
-    async def handle(self, request: WebSocketRequest) -> None:
-        """trio-websocket's handler. Contains every failure of this connection."""
+    async def handle(self, accepted: Accepted) -> None:
+        """The front's handler. Contains every failure of this connection."""
         conn_id = secrets.token_urlsafe(12)
         try:
-            await self._serve(request, conn_id)
+            await self._serve(accepted, conn_id)
         except Exception:
             # The traceback has no locals (see callgate.log), so no token or SDP reaches it.
             log.exception("connection failed", conn=conn_id)
 
-    async def _serve(self, request: WebSocketRequest, conn_id: str) -> None:
+    async def _serve(self, accepted: Accepted, conn_id: str) -> None:
         server = self._settings.server
+        request, addr = accepted.request, accepted.addr
         target = urlsplit(request.path)
-        if target.path != server.path:
-            await request.reject(404, body=b'{"message": "not found"}')
-            return
         origin = _header(request, b"origin")
         if server.allowed_origins and origin is not None and origin not in server.allowed_origins:
-            self.audit("conn.refused", {"addr": _remote_address(request), "code": 403})
+            self.audit("conn.refused", {"addr": addr, "code": 403})
             await request.reject(403, body=b'{"message": "origin not allowed"}')
             return
         if not self.accepting:
             await request.reject(503, body=b'{"message": "server shutting down"}')
             return
-        addr = _remote_address(request)
         connection = Connection(conn_id, await request.accept(), addr, server.outbound_queue)
         self._all[conn_id] = connection
         self._per_address[addr] += 1

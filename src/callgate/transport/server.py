@@ -15,7 +15,6 @@ from pathlib import Path
 
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
-from trio_websocket import serve_websocket
 
 from callgate.audit import AuditLog
 from callgate.auth import TokenVerifier
@@ -29,6 +28,7 @@ from callgate.ratelimit import RateLimiter
 from callgate.revocation import load_revocations
 from callgate.transport.connection import ConnectionHub
 from callgate.transport.http import Route, serve_http
+from callgate.transport.listener import FrontSettings, serve_front
 
 log = get_logger("callgate.server")
 # How often watched files are checked for changes: revocations take effect within a second.
@@ -217,26 +217,28 @@ async def serve(
         nursery.start_soon(_audit_ticks, audit)
         connections = await nursery.start(_connections_nursery)
         listener = trio.CancelScope()
-        ws_server = await nursery.start(
+        front = FrontSettings(
+            native_path=settings.server.path,
+            # trio-websocket counts characters; the byte limit is checked per message too.
+            max_message_size=settings.server.max_message_bytes,
+            handshake_timeout=settings.server.auth_timeout,
+            close_timeout=settings.server.close_timeout,
+        )
+        port = await nursery.start(
             partial(
                 _listen,
                 listener,
                 partial(
-                    serve_websocket,
-                    hub.handle,
+                    serve_front,
                     settings.server.host,
                     settings.server.port,
                     ssl_context,
-                    handler_nursery=connections,
-                    # trio-websocket counts characters; the byte limit is checked per message.
-                    max_message_size=settings.server.max_message_bytes,
-                    connect_timeout=settings.server.auth_timeout,
-                    disconnect_timeout=settings.server.close_timeout,
+                    front,
+                    hub.handle,
+                    connections,
                 ),
             )
         )
-        endpoint = ws_server.listeners[0]
-        port = getattr(endpoint, "port", settings.server.port)
         metrics_port = None
         if settings.metrics.enabled:
             metrics_port = await nursery.start(

@@ -1,0 +1,207 @@
+"""The listening socket and the HTTP front: which protocol a new connection speaks.
+
+trio-websocket answers any request it cannot upgrade with an empty `400`, but the contract asks
+for more: Engine.IO long-polling must get a JSON body that says to use the WebSocket transport. So
+callgate reads the request head itself (h11, bounded in size and time), answers what is not a
+WebSocket for it, and hands upgrades to trio-websocket with the bytes already read replayed.
+
+This uses three of trio-websocket's internals, the same ones its own `serve_websocket` uses per
+connection (`WebSocketConnection(stream, WSConnection(SERVER))`, `_reader_task`, `_get_request`).
+The version is pinned in requirements.lock, and a test of every route guards the seam.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import Enum
+from functools import partial
+from urllib.parse import parse_qs, urlsplit
+
+import h11
+import trio
+from trio_websocket import WebSocketConnection, WebSocketRequest
+from wsproto import ConnectionType, WSConnection
+
+from callgate.log import get_logger
+
+log = get_logger("callgate.listener")
+MAX_HEAD_BYTES = 16384
+SOCKETIO_PATH = "/socket.io/"
+
+
+class Dialect(Enum):
+    NATIVE = "native"  # callgate's JSON envelopes (contract sections 1-10)
+    SOCKETIO = "socketio"  # Engine.IO v4 / Socket.IO v5 framing (contract section 11)
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """What the front tells the connection handler about a new WebSocket."""
+
+    request: WebSocketRequest
+    addr: str
+    dialect: Dialect
+
+
+Handler = Callable[[Accepted], Awaitable[None]]
+
+
+class _Replay(trio.abc.Stream):
+    """A stream whose first read returns bytes that were already read from it."""
+
+    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
+        self._stream = stream
+        self._prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._prefix:
+            data, self._prefix = self._prefix, b""
+            await trio.lowlevel.checkpoint()
+            return data
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+def _peer(stream: trio.abc.Stream) -> str:
+    inner = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    if isinstance(inner, trio.SocketStream):
+        return str(inner.socket.getpeername()[0])
+    return "unknown"
+
+
+async def _read_head(stream: trio.abc.Stream) -> tuple[bytes, h11.Request] | None:
+    """The request head (and any bytes after it), or None for a broken or oversized one."""
+    parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+    received = b""
+    while True:
+        event = parser.next_event()
+        if isinstance(event, h11.Request):
+            return received, event
+        if event is not h11.NEED_DATA:
+            return None
+        data = await stream.receive_some(4096)
+        if not data:
+            return None
+        received += data
+        parser.receive_data(bytes(data))
+
+
+async def _respond(stream: trio.abc.Stream, status: int, message: str) -> None:
+    body = json.dumps({"code": status, "message": message}).encode()
+    head = (
+        f"HTTP/1.1 {status} {'Bad Request' if status == 400 else 'Not Found'}\r\n"
+        "content-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    await stream.send_all(head.encode() + body)
+
+
+def _route(request: h11.Request, native_path: str) -> Dialect | tuple[int, str]:
+    target = urlsplit(request.target.decode("ascii", "replace"))
+    if target.path == native_path:
+        return Dialect.NATIVE
+    if target.path == SOCKETIO_PATH:
+        query = parse_qs(target.query)
+        upgrade = any(
+            name.lower() == b"upgrade" and value.lower() == b"websocket"
+            for name, value in request.headers
+        )
+        if query.get("EIO") == ["4"] and query.get("transport") == ["websocket"] and upgrade:
+            return Dialect.SOCKETIO
+        return (
+            400,
+            "callgate serves Socket.IO over WebSocket only (Engine.IO v4): connect with"
+            " io(url, {transports: ['websocket']})",
+        )
+    return 404, "not found"
+
+
+@dataclass(frozen=True, slots=True)
+class FrontSettings:
+    native_path: str
+    max_message_size: int
+    handshake_timeout: float
+    close_timeout: float
+
+
+async def _serve_stream(front: FrontSettings, handler: Handler, stream: trio.abc.Stream) -> None:
+    connection: WebSocketConnection | None = None
+    websocket_request: WebSocketRequest | None = None
+    dialect = Dialect.NATIVE
+    try:
+        with trio.move_on_after(front.handshake_timeout):
+            head = await _read_head(stream)
+            if head is None:
+                return
+            raw, request = head
+            route = _route(request, front.native_path)
+            if isinstance(route, tuple):
+                await _respond(stream, *route)
+                return
+            dialect = route
+            connection = WebSocketConnection(
+                _Replay(stream, raw),
+                WSConnection(ConnectionType.SERVER),
+                max_message_size=front.max_message_size,
+            )
+        if connection is None:
+            return  # the head did not arrive in time
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection._reader_task)
+            with trio.move_on_after(front.handshake_timeout):
+                websocket_request = await connection._get_request()
+            if websocket_request is None:
+                nursery.cancel_scope.cancel()
+                return
+            try:
+                await handler(Accepted(websocket_request, _peer(stream), dialect))
+            finally:
+                with trio.move_on_after(front.close_timeout):
+                    await connection.aclose()
+                nursery.cancel_scope.cancel()
+    except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
+        pass  # the client went away (or failed the TLS handshake)
+    except Exception:
+        log.exception("connection front failed")
+    finally:
+        with trio.move_on_after(front.close_timeout, shield=True):
+            await stream.aclose()
+
+
+async def serve_front(
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None,
+    front: FrontSettings,
+    handler: Handler,
+    handler_nursery: trio.Nursery,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen until cancelled; connections run in `handler_nursery`, so they outlive the listener
+    (a graceful shutdown stops accepting first, then drains)."""
+    serve = partial(_serve_stream, front, handler)
+    if ssl_context is None:
+        plain = await trio.open_tcp_listeners(port, host=host)
+        task_status.started(plain[0].socket.getsockname()[1])
+        await trio.serve_listeners(serve, plain, handler_nursery=handler_nursery)
+    else:
+        secure = await trio.open_ssl_over_tcp_listeners(
+            port, ssl_context, host=host, https_compatible=True
+        )
+        inner = secure[0].transport_listener
+        if not isinstance(inner, trio.SocketListener):  # open_ssl_over_tcp_listeners wraps TCP
+            raise TypeError(f"unexpected listener {inner!r}")
+        task_status.started(inner.socket.getsockname()[1])
+        await trio.serve_listeners(serve, secure, handler_nursery=handler_nursery)
