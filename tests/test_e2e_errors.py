@@ -376,7 +376,9 @@ async def test_turn_credentials_in_session(harness: Harness) -> None:
 async def test_socketio_long_polling_gets_a_clear_400(gate: Harness) -> None:
     assert gate.server is not None
     async with await trio.open_tcp_stream("127.0.0.1", gate.server.port) as stream:
-        await stream.send_all(b"GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: x\r\n\r\n")
+        await stream.send_all(
+            b"GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
         with trio.fail_after(STEP):
             reply = b""
             while chunk := await stream.receive_some(4096):

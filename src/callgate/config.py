@@ -155,6 +155,15 @@ class MetricsSettings(_Section):
     port: int = Field(9464, ge=0, le=65535)
 
 
+class SocketIOSettings(_Section):
+    """Socket.IO v4 clients on `/socket.io/` (WebSocket transport only)."""
+
+    enabled: bool = True
+    # Engine.IO heartbeat, in seconds (the open packet states them in milliseconds).
+    ping_interval: float = Field(25.0, gt=0, le=3600)
+    ping_timeout: float = Field(20.0, gt=0, le=3600)
+
+
 class TlsSettings(_Section):
     """Serve `wss://` when both are set."""
 
@@ -206,6 +215,7 @@ class Settings(BaseModel):
     ice: IceSettings = IceSettings()
     tls: TlsSettings = TlsSettings()
     metrics: MetricsSettings = MetricsSettings()
+    socketio: SocketIOSettings = SocketIOSettings()
 
     def check_coherence(self) -> None:
         """Raises: ConfigError for keys that are valid alone but not together."""

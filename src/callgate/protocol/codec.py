@@ -63,7 +63,8 @@ def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
 
 
-def _parse(text: str) -> object:
+def parse_json(text: str) -> object:
+    """JSON text to a value that can be forwarded as UTF-8 JSON. Raises: ProtocolError."""
     try:
         value = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError):
@@ -255,7 +256,15 @@ def decode(text: str, limits: FieldLimits) -> Envelope:
     Raises:
         ProtocolError: `invalid_message` or `unknown_event`, with the frame's `ref` when readable.
     """
-    envelope = _parse(text)
+    return decode_object(parse_json(text), limits)
+
+
+def decode_object(envelope: object, limits: FieldLimits) -> Envelope:
+    """Decode an already parsed envelope (the Socket.IO dialect builds one from its packets).
+
+    Raises:
+        ProtocolError: as `decode`.
+    """
     if not isinstance(envelope, dict):
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, "a message must be a JSON object")
     ref = _read_ref(envelope)
@@ -283,7 +292,7 @@ def decode(text: str, limits: FieldLimits) -> Envelope:
 def peek_ref(text: str) -> Ref | None:
     """The `ref` of a frame the server will not process (rate limited), if it has a valid one."""
     try:
-        envelope = _parse(text)
+        envelope = parse_json(text)
         return _read_ref(envelope) if isinstance(envelope, dict) else None
     except ProtocolError:
         return None

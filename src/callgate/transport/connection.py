@@ -64,17 +64,19 @@ from callgate.errors import AuthError, CloseCode, CloseConnection, ErrorCode
 from callgate.ice import ice_servers
 from callgate.log import get_logger
 from callgate.metrics import Metrics
+from callgate.protocol import socketio as sio
 from callgate.protocol.codec import (
     FieldLimits,
     ProtocolError,
     decode,
+    decode_object,
     encode,
     encode_error,
     peek_ref,
 )
-from callgate.protocol.messages import Auth, Ref
+from callgate.protocol.messages import Auth, Envelope, Ref
 from callgate.revocation import RevocationList
-from callgate.transport.listener import Accepted
+from callgate.transport.listener import Accepted, Dialect
 from callgate.transport.timers import Timers
 
 if TYPE_CHECKING:
@@ -119,15 +121,40 @@ class Connection:
     def user(self) -> str | None:
         return self.identity.user if self.identity is not None else None
 
-    def push(self, text: str) -> None:
-        """Queue one message without waiting; a full queue aborts this connection."""
-        self._enqueue(text)
+    # -- the dialect: how this connection renders messages (native JSON envelopes) ---------
+
+    def send_event(self, event: str, data: Mapping[str, Any]) -> None:
+        self.push(encode(event, data))
+
+    def send_ack(self, ref: Ref) -> None:
+        self.push(encode("ack", None, ref))
+
+    def send_error(
+        self, code: ErrorCode, message: str, ref: Ref | None = None, retry_after: int | None = None
+    ) -> None:
+        self.push(encode_error(code, message, ref, retry_after))
+
+    def decode_frame(self, text: str, limits: FieldLimits) -> Envelope | None:
+        """A frame as an envelope, or None for frames that carry none (Socket.IO pongs).
+
+        Raises: ProtocolError, PeerGone.
+        """
+        return decode(text, limits)
+
+    def peek_ref(self, text: str) -> Ref | None:
+        return peek_ref(text)
 
     def close(self, code: int, reason: str) -> None:
         """Close once everything queued before has been sent."""
         if self.close_code is None:
             self.close_code, self.close_reason = code, reason
             self._enqueue(_CloseRequest(code, reason))
+
+    # -- queueing ----------------------------------------------------------------------------
+
+    def push(self, text: str) -> None:
+        """Queue one frame without waiting; a full queue aborts this connection."""
+        self._enqueue(text)
 
     def abort(self, code: int, reason: str) -> None:
         """Stop now, without draining the queue (the client is not reading, or is gone)."""
@@ -169,6 +196,79 @@ class Connection:
         if isinstance(message, bytes):
             raise CloseConnection(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
         return message
+
+
+# Close codes after which a Socket.IO client must not reconnect by itself (contract 11).
+_NO_RECONNECT = {
+    CloseCode.FORBIDDEN,
+    CloseCode.RATE_LIMIT_ABUSE,
+    CloseCode.UNSUPPORTED_DATA,
+    CloseCode.MESSAGE_TOO_BIG,
+}
+
+
+class SocketIOConnection(Connection):
+    """The same connection, framed as Engine.IO v4 / Socket.IO v5 (contract section 11)."""
+
+    def __init__(self, conn_id: str, ws: WebSocketConnection, addr: str, queue_size: int) -> None:
+        super().__init__(conn_id, ws, addr, queue_size)
+        self.pong = trio.Event()
+
+    def send_event(self, event: str, data: Mapping[str, Any]) -> None:
+        self.push(sio.event_packet(event, data))
+
+    def send_ack(self, ref: Ref) -> None:
+        if isinstance(ref, int):
+            self.push(sio.ack_packet(ref, {"ok": True}))
+
+    def send_error(
+        self, code: ErrorCode, message: str, ref: Ref | None = None, retry_after: int | None = None
+    ) -> None:
+        error: dict[str, Any] = {"code": code.value, "message": message}
+        if retry_after is not None:
+            error["retryAfter"] = retry_after
+        if isinstance(ref, int):
+            self.push(sio.ack_packet(ref, {"ok": False, "error": error}))
+        else:
+            self.push(sio.event_packet("error", error))
+
+    def decode_frame(self, text: str, limits: FieldLimits) -> Envelope | None:
+        kind, payload = text[:1], text[1:]
+        if kind == sio.ENGINE_PONG:
+            self.pong.set()
+            return None
+        if kind == sio.ENGINE_PING:
+            self.push(sio.ENGINE_PONG + payload)
+            return None
+        if kind == sio.ENGINE_CLOSE:
+            raise PeerGone
+        if kind != sio.ENGINE_MESSAGE:
+            raise ProtocolError(ErrorCode.INVALID_MESSAGE, "not an Engine.IO message packet")
+        packet = sio.parse_socket_packet(payload)
+        if packet.kind == sio.DISCONNECT:
+            raise PeerGone
+        if packet.kind != sio.EVENT or packet.namespace != sio.MAIN_NAMESPACE:
+            raise ProtocolError(ErrorCode.INVALID_MESSAGE, "only events on the main namespace")
+        return decode_object(sio.event_envelope(packet), limits)
+
+    def peek_ref(self, text: str) -> Ref | None:
+        try:
+            return sio.parse_socket_packet(text[1:]).ack_id if text[:1] == "4" else None
+        except ProtocolError:
+            return None
+
+    def close(self, code: int, reason: str) -> None:
+        if self.close_code is None:
+            # Say why first; then `41` (Socket.IO DISCONNECT) where the client must not come back.
+            self.send_event("closing", {"code": code, "reason": reason})
+            if code in _NO_RECONNECT:
+                self.push(sio.disconnect_packet())
+        super().close(code, reason)
+
+    def refuse(self, code: int, reason: str, message: str) -> None:
+        """A failed CONNECT: CONNECT_ERROR, then the transport closes (no `closing` event)."""
+        self.push(sio.connect_error_packet(message))
+        super().close(code, reason)
 
 
 def _header(request: WebSocketRequest, name: bytes) -> str | None:
@@ -261,13 +361,16 @@ class ConnectionHub:
         for action in actions:
             match action:
                 case Deliver(conn=conn, event=event, data=data):
-                    self._push(conn, encode(event, data))
+                    if (connection := self._live.get(conn)) is not None:
+                        connection.send_event(event, data)
                     if forwarded:
                         self.metrics.forwarded.labels(event).inc()
                 case Ack(conn=conn, ref=ref):
-                    self._push(conn, encode("ack", None, ref))
+                    if (connection := self._live.get(conn)) is not None:
+                        connection.send_ack(ref)
                 case SendError(conn=conn, code=code, message=message, ref=ref, retry_after=retry):
-                    self._push(conn, encode_error(code, message, ref, retry))
+                    if (connection := self._live.get(conn)) is not None:
+                        connection.send_error(code, message, ref, retry)
                     if code is ErrorCode.RATE_LIMITED:
                         self._count_strike(conn)
                 case Audit(event=event, fields=fields):
@@ -280,11 +383,6 @@ class ConnectionHub:
                     self._timers.start(timer, deadline)
                 case CancelTimer(timer=timer):
                     self._timers.cancel(timer)
-
-    def _push(self, conn_id: str, text: str) -> None:
-        connection = self._live.get(conn_id)
-        if connection is not None:
-            connection.push(text)
 
     def _count_strike(self, conn_id: str) -> None:
         connection = self._live.get(conn_id)
@@ -335,7 +433,8 @@ class ConnectionHub:
         if not self.accepting:
             await request.reject(503, body=b'{"message": "server shutting down"}')
             return
-        connection = Connection(conn_id, await request.accept(), addr, server.outbound_queue)
+        kind = SocketIOConnection if accepted.dialect is Dialect.SOCKETIO else Connection
+        connection = kind(conn_id, await request.accept(), addr, server.outbound_queue)
         self._all[conn_id] = connection
         self._per_address[addr] += 1
         self.audit("conn.open", {"conn": conn_id, "addr": addr})
@@ -384,16 +483,25 @@ class ConnectionHub:
         query: str,
         nursery: trio.Nursery,
     ) -> None:
-        self._admit_address(connection)
+        socketio = isinstance(connection, SocketIOConnection)
         try:
-            identity, ref, resume = await self._authenticate(connection, request, query)
+            self._admit_address(connection)
+            if isinstance(connection, SocketIOConnection):
+                nursery.start_soon(self._engine_heartbeat, connection)
+                identity, resume = await self._authenticate_socketio(connection)
+                ref: Ref | None = None
+            else:
+                identity, ref, resume = await self._authenticate(connection, request, query)
             self._check_not_revoked(identity)
         except CloseConnection as refused:
-            detail = refused.detail if isinstance(refused, AuthError) else refused.reason
-            self.audit(
-                "auth.failed",
-                {"conn": connection.id, "addr": connection.addr, "reason": detail},
-            )
+            if refused.close_code != CloseCode.RATE_LIMIT_ABUSE:
+                detail = refused.detail if isinstance(refused, AuthError) else refused.reason
+                self.audit(
+                    "auth.failed",
+                    {"conn": connection.id, "addr": connection.addr, "reason": detail},
+                )
+            if isinstance(connection, SocketIOConnection):
+                connection.refuse(refused.close_code, refused.reason, refused.reason)
             raise
         if len(self._board.devices_of(identity.user)) >= (
             self._settings.server.max_connections_per_user
@@ -402,6 +510,8 @@ class ConnectionHub:
             raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "too many connections")
         connection.identity = identity
         self._live[connection.id] = connection
+        if socketio:
+            connection.push(sio.connected_packet(connection.id))
         self.dispatch(
             Authenticated(
                 connection.id,
@@ -414,13 +524,13 @@ class ConnectionHub:
             )
         )
         if ref is not None:
-            connection.push(encode("ack", None, ref))
+            connection.send_ack(ref)
         self.audit(
             "auth.ok",
             {"conn": connection.id, "user": identity.user, "expires_at": identity.expires_at},
         )
         nursery.start_soon(self._watch_expiry, connection)
-        if self._settings.server.ping_interval > 0:
+        if self._settings.server.ping_interval > 0 and not socketio:
             nursery.start_soon(self._keepalive, connection)
         await self._read_loop(connection)
 
@@ -431,13 +541,13 @@ class ConnectionHub:
         )
         retry = None if over_cap else self._limiter.admit_handshake(connection.addr)
         if over_cap or retry is not None:
-            connection.push(
-                encode_error(
+            if not isinstance(connection, SocketIOConnection):  # it gets CONNECT_ERROR instead
+                connection.send_error(
                     ErrorCode.RATE_LIMITED,
                     "too many connections from your address",
-                    retry_after=retry or 1,
+                    None,
+                    retry or 1,
                 )
-            )
             self.audit(
                 "conn.refused", {"conn": connection.id, "addr": connection.addr, "code": 4029}
             )
@@ -481,6 +591,58 @@ class ConnectionHub:
             return await self._verify(message.token), envelope.ref, message.resume
         raise AuthError("auth timeout", "auth_timeout")
 
+    async def _authenticate_socketio(
+        self, connection: SocketIOConnection
+    ) -> tuple[Identity, str | None]:
+        """The Engine.IO open packet, then a CONNECT to the main namespace with `{token, resume}`.
+
+        Raises: AuthError, CloseConnection, PeerGone.
+        """
+        socketio = self._settings.socketio
+        connection.push(
+            sio.open_packet(
+                connection.id,
+                socketio.ping_interval,
+                socketio.ping_timeout,
+                self._settings.server.max_message_bytes,
+            )
+        )
+        with trio.move_on_after(self._settings.server.auth_timeout):
+            while True:
+                text = await connection.receive()
+                self._check_size(text)
+                if text[:1] in (sio.ENGINE_PING, sio.ENGINE_PONG, sio.ENGINE_CLOSE):
+                    connection.decode_frame(text, self._field_limits)
+                    continue
+                try:
+                    packet = sio.parse_socket_packet(text[1:]) if text[:1] == "4" else None
+                except ProtocolError:
+                    packet = None
+                if packet is None or packet.kind != sio.CONNECT:
+                    raise AuthError("authentication required", "not_authenticated")
+                if packet.namespace != sio.MAIN_NAMESPACE:
+                    connection.push(sio.connect_error_packet("Invalid namespace", packet.namespace))
+                    continue
+                auth = packet.payload if isinstance(packet.payload, dict) else {}
+                token, resume = auth.get("token"), auth.get("resume")
+                if not isinstance(token, str) or not token:
+                    raise AuthError(INVALID, "malformed")
+                return await self._verify(token), resume if isinstance(resume, str) else None
+        raise AuthError("auth timeout", "auth_timeout")
+
+    async def _engine_heartbeat(self, connection: SocketIOConnection) -> None:
+        """Engine.IO pings (the client expects them); no pong within `ping_timeout` drops it."""
+        socketio = self._settings.socketio
+        while True:
+            await trio.sleep(socketio.ping_interval)
+            connection.pong = trio.Event()
+            connection.push(sio.ENGINE_PING)
+            with trio.move_on_after(socketio.ping_timeout):
+                await connection.pong.wait()
+                continue
+            connection.abort(CloseCode.ABNORMAL, "ping timeout")
+            return
+
     def _session_data(self, connection: Connection, identity: Identity) -> dict[str, object]:
         return {
             "user": identity.user,
@@ -503,17 +665,19 @@ class ConnectionHub:
             retry = self._limiter.admit_message(connection.id)
             if retry is not None:
                 self.metrics.rate_limited.labels("messages").inc()
-                connection.push(
-                    encode_error(ErrorCode.RATE_LIMITED, "too many messages", peek_ref(text), retry)
+                connection.send_error(
+                    ErrorCode.RATE_LIMITED, "too many messages", connection.peek_ref(text), retry
                 )
                 if self._limiter.is_flooding(connection.id):
                     self.metrics.rate_limited.labels("flood").inc()
                     raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "rate limit exceeded")
                 continue
             try:
-                envelope = decode(text, self._field_limits)
+                envelope = connection.decode_frame(text, self._field_limits)
             except ProtocolError as bad:
-                connection.push(encode_error(bad.code, bad.message, bad.ref))
+                connection.send_error(bad.code, bad.message, bad.ref)
+                continue
+            if envelope is None:
                 continue
             if isinstance(envelope.message, Auth):
                 await self._refresh(connection, envelope.message, envelope.ref)
@@ -535,7 +699,7 @@ class ConnectionHub:
             identity = await self._verify(message.token)
         except AuthError as refused:
             # The current token still holds until its `exp`: the client may try again.
-            connection.push(encode_error(ErrorCode.FORBIDDEN, refused.reason, ref))
+            connection.send_error(ErrorCode.FORBIDDEN, refused.reason, ref)
             self.audit(
                 "auth.failed",
                 {"conn": connection.id, "user": current.user, "reason": refused.detail},
@@ -555,7 +719,7 @@ class ConnectionHub:
             )
         )
         if ref is not None:
-            connection.push(encode("ack", None, ref))
+            connection.send_ack(ref)
         if connection.expiry_scope is not None:
             connection.expiry_scope.cancel()  # the watcher starts over with the new `exp`
 
@@ -567,7 +731,7 @@ class ConnectionHub:
                 connection.expiry_scope = scope
                 if refresh_before > 0:
                     await trio.sleep_until(_trio_deadline(expires_at - refresh_before))
-                    connection.push(encode("token-expiring", {"expiresAt": expires_at}))
+                    connection.send_event("token-expiring", {"expiresAt": expires_at})
                 await trio.sleep_until(_trio_deadline(expires_at))
                 connection.close(CloseCode.UNAUTHENTICATED, "token expired")
                 return

@@ -107,11 +107,11 @@ async def _respond(stream: trio.abc.Stream, status: int, message: str) -> None:
     await stream.send_all(head.encode() + body)
 
 
-def _route(request: h11.Request, native_path: str) -> Dialect | tuple[int, str]:
+def _route(request: h11.Request, native_path: str, *, socketio: bool) -> Dialect | tuple[int, str]:
     target = urlsplit(request.target.decode("ascii", "replace"))
     if target.path == native_path:
         return Dialect.NATIVE
-    if target.path == SOCKETIO_PATH:
+    if target.path == SOCKETIO_PATH and socketio:
         query = parse_qs(target.query)
         upgrade = any(
             name.lower() == b"upgrade" and value.lower() == b"websocket"
@@ -130,6 +130,7 @@ def _route(request: h11.Request, native_path: str) -> Dialect | tuple[int, str]:
 @dataclass(frozen=True, slots=True)
 class FrontSettings:
     native_path: str
+    socketio: bool
     max_message_size: int
     handshake_timeout: float
     close_timeout: float
@@ -145,7 +146,7 @@ async def _serve_stream(front: FrontSettings, handler: Handler, stream: trio.abc
             if head is None:
                 return
             raw, request = head
-            route = _route(request, front.native_path)
+            route = _route(request, front.native_path, socketio=front.socketio)
             if isinstance(route, tuple):
                 await _respond(stream, *route)
                 return

@@ -219,6 +219,7 @@ async def serve(
         listener = trio.CancelScope()
         front = FrontSettings(
             native_path=settings.server.path,
+            socketio=settings.socketio.enabled,
             # trio-websocket counts characters; the byte limit is checked per message too.
             max_message_size=settings.server.max_message_bytes,
             handshake_timeout=settings.server.auth_timeout,

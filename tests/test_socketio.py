@@ -1,0 +1,250 @@
+"""Socket.IO v4 compatibility, tested against the real socket.io-client 4.8 run by Node.
+
+The client lives in tests/socketio (installed by `npm ci` from its lockfile: scripts/test does
+this). A Socket.IO client and a native client call each other through the same core.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from callgate.protocol import socketio as sio
+from callgate.protocol.codec import ProtocolError
+from conftest import SDP_ANSWER, STEP, Harness, call_request, make_settings, token_for
+
+DRIVER = Path(__file__).parent / "socketio" / "driver.mjs"
+NODE = shutil.which("node")
+INSTALLED = (DRIVER.parent / "node_modules" / "socket.io-client").is_dir()
+needs_node = pytest.mark.skipif(
+    NODE is None or not INSTALLED,
+    reason="socket.io-client is not installed: run `npm ci` in tests/socketio (scripts/test does)",
+)
+
+
+class SocketIOClient:
+    """One socket.io-client in a Node process; `expect` reads what it reports, in order."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self._buffer = b""
+
+    @classmethod
+    async def start(cls, nursery: trio.Nursery, url: str) -> SocketIOClient:
+        assert NODE is not None
+        base = url.replace("ws://", "http://").removesuffix("/ws")
+        process = await nursery.start(
+            lambda task_status: trio.run_process(
+                [NODE, str(DRIVER), base],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                check=False,
+                task_status=task_status,
+            )
+        )
+        client = cls(process)
+        await client.expect("ready")
+        return client
+
+    async def command(self, op: str, **fields: Any) -> None:
+        assert self.process.stdin is not None
+        await self.process.stdin.send_all((json.dumps({"op": op, **fields}) + "\n").encode())
+
+    async def next(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        with trio.fail_after(STEP):
+            while b"\n" not in self._buffer:
+                chunk = await self.process.stdout.receive_some(65536)
+                assert chunk, "the Node client exited"
+                self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        message = json.loads(line)
+        assert isinstance(message, dict)
+        return message
+
+    async def expect(self, kind: str, **fields: Any) -> dict[str, Any]:
+        message = await self.next()
+        assert message["type"] == kind, message
+        for key, value in fields.items():
+            assert message.get(key) == value, (key, message)
+        return message
+
+    async def expect_event(self, event: str, **data: Any) -> dict[str, Any]:
+        message = await self.expect("event", event=event)
+        for key, value in data.items():
+            assert message["data"].get(key) == value, (key, message)
+        return dict(message["data"])
+
+    async def stop(self) -> None:
+        self.process.kill()
+
+
+async def connected_socketio(h: Harness, user: str, **options: Any) -> SocketIOClient:
+    client = await SocketIOClient.start(h.nursery, h.url)
+    await client.command("connect", token=token_for(user), **options)
+    await client.expect("auth_called")
+    await client.expect("connect")
+    session = await client.expect_event("session", user=user)
+    assert session["sessionId"]
+    return client
+
+
+@needs_node
+async def test_socketio_client_calls_native_client(gate: Harness) -> None:
+    alice = await connected_socketio(gate, "alice")
+    bob = await gate.connect("bob")
+    await alice.command(
+        "emit", event="call-request", data=call_request("c1", "alice", "bob"), ack=True
+    )
+    ack = await alice.expect("ack", event="call-request")
+    assert ack["result"] == {"ok": True}
+    ring = await bob.expect("call-request", id="c1")
+    assert ring["data"]["from"] == "alice"
+    answer = {"callId": "c1", "to": "alice", "answer": {"type": "answer", "sdp": SDP_ANSWER}}
+    await bob.send("call-answer", answer)
+    got = await alice.expect_event("call-answer", callId="c1")
+    assert got["from"] == "bob" and got["answer"]["sdp"] == SDP_ANSWER
+    await alice.command(
+        "emit", event="ice-candidate", data={"candidate": None, "callId": "c1", "to": "bob"}
+    )
+    await bob.expect("ice-candidate", **{"from": "alice"})
+    await bob.send("call-end", {"callId": "c1", "to": "alice"})
+    await alice.expect_event("call-end", callId="c1")
+    await alice.stop()
+
+
+@needs_node
+async def test_native_client_calls_socketio_client(gate: Harness) -> None:
+    alice = await gate.connect("alice")
+    bob = await connected_socketio(gate, "bob")
+    await alice.send("call-request", call_request("c2", "alice", "bob", "voice"))
+    ring = await bob.expect_event("call-request", id="c2", type="voice")
+    assert ring["from"] == "alice"
+    answer = {"callId": "c2", "to": "alice", "answer": {"type": "answer", "sdp": SDP_ANSWER}}
+    await bob.command("emit", event="call-answer", data=answer)
+    await alice.expect("call-answer", **{"from": "bob"})
+    await alice.ws.aclose()
+    await bob.expect_event("call-end", reason="peer_disconnected")
+    await bob.stop()
+
+
+@needs_node
+async def test_bad_token_is_connect_error(gate: Harness) -> None:
+    client = await SocketIOClient.start(gate.nursery, gate.url)
+    await client.command("connect", token="not-a-token")
+    await client.expect("auth_called")
+    await client.expect("connect_error", message="invalid token")
+    expired = await SocketIOClient.start(gate.nursery, gate.url)
+    await expired.command("connect", token=token_for("x", ttl=-100))
+    await expired.expect("auth_called")
+    await expired.expect("connect_error", message="token expired")
+    for process in (client, expired):
+        await process.stop()
+
+
+@needs_node
+async def test_other_namespaces_are_refused(gate: Harness) -> None:
+    client = await SocketIOClient.start(gate.nursery, gate.url)
+    await client.command("connect", namespace="/admin", token=token_for("alice"))
+    await client.expect("auth_called")
+    await client.expect("connect_error", message="Invalid namespace")
+    await client.stop()
+
+
+@needs_node
+async def test_acks_and_errors(gate: Harness) -> None:
+    alice = await connected_socketio(gate, "alice")
+    end = {"callId": "nope", "to": "bob"}
+    await alice.command("emit", event="call-end", data=end, ack=True)
+    ack = await alice.expect("ack", event="call-end")
+    assert ack["result"]["ok"] is False
+    assert ack["result"]["error"]["code"] == "unknown_call"
+    await alice.command("emit", event="call-end", data=end)  # no ack: an `error` event instead
+    error = await alice.expect_event("error", code="unknown_call")
+    assert error["message"]
+    await alice.command("emit", event="user-connected", data="alice", ack=True)
+    assert (await alice.expect("ack"))["result"] == {"ok": True}
+    await alice.stop()
+
+
+@needs_node
+async def test_reconnects_with_a_fresh_token_from_its_auth_callback(harness: Harness) -> None:
+    await harness.start(make_settings(auth={"refresh_before": 0}))
+    client = await SocketIOClient.start(harness.nursery, harness.url)
+    await client.command("connect", token=token_for("alice", ttl=1), reconnection=True)
+    await client.expect("auth_called", left=1)
+    await client.expect("connect")
+    first = await client.expect_event("session", user="alice")
+    await client.command("token", token=token_for("alice", ttl=600))  # for the reconnection
+    closing = await client.expect_event("closing", code=4001, reason="token expired")
+    assert closing
+    await client.expect("disconnect", reason="transport close")  # not "io server disconnect"
+    await client.expect("auth_called", left=1)
+    await client.expect("connect")
+    second = await client.expect_event("session", user="alice")
+    assert second["expiresAt"] > first["expiresAt"]
+    await client.stop()
+
+
+@needs_node
+async def test_forbidden_closes_tell_the_client_not_to_come_back(gate: Harness) -> None:
+    alice = await connected_socketio(gate, "alice", reconnection=True)
+    await alice.command("emit", event="auth", data={"token": token_for("mallory")})
+    await alice.expect_event("closing", code=4003, reason="identity change")
+    await alice.expect("disconnect", reason="io server disconnect")
+    await alice.stop()
+
+
+def test_long_polling_is_refused_in_the_docs() -> None:
+    text = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+    assert "long-polling" in text.lower()
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        (
+            '2["call-end",{"callId":"c"}]',
+            sio.SocketPacket(sio.EVENT, "/", None, ["call-end", {"callId": "c"}]),
+        ),
+        ('212["x",1]', sio.SocketPacket(sio.EVENT, "/", 12, ["x", 1])),
+        ('0{"token":"t"}', sio.SocketPacket(sio.CONNECT, "/", None, {"token": "t"})),
+        ("0/admin,", sio.SocketPacket(sio.CONNECT, "/admin", None, None)),
+        ('2/admin,7["x"]', sio.SocketPacket(sio.EVENT, "/admin", 7, ["x"])),
+        ("1", sio.SocketPacket(sio.DISCONNECT)),
+    ],
+)
+def test_packet_parsing(payload: str, expected: sio.SocketPacket) -> None:
+    assert sio.parse_socket_packet(payload) == expected
+
+
+@pytest.mark.parametrize(
+    "payload", ["", "x", '51-["x",{"_placeholder":true,"num":0}]', "2[NaN]", "2{"]
+)
+def test_packets_refused(payload: str) -> None:
+    with pytest.raises(ProtocolError):
+        sio.parse_socket_packet(payload)
+
+
+def test_rendering() -> None:
+    assert sio.event_packet("session", {"a": 1}) == '42["session",{"a":1}]'
+    assert sio.ack_packet(5, {"ok": True}) == '435[{"ok":true}]'
+    assert sio.connect_error_packet("invalid token") == '44{"message":"invalid token"}'
+    assert (
+        sio.connect_error_packet("Invalid namespace", "/admin")
+        == '44/admin,{"message":"Invalid namespace"}'
+    )
+    opened = json.loads(sio.open_packet("sid1", 25, 20, 65536)[1:])
+    assert opened == {
+        "sid": "sid1",
+        "upgrades": [],
+        "pingInterval": 25000,
+        "pingTimeout": 20000,
+        "maxPayload": 65536,
+    }
