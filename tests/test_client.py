@@ -1,0 +1,94 @@
+"""The Python client library against the real server."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from callgate.client import (
+    CallAnswered,
+    CallEnded,
+    CallRejected,
+    CallRequested,
+    Closed,
+    Forbidden,
+    IceCandidateReceived,
+    RateLimited,
+    SessionRenewed,
+    TokenExpiring,
+    UnknownCall,
+    connect,
+)
+from conftest import SDP_ANSWER, SDP_OFFER, Harness, make_settings, token_for
+
+
+async def test_a_whole_call(gate: Harness) -> None:
+    async with (
+        connect(gate.url, token_for("alice")) as alice,
+        connect(gate.url, token_for("bob")) as bob,
+    ):
+        assert alice.session.user == "alice" and alice.session.ice_servers
+        await alice.call("c1", "bob", SDP_OFFER, media="voice")
+        ring = await bob.next_event()
+        assert isinstance(ring, CallRequested)
+        assert (ring.call_id, ring.caller, ring.media, ring.offer_sdp) == (
+            "c1",
+            "alice",
+            "voice",
+            SDP_OFFER,
+        )
+        await bob.answer("c1", "alice", SDP_ANSWER)
+        answered = await alice.next_event()
+        assert isinstance(answered, CallAnswered) and answered.answer_sdp == SDP_ANSWER
+        await alice.ice_candidate("c1", "bob", None)
+        ice = await bob.next_event()
+        assert isinstance(ice, IceCandidateReceived) and ice.candidate is None
+        await bob.end("c1", "alice")
+        ended = await alice.next_event()
+        assert isinstance(ended, CallEnded) and ended.reason is None and ended.peer == "bob"
+
+
+async def test_refusals_raise_typed_errors(gate: Harness) -> None:
+    async with connect(gate.url, token_for("alice")) as alice:
+        with pytest.raises(UnknownCall):
+            await alice.end("nope", "bob")
+        with pytest.raises(Forbidden):
+            await alice.request("user-connected", "bob")
+        await alice.call("c2", "nobody", SDP_OFFER)
+        outcome = await alice.next_event()
+        assert isinstance(outcome, CallRejected) and outcome.reason == "unavailable"
+
+
+async def test_rate_limited_carries_retry_after(harness: Harness) -> None:
+    await harness.start(make_settings(limits={"call_request_pair": "1/minute"}))
+    async with connect(harness.url, token_for("alice")) as alice:
+        await alice.call("c1", "nobody", SDP_OFFER)
+        with pytest.raises(RateLimited) as limited:
+            await alice.call("c2", "nobody", SDP_OFFER)
+        assert limited.value.retry_after is not None and limited.value.retry_after >= 1
+
+
+async def test_bad_token_raises_closed_4001(gate: Harness) -> None:
+    with pytest.raises(Closed) as closed:
+        async with connect(gate.url, "bad"):
+            pass
+    assert closed.value.code == 4001 and closed.value.reason == "invalid token"
+
+
+async def test_refresh_and_expiry_events(harness: Harness) -> None:
+    await harness.start(make_settings(auth={"refresh_before": 0.5}))
+    async with connect(harness.url, token_for("alice", ttl=1)) as alice:
+        first = alice.session
+        assert isinstance(await alice.next_event(), TokenExpiring)
+        renewed = await alice.refresh(token_for("alice", ttl=600))
+        assert renewed.expires_at > first.expires_at and renewed.session_id != first.session_id
+        assert isinstance(await alice.next_event(), SessionRenewed)
+
+
+async def test_closed_is_raised_from_the_iterator(harness: Harness) -> None:
+    await harness.start(make_settings(auth={"refresh_before": 0}))
+    async with connect(harness.url, token_for("alice", ttl=1)) as alice:
+        with pytest.raises(Closed) as closed, trio.fail_after(10):
+            async for _ in alice.events():
+                pass
+        assert closed.value.code == 4001
