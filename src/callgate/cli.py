@@ -47,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file", type=Path)
 
+    demo = commands.add_parser(
+        "demo", help="the browser demo and a development server, on loopback (development only)"
+    )
+    demo.add_argument("--config", type=Path, default=Path("config/callgate.toml"))
+    demo.add_argument("--port", type=int, default=8080, help="port of the demo page (8080)")
+
     audit = commands.add_parser("audit", help="verify or report on audit trail files")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)
     verify = audit_commands.add_parser(
@@ -134,6 +140,41 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         audit.close()
     log.info("stopped")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from callgate.demo import check_demo_allowed, serve_demo
+
+    configure_logging()
+    settings = load_settings(args.config)
+    check_demo_allowed(settings)
+    audit = AuditLog.open(settings.audit)
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                running: RunningServer = await nursery.start(serve, settings, audit)
+                port = await nursery.start(
+                    serve_demo, settings, running.url, settings.server.host, args.port
+                )
+                page = f"http://{settings.server.host}:{port}/"
+                log.info(
+                    "demo ready: open two tabs",
+                    alice=f"{page}?user=alice&callee=bob",
+                    bob=f"{page}?user=bob&callee=alice",
+                    signaling=running.url,
+                )
+                async for _ in signals:
+                    with trio.move_on_after(settings.server.drain_timeout + 1):
+                        await running.shutdown()
+                    nursery.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(main)
+    finally:
+        audit.close()
     return 0
 
 
@@ -226,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check-config": _check_config,
         "revoke": _revoke,
         "audit": _audit,
+        "demo": _demo,
     }
     try:
         return handlers[args.command](args)

@@ -12,7 +12,7 @@ from functools import partial
 import h11
 import trio
 
-Route = Callable[[], tuple[int, bytes, bytes]]  # -> (status, content type, body)
+Route = Callable[[str], tuple[int, bytes, bytes]]  # query string -> (status, content type, body)
 MAX_REQUEST_BYTES = 16384
 REQUEST_TIMEOUT = 5.0
 
@@ -32,9 +32,11 @@ async def _answer(routes: dict[str, Route], stream: trio.SocketStream) -> None:
                 if isinstance(event, h11.Request):
                     break
                 return
-            path = event.target.decode("ascii", "replace").split("?", 1)[0]
+            path, _, query = event.target.decode("ascii", "replace").partition("?")
             route = routes.get(path) if event.method == b"GET" else None
-            status, content_type, body = route() if route else (404, b"text/plain", b"not found\n")
+            status, content_type, body = (
+                route(query) if route else (404, b"text/plain", b"not found\n")
+            )
             await stream.send_all(
                 connection.send(
                     h11.Response(

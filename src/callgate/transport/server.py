@@ -261,13 +261,13 @@ async def serve(
 
 
 def _routes(hub: ConnectionHub) -> dict[str, Route]:
-    def metrics() -> tuple[int, bytes, bytes]:
+    def metrics(_: str) -> tuple[int, bytes, bytes]:
         return 200, CONTENT_TYPE_LATEST.encode(), hub.metrics.exposition()
 
-    def healthz() -> tuple[int, bytes, bytes]:
+    def healthz(_: str) -> tuple[int, bytes, bytes]:
         return 200, b"text/plain", b"ok\n"
 
-    def readyz() -> tuple[int, bytes, bytes]:
+    def readyz(_: str) -> tuple[int, bytes, bytes]:
         # Ready only while accepting: a draining node leaves the load balancer's rotation.
         ready = hub.accepting
         return (200, b"text/plain", b"ready\n") if ready else (503, b"text/plain", b"draining\n")
