@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 import trio
 
@@ -92,3 +95,20 @@ async def test_closed_is_raised_from_the_iterator(harness: Harness) -> None:
             async for _ in alice.events():
                 pass
         assert closed.value.code == 4001
+
+
+async def test_the_readme_example_runs(gate: Harness) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    example = (
+        readme.split("## A call from Python", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    )
+    code = "\n".join(line for line in example.splitlines() if not line.startswith("trio.run("))
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    async with connect(gate.url, token_for("bob")) as bob, trio.open_nursery() as nursery:
+        nursery.start_soon(namespace["main"], gate.url, token_for("alice"), SDP_OFFER)
+        ring = await bob.next_event()
+        assert isinstance(ring, CallRequested) and ring.call_id == "7f1c-call"
+        await bob.answer(ring.call_id, "alice", SDP_ANSWER)
+        await bob.end(ring.call_id, "alice")  # main() keeps listening; end it from here
+        nursery.cancel_scope.deadline = trio.current_time() + 1

@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from ssl import SSLContext
 from typing import Any
@@ -390,6 +390,20 @@ class Client:
 
 
 @asynccontextmanager
+async def _closing_stream(
+    opening: AbstractAsyncContextManager[WebSocketConnection],
+) -> AsyncIterator[WebSocketConnection]:
+    """trio-websocket's client keeps its TCP stream open after a close the server started
+    (it waits for the server's TCP close, then never closes its own): close it on the way out."""
+    async with opening as ws:
+        try:
+            yield ws
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await ws._stream.aclose()
+
+
+@asynccontextmanager
 async def connect(
     url: str,
     token: str,
@@ -402,7 +416,7 @@ async def connect(
     Raises:
         Closed: the server refused the token (code 4001 or 4003) or the connection.
     """
-    async with open_websocket_url(url, ssl_context) as ws:
+    async with _closing_stream(open_websocket_url(url, ssl_context)) as ws:
         auth: dict[str, Any] = {"token": token}
         if resume is not None:
             auth["resume"] = resume
