@@ -248,3 +248,25 @@ def test_rendering() -> None:
         "pingTimeout": 20000,
         "maxPayload": 65536,
     }
+
+
+async def test_engine_heartbeat_drops_a_silent_client(harness: Harness) -> None:
+    """A raw Engine.IO client that signs in and then never answers the server's pings."""
+    from trio_websocket import connect_websocket_url
+
+    await harness.start(make_settings(socketio={"ping_interval": 0.2, "ping_timeout": 0.2}))
+    base = harness.url.removesuffix("/ws")
+    ws = await connect_websocket_url(
+        harness.nursery, base + "/socket.io/?EIO=4&transport=websocket"
+    )
+    opened = json.loads((await ws.get_message())[1:])
+    assert opened["pingInterval"] == 200 and opened["upgrades"] == []
+    await ws.send_message("40" + json.dumps({"token": token_for("ghost")}))
+    assert (await ws.get_message()).startswith("40")
+    assert (await ws.get_message()).startswith('42["session"')
+    with trio.fail_after(STEP):  # pings arrive; we never answer "3"
+        while not any(
+            r.get("reason") == "ping timeout" for r in harness.audit.records("conn.close")
+        ):
+            await trio.sleep(0.05)
+    await ws._stream.aclose()
