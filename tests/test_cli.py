@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,30 +32,25 @@ def test_check_config(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Non
     assert "server.port" in capsys.readouterr().err
 
 
-def test_serve_refuses_development_secret_off_loopback() -> None:
-    result = subprocess.run(
+def serve_off_loopback(**env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [sys.executable, "-m", "callgate", "serve", "--config", str(SHIPPED), "--host", "0.0.0.0"],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
+        env={**os.environ, **env},
     )
+
+
+def test_serve_refuses_development_secret_off_loopback() -> None:
+    result = serve_off_loopback()
     assert result.returncode == 2
     assert "development secret" in result.stderr
 
 
 def test_serve_refuses_development_audit_key_off_loopback() -> None:
-    import os
-
-    env = {**os.environ, "CALLGATE_AUTH_SECRET": "an-operator-secret-that-is-long-enough!!"}
-    result = subprocess.run(
-        [sys.executable, "-m", "callgate", "serve", "--config", str(SHIPPED), "--host", "0.0.0.0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=env,
-    )
+    result = serve_off_loopback(CALLGATE_AUTH_SECRET="an-operator-secret-that-is-long-enough!!")
     assert result.returncode == 2
     assert "audit.key" in result.stderr
     assert "CALLGATE_AUDIT_KEY" in result.stderr

@@ -262,8 +262,8 @@ async def test_engine_heartbeat_drops_a_silent_client(harness: Harness) -> None:
     opened = json.loads((await ws.get_message())[1:])
     assert opened["pingInterval"] == 200 and opened["upgrades"] == []
     await ws.send_message("40" + json.dumps({"token": token_for("ghost")}))
-    assert (await ws.get_message()).startswith("40")
-    assert (await ws.get_message()).startswith('42["session"')
+    assert str(await ws.get_message()).startswith("40")
+    assert str(await ws.get_message()).startswith('42["session"')
     with trio.fail_after(STEP):  # pings arrive; we never answer "3"
         while not any(
             r.get("reason") == "ping timeout" for r in harness.audit.records("conn.close")

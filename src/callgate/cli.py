@@ -6,7 +6,7 @@ import argparse
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import trio
@@ -105,25 +105,23 @@ def _refuse_development_secret_off_loopback(settings: Settings) -> None:
         )
 
 
-def _serve(args: argparse.Namespace) -> int:
-    configure_logging(level=args.log_level)
-    settings = _with_overrides(load_settings(args.config), args.host, args.port)
-    _refuse_development_secret_off_loopback(settings)
+Announce = Callable[[RunningServer, trio.Nursery], Awaitable[None]]
+
+
+def _run_until_signalled(settings: Settings, announce: Announce) -> int:
+    """Serve until SIGTERM or SIGINT, then drain; SIGHUP reloads keys and revocations.
+
+    Signals are received as messages, so SIGINT/SIGTERM drain instead of interrupting.
+    """
     audit = AuditLog.open(settings.audit)
     if not audit.tamper_evident:
         log.warning("audit.key is not set: audit records are numbered but not tamper-evident")
 
     async def main() -> None:
-        # Signals are received as messages, so SIGINT/SIGTERM drain instead of interrupting.
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 running: RunningServer = await nursery.start(serve, settings, audit)
-                log.info("listening", url=running.url, audit=settings.audit.path)
-                if uses_development_secret(settings):
-                    log.warning(
-                        "development secret in use: loopback only",
-                        mint_with="callgate token alice --config config/callgate.toml",
-                    )
+                await announce(running, nursery)
                 async for signum in signals:
                     if signum == signal.SIGHUP:
                         log.info("SIGHUP: reloading keys and revocations")
@@ -143,39 +141,41 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    configure_logging(level=args.log_level)
+    settings = _with_overrides(load_settings(args.config), args.host, args.port)
+    _refuse_development_secret_off_loopback(settings)
+
+    async def announce(running: RunningServer, _: trio.Nursery) -> None:
+        log.info("listening", url=running.url, audit=settings.audit.path)
+        if uses_development_secret(settings):
+            log.warning(
+                "development secret in use: loopback only",
+                mint_with="callgate token alice --config config/callgate.toml",
+            )
+
+    return _run_until_signalled(settings, announce)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from callgate.demo import check_demo_allowed, serve_demo
 
     configure_logging()
     settings = load_settings(args.config)
     check_demo_allowed(settings)
-    audit = AuditLog.open(settings.audit)
 
-    async def main() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-                running: RunningServer = await nursery.start(serve, settings, audit)
-                port = await nursery.start(
-                    serve_demo, settings, running.url, settings.server.host, args.port
-                )
-                page = f"http://{settings.server.host}:{port}/"
-                log.info(
-                    "demo ready: open two tabs",
-                    alice=f"{page}?user=alice&callee=bob",
-                    bob=f"{page}?user=bob&callee=alice",
-                    signaling=running.url,
-                )
-                async for _ in signals:
-                    with trio.move_on_after(settings.server.drain_timeout + 1):
-                        await running.shutdown()
-                    nursery.cancel_scope.cancel()
-                    break
+    async def announce(running: RunningServer, nursery: trio.Nursery) -> None:
+        host = settings.server.host
+        port = await nursery.start(serve_demo, settings, running.url, host, args.port)
+        page = f"http://{host}:{port}/"
+        log.info(
+            "demo ready: open two tabs",
+            alice=f"{page}?user=alice&callee=bob",
+            bob=f"{page}?user=bob&callee=alice",
+            signaling=running.url,
+        )
 
-    try:
-        trio.run(main)
-    finally:
-        audit.close()
-    return 0
+    return _run_until_signalled(settings, announce)
 
 
 def _token(args: argparse.Namespace) -> int:
