@@ -1,0 +1,280 @@
+"""bench/run: callgate and the Socket.IO reference, side by side, on this machine, in one run.
+
+Each workload starts a fresh server pinned to one core (`taskset -c 1`) and a load generator pinned
+to another (`taskset -c 0`), both on loopback. The server's CPU time (user + system, from
+/proc/PID/stat) is sampled when the generator starts and ends its measured phase; its memory
+(VmRSS) before the storm and once every client is connected and idle. Results go to
+bench/results/latest.jsonl (one line per server and workload) and bench/results/latest.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).parent
+ROOT = BENCH.parent
+SECRET = "bench-secret-that-is-long-enough-for-hs256-keys"  # noqa: S105 - loopback benchmark only
+TICK = os.sysconf("SC_CLK_TCK")
+SERVER_CORE, LOADGEN_CORE = "1", "0"
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    label: str
+    config: dict[str, Any]
+
+
+def plan(smoke: bool, big: bool) -> list[Workload]:
+    if smoke:  # seconds in all: proves the machinery works, measures nothing
+        return [
+            Workload("W1", "saturated forwarding", {"pairs": 2, "window": 4, "seconds": 0.5}),
+            Workload("W2", "sparse forwarding 200/s", {"pairs": 2, "rate": 200, "seconds": 0.5}),
+            Workload("W3", "connect storm, 50 clients", {"clients": 50, "idle_ms": 200}),
+            Workload("W4", "call setup", {"pairs": 2, "calls": 5}),
+        ]
+    workloads = [
+        Workload(
+            "W1",
+            "saturated forwarding, 50 pairs x 32 in flight",
+            {"pairs": 50, "window": 32, "seconds": 5},
+        ),
+        Workload("W2", "sparse forwarding, 2,000 msg/s", {"pairs": 50, "rate": 2000, "seconds": 5}),
+        Workload(
+            "W2", "sparse forwarding, 10,000 msg/s", {"pairs": 50, "rate": 10000, "seconds": 5}
+        ),
+        Workload("W3", "connect storm, 10,000 clients", {"clients": 10000}),
+        Workload("W4", "call setup, 3 KB SDP", {"pairs": 50, "calls": 40}),
+    ]
+    if big:
+        workloads.append(
+            Workload("W3", "connect storm, 50,000 clients", {"clients": 50000, "limit_s": 300})
+        )
+    return workloads
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _raise_fd_limit() -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 200_000
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, max(hard, wanted)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def pinned(core: str, command: list[str]) -> list[str]:
+    return ["taskset", "-c", core, *command] if shutil.which("taskset") else command
+
+
+class Server:
+    def __init__(self, target: str, port: int, workdir: Path) -> None:
+        self.target = target
+        self.port = port
+        env = {**os.environ}
+        if target == "reference":
+            command = ["node", str(BENCH / "reference" / "server.mjs"), str(port)]
+            ready = b"listening"
+        else:
+            command = [
+                sys.executable,
+                "-m",
+                "callgate",
+                "serve",
+                "--config",
+                str(BENCH / "callgate-bench.toml"),
+                "--port",
+                str(port),
+            ]
+            env |= {
+                "CALLGATE_AUTH_SECRET": SECRET,
+                "CALLGATE_AUDIT_PATH": str(workdir / f"audit-{port}.log"),
+            }
+            ready = b'"listening"'
+        self.process = subprocess.Popen(  # noqa: S603 - our own commands
+            pinned(SERVER_CORE, command),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=_raise_fd_limit,
+        )
+        deadline = time.monotonic() + 30
+        assert self.process.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"{target} exited before listening")
+            if ready in line:
+                return
+        raise RuntimeError(f"{target} did not start")
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}" + ("/ws" if self.target == "callgate" else "")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def run_workload(server: Server, workload: Workload) -> dict[str, Any]:
+    config = {
+        "target": server.target,
+        "url": server.url,
+        "secret": SECRET,
+        "workload": workload.name,
+        **workload.config,
+    }
+    pid = server.process.pid
+    generator = subprocess.Popen(  # noqa: S603
+        pinned(LOADGEN_CORE, ["node", str(BENCH / "loadgen" / "loadgen.mjs"), json.dumps(config)]),
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=_raise_fd_limit,
+    )
+    assert generator.stdout is not None
+    measured: dict[str, Any] = {}
+    rss_before = rss_kib(pid)
+    for line in generator.stdout:
+        message = json.loads(line)
+        phase = message.get("phase")
+        if phase == "start":
+            measured["cpu_start"], measured["rss_start"] = cpu_seconds(pid), rss_kib(pid)
+        elif phase == "end":
+            measured["cpu_end"] = cpu_seconds(pid)
+        elif phase == "idle":
+            measured["rss_idle"] = rss_kib(pid)
+        elif "result" in message or "error" in message:
+            measured.update(message)
+    generator.wait(30)
+    result: dict[str, Any] = dict(measured.get("result") or {})
+    if "error" in measured:
+        result["error"] = measured["error"]
+    cpu = measured.get("cpu_end", 0.0) - measured.get("cpu_start", 0.0)
+    result["server_cpu_s"] = round(cpu, 4)
+    units = result.get("messages") or result.get("connections") or result.get("calls")
+    if units:
+        per = "conn" if "connections" in result else "call" if "calls" in result else "msg"
+        result[f"cpu_us_per_{per}"] = round(cpu * 1e6 / units, 2)
+    if "rss_idle" in measured and result.get("connections"):
+        grown = measured["rss_idle"] - measured.get("rss_start", rss_before)
+        result["kib_per_idle_conn"] = round(grown / result["connections"], 2)
+        result["server_rss_kib"] = measured["rss_idle"]
+    return result
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """callgate and the reference side by side, with the ratio."""
+    metrics = [
+        ("rate", "msg/s or conn/s", True),
+        ("cpu_us_per_msg", "server CPU µs/msg", False),
+        ("cpu_us_per_conn", "server CPU µs/conn", False),
+        ("kib_per_idle_conn", "KiB per idle conn", False),
+        ("p50_ms", "p50 ms", False),
+        ("p99_ms", "p99 ms", False),
+        ("max_ms", "max ms", False),
+    ]
+    by_key: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        by_key.setdefault((row["workload"], row["label"]), {})[row["target"]] = row["result"]
+    lines = [
+        "| workload | metric | callgate | reference | callgate / reference |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for (name, label), results in by_key.items():
+        ours, theirs = results.get("callgate", {}), results.get("reference", {})
+        for key, title, _higher_is_better in metrics:
+            if key not in ours and key not in theirs:
+                continue
+            a, b = ours.get(key), theirs.get(key)
+            ratio = (
+                f"{a / b:.2f}x"
+                if isinstance(a, int | float) and isinstance(b, int | float) and b
+                else "-"
+            )
+            lines.append(f"| {name} {label} | {title} | {_fmt(a)} | {_fmt(b)} | {ratio} |")
+        for target, result in results.items():
+            if "error" in result:
+                lines.append(f"| {name} {label} | error ({target}) | {result['error']} | | |")
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.2f}" if value < 1000 else f"{value:,.0f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="tiny counts: seconds, for CI")
+    parser.add_argument("--big", action="store_true", help="also W3 with 50,000 clients")
+    parser.add_argument("--only", help="run only this workload (W1..W4)")
+    parser.add_argument("--out", type=Path, default=BENCH / "results")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    port = 18700
+    with tempfile.TemporaryDirectory() as workdir:
+        for workload in plan(args.smoke, args.big):
+            if args.only and workload.name != args.only:
+                continue
+            for target in ("reference", "callgate"):
+                port += 1
+                server = Server(target, port, Path(workdir))
+                try:
+                    result = run_workload(server, workload)
+                finally:
+                    server.stop()
+                row = {
+                    "workload": workload.name,
+                    "label": workload.label,
+                    "target": target,
+                    "config": workload.config,
+                    "result": result,
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    name = "smoke" if args.smoke else "latest"
+    (args.out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    markdown = (
+        f"Run {when} on {machine}; server on core {SERVER_CORE}, load generator on core"
+        f" {LOADGEN_CORE}.\n\n{table(rows)}\n"
+    )
+    (args.out / f"{name}.md").write_text(markdown)
+    print(markdown)
+    return 1 if any("error" in r["result"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,43 @@
+"""The benchmark cannot rot: a smoke run (tiny counts, seconds) of every workload on both servers.
+
+No timing is asserted here: speed lives in bench/run and docs/performance.md, never in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+READY = shutil.which("node") and all(
+    (ROOT / "bench" / folder / "node_modules").is_dir() for folder in ("reference", "loadgen")
+)
+
+
+@pytest.mark.skipif(
+    not READY, reason="Node or the bench's npm packages missing (scripts/test installs them)"
+)
+def test_bench_smoke_run(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "runner.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "smoke.jsonl").read_text().splitlines()]
+    assert {(r["workload"], r["target"]) for r in rows} == {
+        (w, t) for w in ("W1", "W2", "W3", "W4") for t in ("callgate", "reference")
+    }
+    for row in rows:
+        assert "error" not in row["result"], row
+    table = (tmp_path / "smoke.md").read_text()
+    assert "| callgate | reference | callgate / reference |" in table
