@@ -28,6 +28,8 @@ ROOT = BENCH.parent
 SECRET = "bench-secret-that-is-long-enough-for-hs256-keys"  # noqa: S105 - loopback benchmark only
 TICK = os.sysconf("SC_CLK_TCK")
 SERVER_CORE, LOADGEN_CORE = "1", "0"
+# callgate on each connection engine, and the reference.
+TARGETS = ("reference", "callgate", "callgate-wsproto")
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,8 @@ class Server:
         self.target = target
         self.port = port
         env = {**os.environ}
+        if target == "callgate-wsproto":
+            env["CALLGATE_SERVER_ENGINE"] = "wsproto"
         if target == "reference":
             command = ["node", str(BENCH / "reference" / "server.mjs"), str(port)]
             ready = b"listening"
@@ -123,17 +127,19 @@ class Server:
         )
         deadline = time.monotonic() + 30
         assert self.process.stdout is not None
+        output = b""
         while time.monotonic() < deadline:
             line = self.process.stdout.readline()
+            output += line
             if not line:
-                raise RuntimeError(f"{target} exited before listening")
+                raise RuntimeError(f"{target} exited before listening: {output[-2000:]!r}")
             if ready in line:
                 return
         raise RuntimeError(f"{target} did not start")
 
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}" + ("/ws" if self.target == "callgate" else "")
+        return f"ws://127.0.0.1:{self.port}" + ("" if self.target == "reference" else "/ws")
 
     def stop(self) -> None:
         self.process.terminate()
@@ -145,7 +151,7 @@ class Server:
 
 def run_workload(server: Server, workload: Workload) -> dict[str, Any]:
     config = {
-        "target": server.target,
+        "target": "reference" if server.target == "reference" else "callgate",
         "url": server.url,
         "secret": SECRET,
         "workload": workload.name,
@@ -190,39 +196,44 @@ def run_workload(server: Server, workload: Workload) -> dict[str, Any]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """callgate and the reference side by side, with the ratio."""
+    """callgate on both engines and the reference side by side, with ratios to the reference."""
     metrics = [
-        ("rate", "msg/s or conn/s", True),
-        ("cpu_us_per_msg", "server CPU µs/msg", False),
-        ("cpu_us_per_conn", "server CPU µs/conn", False),
-        ("kib_per_idle_conn", "KiB per idle conn", False),
-        ("p50_ms", "p50 ms", False),
-        ("p99_ms", "p99 ms", False),
-        ("max_ms", "max ms", False),
+        ("rate", "msg/s or conn/s"),
+        ("cpu_us_per_msg", "server CPU µs/msg"),
+        ("cpu_us_per_conn", "server CPU µs/conn"),
+        ("kib_per_idle_conn", "KiB per idle conn"),
+        ("p50_ms", "p50 ms"),
+        ("p99_ms", "p99 ms"),
+        ("max_ms", "max ms"),
     ]
     by_key: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
     for row in rows:
         by_key.setdefault((row["workload"], row["label"]), {})[row["target"]] = row["result"]
     lines = [
-        "| workload | metric | callgate | reference | callgate / reference |",
-        "|---|---|---:|---:|---:|",
+        "| workload | metric | callgate (trio-websocket) | callgate (wsproto) | reference"
+        " | ratio trio-websocket | ratio wsproto |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for (name, label), results in by_key.items():
-        ours, theirs = results.get("callgate", {}), results.get("reference", {})
-        for key, title, _higher_is_better in metrics:
-            if key not in ours and key not in theirs:
+        ours, fast = results.get("callgate", {}), results.get("callgate-wsproto", {})
+        theirs = results.get("reference", {})
+        for key, title in metrics:
+            if not any(key in r for r in (ours, fast, theirs)):
                 continue
-            a, b = ours.get(key), theirs.get(key)
-            ratio = (
-                f"{a / b:.2f}x"
-                if isinstance(a, int | float) and isinstance(b, int | float) and b
-                else "-"
+            a, w, b = ours.get(key), fast.get(key), theirs.get(key)
+            lines.append(
+                f"| {name} {label} | {title} | {_fmt(a)} | {_fmt(w)} | {_fmt(b)}"
+                f" | {_ratio(a, b)} | {_ratio(w, b)} |"
             )
-            lines.append(f"| {name} {label} | {title} | {_fmt(a)} | {_fmt(b)} | {ratio} |")
         for target, result in results.items():
             if "error" in result:
-                lines.append(f"| {name} {label} | error ({target}) | {result['error']} | | |")
+                lines.append(f"| {name} {label} | error ({target}) | {result['error']} | | | | |")
     return "\n".join(lines)
+
+
+def _ratio(ours: Any, theirs: Any) -> str:
+    numbers = isinstance(ours, int | float) and isinstance(theirs, int | float)
+    return f"{ours / theirs:.2f}x" if numbers and theirs else "-"
 
 
 def _fmt(value: Any) -> str:
@@ -247,7 +258,7 @@ def main() -> int:
         for workload in plan(args.smoke, args.big):
             if args.only and workload.name != args.only:
                 continue
-            for target in ("reference", "callgate"):
+            for target in TARGETS:
                 port += 1
                 server = Server(target, port, Path(workdir))
                 try:

@@ -151,17 +151,23 @@ class Client:
 ClientFactory = Callable[..., Awaitable[Client]]
 
 
+ENGINES = ["trio-websocket", "wsproto"]
+
+
 class Harness:
-    def __init__(self, nursery: trio.Nursery) -> None:
+    def __init__(self, nursery: trio.Nursery, engine: str | None = None) -> None:
         self.nursery = nursery
+        self.engine = engine
         self.audit = AuditCapture()
         self.server: RunningServer | None = None
         self.clients: list[Client] = []
 
     async def start(self, settings: Settings | None = None) -> RunningServer:
-        running: RunningServer = await self.nursery.start(
-            serve, settings or make_settings(), self.audit.log
-        )
+        settings = settings or make_settings()
+        if self.engine is not None:
+            server = {**settings.server.model_dump(), "engine": self.engine}
+            settings = Settings.model_validate({**settings.model_dump(), "server": server})
+        running: RunningServer = await self.nursery.start(serve, settings, self.audit.log)
         self.server = running
         return running
 
@@ -209,9 +215,10 @@ class Harness:
                 await trio.sleep(0.01)
 
 
-@pytest.fixture
-async def harness(nursery: trio.Nursery) -> AsyncIterator[Harness]:
-    h = Harness(nursery)
+@pytest.fixture(params=ENGINES)
+async def harness(nursery: trio.Nursery, request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    """Every end-to-end test runs on both connection engines."""
+    h = Harness(nursery, engine=request.param)
     with structlog.testing.capture_logs() as logs:
         yield h
     # The server contains a crashing connection and only logs it: that must fail the test.

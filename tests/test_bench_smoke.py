@@ -35,9 +35,11 @@ def test_bench_smoke_run(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "smoke.jsonl").read_text().splitlines()]
     assert {(r["workload"], r["target"]) for r in rows} == {
-        (w, t) for w in ("W1", "W2", "W3", "W4") for t in ("callgate", "reference")
+        (w, t)
+        for w in ("W1", "W2", "W3", "W4")
+        for t in ("callgate", "callgate-wsproto", "reference")
     }
     for row in rows:
         assert "error" not in row["result"], row
     table = (tmp_path / "smoke.md").read_text()
-    assert "| callgate | reference | callgate / reference |" in table
+    assert "| callgate (trio-websocket) | callgate (wsproto) | reference |" in table

@@ -112,3 +112,12 @@ async def test_audit_log_never_holds_sdp_candidates_or_tokens(gate: Harness) -> 
     assert alice_token.split(".")[1] not in text  # not even the claims part
     assert "call.renegotiated" in gate.audit.events()
     assert gate.audit.records("auth.failed")[0]["reason"] == "bad_signature"
+
+
+async def test_the_configured_engine_serves_the_connections(gate: Harness) -> None:
+    from callgate.transport.engine import WsprotoConnection
+
+    await gate.connect("alice")
+    assert gate.server is not None
+    (connection,) = gate.server.hub._live.values()
+    assert isinstance(connection.ws, WsprotoConnection) == (gate.engine == "wsproto")

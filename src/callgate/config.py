@@ -14,7 +14,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from limits import parse_many
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -63,6 +63,9 @@ class ServerSettings(_Section):
     ping_interval: float = Field(20.0, ge=0, le=3600)
     max_connections_per_user: int = Field(10, ge=1, le=10000)
     max_connections_per_address: int = Field(256, ge=1, le=1_000_000)
+    # The WebSocket implementation: trio-websocket (default), or wsproto driven directly,
+    # several times cheaper per message (docs/performance.md).
+    engine: Literal["trio-websocket", "wsproto"] = "trio-websocket"
 
 
 class AuthSettings(_Section):

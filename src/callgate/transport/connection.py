@@ -32,11 +32,11 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+from trio_websocket import CloseReason, ConnectionClosed
 
 from callgate.auth import INVALID, Identity, TokenVerifier
 from callgate.core.actions import (
@@ -76,7 +76,7 @@ from callgate.protocol.codec import (
 )
 from callgate.protocol.messages import Auth, Envelope, Ref
 from callgate.revocation import RevocationList
-from callgate.transport.listener import Accepted, Dialect
+from callgate.transport.listener import Accepted, Dialect, UpgradeRequest
 from callgate.transport.timers import Timers
 
 if TYPE_CHECKING:
@@ -96,6 +96,20 @@ class _CloseRequest:
     reason: str
 
 
+class MessageSocket(Protocol):
+    """The part of a WebSocket connection the transport uses (either engine's)."""
+
+    closed: CloseReason | None
+
+    async def get_message(self) -> str | bytes: ...
+
+    async def send_message(self, message: str) -> None: ...
+
+    async def ping(self) -> None: ...
+
+    async def aclose(self, code: int = 1000, reason: str | None = None) -> None: ...
+
+
 class PeerGone(Exception):
     """The client's socket closed under us (trio-websocket's ConnectionClosed, translated)."""
 
@@ -103,7 +117,7 @@ class PeerGone(Exception):
 class Connection:
     """One client socket: its id, its identity once authenticated, and its bounded outbox."""
 
-    def __init__(self, conn_id: str, ws: WebSocketConnection, addr: str, queue_size: int) -> None:
+    def __init__(self, conn_id: str, ws: MessageSocket, addr: str, queue_size: int) -> None:
         self.id = conn_id
         self.ws = ws
         self.addr = addr
@@ -171,16 +185,40 @@ class Connection:
             pass  # the connection is already finishing
 
     async def run_writer(self) -> None:
+        """Drain the outbox; everything queued when the writer wakes goes out in one write where
+        the engine can batch (wsproto), so a burst costs one `send_all`, not one per message."""
+        send_batch = getattr(self.ws, "send_messages", None)
         try:
-            async for item in self._outbox_reader:
-                if isinstance(item, _CloseRequest):
-                    await self.ws.aclose(item.code, item.reason)
-                    return
-                await self.ws.send_message(item)
+            async for first in self._outbox_reader:
+                batch: list[str | _CloseRequest] = [first]
+                while len(batch) < 256:
+                    try:
+                        batch.append(self._outbox_reader.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                texts: list[str] = []
+                for item in batch:
+                    if isinstance(item, _CloseRequest):
+                        await self._flush(texts, send_batch)
+                        await self.ws.aclose(item.code, item.reason)
+                        return
+                    texts.append(item)
+                await self._flush(texts, send_batch)
         except ConnectionClosed:
             return
         finally:
             self.writer_done.set()
+
+    async def _flush(self, texts: list[str], send_batch: Any) -> None:
+        if not texts:
+            return
+        if send_batch is not None:
+            await send_batch(texts)
+            texts.clear()
+            return
+        for text in texts:
+            await self.ws.send_message(text)
+        texts.clear()
 
     async def receive(self) -> str:
         """The next text frame.
@@ -210,7 +248,7 @@ _NO_RECONNECT = {
 class SocketIOConnection(Connection):
     """The same connection, framed as Engine.IO v4 / Socket.IO v5 (contract section 11)."""
 
-    def __init__(self, conn_id: str, ws: WebSocketConnection, addr: str, queue_size: int) -> None:
+    def __init__(self, conn_id: str, ws: MessageSocket, addr: str, queue_size: int) -> None:
         super().__init__(conn_id, ws, addr, queue_size)
         self.pong = trio.Event()
 
@@ -271,14 +309,14 @@ class SocketIOConnection(Connection):
         super().close(code, reason)
 
 
-def _header(request: WebSocketRequest, name: bytes) -> str | None:
+def _header(request: UpgradeRequest, name: bytes) -> str | None:
     for key, value in request.headers:
         if key.lower() == name:
             return value.decode("latin-1").strip()
     return None
 
 
-def _bearer_token(request: WebSocketRequest) -> str | None:
+def _bearer_token(request: UpgradeRequest) -> str | None:
     value = _header(request, b"authorization")
     if value is None:
         return None
@@ -479,7 +517,7 @@ class ConnectionHub:
     async def _converse(
         self,
         connection: Connection,
-        request: WebSocketRequest,
+        request: UpgradeRequest,
         query: str,
         nursery: trio.Nursery,
     ) -> None:
@@ -569,7 +607,7 @@ class ConnectionHub:
         return self.verifier.verify(token)
 
     async def _authenticate(
-        self, connection: Connection, request: WebSocketRequest, query: str
+        self, connection: Connection, request: UpgradeRequest, query: str
     ) -> tuple[Identity, Ref | None, str | None]:
         """Raises: AuthError, CloseConnection, PeerGone."""
         query_tokens = parse_qs(query).get("token")

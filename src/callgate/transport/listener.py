@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
 from functools import partial
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import h11
@@ -26,6 +27,7 @@ from trio_websocket import WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 
 from callgate.log import get_logger
+from callgate.transport.engine import handshake
 
 log = get_logger("callgate.listener")
 MAX_HEAD_BYTES = 16384
@@ -37,11 +39,25 @@ class Dialect(Enum):
     SOCKETIO = "socketio"  # Engine.IO v4 / Socket.IO v5 framing (contract section 11)
 
 
+class UpgradeRequest(Protocol):
+    """A WebSocket upgrade the handler may accept or reject (either engine's)."""
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]: ...
+
+    async def accept(self) -> Any: ...
+
+    async def reject(self, status_code: int, *, body: bytes) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Accepted:
     """What the front tells the connection handler about a new WebSocket."""
 
-    request: WebSocketRequest
+    request: UpgradeRequest
     addr: str
     dialect: Dialect
 
@@ -131,15 +147,15 @@ def _route(request: h11.Request, native_path: str, *, socketio: bool) -> Dialect
 class FrontSettings:
     native_path: str
     socketio: bool
+    engine: str
     max_message_size: int
     handshake_timeout: float
     close_timeout: float
 
 
 async def _serve_stream(front: FrontSettings, handler: Handler, stream: trio.abc.Stream) -> None:
-    connection: WebSocketConnection | None = None
     websocket_request: WebSocketRequest | None = None
-    dialect = Dialect.NATIVE
+    raw, dialect, ready = b"", Dialect.NATIVE, False
     try:
         with trio.move_on_after(front.handshake_timeout):
             head = await _read_head(stream)
@@ -150,14 +166,21 @@ async def _serve_stream(front: FrontSettings, handler: Handler, stream: trio.abc
             if isinstance(route, tuple):
                 await _respond(stream, *route)
                 return
-            dialect = route
-            connection = WebSocketConnection(
-                _Replay(stream, raw),
-                WSConnection(ConnectionType.SERVER),
-                max_message_size=front.max_message_size,
-            )
-        if connection is None:
+            dialect, ready = route, True
+        if not ready:
             return  # the head did not arrive in time
+        if front.engine == "wsproto":
+            upgrade = handshake(raw, stream, front.max_message_size)
+            if upgrade is None:
+                await _respond(stream, 400, "not a WebSocket upgrade")
+                return
+            await handler(Accepted(upgrade, _peer(stream), dialect))
+            return
+        connection = WebSocketConnection(
+            _Replay(stream, raw),
+            WSConnection(ConnectionType.SERVER),
+            max_message_size=front.max_message_size,
+        )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(connection._reader_task)
             with trio.move_on_after(front.handshake_timeout):

@@ -220,6 +220,7 @@ async def serve(
         front = FrontSettings(
             native_path=settings.server.path,
             socketio=settings.socketio.enabled,
+            engine=settings.server.engine,
             # trio-websocket counts characters; the byte limit is checked per message too.
             max_message_size=settings.server.max_message_bytes,
             handshake_timeout=settings.server.auth_timeout,

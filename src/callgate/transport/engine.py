@@ -1,0 +1,194 @@
+"""The `wsproto` connection engine: WebSocket frames without a task or a channel per message.
+
+trio-websocket gives every connection a reader task that hands each message to the handler
+through a memory channel, and sends each outgoing message with its own lock and `send_all`. That
+costs about four times the whole per-message budget of the reference server (docs/performance.md).
+This engine drives wsproto directly: `get_message` reads the socket and decodes every frame of
+that read inline, and `send_messages` writes everything a connection has queued in one `send_all`.
+
+It offers the small part of trio-websocket's interface the transport uses (`get_message`,
+`send_message`, `send_messages`, `ping`, `aclose`, `closed`; a request with `path`, `headers`,
+`accept`, `reject`), so `[server] engine` picks one or the other and nothing else changes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+
+import trio
+from trio_websocket import CloseReason, ConnectionClosed
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    Pong,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+from wsproto.utilities import RemoteProtocolError
+
+RECEIVE_BYTES = 65536
+
+
+class WsprotoConnection:
+    def __init__(self, stream: trio.abc.Stream, protocol: WSConnection, max_message_size: int):
+        self._stream = stream
+        self._protocol = protocol
+        self._max_message_size = max_message_size
+        self._send_lock = trio.StrictFIFOLock()
+        self._inbox: deque[str | bytes] = deque()
+        self._text: list[str] = []
+        self._binary: list[bytes] = []
+        self._size = 0
+        self._pongs: dict[bytes, trio.Event] = {}
+        self.closed: CloseReason | None = None
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    async def get_message(self) -> str | bytes:
+        """The next message. Raises: ConnectionClosed."""
+        while not self._inbox:
+            if self.closed is not None:
+                raise ConnectionClosed(self.closed)
+            try:
+                data = await self._stream.receive_some(RECEIVE_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                self._set_closed(1006, "connection lost")
+                continue
+            try:
+                self._protocol.receive_data(bytes(data))
+            except RemoteProtocolError:
+                self._set_closed(1002, "protocol error")
+                continue
+            await self._handle_events()
+        return self._inbox.popleft()
+
+    async def _handle_events(self) -> None:
+        for event in self._protocol.events():
+            if isinstance(event, TextMessage):
+                self._text.append(event.data)
+                self._size += len(event.data)
+                if self._size > self._max_message_size:
+                    await self.aclose(1009, "message too big")
+                    return
+                if event.message_finished:
+                    self._inbox.append("".join(self._text))
+                    self._text.clear()
+                    self._size = 0
+            elif isinstance(event, BytesMessage):
+                self._binary.append(bytes(event.data))
+                if event.message_finished:
+                    self._inbox.append(b"".join(self._binary))
+                    self._binary.clear()
+            elif isinstance(event, Ping):
+                await self._send(self._protocol.send(event.response()))
+            elif isinstance(event, Pong):
+                waiter = self._pongs.pop(bytes(event.payload), None)
+                if waiter is not None:
+                    waiter.set()
+            elif isinstance(event, CloseConnection):
+                if self._protocol.state is ConnectionState.REMOTE_CLOSING:
+                    await self._send(self._protocol.send(event.response()))
+                self._set_closed(event.code, event.reason or None)
+
+    def _set_closed(self, code: int, reason: str | None) -> None:
+        if self.closed is None:
+            self.closed = CloseReason(code, reason)
+
+    # -- sending -------------------------------------------------------------------------------
+
+    async def send_message(self, message: str) -> None:
+        await self.send_messages([message])
+
+    async def send_messages(self, messages: list[str]) -> None:
+        """Frame every message and write them all at once. Raises: ConnectionClosed."""
+        if self.closed is not None:
+            raise ConnectionClosed(self.closed)
+        data = b"".join(self._protocol.send(TextMessage(data=m)) for m in messages)
+        await self._send(data)
+
+    async def ping(self) -> None:
+        """Send a ping and wait for its pong. Raises: ConnectionClosed."""
+        payload = os.urandom(8)
+        waiter = trio.Event()
+        self._pongs[payload] = waiter
+        if self.closed is not None:
+            raise ConnectionClosed(self.closed)
+        await self._send(self._protocol.send(Ping(payload=payload)))
+        await waiter.wait()
+
+    async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
+        """Send a close frame (once) and stop writing; the peer's reply ends the read side."""
+        if self._protocol.state is ConnectionState.OPEN:
+            self._set_closed(code, reason)
+            try:
+                await self._send(self._protocol.send(CloseConnection(code=code, reason=reason)))
+            except ConnectionClosed:
+                return
+        self._set_closed(code, reason)
+
+    async def _send(self, data: bytes) -> None:
+        async with self._send_lock:
+            try:
+                await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._set_closed(1006, "connection lost")
+                raise ConnectionClosed(self.closed) from None
+
+
+class WsprotoRequest:
+    """The upgrade request, before the handler accepts or rejects it."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        protocol: WSConnection,
+        request: Request,
+        max_message_size: int,
+    ) -> None:
+        self._stream = stream
+        self._protocol = protocol
+        self._request = request
+        self._max_message_size = max_message_size
+
+    @property
+    def path(self) -> str:
+        return self._request.target
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(bytes(name), bytes(value)) for name, value in self._request.extra_headers]
+
+    async def accept(self) -> WsprotoConnection:
+        await self._stream.send_all(self._protocol.send(AcceptConnection()))
+        return WsprotoConnection(self._stream, self._protocol, self._max_message_size)
+
+    async def reject(self, status_code: int, *, body: bytes = b"") -> None:
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        data = self._protocol.send(
+            RejectConnection(status_code=status_code, headers=headers, has_body=bool(body))
+        )
+        if body:
+            data += self._protocol.send(RejectData(data=body))
+        await self._stream.send_all(data)
+
+
+def handshake(head: bytes, stream: trio.abc.Stream, max_message_size: int) -> WsprotoRequest | None:
+    """The WebSocket upgrade request in `head`, or None if it is not a valid one."""
+    protocol = WSConnection(ConnectionType.SERVER)
+    try:
+        protocol.receive_data(head)
+    except RemoteProtocolError:
+        return None
+    for event in protocol.events():
+        if isinstance(event, Request):
+            return WsprotoRequest(stream, protocol, event, max_message_size)
+    return None
