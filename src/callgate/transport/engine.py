@@ -31,7 +31,7 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
-from wsproto.utilities import RemoteProtocolError
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 RECEIVE_BYTES = 65536
 
@@ -89,15 +89,18 @@ class WsprotoConnection:
                     self._inbox.append(b"".join(self._binary))
                     self._binary.clear()
             elif isinstance(event, Ping):
-                await self._send(self._protocol.send(event.response()))
+                if self._protocol.state is ConnectionState.OPEN:
+                    await self._send(self._protocol.send(event.response()))
             elif isinstance(event, Pong):
                 waiter = self._pongs.pop(bytes(event.payload), None)
                 if waiter is not None:
                     waiter.set()
             elif isinstance(event, CloseConnection):
+                # Closed first: the writer may run while the reply is sent, and must not frame
+                # another message into a closing connection.
+                self._set_closed(event.code, event.reason or None)
                 if self._protocol.state is ConnectionState.REMOTE_CLOSING:
                     await self._send(self._protocol.send(event.response()))
-                self._set_closed(event.code, event.reason or None)
 
     def _set_closed(self, code: int, reason: str | None) -> None:
         if self.closed is None:
@@ -110,9 +113,12 @@ class WsprotoConnection:
 
     async def send_messages(self, messages: list[str]) -> None:
         """Frame every message and write them all at once. Raises: ConnectionClosed."""
-        if self.closed is not None:
-            raise ConnectionClosed(self.closed)
-        data = b"".join(self._protocol.send(TextMessage(data=m)) for m in messages)
+        if self.closed is not None or self._protocol.state is not ConnectionState.OPEN:
+            raise ConnectionClosed(self.closed or CloseReason(1006, "closing"))
+        try:
+            data = b"".join(self._protocol.send(TextMessage(data=m)) for m in messages)
+        except LocalProtocolError:
+            raise ConnectionClosed(self.closed or CloseReason(1006, "closing")) from None
         await self._send(data)
 
     async def ping(self) -> None:
@@ -120,8 +126,8 @@ class WsprotoConnection:
         payload = os.urandom(8)
         waiter = trio.Event()
         self._pongs[payload] = waiter
-        if self.closed is not None:
-            raise ConnectionClosed(self.closed)
+        if self.closed is not None or self._protocol.state is not ConnectionState.OPEN:
+            raise ConnectionClosed(self.closed or CloseReason(1006, "closing"))
         await self._send(self._protocol.send(Ping(payload=payload)))
         await waiter.wait()
 
