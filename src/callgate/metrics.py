@@ -73,6 +73,14 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_LiveGauges(live))
+        self._forwarded_by_event: dict[str, Any] = {}
+
+    def count_forwarded(self, event: str) -> None:
+        """Per delivered message: the labelled child is looked up once per event name."""
+        child = self._forwarded_by_event.get(event)
+        if child is None:
+            child = self._forwarded_by_event[event] = self.forwarded.labels(event)
+        child.inc()
 
     def observe_audit(self, event: str, fields: Mapping[str, Any]) -> None:
         if event in TERMINAL_CALL_EVENTS:

@@ -30,13 +30,20 @@ class RateLimiter:
 
     def _admit(self, items: list[RateLimitItem], *identifiers: str) -> int | None:
         """Count one hit against every window if all admit it; else seconds until one does."""
+        if len(items) == 1:  # the common case, and the per-message one: one call, not two
+            if self._limiter.hit(items[0], *identifiers):
+                return None
+            return self._retry_after(items[0], identifiers)
         for item in items:
             if not self._limiter.test(item, *identifiers):
-                stats = self._limiter.get_window_stats(item, *identifiers)
-                return max(1, math.ceil(stats.reset_time - time.time()))
+                return self._retry_after(item, identifiers)
         for item in items:
             self._limiter.hit(item, *identifiers)
         return None
+
+    def _retry_after(self, item: RateLimitItem, identifiers: tuple[str, ...]) -> int:
+        stats = self._limiter.get_window_stats(item, *identifiers)
+        return max(1, math.ceil(stats.reset_time - time.time()))
 
     def admit_call(self, caller: str, callee: str) -> Throttled | None:
         """The core's `CallThrottle`: per caller, then per caller and callee pair."""

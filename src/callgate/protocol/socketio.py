@@ -13,13 +13,12 @@ Client events become the same envelope objects the native protocol carries
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from callgate.errors import ErrorCode
-from callgate.protocol.codec import ProtocolError, parse_json
+from callgate.protocol.codec import ProtocolError, dump_json, parse_json
 
 ENGINE_OPEN, ENGINE_CLOSE, ENGINE_PING, ENGINE_PONG, ENGINE_MESSAGE = "0", "1", "2", "3", "4"
 CONNECT, DISCONNECT, EVENT, ACK, CONNECT_ERROR = 0, 1, 2, 3, 4
@@ -79,8 +78,7 @@ def event_envelope(packet: SocketPacket) -> dict[str, Any]:
     return envelope
 
 
-def _json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+_json = dump_json
 
 
 def open_packet(sid: str, ping_interval: float, ping_timeout: float, max_payload: int) -> str:

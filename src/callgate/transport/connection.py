@@ -402,7 +402,7 @@ class ConnectionHub:
                     if (connection := self._live.get(conn)) is not None:
                         connection.send_event(event, data)
                     if forwarded:
-                        self.metrics.forwarded.labels(event).inc()
+                        self.metrics.count_forwarded(event)
                 case Ack(conn=conn, ref=ref):
                     if (connection := self._live.get(conn)) is not None:
                         connection.send_ack(ref)
