@@ -49,6 +49,9 @@ async def test_a_whole_call(gate: Harness) -> None:
         await bob.end("c1", "alice")
         ended = await alice.next_event()
         assert isinstance(ended, CallEnded) and ended.reason is None and ended.peer == "bob"
+    await gate.settle()
+    # Leaving the context closes cleanly: a close frame, not a dropped socket.
+    assert [r["close_code"] for r in gate.audit.records("conn.close")] == [1000, 1000]
 
 
 async def test_refusals_raise_typed_errors(gate: Harness) -> None:

@@ -395,12 +395,15 @@ async def _closing_stream(
 ) -> AsyncIterator[WebSocketConnection]:
     """trio-websocket's client keeps its TCP stream open after a close the server started
     (it waits for the server's TCP close, then never closes its own): close it on the way out."""
-    async with opening as ws:
-        try:
+    stream: trio.abc.Stream | None = None
+    try:
+        async with opening as ws:  # its exit sends the close frame and waits for the reply
+            stream = ws._stream
             yield ws
-        finally:
+    finally:
+        if stream is not None:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await ws._stream.aclose()
+                await stream.aclose()
 
 
 @asynccontextmanager
