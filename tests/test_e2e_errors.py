@@ -387,3 +387,22 @@ async def test_socketio_long_polling_gets_a_clear_400(gate: Harness) -> None:
     assert head.startswith(b"HTTP/1.1 400")
     assert b"application/json" in head
     assert "transports: ['websocket']" in json.loads(body)["message"]
+
+
+async def test_an_endless_fragmented_binary_message_is_cut_off(harness: Harness) -> None:
+    """Fragments of one binary message past max_message_bytes close 1009 (before the 1003)."""
+    await harness.start(make_settings(server={"max_message_bytes": 4096}))
+    alice = await harness.connect("alice")
+    stream = alice.ws._stream
+
+    # A binary frame with FIN unset (a first fragment), masked as clients must, 3,000 bytes,
+    # then continuation fragments: together well past the limit.
+    def frame(opcode: int, payload: bytes, fin: bool) -> bytes:
+        mask = b"\x01\x02\x03\x04"
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        head = bytes([(0x80 if fin else 0) | opcode, 0x80 | 126]) + len(payload).to_bytes(2, "big")
+        return head + mask + masked
+
+    await stream.send_all(frame(0x2, b"x" * 3000, fin=False))
+    await stream.send_all(frame(0x0, b"x" * 3000, fin=False))
+    await alice.expect_closed(1009)

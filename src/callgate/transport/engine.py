@@ -84,10 +84,17 @@ class WsprotoConnection:
                     self._text.clear()
                     self._size = 0
             elif isinstance(event, BytesMessage):
+                # Refused whole by the transport (1003), but bounded here like text: a client
+                # must not grow the server's memory with one endless fragmented message.
                 self._binary.append(bytes(event.data))
+                self._size += len(event.data)
+                if self._size > self._max_message_size:
+                    await self.aclose(1009, "message too big")
+                    return
                 if event.message_finished:
                     self._inbox.append(b"".join(self._binary))
                     self._binary.clear()
+                    self._size = 0
             elif isinstance(event, Ping):
                 if self._protocol.state is ConnectionState.OPEN:
                     await self._send(self._protocol.send(event.response()))

@@ -26,8 +26,8 @@ from callgate.keys import MAX_JWKS_BYTES, load_keyring, parse_jwks
 from callgate.log import get_logger
 from callgate.ratelimit import RateLimiter
 from callgate.revocation import load_revocations
-from callgate.transport.connection import ConnectionHub
 from callgate.transport.http import Route, serve_http
+from callgate.transport.hub import ConnectionHub
 from callgate.transport.listener import FrontSettings, serve_front
 
 log = get_logger("callgate.server")

@@ -1,0 +1,570 @@
+"""The hub: every connection of a server, one task each, and the executor of the core's actions.
+
+One task per WebSocket: handshake checks, authentication, the read loop, and a bounded writer.
+
+Life of a connection
+--------------------
+1. Before the upgrade: the path (else 404), the `Origin` allow-list (else 403), and whether the
+   server is still accepting (else 503).
+2. After the upgrade, refusals close the *WebSocket* with a code, because browsers cannot read
+   the status of a failed upgrade: too many connections from the address or the user, or too many
+   handshakes (4029); a bad token (4001); a revoked token (4003).
+3. Authentication: `Authorization: Bearer` on the upgrade, or a first `auth` message within
+   `auth_timeout` (a `?token=` query parameter only when `allow_query_token` is on). A `resume`
+   session id (in the `auth` message, or the `Callgate-Resume` header) lets the switchboard hand
+   the new connection the calls of a dropped device.
+4. The read loop: size and type checks, the per-connection message limit, decoding, then the
+   switchboard. An `auth` message on an open connection renews the token (same user only).
+5. Beside it run the writer, the expiry watcher (`token-expiring` at `exp - refresh_before`,
+   close 4001 at `exp`) and the keepalive (a ping every `ping_interval`; no pong by the next one
+   drops the peer).
+6. Everything sent to the client goes through a bounded memory channel drained by the writer.
+   Senders never wait: a full channel means the client is not reading, and that connection alone
+   is aborted (close 1008), so one slow reader cannot slow anybody else.
+
+Failures of one connection end that connection only: `ConnectionHub.handle` catches `Exception`,
+so nothing a client does can reach the listener (whose nursery would otherwise stop serving).
+The per-socket classes, in both dialects, are in connection.py.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+import trio
+from trio_websocket import ConnectionClosed
+
+from callgate.auth import INVALID, Identity, TokenVerifier
+from callgate.core.actions import (
+    Ack,
+    Action,
+    Audit,
+    CancelTimer,
+    Close,
+    Deliver,
+    SendError,
+    StartTimer,
+)
+from callgate.core.events import (
+    Authenticated,
+    Disconnected,
+    Event,
+    MessageReceived,
+    RevocationChanged,
+    ShuttingDown,
+    TimerFired,
+    TimerId,
+    TokenRefreshed,
+)
+from callgate.errors import AuthError, CloseCode, CloseConnection, ErrorCode
+from callgate.ice import ice_servers
+from callgate.log import get_logger
+from callgate.metrics import Metrics
+from callgate.protocol import socketio as sio
+from callgate.protocol.codec import (
+    FieldLimits,
+    ProtocolError,
+    decode,
+)
+from callgate.protocol.messages import Auth, Ref
+from callgate.revocation import RevocationList
+from callgate.transport.connection import Connection, PeerGone, SocketIOConnection
+from callgate.transport.listener import Accepted, Dialect, UpgradeRequest
+from callgate.transport.timers import Timers
+
+if TYPE_CHECKING:
+    from callgate.audit import AuditLog
+    from callgate.config import Settings
+    from callgate.core.switchboard import Switchboard
+    from callgate.ratelimit import RateLimiter
+
+log = get_logger("callgate.connection")
+
+RESUME_HEADER = b"callgate-resume"
+
+
+def _header(request: UpgradeRequest, name: bytes) -> str | None:
+    for key, value in request.headers:
+        if key.lower() == name:
+            return value.decode("latin-1").strip()
+    return None
+
+
+def _bearer_token(request: UpgradeRequest) -> str | None:
+    value = _header(request, b"authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else ""
+
+
+def _trio_deadline(unix_time: float) -> float:
+    """The trio-clock moment of a unix time (such as a token's `exp`)."""
+    remaining = unix_time - time.time()
+    return trio.current_time() + max(0.0, remaining) if math.isfinite(remaining) else math.inf
+
+
+class ConnectionHub:
+    """All connections of one server, the executor of the switchboard's actions, and the holder
+    of what reloads change (keys, revocations)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        board: Switchboard,
+        verifier: TokenVerifier,
+        limiter: RateLimiter,
+        audit: AuditLog,
+        nursery: trio.Nursery,
+    ) -> None:
+        self._settings = settings
+        self._board = board
+        self.verifier = verifier
+        self._limiter = limiter
+        self._audit = audit
+        self._timers = Timers(nursery, self._on_timer)
+        self._live: dict[str, Connection] = {}  # authenticated
+        self._all: dict[str, Connection] = {}  # accepted, authenticated or not
+        self._per_address: Counter[str] = Counter()
+        self._field_limits = FieldLimits(**settings.validation.model_dump())
+        self.revocations = RevocationList()
+        self.metrics = Metrics(self.live_counts)
+        self.accepting = True
+        self._all_gone = trio.Event()
+        # Called (and awaited) when a token names an unknown `kid`; set when jwks_url is used.
+        self.refresh_remote_keys: Callable[[], Awaitable[bool]] | None = None
+
+    # -- inspection (tests) ------------------------------------------------------------------
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._all)
+
+    @property
+    def armed_timers(self) -> int:
+        return len(self._timers)
+
+    def live_counts(self) -> dict[str, dict[str, int]]:
+        """Connections and calls by state, for the metrics gauges."""
+        calls = {"ringing": 0, "connected": 0}
+        for call in self._board.calls:
+            calls[call.state.name.lower()] += 1
+        return {
+            "connections": {
+                "unauthenticated": len(self._all) - len(self._live),
+                "authenticated": len(self._live),
+                "held": self._board.held_devices(),
+            },
+            "calls": calls,
+        }
+
+    # -- executing the core's decisions ------------------------------------------------------
+
+    def audit(self, event: str, fields: Mapping[str, Any]) -> None:
+        """Every audit record goes through here: the trail, and the metrics derived from it."""
+        self._audit.write(event, fields)
+        self.metrics.observe_audit(event, fields)
+
+    def dispatch(self, event: Event, *, forwarded: bool = False) -> None:
+        self.execute(self._board.handle(event, trio.current_time()), forwarded=forwarded)
+
+    def execute(self, actions: list[Action], *, forwarded: bool = False) -> None:
+        """Carry out the core's actions; `forwarded` counts deliveries a client message caused."""
+        for action in actions:
+            match action:
+                case Deliver(conn=conn, event=event, data=data):
+                    if (connection := self._live.get(conn)) is not None:
+                        connection.send_event(event, data)
+                    if forwarded:
+                        self.metrics.count_forwarded(event)
+                case Ack(conn=conn, ref=ref):
+                    if (connection := self._live.get(conn)) is not None:
+                        connection.send_ack(ref)
+                case SendError(conn=conn, code=code, message=message, ref=ref, retry_after=retry):
+                    if (connection := self._live.get(conn)) is not None:
+                        connection.send_error(code, message, ref, retry)
+                    if code is ErrorCode.RATE_LIMITED:
+                        self._count_strike(conn)
+                case Audit(event=event, fields=fields):
+                    self.audit(event, fields)
+                case Close(conn=conn, code=code, reason=reason):
+                    connection = self._live.get(conn)
+                    if connection is not None:
+                        connection.close(code, reason)
+                case StartTimer(timer=timer, deadline=deadline):
+                    self._timers.start(timer, deadline)
+                case CancelTimer(timer=timer):
+                    self._timers.cancel(timer)
+
+    def _count_strike(self, conn_id: str) -> None:
+        connection = self._live.get(conn_id)
+        if connection is not None and self._limiter.is_flooding(conn_id):
+            connection.close(CloseCode.RATE_LIMIT_ABUSE, "rate limit exceeded")
+
+    def _on_timer(self, timer: TimerId) -> None:
+        self.dispatch(TimerFired(timer))
+
+    # -- reloads and shutdown ----------------------------------------------------------------
+
+    def apply_revocations(self, revocations: RevocationList) -> None:
+        self.revocations = revocations
+        self.dispatch(RevocationChanged(revocations.tokens, revocations.users))
+
+    async def shutdown(self) -> None:
+        """End every call, close every connection with 1001, wait up to `drain_timeout`."""
+        self.accepting = False
+        self.dispatch(ShuttingDown())
+        for connection in list(self._all.values()):
+            connection.close(CloseCode.GOING_AWAY, "server shutting down")
+        with trio.move_on_after(self._settings.server.drain_timeout):
+            if self._all:
+                await self._all_gone.wait()
+        for connection in list(self._all.values()):
+            connection.abort(CloseCode.GOING_AWAY, "server shutting down")
+
+    # -- one connection ----------------------------------------------------------------------
+
+    async def handle(self, accepted: Accepted) -> None:
+        """The front's handler. Contains every failure of this connection."""
+        conn_id = secrets.token_urlsafe(12)
+        try:
+            await self._serve(accepted, conn_id)
+        except Exception:
+            # The traceback has no locals (see callgate.log), so no token or SDP reaches it.
+            log.exception("connection failed", conn=conn_id)
+
+    async def _serve(self, accepted: Accepted, conn_id: str) -> None:
+        server = self._settings.server
+        request, addr = accepted.request, accepted.addr
+        target = urlsplit(request.path)
+        origin = _header(request, b"origin")
+        if server.allowed_origins and origin is not None and origin not in server.allowed_origins:
+            self.audit("conn.refused", {"addr": addr, "code": 403})
+            await request.reject(403, body=b'{"message": "origin not allowed"}')
+            return
+        if not self.accepting:
+            await request.reject(503, body=b'{"message": "server shutting down"}')
+            return
+        kind = SocketIOConnection if accepted.dialect is Dialect.SOCKETIO else Connection
+        connection = kind(conn_id, await request.accept(), addr, server.outbound_queue)
+        self._all[conn_id] = connection
+        self._per_address[addr] += 1
+        self.audit("conn.open", {"conn": conn_id, "addr": addr})
+        try:
+            with connection.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(connection.run_writer)
+                    try:
+                        await self._converse(connection, request, target.query, nursery)
+                    except PeerGone:
+                        pass
+                    except CloseConnection as close:
+                        connection.close(close.close_code, close.reason)
+                        # Let the writer flush what is queued (the error, say) and the close frame.
+                        with trio.move_on_after(server.close_timeout):
+                            await connection.writer_done.wait()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._forget(connection)
+
+    def _forget(self, connection: Connection) -> None:
+        """Synchronous cleanup: runs even when the connection was cancelled."""
+        self._all.pop(connection.id, None)
+        self._per_address[connection.addr] -= 1
+        if self._per_address[connection.addr] <= 0:
+            del self._per_address[connection.addr]
+        if self._live.pop(connection.id, None) is not None:
+            self.dispatch(Disconnected(connection.id))
+        if connection.close_code == CloseCode.POLICY_VIOLATION:
+            self.metrics.queue_drops.inc()
+        closed = connection.ws.closed
+        code = connection.close_code or (closed.code if closed is not None else None)
+        reason = connection.close_reason or (closed.reason if closed is not None else None)
+        self.audit(
+            "conn.close",
+            {"conn": connection.id, "user": connection.user, "close_code": code, "reason": reason},
+        )
+        if not self._all:
+            self._all_gone.set()
+            self._all_gone = trio.Event()
+
+    async def _converse(
+        self,
+        connection: Connection,
+        request: UpgradeRequest,
+        query: str,
+        nursery: trio.Nursery,
+    ) -> None:
+        socketio = isinstance(connection, SocketIOConnection)
+        try:
+            self._admit_address(connection)
+            if isinstance(connection, SocketIOConnection):
+                nursery.start_soon(self._engine_heartbeat, connection)
+                identity, resume = await self._authenticate_socketio(connection)
+                ref: Ref | None = None
+            else:
+                identity, ref, resume = await self._authenticate(connection, request, query)
+            self._check_not_revoked(identity)
+        except CloseConnection as refused:
+            if refused.close_code != CloseCode.RATE_LIMIT_ABUSE:
+                detail = refused.detail if isinstance(refused, AuthError) else refused.reason
+                self.audit(
+                    "auth.failed",
+                    {"conn": connection.id, "addr": connection.addr, "reason": detail},
+                )
+            if isinstance(connection, SocketIOConnection):
+                connection.refuse(refused.close_code, refused.reason, refused.reason)
+            raise
+        if len(self._board.devices_of(identity.user)) >= (
+            self._settings.server.max_connections_per_user
+        ):
+            self.metrics.rate_limited.labels("connections_per_user").inc()
+            raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "too many connections")
+        connection.identity = identity
+        self._live[connection.id] = connection
+        if socketio:
+            connection.push(sio.connected_packet(connection.id))
+        self.dispatch(
+            Authenticated(
+                connection.id,
+                identity.user,
+                session_id=secrets.token_urlsafe(24),
+                session=self._session_data(connection, identity),
+                resume=resume,
+                token_id=identity.token_id,
+                issued_at=identity.issued_at,
+            )
+        )
+        if ref is not None:
+            connection.send_ack(ref)
+        self.audit(
+            "auth.ok",
+            {"conn": connection.id, "user": identity.user, "expires_at": identity.expires_at},
+        )
+        nursery.start_soon(self._watch_expiry, connection)
+        if self._settings.server.ping_interval > 0 and not socketio:
+            nursery.start_soon(self._keepalive, connection)
+        await self._read_loop(connection)
+
+    def _admit_address(self, connection: Connection) -> None:
+        """Raises: CloseConnection 4029 when the address is over its connection cap or rate."""
+        over_cap = (
+            self._per_address[connection.addr] > self._settings.server.max_connections_per_address
+        )
+        retry = None if over_cap else self._limiter.admit_handshake(connection.addr)
+        if over_cap or retry is not None:
+            if not isinstance(connection, SocketIOConnection):  # it gets CONNECT_ERROR instead
+                connection.send_error(
+                    ErrorCode.RATE_LIMITED,
+                    "too many connections from your address",
+                    None,
+                    retry or 1,
+                )
+            self.audit(
+                "conn.refused", {"conn": connection.id, "addr": connection.addr, "code": 4029}
+            )
+            raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "rate limit exceeded")
+
+    def _check_not_revoked(self, identity: Identity) -> None:
+        if self.revocations.revokes(identity.user, identity.token_id, identity.issued_at):
+            raise CloseConnection(CloseCode.FORBIDDEN, "token revoked")
+
+    async def _verify(self, token: str) -> Identity:
+        """Verify, refreshing remote keys once when the token names an unknown `kid`."""
+        try:
+            return self.verifier.verify(token)
+        except AuthError as refused:
+            if refused.detail != "unknown_kid" or self.refresh_remote_keys is None:
+                raise
+            if not await self.refresh_remote_keys():
+                raise
+        return self.verifier.verify(token)
+
+    async def _authenticate(
+        self, connection: Connection, request: UpgradeRequest, query: str
+    ) -> tuple[Identity, Ref | None, str | None]:
+        """Raises: AuthError, CloseConnection, PeerGone."""
+        query_tokens = parse_qs(query).get("token")
+        if query_tokens and not self._settings.auth.allow_query_token:
+            raise AuthError(INVALID, "query_token_refused")
+        token = _bearer_token(request) or (query_tokens[0] if query_tokens else None)
+        if token:
+            return await self._verify(token), None, _header(request, RESUME_HEADER)
+        with trio.move_on_after(self._settings.server.auth_timeout):
+            text = await connection.receive()
+            self._check_size(text)
+            try:
+                envelope = decode(text, self._field_limits)
+            except ProtocolError:
+                raise AuthError("authentication required", "not_authenticated") from None
+            message = envelope.message
+            if not isinstance(message, Auth):
+                raise AuthError("authentication required", "not_authenticated")
+            return await self._verify(message.token), envelope.ref, message.resume
+        raise AuthError("auth timeout", "auth_timeout")
+
+    async def _authenticate_socketio(
+        self, connection: SocketIOConnection
+    ) -> tuple[Identity, str | None]:
+        """The Engine.IO open packet, then a CONNECT to the main namespace with `{token, resume}`.
+
+        Raises: AuthError, CloseConnection, PeerGone.
+        """
+        socketio = self._settings.socketio
+        connection.push(
+            sio.open_packet(
+                connection.id,
+                socketio.ping_interval,
+                socketio.ping_timeout,
+                self._settings.server.max_message_bytes,
+            )
+        )
+        with trio.move_on_after(self._settings.server.auth_timeout):
+            while True:
+                text = await connection.receive()
+                self._check_size(text)
+                if text[:1] in (sio.ENGINE_PING, sio.ENGINE_PONG, sio.ENGINE_CLOSE):
+                    connection.decode_frame(text, self._field_limits)
+                    continue
+                try:
+                    packet = sio.parse_socket_packet(text[1:]) if text[:1] == "4" else None
+                except ProtocolError:
+                    packet = None
+                if packet is None or packet.kind != sio.CONNECT:
+                    raise AuthError("authentication required", "not_authenticated")
+                if packet.namespace != sio.MAIN_NAMESPACE:
+                    connection.push(sio.connect_error_packet("Invalid namespace", packet.namespace))
+                    continue
+                auth = packet.payload if isinstance(packet.payload, dict) else {}
+                token, resume = auth.get("token"), auth.get("resume")
+                if not isinstance(token, str) or not token:
+                    raise AuthError(INVALID, "malformed")
+                return await self._verify(token), resume if isinstance(resume, str) else None
+        raise AuthError("auth timeout", "auth_timeout")
+
+    async def _engine_heartbeat(self, connection: SocketIOConnection) -> None:
+        """Engine.IO pings (the client expects them); no pong within `ping_timeout` drops it."""
+        socketio = self._settings.socketio
+        while True:
+            await trio.sleep(socketio.ping_interval)
+            connection.pong = trio.Event()
+            connection.push(sio.ENGINE_PING)
+            with trio.move_on_after(socketio.ping_timeout):
+                await connection.pong.wait()
+                continue
+            connection.abort(CloseCode.ABNORMAL, "ping timeout")
+            return
+
+    def _session_data(self, connection: Connection, identity: Identity) -> dict[str, object]:
+        return {
+            "user": identity.user,
+            "connectionId": connection.id,
+            "expiresAt": identity.expires_at,
+            "iceServers": ice_servers(self._settings.ice, identity.user, now=int(time.time())),
+        }
+
+    def _check_size(self, text: str) -> None:
+        limit = self._settings.server.max_message_bytes
+        # Characters are at most 4 bytes: only encode when the text could be over the limit.
+        if len(text) * 4 > limit and len(text.encode("utf-8", "surrogatepass")) > limit:
+            raise CloseConnection(CloseCode.MESSAGE_TOO_BIG, "message too big")
+
+    async def _read_loop(self, connection: Connection) -> None:
+        while True:
+            text = await connection.receive()
+            arrived = time.perf_counter()
+            self._check_size(text)
+            retry = self._limiter.admit_message(connection.id)
+            if retry is not None:
+                self.metrics.rate_limited.labels("messages").inc()
+                connection.send_error(
+                    ErrorCode.RATE_LIMITED, "too many messages", connection.peek_ref(text), retry
+                )
+                if self._limiter.is_flooding(connection.id):
+                    self.metrics.rate_limited.labels("flood").inc()
+                    raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "rate limit exceeded")
+                continue
+            try:
+                envelope = connection.decode_frame(text, self._field_limits)
+            except ProtocolError as bad:
+                connection.send_error(bad.code, bad.message, bad.ref)
+                continue
+            if envelope is None:
+                continue
+            if isinstance(envelope.message, Auth):
+                await self._refresh(connection, envelope.message, envelope.ref)
+                continue
+            self.dispatch(
+                MessageReceived(connection.id, envelope.message, envelope.ref), forwarded=True
+            )
+            self.metrics.forward_latency.observe(time.perf_counter() - arrived)
+
+    async def _refresh(self, connection: Connection, message: Auth, ref: Ref | None) -> None:
+        """A fresh token on an open connection (contract section 8).
+
+        Raises: CloseConnection 4003 for another user's token or a revoked one.
+        """
+        current = connection.identity
+        if current is None:
+            return
+        try:
+            identity = await self._verify(message.token)
+        except AuthError as refused:
+            # The current token still holds until its `exp`: the client may try again.
+            connection.send_error(ErrorCode.FORBIDDEN, refused.reason, ref)
+            self.audit(
+                "auth.failed",
+                {"conn": connection.id, "user": current.user, "reason": refused.detail},
+            )
+            return
+        if identity.user != current.user:
+            raise CloseConnection(CloseCode.FORBIDDEN, "identity change")
+        self._check_not_revoked(identity)
+        connection.identity = identity
+        self.dispatch(
+            TokenRefreshed(
+                connection.id,
+                secrets.token_urlsafe(24),
+                self._session_data(connection, identity),
+                identity.token_id,
+                identity.issued_at,
+            )
+        )
+        if ref is not None:
+            connection.send_ack(ref)
+        if connection.expiry_scope is not None:
+            connection.expiry_scope.cancel()  # the watcher starts over with the new `exp`
+
+    async def _watch_expiry(self, connection: Connection) -> None:
+        refresh_before = self._settings.auth.refresh_before
+        while connection.identity is not None:
+            expires_at = connection.identity.expires_at
+            with trio.CancelScope() as scope:
+                connection.expiry_scope = scope
+                if refresh_before > 0:
+                    await trio.sleep_until(_trio_deadline(expires_at - refresh_before))
+                    connection.send_event("token-expiring", {"expiresAt": expires_at})
+                await trio.sleep_until(_trio_deadline(expires_at))
+                connection.close(CloseCode.UNAUTHENTICATED, "token expired")
+                return
+
+    async def _keepalive(self, connection: Connection) -> None:
+        interval = self._settings.server.ping_interval
+        while True:
+            await trio.sleep(interval)
+            with trio.move_on_after(interval) as waiting:
+                try:
+                    await connection.ws.ping()
+                except ConnectionClosed:
+                    return
+            if waiting.cancelled_caught:
+                # No pong within an interval: the peer is gone without a close (a phone that
+                # lost its network). Its calls go into the reconnect grace.
+                connection.abort(CloseCode.ABNORMAL, "keepalive timeout")
+                return
