@@ -206,6 +206,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         ("rate", "msg/s or conn/s"),
         ("cpu_us_per_msg", "server CPU µs/msg"),
         ("cpu_us_per_conn", "server CPU µs/conn"),
+        ("cpu_us_per_call", "server CPU µs/call"),
         ("kib_per_idle_conn", "KiB per idle conn"),
         ("p50_ms", "p50 ms"),
         ("p99_ms", "p99 ms"),
