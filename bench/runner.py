@@ -39,6 +39,26 @@ class Workload:
     config: dict[str, Any]
 
 
+def scaling(smoke: bool) -> list[Workload]:
+    """W5, the scaling curve: W2 at 2,000 msg/s with 1k, 10k and the most idle clients allowed."""
+    sizes = [20] if smoke else [1_000, 10_000, big_storm_size() - 1_000]
+    rate, seconds = (200, 0.5) if smoke else (2_000, 5)
+    return [
+        Workload(
+            "W5",
+            f"2,000 msg/s with {idle:,} idle clients" if not smoke else "scaling smoke",
+            {
+                "idle": idle,
+                "pairs": 50 if not smoke else 2,
+                "rate": rate,
+                "seconds": seconds,
+                "limit_s": 300,
+            },
+        )
+        for idle in sizes
+    ]
+
+
 def plan(smoke: bool, big: bool) -> list[Workload]:
     if smoke:  # seconds in all: proves the machinery works, measures nothing
         return [
@@ -197,6 +217,8 @@ def run_workload(server: Server, workload: Workload) -> dict[str, Any]:
         grown = measured["rss_idle"] - measured.get("rss_start", rss_before)
         result["kib_per_idle_conn"] = round(grown / result["connections"], 2)
         result["server_rss_kib"] = measured["rss_idle"]
+    if "rss_idle" in measured and "idle" in result:
+        result["server_rss_mib"] = round(measured["rss_idle"] / 1024, 1)
     return result
 
 
@@ -208,6 +230,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         ("cpu_us_per_conn", "server CPU µs/conn"),
         ("cpu_us_per_call", "server CPU µs/call"),
         ("kib_per_idle_conn", "KiB per idle conn"),
+        ("server_rss_mib", "server memory MiB"),
         ("p50_ms", "p50 ms"),
         ("p99_ms", "p99 ms"),
         ("max_ms", "max ms"),
@@ -254,14 +277,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny counts: seconds, for CI")
     parser.add_argument("--big", action="store_true", help="also W3 with 50,000 clients")
-    parser.add_argument("--only", help="run only this workload (W1..W4)")
+    parser.add_argument("--only", help="run only this workload (W1..W5)")
+    parser.add_argument(
+        "--scaling", action="store_true", help="also W5: the scaling curve (latency and memory)"
+    )
     parser.add_argument("--out", type=Path, default=BENCH / "results")
+    parser.add_argument("--name", help="results file name (default: latest, or smoke)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     port = 18700
     with tempfile.TemporaryDirectory() as workdir:
-        for workload in plan(args.smoke, args.big):
+        workloads = plan(args.smoke, args.big) + (scaling(args.smoke) if args.scaling else [])
+        for workload in workloads:
             if args.only and workload.name != args.only:
                 continue
             for target in TARGETS:
@@ -281,7 +309,7 @@ def main() -> int:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    name = "smoke" if args.smoke else "latest"
+    name = args.name or ("smoke" if args.smoke else "latest")
     (args.out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     markdown = (

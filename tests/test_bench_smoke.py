@@ -25,7 +25,14 @@ READY = shutil.which("node") and all(
 )
 def test_bench_smoke_run(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "runner.py"), "--smoke", "--out", str(tmp_path)],
+        [
+            sys.executable,
+            str(ROOT / "bench" / "runner.py"),
+            "--smoke",
+            "--scaling",
+            "--out",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -36,7 +43,7 @@ def test_bench_smoke_run(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (tmp_path / "smoke.jsonl").read_text().splitlines()]
     assert {(r["workload"], r["target"]) for r in rows} == {
         (w, t)
-        for w in ("W1", "W2", "W3", "W4")
+        for w in ("W1", "W2", "W3", "W4", "W5")
         for t in ("callgate", "callgate-wsproto", "reference")
     }
     for row in rows:

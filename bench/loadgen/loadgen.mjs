@@ -193,6 +193,15 @@ async function w2() {
   };
 }
 
+async function w5() {
+  // The scaling curve: W2's sparse forwarding while `idle` other clients are connected.
+  const idle = await openAll(Array.from({ length: config.idle }, (_, i) => `w5idle${i}`), 500);
+  emitLine({ phase: "idle", clients: idle.length }); // the runner reads memory now
+  const result = await w2();
+  idle.forEach((c) => c.close());
+  return { idle: idle.length, ...result };
+}
+
 async function w3() {
   // Capacity and reconnect storm: `clients` connect and sign in at once, then stay idle.
   const users = Array.from({ length: config.clients }, (_, i) => `w3u${i}`);
@@ -236,7 +245,7 @@ async function w4() {
   return { calls: times.length, p50_ms: percentile(times, 50), p99_ms: percentile(times, 99) };
 }
 
-const workloads = { W1: w1, W2: w2, W3: w3, W4: w4 };
+const workloads = { W1: w1, W2: w2, W3: w3, W4: w4, W5: w5 };
 const guard = setTimeout(() => { emitLine({ error: "timed out" }); process.exit(2); }, (config.limit_s || 120) * 1000);
 try {
   const result = await workloads[config.workload]();

@@ -30,6 +30,7 @@ The per-socket classes, in both dialects, are in connection.py.
 from __future__ import annotations
 
 import math
+import random
 import secrets
 import time
 from collections import Counter
@@ -556,8 +557,13 @@ class ConnectionHub:
 
     async def _keepalive(self, connection: Connection) -> None:
         interval = self._settings.server.ping_interval
+        # The first ping comes at a random point of the first interval: clients that connected
+        # together (a reconnect storm) would otherwise all be pinged at once, every interval.
+        # A dead peer is still dropped within two intervals.
+        delay = interval * (0.5 + random.random() / 2)  # noqa: S311 - spreading load, not security
         while True:
-            await trio.sleep(interval)
+            await trio.sleep(delay)
+            delay = interval
             with trio.move_on_after(interval) as waiting:
                 try:
                     await connection.ws.ping()
