@@ -406,3 +406,22 @@ async def test_an_endless_fragmented_binary_message_is_cut_off(harness: Harness)
     await stream.send_all(frame(0x2, b"x" * 3000, fin=False))
     await stream.send_all(frame(0x0, b"x" * 3000, fin=False))
     await alice.expect_closed(1009)
+
+
+async def test_half_open_handshakes_per_address_are_capped(harness: Harness) -> None:
+    """A slowloris: sockets that never finish their request head. Past the per-address cap,
+    new ones are closed at once; the server keeps serving others."""
+    running = await harness.start(
+        make_settings(server={"max_connections_per_address": 3, "auth_timeout": 30})
+    )
+    silent = [await trio.open_tcp_stream("127.0.0.1", running.port) for _ in range(3)]
+    extra = await trio.open_tcp_stream("127.0.0.1", running.port)
+    with trio.fail_after(STEP):
+        assert await extra.receive_some(1024) == b""  # closed without a word
+    # Another address is served meanwhile.
+    other = await trio.open_tcp_stream("127.0.0.1", running.port, local_address="127.0.0.2")
+    await other.send_all(b"GET /elsewhere HTTP/1.1\r\nHost: x\r\n\r\n")
+    with trio.fail_after(STEP):
+        assert (await other.receive_some(1024)).startswith(b"HTTP/1.1 404")
+    for stream in [*silent, extra, other]:
+        await stream.aclose()

@@ -151,14 +151,52 @@ class FrontSettings:
     max_message_size: int
     handshake_timeout: float
     close_timeout: float
+    # Handshakes in progress per client address; more are closed at once (slowloris).
+    max_pending_per_address: int = 256
 
 
-async def _serve_stream(front: FrontSettings, handler: Handler, stream: trio.abc.Stream) -> None:
+class _PendingHandshakes:
+    """Sockets per address that have not finished their request head yet."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._counts: dict[str, int] = {}
+
+    def admit(self, addr: str) -> bool:
+        count = self._counts.get(addr, 0)
+        if count >= self._limit:
+            return False
+        self._counts[addr] = count + 1
+        return True
+
+    def release(self, addr: str) -> None:
+        count = self._counts.get(addr, 0) - 1
+        if count > 0:
+            self._counts[addr] = count
+        else:
+            self._counts.pop(addr, None)
+
+
+async def _serve_stream(
+    front: FrontSettings, pending: _PendingHandshakes, handler: Handler, stream: trio.abc.Stream
+) -> None:
     websocket_request: WebSocketRequest | None = None
     raw, dialect, ready = b"", Dialect.NATIVE, False
     try:
+        addr = _peer(stream)
+    except OSError:  # gone before we could ask who it was
+        addr = ""
+    if not addr or not pending.admit(addr):
+        # Too many half-open handshakes from one address: a slowloris, not a browser.
+        with trio.move_on_after(front.close_timeout, shield=True):
+            await stream.aclose()
+        return
+    try:
         with trio.move_on_after(front.handshake_timeout):
-            head = await _read_head(stream)
+            try:
+                head = await _read_head(stream)
+            finally:
+                pending.release(addr)
             if head is None:
                 return
             raw, request = head
@@ -174,7 +212,7 @@ async def _serve_stream(front: FrontSettings, handler: Handler, stream: trio.abc
             if upgrade is None:
                 await _respond(stream, 400, "not a WebSocket upgrade")
                 return
-            await handler(Accepted(upgrade, _peer(stream), dialect))
+            await handler(Accepted(upgrade, addr, dialect))
             return
         connection = WebSocketConnection(
             _Replay(stream, raw),
@@ -189,7 +227,7 @@ async def _serve_stream(front: FrontSettings, handler: Handler, stream: trio.abc
                 nursery.cancel_scope.cancel()
                 return
             try:
-                await handler(Accepted(websocket_request, _peer(stream), dialect))
+                await handler(Accepted(websocket_request, addr, dialect))
             finally:
                 with trio.move_on_after(front.close_timeout):
                     await connection.aclose()
@@ -215,7 +253,9 @@ async def serve_front(
 ) -> None:
     """Listen until cancelled; connections run in `handler_nursery`, so they outlive the listener
     (a graceful shutdown stops accepting first, then drains)."""
-    serve = partial(_serve_stream, front, handler)
+    serve = partial(
+        _serve_stream, front, _PendingHandshakes(front.max_pending_per_address), handler
+    )
     if ssl_context is None:
         plain = await trio.open_tcp_listeners(port, host=host)
         task_status.started(plain[0].socket.getsockname()[1])

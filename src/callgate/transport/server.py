@@ -225,6 +225,7 @@ async def serve(
             max_message_size=settings.server.max_message_bytes,
             handshake_timeout=settings.server.auth_timeout,
             close_timeout=settings.server.close_timeout,
+            max_pending_per_address=settings.server.max_connections_per_address,
         )
         port = await nursery.start(
             partial(
