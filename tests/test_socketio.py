@@ -270,3 +270,21 @@ async def test_engine_heartbeat_drops_a_silent_client(harness: Harness) -> None:
         ):
             await trio.sleep(0.05)
     await ws._stream.aclose()
+
+
+async def test_refusals_before_sign_in_are_connect_errors(harness: Harness) -> None:
+    """Past the per-user cap a Socket.IO client gets CONNECT_ERROR, not a `closing` event: it
+    never had a session."""
+    from trio_websocket import ConnectionClosed, connect_websocket_url
+
+    await harness.start(make_settings(server={"max_connections_per_user": 1}))
+    await harness.connect("alice")
+    ws = await connect_websocket_url(
+        harness.nursery, harness.url.removesuffix("/ws") + "/socket.io/?EIO=4&transport=websocket"
+    )
+    assert str(await ws.get_message()).startswith("0{")
+    await ws.send_message("40" + json.dumps({"token": token_for("alice")}))
+    assert await ws.get_message() == '44{"message":"too many connections"}'
+    with pytest.raises(ConnectionClosed), trio.fail_after(STEP):
+        await ws.get_message()
+    await ws._stream.aclose()

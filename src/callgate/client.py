@@ -381,12 +381,16 @@ class Client:
             done.set()
 
     def _close_from(self, closed: ConnectionClosed) -> Closed:
-        reason = closed.reason
-        self._closed = Closed(reason.code if reason else None, reason.reason if reason else None)
+        self._closed = _closed(closed)
         return self._closed
 
     async def aclose(self) -> None:
         await self._ws.aclose()
+
+
+def _closed(closed: ConnectionClosed) -> Closed:
+    reason = closed.reason
+    return Closed(reason.code if reason else None, reason.reason if reason else None)
 
 
 @asynccontextmanager
@@ -428,10 +432,7 @@ async def connect(
             await ws.send_message(json.dumps({"event": "auth", "data": auth}))
             first = json.loads(await ws.get_message())
         except ConnectionClosed as closed:
-            reason = closed.reason
-            raise Closed(
-                reason.code if reason else None, reason.reason if reason else None
-            ) from None
+            raise _closed(closed) from None
         if first.get("event") != "session":
             raise ClientError(f"expected a session, got {first.get('event')!r}")
         async with trio.open_nursery() as nursery:

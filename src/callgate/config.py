@@ -36,6 +36,13 @@ MIN_HMAC_SECRET_BYTES = 32
 ENV_PREFIX = "CALLGATE_"
 
 
+def _hmac_key(value: SecretStr | None) -> SecretStr | None:
+    """An HMAC key (the token secret, the audit key) as long as the hash output, RFC 7518 3.2."""
+    if value is not None and len(value.get_secret_value().encode()) < MIN_HMAC_SECRET_BYTES:
+        raise ValueError(f"must be at least {MIN_HMAC_SECRET_BYTES} bytes (RFC 7518 3.2)")
+    return value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -102,12 +109,7 @@ class AuthSettings(_Section):
             )
         return value
 
-    @field_validator("secret")
-    @classmethod
-    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and len(value.get_secret_value().encode()) < MIN_HMAC_SECRET_BYTES:
-            raise ValueError(f"must be at least {MIN_HMAC_SECRET_BYTES} bytes (RFC 7518 3.2)")
-        return value
+    _secret_long_enough = field_validator("secret")(_hmac_key)
 
 
 class CallSettings(_Section):
@@ -183,12 +185,7 @@ class AuditSettings(_Section):
     checkpoint_every: int = Field(1000, ge=1)
     checkpoint_seconds: float = Field(60.0, ge=0.1)
 
-    @field_validator("key")
-    @classmethod
-    def _key_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and len(value.get_secret_value().encode()) < MIN_HMAC_SECRET_BYTES:
-            raise ValueError(f"must be at least {MIN_HMAC_SECRET_BYTES} bytes")
-        return value
+    _key_long_enough = field_validator("key")(_hmac_key)
 
 
 class IceSettings(_Section):

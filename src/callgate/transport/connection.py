@@ -105,6 +105,15 @@ class Connection:
             self.close_code, self.close_reason = code, reason
             self._enqueue(_CloseRequest(code, reason))
 
+    def refuse(
+        self, code: int, reason: str, error: tuple[ErrorCode, str, int | None] | None = None
+    ) -> None:
+        """Turn the client away before it signed in: the `error` event (if any), then the close."""
+        if self.close_code is None:
+            if error is not None:
+                self.send_error(error[0], error[1], None, error[2])
+            self.close(code, reason)
+
     # -- queueing ----------------------------------------------------------------------------
 
     def push(self, text: str) -> None:
@@ -244,7 +253,11 @@ class SocketIOConnection(Connection):
                 self.push(sio.disconnect_packet())
         super().close(code, reason)
 
-    def refuse(self, code: int, reason: str, message: str) -> None:
-        """A failed CONNECT: CONNECT_ERROR, then the transport closes (no `closing` event)."""
-        self.push(sio.connect_error_packet(message))
-        super().close(code, reason)
+    def refuse(
+        self, code: int, reason: str, error: tuple[ErrorCode, str, int | None] | None = None
+    ) -> None:
+        """A failed CONNECT: CONNECT_ERROR with the reason, then the transport closes (no
+        `closing` event, since the client never had a session)."""
+        if self.close_code is None:
+            self.push(sio.connect_error_packet(reason))
+            Connection.close(self, code, reason)

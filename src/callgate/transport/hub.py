@@ -312,6 +312,11 @@ class ConnectionHub:
             else:
                 identity, ref, resume = await self._authenticate(connection, request, query)
             self._check_not_revoked(identity)
+            if len(self._board.devices_of(identity.user)) >= (
+                self._settings.server.max_connections_per_user
+            ):
+                self.metrics.rate_limited.labels("connections_per_user").inc()
+                raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "too many connections")
         except CloseConnection as refused:
             if refused.close_code != CloseCode.RATE_LIMIT_ABUSE:
                 detail = refused.detail if isinstance(refused, AuthError) else refused.reason
@@ -319,14 +324,8 @@ class ConnectionHub:
                     "auth.failed",
                     {"conn": connection.id, "addr": connection.addr, "reason": detail},
                 )
-            if isinstance(connection, SocketIOConnection):
-                connection.refuse(refused.close_code, refused.reason, refused.reason)
+            connection.refuse(refused.close_code, refused.reason)
             raise
-        if len(self._board.devices_of(identity.user)) >= (
-            self._settings.server.max_connections_per_user
-        ):
-            self.metrics.rate_limited.labels("connections_per_user").inc()
-            raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "too many connections")
         connection.identity = identity
         self._live[connection.id] = connection
         if socketio:
@@ -360,13 +359,8 @@ class ConnectionHub:
         )
         retry = None if over_cap else self._limiter.admit_handshake(connection.addr)
         if over_cap or retry is not None:
-            if not isinstance(connection, SocketIOConnection):  # it gets CONNECT_ERROR instead
-                connection.send_error(
-                    ErrorCode.RATE_LIMITED,
-                    "too many connections from your address",
-                    None,
-                    retry or 1,
-                )
+            error = (ErrorCode.RATE_LIMITED, "too many connections from your address", retry or 1)
+            connection.refuse(CloseCode.RATE_LIMIT_ABUSE, "rate limit exceeded", error)
             self.audit(
                 "conn.refused", {"conn": connection.id, "addr": connection.addr, "code": 4029}
             )
