@@ -40,6 +40,21 @@ from conftest import (
 from test_e2e_lifecycle import es256_token, jwks_for
 
 
+async def _signed_in(
+    nursery: trio.Nursery, url: str, token: str, ssl_context: ssl.SSLContext | None = None
+) -> Client:
+    """A client of a server outside the harness (a subprocess, TLS), its `session` read."""
+    ws = await connect_websocket_url(
+        nursery,
+        url,
+        ssl_context=ssl_context,
+        extra_headers=[(b"authorization", f"Bearer {token}".encode())],
+    )
+    client = Client(ws)
+    client.session = (await client.expect("session"))["data"]
+    return client
+
+
 def self_signed(tmp_path: Path) -> tuple[Path, Path, bytes]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
@@ -75,15 +90,11 @@ async def test_wss_with_tls(harness: Harness, tmp_path: Path) -> None:
     )
     assert running.url.startswith("wss://")
     context = ssl.create_default_context(cadata=cert_pem.decode())
-    ws = await connect_websocket_url(
-        harness.nursery,
-        f"wss://localhost:{running.port}/ws",
-        ssl_context=context,
-        extra_headers=[(b"authorization", f"Bearer {token_for('alice')}".encode())],
+    client = await _signed_in(
+        harness.nursery, f"wss://localhost:{running.port}/ws", token_for("alice"), context
     )
-    client = Client(ws)
     harness.clients.append(client)
-    await client.expect("session", user="alice")
+    assert client.session["user"] == "alice"
 
 
 @pytest.fixture
@@ -187,16 +198,7 @@ async def test_sigterm_drains_with_1001_and_terminal_audit_lines(
 ) -> None:
     process, url = await _start_process(_server_config(tmp_path))
     try:
-        clients = []
-        for user in ("alice", "bob"):
-            ws = await connect_websocket_url(
-                nursery,
-                url,
-                extra_headers=[(b"authorization", f"Bearer {token_for(user)}".encode())],
-            )
-            client = Client(ws)
-            await client.expect("session")
-            clients.append(client)
+        clients = [await _signed_in(nursery, url, token_for(user)) for user in ("alice", "bob")]
         alice, bob = clients
         await alice.send("call-request", call_request("ab", "alice", "bob"))
         await bob.expect("call-request")
@@ -227,17 +229,11 @@ async def test_sighup_reloads_revocations(nursery: trio.Nursery, tmp_path: Path)
     config = _server_config(tmp_path)
     process, url = await _start_process(config)
     try:
-        ws = await connect_websocket_url(
-            nursery,
-            url,
-            extra_headers=[(b"authorization", f"Bearer {token_for('alice', jti='j1')}".encode())],
-        )
-        alice = Client(ws)
-        await alice.expect("session")
+        alice = await _signed_in(nursery, url, token_for("alice", jti="j1"))
         assert cli_main(["revoke", "--config", str(config), "--jti", "j1"]) == 0
         process.send_signal(signal.SIGHUP)
         await alice.expect_closed(4003, "token revoked")
-        await ws._stream.aclose()
+        await alice.ws._stream.aclose()
     finally:
         process.send_signal(signal.SIGTERM)
         with trio.fail_after(STEP):
