@@ -203,6 +203,26 @@ class IceSettings(_Section):
         return value
 
 
+class ClusterSettings(_Section):
+    """Several nodes behind one address, sharing call state through Redis (docs/cluster.md)."""
+
+    enabled: bool = False
+    redis_url: str = Field("redis://127.0.0.1:6379/0", pattern=r"^(rediss?|unix)://")
+    # Prefix of every Redis key: nodes with the same name and key form one cluster.
+    name: str = Field("callgate", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    # HMAC key that signs every message between nodes; all nodes of a cluster share it.
+    key: SecretStr | None = None
+    # This node's name in connection ids and the audit trail; a random suffix is added per run.
+    node_name: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    heartbeat_interval: float = Field(1.0, gt=0, le=60)
+    # A node silent for this long is declared dead; its devices are treated as disconnected.
+    node_timeout: float = Field(5.0, gt=0, le=600)
+    # How long a connection waits for its sign-in to go through the cluster log.
+    apply_timeout: float = Field(5.0, gt=0, le=120)
+
+    _key_long_enough = field_validator("key")(_hmac_key)
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -216,6 +236,7 @@ class Settings(BaseModel):
     tls: TlsSettings = TlsSettings()
     metrics: MetricsSettings = MetricsSettings()
     socketio: SocketIOSettings = SocketIOSettings()
+    cluster: ClusterSettings = ClusterSettings()
 
     def check_coherence(self) -> None:
         """Raises: ConfigError for keys that are valid alone but not together."""
@@ -237,6 +258,14 @@ class Settings(BaseModel):
             raise ConfigError("tls.cert_file, tls.key_file: set both, or neither")
         if self.ice.turn_urls and self.ice.turn_secret is None:
             raise ConfigError("ice.turn_secret: required when ice.turn_urls is set")
+        cluster = self.cluster
+        if cluster.enabled and cluster.key is None:
+            raise ConfigError(
+                "cluster.key: required when cluster.enabled is true (it signs messages between"
+                " nodes); set it in the config file or in CALLGATE_CLUSTER_KEY"
+            )
+        if cluster.node_timeout < 2 * cluster.heartbeat_interval:
+            raise ConfigError("cluster.node_timeout: must be at least twice heartbeat_interval")
 
 
 _LIST_FIELDS = {
