@@ -91,6 +91,10 @@ class Switchboard:
         """The user's online devices (held ones are not: they do not ring)."""
         return self._devices.online(user)
 
+    def online_connections(self) -> list[ConnId]:
+        """Every online device's connection, in the order they signed in."""
+        return [device.conn for device in self._devices.all() if device.hold is None]
+
     def held_devices(self) -> int:
         return sum(1 for device in self._devices.all() if device.hold is not None)
 

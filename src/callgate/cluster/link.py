@@ -1,0 +1,318 @@
+"""The node's link to the cluster: the shared log, heartbeats and leadership, on Redis.
+
+Redis is used through redis-py's blocking client, always from a worker thread
+(`trio.to_thread`), so the event loop never waits on the network. Three tasks:
+
+* the writer appends this node's entries in order (a pipeline per batch). While Redis is away
+  they stay in the outbox and go out, in order, when it is back: nothing a node saw is lost;
+* the reader follows the log (`XREAD BLOCK`) and applies every entry to the replica, then hands
+  the actions to the hub, which carries out those addressed to its own connections;
+* the keeper, once per `heartbeat_interval`, refreshes this node's heartbeat key, holds or
+  renews the leader lease, and, on the leader, declares dead the nodes whose heartbeat lapsed.
+
+The leader has two duties: appending `TimerFired` for due timers (every node arms every timer,
+so a new leader knows which are due), and `NodeDown` for silent nodes. Both are idempotent in
+the core, so a second leader during a lease hand-over costs a duplicate entry, not a second
+outcome.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import redis
+import trio
+
+from callgate.cluster.entries import (
+    BadEntry,
+    ClusterEvent,
+    Entry,
+    EntryCodec,
+    NodeDown,
+)
+from callgate.cluster.replica import Replica
+from callgate.config import ClusterSettings
+from callgate.core.actions import Action
+from callgate.core.events import TimerFired, TimerId
+from callgate.core.policy import Throttled
+from callgate.log import get_logger
+
+log = get_logger("callgate.cluster")
+
+BATCH = 512
+READ_BLOCK_MS = 1000
+RETRY_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0)
+
+# Take the lease if it is free, renew it if it is ours; 1 when this node leads.
+_LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+Executor = Callable[[Entry, list[Action], bool], None]
+Rejected = Callable[[str, str], None]
+
+
+def new_node_id(name: str | None) -> str:
+    """`<name>-<random>`: a node that restarts is a new node (its old devices are gone)."""
+    return f"{name or 'node'}-{secrets.token_hex(3)}"
+
+
+class ClusterLink:
+    def __init__(self, settings: ClusterSettings, replica: Replica, codec: EntryCodec) -> None:
+        self._settings = settings
+        self.replica = replica
+        self._codec = codec
+        self.node_id = new_node_id(settings.node_name)
+        prefix = settings.name
+        self._log_key = f"{prefix}:log"
+        self._leader_key = f"{prefix}:leader"
+        self._epoch_key = f"{prefix}:epoch"
+        self._node_prefix = f"{prefix}:node:"
+        options: dict[str, Any] = {"socket_connect_timeout": 2.0, "socket_timeout": 5.0}
+        self._redis = redis.Redis.from_url(settings.redis_url, **options)
+        self._reader_redis = redis.Redis.from_url(settings.redis_url, **options)
+        self._lease = self._redis.register_script(_LEASE)
+        # Set by the hub: carries out an applied entry's actions; records a refused entry.
+        self.execute: Executor = lambda entry, actions, own: None
+        self.rejected: Rejected = lambda entry_id, reason: None
+        self.evicted: Callable[[], None] = lambda: None
+        self._outbox: deque[tuple[int, dict[bytes, bytes]]] = deque()
+        self._outbox_changed = trio.Event()
+        self._drained = trio.Event()
+        # Set once the replica has caught up with the log for the first time.
+        self.joined = trio.Event()
+        self._seq = 0
+        self._applied_seq = 0
+        self._applied = trio.Event()
+        self._last_id = b"0-0"
+        self._caught_up = False
+        self._writer_ok = True
+        self._reader_ok = False
+        self._connected_since = time.monotonic()
+        self._epoch: bytes | None = None
+        self.is_leader = False
+        self._due: set[TimerId] = set()
+        self._declared_down: dict[str, float] = {}
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def available(self) -> bool:
+        """Redis answers and the replica has caught up with the log: new work can be accepted."""
+        return self._caught_up and self._reader_ok and self._writer_ok
+
+    @property
+    def pending(self) -> int:
+        """Entries of this node not yet in the log."""
+        return len(self._outbox)
+
+    @property
+    def position(self) -> bytes:
+        """The id of the last log entry applied here."""
+        return self._last_id
+
+    # -- what the hub asks -------------------------------------------------------------------
+
+    def submit(self, event: ClusterEvent, *, throttled: Throttled | None = None) -> int:
+        """Queue an entry for the log; returns its number, for `wait_applied`. Never blocks."""
+        self._seq += 1
+        entry = Entry(self.node_id, self._seq, time.time(), event, throttled)
+        self._outbox.append((self._seq, self._codec.seal(entry)))
+        self._outbox_changed.set()
+        return self._seq
+
+    async def wait_applied(self, seq: int) -> None:
+        while self._applied_seq < seq:
+            await self._applied.wait()
+
+    async def flush(self) -> None:
+        """Wait until every queued entry is in the log (the caller bounds the wait)."""
+        if self._outbox:
+            await self._drained.wait()
+
+    def timer_due(self, timer: TimerId) -> None:
+        """A timer every node armed has fired here: the leader puts it in the log."""
+        if self.is_leader:
+            self.submit(TimerFired(timer))
+        else:
+            self._due.add(timer)
+
+    def timer_cancelled(self, timer: TimerId) -> None:
+        self._due.discard(timer)
+
+    # -- the tasks ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_loop)
+                nursery.start_soon(self._keep_loop)
+                nursery.start_soon(self._read_loop)
+        finally:
+            # A worker thread abandoned mid-call gets an error on its closed socket; ignored.
+            self.close()
+
+    async def _write_loop(self) -> None:
+        attempt = 0
+        while True:
+            if not self._outbox:
+                self._outbox_changed = trio.Event()
+                await self._outbox_changed.wait()
+            batch = [fields for _, fields in list(self._outbox)[:BATCH]]
+            try:
+                await trio.to_thread.run_sync(self._append, batch, abandon_on_cancel=True)
+            except redis.RedisError as exc:
+                self._writer_failed(exc)
+                await trio.sleep(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)])
+                attempt += 1
+                continue
+            attempt = 0
+            if not self._writer_ok:
+                log.info("cluster log writable again", node=self.node_id)
+            self._writer_ok = True
+            for _ in batch:
+                self._outbox.popleft()
+            if not self._outbox:
+                self._drained.set()
+                self._drained = trio.Event()
+
+    def _writer_failed(self, exc: Exception) -> None:
+        if self._writer_ok:
+            log.warning("cluster log not writable; entries kept", error=str(exc))
+        self._writer_ok = False
+
+    def _append(self, batch: list[dict[bytes, bytes]]) -> None:
+        pipe = self._redis.pipeline(transaction=True)
+        for fields in batch:
+            pipe.xadd(self._log_key, fields)  # type: ignore[arg-type]
+        pipe.execute()
+
+    async def _read_loop(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                block = READ_BLOCK_MS if self._caught_up else None
+                batch = await trio.to_thread.run_sync(self._read, block, abandon_on_cancel=True)
+            except redis.RedisError as exc:
+                if self._reader_ok or attempt == 0:
+                    log.warning("cluster log not readable; retrying", error=str(exc))
+                self._reader_ok = False
+                await trio.sleep(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)])
+                attempt += 1
+                continue
+            if not self._reader_ok:
+                self._connected_since = time.monotonic()
+                if attempt:
+                    log.info("cluster log readable again", node=self.node_id)
+            attempt = 0
+            self._reader_ok = True
+            for entry_id, fields in batch:
+                self._last_id = entry_id
+                self._apply(entry_id, fields)
+            if not batch and not self._caught_up:
+                self._caught_up = True
+                self.joined.set()
+
+    def _read(self, block: int | None) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        reply: Any = self._reader_redis.xread(
+            {self._log_key: self._last_id}, count=BATCH, block=block
+        )
+        if not reply:
+            return []
+        _, entries = reply[0]
+        return list(entries)
+
+    def _apply(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        try:
+            entry = self.replica.receive(fields)
+        except BadEntry as bad:
+            log.warning("cluster entry refused", entry=entry_id.decode(), reason=bad.reason)
+            self.rejected(entry_id.decode(), bad.reason)
+            return
+        actions = self.replica.apply(entry)
+        own = entry.origin == self.node_id
+        if isinstance(entry.event, TimerFired):
+            self._due.discard(entry.event.timer)
+        self.execute(entry, actions, own)
+        if isinstance(entry.event, NodeDown) and entry.event.node == self.node_id:
+            log.warning("this node was declared dead by the cluster; closing its connections")
+            self.evicted()
+        if own:
+            self._applied_seq = entry.seq
+            self._applied.set()
+            self._applied = trio.Event()
+
+    async def _keep_loop(self) -> None:
+        interval = self._settings.heartbeat_interval
+        while True:
+            nodes = sorted(self.replica.nodes_with_devices() - {self.node_id})
+            try:
+                leader, alive = await trio.to_thread.run_sync(
+                    self._keep, nodes, abandon_on_cancel=True
+                )
+            except redis.RedisError as exc:
+                self._writer_failed(exc)
+                self.is_leader = False
+            else:
+                self._lead(leader, dict(zip(nodes, alive, strict=True)))
+            await trio.sleep(interval)
+
+    def _keep(self, nodes: list[str]) -> tuple[bool, list[bool]]:
+        settings = self._settings
+        pipe = self._redis.pipeline(transaction=False)
+        timeout_ms = int(settings.node_timeout * 1000)
+        pipe.set(self._node_prefix + self.node_id, "1", px=timeout_ms)
+        pipe.set(self._epoch_key, secrets.token_hex(8), nx=True)
+        pipe.get(self._epoch_key)
+        self._lease(keys=[self._leader_key], args=[self.node_id, timeout_ms], client=pipe)
+        for node in nodes:
+            pipe.exists(self._node_prefix + node)
+        results = pipe.execute()
+        epoch = results[2]
+        if self._epoch is not None and epoch != self._epoch:
+            # Redis lost its data (a restart without persistence): entries not yet read when it
+            # went away are gone. Heartbeats and the lease are re-created by this very call.
+            log.warning("cluster store was reset (Redis restarted without its data)")
+            self._connected_since = time.monotonic()
+        self._epoch = epoch
+        return bool(results[3]), [bool(found) for found in results[4:]]
+
+    def _lead(self, leader: bool, alive: dict[str, bool]) -> None:
+        became = leader and not self.is_leader
+        self.is_leader = leader
+        if not leader:
+            return
+        if became:
+            log.info("this node leads the cluster", node=self.node_id)
+            for timer in sorted(self._due):
+                self.submit(TimerFired(timer))
+            self._due.clear()
+        # After a reconnect, give every node a full timeout to heartbeat before judging it.
+        now = time.monotonic()
+        if now - self._connected_since < self._settings.node_timeout:
+            return
+        for node, is_alive in alive.items():
+            if is_alive:
+                continue
+            declared = self._declared_down.get(node)
+            if declared is None or now - declared > self._settings.node_timeout:
+                self._declared_down[node] = now
+                log.warning("node stopped heartbeating; its devices are disconnected", node=node)
+                self.submit(NodeDown(node))
+
+    def close(self) -> None:
+        self._redis.close()
+        self._reader_redis.close()
