@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import secrets
+import ssl
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
+import redis
 import structlog
 import trio
 from jsonschema import Draft202012Validator
@@ -70,6 +77,17 @@ def token_for(user: str, ttl: int = 3600, secret: str = SECRET, **claims: Any) -
     return mint_token(secret, user, ttl=ttl, now=int(time.time()), **claims)
 
 
+class AuditView(Protocol):
+    """What tests read of an audit trail: one server's, or a cluster's merged."""
+
+    @property
+    def text(self) -> str: ...
+
+    def records(self, event: str | None = None) -> list[dict[str, Any]]: ...
+
+    def events(self) -> list[str]: ...
+
+
 class AuditCapture:
     """The audit log of one test server, kept in memory and parsed on demand."""
 
@@ -95,6 +113,8 @@ class Client:
     def __init__(self, ws: WebSocketConnection) -> None:
         self.ws = ws
         self.session: dict[str, Any] = {}
+        # Cluster harness: waits until every node has caught up after each message read.
+        self.after_receive: Callable[[], Awaitable[None]] | None = None
 
     @property
     def conn(self) -> str:
@@ -111,6 +131,8 @@ class Client:
     async def recv(self) -> dict[str, Any]:
         with trio.fail_after(STEP):
             message = await self.ws.get_message()
+        if self.after_receive is not None:
+            await self.after_receive()
         parsed = json.loads(message)
         assert isinstance(parsed, dict)
         return parsed
@@ -158,7 +180,8 @@ class Harness:
     def __init__(self, nursery: trio.Nursery, engine: str | None = None) -> None:
         self.nursery = nursery
         self.engine = engine
-        self.audit = AuditCapture()
+        self.capture = AuditCapture()
+        self.audit: AuditView = self.capture
         self.server: RunningServer | None = None
         self.clients: list[Client] = []
 
@@ -167,7 +190,7 @@ class Harness:
         if self.engine is not None:
             server = {**settings.server.model_dump(), "engine": self.engine}
             settings = Settings.model_validate({**settings.model_dump(), "server": server})
-        running: RunningServer = await self.nursery.start(serve, settings, self.audit.log)
+        running: RunningServer = await self.nursery.start(serve, settings, self.capture.log)
         self.server = running
         return running
 
@@ -215,10 +238,157 @@ class Harness:
                 await trio.sleep(0.01)
 
 
-@pytest.fixture(params=ENGINES)
-async def harness(nursery: trio.Nursery, request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
-    """Every end-to-end test runs on both connection engines."""
-    h = Harness(nursery, engine=request.param)
+REDIS_URL = os.environ.get("CALLGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+CLUSTER_KEY = "cluster-key-for-tests-only-32-bytes-long!"
+
+
+def cluster_settings(settings: Settings, name: str, **overrides: Any) -> Settings:
+    """`settings` as a node of the test cluster `name`: short heartbeats, quick failure checks."""
+    cluster = {
+        "enabled": True,
+        "redis_url": REDIS_URL,
+        "name": name,
+        "key": CLUSTER_KEY,
+        "heartbeat_interval": 0.2,
+        "node_timeout": 1.0,
+        **overrides,
+    }
+    return Settings.model_validate({**settings.model_dump(), "cluster": cluster})
+
+
+def drop_cluster_keys(name: str, url: str = REDIS_URL) -> None:
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"{name}:*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+class ClusterHarness(Harness):
+    """The same tests, on three cluster nodes sharing one Redis; devices are dealt round-robin.
+
+    `audit` merges the nodes' trails. Each client waits, after every message it reads, until
+    all nodes have applied the same log position, so a test that reads the audit trail right
+    after a message sees what every node wrote about it.
+    """
+
+    NODES = 3
+
+    def __init__(self, nursery: trio.Nursery, redis_url: str = REDIS_URL) -> None:
+        super().__init__(nursery)
+        self.redis_url = redis_url
+        self.name = f"test-{secrets.token_hex(4)}"
+        self.nodes: list[RunningServer] = []
+        self.captures = [AuditCapture() for _ in range(self.NODES)]
+        self.audit = MergedAudit(self.captures)
+        self._next = 0
+        self._running: list[tuple[trio.CancelScope, trio.Event]] = []
+
+    async def start(self, settings: Settings | None = None) -> RunningServer:
+        settings = cluster_settings(
+            settings or make_settings(), self.name, redis_url=self.redis_url
+        )
+        for capture in self.captures:
+            self.nodes.append(await self.nursery.start(self._run_node, settings, capture))
+        self.server = self.nodes[0]
+        return self.server
+
+    async def _run_node(
+        self,
+        settings: Settings,
+        capture: AuditCapture,
+        *,
+        task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        stopped, scope = trio.Event(), trio.CancelScope()
+        self._running.append((scope, stopped))
+        try:
+            with scope:
+                await serve(settings, capture.log, task_status=task_status)
+        finally:
+            stopped.set()
+
+    async def stop(self) -> None:
+        """Stop every node, then remove the cluster's keys from Redis."""
+        for scope, _ in self._running:
+            scope.cancel()
+        with trio.move_on_after(STEP):
+            for _, stopped in self._running:
+                await stopped.wait()
+        drop_cluster_keys(self.name, self.redis_url)
+
+    def node_url(self, index: int) -> str:
+        return self.nodes[index].url
+
+    async def connect(
+        self, user: str, *, token: str | None = None, node: int | None = None
+    ) -> Client:
+        """A device of `user` on node `node`, or on the next node in turn."""
+        if node is None:
+            node, self._next = self._next % self.NODES, self._next + 1
+        url = self.nodes[node].url
+        bearer = token or token_for(user)
+        client = await self.open(headers=[(b"authorization", f"Bearer {bearer}".encode())], url=url)
+        session = await client.expect("session", user=user)
+        client.session = session["data"]
+        return client
+
+    async def open(
+        self, *, headers: list[tuple[bytes, bytes]] | None = None, url: str | None = None
+    ) -> Client:
+        client = await super().open(headers=headers, url=url)
+        client.after_receive = self.in_step
+        return client
+
+    async def in_step(self) -> None:
+        """Wait until every node has applied the same log entries and written nothing pending."""
+        with trio.fail_after(STEP):
+            while True:
+                links = [node.hub.cluster for node in self.nodes if node.hub.cluster is not None]
+                if not all(link.available for link in links):
+                    return  # a test of Redis going away: nothing to wait for
+                positions = {link.position for link in links}
+                if len(positions) == 1 and not any(link.pending for link in links):
+                    return
+                await trio.sleep(0.005)
+
+    async def settle(self) -> None:
+        with trio.fail_after(STEP):
+            for node in self.nodes:
+                while not node.board.is_idle() or node.hub.connection_count:
+                    await trio.sleep(0.01)
+
+
+class MergedAudit:
+    """The audit trails of several nodes, read as one (by time, then node)."""
+
+    def __init__(self, captures: list[AuditCapture]) -> None:
+        self.captures = captures
+
+    def records(self, event: str | None = None) -> list[dict[str, Any]]:
+        rows = [row for capture in self.captures for row in capture.records(event)]
+        return sorted(rows, key=lambda row: str(row["ts"]))
+
+    def events(self) -> list[str]:
+        return [row["event"] for row in self.records()]
+
+    @property
+    def text(self) -> str:
+        return "".join(capture.text for capture in self.captures)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """End-to-end tests run on both engines; modules with `ON_CLUSTER = True` on a cluster too."""
+    if "harness" in metafunc.fixturenames:
+        modes = [*ENGINES, *(["cluster"] if getattr(metafunc.module, "ON_CLUSTER", False) else [])]
+        metafunc.parametrize("harness", modes, indirect=True)
+
+
+@asynccontextmanager
+async def checked(h: Harness) -> AsyncIterator[Harness]:
+    """Run a test on `h`, then fail it on any logged crash or off-schema audit record."""
     with structlog.testing.capture_logs() as logs:
         yield h
     # The server contains a crashing connection and only logs it: that must fail the test.
@@ -232,6 +402,24 @@ async def harness(nursery: trio.Nursery, request: pytest.FixtureRequest) -> Asyn
             # trio-websocket's client side keeps its TCP stream open after a close that the
             # server started (it waits for the server's TCP close, then never closes its own).
             await client.ws._stream.aclose()
+    if isinstance(h, ClusterHarness):
+        await h.stop()
+
+
+@pytest.fixture
+async def harness(nursery: trio.Nursery, request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    """Every end-to-end test runs on both connection engines (and some on a cluster)."""
+    h = ClusterHarness(nursery) if request.param == "cluster" else Harness(nursery, request.param)
+    async with checked(h):
+        yield h
+
+
+@pytest.fixture
+async def cluster(nursery: trio.Nursery) -> AsyncIterator[ClusterHarness]:
+    """Three cluster nodes on the test Redis (started by the test, with its settings)."""
+    h = ClusterHarness(nursery)
+    async with checked(h):
+        yield h
 
 
 @pytest.fixture
@@ -262,3 +450,53 @@ def call_request(call_id: str, caller: str, callee: str, media: str = "video") -
         "offer": {"type": "offer", "sdp": SDP_OFFER},
         "timestamp": 1_795_000_000_000,
     }
+
+
+def server_config(tmp_path: Path) -> Path:
+    """A config file for a server run as a subprocess (`callgate serve`), logging to tmp_path."""
+    config = tmp_path / "callgate.toml"
+    config.write_text(
+        "[server]\nhost = '127.0.0.1'\nport = 0\ndrain_timeout = 5\n"
+        f"[auth]\nsecret = '{SECRET}'\n"
+        f"revocation_file = '{tmp_path / 'revoked.json'}'\n"
+        f"[audit]\npath = '{tmp_path / 'audit.log'}'\nkey = '{AUDIT_KEY.decode()}'\n"
+        "[calls]\nreconnect_grace = 0\n"
+        "[metrics]\nport = 0\n"
+        "[limits]\nhandshakes = '1000/minute'\n"
+    )
+    return config
+
+
+async def start_server_process(
+    config: Path, env: dict[str, str] | None = None
+) -> tuple[trio.Process, str]:
+    """`callgate serve` in a subprocess; returns it once it listens, with its URL."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "callgate", "serve", "--config", str(config)],
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+    assert process.stderr is not None
+    buffer = b""
+    with trio.fail_after(30):
+        while b'"listening"' not in buffer:
+            chunk = await process.stderr.receive_some(4096)
+            assert chunk, buffer
+            buffer += chunk
+    line = next(line for line in buffer.splitlines() if b'"listening"' in line)
+    return process, json.loads(line)["url"]
+
+
+async def signed_in(
+    nursery: trio.Nursery, url: str, token: str, ssl_context: ssl.SSLContext | None = None
+) -> Client:
+    """A client of a server outside the harness (a subprocess, TLS), its `session` read."""
+    ws = await connect_websocket_url(
+        nursery,
+        url,
+        ssl_context=ssl_context,
+        extra_headers=[(b"authorization", f"Bearer {token}".encode())],
+    )
+    client = Client(ws)
+    client.session = (await client.expect("session"))["data"]
+    return client

@@ -11,6 +11,9 @@ from conftest import (
     token_for,
 )
 
+# These scenarios also run with caller and callee on different cluster nodes (conftest).
+ON_CLUSTER = True
+
 
 async def test_alice_calls_bob_on_two_devices(gate: Harness) -> None:
     alice = await gate.connect("alice")

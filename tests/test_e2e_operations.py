@@ -5,11 +5,8 @@ from __future__ import annotations
 import datetime
 import http.server
 import json
-import os
 import signal
 import ssl
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,38 +18,23 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from trio_websocket import connect_websocket_url
 
 from callgate.cli import main as cli_main
 from callgate.revocation import load_revocations
 from callgate.trail import verify
 from conftest import (
     AUDIT_KEY,
-    SECRET,
     STEP,
-    Client,
     Harness,
     assert_valid_record,
     call_request,
     make_settings,
+    server_config,
+    signed_in,
+    start_server_process,
     token_for,
 )
 from test_e2e_lifecycle import es256_token, jwks_for
-
-
-async def _signed_in(
-    nursery: trio.Nursery, url: str, token: str, ssl_context: ssl.SSLContext | None = None
-) -> Client:
-    """A client of a server outside the harness (a subprocess, TLS), its `session` read."""
-    ws = await connect_websocket_url(
-        nursery,
-        url,
-        ssl_context=ssl_context,
-        extra_headers=[(b"authorization", f"Bearer {token}".encode())],
-    )
-    client = Client(ws)
-    client.session = (await client.expect("session"))["data"]
-    return client
 
 
 def self_signed(tmp_path: Path) -> tuple[Path, Path, bytes]:
@@ -90,7 +72,7 @@ async def test_wss_with_tls(harness: Harness, tmp_path: Path) -> None:
     )
     assert running.url.startswith("wss://")
     context = ssl.create_default_context(cadata=cert_pem.decode())
-    client = await _signed_in(
+    client = await signed_in(
         harness.nursery, f"wss://localhost:{running.port}/ws", token_for("alice"), context
     )
     harness.clients.append(client)
@@ -162,43 +144,12 @@ def test_revoke_command_edits_the_file(tmp_path: Path, capsys: pytest.CaptureFix
     assert "revoked" in capsys.readouterr().out
 
 
-def _server_config(tmp_path: Path, **extra: str) -> Path:
-    config = tmp_path / "callgate.toml"
-    config.write_text(
-        "[server]\nhost = '127.0.0.1'\nport = 0\ndrain_timeout = 5\n"
-        f"[auth]\nsecret = '{SECRET}'\n"
-        f"revocation_file = '{tmp_path / 'revoked.json'}'\n"
-        f"[audit]\npath = '{tmp_path / 'audit.log'}'\nkey = '{AUDIT_KEY.decode()}'\n"
-        "[calls]\nreconnect_grace = 0\n"
-        "[metrics]\nport = 0\n"
-        "[limits]\nhandshakes = '1000/minute'\n"
-    )
-    return config
-
-
-async def _start_process(config: Path) -> tuple[trio.Process, str]:
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "callgate", "serve", "--config", str(config)],
-        stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert process.stderr is not None
-    buffer = b""
-    with trio.fail_after(30):
-        while b'"listening"' not in buffer:
-            chunk = await process.stderr.receive_some(4096)
-            assert chunk, buffer
-            buffer += chunk
-    line = next(line for line in buffer.splitlines() if b'"listening"' in line)
-    return process, json.loads(line)["url"]
-
-
 async def test_sigterm_drains_with_1001_and_terminal_audit_lines(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    process, url = await _start_process(_server_config(tmp_path))
+    process, url = await start_server_process(server_config(tmp_path))
     try:
-        clients = [await _signed_in(nursery, url, token_for(user)) for user in ("alice", "bob")]
+        clients = [await signed_in(nursery, url, token_for(user)) for user in ("alice", "bob")]
         alice, bob = clients
         await alice.send("call-request", call_request("ab", "alice", "bob"))
         await bob.expect("call-request")
@@ -226,10 +177,10 @@ async def test_sigterm_drains_with_1001_and_terminal_audit_lines(
 
 
 async def test_sighup_reloads_revocations(nursery: trio.Nursery, tmp_path: Path) -> None:
-    config = _server_config(tmp_path)
-    process, url = await _start_process(config)
+    config = server_config(tmp_path)
+    process, url = await start_server_process(config)
     try:
-        alice = await _signed_in(nursery, url, token_for("alice", jti="j1"))
+        alice = await signed_in(nursery, url, token_for("alice", jti="j1"))
         assert cli_main(["revoke", "--config", str(config), "--jti", "j1"]) == 0
         process.send_signal(signal.SIGHUP)
         await alice.expect_closed(4003, "token revoked")

@@ -7,6 +7,9 @@ import trio
 from callgate.audit import TERMINAL_CALL_EVENTS
 from conftest import SDP_ANSWER, Client, Harness, call_request, make_settings
 
+# These scenarios also run with caller and callee on different cluster nodes (conftest).
+ON_CLUSTER = True
+
 
 async def ringing_on_two_devices(gate: Harness) -> tuple[Client, Client, Client]:
     """alice's call `c1` ringing on both of bob's devices."""

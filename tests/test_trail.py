@@ -98,7 +98,7 @@ async def _build(directory: Path) -> None:
         audit = AuditLog(sink, key=AUDIT_KEY, strict=True, checkpoint_every=25)
         async with trio.open_nursery() as nursery:
             h = Harness(nursery)
-            h.audit.log = audit
+            h.capture.log = audit
             await h.start(settings)
             await _outcomes(h)
             for client in h.clients:

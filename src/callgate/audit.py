@@ -51,6 +51,9 @@ AUDIT_FIELDS = frozenset(
         "calls",
         "delivered",
         "dropped_messages",
+        # cluster mode: a node, and a refused log entry's stream id
+        "node",
+        "entry",
         # the chain itself, and the records that link files and checkpoint the trail
         "seq",
         "mac",

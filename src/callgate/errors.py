@@ -30,6 +30,7 @@ class CloseCode(IntEnum):
     POLICY_VIOLATION = 1008  # extension: the client stopped reading (outbound queue full)
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013  # cluster mode: the node cannot reach the cluster log right now
     UNAUTHENTICATED = 4001
     FORBIDDEN = 4003
     RATE_LIMIT_ABUSE = 4029

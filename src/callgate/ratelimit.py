@@ -4,6 +4,10 @@ The library's async API needs asyncio, so under trio its synchronous API is used
 in-memory storage a check is a short, non-blocking computation. A multi-node backend swaps the
 storage; callers only see `RateLimiter`'s methods, which answer `None` (admitted and counted) or
 the number of seconds after which to retry.
+
+In cluster mode the call limits (per user, per pair) live in Redis, so that they hold across
+nodes; `admit_call` then does network I/O and is only called from a worker thread. The
+per-connection and per-address limits stay in memory: a connection lives on one node.
 """
 
 from __future__ import annotations
@@ -20,37 +24,55 @@ from callgate.core.policy import Throttled
 
 
 class RateLimiter:
-    def __init__(self, settings: LimitSettings, storage: Storage | None = None) -> None:
-        self._limiter = MovingWindowRateLimiter(storage or MemoryStorage())
+    def __init__(self, settings: LimitSettings, call_storage: Storage | None = None) -> None:
+        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+        self._call_limiter = (
+            self._limiter if call_storage is None else MovingWindowRateLimiter(call_storage)
+        )
         self._call_request = parse_many(settings.call_request)
         self._call_request_pair = parse_many(settings.call_request_pair)
         self._messages = parse_many(settings.messages)
         self._handshakes = parse_many(settings.handshakes)
         self._flood = parse_many(settings.flood)
 
-    def _admit(self, items: list[RateLimitItem], *identifiers: str) -> int | None:
+    def _admit(
+        self,
+        items: list[RateLimitItem],
+        *identifiers: str,
+        limiter: MovingWindowRateLimiter | None = None,
+    ) -> int | None:
         """Count one hit against every window if all admit it; else seconds until one does."""
+        limiter = limiter or self._limiter
         if len(items) == 1:  # the common case, and the per-message one: one call, not two
-            if self._limiter.hit(items[0], *identifiers):
+            if limiter.hit(items[0], *identifiers):
                 return None
-            return self._retry_after(items[0], identifiers)
+            return _retry_after(limiter, items[0], identifiers)
         for item in items:
-            if not self._limiter.test(item, *identifiers):
-                return self._retry_after(item, identifiers)
+            if not limiter.test(item, *identifiers):
+                return _retry_after(limiter, item, identifiers)
         for item in items:
-            self._limiter.hit(item, *identifiers)
+            limiter.hit(item, *identifiers)
         return None
 
-    def _retry_after(self, item: RateLimitItem, identifiers: tuple[str, ...]) -> int:
-        stats = self._limiter.get_window_stats(item, *identifiers)
-        return max(1, math.ceil(stats.reset_time - time.time()))
+    def close(self) -> None:
+        """Close the shared storage's connections (cluster mode); the memory one has none."""
+        if self._call_limiter is not self._limiter:
+            client = getattr(self._call_limiter.storage, "storage", None)
+            if client is not None:
+                client.close()
 
     def admit_call(self, caller: str, callee: str) -> Throttled | None:
-        """The core's `CallThrottle`: per caller, then per caller and callee pair."""
-        retry = self._admit(self._call_request, "call_request", caller)
+        """The core's `CallThrottle`: per caller, then per caller and callee pair.
+
+        Raises: limits.errors.StorageError when the shared storage (Redis) cannot be reached.
+        """
+        shared = self._call_limiter
+        retry = self._admit(self._call_request, "call_request", caller, limiter=shared)
         if retry is not None:
             return Throttled("call_request", retry)
-        retry = self._admit(self._call_request_pair, "call_request_pair", caller, callee)
+        retry = self._admit(
+            self._call_request_pair, "call_request_pair", caller, callee, limiter=shared
+        )
         if retry is not None:
             return Throttled("call_request_pair", retry)
         return None
@@ -64,3 +86,10 @@ class RateLimiter:
     def is_flooding(self, conn: str) -> bool:
         """Count one refused message; True once the connection is past the `flood` limit."""
         return self._admit(self._flood, "flood", conn) is not None
+
+
+def _retry_after(
+    limiter: MovingWindowRateLimiter, item: RateLimitItem, identifiers: tuple[str, ...]
+) -> int:
+    stats = limiter.get_window_stats(item, *identifiers)
+    return max(1, math.ceil(stats.reset_time - time.time()))

@@ -39,9 +39,11 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import trio
+from limits.errors import StorageError
 from trio_websocket import ConnectionClosed
 
 from callgate.auth import INVALID, Identity, TokenVerifier
+from callgate.cluster.entries import NODE_SEPARATOR, Entry
 from callgate.core.actions import (
     Ack,
     Action,
@@ -73,7 +75,7 @@ from callgate.protocol.codec import (
     ProtocolError,
     decode,
 )
-from callgate.protocol.messages import Auth, Ref
+from callgate.protocol.messages import Auth, CallRequest, Ref
 from callgate.revocation import RevocationList
 from callgate.transport.connection import Connection, PeerGone, SocketIOConnection
 from callgate.transport.listener import Accepted, Dialect, UpgradeRequest
@@ -81,6 +83,7 @@ from callgate.transport.timers import Timers
 
 if TYPE_CHECKING:
     from callgate.audit import AuditLog
+    from callgate.cluster.link import ClusterLink
     from callgate.config import Settings
     from callgate.core.switchboard import Switchboard
     from callgate.ratelimit import RateLimiter
@@ -140,6 +143,24 @@ class ConnectionHub:
         self._all_gone = trio.Event()
         # Called (and awaited) when a token names an unknown `kid`; set when jwks_url is used.
         self.refresh_remote_keys: Callable[[], Awaitable[bool]] | None = None
+        # Cluster mode (`attach_cluster`): events go through the shared log, not straight in.
+        self.cluster: ClusterLink | None = None
+
+    def attach_cluster(self, link: ClusterLink) -> None:
+        """From now on every core event goes through the cluster log; `link` applies entries."""
+        self.cluster = link
+        link.execute = self._execute_entry
+        link.rejected = self._entry_rejected
+        link.evicted = self._evicted
+
+    def _new_conn_id(self) -> str:
+        token = secrets.token_urlsafe(12)
+        return token if self.cluster is None else self.cluster.node_id + NODE_SEPARATOR + token
+
+    @property
+    def ready(self) -> bool:
+        """Accepting, and (in cluster mode) the cluster log is reachable and caught up."""
+        return self.accepting and (self.cluster is None or self.cluster.available)
 
     # -- inspection (tests) ------------------------------------------------------------------
 
@@ -173,10 +194,47 @@ class ConnectionHub:
         self.metrics.observe_audit(event, fields)
 
     def dispatch(self, event: Event, *, forwarded: bool = False) -> None:
+        if self.cluster is not None:
+            self.cluster.submit(event)
+            return
         self.execute(self._board.handle(event, trio.current_time()), forwarded=forwarded)
 
-    def execute(self, actions: list[Action], *, forwarded: bool = False) -> None:
-        """Carry out the core's actions; `forwarded` counts deliveries a client message caused."""
+    async def dispatch_and_wait(self, event: Event) -> None:
+        """Dispatch, and in cluster mode wait (bounded) until the log has applied it here.
+
+        Raises: CloseConnection 1013 when the cluster log does not apply it in time.
+        """
+        if self.cluster is None:
+            self.dispatch(event)
+            return
+        seq = self.cluster.submit(event)
+        with trio.move_on_after(self._settings.cluster.apply_timeout):
+            await self.cluster.wait_applied(seq)
+            return
+        raise CloseConnection(CloseCode.TRY_AGAIN_LATER, "cluster unavailable")
+
+    def _execute_entry(self, entry: Entry, actions: list[Action], own: bool) -> None:
+        """A cluster entry was applied: do what concerns this node's connections."""
+        if isinstance(entry.event, RevocationChanged):
+            self.revocations = RevocationList(entry.event.token_ids, dict(entry.event.users_before))
+        forwarded = own and isinstance(entry.event, MessageReceived)
+        self.execute(actions, forwarded=forwarded, own=own)
+
+    def _entry_rejected(self, entry_id: str, reason: str) -> None:
+        node = self.cluster.node_id if self.cluster is not None else None
+        self.audit("cluster.rejected", {"node": node, "entry": entry_id, "reason": reason})
+
+    def _evicted(self) -> None:
+        for connection in list(self._live.values()):
+            connection.close(CloseCode.GOING_AWAY, "node left the cluster")
+
+    def execute(self, actions: list[Action], *, forwarded: bool = False, own: bool = True) -> None:
+        """Carry out the core's actions; `forwarded` counts deliveries a client message caused.
+
+        In cluster mode every node executes every entry's actions: each sends only to its own
+        connections, and only the entry's origin (`own`) writes the audit records, so each
+        record is written once in the cluster.
+        """
         for action in actions:
             match action:
                 case Deliver(conn=conn, event=event, data=data):
@@ -193,15 +251,20 @@ class ConnectionHub:
                     if code is ErrorCode.RATE_LIMITED:
                         self._count_strike(conn)
                 case Audit(event=event, fields=fields):
-                    self.audit(event, fields)
+                    if own:
+                        self.audit(event, fields)
                 case Close(conn=conn, code=code, reason=reason):
                     connection = self._live.get(conn)
                     if connection is not None:
                         connection.close(code, reason)
                 case StartTimer(timer=timer, deadline=deadline):
+                    if self.cluster is not None:  # the cluster's core runs on the unix clock
+                        deadline = _trio_deadline(deadline)
                     self._timers.start(timer, deadline)
                 case CancelTimer(timer=timer):
                     self._timers.cancel(timer)
+                    if self.cluster is not None:
+                        self.cluster.timer_cancelled(timer)
 
     def _count_strike(self, conn_id: str) -> None:
         connection = self._live.get(conn_id)
@@ -209,7 +272,10 @@ class ConnectionHub:
             connection.close(CloseCode.RATE_LIMIT_ABUSE, "rate limit exceeded")
 
     def _on_timer(self, timer: TimerId) -> None:
-        self.dispatch(TimerFired(timer))
+        if self.cluster is not None:
+            self.cluster.timer_due(timer)
+        else:
+            self.dispatch(TimerFired(timer))
 
     # -- reloads and shutdown ----------------------------------------------------------------
 
@@ -218,9 +284,14 @@ class ConnectionHub:
         self.dispatch(RevocationChanged(revocations.tokens, revocations.users))
 
     async def shutdown(self) -> None:
-        """End every call, close every connection with 1001, wait up to `drain_timeout`."""
+        """End every call, close every connection with 1001, wait up to `drain_timeout`.
+
+        A cluster node ends no call: its devices disconnect, so their calls are held for
+        `reconnect_grace` and the clients resume them on another node.
+        """
         self.accepting = False
-        self.dispatch(ShuttingDown())
+        if self.cluster is None:
+            self.dispatch(ShuttingDown())
         for connection in list(self._all.values()):
             connection.close(CloseCode.GOING_AWAY, "server shutting down")
         with trio.move_on_after(self._settings.server.drain_timeout):
@@ -228,12 +299,15 @@ class ConnectionHub:
                 await self._all_gone.wait()
         for connection in list(self._all.values()):
             connection.abort(CloseCode.GOING_AWAY, "server shutting down")
+        if self.cluster is not None:
+            with trio.move_on_after(self._settings.server.close_timeout):
+                await self.cluster.flush()
 
     # -- one connection ----------------------------------------------------------------------
 
     async def handle(self, accepted: Accepted) -> None:
         """The front's handler. Contains every failure of this connection."""
-        conn_id = secrets.token_urlsafe(12)
+        conn_id = self._new_conn_id()
         try:
             await self._serve(accepted, conn_id)
         except Exception:
@@ -317,6 +391,8 @@ class ConnectionHub:
             ):
                 self.metrics.rate_limited.labels("connections_per_user").inc()
                 raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "too many connections")
+            if self.cluster is not None and not self.cluster.available:
+                raise CloseConnection(CloseCode.TRY_AGAIN_LATER, "cluster unavailable")
         except CloseConnection as refused:
             if refused.close_code != CloseCode.RATE_LIMIT_ABUSE:
                 detail = refused.detail if isinstance(refused, AuthError) else refused.reason
@@ -330,7 +406,7 @@ class ConnectionHub:
         self._live[connection.id] = connection
         if socketio:
             connection.push(sio.connected_packet(connection.id))
-        self.dispatch(
+        await self.dispatch_and_wait(
             Authenticated(
                 connection.id,
                 identity.user,
@@ -495,10 +571,35 @@ class ConnectionHub:
             if isinstance(envelope.message, Auth):
                 await self._refresh(connection, envelope.message, envelope.ref)
                 continue
-            self.dispatch(
-                MessageReceived(connection.id, envelope.message, envelope.ref), forwarded=True
-            )
+            received = MessageReceived(connection.id, envelope.message, envelope.ref)
+            if self.cluster is not None:
+                await self._submit_to_cluster(connection, received)
+                continue
+            self.dispatch(received, forwarded=True)
             self.metrics.forward_latency.observe(time.perf_counter() - arrived)
+
+    async def _submit_to_cluster(self, connection: Connection, received: MessageReceived) -> None:
+        """A client message in cluster mode: counted against the shared limits here, once.
+
+        Without Redis nothing can be decided for the cluster: the client is told to retry.
+        """
+        cluster = self.cluster
+        unavailable = (ErrorCode.RATE_LIMITED, "cluster unavailable; try again", received.ref, 1)
+        if cluster is None or not cluster.available:
+            connection.send_error(*unavailable)
+            return
+        message, user = received.message, connection.user
+        throttled = None
+        # Counted only for a request the core will not refuse outright (not from yourself).
+        if isinstance(message, CallRequest) and message.from_user == user != message.to:
+            try:
+                throttled = await trio.to_thread.run_sync(
+                    self._limiter.admit_call, user, message.to, abandon_on_cancel=True
+                )
+            except StorageError:
+                connection.send_error(*unavailable)
+                return
+        cluster.submit(received, throttled=throttled)
 
     async def _refresh(self, connection: Connection, message: Auth, ref: Ref | None) -> None:
         """A fresh token on an open connection (contract section 8).
@@ -522,7 +623,7 @@ class ConnectionHub:
             raise CloseConnection(CloseCode.FORBIDDEN, "identity change")
         self._check_not_revoked(identity)
         connection.identity = identity
-        self.dispatch(
+        await self.dispatch_and_wait(
             TokenRefreshed(
                 connection.id,
                 secrets.token_urlsafe(24),

@@ -14,18 +14,23 @@ from functools import partial
 from pathlib import Path
 
 import trio
+from limits.storage import RedisStorage
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from callgate.audit import AuditLog
 from callgate.auth import TokenVerifier
+from callgate.cluster.entries import EntryCodec
+from callgate.cluster.link import ClusterLink
+from callgate.cluster.replica import RecordedThrottle, Replica
 from callgate.config import Settings
 from callgate.core.policy import CallRules
 from callgate.core.switchboard import Switchboard
 from callgate.errors import ConfigError
 from callgate.keys import MAX_JWKS_BYTES, load_keyring, parse_jwks
 from callgate.log import get_logger
+from callgate.protocol.codec import FieldLimits
 from callgate.ratelimit import RateLimiter
-from callgate.revocation import load_revocations
+from callgate.revocation import RevocationList, load_revocations
 from callgate.transport.http import Route, serve_http
 from callgate.transport.hub import ConnectionHub
 from callgate.transport.listener import FrontSettings, serve_front
@@ -197,18 +202,50 @@ async def serve(
     revocations = (
         load_revocations(settings.auth.revocation_file) if settings.auth.revocation_file else None
     )
-    limiter = RateLimiter(settings.limits)
     rules = CallRules(
         ring_timeout=settings.calls.ring_timeout,
         max_calls_per_user=settings.calls.max_calls_per_user,
         reconnect_grace=settings.calls.reconnect_grace,
         resume_buffer=settings.calls.resume_buffer,
     )
-    board = Switchboard(rules, limiter)
+    link: ClusterLink | None = None
+    if settings.cluster.enabled:
+        board, limiter, link = _cluster_parts(settings, rules)
+    else:
+        limiter = RateLimiter(settings.limits)
+        board = Switchboard(rules, limiter)
+    try:
+        await _serve(
+            settings, audit, board, verifier, limiter, link, revocations, ssl_context, task_status
+        )
+    finally:
+        limiter.close()
+
+
+async def _serve(
+    settings: Settings,
+    audit: AuditLog,
+    board: Switchboard,
+    verifier: TokenVerifier,
+    limiter: RateLimiter,
+    link: ClusterLink | None,
+    revocations: RevocationList | None,
+    ssl_context: ssl.SSLContext | None,
+    task_status: trio.TaskStatus[RunningServer],
+) -> None:
     async with trio.open_nursery() as nursery:
         hub = ConnectionHub(settings, board, verifier, limiter, audit, nursery)
         if revocations is not None:
             hub.revocations = revocations
+        if link is not None:
+            hub.attach_cluster(link)
+            nursery.start_soon(link.run)
+            with trio.move_on_after(settings.cluster.apply_timeout):
+                await link.joined.wait()
+            if link.available:
+                log.info("joined the cluster", node=link.node_id)
+            else:
+                log.warning("cluster log not reachable yet; sign-ins are refused until it is")
         reloader = _Reloader(settings, hub)
         if settings.auth.jwks_url is not None:
             hub.refresh_remote_keys = reloader.refresh_remote
@@ -262,6 +299,28 @@ async def serve(
         )
 
 
+def _cluster_parts(
+    settings: Settings, rules: CallRules
+) -> tuple[Switchboard, RateLimiter, ClusterLink]:
+    """The replica of the cluster's switchboard, limits shared in Redis, and the link."""
+    cluster = settings.cluster
+    if cluster.key is None:  # refused by check_coherence; kept for the type checker
+        raise ConfigError("cluster.key: required when cluster.enabled is true")
+    throttle = RecordedThrottle()
+    board = Switchboard(rules, throttle)
+    shared = RedisStorage(
+        cluster.redis_url,
+        key_prefix=f"{cluster.name}:limits",
+        wrap_exceptions=True,
+        socket_timeout=2.0,
+        socket_connect_timeout=1.0,
+    )
+    limiter = RateLimiter(settings.limits, call_storage=shared)
+    limits = FieldLimits(**settings.validation.model_dump())
+    codec = EntryCodec(cluster.name, cluster.key.get_secret_value().encode(), limits)
+    return board, limiter, ClusterLink(cluster, Replica(board, throttle, codec), codec)
+
+
 def _routes(hub: ConnectionHub) -> dict[str, Route]:
     def metrics(_: str) -> tuple[int, bytes, bytes]:
         return 200, CONTENT_TYPE_LATEST.encode(), hub.metrics.exposition()
@@ -270,9 +329,11 @@ def _routes(hub: ConnectionHub) -> dict[str, Route]:
         return 200, b"text/plain", b"ok\n"
 
     def readyz(_: str) -> tuple[int, bytes, bytes]:
-        # Ready only while accepting: a draining node leaves the load balancer's rotation.
-        ready = hub.accepting
-        return (200, b"text/plain", b"ready\n") if ready else (503, b"text/plain", b"draining\n")
+        # Ready only while accepting: a draining node, or a cluster node that cannot reach the
+        # cluster log, leaves the load balancer's rotation.
+        if hub.ready:
+            return 200, b"text/plain", b"ready\n"
+        return 503, b"text/plain", b"draining\n" if not hub.accepting else b"cluster unavailable\n"
 
     return {"/metrics": metrics, "/healthz": healthz, "/readyz": readyz}
 

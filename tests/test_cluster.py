@@ -1,0 +1,411 @@
+"""Cluster mode: nodes on a real Redis, with caller and callee on different nodes.
+
+The call scenarios of the core issue also run on three nodes (test_e2e_call.py and
+test_e2e_outcomes.py set ON_CLUSTER). Here: what only a cluster has, namely limits shared by
+nodes, a node killed mid-call, resuming on another node, revocation reaching every node, forged
+and replayed log entries, and Redis restarting mid-call. The entry format and the replica are
+also tested directly, without Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import trio
+
+from callgate.audit import TERMINAL_CALL_EVENTS
+from callgate.cluster.entries import BadEntry, Entry, EntryCodec, NodeDown
+from callgate.cluster.replica import RecordedThrottle, Replica
+from callgate.core.events import (
+    Authenticated,
+    Disconnected,
+    MessageReceived,
+    RevocationChanged,
+    TimerFired,
+    TokenRefreshed,
+)
+from callgate.core.policy import CallRules, Throttled
+from callgate.core.switchboard import Switchboard
+from callgate.protocol.codec import FieldLimits
+from callgate.protocol.messages import CallRequest, IceCandidate
+from callgate.revocation import RevocationList
+from conftest import (
+    CANDIDATE,
+    CLUSTER_KEY,
+    STEP,
+    Client,
+    ClusterHarness,
+    call_request,
+    checked,
+    make_settings,
+    server_config,
+    signed_in,
+    start_server_process,
+    token_for,
+)
+
+KEY = CLUSTER_KEY.encode()
+
+
+def ice(call_id: str, to: str) -> dict[str, Any]:
+    return {"callId": call_id, "to": to, "candidate": CANDIDATE}
+
+
+def answer(call_id: str, to: str) -> dict[str, Any]:
+    return {"callId": call_id, "to": to, "answer": {"type": "answer", "sdp": "v=0"}}
+
+
+async def connected_call(alice: Client, bob: Client, call_id: str = "ab") -> None:
+    await alice.send("call-request", call_request(call_id, "alice", "bob"))
+    await bob.expect("call-request")
+    await bob.send("call-answer", answer(call_id, "alice"))
+    await alice.expect("call-answer")
+
+
+def terminal_records(h: ClusterHarness) -> list[dict[str, Any]]:
+    return [row for row in h.audit.records() if row["event"] in TERMINAL_CALL_EVENTS]
+
+
+# -- the entry format and the replica, without Redis ------------------------------------------
+
+
+def codec(key: bytes = KEY, cluster: str = "c1") -> EntryCodec:
+    return EntryCodec(cluster, key, FieldLimits())
+
+
+def sample_events() -> list[Any]:
+    request = CallRequest("c1", "alice", "bob", "video", call_request("c1", "alice", "bob"))
+    return [
+        Authenticated("n1.a", "alice", "s1", {"user": "alice"}, "old", "jti-1", 1.5),
+        TokenRefreshed("n1.a", "s2", {"user": "alice"}, None, None),
+        MessageReceived("n1.a", request, ref=7),
+        MessageReceived("n1.a", IceCandidate("c1", "bob", ice("c1", "bob")), ref="r"),
+        Disconnected("n1.a"),
+        TimerFired(3),
+        RevocationChanged(frozenset({"jti-1"}), {"bob": 12.0}),
+        NodeDown("n2"),
+    ]
+
+
+@pytest.mark.parametrize("event", sample_events(), ids=lambda e: type(e).__name__)
+def test_every_replicated_event_survives_the_log(event: Any) -> None:
+    sealed = codec().seal(Entry("n1", 4, 100.25, event, Throttled("call_request", 9)))
+    opened = codec().open(sealed)
+    assert opened == Entry("n1", 4, 100.25, event, Throttled("call_request", 9))
+
+
+def test_an_entry_signed_with_another_key_or_for_another_cluster_is_refused() -> None:
+    sealed = codec().seal(Entry("n1", 1, 1.0, Disconnected("n1.a")))
+    for other in (codec(key=b"x" * 40), codec(cluster="c2")):
+        with pytest.raises(BadEntry, match="bad_mac"):
+            other.open(sealed)
+
+
+def test_an_edited_or_malformed_entry_is_refused() -> None:
+    sealed = codec().seal(Entry("n1", 1, 1.0, Disconnected("n1.a")))
+    edited = {**sealed, b"p": sealed[b"p"].replace(b"n1.a", b"n1.b")}
+    with pytest.raises(BadEntry, match="bad_mac"):
+        codec().open(edited)
+    with pytest.raises(BadEntry, match="malformed"):
+        codec().open({b"p": b"{}"})
+    # Signed with the right key but not an entry (a broken or newer node): refused, no crash.
+    body = b'{"v": 1, "o": "n1", "s": 1, "t": 1.0, "k": "launch"}'
+    signed = codec()._mac(body)
+    with pytest.raises(BadEntry, match="malformed"):
+        codec().open({b"p": body, b"m": signed})
+
+
+def test_the_replica_refuses_a_copied_entry_and_a_stale_connection_is_ignored() -> None:
+    board = Switchboard(CallRules(), RecordedThrottle())
+    replica = Replica(board, RecordedThrottle(), codec())
+    signed_in = codec().seal(Entry("n1", 1, 1.0, sample_events()[0]))
+    replica.apply(replica.receive(signed_in))
+    assert board.devices_of("alice") == ["n1.a"]
+    with pytest.raises(BadEntry, match="replayed"):
+        replica.receive(signed_in)
+    # A message of a connection the cluster already dropped changes nothing.
+    down = replica.receive(codec().seal(Entry("n2", 1, 2.0, NodeDown("n1"))))
+    actions = replica.apply(down)
+    assert board.devices_of("alice") == []
+    assert [type(action).__name__ for action in actions] == ["Audit"]
+    late = replica.receive(codec().seal(Entry("n1", 2, 3.0, sample_events()[3])))
+    assert replica.apply(late) == []
+
+
+def test_the_rate_decision_of_the_ingress_node_is_what_every_replica_applies() -> None:
+    throttle = RecordedThrottle()
+    board = Switchboard(CallRules(), throttle)
+    replica = Replica(board, throttle, codec())
+    for seq, event in enumerate([sample_events()[0], Authenticated("n2.b", "bob", "s9")], 1):
+        replica.apply(replica.receive(codec().seal(Entry("n1", seq, 1.0, event))))
+    limited = Entry("n1", 3, 2.0, sample_events()[2], Throttled("call_request", 30))
+    actions = replica.apply(replica.receive(codec().seal(limited)))
+    assert any(getattr(a, "retry_after", None) == 30 for a in actions)
+    assert throttle.decision is None
+    assert len(board.calls) == 0
+
+
+# -- three nodes on Redis ----------------------------------------------------------------------
+
+
+async def test_call_limits_are_counted_across_nodes(cluster: ClusterHarness) -> None:
+    await cluster.start(make_settings(limits={"call_request": "2/minute"}))
+    # alice's three devices are on three nodes; bob is offline, so each request is answered.
+    devices = [await cluster.connect("alice", node=node) for node in range(3)]
+    for index, device in enumerate(devices[:2]):
+        await device.send("call-request", call_request(f"c{index}", "alice", "bob"))
+        await device.expect("call-reject", reason="unavailable")
+    await devices[2].send("call-request", call_request("c2", "alice", "bob"), ref=1)
+    error = await devices[2].expect_error("rate_limited", ref=1)
+    assert error["data"]["retryAfter"] >= 1
+    assert len(cluster.audit.records("call.rate_limited")) == 1
+
+
+async def test_revocation_on_one_node_reaches_every_node(cluster: ClusterHarness) -> None:
+    await cluster.start()
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    await connected_call(alice, bob)
+    cluster.nodes[0].hub.apply_revocations(RevocationList(users={"bob": 2**40}))
+    await bob.expect_closed(4003, "token revoked")
+    await alice.expect("call-end", reason="revoked")
+    # A node that never read the revocation file refuses bob too.
+    refused = await cluster.open(
+        headers=[(b"authorization", f"Bearer {token_for('bob')}".encode())],
+        url=cluster.node_url(2),
+    )
+    await refused.expect_closed(4003, "token revoked")
+    assert [row["reason"] for row in terminal_records(cluster)] == ["revoked"]
+
+
+async def test_a_device_resumes_its_call_on_another_node(cluster: ClusterHarness) -> None:
+    await cluster.start(make_settings(calls={"reconnect_grace": 10}))
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    await connected_call(alice, bob)
+    session_id = bob.session["sessionId"]
+    await bob.ws.aclose()
+    await bob.ws._stream.aclose()
+    with trio.fail_after(STEP):
+        while not cluster.audit.records("session.held"):
+            await trio.sleep(0.01)
+    await alice.send("ice-candidate", ice("ab", "bob"))  # buffered for the held device
+    again = await cluster.open(
+        headers=[
+            (b"authorization", f"Bearer {token_for('bob')}".encode()),
+            (b"callgate-resume", session_id.encode()),
+        ],
+        url=cluster.node_url(2),
+    )
+    session = await again.expect("session", resumed=True)
+    assert session["data"]["connectionId"].startswith(cluster.nodes[2].hub.cluster.node_id)  # type: ignore[union-attr]
+    await again.expect("ice-candidate", callId="ab")
+    await again.send("call-end", {"callId": "ab", "to": "alice"})
+    await alice.expect("call-end", callId="ab")
+    [ended] = terminal_records(cluster)
+    assert (ended["event"], ended["reason"]) == ("call.ended", "hangup")
+
+
+async def test_a_forged_or_replayed_entry_is_refused_and_audited(cluster: ClusterHarness) -> None:
+    await cluster.start()
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    client = redis.Redis.from_url(cluster.redis_url)
+    try:
+        log_key = f"{cluster.name}:log"
+        # Someone with access to Redis but not the cluster key "rings" bob as alice.
+        forged = codec(key=b"a guessed key that is long enough!!", cluster=cluster.name).seal(
+            Entry(
+                alice.conn.partition(".")[0],
+                10**9,
+                0.0,
+                MessageReceived(
+                    alice.conn,
+                    CallRequest("x", "alice", "bob", "video", call_request("x", "alice", "bob")),
+                ),
+            )
+        )
+        client.xadd(log_key, forged)  # type: ignore[arg-type]
+        # And replays a genuine entry: bob's own sign-in.
+        entries: Any = client.xrange(log_key)
+        genuine = [fields for _, fields in entries if bob.conn.encode() in fields[b"p"]]
+        client.xadd(log_key, genuine[0])
+    finally:
+        client.close()
+    with trio.fail_after(STEP):
+        while len(cluster.audit.records("cluster.rejected")) < 6:
+            await trio.sleep(0.01)
+    reasons = sorted(row["reason"] for row in cluster.audit.records("cluster.rejected"))
+    assert reasons == ["bad_mac"] * 3 + ["replayed"] * 3  # each node reports what it refused
+    await bob.expect_silence()
+    await alice.send("call-request", call_request("ab", "alice", "bob"))
+    await bob.expect("call-request", id="ab")
+
+
+# -- a node killed mid-call (a real process, SIGKILL) ----------------------------------------
+
+
+def _cluster_env(h: ClusterHarness, grace: float) -> dict[str, str]:
+    return {
+        "CALLGATE_CLUSTER_ENABLED": "true",
+        "CALLGATE_CLUSTER_REDIS_URL": h.redis_url,
+        "CALLGATE_CLUSTER_NAME": h.name,
+        "CALLGATE_CLUSTER_KEY": CLUSTER_KEY,
+        "CALLGATE_CLUSTER_NODE_NAME": "doomed",
+        "CALLGATE_CLUSTER_HEARTBEAT_INTERVAL": "0.2",
+        "CALLGATE_CLUSTER_NODE_TIMEOUT": "1.0",
+        "CALLGATE_CALLS_RECONNECT_GRACE": str(grace),
+    }
+
+
+@pytest.mark.parametrize("grace", [0, 10])
+async def test_a_node_killed_mid_call(
+    cluster: ClusterHarness, nursery: trio.Nursery, tmp_path: Path, grace: float
+) -> None:
+    """Without grace the survivor's side ends `peer_disconnected`; with it, bob resumes."""
+    await cluster.start(make_settings(calls={"reconnect_grace": grace}))
+    process, url = await start_server_process(server_config(tmp_path), _cluster_env(cluster, grace))
+    try:
+        alice = await cluster.connect("alice", node=0)
+        bob = await signed_in(nursery, url, token_for("bob"))
+        cluster.clients.append(bob)
+        await connected_call(alice, bob)
+        killed_at = trio.current_time()
+        process.kill()
+        await process.wait()
+        if grace == 0:
+            with trio.fail_after(STEP):
+                await alice.expect("call-end", callId="ab", reason="peer_disconnected")
+        else:
+            with trio.fail_after(STEP):
+                while not cluster.audit.records("session.held"):
+                    await trio.sleep(0.02)
+            again = await cluster.open(
+                headers=[
+                    (b"authorization", f"Bearer {token_for('bob')}".encode()),
+                    (b"callgate-resume", bob.session["sessionId"].encode()),
+                ],
+                url=cluster.node_url(1),
+            )
+            await again.expect("session", resumed=True)
+            await alice.send("ice-candidate", ice("ab", "bob"))
+            await again.expect("ice-candidate", callId="ab")
+        # Bounded: node_timeout (1 s) plus a heartbeat, with room for a slow machine.
+        assert trio.current_time() - killed_at < STEP
+        [down] = cluster.audit.records("cluster.node_down")
+        assert down["node"].startswith("doomed-") and down["devices"] == 1
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    if grace == 0:
+        [ended] = terminal_records(cluster)
+        assert (ended["reason"], ended["answered"]) == ("peer_disconnected", True)
+
+
+# -- Redis restarted mid-call (a private redis-server, so the shared one is left alone) ------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[tuple[int, list[subprocess.Popen[bytes]]]]:
+    server = shutil.which("redis-server")
+    if server is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed (.ci/run installs it)")
+        pytest.skip("redis-server is not installed")
+    port = _free_port()
+    processes: list[subprocess.Popen[bytes]] = []
+    yield port, processes
+    for process in processes:
+        process.kill()
+        process.wait()
+
+
+def _start_redis(port: int, processes: list[subprocess.Popen[bytes]], tmp: Path) -> None:
+    server = shutil.which("redis-server") or "redis-server"
+    command = [
+        server,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]
+    processes.append(
+        subprocess.Popen(command, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    )
+
+
+async def _wait_for_redis(port: int) -> None:
+    client = redis.Redis(port=port, socket_connect_timeout=0.2)
+    try:
+        with trio.fail_after(STEP):
+            while True:
+                try:
+                    client.ping()
+                    return
+                except redis.ConnectionError:
+                    await trio.sleep(0.05)
+    finally:
+        client.close()
+
+
+async def _until(predicate: Any) -> None:
+    with trio.fail_after(STEP):
+        while not predicate():
+            await trio.sleep(0.02)
+
+
+async def test_redis_restarted_mid_call_recovers(
+    nursery: trio.Nursery,
+    private_redis: tuple[int, list[subprocess.Popen[bytes]]],
+    tmp_path: Path,
+) -> None:
+    port, processes = private_redis
+    _start_redis(port, processes, tmp_path)
+    await _wait_for_redis(port)
+    h = ClusterHarness(nursery, redis_url=f"redis://127.0.0.1:{port}/0")
+    async with checked(h):
+        await h.start()
+        alice = await h.connect("alice", node=0)
+        bob = await h.connect("bob", node=1)
+        await connected_call(alice, bob)
+        processes[0].kill()
+        processes[0].wait()
+        await _until(lambda: not any(node.hub.ready for node in h.nodes))
+        # Without Redis: the connections stay open; what needs the cluster is refused clearly.
+        await alice.send("ice-candidate", ice("ab", "bob"), ref=1)
+        await alice.expect_error("rate_limited", ref=1)
+        await alice.send("call-request", call_request("cd", "alice", "carol"), ref=2)
+        error = await alice.expect_error("rate_limited", ref=2)
+        assert "cluster unavailable" in error["data"]["message"]
+        _start_redis(port, processes, tmp_path)
+        await _wait_for_redis(port)
+        await _until(lambda: all(node.hub.ready for node in h.nodes))
+        # The call goes on where it was.
+        await alice.send("ice-candidate", ice("ab", "bob"))
+        await bob.expect("ice-candidate", callId="ab", **{"from": "alice"})
+        await bob.send("call-end", {"callId": "ab", "to": "alice"})
+        await alice.expect("call-end", callId="ab")
+        [ended] = terminal_records(h)
+        assert ended["reason"] == "hangup"
+        # A new call across nodes works again.
+        await alice.send("call-request", call_request("ef", "alice", "bob"))
+        await bob.expect("call-request", id="ef")
