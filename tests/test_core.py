@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from callgate.core.calls import TRANSITIONS, CallState, Role, Step
 from callgate.core.events import (
     Authenticated,
     Disconnected,
+    Event,
     MessageReceived,
     RevocationChanged,
     ShuttingDown,
@@ -438,3 +440,43 @@ def test_shutdown_ends_every_call_once() -> None:
     ]
     assert audits(actions) == ["call.ended"]
     assert len(b.board.calls) == 0
+
+
+# -- state as plain data (what a cluster snapshot holds) -----------------------------------------
+
+
+def busy_board() -> Board:
+    """A ringing call on two devices, a connected call, and a held device with a buffer."""
+    b = Board(CallRules(ring_timeout=30, reconnect_grace=10, max_calls_per_user=2))
+    b.ring()  # alice a1 -> bob b1, b2: ringing
+    b.board.handle(Authenticated("d1", "dave", "sd"), b.now)
+    b.send("c1", request("c2", "carol", "dave"))
+    b.send("d1", in_call(CallAnswer, "carol", "c2"))
+    b.board.handle(Disconnected("d1"), b.now)  # held, with what carol sends kept for it
+    b.send("c1", in_call(IceCandidate, "dave", "c2"))
+    return b
+
+
+FOLLOW_UPS: list[tuple[str, Any]] = [
+    ("b2", in_call(CallAnswer, "alice")),
+    ("c1", in_call(CallEnd, "dave", "c2")),
+    ("a1", in_call(CallEnd, "bob")),
+    ("b1", in_call(CallReject, "alice")),
+]
+
+
+@pytest.mark.parametrize(("conn", "message"), FOLLOW_UPS, ids=lambda v: getattr(v, "EVENT", v))
+def test_a_restored_switchboard_decides_exactly_like_the_original(conn: str, message: Any) -> None:
+    original = busy_board()
+    state = original.board.export_state()
+    copy = Switchboard(
+        CallRules(ring_timeout=30, reconnect_grace=10, max_calls_per_user=2), NoThrottle()
+    )
+    copy.restore_state(json.loads(json.dumps(state)))  # it survives JSON
+    assert copy.export_state() == state
+    later = original.now + 5
+    resume = Authenticated("d2", "dave", "new", resume="sd")
+    events: list[Event] = [MessageReceived(conn, message), resume]
+    for event in [*events, TimerFired(1), TimerFired(2), TimerFired(3)]:
+        assert copy.handle(event, later) == original.board.handle(event, later)
+    assert copy.export_state() == original.board.export_state()

@@ -107,6 +107,56 @@ class Switchboard:
             and not self._grace_timers
         )
 
+    # -- state as plain data (cluster snapshots) ---------------------------------------------
+
+    def export_state(self) -> dict[str, Any]:
+        """Everything the switchboard knows, as JSON-ready data; `restore_state` reads it back.
+
+        Orders are kept (devices by sign-in, calls by registry order, ringing devices), so a
+        restored switchboard sends in the same order as the one it was taken from.
+        """
+        return {
+            "next_timer": self._next_timer,
+            "devices": [_device_state(device) for device in self._devices.all()],
+            "calls": [_call_state(call) for call in self._calls],
+            "ring_timers": sorted(self._ring_timers),
+        }
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        """Replace everything with `state` (from `export_state`). Raises: KeyError, TypeError."""
+        devices, calls = DeviceRegistry(), CallRegistry()
+        grace_timers: dict[TimerId, Device] = {}
+        for item in state["devices"]:
+            device = Device(item["conn"], item["user"], item["sid"], item["jti"], item["iat"])
+            devices.add(device)
+            if item["hold"] is not None:
+                hold = item["hold"]
+                buffer = [Deliver(conn, event, data) for conn, event, data in hold["buffer"]]
+                device.hold = Hold(int(hold["timer"]), buffer, int(hold["dropped"]))
+                devices.go_offline(device)
+                grace_timers[device.hold.timer] = device
+        by_timer: dict[TimerId, Call] = {}
+        for item in state["calls"]:
+            call = Call(
+                call_id=item["id"],
+                caller=item["caller"],
+                callee=item["callee"],
+                media=item["media"],
+                caller_conn=item["caller_conn"],
+                ringing=dict.fromkeys(item["ringing"]),
+                requested_at=float(item["requested_at"]),
+                ring_timer=int(item["ring_timer"]),
+                state=CallState[item["state"]],
+                callee_conn=item["callee_conn"],
+                answered_at=item["answered_at"],
+                renegotiations=int(item["renegotiations"]),
+            )
+            calls.add(call)
+            by_timer[call.ring_timer] = call
+        self._devices, self._calls, self._grace_timers = devices, calls, grace_timers
+        self._ring_timers = {timer: by_timer[timer] for timer in state["ring_timers"]}
+        self._next_timer = int(state["next_timer"])
+
     # -- the one entry point -----------------------------------------------------------------
 
     def handle(self, event: Event, now: float) -> list[Action]:
@@ -496,6 +546,41 @@ class Switchboard:
 
 
 # -- helpers: pure functions of their arguments -----------------------------------------------
+
+
+def _device_state(device: Device) -> dict[str, Any]:
+    hold = device.hold
+    return {
+        "conn": device.conn,
+        "user": device.user,
+        "sid": device.session_id,
+        "jti": device.token_id,
+        "iat": device.issued_at,
+        "hold": None
+        if hold is None
+        else {
+            "timer": hold.timer,
+            "dropped": hold.dropped,
+            "buffer": [[d.conn, d.event, dict(d.data)] for d in hold.buffer],
+        },
+    }
+
+
+def _call_state(call: Call) -> dict[str, Any]:
+    return {
+        "id": call.call_id,
+        "caller": call.caller,
+        "callee": call.callee,
+        "media": call.media,
+        "caller_conn": call.caller_conn,
+        "ringing": list(call.ringing),
+        "requested_at": call.requested_at,
+        "ring_timer": call.ring_timer,
+        "state": call.state.name,
+        "callee_conn": call.callee_conn,
+        "answered_at": call.answered_at,
+        "renegotiations": call.renegotiations,
+    }
 
 
 def _acked(conn: ConnId, ref: Ref | None, actions: list[Action]) -> list[Action]:
