@@ -286,14 +286,31 @@ class ClusterHarness(Harness):
         self._next = 0
         self._running: list[tuple[trio.CancelScope, trio.Event]] = []
 
-    async def start(self, settings: Settings | None = None) -> RunningServer:
-        settings = cluster_settings(
-            settings or make_settings(), self.name, redis_url=self.redis_url
+    async def start(
+        self, settings: Settings | None = None, **cluster_overrides: Any
+    ) -> RunningServer:
+        client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2)
+        try:
+            client.ping()
+        except redis.ConnectionError:
+            pytest.fail(f"no Redis at {self.redis_url}: scripts/test starts one on 127.0.0.1:6379")
+        finally:
+            client.close()
+        self.settings = cluster_settings(
+            settings or make_settings(), self.name, redis_url=self.redis_url, **cluster_overrides
         )
         for capture in self.captures:
-            self.nodes.append(await self.nursery.start(self._run_node, settings, capture))
+            self.nodes.append(await self.nursery.start(self._run_node, self.settings, capture))
         self.server = self.nodes[0]
         return self.server
+
+    async def add_node(self) -> RunningServer:
+        """One more node, joining the running cluster."""
+        capture = AuditCapture()
+        self.captures.append(capture)
+        node: RunningServer = await self.nursery.start(self._run_node, self.settings, capture)
+        self.nodes.append(node)
+        return node
 
     async def _run_node(
         self,

@@ -153,6 +153,28 @@ def test_the_rate_decision_of_the_ingress_node_is_what_every_replica_applies() -
     assert len(board.calls) == 0
 
 
+def test_a_snapshot_restores_the_replica_and_a_tampered_one_is_refused() -> None:
+    throttle = RecordedThrottle()
+    replica = Replica(Switchboard(CallRules(ring_timeout=30), throttle), throttle, codec())
+    entries = [sample_events()[0], Authenticated("n2.b", "bob", "s9"), sample_events()[2]]
+    sealed = [codec().seal(Entry("n1", seq, 1.0, event)) for seq, event in enumerate(entries, 1)]
+    for fields in sealed:
+        replica.apply(replica.receive(fields))
+    snapshot = codec().seal_snapshot(b"7-0", replica.export_state())
+    copy = Replica(Switchboard(CallRules(ring_timeout=30), throttle), throttle, codec())
+    position, state = codec().open_snapshot(snapshot)
+    copy.restore_state(state)
+    assert position == b"7-0"
+    assert copy.export_state() == replica.export_state()
+    assert copy.timers == {1: 31.0}  # the ring timer, with its deadline
+    with pytest.raises(BadEntry, match="replayed"):  # the entry numbers came along
+        copy.receive(sealed[2])
+    with pytest.raises(BadEntry, match="bad_mac"):
+        codec().open_snapshot(snapshot.replace(b"alice", b"mallo"))
+    with pytest.raises(BadEntry, match="bad_mac"):
+        codec(key=b"y" * 40).open_snapshot(snapshot)
+
+
 # -- three nodes on Redis ----------------------------------------------------------------------
 
 
@@ -409,3 +431,32 @@ async def test_redis_restarted_mid_call_recovers(
         # A new call across nodes works again.
         await alice.send("call-request", call_request("ef", "alice", "bob"))
         await bob.expect("call-request", id="ef")
+
+
+async def test_the_log_is_trimmed_and_a_late_node_starts_from_the_snapshot(
+    cluster: ClusterHarness,
+) -> None:
+    await cluster.start(snapshot_every=10)
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    await connected_call(alice, bob)
+    client = redis.Redis.from_url(cluster.redis_url)
+    try:
+        for _ in range(60):
+            await alice.send("ice-candidate", ice("ab", "bob"))
+            await bob.expect("ice-candidate")
+        # The leader snapshots every 10 entries (checked once per heartbeat) and trims the log
+        # to its previous snapshot.
+        await _until(lambda: int(client.xlen(f"{cluster.name}:log")) < 40)
+        assert client.exists(f"{cluster.name}:snapshot")
+        joiner = await cluster.add_node()
+    finally:
+        client.close()
+    # The newest node knows the call without having read the entries that set it up.
+    assert [call.call_id for call in joiner.board.calls] == ["ab"]
+    carol = await cluster.connect("carol", node=len(cluster.nodes) - 1)
+    await carol.send("call-request", call_request("ca", "carol", "alice"))
+    await carol.expect("call-reject", reason="busy")
+    await alice.send("call-end", {"callId": "ab", "to": "bob"})
+    await bob.expect("call-end")
+    assert [row["reason"] for row in terminal_records(cluster)] == ["busy", "hangup"]

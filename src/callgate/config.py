@@ -219,6 +219,11 @@ class ClusterSettings(_Section):
     node_timeout: float = Field(5.0, gt=0, le=600)
     # How long a connection waits for its sign-in to go through the cluster log.
     apply_timeout: float = Field(5.0, gt=0, le=120)
+    # The leader snapshots the shared state after this many log entries or seconds (whichever
+    # comes first), and trims the log to the previous snapshot: the log stays bounded, and a
+    # node that joins loads the snapshot instead of the whole history.
+    snapshot_every: int = Field(10000, ge=10, le=10_000_000)
+    snapshot_seconds: float = Field(60.0, gt=0, le=86400)
 
     _key_long_enough = field_validator("key")(_hmac_key)
 

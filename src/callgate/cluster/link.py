@@ -81,6 +81,7 @@ class ClusterLink:
         self._leader_key = f"{prefix}:leader"
         self._epoch_key = f"{prefix}:epoch"
         self._node_prefix = f"{prefix}:node:"
+        self._snapshot_key = f"{prefix}:snapshot"
         options: dict[str, Any] = {"socket_connect_timeout": 2.0, "socket_timeout": 5.0}
         self._redis = redis.Redis.from_url(settings.redis_url, **options)
         self._reader_redis = redis.Redis.from_url(settings.redis_url, **options)
@@ -89,6 +90,8 @@ class ClusterLink:
         self.execute: Executor = lambda entry, actions, own: None
         self.rejected: Rejected = lambda entry_id, reason: None
         self.evicted: Callable[[], None] = lambda: None
+        # Called after the replica was replaced by a snapshot (timers and revocations changed).
+        self.restored: Callable[[], None] = lambda: None
         self._outbox: deque[tuple[int, dict[bytes, bytes]]] = deque()
         self._outbox_changed = trio.Event()
         self._drained = trio.Event()
@@ -106,6 +109,12 @@ class ClusterLink:
         self.is_leader = False
         self._due: set[TimerId] = set()
         self._declared_down: dict[str, float] = {}
+        # Snapshots: entries applied since the last one, when it was taken, and where.
+        self._since_snapshot = 0
+        self._snapshot_at = time.monotonic()
+        self._snapshot_position: bytes | None = None
+        # The store's epoch when the log was last read (a restarted Redis gets a new one).
+        self._log_epoch: bytes | None = None
 
     # -- state -------------------------------------------------------------------------------
 
@@ -157,6 +166,7 @@ class ClusterLink:
 
     async def run(self) -> None:
         try:
+            await self.load_snapshot()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write_loop)
                 nursery.start_soon(self._keep_loop)
@@ -204,6 +214,14 @@ class ClusterLink:
         attempt = 0
         while True:
             try:
+                if not self._reader_ok:
+                    # Joining, or back after an outage: start from the snapshot when the log
+                    # no longer holds every entry after the last one applied here.
+                    sealed = await trio.to_thread.run_sync(
+                        self._snapshot_if_behind, abandon_on_cancel=True
+                    )
+                    if sealed is not None:
+                        self._restore(sealed)
                 block = READ_BLOCK_MS if self._caught_up else None
                 batch = await trio.to_thread.run_sync(self._read, block, abandon_on_cancel=True)
             except redis.RedisError as exc:
@@ -225,6 +243,43 @@ class ClusterLink:
             if not batch and not self._caught_up:
                 self._caught_up = True
                 self.joined.set()
+
+    def _snapshot_if_behind(self) -> bytes | None:
+        """The sealed snapshot, if entries after our position were trimmed from the log.
+
+        Only within one store: after Redis restarted without its data (a new epoch) the log is
+        new, and this node's replica is as good as any other's.
+        """
+        pipe = self._reader_redis.pipeline(transaction=False)
+        pipe.get(self._epoch_key)
+        pipe.xrange(self._log_key, count=1)
+        pipe.get(self._snapshot_key)
+        epoch, first, sealed = pipe.execute()
+        if epoch is None:
+            return None
+        same_store = self._log_epoch is None or epoch == self._log_epoch
+        self._log_epoch = epoch
+        if not same_store or not first or _stream_id(first[0][0]) <= _stream_id(self._last_id):
+            return None
+        return bytes(sealed) if sealed is not None else None
+
+    def _restore(self, sealed: bytes) -> None:
+        try:
+            position, state = self._codec.open_snapshot(sealed)
+            self.replica.restore_state(state)
+        except (BadEntry, KeyError, TypeError, ValueError) as exc:
+            log.error("cluster snapshot refused; reading the whole log", error=str(exc))
+            self.rejected("snapshot", getattr(exc, "reason", "malformed"))
+            return
+        had_applied = self._last_id != b"0-0"
+        self._last_id = position
+        self._snapshot_position = position
+        log.info("cluster state loaded from a snapshot", position=position.decode())
+        if had_applied:
+            # This node missed entries: what it believed about its own devices may be wrong.
+            log.warning("this node fell behind the cluster log; closing its connections")
+            self.evicted()
+        self.restored()
 
     def _read(self, block: int | None) -> list[tuple[bytes, dict[bytes, bytes]]]:
         reply: Any = self._reader_redis.xread(
@@ -254,6 +309,7 @@ class ClusterLink:
             self._applied_seq = entry.seq
             self._applied.set()
             self._applied = trio.Event()
+        self._since_snapshot += 1
 
     async def _keep_loop(self) -> None:
         interval = self._settings.heartbeat_interval
@@ -268,7 +324,43 @@ class ClusterLink:
                 self.is_leader = False
             else:
                 self._lead(leader, dict(zip(nodes, alive, strict=True)))
+                if self.is_leader and self._snapshot_due():
+                    await self._snapshot()
             await trio.sleep(interval)
+
+    def _snapshot_due(self) -> bool:
+        settings = self._settings
+        return self._since_snapshot >= settings.snapshot_every or (
+            self._since_snapshot > 0
+            and time.monotonic() - self._snapshot_at >= settings.snapshot_seconds
+        )
+
+    async def _snapshot(self) -> None:
+        """Store the replica's state at the current position; trim the log to the previous one.
+
+        Entries stay for one snapshot period after they are covered, so a node that is a little
+        behind reads on; one further behind than that loads the snapshot.
+        """
+        position = self._last_id
+        sealed = self._codec.seal_snapshot(position, self.replica.export_state())
+        trim_to = self._snapshot_position
+        try:
+            await trio.to_thread.run_sync(
+                self._store_snapshot, sealed, trim_to, abandon_on_cancel=True
+            )
+        except redis.RedisError as exc:
+            log.warning("cluster snapshot not stored", error=str(exc))
+            return
+        self._snapshot_position = position
+        self._since_snapshot = 0
+        self._snapshot_at = time.monotonic()
+
+    def _store_snapshot(self, sealed: bytes, trim_to: bytes | None) -> None:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.set(self._snapshot_key, sealed)
+        if trim_to is not None:
+            pipe.xtrim(self._log_key, minid=trim_to.decode(), approximate=False)
+        pipe.execute()
 
     def _keep(self, nodes: list[str]) -> tuple[bool, list[bool]]:
         settings = self._settings
@@ -313,6 +405,22 @@ class ClusterLink:
                 log.warning("node stopped heartbeating; its devices are disconnected", node=node)
                 self.submit(NodeDown(node))
 
+    async def load_snapshot(self) -> None:
+        """At start: begin from the stored snapshot, if any, instead of the whole log."""
+        try:
+            sealed: Any = await trio.to_thread.run_sync(
+                self._reader_redis.get, self._snapshot_key, abandon_on_cancel=True
+            )
+        except redis.RedisError:
+            return  # the reader retries, and checks again
+        if sealed is not None:
+            self._restore(bytes(sealed))
+
     def close(self) -> None:
         self._redis.close()
         self._reader_redis.close()
+
+
+def _stream_id(value: bytes) -> tuple[int, int]:
+    milliseconds, _, sequence = value.partition(b"-")
+    return int(milliseconds), int(sequence or 0)

@@ -152,6 +152,7 @@ class ConnectionHub:
         link.execute = self._execute_entry
         link.rejected = self._entry_rejected
         link.evicted = self._evicted
+        link.restored = self._restored
 
     def _new_conn_id(self) -> str:
         token = secrets.token_urlsafe(12)
@@ -223,6 +224,17 @@ class ConnectionHub:
     def _entry_rejected(self, entry_id: str, reason: str) -> None:
         node = self.cluster.node_id if self.cluster is not None else None
         self.audit("cluster.rejected", {"node": node, "entry": entry_id, "reason": reason})
+
+    def _restored(self) -> None:
+        """The replica was loaded from a snapshot: arm its timers, adopt its revocations."""
+        if self.cluster is None:
+            return
+        replica = self.cluster.replica
+        self._timers.cancel_all()
+        for timer, deadline in replica.timers.items():
+            self._timers.start(timer, _trio_deadline(deadline))
+        revoked = replica.revocations
+        self.revocations = RevocationList(revoked.token_ids, dict(revoked.users_before))
 
     def _evicted(self) -> None:
         for connection in list(self._live.values()):

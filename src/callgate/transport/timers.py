@@ -25,6 +25,11 @@ class Timers:
         self._scopes[timer] = scope
         self._nursery.start_soon(self._run, timer, deadline, scope)
 
+    def cancel_all(self) -> None:
+        for scope in self._scopes.values():
+            scope.cancel()
+        self._scopes.clear()
+
     def cancel(self, timer: TimerId) -> None:
         scope = self._scopes.pop(timer, None)
         if scope is not None:
