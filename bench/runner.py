@@ -30,6 +30,9 @@ TICK = os.sysconf("SC_CLK_TCK")
 SERVER_CORE, LOADGEN_CORE = "1", "0"
 # callgate on each connection engine, and the reference.
 TARGETS = ("reference", "callgate", "callgate-wsproto")
+# --cluster: one node against two cluster nodes on Redis, every callee on the other node.
+CLUSTER_TARGETS = ("callgate-wsproto", "cluster-2-nodes")
+REDIS_URL = os.environ.get("CALLGATE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,22 @@ def scaling(smoke: bool) -> list[Workload]:
             },
         )
         for idle in sizes
+    ]
+
+
+def cluster_plan(smoke: bool) -> list[Workload]:
+    """Cross-node forwarding: W1 and W2 with the sender on one node and the receiver on another."""
+    if smoke:
+        return [
+            Workload("W1", "cross-node smoke", {"pairs": 2, "window": 4, "seconds": 0.5}),
+            Workload("W2", "cross-node smoke", {"pairs": 2, "rate": 200, "seconds": 0.5}),
+        ]
+    return [
+        Workload(
+            "W1", "saturated, 50 pairs x 32 in flight", {"pairs": 50, "window": 32, "seconds": 5}
+        ),
+        Workload("W2", "sparse, 2,000 msg/s", {"pairs": 50, "rate": 2000, "seconds": 5}),
+        Workload("W2", "sparse, 10,000 msg/s", {"pairs": 50, "rate": 10000, "seconds": 5}),
     ]
 
 
@@ -118,10 +137,12 @@ def pinned(core: str, command: list[str]) -> list[str]:
 
 
 class Server:
-    def __init__(self, target: str, port: int, workdir: Path) -> None:
+    def __init__(
+        self, target: str, port: int, workdir: Path, extra_env: dict[str, str] | None = None
+    ) -> None:
         self.target = target
         self.port = port
-        env = {**os.environ}
+        env = {**os.environ, **(extra_env or {})}
         if target == "callgate-wsproto":
             env["CALLGATE_SERVER_ENGINE"] = "wsproto"
         if target == "reference":
@@ -174,15 +195,60 @@ class Server:
             self.process.kill()
 
 
-def run_workload(server: Server, workload: Workload) -> dict[str, Any]:
+def start_cluster(port: int, workdir: Path) -> list[Server]:
+    """Two wsproto nodes of a fresh cluster on the Redis at REDIS_URL, both on the server core."""
+    name = f"bench-{port}"
+    env = {
+        "CALLGATE_SERVER_ENGINE": "wsproto",
+        "CALLGATE_CLUSTER_ENABLED": "true",
+        "CALLGATE_CLUSTER_REDIS_URL": REDIS_URL,
+        "CALLGATE_CLUSTER_NAME": name,
+        "CALLGATE_CLUSTER_KEY": SECRET,
+    }
+    first = Server("cluster-2-nodes", port, workdir, env)
+    try:
+        return [first, Server("cluster-2-nodes", port + 1, workdir, env)]
+    except BaseException:
+        first.stop()
+        raise
+
+
+def drop_cluster(port: int) -> None:
+    import redis  # the project's dependency; only the cluster run needs it
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=f"bench-{port}:*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+class Processes:
+    """The CPU time and memory of one server, or the sum over a cluster's nodes."""
+
+    def __init__(self, servers: list[Server]) -> None:
+        self.pids = [server.process.pid for server in servers]
+
+    def cpu(self) -> float:
+        return sum(cpu_seconds(pid) for pid in self.pids)
+
+    def rss(self) -> int:
+        return sum(rss_kib(pid) for pid in self.pids)
+
+
+def run_workload(servers: list[Server], workload: Workload) -> dict[str, Any]:
+    server = servers[0]
     config = {
         "target": "reference" if server.target == "reference" else "callgate",
         "url": server.url,
+        "peer_url": servers[-1].url,
         "secret": SECRET,
         "workload": workload.name,
         **workload.config,
     }
-    pid = server.process.pid
+    measure = Processes(servers)
     generator = subprocess.Popen(  # noqa: S603
         pinned(LOADGEN_CORE, ["node", str(BENCH / "loadgen" / "loadgen.mjs"), json.dumps(config)]),
         stdout=subprocess.PIPE,
@@ -191,16 +257,16 @@ def run_workload(server: Server, workload: Workload) -> dict[str, Any]:
     )
     assert generator.stdout is not None
     measured: dict[str, Any] = {}
-    rss_before = rss_kib(pid)
+    rss_before = measure.rss()
     for line in generator.stdout:
         message = json.loads(line)
         phase = message.get("phase")
         if phase == "start":
-            measured["cpu_start"], measured["rss_start"] = cpu_seconds(pid), rss_kib(pid)
+            measured["cpu_start"], measured["rss_start"] = measure.cpu(), measure.rss()
         elif phase == "end":
-            measured["cpu_end"] = cpu_seconds(pid)
+            measured["cpu_end"] = measure.cpu()
         elif phase == "idle":
-            measured["rss_idle"] = rss_kib(pid)
+            measured["rss_idle"] = measure.rss()
         elif "result" in message or "error" in message:
             measured.update(message)
     generator.wait(30)
@@ -222,19 +288,22 @@ def run_workload(server: Server, workload: Workload) -> dict[str, Any]:
     return result
 
 
+METRICS = [
+    ("rate", "msg/s or conn/s"),
+    ("cpu_us_per_msg", "server CPU µs/msg"),
+    ("cpu_us_per_conn", "server CPU µs/conn"),
+    ("cpu_us_per_call", "server CPU µs/call"),
+    ("kib_per_idle_conn", "KiB per idle conn"),
+    ("server_rss_mib", "server memory MiB"),
+    ("p50_ms", "p50 ms"),
+    ("p99_ms", "p99 ms"),
+    ("max_ms", "max ms"),
+]
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """callgate on both engines and the reference side by side, with ratios to the reference."""
-    metrics = [
-        ("rate", "msg/s or conn/s"),
-        ("cpu_us_per_msg", "server CPU µs/msg"),
-        ("cpu_us_per_conn", "server CPU µs/conn"),
-        ("cpu_us_per_call", "server CPU µs/call"),
-        ("kib_per_idle_conn", "KiB per idle conn"),
-        ("server_rss_mib", "server memory MiB"),
-        ("p50_ms", "p50 ms"),
-        ("p99_ms", "p99 ms"),
-        ("max_ms", "max ms"),
-    ]
+    metrics = METRICS
     by_key: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
     for row in rows:
         by_key.setdefault((row["workload"], row["label"]), {})[row["target"]] = row["result"]
@@ -260,6 +329,29 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def cluster_table(rows: list[dict[str, Any]]) -> str:
+    """One node against two cluster nodes (sender and receiver on different nodes)."""
+    by_key: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        by_key.setdefault((row["workload"], row["label"]), {})[row["target"]] = row["result"]
+    lines = [
+        "| workload | metric | one node (wsproto) | two nodes, cross-node | ratio |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for (name, label), results in by_key.items():
+        single, cluster = results.get("callgate-wsproto", {}), results.get("cluster-2-nodes", {})
+        for key, title in METRICS:
+            if key in single or key in cluster:
+                a, b = cluster.get(key), single.get(key)
+                lines.append(
+                    f"| {name} {label} | {title} | {_fmt(b)} | {_fmt(a)} | {_ratio(a, b)} |"
+                )
+        for target, result in results.items():
+            if "error" in result:
+                lines.append(f"| {name} {label} | error ({target}) | {result['error']} | | |")
+    return "\n".join(lines)
+
+
 def _ratio(ours: Any, theirs: Any) -> str:
     numbers = isinstance(ours, int | float) and isinstance(theirs, int | float)
     return f"{ours / theirs:.2f}x" if numbers and theirs else "-"
@@ -281,6 +373,11 @@ def main() -> int:
     parser.add_argument(
         "--scaling", action="store_true", help="also W5: the scaling curve (latency and memory)"
     )
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="instead: one node against two cluster nodes on Redis (sender and receiver apart)",
+    )
     parser.add_argument("--out", type=Path, default=BENCH / "results")
     parser.add_argument("--name", help="results file name (default: latest, or smoke)")
     args = parser.parse_args()
@@ -289,16 +386,24 @@ def main() -> int:
     port = 18700
     with tempfile.TemporaryDirectory() as workdir:
         workloads = plan(args.smoke, args.big) + (scaling(args.smoke) if args.scaling else [])
+        if args.cluster:
+            workloads = cluster_plan(args.smoke)
         for workload in workloads:
             if args.only and workload.name != args.only:
                 continue
-            for target in TARGETS:
-                port += 1
-                server = Server(target, port, Path(workdir))
+            for target in CLUSTER_TARGETS if args.cluster else TARGETS:
+                port += 2
+                if target == "cluster-2-nodes":
+                    servers = start_cluster(port, Path(workdir))
+                else:
+                    servers = [Server(target, port, Path(workdir))]
                 try:
-                    result = run_workload(server, workload)
+                    result = run_workload(servers, workload)
                 finally:
-                    server.stop()
+                    for server in servers:
+                        server.stop()
+                    if target == "cluster-2-nodes":
+                        drop_cluster(port)
                 row = {
                     "workload": workload.name,
                     "label": workload.label,
@@ -309,12 +414,12 @@ def main() -> int:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    name = args.name or ("smoke" if args.smoke else "latest")
+    name = args.name or ("smoke" if args.smoke else "cluster" if args.cluster else "latest")
     (args.out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     markdown = (
         f"Run {when} on {machine}; server on core {SERVER_CORE}, load generator on core"
-        f" {LOADGEN_CORE}.\n\n{table(rows)}\n"
+        f" {LOADGEN_CORE}.\n\n{cluster_table(rows) if args.cluster else table(rows)}\n"
     )
     (args.out / f"{name}.md").write_text(markdown)
     print(markdown)

@@ -37,18 +37,19 @@ function token(user) {
 
 // One client: connect, sign in, then `send(event, data)` and an `onEvent(event, data)` hook.
 class Client {
-  constructor(user, localAddress) {
+  constructor(user, localAddress, url = config.url) {
     this.user = user;
     this.localAddress = localAddress;
+    this.url = url;
     this.onEvent = () => {};
   }
 
   open() {
     return new Promise((resolve, reject) => {
       const options = { perMessageDeflate: false, localAddress: this.localAddress };
-      let url = config.url;
+      let url = this.url;
       if (native) options.headers = { Authorization: `Bearer ${token(this.user)}` };
-      else url = config.url + "/socket.io/?EIO=4&transport=websocket";
+      else url = this.url + "/socket.io/?EIO=4&transport=websocket";
       const ws = new WebSocket(url, options);
       this.ws = ws;
       ws.on("error", reject);
@@ -94,13 +95,13 @@ function sourceAddress(index) {
   return `127.0.${n >> 8}.${n & 255 || 1}`;
 }
 
-async function openAll(users, concurrency = 200) {
+async function openAll(users, concurrency = 200, url = config.url) {
   const clients = new Array(users.length);
   let next = 0;
   async function worker() {
     while (next < users.length) {
       const index = next++;
-      clients[index] = await new Client(users[index], sourceAddress(index)).open();
+      clients[index] = await new Client(users[index], sourceAddress(index), url).open();
     }
   }
   await Promise.all(Array.from({ length: Math.min(concurrency, users.length) }, worker));
@@ -110,7 +111,9 @@ async function openAll(users, concurrency = 200) {
 // Pairs in a call (callgate needs one for ice-candidate to be allowed; the reference does not care).
 async function pairs(count, prefix) {
   const callers = await openAll(Array.from({ length: count }, (_, i) => `${prefix}a${i}`));
-  const callees = await openAll(Array.from({ length: count }, (_, i) => `${prefix}b${i}`));
+  // Cluster runs put every callee on another node than its caller (`peer_url`).
+  const callees = await openAll(
+    Array.from({ length: count }, (_, i) => `${prefix}b${i}`), 200, config.peer_url || config.url);
   const ids = [];
   await Promise.all(callers.map((caller, i) => new Promise((resolve) => {
     const callee = callees[i];
