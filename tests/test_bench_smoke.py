@@ -50,3 +50,33 @@ def test_bench_smoke_run(tmp_path: Path) -> None:
         assert "error" not in row["result"], row
     table = (tmp_path / "smoke.md").read_text()
     assert "| callgate (trio-websocket) | callgate (wsproto) | reference |" in table
+
+
+@pytest.mark.skipif(
+    not READY, reason="Node or the bench's npm packages missing (scripts/test installs them)"
+)
+def test_bench_cluster_smoke_run(tmp_path: Path) -> None:
+    """The cross-node run: two cluster nodes on the test Redis against one node."""
+    result = subprocess.run(
+        [
+            *(sys.executable, str(ROOT / "bench" / "runner.py"), "--smoke", "--cluster"),
+            *("--out", str(tmp_path), "--name", "cluster-smoke"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = (tmp_path / "cluster-smoke.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert {(r["workload"], r["target"]) for r in rows} == {
+        (w, t) for w in ("W1", "W2") for t in ("callgate-wsproto", "cluster-2-nodes")
+    }
+    for row in rows:
+        assert "error" not in row["result"], row
+    assert (
+        "| one node (wsproto) | two nodes, cross-node |"
+        in (tmp_path / "cluster-smoke.md").read_text()
+    )
