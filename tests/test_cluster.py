@@ -21,6 +21,7 @@ import pytest
 import redis
 import trio
 
+from callgate import trail
 from callgate.audit import TERMINAL_CALL_EVENTS
 from callgate.cluster.entries import BadEntry, Entry, EntryCodec, NodeDown
 from callgate.cluster.replica import RecordedThrottle, Replica
@@ -460,3 +461,28 @@ async def test_the_log_is_trimmed_and_a_late_node_starts_from_the_snapshot(
     await alice.send("call-end", {"callId": "ab", "to": "bob"})
     await bob.expect("call-end")
     assert [row["reason"] for row in terminal_records(cluster)] == ["busy", "hangup"]
+
+
+async def test_the_report_joins_a_call_from_the_trails_of_several_nodes(
+    cluster: ClusterHarness, tmp_path: Path
+) -> None:
+    await cluster.start()
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    await connected_call(alice, bob)
+    await bob.send("call-end", {"callId": "ab", "to": "alice"})
+    await alice.expect("call-end")
+    files = []
+    for index, capture in enumerate(cluster.captures):
+        files.append(tmp_path / f"node{index}.log")
+        files[-1].write_text(capture.text)
+    # The request is in node 0's trail, the answer and the hang-up in node 1's.
+    assert capture_events(cluster, 0) >= {"call.requested", "call.ringing"}
+    assert capture_events(cluster, 1) >= {"call.answered", "call.ended"}
+    [row] = list(trail.calls(files))
+    assert (row.call_id, row.outcome, row.reason) == ("ab", "ended", "hangup")
+    assert row.answered and row.devices == 1
+
+
+def capture_events(h: ClusterHarness, index: int) -> set[str]:
+    return set(h.captures[index].events())

@@ -18,6 +18,7 @@ How `verify` names what it finds, for records n-1 and n read in sequence:
 from __future__ import annotations
 
 import csv
+import heapq
 import hmac
 import json
 import re
@@ -256,49 +257,73 @@ def calls(
     """
     start, stop = _parse_time(since), _parse_time(until)
     live: dict[tuple[str, str], CallRow] = {}
-    for path in sorted(paths, key=lambda p: (_first_seq(p), p.name)):
-        for _, record in _records(path):
-            if record is None:
-                continue
-            when = _parse_time(record.get("ts"))
-            if when is not None and ((start and when < start) or (stop and when > stop)):
-                continue
-            event = str(record.get("event", ""))
-            if refusals is not None:
-                _count_refusal(record, event, user, refusals)
-            if not event.startswith("call."):
-                continue
-            key = (str(record.get("caller", "")), str(record.get("call_id", "")))
-            if event == "call.requested":
-                live[key] = CallRow(
-                    key[1],
-                    key[0],
-                    str(record.get("callee", "")),
-                    media=str(record.get("media", "")),
-                    requested=str(record.get("ts", "")),
-                    connections=[str(record.get("conn", ""))],
-                )
-                continue
-            found = live.get(key)
-            if found is None:
-                continue  # the call was requested before the time range
-            row = found
-            if event == "call.ringing":
-                row.devices = int(record.get("devices", 0))
-            elif event == "call.answered":
-                row.answered = str(record.get("ts", ""))
-                row.connections.append(str(record.get("conn", "")))
-            if event in TERMINAL_CALL_EVENTS:
-                row.ended = str(record.get("ts", ""))
-                row.outcome = event.removeprefix("call.")
-                row.reason = str(record.get("reason", ""))
-                row.duration_ms = record.get("duration_ms")
-                del live[key]
-                if user is None or user in (row.caller, row.callee):
-                    yield row
+    for record in _by_time(paths):
+        when = _parse_time(record.get("ts"))
+        if when is not None and ((start and when < start) or (stop and when > stop)):
+            continue
+        event = str(record.get("event", ""))
+        if refusals is not None:
+            _count_refusal(record, event, user, refusals)
+        if not event.startswith("call."):
+            continue
+        key = (str(record.get("caller", "")), str(record.get("call_id", "")))
+        if event == "call.requested":
+            live[key] = CallRow(
+                key[1],
+                key[0],
+                str(record.get("callee", "")),
+                media=str(record.get("media", "")),
+                requested=str(record.get("ts", "")),
+                connections=[str(record.get("conn", ""))],
+            )
+            continue
+        found = live.get(key)
+        if found is None:
+            continue  # the call was requested before the time range
+        row = found
+        if event == "call.ringing":
+            row.devices = int(record.get("devices", 0))
+        elif event == "call.answered":
+            row.answered = str(record.get("ts", ""))
+            row.connections.append(str(record.get("conn", "")))
+        if event in TERMINAL_CALL_EVENTS:
+            row.ended = str(record.get("ts", ""))
+            row.outcome = event.removeprefix("call.")
+            row.reason = str(record.get("reason", ""))
+            row.duration_ms = record.get("duration_ms")
+            del live[key]
+            if user is None or user in (row.caller, row.callee):
+                yield row
     for row in live.values():
         if user is None or user in (row.caller, row.callee):
             yield row
+
+
+def _by_time(paths: Iterable[Path]) -> Iterator[dict[str, Any]]:
+    """The records of every file, merged by time, streaming.
+
+    Each file is in time order. Several files are either one trail's rotations (disjoint in time)
+    or the trails of several cluster nodes, whose records of one call interleave: the node that
+    rang writes `call.requested`, the callee's node `call.answered`. Merging by `ts` puts every
+    call back in order (the nodes' clocks must be synchronized, as for any distributed log).
+    """
+
+    def readable(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+        for _, record in _records(path):
+            if record is not None:
+                yield _sort_key(record.get("ts")), record
+
+    ordered = sorted(paths, key=lambda p: (_first_seq(p), p.name))
+    for _, record in heapq.merge(*(readable(path) for path in ordered), key=lambda pair: pair[0]):
+        yield record
+
+
+def _sort_key(ts: object) -> str:
+    """RFC 3339 UTC times sort as text once their fraction has the same width."""
+    text = str(ts or "")
+    if text.endswith("Z") and "." not in text:
+        text = text[:-1] + ".000000Z"
+    return text
 
 
 def _count_refusal(
