@@ -101,6 +101,18 @@ def test_environment_overrides(tmp_path: Path) -> None:
         ("[server\n", {}, "not valid TOML"),
         ("", {"CALLGATE_SERVER_PORT": "many"}, "server.port"),
         ("[auth]\nalgorithms = ['RS256']\n", {}, "auth.public_key_file"),
+        ("[cluster]\nenabled = true\n", {"CALLGATE_AUTH_SECRET": "y" * 40}, "cluster.key"),
+        ("[cluster]\nkey = 'short'\n", {"CALLGATE_AUTH_SECRET": "y" * 40}, "cluster.key"),
+        (
+            "[cluster]\nredis_url = 'http://x'\n",
+            {"CALLGATE_AUTH_SECRET": "y" * 40},
+            "cluster.redis_url",
+        ),
+        (
+            "[cluster]\nnode_timeout = 1\n",
+            {"CALLGATE_AUTH_SECRET": "y" * 40},
+            "cluster.node_timeout",
+        ),
     ],
 )
 def test_bad_config_names_the_key(
