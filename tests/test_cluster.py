@@ -268,6 +268,9 @@ async def test_a_forged_or_replayed_entry_is_refused_and_audited(cluster: Cluste
             await trio.sleep(0.01)
     reasons = sorted(row["reason"] for row in cluster.audit.records("cluster.rejected"))
     assert reasons == ["bad_mac"] * 3 + ["replayed"] * 3  # each node reports what it refused
+    scraped = cluster.nodes[2].hub.metrics.exposition().decode()
+    assert 'callgate_cluster_rejected_total{reason="bad_mac"} 1.0' in scraped
+    assert "callgate_cluster_available 1.0" in scraped
     await bob.expect_silence()
     await alice.send("call-request", call_request("ab", "alice", "bob"))
     await bob.expect("call-request", id="ab")
@@ -486,3 +489,32 @@ async def test_the_report_joins_a_call_from_the_trails_of_several_nodes(
 
 def capture_events(h: ClusterHarness, index: int) -> set[str]:
     return set(h.captures[index].events())
+
+
+async def test_two_devices_answering_at_once_on_two_nodes_one_wins(cluster: ClusterHarness) -> None:
+    await cluster.start()
+    alice = await cluster.connect("alice", node=0)
+    bob1 = await cluster.connect("bob", node=1)
+    bob2 = await cluster.connect("bob", node=2)
+    await alice.send("call-request", call_request("ab", "alice", "bob"))
+    await bob1.expect("call-request")
+    await bob2.expect("call-request")
+    # Both frames are on their way before either node has heard of the other's.
+    await bob1.send("call-answer", answer("ab", "alice"), ref="one")
+    await bob2.send("call-answer", answer("ab", "alice"), ref="two")
+    await alice.expect("call-answer", **{"from": "bob"})
+    outcomes = []
+    for device, ref in ((bob1, "one"), (bob2, "two")):
+        first = await device.recv()
+        if first["event"] == "ack":  # this device won
+            outcomes.append("won")
+        else:  # told it lost, then its answer refused: it is a bystander now
+            assert first == {
+                "event": "call-end",
+                "data": {"callId": "ab", "from": "alice", "reason": "answered_elsewhere"},
+            }
+            await device.expect_error("forbidden", ref=ref)
+            outcomes.append("lost")
+    assert sorted(outcomes) == ["lost", "won"]
+    assert len(cluster.audit.records("call.answered")) == 1
+    await alice.expect_silence()

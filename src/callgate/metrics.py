@@ -32,6 +32,16 @@ class _LiveGauges(Collector):
             calls.add_metric([state], count)
         yield connections
         yield calls
+        cluster = live.get("cluster")
+        if cluster is not None:  # cluster mode: is this node useful, leading, keeping up?
+            for name, help_text in (
+                ("available", "1 while the cluster log is reachable and caught up"),
+                ("leader", "1 while this node holds the leader lease"),
+                ("pending_entries", "This node's entries not yet written to the cluster log"),
+            ):
+                gauge = GaugeMetricFamily(f"callgate_cluster_{name}", help_text)
+                gauge.add_metric([], cluster[name])
+                yield gauge
 
 
 class Metrics:
@@ -72,6 +82,17 @@ class Metrics:
             "Connections closed because their outbound queue was full (a client not reading)",
             registry=self.registry,
         )
+        self.cluster_rejected = Counter(
+            "callgate_cluster_rejected",
+            "Cluster log entries this node refused (forged, replayed, malformed), by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.cluster_nodes_down = Counter(
+            "callgate_cluster_nodes_down",
+            "Nodes this node, as leader, declared dead",
+            registry=self.registry,
+        )
         self.registry.register(_LiveGauges(live))
         self._forwarded_by_event: dict[str, Any] = {}
 
@@ -92,6 +113,10 @@ class Metrics:
             self.auth_failures.labels(str(fields.get("reason", "invalid"))).inc()
         elif event == "conn.refused" and fields.get("code") == 4029:
             self.rate_limited.labels("handshakes").inc()
+        elif event == "cluster.rejected":
+            self.cluster_rejected.labels(str(fields.get("reason", "malformed"))).inc()
+        elif event == "cluster.node_down":
+            self.cluster_nodes_down.inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

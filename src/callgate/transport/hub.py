@@ -178,7 +178,7 @@ class ConnectionHub:
         calls = {"ringing": 0, "connected": 0}
         for call in self._board.calls:
             calls[call.state.name.lower()] += 1
-        return {
+        live = {
             "connections": {
                 "unauthenticated": len(self._all) - len(self._live),
                 "authenticated": len(self._live),
@@ -186,6 +186,13 @@ class ConnectionHub:
             },
             "calls": calls,
         }
+        if self.cluster is not None:
+            live["cluster"] = {
+                "available": int(self.cluster.available),
+                "leader": int(self.cluster.is_leader),
+                "pending_entries": self.cluster.pending,
+            }
+        return live
 
     # -- executing the core's decisions ------------------------------------------------------
 
