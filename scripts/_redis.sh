@@ -1,5 +1,6 @@
-# Sourced by scripts/test and bench/run: the cluster tests and the cross-node benchmark need a Redis server on 127.0.0.1:6379 (or the one
-# CALLGATE_TEST_REDIS_URL names). Start one, keeping nothing on disk, if none answers there.
+# Sourced by scripts/test and bench/run: the cluster tests and the cross-node benchmark need a
+# Redis server on 127.0.0.1:6379 (or the one CALLGATE_TEST_REDIS_URL / CALLGATE_BENCH_REDIS_URL
+# names). Start one, keeping nothing on disk, if none answers there.
 ensure_redis() {
     if [[ -n "${CALLGATE_TEST_REDIS_URL:-}${CALLGATE_BENCH_REDIS_URL:-}" ]]; then
         return 0
