@@ -5,6 +5,10 @@ in-memory storage a check is a short, non-blocking computation. A multi-node bac
 storage; callers only see `RateLimiter`'s methods, which answer `None` (admitted and counted) or
 the number of seconds after which to retry.
 
+The per-connection limits (`messages`, `flood`) are checked on every message, so they are kept on
+the connection itself (`ConnectionLimits`, the same moving-window semantics): a few list
+operations instead of a storage lookup, and nothing to expire once the connection is gone.
+
 In cluster mode the call limits (per user, per pair) live in Redis, so that they hold across
 nodes; `admit_call` then does network I/O and is only called from a worker thread. The
 per-connection and per-address limits stay in memory: a connection lives on one node.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 
 from limits import RateLimitItem, parse_many
 from limits.storage import MemoryStorage, Storage
@@ -77,15 +82,11 @@ class RateLimiter:
             return Throttled("call_request_pair", retry)
         return None
 
-    def admit_message(self, conn: str) -> int | None:
-        return self._admit(self._messages, "messages", conn)
+    def for_connection(self) -> ConnectionLimits:
+        return ConnectionLimits(self._messages, self._flood)
 
     def admit_handshake(self, address: str) -> int | None:
         return self._admit(self._handshakes, "handshakes", address)
-
-    def is_flooding(self, conn: str) -> bool:
-        """Count one refused message; True once the connection is past the `flood` limit."""
-        return self._admit(self._flood, "flood", conn) is not None
 
 
 def _retry_after(
@@ -93,3 +94,45 @@ def _retry_after(
 ) -> int:
     stats = limiter.get_window_stats(item, *identifiers)
     return max(1, math.ceil(stats.reset_time - time.time()))
+
+
+class MovingWindows:
+    """Moving windows of one key, kept in memory by their owner: `limits`' moving-window rule.
+
+    A hit is admitted when every window has had fewer than its amount of hits in its last
+    period; then it counts in all of them. Otherwise nothing is counted, and the answer is the
+    seconds until the oldest hit of the full window leaves it.
+    """
+
+    __slots__ = ("_windows",)
+
+    def __init__(self, items: list[RateLimitItem]) -> None:
+        self._windows = [(item.amount, float(item.get_expiry()), deque[float]()) for item in items]
+
+    def hit(self, now: float) -> int | None:
+        for amount, period, hits in self._windows:
+            while hits and hits[0] <= now - period:
+                hits.popleft()
+            if len(hits) >= amount:
+                return max(1, math.ceil(hits[0] + period - now))
+        for _, _, hits in self._windows:
+            hits.append(now)
+        return None
+
+
+class ConnectionLimits:
+    """The limits of one connection: `messages` per message, `flood` per refused message."""
+
+    __slots__ = ("_flood", "_messages")
+
+    def __init__(self, messages: list[RateLimitItem], flood: list[RateLimitItem]) -> None:
+        self._messages = MovingWindows(messages)
+        self._flood = MovingWindows(flood)
+
+    def admit_message(self, now: float | None = None) -> int | None:
+        """None when admitted (and counted); otherwise seconds until a message would be."""
+        return self._messages.hit(time.monotonic() if now is None else now)
+
+    def is_flooding(self, now: float | None = None) -> bool:
+        """Count one refused message; True once the connection is past the `flood` limit."""
+        return self._flood.hit(time.monotonic() if now is None else now) is not None

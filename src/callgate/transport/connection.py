@@ -29,6 +29,7 @@ from callgate.protocol.codec import (
     peek_ref,
 )
 from callgate.protocol.messages import Envelope, Ref
+from callgate.ratelimit import ConnectionLimits
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,8 @@ class Connection:
         self.ws = ws
         self.addr = addr
         self.identity: Identity | None = None
+        # Its message and flood windows (set by the hub from the configured limits).
+        self.limits = ConnectionLimits([], [])
         self.scope = trio.CancelScope()
         self.expiry_scope: trio.CancelScope | None = None
         self.close_code: int | None = None

@@ -287,7 +287,7 @@ class ConnectionHub:
 
     def _count_strike(self, conn_id: str) -> None:
         connection = self._live.get(conn_id)
-        if connection is not None and self._limiter.is_flooding(conn_id):
+        if connection is not None and connection.limits.is_flooding():
             connection.close(CloseCode.RATE_LIMIT_ABUSE, "rate limit exceeded")
 
     def _on_timer(self, timer: TimerId) -> None:
@@ -347,6 +347,7 @@ class ConnectionHub:
             return
         kind = SocketIOConnection if accepted.dialect is Dialect.SOCKETIO else Connection
         connection = kind(conn_id, await request.accept(), addr, server.outbound_queue)
+        connection.limits = self._limiter.for_connection()
         self._all[conn_id] = connection
         self._per_address[addr] += 1
         self.audit("conn.open", {"conn": conn_id, "addr": addr})
@@ -570,13 +571,13 @@ class ConnectionHub:
             text = await connection.receive()
             arrived = time.perf_counter()
             self._check_size(text)
-            retry = self._limiter.admit_message(connection.id)
+            retry = connection.limits.admit_message()
             if retry is not None:
                 self.metrics.rate_limited.labels("messages").inc()
                 connection.send_error(
                     ErrorCode.RATE_LIMITED, "too many messages", connection.peek_ref(text), retry
                 )
-                if self._limiter.is_flooding(connection.id):
+                if connection.limits.is_flooding():
                     self.metrics.rate_limited.labels("flood").inc()
                     raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "rate limit exceeded")
                 continue
