@@ -304,11 +304,15 @@ class ClusterHarness(Harness):
         self.server = self.nodes[0]
         return self.server
 
-    async def add_node(self) -> RunningServer:
-        """One more node, joining the running cluster."""
+    async def add_node(self, settings: Settings | None = None) -> RunningServer:
+        """One more node, joining the running cluster (with other settings, if given)."""
         capture = AuditCapture()
         self.captures.append(capture)
-        node: RunningServer = await self.nursery.start(self._run_node, self.settings, capture)
+        if settings is not None:
+            settings = cluster_settings(settings, self.name, redis_url=self.redis_url)
+        node: RunningServer = await self.nursery.start(
+            self._run_node, settings or self.settings, capture
+        )
         self.nodes.append(node)
         return node
 

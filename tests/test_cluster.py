@@ -518,3 +518,42 @@ async def test_two_devices_answering_at_once_on_two_nodes_one_wins(cluster: Clus
     assert sorted(outcomes) == ["lost", "won"]
     assert len(cluster.audit.records("call.answered")) == 1
     await alice.expect_silence()
+
+
+async def test_a_joining_node_brings_its_revocation_list_to_every_node(
+    cluster: ClusterHarness, tmp_path: Path
+) -> None:
+    await cluster.start()
+    bob = await cluster.connect("bob", node=0)
+    revoked = tmp_path / "revoked.json"
+    revoked.write_text('{"users": {"bob": 99999999999}}')
+    await cluster.add_node(make_settings(auth={"revocation_file": str(revoked)}))
+    await bob.expect_closed(4003, "token revoked")
+    again = await cluster.open(
+        headers=[(b"authorization", f"Bearer {token_for('bob')}".encode())],
+        url=cluster.node_url(1),
+    )
+    await again.expect_closed(4003, "token revoked")
+
+
+async def test_a_node_that_drains_hands_its_calls_to_the_others(cluster: ClusterHarness) -> None:
+    """A rolling deploy: SIGTERM's drain on one node; its devices resume elsewhere."""
+    await cluster.start(make_settings(calls={"reconnect_grace": 10}))
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    await connected_call(alice, bob)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cluster.nodes[1].shutdown)
+        await bob.expect_closed(1001, "server shutting down")
+    await _until(lambda: bool(cluster.audit.records("session.held")))
+    again = await cluster.open(
+        headers=[
+            (b"authorization", f"Bearer {token_for('bob')}".encode()),
+            (b"callgate-resume", bob.session["sessionId"].encode()),
+        ],
+        url=cluster.node_url(2),
+    )
+    await again.expect("session", resumed=True)
+    await alice.send("ice-candidate", ice("ab", "bob"))
+    await again.expect("ice-candidate", callId="ab")
+    assert not terminal_records(cluster)  # the call never ended

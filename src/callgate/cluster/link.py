@@ -104,6 +104,7 @@ class ClusterLink:
         self._caught_up = False
         self._writer_ok = True
         self._reader_ok = False
+        self._keeper_ok = True
         self._connected_since = time.monotonic()
         self._epoch: bytes | None = None
         self.is_leader = False
@@ -121,7 +122,7 @@ class ClusterLink:
     @property
     def available(self) -> bool:
         """Redis answers and the replica has caught up with the log: new work can be accepted."""
-        return self._caught_up and self._reader_ok and self._writer_ok
+        return self._caught_up and self._reader_ok and self._writer_ok and self._keeper_ok
 
     @property
     def pending(self) -> int:
@@ -320,9 +321,12 @@ class ClusterLink:
                     self._keep, nodes, abandon_on_cancel=True
                 )
             except redis.RedisError as exc:
-                self._writer_failed(exc)
+                if self._keeper_ok:
+                    log.warning("cluster store not reachable for heartbeats", error=str(exc))
+                self._keeper_ok = False
                 self.is_leader = False
             else:
+                self._keeper_ok = True
                 self._lead(leader, dict(zip(nodes, alive, strict=True)))
                 if self.is_leader and self._snapshot_due():
                     await self._snapshot()

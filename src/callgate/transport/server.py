@@ -246,6 +246,10 @@ async def _serve(
                 log.info("joined the cluster", node=link.node_id)
             else:
                 log.warning("cluster log not reachable yet; sign-ins are refused until it is")
+            if revocations is not None:
+                # This node's list goes to every node (the last one written wins), and replaces
+                # whatever a snapshot brought in before it.
+                hub.apply_revocations(revocations)
         reloader = _Reloader(settings, hub)
         if settings.auth.jwks_url is not None:
             hub.refresh_remote_keys = reloader.refresh_remote
