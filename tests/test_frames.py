@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from trio_websocket import ConnectionClosed
 from wsproto.connection import Connection, ConnectionType
-from wsproto.events import TextMessage
+from wsproto.events import CloseConnection, Pong, TextMessage
 
-from callgate.transport.engine import text_frame
+from callgate.transport.engine import WsprotoConnection, text_frame
 
 # Around each length boundary of the frame header (7-bit, 16-bit, 64-bit lengths).
 SIZES = st.sampled_from([0, 1, 125, 126, 127, 65535, 65536, 65537]) | st.integers(0, 70000)
@@ -18,3 +25,90 @@ SIZES = st.sampled_from([0, 1, 125, 126, 127, 65535, 65536, 65537]) | st.integer
 def test_text_frames_match_wsproto(text: str, size: int) -> None:
     message = (text * (size // max(1, len(text)) + 1))[:size] if text else "a" * size
     assert text_frame(message) == Connection(ConnectionType.SERVER).send(TextMessage(data=message))
+
+
+# -- incoming frames: the fast path decodes exactly what wsproto would ----------------------------
+
+FRAME = st.one_of(
+    st.tuples(st.just("text"), st.text(max_size=300)),
+    st.tuples(st.just("long"), st.integers(126, 70000)),
+    st.tuples(st.just("pong"), st.binary(max_size=8)),
+    st.tuples(st.just("fragmented"), st.lists(st.text(max_size=50), min_size=2, max_size=4)),
+)
+
+
+def client_bytes(frames: list[tuple[str, Any]]) -> tuple[bytes, list[str]]:
+    """What a (masking) client sends for `frames`, and the text messages the server must see."""
+    client = Connection(ConnectionType.CLIENT)
+    data, expected = b"", []
+    for kind, value in frames:
+        if kind == "text":
+            data += client.send(TextMessage(data=value))
+            expected.append(value)
+        elif kind == "long":
+            data += client.send(TextMessage(data="x" * value))
+            expected.append("x" * value)
+        elif kind == "pong":
+            data += client.send(Pong(payload=value))
+        else:
+            for index, part in enumerate(value):
+                last = index == len(value) - 1
+                data += client.send(TextMessage(data=part, message_finished=last))
+            expected.append("".join(value))
+    return data, expected
+
+
+def open_server() -> Any:
+    """wsproto's server side after the handshake (the engine's `WSConnection`, minus HTTP)."""
+    return Connection(ConnectionType.SERVER)
+
+
+@settings(max_examples=150, deadline=None)
+@given(frames=st.lists(FRAME, max_size=12), chunk=st.integers(1, 9000))
+def test_incoming_frames_in_any_chunks_give_the_same_messages(
+    frames: list[tuple[str, Any]], chunk: int
+) -> None:
+    data, expected = client_bytes(frames)
+
+    async def run() -> list[str]:
+        server_side, client_side = trio.testing.memory_stream_pair()
+        engine = WsprotoConnection(server_side, open_server(), 2**20)
+        for start in range(0, len(data), chunk):
+            await client_side.send_all(data[start : start + chunk])
+        await client_side.aclose()
+        received = []
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                message = await engine.get_message()
+                assert isinstance(message, str)
+                received.append(message)
+        return received
+
+    assert trio.run(run) == expected
+
+
+async def test_a_close_after_fast_frames_is_answered_by_wsproto() -> None:
+    server_side, client_side = trio.testing.memory_stream_pair()
+    engine = WsprotoConnection(server_side, open_server(), 2**20)
+    client = Connection(ConnectionType.CLIENT)
+    await client_side.send_all(
+        client.send(TextMessage(data="hello")) + client.send(CloseConnection(code=1000))
+    )
+    assert await engine.get_message() == "hello"
+    with pytest.raises(ConnectionClosed):
+        await engine.get_message()
+    assert engine.closed is not None and engine.closed.code == 1000
+    client.receive_data(bytes(await client_side.receive_some()))
+    assert [type(event).__name__ for event in client.events()] == ["CloseConnection"]
+
+
+async def test_a_bad_frame_after_fast_frames_is_refused_like_wsproto_refuses_it() -> None:
+    server_side, client_side = trio.testing.memory_stream_pair()
+    engine = WsprotoConnection(server_side, open_server(), 2**20)
+    client = Connection(ConnectionType.CLIENT)
+    unmasked_text = b"\\x81\\x02hi"  # clients must mask: a protocol error
+    await client_side.send_all(client.send(TextMessage(data="ok")) + unmasked_text)
+    assert await engine.get_message() == "ok"
+    with pytest.raises(ConnectionClosed):
+        await engine.get_message()
+    assert engine.closed is not None and engine.closed.code == 1002

@@ -48,6 +48,10 @@ class WsprotoConnection:
         self._size = 0
         self._pongs: dict[bytes, trio.Event] = {}
         self.closed: CloseReason | None = None
+        # Complete, unfragmented text frames and pongs are decoded here; the first frame of
+        # any other kind hands this connection's input to wsproto for good (see fast_frames).
+        self._fast = True
+        self._buffer = bytearray()
 
     # -- receiving ---------------------------------------------------------------------------
 
@@ -63,6 +67,10 @@ class WsprotoConnection:
             if not data:
                 self._set_closed(1006, "connection lost")
                 continue
+            if self._fast:
+                data = self._take_fast_frames(data)
+                if not data:
+                    continue
             try:
                 self._protocol.receive_data(bytes(data))
             except RemoteProtocolError:
@@ -70,6 +78,23 @@ class WsprotoConnection:
                 continue
             await self._handle_events()
         return self._inbox.popleft()
+
+    def _take_fast_frames(self, data: bytes | bytearray) -> bytes:
+        """Decode the common frames of `data` here; return what wsproto must see from now on."""
+        self._buffer += data
+        used, messages, pongs, rest_is_slow = fast_frames(self._buffer, self._max_message_size)
+        self._inbox.extend(messages)
+        for payload in pongs:
+            waiter = self._pongs.pop(payload, None)
+            if waiter is not None:
+                waiter.set()
+        if rest_is_slow:
+            self._fast = False
+            rest = bytes(self._buffer[used:])
+            self._buffer = bytearray()
+            return rest
+        del self._buffer[:used]
+        return b""
 
     async def _handle_events(self) -> None:
         for event in self._protocol.events():
@@ -151,6 +176,67 @@ class WsprotoConnection:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._set_closed(1006, "connection lost")
                 raise ConnectionClosed(self.closed) from None
+
+
+_TEXT, _PONG = 0x1, 0xA
+
+
+def fast_frames(buffer: bytearray, max_size: int) -> tuple[int, list[str], list[bytes], bool]:
+    """Decode the leading complete client frames of `buffer` that need no protocol state.
+
+    Those are what a signaling client sends nearly always: a whole text message in one masked
+    frame, and pongs. Returns (bytes used, the messages, the pong payloads, whether the rest
+    must go to wsproto). The rest starts at a frame boundary and is anything else (a fragment,
+    a binary, ping or close frame, reserved bits, an unmasked frame, invalid UTF-8, a message
+    over `max_size`): wsproto then takes over the connection's input with its full checks and
+    errors, and has missed nothing that changes its state (it never sees whole text frames or
+    pongs as part of a fragmented message, because a fragment ends the fast path first).
+    """
+    messages: list[str] = []
+    pongs: list[bytes] = []
+    position, end = 0, len(buffer)
+    while end - position >= 2:
+        first, second = buffer[position], buffer[position + 1]
+        opcode, length = first & 0x0F, second & 0x7F
+        simple = first & 0xF0 == 0x80 and second & 0x80 and opcode in (_TEXT, _PONG)
+        if not simple:
+            return position, messages, pongs, True
+        header = 6
+        if length == 126:
+            header = 8
+            if end - position < header:
+                break
+            length = int.from_bytes(buffer[position + 2 : position + 4], "big")
+        elif length == 127:
+            header = 14
+            if end - position < header:
+                break
+            length = int.from_bytes(buffer[position + 2 : position + 10], "big")
+        if length > max_size or (opcode == _PONG and length > 125):
+            return position, messages, pongs, True
+        if end - position < header + length:
+            break
+        start = position + header
+        payload = _unmask(buffer[start : start + length], buffer[start - 4 : start])
+        if opcode == _TEXT:
+            try:
+                messages.append(payload.decode("utf-8"))
+            except UnicodeDecodeError:
+                return position, messages, pongs, True
+        else:
+            pongs.append(payload)
+        position = start + length
+    return position, messages, pongs, False
+
+
+def _unmask(payload: bytearray, mask: bytearray) -> bytes:
+    size = len(payload)
+    if not size:
+        return b""
+    key = (bytes(mask) * (size // 4 + 1))[:size]
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(
+        size, "little"
+    )
 
 
 def text_frame(message: str) -> bytes:
