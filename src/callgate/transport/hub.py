@@ -596,7 +596,7 @@ class ConnectionHub:
                 await self._submit_to_cluster(connection, received)
                 continue
             self.dispatch(received, forwarded=True)
-            self.metrics.forward_latency.observe(time.perf_counter() - arrived)
+            self.metrics.observe_forward_latency(time.perf_counter() - arrived)
 
     async def _submit_to_cluster(self, connection: Connection, received: MessageReceived) -> None:
         """A client message in cluster mode: counted against the shared limits here, once.
