@@ -18,6 +18,7 @@ outcome.
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import time
 from collections import deque
@@ -182,7 +183,7 @@ class ClusterLink:
             if not self._outbox:
                 self._outbox_changed = trio.Event()
                 await self._outbox_changed.wait()
-            batch = [fields for _, fields in list(self._outbox)[:BATCH]]
+            batch = [fields for _, fields in itertools.islice(self._outbox, BATCH)]
             try:
                 await trio.to_thread.run_sync(self._append, batch, abandon_on_cancel=True)
             except redis.RedisError as exc:
