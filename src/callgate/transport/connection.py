@@ -32,6 +32,13 @@ from callgate.protocol.messages import Envelope, Ref
 from callgate.ratelimit import ConnectionLimits
 
 
+class _Flush:
+    """Queued after a frame the socket took only in part: the writer sends the rest."""
+
+
+_FLUSH = _Flush()
+
+
 @dataclass(frozen=True, slots=True)
 class _CloseRequest:
     code: int
@@ -71,9 +78,13 @@ class Connection:
         self.close_code: int | None = None
         self.close_reason = ""
         self.writer_done = trio.Event()
-        self._outbox, self._outbox_reader = trio.open_memory_channel[str | _CloseRequest](
+        self._outbox, self._outbox_reader = trio.open_memory_channel[str | _CloseRequest | _Flush](
             queue_size
         )
+        # Frames queued and not yet written. At 0 the writer has nothing in hand, so a frame
+        # may go straight to the socket without overtaking any (see `push`).
+        self._in_flight = 0
+        self._write_now = getattr(ws, "try_send_now", None)
 
     @property
     def user(self) -> str | None:
@@ -120,7 +131,17 @@ class Connection:
     # -- queueing ----------------------------------------------------------------------------
 
     def push(self, text: str) -> None:
-        """Queue one frame without waiting; a full queue aborts this connection."""
+        """Send one frame without waiting: straight to the socket when nothing is queued before
+        it and the socket takes it whole (the wsproto engine), else through the writer. A full
+        queue aborts this connection.
+
+        Writing straight away saves waking the writer task for each message of sparse traffic,
+        the common case of signaling.
+        """
+        if self._in_flight == 0 and self._write_now is not None and self._write_now(text):
+            if self.ws.backlog:  # type: ignore[attr-defined]  # the engine that has _write_now
+                self._enqueue(_FLUSH)  # the socket took part of it: the writer sends the rest
+            return
         self._enqueue(text)
 
     def abort(self, code: int, reason: str) -> None:
@@ -129,9 +150,10 @@ class Connection:
             self.close_code, self.close_reason = code, reason
         self.scope.cancel()
 
-    def _enqueue(self, item: str | _CloseRequest) -> None:
+    def _enqueue(self, item: str | _CloseRequest | _Flush) -> None:
         try:
             self._outbox.send_nowait(item)
+            self._in_flight += 1
         except trio.WouldBlock:
             self.abort(CloseCode.POLICY_VIOLATION, "client too slow: outbound queue full")
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -143,7 +165,7 @@ class Connection:
         send_batch = getattr(self.ws, "send_messages", None)
         try:
             async for first in self._outbox_reader:
-                batch: list[str | _CloseRequest] = [first]
+                batch: list[str | _CloseRequest | _Flush] = [first]
                 while len(batch) < 256:
                     try:
                         batch.append(self._outbox_reader.receive_nowait())
@@ -155,8 +177,12 @@ class Connection:
                         await self._flush(texts, send_batch)
                         await self.ws.aclose(item.code, item.reason)
                         return
-                    texts.append(item)
+                    if isinstance(item, str):
+                        texts.append(item)
+                    elif not texts and send_batch is not None:
+                        await send_batch([])  # _Flush: what the socket did not take at once
                 await self._flush(texts, send_batch)
+                self._in_flight -= len(batch)
         except ConnectionClosed:
             return
         finally:

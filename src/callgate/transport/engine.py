@@ -52,6 +52,10 @@ class WsprotoConnection:
         # any other kind hands this connection's input to wsproto for good (see fast_frames).
         self._fast = True
         self._buffer = bytearray()
+        # The OS socket, for `try_send_now`; None over TLS (an SSLStream has its own buffers).
+        self._socket = getattr(getattr(stream, "socket", None), "_sock", None)
+        # Bytes `try_send_now` could not write at once; `_send` writes them first.
+        self._unsent = b""
 
     # -- receiving ---------------------------------------------------------------------------
 
@@ -140,6 +144,36 @@ class WsprotoConnection:
 
     # -- sending -------------------------------------------------------------------------------
 
+    @property
+    def backlog(self) -> bool:
+        """Bytes of a frame `try_send_now` wrote only in part wait for the next `_send`."""
+        return bool(self._unsent)
+
+    def try_send_now(self, message: str) -> bool:
+        """Write one text frame now, without waiting, when nothing else is being sent.
+
+        True: the frame is the socket's (if it took only part, the rest is kept: `backlog`,
+        and goes out first on the next `_send`). False: nothing was written; queue it.
+        """
+        if (
+            self._socket is None
+            or self._unsent
+            or self._send_lock.locked()
+            or self.closed is not None
+            or self._protocol.state is not ConnectionState.OPEN
+        ):
+            return False
+        frame = text_frame(message)
+        try:
+            sent = self._socket.send(frame)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            self._set_closed(1006, "connection lost")
+            return True  # gone: the read side ends the connection; nothing more to send
+        self._unsent = frame[sent:]
+        return True
+
     async def send_message(self, message: str) -> None:
         await self.send_messages([message])
 
@@ -171,6 +205,8 @@ class WsprotoConnection:
 
     async def _send(self, data: bytes) -> None:
         async with self._send_lock:
+            if self._unsent:
+                data, self._unsent = self._unsent + data, b""
             try:
                 await self._stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
