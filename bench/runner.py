@@ -15,6 +15,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -329,6 +330,26 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per workload and server: the median of each figure over the repeated runs."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["workload"], row["label"], row["target"]), []).append(row)
+    merged = []
+    for (name, label, target), runs in groups.items():
+        results = [run["result"] for run in runs]
+        result: dict[str, Any] = {"runs": len(runs)}
+        for key in results[0]:
+            values = [r[key] for r in results if isinstance(r.get(key), int | float)]
+            if values:
+                result[key] = statistics.median(values)
+        errors = [r["error"] for r in results if "error" in r]
+        if errors:
+            result["error"] = errors[0]
+        merged.append({"workload": name, "label": label, "target": target, "result": result})
+    return merged
+
+
 def cluster_table(rows: list[dict[str, Any]]) -> str:
     """One node against two cluster nodes (sender and receiver on different nodes)."""
     by_key: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
@@ -378,6 +399,12 @@ def main() -> int:
         action="store_true",
         help="instead: one node against two cluster nodes on Redis (sender and receiver apart)",
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run every workload this many times on every server, in turn; tables show medians",
+    )
     parser.add_argument("--out", type=Path, default=BENCH / "results")
     parser.add_argument("--name", help="results file name (default: latest, or smoke)")
     args = parser.parse_args()
@@ -388,38 +415,46 @@ def main() -> int:
         workloads = plan(args.smoke, args.big) + (scaling(args.smoke) if args.scaling else [])
         if args.cluster:
             workloads = cluster_plan(args.smoke)
-        for workload in workloads:
-            if args.only and workload.name != args.only:
-                continue
-            for target in CLUSTER_TARGETS if args.cluster else TARGETS:
-                port += 2
+        runs = [
+            (workload, target)
+            for workload in workloads
+            if not args.only or workload.name == args.only
+            # Rounds alternate the servers, so a noisy moment of a shared machine is spread
+            # over all of them instead of falling on one.
+            for _ in range(args.repeat)
+            for target in (CLUSTER_TARGETS if args.cluster else TARGETS)
+        ]
+        for workload, target in runs:
+            port += 2
+            if target == "cluster-2-nodes":
+                servers = start_cluster(port, Path(workdir))
+            else:
+                servers = [Server(target, port, Path(workdir))]
+            try:
+                result = run_workload(servers, workload)
+            finally:
+                for server in servers:
+                    server.stop()
                 if target == "cluster-2-nodes":
-                    servers = start_cluster(port, Path(workdir))
-                else:
-                    servers = [Server(target, port, Path(workdir))]
-                try:
-                    result = run_workload(servers, workload)
-                finally:
-                    for server in servers:
-                        server.stop()
-                    if target == "cluster-2-nodes":
-                        drop_cluster(port)
-                row = {
-                    "workload": workload.name,
-                    "label": workload.label,
-                    "target": target,
-                    "config": workload.config,
-                    "result": result,
-                }
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                    drop_cluster(port)
+            row = {
+                "workload": workload.name,
+                "label": workload.label,
+                "target": target,
+                "config": workload.config,
+                "result": result,
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     name = args.name or ("smoke" if args.smoke else "cluster" if args.cluster else "latest")
     (args.out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    repeats = f"; medians of {args.repeat} runs each, taken in turn" if args.repeat > 1 else ""
     markdown = (
         f"Run {when} on {machine}; server on core {SERVER_CORE}, load generator on core"
-        f" {LOADGEN_CORE}.\n\n{cluster_table(rows) if args.cluster else table(rows)}\n"
+        f" {LOADGEN_CORE}{repeats}.\n\n"
+        f"{cluster_table(medians(rows)) if args.cluster else table(medians(rows))}\n"
     )
     (args.out / f"{name}.md").write_text(markdown)
     print(markdown)
