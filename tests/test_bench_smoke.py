@@ -20,19 +20,10 @@ READY = shutil.which("node") and all(
 )
 
 
-@pytest.mark.skipif(
-    not READY, reason="Node or the bench's npm packages missing (scripts/test installs them)"
-)
-def test_bench_smoke_run(tmp_path: Path) -> None:
+def run_bench(*args: str) -> None:
+    """bench/runner.py --smoke with `args`; it must succeed."""
     result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "runner.py"),
-            "--smoke",
-            "--scaling",
-            "--out",
-            str(tmp_path),
-        ],
+        [sys.executable, str(ROOT / "bench" / "runner.py"), "--smoke", *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -40,6 +31,13 @@ def test_bench_smoke_run(tmp_path: Path) -> None:
         env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.mark.skipif(
+    not READY, reason="Node or the bench's npm packages missing (scripts/test installs them)"
+)
+def test_bench_smoke_run(tmp_path: Path) -> None:
+    run_bench("--scaling", "--out", str(tmp_path))
     rows = [json.loads(line) for line in (tmp_path / "smoke.jsonl").read_text().splitlines()]
     assert {(r["workload"], r["target"]) for r in rows} == {
         (w, t)
@@ -57,18 +55,7 @@ def test_bench_smoke_run(tmp_path: Path) -> None:
 )
 def test_bench_cluster_smoke_run(tmp_path: Path) -> None:
     """The cross-node run: two cluster nodes on the test Redis against one node."""
-    result = subprocess.run(
-        [
-            *(sys.executable, str(ROOT / "bench" / "runner.py"), "--smoke", "--cluster"),
-            *("--out", str(tmp_path), "--name", "cluster-smoke"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_bench("--cluster", "--out", str(tmp_path), "--name", "cluster-smoke")
     lines = (tmp_path / "cluster-smoke.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]
     assert {(r["workload"], r["target"]) for r in rows} == {

@@ -71,6 +71,15 @@ async def connected_call(alice: Client, bob: Client, call_id: str = "ab") -> Non
     await alice.expect("call-answer")
 
 
+async def sign_in(h: ClusterHarness, user: str, node: int, resume: str | None = None) -> Client:
+    """A connection of `user` to node `node` with a bearer token (and a resume id); the test
+    reads what comes back."""
+    headers = [(b"authorization", f"Bearer {token_for(user)}".encode())]
+    if resume is not None:
+        headers.append((b"callgate-resume", resume.encode()))
+    return await h.open(headers=headers, url=h.node_url(node))
+
+
 def terminal_records(h: ClusterHarness) -> list[dict[str, Any]]:
     return [row for row in h.audit.records() if row["event"] in TERMINAL_CALL_EVENTS]
 
@@ -201,10 +210,7 @@ async def test_revocation_on_one_node_reaches_every_node(cluster: ClusterHarness
     await bob.expect_closed(4003, "token revoked")
     await alice.expect("call-end", reason="revoked")
     # A node that never read the revocation file refuses bob too.
-    refused = await cluster.open(
-        headers=[(b"authorization", f"Bearer {token_for('bob')}".encode())],
-        url=cluster.node_url(2),
-    )
+    refused = await sign_in(cluster, "bob", node=2)
     await refused.expect_closed(4003, "token revoked")
     assert [row["reason"] for row in terminal_records(cluster)] == ["revoked"]
 
@@ -221,13 +227,7 @@ async def test_a_device_resumes_its_call_on_another_node(cluster: ClusterHarness
         while not cluster.audit.records("session.held"):
             await trio.sleep(0.01)
     await alice.send("ice-candidate", ice("ab", "bob"))  # buffered for the held device
-    again = await cluster.open(
-        headers=[
-            (b"authorization", f"Bearer {token_for('bob')}".encode()),
-            (b"callgate-resume", session_id.encode()),
-        ],
-        url=cluster.node_url(2),
-    )
+    again = await sign_in(cluster, "bob", node=2, resume=session_id)
     session = await again.expect("session", resumed=True)
     assert session["data"]["connectionId"].startswith(cluster.nodes[2].hub.cluster.node_id)  # type: ignore[union-attr]
     await again.expect("ice-candidate", callId="ab")
@@ -311,16 +311,8 @@ async def test_a_node_killed_mid_call(
             with trio.fail_after(STEP):
                 await alice.expect("call-end", callId="ab", reason="peer_disconnected")
         else:
-            with trio.fail_after(STEP):
-                while not cluster.audit.records("session.held"):
-                    await trio.sleep(0.02)
-            again = await cluster.open(
-                headers=[
-                    (b"authorization", f"Bearer {token_for('bob')}".encode()),
-                    (b"callgate-resume", bob.session["sessionId"].encode()),
-                ],
-                url=cluster.node_url(1),
-            )
+            await _until(lambda: bool(cluster.audit.records("session.held")))
+            again = await sign_in(cluster, "bob", node=1, resume=bob.session["sessionId"])
             await again.expect("session", resumed=True)
             await alice.send("ice-candidate", ice("ab", "bob"))
             await again.expect("ice-candidate", callId="ab")
@@ -529,10 +521,8 @@ async def test_a_joining_node_brings_its_revocation_list_to_every_node(
     revoked.write_text('{"users": {"bob": 99999999999}}')
     await cluster.add_node(make_settings(auth={"revocation_file": str(revoked)}))
     await bob.expect_closed(4003, "token revoked")
-    again = await cluster.open(
-        headers=[(b"authorization", f"Bearer {token_for('bob')}".encode())],
-        url=cluster.node_url(1),
-    )
+    await cluster.in_step()  # node 0 applied the list; the others may be a moment behind
+    again = await sign_in(cluster, "bob", node=1)
     await again.expect_closed(4003, "token revoked")
 
 
@@ -546,13 +536,7 @@ async def test_a_node_that_drains_hands_its_calls_to_the_others(cluster: Cluster
         nursery.start_soon(cluster.nodes[1].shutdown)
         await bob.expect_closed(1001, "server shutting down")
     await _until(lambda: bool(cluster.audit.records("session.held")))
-    again = await cluster.open(
-        headers=[
-            (b"authorization", f"Bearer {token_for('bob')}".encode()),
-            (b"callgate-resume", bob.session["sessionId"].encode()),
-        ],
-        url=cluster.node_url(2),
-    )
+    again = await sign_in(cluster, "bob", node=2, resume=bob.session["sessionId"])
     await again.expect("session", resumed=True)
     await alice.send("ice-candidate", ice("ab", "bob"))
     await again.expect("ice-candidate", callId="ab")

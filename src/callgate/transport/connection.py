@@ -9,7 +9,7 @@ connection's life.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,6 +30,10 @@ from callgate.protocol.codec import (
 )
 from callgate.protocol.messages import Envelope, Ref
 from callgate.ratelimit import ConnectionLimits
+
+
+def _always() -> bool:
+    return True
 
 
 class _Flush:
@@ -85,6 +89,9 @@ class Connection:
         # may go straight to the socket without overtaking any (see `push`).
         self._in_flight = 0
         self._write_now = getattr(ws, "try_send_now", None)
+        # Set by the hub: False while it handles a burst of messages from one read, when the
+        # writer's one write per batch beats a write per message.
+        self.may_write_now: Callable[[], bool] = _always
 
     @property
     def user(self) -> str | None:
@@ -136,9 +143,15 @@ class Connection:
         queue aborts this connection.
 
         Writing straight away saves waking the writer task for each message of sparse traffic,
-        the common case of signaling.
+        the common case of signaling. During a burst (`may_write_now` is False) frames queue,
+        and the writer sends each connection's share of the burst in one write.
         """
-        if self._in_flight == 0 and self._write_now is not None and self._write_now(text):
+        if (
+            self._in_flight == 0
+            and self._write_now is not None
+            and self.may_write_now()
+            and self._write_now(text)
+        ):
             if self.ws.backlog:  # type: ignore[attr-defined]  # the engine that has _write_now
                 self._enqueue(_FLUSH)  # the socket took part of it: the writer sends the rest
             return

@@ -145,6 +145,11 @@ class WsprotoConnection:
     # -- sending -------------------------------------------------------------------------------
 
     @property
+    def has_more(self) -> bool:
+        """Messages already read and decoded, waiting for `get_message`: a burst."""
+        return bool(self._inbox)
+
+    @property
     def backlog(self) -> bool:
         """Bytes of a frame `try_send_now` wrote only in part wait for the next `_send`."""
         return bool(self._unsent)

@@ -140,6 +140,8 @@ class ConnectionHub:
         self.revocations = RevocationList()
         self.metrics = Metrics(self.live_counts)
         self.accepting = True
+        # True while a message is handled that has more from the same read behind it.
+        self._in_burst = False
         self._all_gone = trio.Event()
         # Called (and awaited) when a token names an unknown `kid`; set when jwks_url is used.
         self.refresh_remote_keys: Callable[[], Awaitable[bool]] | None = None
@@ -285,6 +287,9 @@ class ConnectionHub:
                     if self.cluster is not None:
                         self.cluster.timer_cancelled(timer)
 
+    def _not_in_burst(self) -> bool:
+        return not self._in_burst
+
     def _count_strike(self, conn_id: str) -> None:
         connection = self._live.get(conn_id)
         if connection is not None and connection.limits.is_flooding():
@@ -348,6 +353,7 @@ class ConnectionHub:
         kind = SocketIOConnection if accepted.dialect is Dialect.SOCKETIO else Connection
         connection = kind(conn_id, await request.accept(), addr, server.outbound_queue)
         connection.limits = self._limiter.for_connection()
+        connection.may_write_now = self._not_in_burst
         self._all[conn_id] = connection
         self._per_address[addr] += 1
         self.audit("conn.open", {"conn": conn_id, "addr": addr})
@@ -595,7 +601,11 @@ class ConnectionHub:
             if self.cluster is not None:
                 await self._submit_to_cluster(connection, received)
                 continue
-            self.dispatch(received, forwarded=True)
+            self._in_burst = getattr(connection.ws, "has_more", False)
+            try:
+                self.dispatch(received, forwarded=True)
+            finally:
+                self._in_burst = False
             self.metrics.observe_forward_latency(time.perf_counter() - arrived)
 
     async def _submit_to_cluster(self, connection: Connection, received: MessageReceived) -> None:
