@@ -215,15 +215,9 @@ def start_cluster(port: int, workdir: Path) -> list[Server]:
 
 
 def drop_cluster(port: int) -> None:
-    import redis  # the project's dependency; only the cluster run needs it
+    from callgate.cluster.link import delete_cluster_keys  # only the cluster run needs Redis
 
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        keys = list(client.scan_iter(match=f"bench-{port}:*"))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+    delete_cluster_keys(REDIS_URL, f"bench-{port}")
 
 
 class Processes:

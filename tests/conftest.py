@@ -24,6 +24,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, connect_websoc
 
 from callgate.audit import AuditLog, StreamSink
 from callgate.auth import mint_token
+from callgate.cluster.link import delete_cluster_keys
 from callgate.config import Settings, load_settings
 from callgate.transport.server import RunningServer, serve
 
@@ -256,16 +257,6 @@ def cluster_settings(settings: Settings, name: str, **overrides: Any) -> Setting
     return Settings.model_validate({**settings.model_dump(), "cluster": cluster})
 
 
-def drop_cluster_keys(name: str, url: str = REDIS_URL) -> None:
-    client = redis.Redis.from_url(url)
-    try:
-        keys = list(client.scan_iter(match=f"{name}:*"))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
-
-
 class ClusterHarness(Harness):
     """The same tests, on three cluster nodes sharing one Redis; devices are dealt round-robin.
 
@@ -338,7 +329,7 @@ class ClusterHarness(Harness):
         with trio.move_on_after(STEP):
             for _, stopped in self._running:
                 await stopped.wait()
-        drop_cluster_keys(self.name, self.redis_url)
+        delete_cluster_keys(self.redis_url, self.name)
 
     def node_url(self, index: int) -> str:
         return self.nodes[index].url

@@ -426,6 +426,20 @@ class ClusterLink:
         self._reader_redis.close()
 
 
+def delete_cluster_keys(redis_url: str, name: str) -> None:
+    """Remove every key of cluster `name` (its log, snapshot, lease, heartbeats, limits).
+
+    For tests and benchmarks that start throw-away clusters; never needed in production.
+    """
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"{name}:*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
 def _stream_id(value: bytes) -> tuple[int, int]:
     milliseconds, _, sequence = value.partition(b"-")
     return int(milliseconds), int(sequence or 0)
