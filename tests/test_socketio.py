@@ -17,7 +17,15 @@ import trio
 
 from callgate.protocol import socketio as sio
 from callgate.protocol.codec import ProtocolError
-from conftest import SDP_ANSWER, STEP, Harness, call_request, make_settings, token_for
+from conftest import (
+    SDP_ANSWER,
+    STEP,
+    ClusterHarness,
+    Harness,
+    call_request,
+    make_settings,
+    token_for,
+)
 
 DRIVER = Path(__file__).parent / "socketio" / "driver.mjs"
 NODE = shutil.which("node")
@@ -85,8 +93,10 @@ class SocketIOClient:
         self.process.kill()
 
 
-async def connected_socketio(h: Harness, user: str, **options: Any) -> SocketIOClient:
-    client = await SocketIOClient.start(h.nursery, h.url)
+async def connected_socketio(
+    h: Harness, user: str, url: str | None = None, **options: Any
+) -> SocketIOClient:
+    client = await SocketIOClient.start(h.nursery, url or h.url)
     await client.command("connect", token=token_for(user), **options)
     await client.expect("auth_called")
     await client.expect("connect")
@@ -132,6 +142,25 @@ async def test_native_client_calls_socketio_client(gate: Harness) -> None:
     await alice.ws.aclose()
     await bob.expect_event("call-end", reason="peer_disconnected")
     await bob.stop()
+
+
+@needs_node
+async def test_socketio_and_native_clients_on_two_cluster_nodes(cluster: ClusterHarness) -> None:
+    """Cluster mode serves Socket.IO clients through the same log: a call across nodes."""
+    await cluster.start()
+    alice = await connected_socketio(cluster, "alice", url=cluster.node_url(0))
+    bob = await cluster.connect("bob", node=1)
+    await alice.command("emit", event="call-request", data=call_request("c3", "alice", "bob"))
+    ring = await bob.expect("call-request", id="c3")
+    assert ring["data"]["from"] == "alice"
+    answer = {"callId": "c3", "to": "alice", "answer": {"type": "answer", "sdp": SDP_ANSWER}}
+    await bob.send("call-answer", answer)
+    await alice.expect_event("call-answer", callId="c3")
+    await bob.send("call-end", {"callId": "c3", "to": "alice"})
+    await alice.expect_event("call-end", callId="c3")
+    await alice.stop()
+    [ended] = cluster.audit.records("call.ended")
+    assert ended["reason"] == "hangup"
 
 
 @needs_node
