@@ -310,6 +310,9 @@ async def test_a_node_killed_mid_call(
         if grace == 0:
             with trio.fail_after(STEP):
                 await alice.expect("call-end", callId="ab", reason="peer_disconnected")
+            # bob's presence went with the node: he no longer rings anywhere.
+            await alice.send("call-request", call_request("ab2", "alice", "bob"))
+            await alice.expect("call-reject", callId="ab2", reason="unavailable")
         else:
             await _until(lambda: bool(cluster.audit.records("session.held")))
             again = await sign_in(cluster, "bob", node=1, resume=bob.session["sessionId"])
@@ -325,8 +328,9 @@ async def test_a_node_killed_mid_call(
             process.kill()
             await process.wait()
     if grace == 0:
-        [ended] = terminal_records(cluster)
+        ended, unavailable = terminal_records(cluster)
         assert (ended["reason"], ended["answered"]) == ("peer_disconnected", True)
+        assert unavailable["event"] == "call.unavailable"
 
 
 # -- Redis restarted mid-call (a private redis-server, so the shared one is left alone) ------
