@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import trio
 from trio_websocket import CloseReason, ConnectionClosed
@@ -63,6 +63,16 @@ class MessageSocket(Protocol):
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None: ...
 
 
+@runtime_checkable
+class DirectWriter(Protocol):
+    """An engine that can write a frame at once, without a task (the wsproto engine)."""
+
+    @property
+    def backlog(self) -> bool: ...
+
+    def try_send_now(self, message: str) -> bool: ...
+
+
 class PeerGone(Exception):
     """The client's socket closed under us (trio-websocket's ConnectionClosed, translated)."""
 
@@ -88,7 +98,7 @@ class Connection:
         # Frames queued and not yet written. At 0 the writer has nothing in hand, so a frame
         # may go straight to the socket without overtaking any (see `push`).
         self._in_flight = 0
-        self._write_now = getattr(ws, "try_send_now", None)
+        self._direct = ws if isinstance(ws, DirectWriter) else None
         # Set by the hub: False while it handles a burst of messages from one read, when the
         # writer's one write per batch beats a write per message.
         self.may_write_now: Callable[[], bool] = _always
@@ -146,13 +156,14 @@ class Connection:
         the common case of signaling. During a burst (`may_write_now` is False) frames queue,
         and the writer sends each connection's share of the burst in one write.
         """
+        direct = self._direct
         if (
             self._in_flight == 0
-            and self._write_now is not None
+            and direct is not None
             and self.may_write_now()
-            and self._write_now(text)
+            and direct.try_send_now(text)
         ):
-            if self.ws.backlog:  # type: ignore[attr-defined]  # the engine that has _write_now
+            if direct.backlog:
                 self._enqueue(_FLUSH)  # the socket took part of it: the writer sends the rest
             return
         self._enqueue(text)
