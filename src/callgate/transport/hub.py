@@ -226,7 +226,7 @@ class ConnectionHub:
     def _execute_entry(self, entry: Entry, actions: list[Action], own: bool) -> None:
         """A cluster entry was applied: do what concerns this node's connections."""
         if isinstance(entry.event, RevocationChanged):
-            self.revocations = RevocationList(entry.event.token_ids, dict(entry.event.users_before))
+            self._adopt_revocations(entry.event)
         forwarded = own and isinstance(entry.event, MessageReceived)
         self.execute(actions, forwarded=forwarded, own=own)
 
@@ -242,8 +242,11 @@ class ConnectionHub:
         self._timers.cancel_all()
         for timer, deadline in replica.timers.items():
             self._timers.start(timer, _trio_deadline(deadline))
-        revoked = replica.revocations
-        self.revocations = RevocationList(revoked.token_ids, dict(revoked.users_before))
+        self._adopt_revocations(replica.revocations)
+
+    def _adopt_revocations(self, event: RevocationChanged) -> None:
+        """The cluster's list is now this node's too: its handshakes refuse those tokens."""
+        self.revocations = RevocationList(event.token_ids, dict(event.users_before))
 
     def _evicted(self) -> None:
         for connection in list(self._live.values()):
