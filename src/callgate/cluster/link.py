@@ -93,7 +93,7 @@ class ClusterLink:
         self.evicted: Callable[[], None] = lambda: None
         # Called after the replica was replaced by a snapshot (timers and revocations changed).
         self.restored: Callable[[], None] = lambda: None
-        self._outbox: deque[tuple[int, dict[bytes, bytes]]] = deque()
+        self._outbox: deque[dict[bytes, bytes]] = deque()
         self._outbox_changed = trio.Event()
         self._drained = trio.Event()
         # Set once the replica has caught up with the log for the first time.
@@ -141,7 +141,7 @@ class ClusterLink:
         """Queue an entry for the log; returns its number, for `wait_applied`. Never blocks."""
         self._seq += 1
         entry = Entry(self.node_id, self._seq, time.time(), event, throttled)
-        self._outbox.append((self._seq, self._codec.seal(entry)))
+        self._outbox.append(self._codec.seal(entry))
         self._outbox_changed.set()
         return self._seq
 
@@ -183,7 +183,7 @@ class ClusterLink:
             if not self._outbox:
                 self._outbox_changed = trio.Event()
                 await self._outbox_changed.wait()
-            batch = [fields for _, fields in itertools.islice(self._outbox, BATCH)]
+            batch = list(itertools.islice(self._outbox, BATCH))
             try:
                 await trio.to_thread.run_sync(self._append, batch, abandon_on_cancel=True)
             except redis.RedisError as exc:
