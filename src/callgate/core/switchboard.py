@@ -138,7 +138,7 @@ class Switchboard:
         by_timer: dict[TimerId, Call] = {}
         for item in state["calls"]:
             call = Call(
-                call_id=item["id"],
+                call_id=item["call_id"],
                 caller=item["caller"],
                 callee=item["callee"],
                 media=item["media"],
@@ -568,10 +568,7 @@ def _device_state(device: Device) -> dict[str, Any]:
 
 def _call_state(call: Call) -> dict[str, Any]:
     return {
-        "id": call.call_id,
-        "caller": call.caller,
-        "callee": call.callee,
-        "media": call.media,
+        **_call_fields(call),
         "caller_conn": call.caller_conn,
         "ringing": list(call.ringing),
         "requested_at": call.requested_at,
