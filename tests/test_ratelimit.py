@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from limits import parse_many
 
 from callgate.ratelimit import ConnectionLimits, MovingWindows
@@ -30,3 +34,24 @@ def test_connection_limits_count_messages_and_refusals_apart() -> None:
     assert limits.admit_message(0.0) is None
     assert limits.admit_message(0.1) == 1
     assert [limits.is_flooding(t) for t in (0.1, 0.2, 0.3)] == [False, False, True]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    amount=st.integers(1, 5),
+    period=st.sampled_from([1, 2, 10]),
+    gaps=st.lists(st.floats(0, 3, allow_nan=False), min_size=1, max_size=120),
+)
+def test_a_window_decides_like_the_plain_rule(amount: int, period: int, gaps: list[float]) -> None:
+    """The compacted list against the rule written plainly: admitted while fewer than `amount`
+    admitted hits are newer than `period` seconds."""
+    window = MovingWindows(parse_many(f"{amount}/{period} seconds"))
+    admitted: list[float] = []
+    now = 0.0
+    for gap in gaps:
+        now += gap
+        recent = [t for t in admitted if t > now - period]
+        expected = None if len(recent) < amount else max(1, math.ceil(recent[0] + period - now))
+        assert window.hit(now) == expected
+        if expected is None:
+            admitted.append(now)
