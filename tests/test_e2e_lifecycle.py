@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import jwt
@@ -304,3 +305,40 @@ async def test_connection_caps(harness: Harness) -> None:
     fourth = await harness.open()
     await fourth.expect_error("rate_limited")
     await fourth.expect_closed(4029)
+
+
+async def test_keepalive_keeps_a_peer_that_answers(harness: Harness) -> None:
+    await harness.start(make_settings(server={"ping_interval": 0.1}))
+    alice, bob = await harness.connected_call()
+    await alice.expect_silence(0.6)  # several pings, each answered by the client library
+    await talk(alice, bob, "bob")
+    assert not harness.audit.records("conn.close")
+
+
+def _task_names() -> list[str]:
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    names, nurseries = [], list(root.child_nurseries)
+    while nurseries:
+        for task in nurseries.pop().child_tasks:
+            names.append(task.name)
+            nurseries.extend(task.child_nurseries)
+    return names
+
+
+async def test_an_idle_connection_costs_one_task(gate: Harness) -> None:
+    """Memory per idle connection (docs/performance.md): the writer starts with the first frame
+    that has to wait, and keepalive and expiry are entries of one shared heap, not tasks."""
+    before = Counter(_task_names())
+    for n in range(10):
+        await gate.connect(f"idle{n}")
+    grown = Counter(_task_names()) - before
+    handler = "trio._highlevel_serve_listeners._run_handler"  # the connection's own task
+    server_tasks = {name: n for name, n in grown.items() if "callgate" in name or name == handler}
+    if gate.engine == "wsproto":  # its frames went straight to the socket: no writer
+        assert server_tasks == {handler: 10}, grown
+    else:  # trio-websocket: a writer each (and the library's reader tasks)
+        assert server_tasks == {
+            handler: 10,
+            "callgate.transport.connection.Connection._run_writer": 10,
+        }

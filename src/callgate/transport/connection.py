@@ -30,10 +30,14 @@ from callgate.protocol.codec import (
 )
 from callgate.protocol.messages import Envelope, Ref
 from callgate.ratelimit import ConnectionLimits
+from callgate.transport.timers import Deadline
 
 
 def _always() -> bool:
     return True
+
+
+_NO_LIMITS = ConnectionLimits([], [])
 
 
 class _Flush:
@@ -86,15 +90,23 @@ class Connection:
         self.addr = addr
         self.identity: Identity | None = None
         # Its message and flood windows (set by the hub from the configured limits).
-        self.limits = ConnectionLimits([], [])
+        self.limits = _NO_LIMITS
         self.scope = trio.CancelScope()
-        self.expiry_scope: trio.CancelScope | None = None
+        # Where the writer and pings run: the hub's nursery for this connection.
+        self.nursery: trio.Nursery | None = None
+        # Its entries in the hub's `Deadlines`: the keepalive (or Engine.IO heartbeat), and the
+        # token's expiry. Cancelled when the connection ends.
+        self.keepalive: Deadline | None = None
+        self.expiry: Deadline | None = None
+        # A ping is out and its pong has not come back yet.
+        self.ping_outstanding = False
         self.close_code: int | None = None
         self.close_reason = ""
         self.writer_done = trio.Event()
-        self._outbox, self._outbox_reader = trio.open_memory_channel[str | _CloseRequest | _Flush](
-            queue_size
-        )
+        # The outbox and its writer task exist from the first frame that has to wait for the
+        # socket: an idle connection whose frames all went straight out has neither.
+        self._queue_size = queue_size
+        self._outbox: trio.MemorySendChannel[str | _CloseRequest | _Flush] | None = None
         # Frames queued and not yet written. At 0 the writer has nothing in hand, so a frame
         # may go straight to the socket without overtaking any (see `push`).
         self._in_flight = 0
@@ -175,24 +187,59 @@ class Connection:
         self.scope.cancel()
 
     def _enqueue(self, item: str | _CloseRequest | _Flush) -> None:
+        outbox = self._outbox or self._start_writer()
+        if outbox is None:
+            return  # the connection is already finishing
         try:
-            self._outbox.send_nowait(item)
+            outbox.send_nowait(item)
             self._in_flight += 1
         except trio.WouldBlock:
             self.abort(CloseCode.POLICY_VIOLATION, "client too slow: outbound queue full")
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # the connection is already finishing
 
-    async def run_writer(self) -> None:
+    def _start_writer(self) -> trio.MemorySendChannel[str | _CloseRequest | _Flush] | None:
+        if self.nursery is None:
+            return None
+        outbox, inbox = trio.open_memory_channel[str | _CloseRequest | _Flush](self._queue_size)
+        try:
+            self.nursery.start_soon(self._run_writer, inbox)
+        except RuntimeError:  # the nursery has closed: the connection is over
+            self.nursery = None
+            return None
+        self._outbox = outbox
+        return outbox
+
+    def start_ping(self) -> None:
+        """Send a WebSocket ping; `ping_outstanding` stays True until its pong arrives."""
+        if self.nursery is None or self.ping_outstanding:
+            return
+        self.ping_outstanding = True
+        try:
+            self.nursery.start_soon(self._ping)
+        except RuntimeError:
+            self.nursery = None
+
+    async def _ping(self) -> None:
+        # A short task (it lives for one round trip), so an idle connection sleeps without one.
+        try:
+            await self.ws.ping()
+        except ConnectionClosed:
+            return
+        self.ping_outstanding = False
+
+    async def _run_writer(
+        self, inbox: trio.MemoryReceiveChannel[str | _CloseRequest | _Flush]
+    ) -> None:
         """Drain the outbox; everything queued when the writer wakes goes out in one write where
         the engine can batch (wsproto), so a burst costs one `send_all`, not one per message."""
         send_batch = getattr(self.ws, "send_messages", None)
         try:
-            async for first in self._outbox_reader:
+            async for first in inbox:
                 batch: list[str | _CloseRequest | _Flush] = [first]
                 while len(batch) < 256:
                     try:
-                        batch.append(self._outbox_reader.receive_nowait())
+                        batch.append(inbox.receive_nowait())
                     except trio.WouldBlock:
                         break
                 texts: list[str] = []
@@ -253,7 +300,8 @@ class SocketIOConnection(Connection):
 
     def __init__(self, conn_id: str, ws: MessageSocket, addr: str, queue_size: int) -> None:
         super().__init__(conn_id, ws, addr, queue_size)
-        self.pong = trio.Event()
+        # When the last Engine.IO ping went out (the heartbeat's cadence runs from there).
+        self.pinged_at = 0.0
 
     def send_event(self, event: str, data: Mapping[str, Any]) -> None:
         self.push(sio.event_packet(event, data))
@@ -276,7 +324,7 @@ class SocketIOConnection(Connection):
     def decode_frame(self, text: str, limits: FieldLimits) -> Envelope | None:
         kind, payload = text[:1], text[1:]
         if kind == sio.ENGINE_PONG:
-            self.pong.set()
+            self.ping_outstanding = False
             return None
         if kind == sio.ENGINE_PING:
             self.push(sio.ENGINE_PONG + payload)

@@ -14,12 +14,11 @@ It offers the small part of trio-websocket's interface the transport uses (`get_
 from __future__ import annotations
 
 import os
-from collections import deque
 
 import trio
 from trio_websocket import CloseReason, ConnectionClosed
 from wsproto import ConnectionType, WSConnection
-from wsproto.connection import ConnectionState
+from wsproto.connection import Connection, ConnectionState
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -37,12 +36,36 @@ RECEIVE_BYTES = 65536
 
 
 class WsprotoConnection:
-    def __init__(self, stream: trio.abc.Stream, protocol: WSConnection, max_message_size: int):
+    # Slots: a server holds tens of thousands of these, mostly idle.
+    __slots__ = (
+        "_binary",
+        "_buffer",
+        "_fast",
+        "_inbox",
+        "_max_message_size",
+        "_pongs",
+        "_protocol",
+        "_send_done",
+        "_sending",
+        "_size",
+        "_socket",
+        "_stream",
+        "_text",
+        "_unsent",
+        "closed",
+    )
+
+    def __init__(self, stream: trio.abc.Stream, protocol: Connection, max_message_size: int):
         self._stream = stream
         self._protocol = protocol
         self._max_message_size = max_message_size
-        self._send_lock = trio.StrictFIFOLock()
-        self._inbox: deque[str | bytes] = deque()
+        # One write at a time: `_sending` is the lock, `_send_done` (made only when somebody
+        # has to wait) wakes the waiters. Lighter than a trio lock, which every idle
+        # connection would carry.
+        self._sending = False
+        self._send_done: trio.Event | None = None
+        # Messages read and decoded, oldest first, waiting for `get_message`.
+        self._inbox: list[str | bytes] = []
         self._text: list[str] = []
         self._binary: list[bytes] = []
         self._size = 0
@@ -81,7 +104,7 @@ class WsprotoConnection:
                 self._set_closed(1002, "protocol error")
                 continue
             await self._handle_events()
-        return self._inbox.popleft()
+        return self._inbox.pop(0)
 
     def _take_fast_frames(self, data: bytes | bytearray) -> bytes:
         """Decode the common frames of `data` here; return what wsproto must see from now on."""
@@ -163,7 +186,7 @@ class WsprotoConnection:
         if (
             self._socket is None
             or self._unsent
-            or self._send_lock.locked()
+            or self._sending
             or self.closed is not None
             or self._protocol.state is not ConnectionState.OPEN
         ):
@@ -209,14 +232,23 @@ class WsprotoConnection:
         self._set_closed(code, reason)
 
     async def _send(self, data: bytes) -> None:
-        async with self._send_lock:
+        while self._sending:
+            if self._send_done is None:
+                self._send_done = trio.Event()
+            await self._send_done.wait()
+        self._sending = True
+        try:
             if self._unsent:
                 data, self._unsent = self._unsent + data, b""
-            try:
-                await self._stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._set_closed(1006, "connection lost")
-                raise ConnectionClosed(self.closed) from None
+            await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._set_closed(1006, "connection lost")
+            raise ConnectionClosed(self.closed) from None
+        finally:
+            self._sending = False
+            if self._send_done is not None:
+                self._send_done.set()
+                self._send_done = None
 
 
 _TEXT, _PONG = 0x1, 0xA
@@ -298,7 +330,12 @@ def text_frame(message: str) -> bytes:
 
 
 class WsprotoRequest:
-    """The upgrade request, before the handler accepts or rejects it."""
+    """The upgrade request, before the handler accepts or rejects it.
+
+    Spent once answered: it lets go of the request and the HTTP handshake state (h11's parser,
+    the headers), which would otherwise stay with every open connection. Read `path` and
+    `headers` before `accept`.
+    """
 
     def __init__(
         self,
@@ -308,29 +345,43 @@ class WsprotoRequest:
         max_message_size: int,
     ) -> None:
         self._stream = stream
-        self._protocol = protocol
-        self._request = request
+        self._protocol: WSConnection | None = protocol
+        self._request: Request | None = request
         self._max_message_size = max_message_size
 
     @property
     def path(self) -> str:
-        return self._request.target
+        return self._request.target if self._request is not None else ""
 
     @property
     def headers(self) -> list[tuple[bytes, bytes]]:
+        if self._request is None:
+            return []
         return [(bytes(name), bytes(value)) for name, value in self._request.extra_headers]
 
+    def _spend(self) -> WSConnection:
+        protocol = self._protocol
+        if protocol is None:
+            raise RuntimeError("the upgrade request was already answered")
+        self._protocol = self._request = None
+        return protocol
+
     async def accept(self) -> WsprotoConnection:
-        await self._stream.send_all(self._protocol.send(AcceptConnection()))
-        return WsprotoConnection(self._stream, self._protocol, self._max_message_size)
+        protocol = self._spend()
+        await self._stream.send_all(protocol.send(AcceptConnection()))
+        # From here on only the WebSocket state machine is needed, not the handshake's.
+        if protocol.connection is None:
+            raise RuntimeError("wsproto accepted without opening a connection")
+        return WsprotoConnection(self._stream, protocol.connection, self._max_message_size)
 
     async def reject(self, status_code: int, *, body: bytes = b"") -> None:
+        protocol = self._spend()
         headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-        data = self._protocol.send(
+        data = protocol.send(
             RejectConnection(status_code=status_code, headers=headers, has_body=bool(body))
         )
         if body:
-            data += self._protocol.send(RejectData(data=body))
+            data += protocol.send(RejectData(data=body))
         await self._stream.send_all(data)
 
 

@@ -35,12 +35,12 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import trio
 from limits.errors import StorageError
-from trio_websocket import ConnectionClosed
 
 from callgate.auth import INVALID, Identity, TokenVerifier
 from callgate.cluster.entries import NODE_SEPARATOR, Entry
@@ -79,7 +79,7 @@ from callgate.protocol.messages import Auth, CallRequest, Ref
 from callgate.revocation import RevocationList
 from callgate.transport.connection import Connection, PeerGone, SocketIOConnection
 from callgate.transport.listener import Accepted, Dialect, UpgradeRequest
-from callgate.transport.timers import Timers
+from callgate.transport.timers import Deadline, Deadlines, Timers
 
 if TYPE_CHECKING:
     from callgate.audit import AuditLog
@@ -108,6 +108,23 @@ def _bearer_token(request: UpgradeRequest) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else ""
 
 
+@dataclass(slots=True)
+class _UpgradeAuth:
+    """What authentication uses of the upgrade request (the request is spent on `accept`).
+
+    Not frozen: `take_bearer` drops the token once read, so a connection does not carry its
+    token (a secret) in memory for its whole life.
+    """
+
+    query: str
+    bearer: str | None
+    resume: str | None
+
+    def take_bearer(self) -> str | None:
+        bearer, self.bearer = self.bearer, None
+        return bearer
+
+
 def _trio_deadline(unix_time: float) -> float:
     """The trio-clock moment of a unix time (such as a token's `exp`)."""
     remaining = unix_time - time.time()
@@ -133,6 +150,9 @@ class ConnectionHub:
         self._limiter = limiter
         self._audit = audit
         self._timers = Timers(nursery, self._on_timer)
+        # The per-connection clocks (keepalive, token expiry, Engine.IO heartbeat): one task.
+        self._deadlines = Deadlines()
+        nursery.start_soon(self._deadlines.run)
         self._live: dict[str, Connection] = {}  # authenticated
         self._all: dict[str, Connection] = {}  # accepted, authenticated or not
         self._per_address: Counter[str] = Counter()
@@ -353,6 +373,10 @@ class ConnectionHub:
         if not self.accepting:
             await request.reject(503, body=b'{"message": "server shutting down"}')
             return
+        # What authentication needs from the request, read before `accept` spends it.
+        upgrade = _UpgradeAuth(
+            target.query, _bearer_token(request), _header(request, RESUME_HEADER)
+        )
         kind = SocketIOConnection if accepted.dialect is Dialect.SOCKETIO else Connection
         connection = kind(conn_id, await request.accept(), addr, server.outbound_queue)
         connection.limits = self._limiter.for_connection()
@@ -363,9 +387,9 @@ class ConnectionHub:
         try:
             with connection.scope:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(connection.run_writer)
+                    connection.nursery = nursery  # the writer starts there with the first frame
                     try:
-                        await self._converse(connection, request, target.query, nursery)
+                        await self._converse(connection, upgrade)
                     except PeerGone:
                         pass
                     except CloseConnection as close:
@@ -379,6 +403,9 @@ class ConnectionHub:
 
     def _forget(self, connection: Connection) -> None:
         """Synchronous cleanup: runs even when the connection was cancelled."""
+        connection.nursery = None
+        self._deadlines.cancel(connection.keepalive)
+        self._deadlines.cancel(connection.expiry)
         self._all.pop(connection.id, None)
         self._per_address[connection.addr] -= 1
         if self._per_address[connection.addr] <= 0:
@@ -398,22 +425,16 @@ class ConnectionHub:
             self._all_gone.set()
             self._all_gone = trio.Event()
 
-    async def _converse(
-        self,
-        connection: Connection,
-        request: UpgradeRequest,
-        query: str,
-        nursery: trio.Nursery,
-    ) -> None:
+    async def _converse(self, connection: Connection, upgrade: _UpgradeAuth) -> None:
         socketio = isinstance(connection, SocketIOConnection)
         try:
             self._admit_address(connection)
             if isinstance(connection, SocketIOConnection):
-                nursery.start_soon(self._engine_heartbeat, connection)
+                self._engine_ping(connection)
                 identity, resume = await self._authenticate_socketio(connection)
                 ref: Ref | None = None
             else:
-                identity, ref, resume = await self._authenticate(connection, request, query)
+                identity, ref, resume = await self._authenticate(connection, upgrade)
             self._check_not_revoked(identity)
             if len(self._board.devices_of(identity.user)) >= (
                 self._settings.server.max_connections_per_user
@@ -452,9 +473,9 @@ class ConnectionHub:
             "auth.ok",
             {"conn": connection.id, "user": identity.user, "expires_at": identity.expires_at},
         )
-        nursery.start_soon(self._watch_expiry, connection)
+        self._arm_expiry(connection)
         if self._settings.server.ping_interval > 0 and not socketio:
-            nursery.start_soon(self._keepalive, connection)
+            self._start_keepalive(connection)
         await self._read_loop(connection)
 
     def _admit_address(self, connection: Connection) -> None:
@@ -487,15 +508,15 @@ class ConnectionHub:
         return self.verifier.verify(token)
 
     async def _authenticate(
-        self, connection: Connection, request: UpgradeRequest, query: str
+        self, connection: Connection, upgrade: _UpgradeAuth
     ) -> tuple[Identity, Ref | None, str | None]:
         """Raises: AuthError, CloseConnection, PeerGone."""
-        query_tokens = parse_qs(query).get("token")
+        query_tokens = parse_qs(upgrade.query).get("token")
         if query_tokens and not self._settings.auth.allow_query_token:
             raise AuthError(INVALID, "query_token_refused")
-        token = _bearer_token(request) or (query_tokens[0] if query_tokens else None)
+        token = upgrade.take_bearer() or (query_tokens[0] if query_tokens else None)
         if token:
-            return await self._verify(token), None, _header(request, RESUME_HEADER)
+            return await self._verify(token), None, upgrade.resume
         with trio.move_on_after(self._settings.server.auth_timeout):
             text = await connection.receive()
             self._check_size(text)
@@ -548,18 +569,30 @@ class ConnectionHub:
                 return await self._verify(token), resume if isinstance(resume, str) else None
         raise AuthError("auth timeout", "auth_timeout")
 
-    async def _engine_heartbeat(self, connection: SocketIOConnection) -> None:
-        """Engine.IO pings (the client expects them); no pong within `ping_timeout` drops it."""
+    def _engine_ping(self, connection: SocketIOConnection) -> None:
+        """Engine.IO pings every `ping_interval` (the client expects them, and drops a server
+        that stops); no pong within `ping_timeout` of one drops the client."""
         socketio = self._settings.socketio
-        while True:
-            await trio.sleep(socketio.ping_interval)
-            connection.pong = trio.Event()
+
+        def ping() -> None:
+            connection.ping_outstanding = True
+            connection.pinged_at = trio.current_time()
             connection.push(sio.ENGINE_PING)
-            with trio.move_on_after(socketio.ping_timeout):
-                await connection.pong.wait()
-                continue
-            connection.abort(CloseCode.ABNORMAL, "ping timeout")
-            return
+            connection.keepalive = self._deadlines.call_at(
+                connection.pinged_at + socketio.ping_timeout, check
+            )
+
+        def check() -> None:
+            if connection.ping_outstanding:
+                connection.abort(CloseCode.ABNORMAL, "ping timeout")
+                return
+            connection.keepalive = self._deadlines.call_at(
+                connection.pinged_at + socketio.ping_interval, ping
+            )
+
+        connection.keepalive = self._deadlines.call_at(
+            trio.current_time() + socketio.ping_interval, ping
+        )
 
     def _session_data(self, connection: Connection, identity: Identity) -> dict[str, object]:
         return {
@@ -667,38 +700,54 @@ class ConnectionHub:
         )
         if ref is not None:
             connection.send_ack(ref)
-        if connection.expiry_scope is not None:
-            connection.expiry_scope.cancel()  # the watcher starts over with the new `exp`
+        self._arm_expiry(connection)  # the new token's `exp`
 
-    async def _watch_expiry(self, connection: Connection) -> None:
+    def _arm_expiry(self, connection: Connection) -> None:
+        """`token-expiring` at `exp - refresh_before`, close 4001 at `exp`; a refreshed token
+        arms it again with its own `exp`."""
+        self._deadlines.cancel(connection.expiry)
+        connection.expiry = None
+        identity = connection.identity
+        if identity is None:
+            return
+        expires_at = identity.expires_at
         refresh_before = self._settings.auth.refresh_before
-        while connection.identity is not None:
-            expires_at = connection.identity.expires_at
-            with trio.CancelScope() as scope:
-                connection.expiry_scope = scope
-                if refresh_before > 0:
-                    await trio.sleep_until(_trio_deadline(expires_at - refresh_before))
-                    connection.send_event("token-expiring", {"expiresAt": expires_at})
-                await trio.sleep_until(_trio_deadline(expires_at))
-                connection.close(CloseCode.UNAUTHENTICATED, "token expired")
-                return
 
-    async def _keepalive(self, connection: Connection) -> None:
+        def expired() -> None:
+            connection.expiry = None
+            connection.close(CloseCode.UNAUTHENTICATED, "token expired")
+
+        def expiring() -> None:
+            connection.send_event("token-expiring", {"expiresAt": expires_at})
+            connection.expiry = self._at(expires_at, expired)
+
+        connection.expiry = (
+            self._at(expires_at - refresh_before, expiring)
+            if (refresh_before > 0)
+            else self._at(expires_at, expired)
+        )
+
+    def _at(self, unix_time: float, callback: Callable[[], None]) -> Deadline | None:
+        deadline = _trio_deadline(unix_time)
+        return self._deadlines.call_at(deadline, callback) if math.isfinite(deadline) else None
+
+    def _start_keepalive(self, connection: Connection) -> None:
+        """A ping every `ping_interval`; no pong by the next one drops the peer.
+
+        The first ping comes at a random point of the first interval: clients that connected
+        together (a reconnect storm) would otherwise all be pinged at once, every interval.
+        A dead peer is still dropped within two intervals.
+        """
         interval = self._settings.server.ping_interval
-        # The first ping comes at a random point of the first interval: clients that connected
-        # together (a reconnect storm) would otherwise all be pinged at once, every interval.
-        # A dead peer is still dropped within two intervals.
-        delay = interval * (0.5 + random.random() / 2)  # noqa: S311 - spreading load, not security
-        while True:
-            await trio.sleep(delay)
-            delay = interval
-            with trio.move_on_after(interval) as waiting:
-                try:
-                    await connection.ws.ping()
-                except ConnectionClosed:
-                    return
-            if waiting.cancelled_caught:
+
+        def tick() -> None:
+            if connection.ping_outstanding:
                 # No pong within an interval: the peer is gone without a close (a phone that
                 # lost its network). Its calls go into the reconnect grace.
                 connection.abort(CloseCode.ABNORMAL, "keepalive timeout")
                 return
+            connection.start_ping()
+            connection.keepalive = self._deadlines.call_at(trio.current_time() + interval, tick)
+
+        first = interval * (0.5 + random.random() / 2)  # noqa: S311 - spreading load, not security
+        connection.keepalive = self._deadlines.call_at(trio.current_time() + first, tick)

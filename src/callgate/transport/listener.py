@@ -177,6 +177,23 @@ class _PendingHandshakes:
             self._counts.pop(addr, None)
 
 
+async def _read_upgrade(
+    stream: trio.abc.Stream, front: FrontSettings
+) -> tuple[bytes, Dialect] | None:
+    """The head of a WebSocket upgrade (and any bytes after it) and its dialect; None when it
+    was answered here (404, 400) or is broken. The parsed head is not kept: a connection holds
+    nothing of its handshake once it is open."""
+    head = await _read_head(stream)
+    if head is None:
+        return None
+    raw, request = head
+    route = _route(request, front.native_path, socketio=front.socketio)
+    if isinstance(route, tuple):
+        await _respond(stream, *route)
+        return None
+    return raw, route
+
+
 async def _serve_stream(
     front: FrontSettings, pending: _PendingHandshakes, handler: Handler, stream: trio.abc.Stream
 ) -> None:
@@ -194,21 +211,17 @@ async def _serve_stream(
     try:
         with trio.move_on_after(front.handshake_timeout):
             try:
-                head = await _read_head(stream)
+                routed = await _read_upgrade(stream, front)
             finally:
                 pending.release(addr)
-            if head is None:
+            if routed is None:
                 return
-            raw, request = head
-            route = _route(request, front.native_path, socketio=front.socketio)
-            if isinstance(route, tuple):
-                await _respond(stream, *route)
-                return
-            dialect, ready = route, True
+            (raw, dialect), routed, ready = routed, None, True
         if not ready:
             return  # the head did not arrive in time
         if front.engine == "wsproto":
             upgrade = handshake(raw, stream, front.max_message_size)
+            raw = b""  # wsproto has it; this frame lives as long as the connection
             if upgrade is None:
                 await _respond(stream, 400, "not a WebSocket upgrade")
                 return
