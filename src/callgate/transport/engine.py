@@ -14,6 +14,7 @@ It offers the small part of trio-websocket's interface the transport uses (`get_
 from __future__ import annotations
 
 import os
+import socket
 
 import trio
 from trio_websocket import CloseReason, ConnectionClosed
@@ -33,6 +34,8 @@ from wsproto.events import (
 from wsproto.utilities import RemoteProtocolError
 
 RECEIVE_BYTES = 65536
+# A read at least this long was probably part of a burst, with more already waiting.
+_LONG_READ = 2048
 
 
 class WsprotoConnection:
@@ -40,6 +43,7 @@ class WsprotoConnection:
     __slots__ = (
         "_binary",
         "_buffer",
+        "_drained",
         "_fast",
         "_inbox",
         "_max_message_size",
@@ -76,7 +80,9 @@ class WsprotoConnection:
         self._fast = True
         self._buffer = bytearray()
         # The OS socket, for `try_send_now`; None over TLS (an SSLStream has its own buffers).
-        self._socket = getattr(getattr(stream, "socket", None), "_sock", None)
+        self._socket: socket.socket | None = getattr(getattr(stream, "socket", None), "_sock", None)
+        # The last read was short: the socket was empty after it (see `_receive`).
+        self._drained = True
         # Bytes `try_send_now` could not write at once; `_send` writes them first.
         self._unsent = b""
 
@@ -88,8 +94,8 @@ class WsprotoConnection:
             if self.closed is not None:
                 raise ConnectionClosed(self.closed)
             try:
-                data = await self._stream.receive_some(RECEIVE_BYTES)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = await self._receive()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 data = b""
             if not data:
                 self._set_closed(1006, "connection lost")
@@ -105,6 +111,36 @@ class WsprotoConnection:
                 continue
             await self._handle_events()
         return self._inbox.pop(0)
+
+    async def _receive(self) -> bytes | bytearray:
+        """The next bytes from the socket, with one trip through the scheduler, not two.
+
+        trio's `receive_some` tries `recv` first and, on sparse traffic, nearly always gets
+        EAGAIN (a system call and a Python exception), then waits, reads, and yields once more.
+        Here, after a short read (the socket was drained, and signaling traffic is sparse) the
+        connection waits for readability first and reads once; after a long one (a burst) it
+        reads at once and then yields, so a busy connection cannot starve the others.
+        """
+        sock = self._socket
+        if sock is None:  # TLS: the SSLStream reads through its own buffers
+            return await self._stream.receive_some(RECEIVE_BYTES)
+        if not self._drained:
+            try:
+                data = sock.recv(RECEIVE_BYTES)
+            except (BlockingIOError, InterruptedError):
+                pass
+            else:
+                self._drained = len(data) < _LONG_READ
+                await trio.lowlevel.checkpoint()
+                return data
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                data = sock.recv(RECEIVE_BYTES)
+            except (BlockingIOError, InterruptedError):
+                continue  # woken without data after all: wait again
+            self._drained = len(data) < _LONG_READ
+            return data
 
     def _take_fast_frames(self, data: bytes | bytearray) -> bytes:
         """Decode the common frames of `data` here; return what wsproto must see from now on."""
