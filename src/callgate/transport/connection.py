@@ -1,9 +1,10 @@
 """One client socket, in either dialect: its identity, its bounded outbox and its writer.
 
 `Connection` renders callgate's native JSON envelopes; `SocketIOConnection` the same messages in
-Engine.IO v4 / Socket.IO v5 framing (contract section 11). Senders never wait: everything goes
-through a bounded memory channel drained by the writer task, and a full channel means the client
-is not reading, so that connection alone is aborted (close 1008). `ConnectionHub` (hub.py) runs a
+Engine.IO v4 / Socket.IO v5 framing (contract section 11). Senders never wait: a frame goes
+straight to the socket when it can (`push`), else through a bounded memory channel drained by the
+writer task (both made with the first such frame), and a full channel means the client is not
+reading, so that connection alone is aborted (close 1008). `ConnectionHub` (hub.py) runs a
 connection's life.
 """
 

@@ -15,12 +15,14 @@ Life of a connection
    the new connection the calls of a dropped device.
 4. The read loop: size and type checks, the per-connection message limit, decoding, then the
    switchboard. An `auth` message on an open connection renews the token (same user only).
-5. Beside it run the writer, the expiry watcher (`token-expiring` at `exp - refresh_before`,
-   close 4001 at `exp`) and the keepalive (a ping every `ping_interval`; no pong by the next one
-   drops the peer).
-6. Everything sent to the client goes through a bounded memory channel drained by the writer.
-   Senders never wait: a full channel means the client is not reading, and that connection alone
-   is aborted (close 1008), so one slow reader cannot slow anybody else.
+5. Beside it: the writer, started with the first frame that has to wait for the socket; the
+   expiry (`token-expiring` at `exp - refresh_before`, close 4001 at `exp`) and the keepalive
+   (a ping every `ping_interval`; no pong by the next one drops the peer), which are entries
+   of the hub's one clock heap (`Deadlines`), not tasks: an idle connection is one task.
+6. A frame goes straight to the socket when nothing is queued before it (the wsproto engine),
+   else through a bounded memory channel drained by the writer. Senders never wait: a full
+   channel means the client is not reading, and that connection alone is aborted (close 1008),
+   so one slow reader cannot slow anybody else.
 
 Failures of one connection end that connection only: `ConnectionHub.handle` catches `Exception`,
 so nothing a client does can reach the listener (whose nursery would otherwise stop serving).
