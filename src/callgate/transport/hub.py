@@ -151,10 +151,11 @@ class ConnectionHub:
         self.verifier = verifier
         self._limiter = limiter
         self._audit = audit
-        self._timers = Timers(nursery, self._on_timer)
-        # The per-connection clocks (keepalive, token expiry, Engine.IO heartbeat): one task.
+        # Every clock of the server in one heap and one task: the core's timers, and each
+        # connection's keepalive, token expiry and Engine.IO heartbeat.
         self._deadlines = Deadlines()
         nursery.start_soon(self._deadlines.run)
+        self._timers = Timers(self._deadlines, self._on_timer)
         self._live: dict[str, Connection] = {}  # authenticated
         self._all: dict[str, Connection] = {}  # accepted, authenticated or not
         self._per_address: Counter[str] = Counter()

@@ -6,6 +6,7 @@ import heapq
 import itertools
 import math
 from collections.abc import Callable
+from functools import partial
 
 import trio
 
@@ -16,36 +17,35 @@ log = get_logger("callgate.timers")
 
 
 class Timers:
-    """One sleeping task per armed timer; cancelling is synchronous, so the core stays sync."""
+    """The core's timers (ring timeout, reconnect grace), as entries of the `Deadlines` heap.
 
-    def __init__(self, nursery: trio.Nursery, on_fire: Callable[[TimerId], None]) -> None:
-        self._nursery = nursery
+    Starting and cancelling are synchronous, so the core stays synchronous; a timer costs an
+    entry in the heap, not a task.
+    """
+
+    def __init__(self, deadlines: Deadlines, on_fire: Callable[[TimerId], None]) -> None:
+        self._deadlines = deadlines
         self._on_fire = on_fire
-        self._scopes: dict[TimerId, trio.CancelScope] = {}
+        self._entries: dict[TimerId, Deadline] = {}
 
     def __len__(self) -> int:
-        return len(self._scopes)
+        return len(self._entries)
 
     def start(self, timer: TimerId, deadline: float) -> None:
-        scope = trio.CancelScope()
-        self._scopes[timer] = scope
-        self._nursery.start_soon(self._run, timer, deadline, scope)
+        self.cancel(timer)  # a timer id is armed at most once
+        self._entries[timer] = self._deadlines.call_at(deadline, partial(self._fire, timer))
 
     def cancel_all(self) -> None:
-        for scope in self._scopes.values():
-            scope.cancel()
-        self._scopes.clear()
+        for entry in self._entries.values():
+            self._deadlines.cancel(entry)
+        self._entries.clear()
 
     def cancel(self, timer: TimerId) -> None:
-        scope = self._scopes.pop(timer, None)
-        if scope is not None:
-            scope.cancel()
+        self._deadlines.cancel(self._entries.pop(timer, None))
 
-    async def _run(self, timer: TimerId, deadline: float, scope: trio.CancelScope) -> None:
-        with scope:
-            await trio.sleep_until(deadline)
-            del self._scopes[timer]
-            self._on_fire(timer)
+    def _fire(self, timer: TimerId) -> None:
+        del self._entries[timer]
+        self._on_fire(timer)
 
 
 class Deadline:
@@ -62,11 +62,13 @@ class Deadline:
 
 
 class Deadlines:
-    """Many per-connection clocks (keepalive, token expiry, Engine.IO heartbeat), one task.
+    """Every clock of a server in one heap and one task: each connection's keepalive, token
+    expiry and Engine.IO heartbeat, and the core's timers (`Timers`).
 
     A task that only sleeps until a deadline costs an idle connection more memory than its
     socket does (the task, its coroutine frames, cancel scopes), and a server holds tens of
-    thousands of idle connections. So they are entries of one heap, run by `run`. Callbacks are
+    thousands of idle connections; arming and cancelling a task for every ringing call costs
+    call setup time. So they are entries of one heap, run by `run`. Callbacks are
     synchronous and quick, like the core's actions; one that raises is logged and the rest go on.
     Cancelled entries stay in the heap until their time, or until they are the majority, when
     the heap is rebuilt without them.
