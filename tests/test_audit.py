@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import io
 import json
 
-from callgate.audit import AuditLog, StreamSink
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from callgate.audit import AUDIT_FIELDS, AuditLog, StreamSink, _dumps, canonical, chain_mac
 
 
 def write(fields: dict[str, object], event: str = "call.requested") -> dict[str, object]:
@@ -50,3 +55,32 @@ def test_long_values_are_cut() -> None:
 
 def test_event_key_cannot_override_the_event() -> None:
     assert write({"event": "forged"}, event="auth.ok")["event"] == "auth.ok"
+
+
+# orjson writes the common records; the standard library's encoder is the definition.
+_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
+    | st.text(alphabet=st.characters(max_codepoint=127), max_size=20)
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.dictionaries(st.sampled_from(sorted(AUDIT_FIELDS)), _SCALARS, max_size=8))
+def test_fast_encoding_is_the_standard_librarys(record: dict[str, object]) -> None:
+    """The MAC covers exactly the bytes the definition gives, and lines read the same."""
+    body = {k: v for k, v in record.items() if k != "mac"}
+    expected = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    assert canonical(record) == expected.encode("ascii")
+    assert _dumps(record) == json.dumps(record, ensure_ascii=True, separators=(",", ":"))
+
+
+def test_the_chain_mac_is_hmac_sha256_of_the_previous_mac_and_the_canonical_record() -> None:
+    record = {"ts": "2026-11-24T00:00:00Z", "event": "call.ended", "seq": 7, "mac": "ignored"}
+    message = b"prev\n" + canonical(record)
+    assert chain_mac(b"k" * 32, "prev", record) == (
+        hmac.new(b"k" * 32, message, hashlib.sha256).hexdigest()
+    )
