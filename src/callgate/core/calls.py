@@ -36,19 +36,26 @@ from callgate.protocol.messages import (
 )
 
 
-class CallState(Enum):
+class _Member(Enum):
+    """Members hash by identity (they are singletons, and compare by identity): the transition
+    table is looked up on every in-call message, and `Enum.__hash__` is Python code."""
+
+    __hash__ = object.__hash__
+
+
+class CallState(_Member):
     RINGING = auto()  # offered, ringing on the callee's devices, not yet answered
     CONNECTED = auto()  # answered on one callee device; media is being set up or flowing
 
 
-class Role(Enum):
+class Role(_Member):
     CALLER = auto()  # the device that sent the call-request
     CALLEE_RINGING = auto()  # a callee device that is ringing (before the answer)
     CALLEE_ACTIVE = auto()  # the callee device that answered
     BYSTANDER = auto()  # another device of a participant: not part of this call
 
 
-class Step(Enum):
+class Step(_Member):
     ANSWER = auto()  # callee takes the call on this device; the others stop ringing
     REJECT = auto()  # callee declines with call-reject; the others stop ringing
     DECLINE = auto()  # callee declines with call-end while ringing; same outcome as REJECT

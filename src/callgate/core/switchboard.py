@@ -374,14 +374,12 @@ class Switchboard:
         if step is None:
             raise Refused(ErrorCode.FORBIDDEN, _why_not(call, message, role))
         forwarded = _forward(message.data, user)
+        if step is Step.RELAY:  # nearly every in-call message: no audit, no state change
+            return _acked(
+                conn, ref, [Deliver(d, message.EVENT, forwarded) for d in call.other_side(role)]
+            )
         fields = _call_fields(call)
         match step:
-            case Step.RELAY:
-                return _acked(
-                    conn,
-                    ref,
-                    [Deliver(d, message.EVENT, forwarded) for d in call.other_side(role)],
-                )
             case Step.RENEGOTIATE:
                 call.renegotiations += 1
                 return _acked(
