@@ -10,7 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from callgate.errors import ErrorCode
-from callgate.protocol.codec import FieldLimits, ProtocolError, decode, encode, encode_error
+from callgate.protocol.codec import (
+    FieldLimits,
+    ProtocolError,
+    decode,
+    encode,
+    encode_error,
+    valid_call_id,
+)
 from callgate.protocol.messages import Auth, CallRequest, IceCandidate, UserConnected
 
 LIMITS = FieldLimits()
@@ -175,3 +182,11 @@ def test_encode_error_shape() -> None:
         "data": {"code": "rate_limited", "message": "slow down", "retryAfter": 3},
         "ref": 5,
     }
+
+
+def test_a_remembered_call_id_is_still_held_to_the_length_limit() -> None:
+    assert valid_call_id("call-1234", 128)
+    assert valid_call_id("call-1234", 128)  # now from the cache of checked ids
+    assert not valid_call_id("call-1234", 4)
+    assert not valid_call_id("call 1234", 128)
+    assert not valid_call_id("call 1234", 128)  # refusals are never remembered
