@@ -276,8 +276,17 @@ class WsprotoConnection:
         try:
             if self._unsent:
                 data, self._unsent = self._unsent + data, b""
-            await self._stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if self._socket is not None and data:
+                # What the kernel takes at once needs no trip through trio (which yields after
+                # every successful send); only a remainder waits for the socket.
+                try:
+                    sent = self._socket.send(data)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                data = data[sent:]
+            if data:
+                await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             self._set_closed(1006, "connection lost")
             raise ConnectionClosed(self.closed) from None
         finally:
