@@ -1,20 +1,23 @@
-"""The wsproto engine frames outgoing text itself: byte for byte what wsproto would send."""
+"""The wsproto engine frames text and answers the upgrade itself: as wsproto would."""
 
 from __future__ import annotations
 
 import contextlib
 from typing import Any
 
+import h11
 import pytest
 import trio
 import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed
+from wsproto import WSConnection
 from wsproto.connection import Connection, ConnectionType
-from wsproto.events import CloseConnection, Pong, TextMessage
+from wsproto.events import AcceptConnection, CloseConnection, Pong, Request, TextMessage
+from wsproto.utilities import RemoteProtocolError
 
-from callgate.transport.engine import WsprotoConnection, text_frame
+from callgate.transport.engine import WsprotoConnection, text_frame, upgrade_request
 
 # Around each length boundary of the frame header (7-bit, 16-bit, 64-bit lengths).
 SIZES = st.sampled_from([0, 1, 125, 126, 127, 65535, 65536, 65537]) | st.integers(0, 70000)
@@ -112,3 +115,75 @@ async def test_a_bad_frame_after_fast_frames_is_refused_like_wsproto_refuses_it(
     with pytest.raises(ConnectionClosed):
         await engine.get_message()
     assert engine.closed is not None and engine.closed.code == 1002
+
+
+# -- the upgrade: parsed once by the front (h11), checked and answered like wsproto --------------
+
+GOOD_HEAD = (
+    b"GET /ws HTTP/1.1\r\nHost: example\r\nUpgrade: websocket\r\n"
+    b"Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def parsed(head: bytes) -> tuple[h11.Request, bytes]:
+    parser = h11.Connection(h11.SERVER)
+    parser.receive_data(head)
+    request = parser.next_event()
+    assert isinstance(request, h11.Request)
+    return request, bytes(parser.trailing_data[0])
+
+
+def wsproto_accepts(head: bytes) -> bytes | None:
+    """What wsproto itself answers to `head`: its 101 bytes, or None if it refuses it."""
+    protocol = WSConnection(ConnectionType.SERVER)
+    try:
+        protocol.receive_data(head)
+    except RemoteProtocolError:
+        return None
+    if not any(isinstance(event, Request) for event in protocol.events()):
+        return None
+    return protocol.send(AcceptConnection())
+
+
+async def test_the_upgrade_is_answered_byte_for_byte_like_wsproto() -> None:
+    server_side, client_side = trio.testing.memory_stream_pair()
+    request, trailing = parsed(GOOD_HEAD)
+    upgrade = upgrade_request(request, trailing, server_side, 2**20)
+    assert upgrade is not None
+    assert upgrade.path == "/ws"
+    assert (b"sec-websocket-version", b"13") in upgrade.headers
+    await upgrade.accept()
+    assert await client_side.receive_some() == wsproto_accepts(GOOD_HEAD)
+    with pytest.raises(RuntimeError):
+        await upgrade.accept()  # spent
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (b"GET ", b"POST "),
+        (b"Connection: keep-alive, Upgrade", b"Connection: keep-alive"),
+        (b"Upgrade: websocket", b"Upgrade: h2c"),
+        (b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: 12"),
+        (b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", b""),
+        # (A missing Host is refused earlier, by h11 in the front: HTTP/1.1 requires it.)
+    ],
+)
+def test_a_broken_upgrade_is_refused_like_wsproto_refuses_it(old: bytes, new: bytes) -> None:
+    head = GOOD_HEAD.replace(old, new)
+    request, trailing = parsed(head)
+    assert wsproto_accepts(head) is None
+    assert upgrade_request(request, trailing, trio.testing.memory_stream_pair()[0], 2**20) is None
+
+
+async def test_frames_sent_with_the_upgrade_are_read_first() -> None:
+    server_side, _ = trio.testing.memory_stream_pair()
+    early = Connection(ConnectionType.CLIENT).send(TextMessage(data="early"))
+    request, trailing = parsed(GOOD_HEAD + early)
+    assert trailing == early
+    upgrade = upgrade_request(request, trailing, server_side, 2**20)
+    assert upgrade is not None
+    engine = await upgrade.accept()
+    with trio.fail_after(5):
+        assert await engine.get_message() == "early"

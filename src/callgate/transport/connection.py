@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import trio
 from trio_websocket import CloseReason, ConnectionClosed
@@ -78,6 +78,19 @@ class DirectWriter(Protocol):
     def try_send_now(self, message: str) -> bool: ...
 
 
+_WRITES_DIRECTLY: dict[type, bool] = {}
+
+
+def _direct_writer(ws: object) -> DirectWriter | None:
+    """`ws` if its engine writes directly; the protocol check, which is slow (typing inspects
+    the class), is made once per engine class."""
+    kind = type(ws)
+    direct = _WRITES_DIRECTLY.get(kind)
+    if direct is None:
+        direct = _WRITES_DIRECTLY[kind] = isinstance(ws, DirectWriter)
+    return cast(DirectWriter, ws) if direct else None
+
+
 class PeerGone(Exception):
     """The client's socket closed under us (trio-websocket's ConnectionClosed, translated)."""
 
@@ -111,7 +124,7 @@ class Connection:
         # Frames queued and not yet written. At 0 the writer has nothing in hand, so a frame
         # may go straight to the socket without overtaking any (see `push`).
         self._in_flight = 0
-        self._direct = ws if isinstance(ws, DirectWriter) else None
+        self._direct = _direct_writer(ws)
         # Set by the hub: False while it handles a burst of messages from one read, when the
         # writer's one write per batch beats a write per message.
         self.may_write_now: Callable[[], bool] = _always

@@ -6,6 +6,11 @@ costs about four times the whole per-message budget of the reference server (doc
 This engine drives wsproto directly: `get_message` reads the socket and decodes every frame of
 that read inline, and `send_messages` writes everything a connection has queued in one `send_all`.
 
+The upgrade is answered here too (`upgrade_request`): the front has parsed the request head with
+h11 already, so its WebSocket headers are checked as wsproto checks them and the 101 is written
+directly, instead of wsproto parsing the head a second time (a third of a connect storm's HTTP
+work); only wsproto's post-handshake state machine is kept.
+
 It offers the small part of trio-websocket's interface the transport uses (`get_message`,
 `send_message`, `send_messages`, `ping`, `aclose`, `closed`; a request with `path`, `headers`,
 `accept`, `reject`), so `[server] engine` picks one or the other and nothing else changes.
@@ -15,23 +20,20 @@ from __future__ import annotations
 
 import os
 import socket
+from http import HTTPStatus
 
+import h11
 import trio
 from trio_websocket import CloseReason, ConnectionClosed
-from wsproto import ConnectionType, WSConnection
-from wsproto.connection import Connection, ConnectionState
+from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import (
-    AcceptConnection,
     BytesMessage,
     CloseConnection,
     Ping,
     Pong,
-    RejectConnection,
-    RejectData,
-    Request,
     TextMessage,
 )
-from wsproto.utilities import RemoteProtocolError
+from wsproto.utilities import RemoteProtocolError, generate_accept_token
 
 RECEIVE_BYTES = 65536
 # A read at least this long was probably part of a burst, with more already waiting.
@@ -44,6 +46,7 @@ class WsprotoConnection:
         "_binary",
         "_buffer",
         "_drained",
+        "_early",
         "_fast",
         "_inbox",
         "_max_message_size",
@@ -83,6 +86,8 @@ class WsprotoConnection:
         self._socket: socket.socket | None = getattr(getattr(stream, "socket", None), "_sock", None)
         # The last read was short: the socket was empty after it (see `_receive`).
         self._drained = True
+        # Bytes that came with the upgrade request, read before the socket (see `feed`).
+        self._early = b""
         # Bytes `try_send_now` could not write at once; `_send` writes them first.
         self._unsent = b""
 
@@ -112,6 +117,10 @@ class WsprotoConnection:
             await self._handle_events()
         return self._inbox.pop(0)
 
+    def feed(self, data: bytes) -> None:
+        """Bytes the client sent right behind its upgrade request: they are read first."""
+        self._early += data
+
     async def _receive(self) -> bytes | bytearray:
         """The next bytes from the socket, with one trip through the scheduler, not two.
 
@@ -121,6 +130,9 @@ class WsprotoConnection:
         connection waits for readability first and reads once; after a long one (a burst) it
         reads at once and then yields, so a busy connection cannot starve the others.
         """
+        if self._early:
+            data, self._early = self._early, b""
+            return data
         sock = self._socket
         if sock is None:  # TLS: the SSLStream reads through its own buffers
             return await self._stream.receive_some(RECEIVE_BYTES)
@@ -377,67 +389,102 @@ def text_frame(message: str) -> bytes:
 class WsprotoRequest:
     """The upgrade request, before the handler accepts or rejects it.
 
-    Spent once answered: it lets go of the request and the HTTP handshake state (h11's parser,
-    the headers), which would otherwise stay with every open connection. Read `path` and
-    `headers` before `accept`.
+    Built from the request head the front already parsed (h11), so the HTTP request is parsed
+    once. Spent once answered: it lets go of the headers and the key, which would otherwise
+    stay with every open connection. Read `path` and `headers` before `accept`.
     """
 
     def __init__(
         self,
         stream: trio.abc.Stream,
-        protocol: WSConnection,
-        request: Request,
+        target: str,
+        headers: list[tuple[bytes, bytes]],
+        key: bytes,
+        trailing: bytes,
         max_message_size: int,
     ) -> None:
         self._stream = stream
-        self._protocol: WSConnection | None = protocol
-        self._request: Request | None = request
+        self._target = target
+        self._headers: list[tuple[bytes, bytes]] | None = headers
+        self._key: bytes | None = key
+        self._trailing = trailing
         self._max_message_size = max_message_size
 
     @property
     def path(self) -> str:
-        return self._request.target if self._request is not None else ""
+        return self._target
 
     @property
     def headers(self) -> list[tuple[bytes, bytes]]:
-        if self._request is None:
-            return []
-        return [(bytes(name), bytes(value)) for name, value in self._request.extra_headers]
+        return self._headers or []
 
-    def _spend(self) -> WSConnection:
-        protocol = self._protocol
-        if protocol is None:
+    def _spend(self) -> bytes:
+        key = self._key
+        if key is None:
             raise RuntimeError("the upgrade request was already answered")
-        self._protocol = self._request = None
-        return protocol
+        self._key = self._headers = None
+        return key
 
     async def accept(self) -> WsprotoConnection:
-        protocol = self._spend()
-        await self._stream.send_all(protocol.send(AcceptConnection()))
-        # From here on only the WebSocket state machine is needed, not the handshake's.
-        if protocol.connection is None:
-            raise RuntimeError("wsproto accepted without opening a connection")
-        return WsprotoConnection(self._stream, protocol.connection, self._max_message_size)
+        """101 Switching Protocols (RFC 6455 4.2.2; no subprotocol, no extension)."""
+        accept_token = generate_accept_token(self._spend())
+        await self._stream.send_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept_token + b"\r\n\r\n"
+        )
+        protocol = Connection(ConnectionType.SERVER)
+        connection = WsprotoConnection(self._stream, protocol, self._max_message_size)
+        connection.feed(self._trailing)
+        self._trailing = b""
+        return connection
 
     async def reject(self, status_code: int, *, body: bytes = b"") -> None:
-        protocol = self._spend()
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-        data = protocol.send(
-            RejectConnection(status_code=status_code, headers=headers, has_body=bool(body))
+        self._spend()
+        reason = HTTPStatus(status_code).phrase.encode() if status_code in _STATUSES else b""
+        await self._stream.send_all(
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%s" % (status_code, reason, len(body), body)
         )
-        if body:
-            data += protocol.send(RejectData(data=body))
-        await self._stream.send_all(data)
 
 
-def handshake(head: bytes, stream: trio.abc.Stream, max_message_size: int) -> WsprotoRequest | None:
-    """The WebSocket upgrade request in `head`, or None if it is not a valid one."""
-    protocol = WSConnection(ConnectionType.SERVER)
-    try:
-        protocol.receive_data(head)
-    except RemoteProtocolError:
+_STATUSES = {status.value for status in HTTPStatus}
+
+
+def upgrade_request(
+    request: h11.Request, trailing: bytes, stream: trio.abc.Stream, max_message_size: int
+) -> WsprotoRequest | None:
+    """The WebSocket upgrade in an HTTP request head, or None if it is not a valid one.
+
+    The checks are wsproto's server-side checks (GET; `Connection: Upgrade`; `Upgrade:
+    websocket`; `Sec-WebSocket-Version: 13`; a `Sec-WebSocket-Key`; a `Host`), made on the head
+    h11 already parsed instead of parsing it a second time.
+    """
+    if request.method != b"GET":
         return None
-    for event in protocol.events():
-        if isinstance(event, Request):
-            return WsprotoRequest(stream, protocol, event, max_message_size)
-    return None
+    connection_upgrade = has_host = False
+    key = version = upgrade = None
+    for name, value in request.headers:  # h11 gives names lowercased
+        if name == b"connection":
+            connection_upgrade |= any(
+                token.strip().lower() == b"upgrade" for token in value.split(b",")
+            )
+        elif name == b"host":
+            has_host = True
+        elif name == b"sec-websocket-key":
+            key = value
+        elif name == b"sec-websocket-version":
+            version = value
+        elif name == b"upgrade":
+            upgrade = value
+    if not (connection_upgrade and has_host and key and version == b"13"):
+        return None
+    if upgrade is None or upgrade.lower() != b"websocket":
+        return None
+    return WsprotoRequest(
+        stream,
+        request.target.decode("ascii", "replace"),
+        [(bytes(name), bytes(value)) for name, value in request.headers],
+        bytes(key),
+        trailing,
+        max_message_size,
+    )

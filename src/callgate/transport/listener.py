@@ -27,7 +27,7 @@ from trio_websocket import WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 
 from callgate.log import get_logger
-from callgate.transport.engine import handshake
+from callgate.transport.engine import upgrade_request
 
 log = get_logger("callgate.listener")
 MAX_HEAD_BYTES = 16384
@@ -96,14 +96,15 @@ def _peer(stream: trio.abc.Stream) -> str:
     return "unknown"
 
 
-async def _read_head(stream: trio.abc.Stream) -> tuple[bytes, h11.Request] | None:
-    """The request head (and any bytes after it), or None for a broken or oversized one."""
+async def _read_head(stream: trio.abc.Stream) -> tuple[bytes, h11.Request, bytes] | None:
+    """Everything read, the request head, and the bytes after the head; None for a broken or
+    oversized head."""
     parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
     received = b""
     while True:
         event = parser.next_event()
         if isinstance(event, h11.Request):
-            return received, event
+            return received, event, bytes(parser.trailing_data[0])
         if event is not h11.NEED_DATA:
             return None
         data = await stream.receive_some(4096)
@@ -179,19 +180,18 @@ class _PendingHandshakes:
 
 async def _read_upgrade(
     stream: trio.abc.Stream, front: FrontSettings
-) -> tuple[bytes, Dialect] | None:
-    """The head of a WebSocket upgrade (and any bytes after it) and its dialect; None when it
-    was answered here (404, 400) or is broken. The parsed head is not kept: a connection holds
-    nothing of its handshake once it is open."""
+) -> tuple[bytes, h11.Request, bytes, Dialect] | None:
+    """The head of a WebSocket upgrade: its raw bytes, the parsed request, the bytes after it,
+    and its dialect; None when it was answered here (404, 400) or is broken."""
     head = await _read_head(stream)
     if head is None:
         return None
-    raw, request = head
+    raw, request, trailing = head
     route = _route(request, front.native_path, socketio=front.socketio)
     if isinstance(route, tuple):
         await _respond(stream, *route)
         return None
-    return raw, route
+    return raw, request, trailing, route
 
 
 async def _serve_stream(
@@ -216,12 +216,14 @@ async def _serve_stream(
                 pending.release(addr)
             if routed is None:
                 return
-            (raw, dialect), routed, ready = routed, None, True
+            (raw, request, trailing, dialect), routed, ready = routed, None, True
         if not ready:
             return  # the head did not arrive in time
         if front.engine == "wsproto":
-            upgrade = handshake(raw, stream, front.max_message_size)
-            raw = b""  # wsproto has it; this frame lives as long as the connection
+            upgrade = upgrade_request(request, trailing, stream, front.max_message_size)
+            # The request has what it needs; this frame lives as long as the connection.
+            raw = trailing = b""
+            del request
             if upgrade is None:
                 await _respond(stream, 400, "not a WebSocket upgrade")
                 return
