@@ -6,11 +6,20 @@ import hashlib
 import hmac
 import io
 import json
+from datetime import UTC, datetime, timedelta
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from callgate.audit import AUDIT_FIELDS, AuditLog, StreamSink, _dumps, canonical, chain_mac
+from callgate.audit import (
+    AUDIT_FIELDS,
+    AuditLog,
+    StreamSink,
+    _dumps,
+    canonical,
+    chain_mac,
+    iso_utc,
+)
 
 
 def write(fields: dict[str, object], event: str = "call.requested") -> dict[str, object]:
@@ -84,3 +93,13 @@ def test_the_chain_mac_is_hmac_sha256_of_the_previous_mac_and_the_canonical_reco
     assert chain_mac(b"k" * 32, "prev", record) == (
         hmac.new(b"k" * 32, message, hashlib.sha256).hexdigest()
     )
+
+
+@given(st.integers(0, 4_102_444_800 * 10**9))  # up to 2100
+def test_timestamps_read_as_structlogs_iso_utc(unix_ns: int) -> None:
+    moment = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=unix_ns // 1000)
+    assert iso_utc(unix_ns) == moment.isoformat().replace("+00:00", "Z")
+
+
+def test_a_whole_second_has_no_fraction() -> None:
+    assert iso_utc(1_700_000_000 * 10**9) == "2023-11-14T22:13:20Z"

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Mapping, MutableMapping
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -88,6 +89,25 @@ def _scalar(value: Any) -> Any:
         return value
     text = value if isinstance(value, str) else repr(value)
     return text if len(text) <= MAX_VALUE_CHARS else text[:MAX_VALUE_CHARS] + "..."
+
+
+def iso_utc(unix_ns: int) -> str:
+    """`2026-11-24T03:43:50.547165Z`: what structlog's TimeStamper(fmt="iso", utc=True) writes
+    (no fraction when it is zero), with the date and time formatted once per second."""
+    seconds, nanoseconds = divmod(unix_ns, 1_000_000_000)
+    micro = nanoseconds // 1000
+    text = _second_text(seconds)
+    return f"{text}.{micro:06d}Z" if micro else f"{text}Z"
+
+
+@lru_cache(maxsize=4)
+def _second_text(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def _stamp(_: Any, __: str, record: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    record["ts"] = iso_utc(time.time_ns())
+    return record
 
 
 def _prepare(_: Any, __: str, record: MutableMapping[str, Any]) -> dict[str, Any]:
@@ -177,6 +197,9 @@ class AuditLog:
         new audit field cannot be silently lost."""
         self._sink = sink
         self._key = key
+        # The HMAC with the key already mixed in: each record's MAC copies it (chain_mac's
+        # result, without setting the key up again per record).
+        self._keyed = hmac.new(key, digestmod=hashlib.sha256) if key is not None else None
         self._strict = strict
         self._checkpoint_every = checkpoint_every
         self._checkpoint_seconds = checkpoint_seconds
@@ -186,7 +209,7 @@ class AuditLog:
         self._logger = structlog.wrap_logger(
             sink,
             processors=[
-                structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+                _stamp,
                 _prepare,
                 self._seal,
                 structlog.processors.JSONRenderer(serializer=_dumps),
@@ -265,8 +288,10 @@ class AuditLog:
     def _seal(self, _: Any, __: str, record: MutableMapping[str, Any]) -> Mapping[str, Any]:
         self._seq += 1
         record["seq"] = self._seq
-        if self._key is not None:
-            self._mac = chain_mac(self._key, self._mac, record)
+        if self._keyed is not None:
+            mac = self._keyed.copy()
+            mac.update(self._mac.encode() + b"\n" + canonical(record))
+            self._mac = mac.hexdigest()
             record["mac"] = self._mac
         return record
 
