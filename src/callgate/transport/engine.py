@@ -360,13 +360,16 @@ def fast_frames(buffer: bytearray, max_size: int) -> tuple[int, list[str], list[
 
 
 def _unmask(payload: bytearray, mask: bytearray) -> bytes:
+    """The payload XOR the repeated 4-byte mask, as one big-integer XOR (no per-byte loop)."""
     size = len(payload)
     if not size:
         return b""
-    key = (bytes(mask) * (size // 4 + 1))[:size]
-    return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(
-        size, "little"
+    value = int.from_bytes(payload, "little") ^ int.from_bytes(
+        bytes(mask) * ((size + 3) // 4), "little"
     )
+    if size % 4:  # the key ran past the payload: drop its extra high bytes
+        value &= (1 << (size * 8)) - 1
+    return value.to_bytes(size, "little")
 
 
 def text_frame(message: str) -> bytes:
