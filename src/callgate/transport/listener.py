@@ -3,7 +3,8 @@
 trio-websocket answers any request it cannot upgrade with an empty `400`, but the contract asks
 for more: Engine.IO long-polling must get a JSON body that says to use the WebSocket transport. So
 callgate reads the request head itself (h11, bounded in size and time), answers what is not a
-WebSocket for it, and hands upgrades to trio-websocket with the bytes already read replayed.
+WebSocket for it, and hands upgrades to trio-websocket with the bytes already read replayed; on
+the `wsproto` engine, the parsed head itself goes to `engine.upgrade_request`, so it is parsed once.
 
 This uses three of trio-websocket's internals, the same ones its own `serve_websocket` uses per
 connection (`WebSocketConnection(stream, WSConnection(SERVER))`, `_reader_task`, `_get_request`).
