@@ -148,7 +148,11 @@ def _plain(record: Mapping[str, Any]) -> bool:
 def canonical(record: Mapping[str, Any]) -> bytes:
     """The bytes a record's MAC covers: sorted keys, no spaces, ASCII only, without `mac`."""
     body = {k: v for k, v in record.items() if k != "mac"}
-    if _plain(body):
+    return _canonical(body, _plain(body))
+
+
+def _canonical(body: Mapping[str, Any], plain: bool) -> bytes:
+    if plain:
         return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode(
         "ascii"
@@ -168,8 +172,12 @@ def sign(key: bytes, document: Mapping[str, Any]) -> str:
 
 
 def _dumps(record: Any, **_: Any) -> str:
+    return _line(record, isinstance(record, dict) and _plain(record))
+
+
+def _line(record: Any, plain: bool) -> str:
     # ensure_ascii escapes control characters (U+0000-U+001F, ESC) and all non-ASCII text.
-    if isinstance(record, dict) and _plain(record):
+    if plain:
         return orjson.dumps(record).decode("ascii")  # the same text, several times faster
     return json.dumps(record, ensure_ascii=True, separators=(",", ":"))
 
@@ -212,7 +220,6 @@ class AuditLog:
                 _stamp,
                 _prepare,
                 self._seal,
-                structlog.processors.JSONRenderer(serializer=_dumps),
             ],
             # The plain BoundLogger proxies `msg` to the sink as is (no levels in an audit log).
             wrapper_class=structlog.BoundLogger,
@@ -285,15 +292,22 @@ class AuditLog:
         # structlog names the event positionally; an `event` key in fields would collide.
         self._logger.msg(event, **{k: v for k, v in fields.items() if k != "event"})
 
-    def _seal(self, _: Any, __: str, record: MutableMapping[str, Any]) -> Mapping[str, Any]:
+    def _seal(self, _: Any, __: str, record: MutableMapping[str, Any]) -> str:
+        """Number the record, chain its MAC and render its line: the last processor.
+
+        Whether orjson may write it is decided once for both: `seq` is an integer and the MAC
+        hexadecimal, so adding them keeps a plain record plain.
+        """
         self._seq += 1
         record["seq"] = self._seq
+        record.pop("mac", None)  # only the chain writes it
+        plain = _plain(record)
         if self._keyed is not None:
             mac = self._keyed.copy()
-            mac.update(self._mac.encode() + b"\n" + canonical(record))
+            mac.update(self._mac.encode() + b"\n" + _canonical(record, plain))
             self._mac = mac.hexdigest()
             record["mac"] = self._mac
-        return record
+        return _line(record, plain)
 
 
 class AuditSink:
