@@ -442,11 +442,14 @@ async def test_the_log_is_trimmed_and_a_late_node_starts_from_the_snapshot(
     await connected_call(alice, bob)
     client = redis.Redis.from_url(cluster.redis_url)
     try:
-        for _ in range(60):
-            await alice.send("ice-candidate", ice("ab", "bob"))
-            await bob.expect("ice-candidate")
         # The leader snapshots every 10 entries (checked once per heartbeat) and trims the log
-        # to its previous snapshot.
+        # to its previous snapshot. Rounds a heartbeat apart, so there are several snapshots
+        # however fast the entries go (all 60 at once would give one snapshot, and no trim).
+        for _ in range(6):
+            for _ in range(10):
+                await alice.send("ice-candidate", ice("ab", "bob"))
+                await bob.expect("ice-candidate")
+            await trio.sleep(0.25)  # heartbeat_interval is 0.2 s in the test cluster
         await _until(lambda: int(client.xlen(f"{cluster.name}:log")) < 40)
         assert client.exists(f"{cluster.name}:snapshot")
         joiner = await cluster.add_node()
