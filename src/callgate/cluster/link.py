@@ -23,7 +23,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 import trio
@@ -43,6 +43,7 @@ from callgate.core.policy import Throttled
 from callgate.log import get_logger
 
 log = get_logger("callgate.cluster")
+_T = TypeVar("_T")
 
 BATCH = 512
 READ_BLOCK_MS = 1000
@@ -83,6 +84,7 @@ class ClusterLink:
         self._epoch_key = f"{prefix}:epoch"
         self._node_prefix = f"{prefix}:node:"
         self._snapshot_key = f"{prefix}:snapshot"
+        self._closed = False
         options: dict[str, Any] = {"socket_connect_timeout": 2.0, "socket_timeout": 5.0}
         self._redis = redis.Redis.from_url(settings.redis_url, **options)
         self._reader_redis = redis.Redis.from_url(settings.redis_url, **options)
@@ -185,7 +187,7 @@ class ClusterLink:
                 await self._outbox_changed.wait()
             batch = list(itertools.islice(self._outbox, BATCH))
             try:
-                await trio.to_thread.run_sync(self._append, batch, abandon_on_cancel=True)
+                await self._in_thread(self._append, batch)
             except redis.RedisError as exc:
                 self._writer_failed(exc)
                 await trio.sleep(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)])
@@ -219,13 +221,11 @@ class ClusterLink:
                 if not self._reader_ok:
                     # Joining, or back after an outage: start from the snapshot when the log
                     # no longer holds every entry after the last one applied here.
-                    sealed = await trio.to_thread.run_sync(
-                        self._snapshot_if_behind, abandon_on_cancel=True
-                    )
+                    sealed = await self._in_thread(self._snapshot_if_behind)
                     if sealed is not None:
                         self._restore(sealed)
                 block = READ_BLOCK_MS if self._caught_up else None
-                batch = await trio.to_thread.run_sync(self._read, block, abandon_on_cancel=True)
+                batch = await self._in_thread(self._read, block)
             except redis.RedisError as exc:
                 if self._reader_ok or attempt == 0:
                     log.warning("cluster log not readable; retrying", error=str(exc))
@@ -318,9 +318,7 @@ class ClusterLink:
         while True:
             nodes = sorted(self.replica.nodes_with_devices() - {self.node_id})
             try:
-                leader, alive = await trio.to_thread.run_sync(
-                    self._keep, nodes, abandon_on_cancel=True
-                )
+                leader, alive = await self._in_thread(self._keep, nodes)
             except redis.RedisError as exc:
                 if self._keeper_ok:
                     log.warning("cluster store not reachable for heartbeats", error=str(exc))
@@ -350,9 +348,7 @@ class ClusterLink:
         sealed = self._codec.seal_snapshot(position, self.replica.export_state())
         trim_to = self._snapshot_position
         try:
-            await trio.to_thread.run_sync(
-                self._store_snapshot, sealed, trim_to, abandon_on_cancel=True
-            )
+            await self._in_thread(self._store_snapshot, sealed, trim_to)
         except redis.RedisError as exc:
             log.warning("cluster snapshot not stored", error=str(exc))
             return
@@ -413,17 +409,31 @@ class ClusterLink:
     async def load_snapshot(self) -> None:
         """At start: begin from the stored snapshot, if any, instead of the whole log."""
         try:
-            sealed: Any = await trio.to_thread.run_sync(
-                self._reader_redis.get, self._snapshot_key, abandon_on_cancel=True
-            )
+            sealed: Any = await self._in_thread(self._reader_redis.get, self._snapshot_key)
         except redis.RedisError:
             return  # the reader retries, and checks again
         if sealed is not None:
             self._restore(bytes(sealed))
 
     def close(self) -> None:
+        self._closed = True
         self._redis.close()
         self._reader_redis.close()
+
+    async def _in_thread(self, work: Callable[..., _T], *args: Any) -> _T:
+        """`work(*args)` in a worker thread, abandoned (left to finish alone) if cancelled."""
+        return await trio.to_thread.run_sync(
+            self._then_close_if_closed, work, *args, abandon_on_cancel=True
+        )
+
+    def _then_close_if_closed(self, work: Callable[..., _T], *args: Any) -> _T:
+        # A call abandoned by a closing link finds its socket closed, and redis-py retries on
+        # a new one: close again when it ends, so no socket outlives the link.
+        try:
+            return work(*args)
+        finally:
+            if self._closed:
+                self.close()
 
 
 def delete_cluster_keys(redis_url: str, name: str) -> None:
