@@ -12,7 +12,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from callgate.revocation import add_revocation
-from conftest import STEP, Client, Harness, call_request, make_settings, token_for
+from conftest import CANDIDATE, STEP, Client, Harness, call_request, make_settings, token_for
 
 
 async def talk(sender: Client, receiver: Client, to: str) -> None:
@@ -342,3 +342,37 @@ async def test_an_idle_connection_costs_one_task(gate: Harness) -> None:
             handler: 10,
             "callgate.transport.connection.Connection._run_writer": 10,
         }
+
+
+async def _parked(gate: Harness, wsproto: int) -> None:
+    """Wait (bounded) until the reactor holds `wsproto` connections (none on trio-websocket)."""
+    expected = wsproto if gate.engine == "wsproto" else 0
+    assert gate.server is not None
+    with trio.fail_after(STEP):
+        while gate.server.hub.parked_connections != expected:
+            await trio.sleep(0.01)
+
+
+async def test_idle_connections_wait_in_the_reactor_and_stay_there(gate: Harness) -> None:
+    """Sparse forwarding (docs/performance.md): on wsproto a signed-in connection waits in the
+    reactor, and what arrives meanwhile is handled there: a call set up, a candidate forwarded,
+    a bad frame answered, all without the connection leaving it. A token refresh, which waits
+    for verification, goes to the connection's own task, which then parks again."""
+    alice, bob = await gate.connected_call(call_id="c")
+    await _parked(gate, 2)
+    await alice.send("ice-candidate", {"candidate": CANDIDATE, "callId": "c", "to": "bob"})
+    await bob.expect("ice-candidate", **{"from": "alice"})
+    await alice.ws.send_message("{ not json")
+    await alice.expect_error("invalid_message")
+    await _parked(gate, 2)
+    await alice.send("auth", {"token": token_for("alice", ttl=7200)}, ref=7)
+    await alice.expect("session", user="alice")
+    await alice.expect("ack")
+    await _parked(gate, 2)
+    await alice.send("call-end", {"callId": "c", "to": "bob"})
+    await bob.expect("call-end")
+    await alice.ws.aclose()
+    await _parked(gate, 1)
+    await bob.ws.aclose()
+    await gate.settle()
+    await _parked(gate, 0)

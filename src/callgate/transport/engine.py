@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from http import HTTPStatus
 
 import h11
@@ -35,6 +36,8 @@ from wsproto.events import (
 )
 from wsproto.utilities import RemoteProtocolError, generate_accept_token
 
+from callgate.transport.reactor import Reactor
+
 RECEIVE_BYTES = 65536
 # A read at least this long was probably part of a burst, with more already waiting.
 _LONG_READ = 2048
@@ -47,11 +50,14 @@ class WsprotoConnection:
         "_buffer",
         "_drained",
         "_early",
+        "_failure",
         "_fast",
         "_inbox",
+        "_inline",
         "_max_message_size",
         "_pongs",
         "_protocol",
+        "_reactor",
         "_send_done",
         "_sending",
         "_size",
@@ -90,18 +96,44 @@ class WsprotoConnection:
         self._early = b""
         # Bytes `try_send_now` could not write at once; `_send` writes them first.
         self._unsent = b""
+        # With a reactor (`attach_reactor`): the handler of messages read while parked, and
+        # what it raised, for this connection's task to raise in its place.
+        self._reactor: Reactor | None = None
+        self._inline: Callable[[str], bool] | None = None
+        self._failure: Exception | None = None
 
     # -- receiving ---------------------------------------------------------------------------
 
+    def attach_reactor(self, reactor: Reactor, inline: Callable[[str], bool]) -> None:
+        """From now on, while this connection waits for a message, it waits in `reactor`, and
+        the messages that arrive meanwhile go to `inline` in the reactor's task.
+
+        `inline(text)` handles one text message without waiting and returns True, or returns
+        False before doing anything: the message then goes to `get_message` as usual. What it
+        raises is raised by `get_message`, in this connection's task, after the messages before.
+        """
+        if self._socket is not None and reactor.running:
+            self._reactor, self._inline = reactor, inline
+
+    def detach_reactor(self) -> None:
+        self._reactor = self._inline = None
+
     async def get_message(self) -> str | bytes:
-        """The next message. Raises: ConnectionClosed."""
-        while not self._inbox:
+        """The next message. Raises: ConnectionClosed, or what the inline handler raised."""
+        while True:
+            if self._failure is not None:
+                failure, self._failure = self._failure, None
+                raise failure
+            if self._inbox:
+                return self._inbox.pop(0)
             if self.closed is not None:
                 raise ConnectionClosed(self.closed)
             try:
                 data = await self._receive()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 data = b""
+            if data is None:  # the reactor filled the inbox, or has a failure to raise
+                continue
             if not data:
                 self._set_closed(1006, "connection lost")
                 continue
@@ -115,13 +147,12 @@ class WsprotoConnection:
                 self._set_closed(1002, "protocol error")
                 continue
             await self._handle_events()
-        return self._inbox.pop(0)
 
     def feed(self, data: bytes) -> None:
         """Bytes the client sent right behind its upgrade request: they are read first."""
         self._early += data
 
-    async def _receive(self) -> bytes | bytearray:
+    async def _receive(self) -> bytes | bytearray | None:
         """The next bytes from the socket, with one trip through the scheduler, not two.
 
         trio's `receive_some` tries `recv` first and, on sparse traffic, nearly always gets
@@ -136,6 +167,10 @@ class WsprotoConnection:
         sock = self._socket
         if sock is None:  # TLS: the SSLStream reads through its own buffers
             return await self._stream.receive_some(RECEIVE_BYTES)
+        reactor = self._reactor
+        if reactor is not None and self._fast and reactor.running:
+            # Wait with every other idle connection; the reactor reads for us (on_readable).
+            return await reactor.park(sock.fileno(), self)
         if not self._drained:
             try:
                 data = sock.recv(RECEIVE_BYTES)
@@ -153,6 +188,41 @@ class WsprotoConnection:
                 continue  # woken without data after all: wait again
             self._drained = len(data) < _LONG_READ
             return data
+
+    def on_readable(self) -> None:
+        """The reactor saw this parked connection's socket readable: read it, and handle what
+        came inline, or wake this connection's task to handle it."""
+        reactor, inline, sock = self._reactor, self._inline, self._socket
+        if reactor is None or inline is None or sock is None:
+            return
+        fd = sock.fileno()
+        try:
+            data = sock.recv(RECEIVE_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return  # nothing after all; stay parked
+        except OSError:
+            data = b""
+        if not data:
+            reactor.wake(fd, b"")  # the end of the stream: the task closes the connection
+            return
+        rest = self._take_fast_frames(data)
+        if rest:
+            reactor.wake(fd, rest)  # a frame for wsproto, after the messages before it
+            return
+        inbox = self._inbox
+        while inbox:
+            message = inbox.pop(0)
+            if isinstance(message, str):
+                try:
+                    if inline(message):
+                        continue
+                except Exception as failure:  # the task raises it, in order
+                    self._failure = failure
+                    reactor.wake(fd, None)
+                    return
+            inbox.insert(0, message)  # the task takes it from here
+            reactor.wake(fd, None)
+            return
 
     def _take_fast_frames(self, data: bytes | bytearray) -> bytes:
         """Decode the common frames of `data` here; return what wsproto must see from now on."""

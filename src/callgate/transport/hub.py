@@ -38,6 +38,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -77,10 +78,11 @@ from callgate.protocol.codec import (
     ProtocolError,
     decode,
 )
-from callgate.protocol.messages import Auth, CallRequest, Ref
+from callgate.protocol.messages import Auth, CallRequest, Envelope, Ref
 from callgate.revocation import RevocationList
 from callgate.transport.connection import Connection, PeerGone, SocketIOConnection
 from callgate.transport.listener import Accepted, Dialect, UpgradeRequest
+from callgate.transport.reactor import Reactor
 from callgate.transport.timers import Deadline, Deadlines, Timers
 
 if TYPE_CHECKING:
@@ -155,6 +157,11 @@ class ConnectionHub:
         # connection's keepalive, token expiry and Engine.IO heartbeat.
         self._deadlines = Deadlines()
         nursery.start_soon(self._deadlines.run)
+        # Where idle wsproto connections wait for their next message (reactor.py).
+        self._reactor: Reactor | None = None
+        if settings.server.engine == "wsproto" and Reactor.supported():
+            self._reactor = Reactor()
+            nursery.start_soon(self._reactor.run)
         self._timers = Timers(self._deadlines, self._on_timer)
         self._live: dict[str, Connection] = {}  # authenticated
         self._all: dict[str, Connection] = {}  # accepted, authenticated or not
@@ -197,6 +204,11 @@ class ConnectionHub:
     @property
     def armed_timers(self) -> int:
         return len(self._timers)
+
+    @property
+    def parked_connections(self) -> int:
+        """Connections waiting for their next message in the reactor (wsproto engine)."""
+        return len(self._reactor) if self._reactor is not None else 0
 
     def live_counts(self) -> dict[str, dict[str, int]]:
         """Connections and calls by state, for the metrics gauges."""
@@ -407,6 +419,9 @@ class ConnectionHub:
     def _forget(self, connection: Connection) -> None:
         """Synchronous cleanup: runs even when the connection was cancelled."""
         connection.nursery = None
+        detach = getattr(connection.ws, "detach_reactor", None)
+        if detach is not None:
+            detach()  # drops the handler, and with it the cycle back to the connection
         self._deadlines.cancel(connection.keepalive)
         self._deadlines.cancel(connection.expiry)
         self._all.pop(connection.id, None)
@@ -612,40 +627,91 @@ class ConnectionHub:
             raise CloseConnection(CloseCode.MESSAGE_TOO_BIG, "message too big")
 
     async def _read_loop(self, connection: Connection) -> None:
+        attach = getattr(connection.ws, "attach_reactor", None)
+        if attach is not None and self._reactor is not None and self.cluster is None:
+            # While it waits, the connection waits in the reactor, which hands each message
+            # to `_take_inline` without waking this task (see reactor.py).
+            attach(self._reactor, partial(self._take_inline, connection))
         while True:
             text = await connection.receive()
             arrived = time.perf_counter()
             self._check_size(text)
-            retry = connection.limits.admit_message()
-            if retry is not None:
-                self.metrics.rate_limited.labels("messages").inc()
-                connection.send_error(
-                    ErrorCode.RATE_LIMITED, "too many messages", connection.peek_ref(text), retry
-                )
-                if connection.limits.is_flooding():
-                    self.metrics.rate_limited.labels("flood").inc()
-                    raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "rate limit exceeded")
+            decoded = self._decode(connection, text)
+            if isinstance(decoded, Envelope) and (
+                isinstance(decoded.message, Auth) or self.cluster is not None
+            ):
+                if not self._admit(connection, text):
+                    continue
+                if isinstance(decoded.message, Auth):
+                    await self._refresh(connection, decoded.message, decoded.ref)
+                else:
+                    received = MessageReceived(connection.id, decoded.message, decoded.ref)
+                    await self._submit_to_cluster(connection, received)
                 continue
-            try:
-                envelope = connection.decode_frame(text, self._field_limits)
-            except ProtocolError as bad:
-                connection.send_error(bad.code, bad.message, bad.ref)
-                continue
-            if envelope is None:
-                continue
-            if isinstance(envelope.message, Auth):
-                await self._refresh(connection, envelope.message, envelope.ref)
-                continue
-            received = MessageReceived(connection.id, envelope.message, envelope.ref)
-            if self.cluster is not None:
-                await self._submit_to_cluster(connection, received)
-                continue
-            self._in_burst = getattr(connection.ws, "has_more", False)
-            try:
-                self.dispatch(received, forwarded=True)
-            finally:
-                self._in_burst = False
-            self.metrics.observe_forward_latency(time.perf_counter() - arrived)
+            self._take(connection, text, decoded, arrived)
+
+    def _take_inline(self, connection: Connection, text: str) -> bool:
+        """One message read by the reactor, handled in its task when nothing in it waits.
+
+        False, before anything is done, for a token refresh: the connection's task handles it
+        (and decodes it again; that happens about once an hour per connection).
+        Raises: CloseConnection, as `_read_loop` would (the connection's task raises it).
+        """
+        arrived = time.perf_counter()
+        self._check_size(text)
+        decoded = self._decode(connection, text)
+        if isinstance(decoded, Envelope) and isinstance(decoded.message, Auth):
+            return False
+        self._take(connection, text, decoded, arrived)
+        return True
+
+    def _decode(self, connection: Connection, text: str) -> Envelope | ProtocolError | None:
+        """The message, the reason it is not one (answered after the rate limit), or None
+        for a frame that carries no message (a Socket.IO pong)."""
+        try:
+            return connection.decode_frame(text, self._field_limits)
+        except ProtocolError as bad:
+            return bad
+
+    def _admit(self, connection: Connection, text: str) -> bool:
+        """Count a message against the connection's rate; over it, say so and drop it.
+
+        Raises: CloseConnection 4029 when the connection keeps flooding.
+        """
+        retry = connection.limits.admit_message()
+        if retry is None:
+            return True
+        self.metrics.rate_limited.labels("messages").inc()
+        connection.send_error(
+            ErrorCode.RATE_LIMITED, "too many messages", connection.peek_ref(text), retry
+        )
+        if connection.limits.is_flooding():
+            self.metrics.rate_limited.labels("flood").inc()
+            raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "rate limit exceeded")
+        return False
+
+    def _take(
+        self,
+        connection: Connection,
+        text: str,
+        decoded: Envelope | ProtocolError | None,
+        arrived: float,
+    ) -> None:
+        """A message that needs no waiting: the rate limit, then its error or its dispatch."""
+        if not self._admit(connection, text):
+            return
+        if isinstance(decoded, ProtocolError):
+            connection.send_error(decoded.code, decoded.message, decoded.ref)
+            return
+        if decoded is None:
+            return
+        received = MessageReceived(connection.id, decoded.message, decoded.ref)
+        self._in_burst = getattr(connection.ws, "has_more", False)
+        try:
+            self.dispatch(received, forwarded=True)
+        finally:
+            self._in_burst = False
+        self.metrics.observe_forward_latency(time.perf_counter() - arrived)
 
     async def _submit_to_cluster(self, connection: Connection, received: MessageReceived) -> None:
         """A client message in cluster mode: counted against the shared limits here, once.
