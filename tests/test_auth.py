@@ -103,3 +103,41 @@ def test_any_string_is_identity_or_auth_error(token: str) -> None:
         verifier().verify(token)
     except AuthError:
         pass
+
+
+def test_hmac_key_check_refuses_a_public_key_every_time() -> None:
+    """The key-confusion check on HMAC secrets is kept per key only when the key passed it."""
+    from callgate.auth import _CheckedOnceHMAC
+
+    hmac_alg = _CheckedOnceHMAC(_CheckedOnceHMAC.SHA256)
+    public = pem(ec.generate_private_key(ec.SECP256R1()))
+    for _ in range(2):
+        with pytest.raises(jwt.InvalidKeyError):
+            hmac_alg.prepare_key(public)
+    assert hmac_alg.prepare_key(SECRET) == SECRET.encode()
+    assert hmac_alg.prepare_key(SECRET) == SECRET.encode()
+
+
+def test_a_known_header_still_needs_a_valid_signature() -> None:
+    """Headers are read once per distinct header text; the signature is checked every time."""
+    check = verifier()
+    good = token_for("alice")
+    check.verify(good)
+    header, payload, _ = good.split(".")
+    forged = token_for("mallory", secret="another-secret-that-is-long-enough!!")
+    assert forged.split(".")[0] == header  # the same header text as the good token
+    with pytest.raises(AuthError) as refused:
+        check.verify(forged)
+    assert refused.value.detail == "bad_signature"
+    with pytest.raises(AuthError):
+        check.verify(f"{header}.{payload}.")
+
+
+def test_an_oversized_header_is_read_but_not_kept() -> None:
+    from callgate.auth import _read_header_cached
+
+    big_header = {"kid": "k" * 400}
+    token = jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, SECRET, headers=big_header)
+    before = _read_header_cached.cache_info().currsize
+    assert verifier().verify(token).user == "alice"
+    assert _read_header_cached.cache_info().currsize == before

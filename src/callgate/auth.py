@@ -19,9 +19,11 @@ fixed audit category; token content never appears in either.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import jwt
+from jwt.algorithms import HMACAlgorithm
 
 from callgate.config import AuthSettings
 from callgate.errors import AuthError
@@ -70,6 +72,7 @@ class TokenVerifier:
         self._audience = audience
         self._leeway = leeway
         self._max_user_id_length = max_user_id_length
+        self._decoder = _decoder()
 
     @classmethod
     def from_settings(cls, auth: AuthSettings, *, max_user_id_length: int = 128) -> TokenVerifier:
@@ -85,13 +88,14 @@ class TokenVerifier:
     def verify(self, token: str) -> Identity:
         """Raises: AuthError (reason `invalid token` or `token expired`; detail `unknown_kid`
         when the token names a key this ring does not have)."""
+        if not isinstance(token, str):
+            raise AuthError(INVALID, "malformed")
         try:
-            header = jwt.get_unverified_header(token)
-            algorithm = header.get("alg")
+            algorithm, kid = _unverified_header(token.partition(".")[0])
             if not isinstance(algorithm, str):
                 raise AuthError(INVALID, "algorithm_not_allowed")
-            key = self._key_for(header.get("kid"), algorithm)
-            claims = jwt.decode(
+            key = self._key_for(kid, algorithm)
+            claims = self._decoder.decode(
                 token,
                 key,
                 algorithms=[algorithm],
@@ -144,6 +148,76 @@ class TokenVerifier:
         if key is None:
             raise AuthError(INVALID, "algorithm_not_allowed")
         return key
+
+
+def _unverified_header(segment: str) -> tuple[object, object]:
+    """`alg` and `kid` of a token's header segment, to pick the key that verifies it.
+
+    An issuer signs every token with the same few headers, and the header is the same text each
+    time: reading it once per distinct segment saves pyjwt a second parse of every token
+    (its base64 check runs in Python, per character). The token is still parsed and verified
+    whole by `decode`, which also checks this header. Raises: jwt.DecodeError.
+    """
+    if len(segment) > _CACHED_HEADER_CHARS:  # not an issuer's usual header: not kept
+        return _read_header(segment)
+    return _read_header_cached(segment)
+
+
+# Real headers are a few dozen characters (alg, typ, kid); a client's oversized ones are read
+# but not kept, so the cache holds at most 64 x 256 characters.
+_CACHED_HEADER_CHARS = 256
+
+
+def _read_header(segment: str) -> tuple[object, object]:
+    header = jwt.get_unverified_header(segment + ".e30.")  # any payload and signature will do
+    return header.get("alg"), header.get("kid")
+
+
+_read_header_cached = lru_cache(maxsize=64)(_read_header)
+
+
+class _CheckedOnceHMAC(HMACAlgorithm):
+    """pyjwt's HMAC, with its key check made once per key, not once per token.
+
+    `prepare_key` refuses a PEM, SSH, DER or JWK key as an HMAC secret (key confusion), by
+    trying to parse it several ways: a fifth of a token's verification. The secrets it sees here
+    are the configured ones, a handful, so the verdict on each is kept; a refused key is
+    checked (and refused) every time.
+    """
+
+    _MAX_KEYS = 16
+
+    def __init__(self, hash_alg: Any) -> None:
+        super().__init__(hash_alg)
+        self._prepared: dict[str | bytes, bytes] = {}
+
+    def prepare_key(self, key: str | bytes) -> bytes:
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            prepared = super().prepare_key(key)
+            if len(self._prepared) >= self._MAX_KEYS:
+                self._prepared.clear()
+            self._prepared[key] = prepared
+        return prepared
+
+
+def _decoder() -> jwt.PyJWT:
+    """pyjwt's decoder, its HMAC algorithms checking each key once (`_CheckedOnceHMAC`).
+
+    pyjwt offers no public way to give a `PyJWT` its algorithms; if its signing half is not
+    where this pyjwt keeps it, the plain decoder is used, which is as safe and a little slower.
+    """
+    decoder = jwt.PyJWT()
+    signing = getattr(decoder, "_jws", None)
+    if isinstance(signing, jwt.PyJWS):
+        for name, hash_alg in (
+            ("HS256", HMACAlgorithm.SHA256),
+            ("HS384", HMACAlgorithm.SHA384),
+            ("HS512", HMACAlgorithm.SHA512),
+        ):
+            signing.unregister_algorithm(name)
+            signing.register_algorithm(name, _CheckedOnceHMAC(hash_alg))
+    return decoder
 
 
 def _category(exc: Exception) -> str:
