@@ -193,3 +193,57 @@ async def test_a_stopping_reactor_hands_its_connections_back(nursery: trio.Nurse
     # The task waits on its own socket now, and gets the next message itself.
     await pair.send(TextMessage(data="after"))
     await _until(lambda: received == ["after"])
+
+
+async def test_a_handler_that_cancels_its_own_connection_stops_there(
+    reactor: Reactor, nursery: trio.Nursery
+) -> None:
+    """Say the handler finds the connection's outbox full and aborts it: the rest of that read
+    is left to the (cancelled) task, not handled after the connection was given up."""
+    handled: list[str] = []
+    scope = trio.CancelScope()
+
+    def inline(text: str) -> bool:
+        handled.append(text)
+        scope.cancel()
+        return True
+
+    pair = Pair(reactor, inline)
+
+    async def task() -> None:
+        with scope:
+            await pair.engine.get_message()
+
+    nursery.start_soon(task)
+    await _until(lambda: len(reactor) == 1)
+    await pair.send(TextMessage(data="first"), TextMessage(data="second"))
+    await _until(lambda: len(reactor) == 0)
+    await trio.testing.wait_all_tasks_blocked()
+    assert handled == ["first"]
+
+
+class _Broken:
+    def on_readable(self) -> None:
+        raise RuntimeError("a bug in a connection")
+
+
+async def test_a_failing_connection_is_woken_and_the_reactor_goes_on(
+    reactor: Reactor, nursery: trio.Nursery
+) -> None:
+    broken_sock, broken_peer = trio.socket.socketpair()
+    woken: list[bytes | None] = []
+
+    async def broken_task() -> None:
+        woken.append(await reactor.park(broken_sock.fileno(), _Broken()))
+
+    nursery.start_soon(broken_task)
+    handled: list[str] = []
+    healthy = Pair(reactor, _recorder(handled))
+    nursery.start_soon(healthy.engine.get_message)
+    await _until(lambda: len(reactor) == 2)
+    await broken_peer.send(b"x")
+    await _until(lambda: woken == [b""])  # its task sees the end of its stream
+    await healthy.send(TextMessage(data="still served"))
+    await _until(lambda: handled == ["still served"])
+    broken_sock.close()
+    broken_peer.close()

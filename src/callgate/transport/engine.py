@@ -214,20 +214,25 @@ class WsprotoConnection:
             message = inbox.pop(0)
             if isinstance(message, str):
                 try:
-                    if inline(message):
-                        continue
+                    handled = inline(message)
                 except Exception as failure:  # the task raises it, in order
                     self._failure = failure
                     reactor.wake(fd, None)
                     return
+                if handled:
+                    if not reactor.holds(fd):
+                        return  # the handler cancelled this connection: its task ends it
+                    continue
             inbox.insert(0, message)  # the task takes it from here
             reactor.wake(fd, None)
             return
 
     def _take_fast_frames(self, data: bytes | bytearray) -> bytes:
         """Decode the common frames of `data` here; return what wsproto must see from now on."""
-        self._buffer += data
-        used, messages, pongs, rest_is_slow = fast_frames(self._buffer, self._max_message_size)
+        if self._buffer:  # the start of a frame is waiting for the rest
+            self._buffer += data
+            data = self._buffer
+        used, messages, pongs, rest_is_slow = fast_frames(data, self._max_message_size)
         self._inbox.extend(messages)
         for payload in pongs:
             waiter = self._pongs.pop(payload, None)
@@ -235,10 +240,13 @@ class WsprotoConnection:
                 waiter.set()
         if rest_is_slow:
             self._fast = False
-            rest = bytes(self._buffer[used:])
+            rest = bytes(data[used:])
             self._buffer = bytearray()
             return rest
-        del self._buffer[:used]
+        if data is self._buffer:
+            del self._buffer[:used]
+        elif used < len(data):  # usually every frame of a read is whole, and nothing is kept
+            self._buffer = bytearray(data[used:])
         return b""
 
     async def _handle_events(self) -> None:
@@ -381,7 +389,9 @@ class WsprotoConnection:
 _TEXT, _PONG = 0x1, 0xA
 
 
-def fast_frames(buffer: bytearray, max_size: int) -> tuple[int, list[str], list[bytes], bool]:
+def fast_frames(
+    buffer: bytes | bytearray, max_size: int
+) -> tuple[int, list[str], list[bytes], bool]:
     """Decode the leading complete client frames of `buffer` that need no protocol state.
 
     Those are what a signaling client sends nearly always: a whole text message in one masked
@@ -429,7 +439,7 @@ def fast_frames(buffer: bytearray, max_size: int) -> tuple[int, list[str], list[
     return position, messages, pongs, False
 
 
-def _unmask(payload: bytearray, mask: bytearray) -> bytes:
+def _unmask(payload: bytes | bytearray, mask: bytes | bytearray) -> bytes:
     """The payload XOR the repeated 4-byte mask, as one big-integer XOR (no per-byte loop)."""
     size = len(payload)
     if not size:

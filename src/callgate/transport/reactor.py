@@ -28,6 +28,10 @@ from typing import Protocol
 import outcome
 import trio
 
+from callgate.log import get_logger
+
+log = get_logger("callgate.reactor")
+
 # Readiness events taken from the set per wait; more stay ready (level-triggered) for the next.
 _BATCH = 256
 
@@ -66,12 +70,20 @@ class Reactor:
                 await trio.lowlevel.wait_readable(epoll)
                 for fd, _ in epoll.poll(0, _BATCH):
                     entry = self._parked.get(fd)
-                    if entry is not None:  # it may have left during this batch
+                    if entry is None:  # it left during this batch
+                        continue
+                    try:
                         entry[0].on_readable()
+                    except Exception:
+                        # A bug, not the client's doing: that connection ends (1006), and
+                        # every other one goes on.
+                        log.exception("reading a parked connection failed")
+                        self.wake(fd, b"")
         finally:
             self._epoll = None
             for fd in list(self._parked):
                 self.wake(fd, None)
+            trio.lowlevel.notify_closing(epoll)
             epoll.close()
 
     async def park(self, fd: int, connection: Parked) -> bytes | None:
@@ -89,6 +101,10 @@ class Reactor:
 
         data: bytes | None = await trio.lowlevel.wait_task_rescheduled(abort)
         return data
+
+    def holds(self, fd: int) -> bool:
+        """`fd`'s task is still parked here (not woken, not cancelled)."""
+        return fd in self._parked
 
     def wake(self, fd: int, data: bytes | None) -> None:
         """Take `fd` out of the set and resume its parked task with `data`."""
