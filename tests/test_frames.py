@@ -187,3 +187,15 @@ async def test_frames_sent_with_the_upgrade_are_read_first() -> None:
     engine = await upgrade.accept()
     with trio.fail_after(5):
         assert await engine.get_message() == "early"
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=st.binary(max_size=5000), mask=st.binary(min_size=4, max_size=4))
+def test_unmasking_is_the_xor_with_the_repeated_mask(payload: bytes, mask: bytes) -> None:
+    """RFC 6455 5.3, byte by byte, against the big-integer XOR (both sides of its 4 KiB cache
+    limit)."""
+    from callgate.transport.engine import _unmask
+
+    expected = bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
+    assert _unmask(payload, mask) == expected
+    assert _unmask(bytearray(payload), bytearray(mask)) == expected

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
+from functools import lru_cache
 from http import HTTPStatus
 
 import h11
@@ -444,12 +445,27 @@ def _unmask(payload: bytes | bytearray, mask: bytes | bytearray) -> bytes:
     size = len(payload)
     if not size:
         return b""
-    value = int.from_bytes(payload, "little") ^ int.from_bytes(
-        bytes(mask) * ((size + 3) // 4), "little"
-    )
+    words = (size + 3) // 4
+    if words <= _REPEATERS_UP_TO:  # signaling messages: the key is one multiplication
+        key = int.from_bytes(mask, "little") * _mask_repeater(words)
+    else:
+        key = int.from_bytes(bytes(mask) * words, "little")
+    value = int.from_bytes(payload, "little") ^ key
     if size % 4:  # the key ran past the payload: drop its extra high bytes
         value &= (1 << (size * 8)) - 1
     return value.to_bytes(size, "little")
+
+
+# Frames up to 4 KiB (about 1,000 words) get their repeater from a small cache: 64 of them, at
+# most 4 KiB each. Larger frames build the key from the repeated mask bytes.
+_REPEATERS_UP_TO = 1024
+
+
+@lru_cache(maxsize=64)
+def _mask_repeater(words: int) -> int:
+    """A 1 at the bottom of each of `words` 32-bit words: the mask times this is the mask
+    repeated `words` times (no carries: the mask fits in one word)."""
+    return int.from_bytes(b"\x01\x00\x00\x00" * words, "little")
 
 
 def text_frame(message: str) -> bytes:
