@@ -8,6 +8,8 @@ order it arrived.
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -247,3 +249,39 @@ async def test_a_failing_connection_is_woken_and_the_reactor_goes_on(
     await _until(lambda: handled == ["still served"])
     broken_sock.close()
     broken_peer.close()
+
+
+async def test_a_busy_reactor_still_lets_other_tasks_run(
+    reactor: Reactor, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A turn serves at most _BATCH readiness events, then yields to trio's other tasks."""
+    monkeypatch.setattr("callgate.transport.reactor._BATCH", 2)
+    other_ran = 0
+    seen: list[int] = []  # for each message served, how often the other task had run
+
+    def inline(text: str) -> bool:
+        seen.append(other_ran)
+        return True
+
+    pairs = [Pair(reactor, inline) for _ in range(6)]
+    for pair in pairs:
+        nursery.start_soon(pair.engine.get_message)
+    await _until(lambda: len(reactor) == 6)
+
+    async def other_task() -> None:
+        nonlocal other_ran
+        while len(seen) < 6:
+            other_ran += 1
+            await trio.sleep(0)
+
+    nursery.start_soon(other_task)
+    await trio.sleep(0)
+    # All six become readable at once: written without yielding, through duplicates of the
+    # client sockets (plain blocking sockets).
+    for index, pair in enumerate(pairs):
+        with socket.socket(fileno=os.dup(pair.peer.socket.fileno())) as raw:
+            raw.sendall(pair.client.send(TextMessage(data=f"m{index}")))
+    await _until(lambda: len(seen) == 6)
+    # Three turns of two, in three of trio's scheduling rounds: the other task ran in between
+    # (in which order trio runs a round's tasks is its own choice, so not necessarily twice).
+    assert len(set(seen)) >= 2, seen
