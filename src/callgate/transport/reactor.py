@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import select
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -32,8 +33,10 @@ from callgate.log import get_logger
 
 log = get_logger("callgate.reactor")
 
-# Readiness events served per turn of the reactor; more stay ready (level-triggered) for the next.
-_BATCH = 256
+# Readiness events taken per poll; more stay ready (level-triggered) for the next.
+_BATCH = 64
+# How long one turn of the reactor may go on polling before it yields to trio.
+_TURN_SECONDS = 0.0005
 
 
 class Parked(Protocol):
@@ -69,15 +72,16 @@ class Reactor:
             while True:
                 await trio.lowlevel.wait_readable(epoll)
                 # What arrives while a batch is handled is served in the same turn (no trip
-                # through trio's scheduler, no epoll_ctl to re-arm its wait), up to _BATCH
-                # events a turn, so trio's other tasks wait a few milliseconds at most.
-                served = 0
-                while served < _BATCH:
-                    events = epoll.poll(0, _BATCH - served)
+                # through trio's scheduler, no epoll_ctl to re-arm its wait), for up to
+                # _TURN_SECONDS: trio's other tasks (writers, timers, accepts) wait no longer.
+                turn_ends = time.perf_counter() + _TURN_SECONDS
+                while True:
+                    events = epoll.poll(0, _BATCH)
                     if not events:
                         break
-                    served += len(events)
                     self._serve(events)
+                    if time.perf_counter() >= turn_ends:
+                        break
         finally:
             self._epoll = None
             for fd in list(self._parked):
