@@ -319,3 +319,32 @@ async def test_refusals_before_sign_in_are_connect_errors(harness: Harness) -> N
     with pytest.raises(ConnectionClosed), trio.fail_after(STEP):
         await ws.get_message()
     await ws._stream.aclose()
+
+
+async def test_a_frame_over_the_rate_limit_is_not_acted_on(harness: Harness) -> None:
+    """The rate limit comes before decoding, and decoding a Socket.IO frame can act (a
+    DISCONNECT packet ends the connection): over the limit, a frame only earns its
+    rate_limited error. On wsproto this runs through the reactor's inline path."""
+    from trio_websocket import connect_websocket_url
+
+    await harness.start(
+        make_settings(
+            limits={"messages": "1/minute", "flood": "100/minute"},
+            socketio={"ping_interval": 30},
+        )
+    )
+    base = harness.url.removesuffix("/ws")
+    ws = await connect_websocket_url(
+        harness.nursery, base + "/socket.io/?EIO=4&transport=websocket"
+    )
+    await ws.get_message()  # the Engine.IO open packet
+    await ws.send_message("40" + json.dumps({"token": token_for("limited")}))
+    assert str(await ws.get_message()).startswith("40")
+    assert str(await ws.get_message()).startswith('42["session"')
+    await ws.send_message('42["user-connected","limited"]')  # the one message a minute
+    await ws.send_message("41")  # over the limit: refused, so not a disconnect
+    with trio.fail_after(STEP):
+        error = json.loads(str(await ws.get_message())[2:])
+    assert error[0] == "error" and error[1]["code"] == "rate_limited", error
+    assert harness.server is not None and harness.server.hub.connection_count == 1
+    await ws.aclose()

@@ -135,6 +135,15 @@ def _trio_deadline(unix_time: float) -> float:
     return trio.current_time() + max(0.0, remaining) if math.isfinite(remaining) else math.inf
 
 
+class _LeftForTask(Exception):
+    """A message the reactor counted and decoded but cannot finish, because finishing it
+    waits (a token refresh): raised in the connection's own task, which finishes it."""
+
+    def __init__(self, envelope: Envelope) -> None:
+        super().__init__("left for the connection's task")
+        self.envelope = envelope
+
+
 class ConnectionHub:
     """All connections of one server, the executor of the switchboard's actions, and the holder
     of what reloads change (keys, revocations)."""
@@ -633,45 +642,63 @@ class ConnectionHub:
             # to `_take_inline` without waking this task (see reactor.py).
             attach(self._reactor, partial(self._take_inline, connection))
         while True:
-            text = await connection.receive()
-            arrived = time.perf_counter()
-            self._check_size(text)
-            decoded = self._decode(connection, text)
-            if isinstance(decoded, Envelope) and (
-                isinstance(decoded.message, Auth) or self.cluster is not None
-            ):
-                if not self._admit(connection, text):
-                    continue
-                if isinstance(decoded.message, Auth):
-                    await self._refresh(connection, decoded.message, decoded.ref)
-                else:
-                    received = MessageReceived(connection.id, decoded.message, decoded.ref)
-                    await self._submit_to_cluster(connection, received)
+            try:
+                text = await connection.receive()
+            except _LeftForTask as left:  # the reactor took it as far as it could
+                await self._finish(connection, left.envelope)
                 continue
-            self._take(connection, text, decoded, arrived)
+            waiting = self._take(connection, text, time.perf_counter())
+            if waiting is not None:
+                await self._finish(connection, waiting)
 
     def _take_inline(self, connection: Connection, text: str) -> bool:
-        """One message read by the reactor, handled in its task when nothing in it waits.
+        """One message read by the reactor, handled in its task.
 
-        False, before anything is done, for a token refresh: the connection's task handles it
-        (and decodes it again; that happens about once an hour per connection).
-        Raises: CloseConnection, as `_read_loop` would (the connection's task raises it).
+        Raises: `_LeftForTask` with a message that has to wait (a token refresh), already
+        counted and decoded; CloseConnection, as `_read_loop` would. The engine raises either
+        in the connection's task, after the messages before it.
         """
-        arrived = time.perf_counter()
-        self._check_size(text)
-        decoded = self._decode(connection, text)
-        if isinstance(decoded, Envelope) and isinstance(decoded.message, Auth):
-            return False
-        self._take(connection, text, decoded, arrived)
+        waiting = self._take(connection, text, time.perf_counter())
+        if waiting is not None:
+            raise _LeftForTask(waiting)
         return True
 
-    def _decode(self, connection: Connection, text: str) -> Envelope | ProtocolError | None:
-        """The message, the reason it is not one (answered after the rate limit), or None
-        for a frame that carries no message (a Socket.IO pong)."""
+    def _take(self, connection: Connection, text: str, arrived: float) -> Envelope | None:
+        """Everything of one message that needs no waiting: its size, the rate limit, decoding
+        (in that order: a Socket.IO frame's decoding may answer or end the connection), and
+        its dispatch. Returns the message the caller must still `_finish`: a token refresh,
+        or any message in cluster mode.
+
+        Raises: CloseConnection (too big; flooding).
+        """
+        self._check_size(text)
+        if not self._admit(connection, text):
+            return None
         try:
-            return connection.decode_frame(text, self._field_limits)
+            envelope = connection.decode_frame(text, self._field_limits)
         except ProtocolError as bad:
-            return bad
+            connection.send_error(bad.code, bad.message, bad.ref)
+            return None
+        if envelope is None:
+            return None
+        if isinstance(envelope.message, Auth) or self.cluster is not None:
+            return envelope
+        received = MessageReceived(connection.id, envelope.message, envelope.ref)
+        self._in_burst = getattr(connection.ws, "has_more", False)
+        try:
+            self.dispatch(received, forwarded=True)
+        finally:
+            self._in_burst = False
+        self.metrics.observe_forward_latency(time.perf_counter() - arrived)
+        return None
+
+    async def _finish(self, connection: Connection, envelope: Envelope) -> None:
+        """The part of a message that waits: a token refresh, or a cluster submission."""
+        if isinstance(envelope.message, Auth):
+            await self._refresh(connection, envelope.message, envelope.ref)
+        else:
+            received = MessageReceived(connection.id, envelope.message, envelope.ref)
+            await self._submit_to_cluster(connection, received)
 
     def _admit(self, connection: Connection, text: str) -> bool:
         """Count a message against the connection's rate; over it, say so and drop it.
@@ -689,29 +716,6 @@ class ConnectionHub:
             self.metrics.rate_limited.labels("flood").inc()
             raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "rate limit exceeded")
         return False
-
-    def _take(
-        self,
-        connection: Connection,
-        text: str,
-        decoded: Envelope | ProtocolError | None,
-        arrived: float,
-    ) -> None:
-        """A message that needs no waiting: the rate limit, then its error or its dispatch."""
-        if not self._admit(connection, text):
-            return
-        if isinstance(decoded, ProtocolError):
-            connection.send_error(decoded.code, decoded.message, decoded.ref)
-            return
-        if decoded is None:
-            return
-        received = MessageReceived(connection.id, decoded.message, decoded.ref)
-        self._in_burst = getattr(connection.ws, "has_more", False)
-        try:
-            self.dispatch(received, forwarded=True)
-        finally:
-            self._in_burst = False
-        self.metrics.observe_forward_latency(time.perf_counter() - arrived)
 
     async def _submit_to_cluster(self, connection: Connection, received: MessageReceived) -> None:
         """A client message in cluster mode: counted against the shared limits here, once.
