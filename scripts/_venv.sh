@@ -23,6 +23,7 @@ ensure_venv() {
     local want
     want="$(cat "$root/requirements.lock" "$root/pyproject.toml" | cksum | cut -d' ' -f1)-$extras"
     if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+        ensure_compiled
         return 0
     fi
     if [[ ! -x "$venv/bin/python" ]]; then
@@ -32,4 +33,17 @@ ensure_venv() {
     PIP_CONSTRAINT="$root/requirements.lock" "$venv/bin/python" -m pip install --quiet \
         --disable-pip-version-check -c "$root/requirements.lock" -e "$root[$extras]"
     echo "$want" >"$stamp"
+    ensure_compiled
+}
+
+# ensure_compiled: the mypyc build of the hot path (src/callgate/_accel.py says what and why),
+# made when a compiled source changed since the last build, in well under a minute. Without it
+# (no C compiler, or CALLGATE_PURE=1) callgate runs the same modules as pure Python.
+ensure_compiled() {
+    if [[ "${CALLGATE_PURE:-0}" == "1" ]]; then
+        return 0
+    fi
+    if ! "$venv/bin/python" -m callgate.accelerate build; then
+        echo "WARNING: the mypyc build failed: callgate runs as pure Python (slower)" >&2
+    fi
 }

@@ -28,6 +28,13 @@ from callgate.cluster.link import delete_cluster_keys
 from callgate.config import Settings, load_settings
 from callgate.transport.server import RunningServer, serve
 
+
+def pytest_report_header() -> str:
+    import callgate
+
+    return f"callgate hot path: {callgate.IMPLEMENTATION} (see src/callgate/_accel.py)"
+
+
 SCHEMA = Draft202012Validator(
     json.loads((Path(__file__).parent.parent / "docs" / "audit-log.schema.json").read_text())
 )
