@@ -103,7 +103,7 @@ DEVICES = {
 }
 
 
-@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.EVENT)
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.__name__)
 @pytest.mark.parametrize("state_role", list(DEVICES), ids=lambda sr: f"{sr[0].name}-{sr[1].name}")
 def test_every_state_message_and_role(
     kind: type[InCallMessage], state_role: tuple[CallState, Role]

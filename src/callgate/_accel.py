@@ -1,9 +1,10 @@
 """The compiled hot path: mypyc builds of the pure core, and the guard that keeps them honest.
 
-The modules in `COMPILED` are the per-message path (codec, switchboard, call table, policy,
-events and actions): synchronous, strictly typed Python with no I/O. mypyc compiles such code to C
-extensions unchanged, and they run a forwarded message in about three quarters of the time
-(docs/performance.md, step 15). Everything else stays interpreted.
+The modules in `COMPILED` are the per-message path (messages, codec, switchboard, call table,
+policy, events, actions and the per-connection rate limits): synchronous, strictly typed Python
+with no I/O. mypyc compiles such code to C extensions unchanged, and they run a forwarded message
+in about three quarters of the time (docs/performance.md, engine step 15). Everything else stays
+interpreted.
 
 How it fits an editable checkout:
 
@@ -34,6 +35,7 @@ from types import ModuleType
 from typing import Literal
 
 COMPILED = (
+    "callgate.protocol.messages",
     "callgate.protocol.codec",
     "callgate.core.events",
     "callgate.core.actions",
@@ -41,6 +43,7 @@ COMPILED = (
     "callgate.core.devices",
     "callgate.core.policy",
     "callgate.core.switchboard",
+    "callgate.ratelimit",
 )
 PACKAGE = Path(__file__).parent
 SOURCE_ROOT = PACKAGE.parent  # the folder that holds `callgate/`, where mypyc runs

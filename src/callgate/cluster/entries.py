@@ -158,7 +158,7 @@ def _event_fields(event: ClusterEvent) -> dict[str, Any]:
             data = getattr(message, "data", None)
             if data is None:  # user-connected carries only its user
                 data = {"user": getattr(message, "user", None)}
-            return {"k": "msg", "conn": conn, "e": message.EVENT, "d": data, "r": ref}
+            return {"k": "msg", "conn": conn, "e": message.event, "d": data, "r": ref}
         case Disconnected(conn=conn):
             return {"k": "gone", "conn": conn}
         case TimerFired(timer=timer):

@@ -59,9 +59,10 @@ from callgate.core.events import (
 from callgate.core.policy import CallRules, CallThrottle
 from callgate.errors import ErrorCode, Refused
 from callgate.protocol.messages import (
+    CALL_END,
+    CALL_REQUEST,
     Auth,
     CallAnswer,
-    CallEnd,
     CallRenegotiate,
     CallRequest,
     InCallMessage,
@@ -282,7 +283,7 @@ class Switchboard:
                     {
                         "conn": conn,
                         "user": user,
-                        "msg_event": message.EVENT,
+                        "msg_event": message.event,
                         "call_id": _call_id_of(message),
                         "reason": refusal.code.value,
                     },
@@ -355,7 +356,7 @@ class Switchboard:
             ref,
             [
                 Audit("call.requested", fields),
-                *(Deliver(device, CallRequest.EVENT, forwarded) for device in devices),
+                *(Deliver(device, CALL_REQUEST, forwarded) for device in devices),
                 Audit("call.ringing", {**fields, "devices": len(devices)}),
                 StartTimer(timer, now + self._rules.ring_timeout),
             ],
@@ -376,7 +377,7 @@ class Switchboard:
         forwarded = _forward(message.data, user)
         if step is Step.RELAY:  # nearly every in-call message: no audit, no state change
             return _acked(
-                conn, ref, [Deliver(d, message.EVENT, forwarded) for d in call.other_side(role)]
+                conn, ref, [Deliver(d, message.event, forwarded) for d in call.other_side(role)]
             )
         fields = _call_fields(call)
         match step:
@@ -386,7 +387,7 @@ class Switchboard:
                     conn,
                     ref,
                     [
-                        *(Deliver(d, message.EVENT, forwarded) for d in call.other_side(role)),
+                        *(Deliver(d, message.event, forwarded) for d in call.other_side(role)),
                         Audit("call.renegotiated", {**fields, "conn": conn, "by": user}),
                     ],
                 )
@@ -396,7 +397,7 @@ class Switchboard:
                     conn,
                     ref,
                     [
-                        Deliver(call.caller_conn, message.EVENT, forwarded),
+                        Deliver(call.caller_conn, message.event, forwarded),
                         *_call_end_to(stopped, call, call.caller, "answered_elsewhere"),
                         CancelTimer(self._forget_timer(call)),
                         Audit("call.answered", {**fields, "conn": conn}),
@@ -409,7 +410,7 @@ class Switchboard:
                     conn,
                     ref,
                     [
-                        Deliver(call.caller_conn, message.EVENT, forwarded),
+                        Deliver(call.caller_conn, message.event, forwarded),
                         *_call_end_to(others, call, call.caller, "rejected_elsewhere"),
                         *self._finish(call),
                         Audit("call.rejected", {**fields, "conn": conn, "reason": reason}),
@@ -422,7 +423,7 @@ class Switchboard:
                     ref,
                     [
                         *(
-                            Deliver(d, CallEnd.EVENT, {**forwarded, "reason": "cancelled"})
+                            Deliver(d, CALL_END, {**forwarded, "reason": "cancelled"})
                             for d in ringing
                         ),
                         *self._finish(call),
@@ -435,7 +436,7 @@ class Switchboard:
                     conn,
                     ref,
                     [
-                        *(Deliver(d, CallEnd.EVENT, forwarded) for d in targets),
+                        *(Deliver(d, CALL_END, forwarded) for d in targets),
                         *self._finish(call),
                         _ended(call, now, reason="hangup", by=user),
                     ],
@@ -605,7 +606,7 @@ def _decided_for_caller(
 
 def _call_end_to(devices: list[ConnId], call: Call, sender: UserId, reason: str) -> list[Action]:
     data = {"callId": call.call_id, "from": sender, "reason": reason}
-    return [Deliver(device, CallEnd.EVENT, data) for device in devices]
+    return [Deliver(device, CALL_END, data) for device in devices]
 
 
 def _call_fields(call: Call) -> dict[str, Any]:
@@ -649,5 +650,5 @@ def _why_not(call: Call, message: InCallMessage, role: Role) -> str:
     if call.state is CallState.RINGING and isinstance(message, CallRenegotiate):
         return "a call can be renegotiated only once it is answered"
     if role is Role.CALLER:
-        return f"the caller cannot send {message.EVENT}"
-    return f"{message.EVENT} is not allowed in a {call.state.name.lower()} call"
+        return f"the caller cannot send {message.event}"
+    return f"{message.event} is not allowed in a {call.state.name.lower()} call"

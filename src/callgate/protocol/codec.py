@@ -20,6 +20,14 @@ import orjson
 
 from callgate.errors import ErrorCode, Refused
 from callgate.protocol.messages import (
+    AUTH,
+    CALL_ANSWER,
+    CALL_END,
+    CALL_REJECT,
+    CALL_RENEGOTIATE,
+    CALL_REQUEST,
+    ICE_CANDIDATE,
+    USER_CONNECTED,
     Auth,
     CallAnswer,
     CallEnd,
@@ -245,13 +253,13 @@ def _decode_renegotiate(fields: _Fields) -> CallRenegotiate:
 
 
 _DECODERS: dict[str, Callable[[_Fields], ClientMessage]] = {
-    Auth.EVENT: _decode_auth,
-    CallRequest.EVENT: _decode_call_request,
-    CallAnswer.EVENT: _decode_answer,
-    CallReject.EVENT: _decode_reject,
-    CallEnd.EVENT: _decode_end,
-    IceCandidate.EVENT: _decode_ice,
-    CallRenegotiate.EVENT: _decode_renegotiate,
+    AUTH: _decode_auth,
+    CALL_REQUEST: _decode_call_request,
+    CALL_ANSWER: _decode_answer,
+    CALL_REJECT: _decode_reject,
+    CALL_END: _decode_end,
+    ICE_CANDIDATE: _decode_ice,
+    CALL_RENEGOTIATE: _decode_renegotiate,
 }
 
 
@@ -277,7 +285,7 @@ def decode_object(envelope: object, limits: FieldLimits) -> Envelope:
     if not isinstance(event, str):
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'event' must be a string", ref)
     data = envelope.get("data")
-    if event == UserConnected.EVENT:
+    if event == USER_CONNECTED:
         # The original design sends the bare user id string as data.
         if not valid_user_id(data, limits.max_user_id_length):
             raise ProtocolError(

@@ -9,48 +9,66 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Final, Literal
 
 UserId = str
 CallId = str
 Ref = str | int
 Media = Literal["video", "voice"]
 
+# The event names of the client messages (each class says its own in `event`).
+AUTH: Final = "auth"
+USER_CONNECTED: Final = "user-connected"
+CALL_REQUEST: Final = "call-request"
+CALL_ANSWER: Final = "call-answer"
+CALL_REJECT: Final = "call-reject"
+CALL_END: Final = "call-end"
+ICE_CANDIDATE: Final = "ice-candidate"
+CALL_RENEGOTIATE: Final = "call-renegotiate"
+
 
 @dataclass(frozen=True, slots=True)
 class Auth:
     """`auth`: the first message of a browser, or a token refresh on an open connection."""
 
-    EVENT: ClassVar[str] = "auth"
     token: str
     resume: str | None = None
+
+    @property
+    def event(self) -> str:
+        return AUTH
 
 
 @dataclass(frozen=True, slots=True)
 class UserConnected:
     """`user-connected`: the original design's identity claim; accepted only for yourself."""
 
-    EVENT: ClassVar[str] = "user-connected"
     user: UserId
+
+    @property
+    def event(self) -> str:
+        return USER_CONNECTED
 
 
 @dataclass(frozen=True, slots=True)
 class CallRequest:
     """`call-request`: place a call; `data` is forwarded to every device of `to`."""
 
-    EVENT: ClassVar[str] = "call-request"
     call_id: CallId
     from_user: UserId
     to: UserId
     media: Media
     data: Mapping[str, Any]
 
+    @property
+    def event(self) -> str:
+        return CALL_REQUEST
+
 
 @dataclass(frozen=True, slots=True)
 class _InCall:
     """A message about an existing call: it names the call and addresses the peer in `to`."""
 
-    EVENT: ClassVar[str]
     call_id: CallId
     to: UserId
     data: Mapping[str, Any]
@@ -58,27 +76,37 @@ class _InCall:
 
 @dataclass(frozen=True, slots=True)
 class CallAnswer(_InCall):
-    EVENT: ClassVar[str] = "call-answer"
+    @property
+    def event(self) -> str:
+        return CALL_ANSWER
 
 
 @dataclass(frozen=True, slots=True)
 class CallReject(_InCall):
-    EVENT: ClassVar[str] = "call-reject"
+    @property
+    def event(self) -> str:
+        return CALL_REJECT
 
 
 @dataclass(frozen=True, slots=True)
 class CallEnd(_InCall):
-    EVENT: ClassVar[str] = "call-end"
+    @property
+    def event(self) -> str:
+        return CALL_END
 
 
 @dataclass(frozen=True, slots=True)
 class IceCandidate(_InCall):
-    EVENT: ClassVar[str] = "ice-candidate"
+    @property
+    def event(self) -> str:
+        return ICE_CANDIDATE
 
 
 @dataclass(frozen=True, slots=True)
 class CallRenegotiate(_InCall):
-    EVENT: ClassVar[str] = "call-renegotiate"
+    @property
+    def event(self) -> str:
+        return CALL_RENEGOTIATE
 
 
 # Messages about an existing call: they name it by `call_id` and address the peer in `to`.
