@@ -17,7 +17,8 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import AcceptConnection, CloseConnection, Pong, Request, TextMessage
 from wsproto.utilities import RemoteProtocolError
 
-from callgate.transport.engine import WsprotoConnection, text_frame, upgrade_request
+from callgate.protocol.frames import text_frame
+from callgate.transport.engine import WsprotoConnection, upgrade_request
 
 # Around each length boundary of the frame header (7-bit, 16-bit, 64-bit lengths).
 SIZES = st.sampled_from([0, 1, 125, 126, 127, 65535, 65536, 65537]) | st.integers(0, 70000)
@@ -194,7 +195,7 @@ async def test_frames_sent_with_the_upgrade_are_read_first() -> None:
 def test_unmasking_is_the_xor_with_the_repeated_mask(payload: bytes, mask: bytes) -> None:
     """RFC 6455 5.3, byte by byte, against the big-integer XOR (both sides of its 4 KiB cache
     limit)."""
-    from callgate.transport.engine import _unmask
+    from callgate.protocol.frames import _unmask
 
     expected = bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
     assert _unmask(payload, mask) == expected

@@ -37,6 +37,7 @@ from typing import Literal
 COMPILED = (
     "callgate.protocol.messages",
     "callgate.protocol.codec",
+    "callgate.protocol.frames",
     "callgate.core.events",
     "callgate.core.actions",
     "callgate.core.calls",
