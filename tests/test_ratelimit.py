@@ -1,14 +1,23 @@
-"""The per-connection moving windows, without sockets or clocks (times are given)."""
+"""The moving windows, per connection and per key, without sockets or clocks (times are given)."""
 
 from __future__ import annotations
 
 import math
+import threading
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from limits import parse_many
 
-from callgate.ratelimit import ConnectionLimits, MovingWindows
+from callgate.config import LimitSettings
+from callgate.core.policy import Throttled
+from callgate.ratelimit import (
+    SWEEP_SECONDS,
+    ConnectionLimits,
+    KeyedWindows,
+    MovingWindows,
+    RateLimiter,
+)
 
 
 def test_a_window_admits_its_amount_per_period_and_says_when_to_retry() -> None:
@@ -55,3 +64,48 @@ def test_a_window_decides_like_the_plain_rule(amount: int, period: int, gaps: li
         assert window.hit(now) == expected
         if expected is None:
             admitted.append(now)
+
+
+def test_each_key_has_its_own_windows() -> None:
+    by_address = KeyedWindows(parse_many("2/minute"))
+    assert [by_address.hit(("a",), t) for t in (0.0, 1.0)] == [None, None]
+    assert by_address.hit(("a",), 2.0) == 58
+    assert by_address.hit(("b",), 2.0) is None  # another address is not held back
+    assert by_address.hit(("a", "b"), 2.0) is None  # nor a pair that starts with it
+
+
+def test_keys_are_forgotten_once_their_hits_left_every_window() -> None:
+    """Memory follows the keys seen within the longest period, never every key ever seen."""
+    windows = KeyedWindows(parse_many("5/second;10/minute"))
+    for n in range(1000):
+        windows.hit((f"10.0.{n // 250}.{n % 250}",), n / 1000)
+    assert len(windows) == 1000
+    windows.hit(("late",), 30.0)  # the per-minute window still holds every early hit
+    assert len(windows) == 1001
+    windows.hit(("later",), 61.0 + SWEEP_SECONDS)  # a sweep after the minute: only these stay
+    assert len(windows) == 2
+
+
+def test_the_memory_limiter_starts_no_thread() -> None:
+    """limits' MemoryStorage starts a timer thread about every 10 ms while hits come in; this
+    one keeps its windows itself (see callgate/ratelimit.py)."""
+    limiter = RateLimiter(LimitSettings(handshakes="100000/minute", call_request="100000/minute"))
+    before = threading.active_count()
+    for n in range(500):
+        limiter.admit_handshake(f"127.0.0.{n % 7}")
+        limiter.admit_call(f"caller{n}", "callee")
+    assert threading.active_count() == before
+
+
+def test_call_limits_per_caller_then_per_pair() -> None:
+    limiter = RateLimiter(LimitSettings(call_request="4/minute", call_request_pair="2/minute"))
+    assert limiter.admit_call("alice", "bob") is None
+    assert limiter.admit_call("alice", "bob") is None
+    third = limiter.admit_call("alice", "bob")
+    assert isinstance(third, Throttled) and third.limit == "call_request_pair"
+    assert 0 < third.retry_after <= 60
+    # The caller's window counted that attempt too (it was checked first): one call is left.
+    assert limiter.admit_call("alice", "carol") is None
+    fifth = limiter.admit_call("alice", "dave")
+    assert isinstance(fifth, Throttled) and fifth.limit == "call_request"
+    assert limiter.admit_call("bob", "alice") is None  # each caller counts alone

@@ -45,6 +45,7 @@ COMPILED = (
     "callgate.core.policy",
     "callgate.core.switchboard",
     "callgate.ratelimit",
+    "callgate.audit",
 )
 PACKAGE = Path(__file__).parent
 SOURCE_ROOT = PACKAGE.parent  # the folder that holds `callgate/`, where mypyc runs

@@ -1,17 +1,23 @@
-"""Rate limits (contract section 6), on the `limits` library's moving windows.
+"""Rate limits (contract section 6): `limits`' rules and moving windows.
 
-The library's async API needs asyncio, so under trio its synchronous API is used: with the
-in-memory storage a check is a short, non-blocking computation. A multi-node backend swaps the
-storage; callers only see `RateLimiter`'s methods, which answer `None` (admitted and counted) or
-the number of seconds after which to retry.
+The rules (`"5/minute;100/hour"`) are parsed by the `limits` library, and every limit follows its
+moving-window rule. Callers only see `RateLimiter`'s methods, which answer `None` (admitted and
+counted) or the number of seconds after which to retry.
+
+In memory the windows are kept here, not in `limits`' MemoryStorage: that storage expires its
+entries from a `threading.Timer` which it starts anew, 10 ms after the last one, whenever hits
+keep coming, so a connect storm started a thread for about every five connections (strace: 651
+thread creations for 3,000 connections), each a handful of system calls and a fight for the GIL.
+The windows here are the same rule on a list per key (`MovingWindows`), swept once a second.
 
 The per-connection limits (`messages`, `flood`) are checked on every message, so they are kept on
-the connection itself (`ConnectionLimits`, the same moving-window semantics): a few list
-operations instead of a storage lookup, and nothing to expire once the connection is gone.
+the connection itself (`ConnectionLimits`): a few list operations, and nothing to expire once the
+connection is gone.
 
-In cluster mode the call limits (per user, per pair) live in Redis, so that they hold across
-nodes; `admit_call` then does network I/O and is only called from a worker thread. The
-per-connection and per-address limits stay in memory: a connection lives on one node.
+In cluster mode the call limits (per user, per pair) live in Redis through `limits`' Redis
+storage, so that they hold across nodes; `admit_call` then does network I/O and is only called
+from a worker thread. The per-connection and per-address limits stay in memory: a connection
+lives on one node.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import math
 import time
 
 from limits import RateLimitItem, parse_many
-from limits.storage import MemoryStorage, Storage
+from limits.storage import Storage
 from limits.strategies import MovingWindowRateLimiter
 
 from callgate.config import LimitSettings
@@ -29,39 +35,20 @@ from callgate.core.policy import Throttled
 
 class RateLimiter:
     def __init__(self, settings: LimitSettings, call_storage: Storage | None = None) -> None:
-        self._limiter = MovingWindowRateLimiter(MemoryStorage())
-        self._call_limiter = (
-            self._limiter if call_storage is None else MovingWindowRateLimiter(call_storage)
-        )
+        # The call limits: in memory, or on the cluster's shared storage (Redis).
+        self._shared = None if call_storage is None else MovingWindowRateLimiter(call_storage)
         self._call_request = parse_many(settings.call_request)
         self._call_request_pair = parse_many(settings.call_request_pair)
+        self._calls_by_caller = KeyedWindows(self._call_request)
+        self._calls_by_pair = KeyedWindows(self._call_request_pair)
+        self._handshakes = KeyedWindows(parse_many(settings.handshakes))
         self._messages = parse_many(settings.messages)
-        self._handshakes = parse_many(settings.handshakes)
         self._flood = parse_many(settings.flood)
 
-    def _admit(
-        self,
-        items: list[RateLimitItem],
-        *identifiers: str,
-        limiter: MovingWindowRateLimiter | None = None,
-    ) -> int | None:
-        """Count one hit against every window if all admit it; else seconds until one does."""
-        limiter = limiter or self._limiter
-        if len(items) == 1:  # the common case, and the per-message one: one call, not two
-            if limiter.hit(items[0], *identifiers):
-                return None
-            return _retry_after(limiter, items[0], identifiers)
-        for item in items:
-            if not limiter.test(item, *identifiers):
-                return _retry_after(limiter, item, identifiers)
-        for item in items:
-            limiter.hit(item, *identifiers)
-        return None
-
     def close(self) -> None:
-        """Close the shared storage's connections (cluster mode); the memory one has none."""
-        if self._call_limiter is not self._limiter:
-            client = getattr(self._call_limiter.storage, "storage", None)
+        """Close the shared storage's connections (cluster mode); memory has none."""
+        if self._shared is not None:
+            client = getattr(self._shared.storage, "storage", None)
             if client is not None:
                 client.close()
 
@@ -70,13 +57,20 @@ class RateLimiter:
 
         Raises: limits.errors.StorageError when the shared storage (Redis) cannot be reached.
         """
-        shared = self._call_limiter
-        retry = self._admit(self._call_request, "call_request", caller, limiter=shared)
+        shared = self._shared
+        if shared is None:
+            now = time.monotonic()
+            retry = self._calls_by_caller.hit((caller,), now)
+            if retry is not None:
+                return Throttled("call_request", retry)
+            retry = self._calls_by_pair.hit((caller, callee), now)
+            if retry is not None:
+                return Throttled("call_request_pair", retry)
+            return None
+        retry = _admit_shared(shared, self._call_request, "call_request", caller)
         if retry is not None:
             return Throttled("call_request", retry)
-        retry = self._admit(
-            self._call_request_pair, "call_request_pair", caller, callee, limiter=shared
-        )
+        retry = _admit_shared(shared, self._call_request_pair, "call_request_pair", caller, callee)
         if retry is not None:
             return Throttled("call_request_pair", retry)
         return None
@@ -85,7 +79,28 @@ class RateLimiter:
         return ConnectionLimits(self._messages, self._flood)
 
     def admit_handshake(self, address: str) -> int | None:
-        return self._admit(self._handshakes, "handshakes", address)
+        return self._handshakes.hit((address,), time.monotonic())
+
+    @property
+    def tracked_keys(self) -> int:
+        """Keys with hits still inside a window (addresses, callers, pairs): what memory holds."""
+        return len(self._handshakes) + len(self._calls_by_caller) + len(self._calls_by_pair)
+
+
+def _admit_shared(
+    limiter: MovingWindowRateLimiter, items: list[RateLimitItem], *identifiers: str
+) -> int | None:
+    """Count one hit against every window if all admit it; else seconds until one does."""
+    if len(items) == 1:  # the common case: one round trip, not two
+        if limiter.hit(items[0], *identifiers):
+            return None
+        return _retry_after(limiter, items[0], identifiers)
+    for item in items:
+        if not limiter.test(item, *identifiers):
+            return _retry_after(limiter, item, identifiers)
+    for item in items:
+        limiter.hit(item, *identifiers)
+    return None
 
 
 def _retry_after(
@@ -115,6 +130,50 @@ class MovingWindows:
         for window in self._windows:
             window.hits.append(now)
         return None
+
+    def idle(self, now: float) -> bool:
+        """True when no hit is left in any window: forgetting these windows changes nothing."""
+        for window in self._windows:
+            window.full(now)  # drops the hits that left it
+            if window.start < len(window.hits):
+                return False
+        return True
+
+
+# How often `KeyedWindows` forgets the keys whose hits have all left their windows.
+SWEEP_SECONDS = 1.0
+
+
+class KeyedWindows:
+    """`MovingWindows` per key (an address, a caller, a caller and callee pair), for keys that
+    come and go: a key's windows exist while a hit of it is inside one, so memory follows the
+    keys seen within the longest period, as in `limits`' own storage."""
+
+    __slots__ = ("_by_key", "_items", "_next_sweep")
+
+    def __init__(self, items: list[RateLimitItem]) -> None:
+        self._items = items
+        self._by_key: dict[tuple[str, ...], MovingWindows] = {}
+        self._next_sweep = 0.0
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def hit(self, key: tuple[str, ...], now: float) -> int | None:
+        """None when admitted (and counted); otherwise seconds until a hit of `key` would be."""
+        if now >= self._next_sweep:
+            self.sweep(now)
+        windows = self._by_key.get(key)
+        if windows is None:
+            windows = self._by_key[key] = MovingWindows(self._items)
+        return windows.hit(now)
+
+    def sweep(self, now: float) -> None:
+        """Forget the keys with no hit left in any window."""
+        self._next_sweep = now + SWEEP_SECONDS
+        idle = [key for key, windows in self._by_key.items() if windows.idle(now)]
+        for key in idle:
+            del self._by_key[key]
 
 
 class _Window:
