@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 import orjson
-import structlog
 
 if TYPE_CHECKING:
     from callgate.config import AuditSettings
@@ -214,17 +213,6 @@ class AuditLog:
         self._seq, self._mac = sink.last_link()
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
-        self._logger = structlog.wrap_logger(
-            sink,
-            processors=[
-                _stamp,
-                _prepare,
-                self._seal,
-            ],
-            # The plain BoundLogger proxies `msg` to the sink as is (no levels in an audit log).
-            wrapper_class=structlog.BoundLogger,
-            cache_logger_on_first_use=True,
-        )
         if sink.chained_across_files:
             self._emit("audit.opened", {"reason": "start", "prev_file": sink.previous_file()})
 
@@ -289,8 +277,12 @@ class AuditLog:
         self._sink.close()
 
     def _emit(self, event: str, fields: Mapping[str, Any]) -> None:
-        # structlog names the event positionally; an `event` key in fields would collide.
-        self._logger.msg(event, **{k: v for k, v in fields.items() if k != "event"})
+        # The processors are structlog's kind (logger, method, record), called in turn: the
+        # BoundLogger that ran them (a context copy, a proxy call, its own bookkeeping) cost as
+        # much as they do, and an audit record has no context to bind.
+        record: dict[str, Any] = {key: value for key, value in fields.items() if key != "event"}
+        record["event"] = event
+        self._sink.msg(self._seal(None, "msg", _prepare(None, "msg", _stamp(None, "msg", record))))
 
     def _seal(self, _: Any, __: str, record: MutableMapping[str, Any]) -> str:
         """Number the record, chain its MAC and render its line: the last processor.
