@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-import h11
 import pytest
 import trio
 import trio.testing
@@ -19,6 +18,8 @@ from wsproto.utilities import RemoteProtocolError
 
 from callgate.protocol.frames import text_frame
 from callgate.transport.engine import WsprotoConnection, upgrade_request
+from callgate.transport.head import BadHead, HeadParser, RequestHead
+from callgate.transport.listener import MAX_HEAD_BYTES
 
 # Around each length boundary of the frame header (7-bit, 16-bit, 64-bit lengths).
 SIZES = st.sampled_from([0, 1, 125, 126, 127, 65535, 65536, 65537]) | st.integers(0, 70000)
@@ -118,7 +119,7 @@ async def test_a_bad_frame_after_fast_frames_is_refused_like_wsproto_refuses_it(
     assert engine.closed is not None and engine.closed.code == 1002
 
 
-# -- the upgrade: parsed once by the front (h11), checked and answered like wsproto --------------
+# -- the upgrade: parsed once by the front (httptools), checked and answered like wsproto --------
 
 GOOD_HEAD = (
     b"GET /ws HTTP/1.1\r\nHost: example\r\nUpgrade: websocket\r\n"
@@ -127,12 +128,41 @@ GOOD_HEAD = (
 )
 
 
-def parsed(head: bytes) -> tuple[h11.Request, bytes]:
-    parser = h11.Connection(h11.SERVER)
-    parser.receive_data(head)
-    request = parser.next_event()
-    assert isinstance(request, h11.Request)
-    return request, bytes(parser.trailing_data[0])
+def parsed(head: bytes) -> tuple[RequestHead, bytes]:
+    parser = HeadParser(MAX_HEAD_BYTES)
+    request = parser.feed(head)
+    assert request is not None
+    return request, parser.trailing
+
+
+def test_the_head_parser_takes_a_head_in_pieces_and_keeps_what_follows_it() -> None:
+    parser = HeadParser(MAX_HEAD_BYTES)
+    data = GOOD_HEAD.replace(b"Upgrade: websocket", b"UPGRADE:  websocket \t") + b"\x81\x80early"
+    pieces = [data[:7], data[7:40], data[40:]]
+    assert parser.feed(pieces[0]) is None
+    assert parser.feed(pieces[1]) is None
+    head = parser.feed(pieces[2])
+    assert head is not None
+    assert (head.method, head.target) == (b"GET", b"/ws")
+    assert (b"upgrade", b"websocket") in head.headers  # names lowercased, blanks stripped
+    assert parser.trailing == b"\x81\x80early"  # a client that did not wait for the 101
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET /ws HTTP/1.1\r\nBad Header: x\r\n\r\n",  # a space in a header name
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nX-Pad: " + b"p" * (MAX_HEAD_BYTES + 1),  # oversized
+    ],
+)
+def test_a_broken_or_oversized_head_is_refused(data: bytes) -> None:
+    def feed_as_the_front_reads(parser: HeadParser) -> None:
+        for start in range(0, len(data), 4096):
+            assert parser.feed(data[start : start + 4096]) is None
+
+    with pytest.raises(BadHead):
+        feed_as_the_front_reads(HeadParser(MAX_HEAD_BYTES))
 
 
 def wsproto_accepts(head: bytes) -> bytes | None:
@@ -168,7 +198,7 @@ async def test_the_upgrade_is_answered_byte_for_byte_like_wsproto() -> None:
         (b"Upgrade: websocket", b"Upgrade: h2c"),
         (b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: 12"),
         (b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", b""),
-        # (A missing Host is refused earlier, by h11 in the front: HTTP/1.1 requires it.)
+        (b"Host: example\r\n", b""),  # HTTP/1.1 requires it
     ],
 )
 def test_a_broken_upgrade_is_refused_like_wsproto_refuses_it(old: bytes, new: bytes) -> None:

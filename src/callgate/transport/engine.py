@@ -6,10 +6,10 @@ costs about four times the whole per-message budget of the reference server (doc
 This engine drives wsproto directly: `get_message` reads the socket and decodes every frame of
 that read inline, and `send_messages` writes everything a connection has queued in one `send_all`.
 
-The upgrade is answered here too (`upgrade_request`): the front has parsed the request head with
-h11 already, so its WebSocket headers are checked as wsproto checks them and the 101 is written
-directly, instead of wsproto parsing the head a second time (a third of a connect storm's HTTP
-work); only wsproto's post-handshake state machine is kept.
+The upgrade is answered here too (`upgrade_request`): the front has parsed the request head
+already (transport/head.py), so its WebSocket headers are checked as wsproto checks them and the
+101 is written directly, instead of wsproto parsing the head a second time (a third of a connect
+storm's HTTP work); only wsproto's post-handshake state machine is kept.
 
 It offers the small part of trio-websocket's interface the transport uses (`get_message`,
 `send_message`, `send_messages`, `ping`, `aclose`, `closed`; a request with `path`, `headers`,
@@ -23,7 +23,6 @@ import socket
 from collections.abc import Callable
 from http import HTTPStatus
 
-import h11
 import trio
 from trio_websocket import CloseReason, ConnectionClosed
 from wsproto.connection import Connection, ConnectionState, ConnectionType
@@ -37,6 +36,7 @@ from wsproto.events import (
 from wsproto.utilities import RemoteProtocolError, generate_accept_token
 
 from callgate.protocol.frames import fast_frames, text_frame
+from callgate.transport.head import RequestHead
 from callgate.transport.reactor import Reactor
 
 RECEIVE_BYTES = 65536
@@ -390,7 +390,7 @@ class WsprotoConnection:
 class WsprotoRequest:
     """The upgrade request, before the handler accepts or rejects it.
 
-    Built from the request head the front already parsed (h11), so the HTTP request is parsed
+    Built from the request head the front already parsed, so the HTTP request is parsed
     once. Spent once answered: it lets go of the headers and the key, which would otherwise
     stay with every open connection. Read `path` and `headers` before `accept`.
     """
@@ -452,19 +452,19 @@ _STATUSES = {status.value for status in HTTPStatus}
 
 
 def upgrade_request(
-    request: h11.Request, trailing: bytes, stream: trio.abc.Stream, max_message_size: int
+    request: RequestHead, trailing: bytes, stream: trio.abc.Stream, max_message_size: int
 ) -> WsprotoRequest | None:
     """The WebSocket upgrade in an HTTP request head, or None if it is not a valid one.
 
     The checks are wsproto's server-side checks (GET; `Connection: Upgrade`; `Upgrade:
     websocket`; `Sec-WebSocket-Version: 13`; a `Sec-WebSocket-Key`; a `Host`), made on the head
-    h11 already parsed instead of parsing it a second time.
+    the front already parsed instead of parsing it a second time.
     """
     if request.method != b"GET":
         return None
     connection_upgrade = has_host = False
     key = version = upgrade = None
-    for name, value in request.headers:  # h11 gives names lowercased
+    for name, value in request.headers:  # names lowercased by the front's parser
         if name == b"connection":
             connection_upgrade |= any(
                 token.strip().lower() == b"upgrade" for token in value.split(b",")

@@ -2,7 +2,7 @@
 
 trio-websocket answers any request it cannot upgrade with an empty `400`, but the contract asks
 for more: Engine.IO long-polling must get a JSON body that says to use the WebSocket transport. So
-callgate reads the request head itself (h11, bounded in size and time), answers what is not a
+callgate reads the request head itself (httptools, bounded in size and time), answers what is not a
 WebSocket for it, and hands upgrades to trio-websocket with the bytes already read replayed; on
 the `wsproto` engine, the parsed head itself goes to `engine.upgrade_request`, so it is parsed once.
 
@@ -22,13 +22,13 @@ from functools import partial
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
-import h11
 import trio
 from trio_websocket import WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 
 from callgate.log import get_logger
 from callgate.transport.engine import upgrade_request
+from callgate.transport.head import BadHead, HeadParser, RequestHead
 
 log = get_logger("callgate.listener")
 MAX_HEAD_BYTES = 16384
@@ -97,22 +97,22 @@ def _peer(stream: trio.abc.Stream) -> str:
     return "unknown"
 
 
-async def _read_head(stream: trio.abc.Stream) -> tuple[bytes, h11.Request, bytes] | None:
+async def _read_head(stream: trio.abc.Stream) -> tuple[bytes, RequestHead, bytes] | None:
     """Everything read, the request head, and the bytes after the head; None for a broken or
-    oversized head."""
-    parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+    oversized head, or a client that left."""
+    parser = HeadParser(MAX_HEAD_BYTES)
     received = b""
     while True:
-        event = parser.next_event()
-        if isinstance(event, h11.Request):
-            return received, event, bytes(parser.trailing_data[0])
-        if event is not h11.NEED_DATA:
-            return None
-        data = await stream.receive_some(4096)
+        data = bytes(await stream.receive_some(4096))
         if not data:
             return None
         received += data
-        parser.receive_data(bytes(data))
+        try:
+            head = parser.feed(data)
+        except BadHead:
+            return None
+        if head is not None:
+            return received, head, parser.trailing
 
 
 async def _respond(stream: trio.abc.Stream, status: int, message: str) -> None:
@@ -125,7 +125,7 @@ async def _respond(stream: trio.abc.Stream, status: int, message: str) -> None:
     await stream.send_all(head.encode() + body)
 
 
-def _route(request: h11.Request, native_path: str, *, socketio: bool) -> Dialect | tuple[int, str]:
+def _route(request: RequestHead, native_path: str, *, socketio: bool) -> Dialect | tuple[int, str]:
     target = urlsplit(request.target.decode("ascii", "replace"))
     if target.path == native_path:
         return Dialect.NATIVE
@@ -181,7 +181,7 @@ class _PendingHandshakes:
 
 async def _read_upgrade(
     stream: trio.abc.Stream, front: FrontSettings
-) -> tuple[bytes, h11.Request, bytes, Dialect] | None:
+) -> tuple[bytes, RequestHead, bytes, Dialect] | None:
     """The head of a WebSocket upgrade: its raw bytes, the parsed request, the bytes after it,
     and its dialect; None when it was answered here (404, 400) or is broken."""
     head = await _read_head(stream)
