@@ -22,6 +22,7 @@ import trio
 from jsonschema import Draft202012Validator
 from trio_websocket import ConnectionClosed, WebSocketConnection, connect_websocket_url
 
+import callgate
 from callgate.audit import AuditLog, StreamSink
 from callgate.auth import mint_token
 from callgate.cluster.link import delete_cluster_keys
@@ -30,8 +31,6 @@ from callgate.transport.server import RunningServer, serve
 
 
 def pytest_report_header() -> str:
-    import callgate
-
     return f"callgate hot path: {callgate.IMPLEMENTATION} (see src/callgate/_accel.py)"
 
 
@@ -502,8 +501,10 @@ async def start_server_process(
             chunk = await process.stderr.receive_some(4096)
             assert chunk, buffer
             buffer += chunk
-    line = next(line for line in buffer.splitlines() if b'"listening"' in line)
-    return process, json.loads(line)["url"]
+    listening = json.loads(next(line for line in buffer.splitlines() if b'"listening"' in line))
+    # The operator's first line says which build runs: the one this test process chose too.
+    assert listening["hot_path"] == callgate.IMPLEMENTATION
+    return process, listening["url"]
 
 
 async def signed_in(

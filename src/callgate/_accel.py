@@ -1,10 +1,10 @@
 """The compiled hot path: mypyc builds of the pure core, and the guard that keeps them honest.
 
-The modules in `COMPILED` are the per-message path (messages, codec, switchboard, call table,
-policy, events, actions and the per-connection rate limits): synchronous, strictly typed Python
-with no I/O. mypyc compiles such code to C extensions unchanged, and they run a forwarded message
-in about three quarters of the time (docs/performance.md, engine step 15). Everything else stays
-interpreted.
+The modules in `COMPILED` are the per-message path (messages, codec, WebSocket frames,
+switchboard, call table, policy, events, actions, the rate limits) and the audit records:
+synchronous, strictly typed Python with no I/O. mypyc compiles such code to C extensions
+unchanged, and they run a forwarded message in about three quarters of the time
+(docs/performance.md, engine step 15). Everything else stays interpreted.
 
 How it fits an editable checkout:
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import trio
 
+import callgate
 from callgate import __version__
 from callgate.audit import AuditLog
 from callgate.auth import mint_token
@@ -161,7 +162,13 @@ def _serve(args: argparse.Namespace) -> int:
     _refuse_development_secret_off_loopback(settings)
 
     async def announce(running: RunningServer, _: trio.Nursery) -> None:
-        log.info("listening", url=running.url, audit=settings.audit.path)
+        # Which build runs: "compiled", or why not (callgate/_accel.py).
+        log.info(
+            "listening",
+            url=running.url,
+            audit=settings.audit.path,
+            hot_path=callgate.IMPLEMENTATION,
+        )
         if uses_development_secret(settings):
             log.warning(
                 "development secret in use: loopback only",
