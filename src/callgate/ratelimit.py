@@ -57,22 +57,18 @@ class RateLimiter:
 
         Raises: limits.errors.StorageError when the shared storage (Redis) cannot be reached.
         """
-        shared = self._shared
-        if shared is None:
-            now = time.monotonic()
-            retry = self._calls_by_caller.hit((caller,), now)
+        shared, now = self._shared, time.monotonic()
+        # The names are also the shared storage's key prefixes: they must not change.
+        for limit, windows, items, key in (
+            ("call_request", self._calls_by_caller, self._call_request, (caller,)),
+            ("call_request_pair", self._calls_by_pair, self._call_request_pair, (caller, callee)),
+        ):
+            if shared is None:
+                retry = windows.hit(key, now)
+            else:
+                retry = _admit_shared(shared, items, limit, *key)
             if retry is not None:
-                return Throttled("call_request", retry)
-            retry = self._calls_by_pair.hit((caller, callee), now)
-            if retry is not None:
-                return Throttled("call_request_pair", retry)
-            return None
-        retry = _admit_shared(shared, self._call_request, "call_request", caller)
-        if retry is not None:
-            return Throttled("call_request", retry)
-        retry = _admit_shared(shared, self._call_request_pair, "call_request_pair", caller, callee)
-        if retry is not None:
-            return Throttled("call_request_pair", retry)
+                return Throttled(limit, retry)
         return None
 
     def for_connection(self) -> ConnectionLimits:
@@ -80,11 +76,6 @@ class RateLimiter:
 
     def admit_handshake(self, address: str) -> int | None:
         return self._handshakes.hit((address,), time.monotonic())
-
-    @property
-    def tracked_keys(self) -> int:
-        """Keys with hits still inside a window (addresses, callers, pairs): what memory holds."""
-        return len(self._handshakes) + len(self._calls_by_caller) + len(self._calls_by_pair)
 
 
 def _admit_shared(
