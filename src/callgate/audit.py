@@ -308,7 +308,7 @@ class AuditSink:
     name = "-"
     chained_across_files = False
 
-    def msg(self, line: str) -> None:  # structlog's logger interface
+    def msg(self, line: str) -> None:  # one finished line (the name is structlog's)
         raise NotImplementedError
 
     def last_link(self) -> tuple[int, str]:
