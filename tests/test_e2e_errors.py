@@ -207,6 +207,36 @@ async def test_wrong_path_is_404(gate: Harness) -> None:
     assert reply.startswith(b"HTTP/1.1 404")
 
 
+@pytest.mark.parametrize(
+    ("request_head", "reply_starts"),
+    [
+        pytest.param(  # no Sec-WebSocket-Key
+            b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            b"HTTP/1.1 400",
+            id="broken-upgrade-400",
+        ),
+        pytest.param(b"GARBAGE\r\n\r\n", None, id="not-http-no-answer"),
+    ],
+)
+async def test_what_a_request_that_is_no_upgrade_gets(
+    gate: Harness, request_head: bytes, reply_starts: bytes | None
+) -> None:
+    """docs/protocol.md section 1: a broken upgrade gets 400; a head that is not HTTP/1.x is
+    closed without an answer. Either way the socket is closed."""
+    assert gate.server is not None
+    async with await trio.open_tcp_stream("127.0.0.1", gate.server.port) as stream:
+        await stream.send_all(request_head)
+        reply = b""
+        with trio.fail_after(STEP):
+            while chunk := await stream.receive_some(4096):
+                reply += chunk
+    if reply_starts is None:
+        assert reply == b""
+    else:
+        assert reply.startswith(reply_starts)
+
+
 # -- authentication ----------------------------------------------------------------------
 
 
