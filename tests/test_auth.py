@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import hmac
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jwt
@@ -141,3 +144,71 @@ def test_an_oversized_header_is_read_but_not_kept() -> None:
     before = _read_header_cached.cache_info().currsize
     assert verifier().verify(token).user == "alice"
     assert _read_header_cached.cache_info().currsize == before
+
+
+_SEGMENT_BYTES = st.one_of(
+    # mostly base64url text, with padding and the odd stray character, where the cases differ
+    st.text(
+        alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_=+/! .",
+        max_size=40,
+    ).map(str.encode),
+    st.binary(max_size=40),
+    st.binary(max_size=30).map(lambda raw: base64.urlsafe_b64encode(raw)),
+)
+
+
+@given(_SEGMENT_BYTES)
+def test_the_segment_check_in_c_decides_as_pyjwts_own(segment: bytes) -> None:
+    """`_Signatures` checks each segment with bytes.translate instead of pyjwt's Python loop:
+    on any segment, both return the same bytes or both refuse it, with the same message."""
+    from callgate.auth import _Signatures
+
+    def outcome(check: Callable[[bytes, str], bytes]) -> bytes | str:
+        try:
+            return check(segment, "payload")
+        except jwt.DecodeError as refused:
+            return f"refused: {refused}"
+
+    assert outcome(_Signatures._decode_base64url_segment) == outcome(
+        jwt.PyJWS._decode_base64url_segment
+    )
+
+
+def test_the_verifier_runs_the_faster_checks() -> None:
+    """Guards the seam into pyjwt: if a pyjwt upgrade moved its signing half, this says so
+    (the verifier would still be correct, only slower)."""
+    from callgate.auth import _Claims, _Signatures
+
+    decoder = verifier()._decoder
+    assert isinstance(decoder, _Claims)
+    assert isinstance(decoder._jws, _Signatures)
+    assert "_decode_base64url_segment" in vars(jwt.PyJWS)  # what _Signatures replaces
+    assert "_decode_payload" in vars(jwt.PyJWT)  # what _Claims replaces
+
+
+def _signed(payload: bytes) -> str:
+    header = base64.urlsafe_b64encode(b'{"alg":"HS256","typ":"JWT"}').rstrip(b"=")
+    body = base64.urlsafe_b64encode(payload).rstrip(b"=")
+    signature = hmac.digest(SECRET.encode(), header + b"." + body, "sha256")
+    return b".".join([header, body, base64.urlsafe_b64encode(signature).rstrip(b"=")]).decode()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"sub":"alice","exp":NaN}',
+        b'{"sub":"alice","exp":Infinity}',
+        '{"sub":"alice","exp":1}'.encode("utf-16"),
+        b'["alice"]',
+        b"{",
+    ],
+)
+def test_a_payload_that_is_not_strict_json_is_malformed(payload: bytes) -> None:
+    with pytest.raises(AuthError) as refused:
+        verifier().verify(_signed(payload))
+    assert refused.value.detail == "malformed"
+
+
+def test_a_properly_signed_payload_of_strict_json_verifies() -> None:
+    payload = b'{"sub":"alice","exp":%d,"name":"\\u00e9l\\u00e8ve"}' % (int(time.time()) + 60)
+    assert verifier().verify(_signed(payload)).user == "alice"
