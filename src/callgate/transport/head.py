@@ -29,6 +29,34 @@ class BadHead(Exception):
     """Not an HTTP/1.x request head, or one larger than the limit."""
 
 
+class _Collected:
+    """What llhttp's callbacks collect, apart from the parser that calls them.
+
+    The parser holds its callbacks. Were they `HeadParser`'s own methods, every `HeadParser`
+    would be a reference cycle, which only the cyclic garbage collector frees: twelve objects
+    per connection, half of all it collected in a 10,000-client storm. Held apart, the parser
+    and its callbacks go as soon as the connection's head is read.
+    """
+
+    __slots__ = ("complete", "headers", "target")
+
+    def __init__(self) -> None:
+        self.target = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.complete = False
+
+    # llhttp's callbacks (httptools calls them during `feed_data`)
+
+    def on_url(self, url: bytes) -> None:
+        self.target += url  # in pieces when the line arrives in pieces
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value.strip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
 class HeadParser:
     """Feeds a request's bytes to llhttp until its head is complete.
 
@@ -37,27 +65,14 @@ class HeadParser:
     WebSocket frames of a client that did not wait for the 101.
     """
 
-    __slots__ = ("_complete", "_headers", "_limit", "_parser", "_received", "_target", "trailing")
+    __slots__ = ("_collected", "_limit", "_parser", "_received", "trailing")
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
         self._received = 0
-        self._target = b""
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._complete = False
         self.trailing = b""
-        self._parser = httptools.HttpRequestParser(self)
-
-    # llhttp's callbacks (httptools calls them during `feed_data`)
-
-    def on_url(self, url: bytes) -> None:
-        self._target += url  # in pieces when the line arrives in pieces
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value.strip(b" \t")))
-
-    def on_headers_complete(self) -> None:
-        self._complete = True
+        self._collected = _Collected()
+        self._parser = httptools.HttpRequestParser(self._collected)
 
     def feed(self, data: bytes) -> RequestHead | None:
         """The head once `data` completes it; None while more is needed.
@@ -71,8 +86,9 @@ class HeadParser:
             self.trailing = data[upgrade.args[0] :]
         except httptools.HttpParserError:
             raise BadHead("not an HTTP/1.x request") from None
-        if not self._complete:
+        collected = self._collected
+        if not collected.complete:
             if self._received > self._limit:
                 raise BadHead("request head too large")
             return None
-        return RequestHead(self._parser.get_method(), self._target, self._headers)
+        return RequestHead(self._parser.get_method(), collected.target, collected.headers)
