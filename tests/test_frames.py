@@ -199,10 +199,36 @@ async def test_the_upgrade_is_answered_byte_for_byte_like_wsproto() -> None:
     assert upgrade is not None
     assert upgrade.path == "/ws"
     assert (b"sec-websocket-version", b"13") in upgrade.headers
-    await upgrade.accept()
-    assert await client_side.receive_some() == wsproto_accepts(GOOD_HEAD)
+    engine = await upgrade.accept()
+    # The 101 is staged: it goes out with the first frame, in one write.
+    await engine.send_message("hello")
+    with trio.fail_after(5):
+        answered = await client_side.receive_some()
+    assert answered == wsproto_accepts(GOOD_HEAD) + text_frame("hello")
     with pytest.raises(RuntimeError):
         await upgrade.accept()  # spent
+
+
+async def test_the_101_goes_out_before_the_server_waits_for_the_client() -> None:
+    """A browser sends `auth` only once it has the 101: a connection that reads before it has
+    sent anything writes the staged 101 first."""
+    server_side, client_side = trio.testing.memory_stream_pair()
+    request, trailing = parsed(GOOD_HEAD)
+    upgrade = upgrade_request(request, trailing, server_side, 2**20)
+    assert upgrade is not None
+    engine = await upgrade.accept()
+    client = Connection(ConnectionType.CLIENT)
+    async with trio.open_nursery() as nursery:
+        got: list[str | bytes] = []
+
+        async def read() -> None:
+            got.append(await engine.get_message())
+
+        nursery.start_soon(read)
+        with trio.fail_after(5):
+            assert await client_side.receive_some() == wsproto_accepts(GOOD_HEAD)
+            await client_side.send_all(client.send(TextMessage(data="auth")))
+    assert got == ["auth"]
 
 
 @pytest.mark.parametrize(

@@ -95,7 +95,9 @@ class WsprotoConnection:
         self._drained = True
         # Bytes that came with the upgrade request, read before the socket (see `feed`).
         self._early = b""
-        # Bytes `try_send_now` could not write at once; `_send` writes them first.
+        # Bytes written before any frame: the 101 (see `WsprotoRequest.accept`), or what of a
+        # frame `try_send_now` could not write at once. The next write sends them first, and
+        # the connection sends them before it waits for the client (`get_message`).
         self._unsent = b""
         # With a reactor (`attach_reactor`): the handler of messages read while parked, and
         # what it raised, for this connection's task to raise in its place.
@@ -129,6 +131,10 @@ class WsprotoConnection:
                 return self._inbox.pop(0)
             if self.closed is not None:
                 raise ConnectionClosed(self.closed)
+            if self._unsent and not self._sending:
+                # Not read with the 101 still here: a browser waits for it before it sends `auth`.
+                await self._send(b"")
+                continue
             try:
                 data = await self._receive()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -304,29 +310,33 @@ class WsprotoConnection:
         """Bytes of a frame `try_send_now` wrote only in part wait for the next `_send`."""
         return bool(self._unsent)
 
+    def stage(self, data: bytes) -> None:
+        """Bytes to go out first, with the next frame or before the next read (the 101)."""
+        self._unsent += data
+
     def try_send_now(self, message: str) -> bool:
         """Write one text frame now, without waiting, when nothing else is being sent.
 
-        True: the frame is the socket's (if it took only part, the rest is kept: `backlog`,
-        and goes out first on the next `_send`). False: nothing was written; queue it.
+        True: the frame is the socket's, after what was staged (if it took only part, the rest
+        is kept: `backlog`, and goes out first on the next `_send`). False: nothing was
+        written; queue it.
         """
         if (
             self._socket is None
-            or self._unsent
             or self._sending
             or self.closed is not None
             or self._protocol.state is not ConnectionState.OPEN
         ):
             return False
-        frame = text_frame(message)
+        data = self._unsent + text_frame(message)
         try:
-            sent = self._socket.send(frame)
+            sent = self._socket.send(data)
         except (BlockingIOError, InterruptedError):
-            return False
+            return False  # and what was staged stays staged
         except OSError:
             self._set_closed(1006, "connection lost")
             return True  # gone: the read side ends the connection; nothing more to send
-        self._unsent = frame[sent:]
+        self._unsent = data[sent:]
         return True
 
     async def send_message(self, message: str) -> None:
@@ -427,16 +437,24 @@ class WsprotoRequest:
         return key
 
     async def accept(self) -> WsprotoConnection:
-        """101 Switching Protocols (RFC 6455 4.2.2; no subprotocol, no extension)."""
+        """101 Switching Protocols (RFC 6455 4.2.2; no subprotocol, no extension).
+
+        The 101 is staged, not written: it goes out in one write with the first frame, or
+        before the connection first waits for the client. A client that signs in with its
+        token in the header gets its 101 and its `session` in one segment, one system call
+        instead of two (a tenth of a connect storm's system time); the bytes on the wire are
+        the same.
+        """
         accept_token = generate_accept_token(self._spend())
-        await self._stream.send_all(
+        protocol = Connection(ConnectionType.SERVER)
+        connection = WsprotoConnection(self._stream, protocol, self._max_message_size)
+        connection.stage(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Accept: " + accept_token + b"\r\n\r\n"
         )
-        protocol = Connection(ConnectionType.SERVER)
-        connection = WsprotoConnection(self._stream, protocol, self._max_message_size)
         connection.feed(self._trailing)
         self._trailing = b""
+        await trio.lowlevel.checkpoint()
         return connection
 
     async def reject(self, status_code: int, *, body: bytes = b"") -> None:
