@@ -105,9 +105,11 @@ class Connection:
         self.identity: Identity | None = None
         # Its message and flood windows (set by the hub from the configured limits).
         self.limits = _NO_LIMITS
-        self.scope = trio.CancelScope()
-        # Where the writer and pings run: the hub's nursery for this connection.
+        # Where the writer and pings run: the hub's nursery for this connection (`run_in`),
+        # whose cancel scope `abort` cancels.
         self.nursery: trio.Nursery | None = None
+        self._scope: trio.CancelScope | None = None
+        self._aborted = False
         # Its entries in the hub's `Deadlines`: the keepalive (or Engine.IO heartbeat), and the
         # token's expiry. Cancelled when the connection ends.
         self.keepalive: Deadline | None = None
@@ -194,11 +196,23 @@ class Connection:
             return
         self._enqueue(text)
 
+    def run_in(self, nursery: trio.Nursery) -> None:
+        """The nursery this connection's life runs in: `abort` cancels it, and all inside.
+
+        Its own cancel scope, not one more around it: a cancel scope costs as much as a
+        token's signature check in a connect storm (trio enters each through a generator).
+        """
+        self.nursery, self._scope = nursery, nursery.cancel_scope
+        if self._aborted:
+            self._scope.cancel()
+
     def abort(self, code: int, reason: str) -> None:
         """Stop now, without draining the queue (the client is not reading, or is gone)."""
         if self.close_code is None:
             self.close_code, self.close_reason = code, reason
-        self.scope.cancel()
+        self._aborted = True
+        if self._scope is not None:
+            self._scope.cancel()
 
     def _enqueue(self, item: str | _CloseRequest | _Flush) -> None:
         outbox = self._outbox or self._start_writer()

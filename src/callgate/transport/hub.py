@@ -409,19 +409,18 @@ class ConnectionHub:
         self._per_address[addr] += 1
         self.audit("conn.open", {"conn": conn_id, "addr": addr})
         try:
-            with connection.scope:
-                async with trio.open_nursery() as nursery:
-                    connection.nursery = nursery  # the writer starts there with the first frame
-                    try:
-                        await self._converse(connection, upgrade)
-                    except PeerGone:
-                        pass
-                    except CloseConnection as close:
-                        connection.close(close.close_code, close.reason)
-                        # Let the writer flush what is queued (the error, say) and the close frame.
-                        with trio.move_on_after(server.close_timeout):
-                            await connection.writer_done.wait()
-                    nursery.cancel_scope.cancel()
+            async with trio.open_nursery() as nursery:
+                connection.run_in(nursery)  # the writer starts there with the first frame
+                try:
+                    await self._converse(connection, upgrade)
+                except PeerGone:
+                    pass
+                except CloseConnection as close:
+                    connection.close(close.close_code, close.reason)
+                    # Let the writer flush what is queued (the error, say) and the close frame.
+                    with trio.move_on_after(server.close_timeout):
+                        await connection.writer_done.wait()
+                nursery.cancel_scope.cancel()
         finally:
             self._forget(connection)
 
