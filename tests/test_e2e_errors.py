@@ -455,3 +455,22 @@ async def test_half_open_handshakes_per_address_are_capped(harness: Harness) -> 
         assert (await other.receive_some(1024)).startswith(b"HTTP/1.1 404")
     for stream in [*silent, extra, other]:
         await stream.aclose()
+
+
+async def test_a_request_head_that_does_not_arrive_in_time_is_closed(harness: Harness) -> None:
+    """A socket whose head is late (half a head, then nothing) is closed after `auth_timeout`
+    (and at most a quarter more), and no longer counts against its address."""
+    running = await harness.start(
+        make_settings(server={"max_connections_per_address": 1, "auth_timeout": 0.4})
+    )
+    late = await trio.open_tcp_stream("127.0.0.1", running.port)
+    await late.send_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+    with trio.fail_after(STEP):
+        assert await late.receive_some(1024) == b""  # closed without a word
+    # Its slot is free again: the one connection this address may have in handshake is served.
+    again = await trio.open_tcp_stream("127.0.0.1", running.port)
+    await again.send_all(b"GET /elsewhere HTTP/1.1\r\nHost: x\r\n\r\n")
+    with trio.fail_after(STEP):
+        assert (await again.receive_some(1024)).startswith(b"HTTP/1.1 404")
+    for stream in (late, again):
+        await stream.aclose()

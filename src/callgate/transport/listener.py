@@ -158,25 +158,60 @@ class FrontSettings:
 
 
 class _PendingHandshakes:
-    """Sockets per address that have not finished their request head yet."""
+    """Sockets that have not finished their request head yet: at most `limit` per address,
+    and each closed once it has been at it for `timeout` seconds (a slowloris).
 
-    def __init__(self, limit: int) -> None:
+    One task (`expire`) closes the late ones, instead of a trio cancel scope with a deadline
+    around every head: entering such a scope was 3% of a connect storm. A late socket is
+    closed under its reader, whose read then fails as if the client had gone.
+    """
+
+    def __init__(self, limit: int, timeout: float) -> None:
         self._limit = limit
+        self._timeout = timeout
         self._counts: dict[str, int] = {}
+        # When each pending socket was admitted; insertion order is admission order.
+        self._admitted: dict[trio.abc.Stream, float] = {}
 
-    def admit(self, addr: str) -> bool:
+    def admit(self, addr: str, stream: trio.abc.Stream) -> bool:
         count = self._counts.get(addr, 0)
         if count >= self._limit:
             return False
         self._counts[addr] = count + 1
+        self._admitted[stream] = trio.current_time()
         return True
 
-    def release(self, addr: str) -> None:
+    def release(self, addr: str, stream: trio.abc.Stream) -> None:
+        self._admitted.pop(stream, None)
         count = self._counts.get(addr, 0) - 1
         if count > 0:
             self._counts[addr] = count
         else:
             self._counts.pop(addr, None)
+
+    async def expire(self) -> None:
+        """Close every socket whose head is late, until cancelled. A head gets `timeout`
+        seconds and at most a quarter more (the check runs every quarter of it, or second)."""
+        period = min(1.0, self._timeout / 4)
+        while True:
+            await trio.sleep(period)
+            cutoff = trio.current_time() - self._timeout
+            late = []
+            for stream, admitted in self._admitted.items():  # oldest first
+                if admitted > cutoff:
+                    break
+                late.append(stream)
+            for stream in late:
+                del self._admitted[stream]  # its reader releases the address's count
+                _close_under_reader(stream)
+
+
+def _close_under_reader(stream: trio.abc.Stream) -> None:
+    """Close a stream's socket now, from another task: a task blocked reading it wakes with
+    ClosedResourceError (trio's `notify_closing`)."""
+    inner = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    if isinstance(inner, trio.SocketStream):
+        inner.socket.close()
 
 
 async def _read_upgrade(
@@ -199,27 +234,25 @@ async def _serve_stream(
     front: FrontSettings, pending: _PendingHandshakes, handler: Handler, stream: trio.abc.Stream
 ) -> None:
     websocket_request: WebSocketRequest | None = None
-    raw, dialect, ready = b"", Dialect.NATIVE, False
     try:
         addr = _peer(stream)
     except OSError:  # gone before we could ask who it was
         addr = ""
-    if not addr or not pending.admit(addr):
+    if not addr or not pending.admit(addr, stream):
         # Too many half-open handshakes from one address: a slowloris, not a browser.
         with trio.move_on_after(front.close_timeout, shield=True):
             await stream.aclose()
         return
     try:
-        with trio.move_on_after(front.handshake_timeout):
-            try:
-                routed = await _read_upgrade(stream, front)
-            finally:
-                pending.release(addr)
-            if routed is None:
-                return
-            (raw, request, trailing, dialect), routed, ready = routed, None, True
-        if not ready:
-            return  # the head did not arrive in time
+        try:
+            # Bounded in time by `pending.expire`, which closes the socket of a late head.
+            routed = await _read_upgrade(stream, front)
+        finally:
+            pending.release(addr, stream)
+        if routed is None:
+            return
+        raw, request, trailing, dialect = routed
+        del routed
         if front.engine == "wsproto":
             upgrade = upgrade_request(request, trailing, stream, front.max_message_size)
             # The request has what it needs; this frame lives as long as the connection.
@@ -269,19 +302,20 @@ async def serve_front(
 ) -> None:
     """Listen until cancelled; connections run in `handler_nursery`, so they outlive the listener
     (a graceful shutdown stops accepting first, then drains)."""
-    serve = partial(
-        _serve_stream, front, _PendingHandshakes(front.max_pending_per_address), handler
-    )
-    if ssl_context is None:
-        plain = await trio.open_tcp_listeners(port, host=host)
-        task_status.started(plain[0].socket.getsockname()[1])
-        await trio.serve_listeners(serve, plain, handler_nursery=handler_nursery)
-    else:
-        secure = await trio.open_ssl_over_tcp_listeners(
-            port, ssl_context, host=host, https_compatible=True
-        )
-        inner = secure[0].transport_listener
-        if not isinstance(inner, trio.SocketListener):  # open_ssl_over_tcp_listeners wraps TCP
-            raise TypeError(f"unexpected listener {inner!r}")
-        task_status.started(inner.socket.getsockname()[1])
-        await trio.serve_listeners(serve, secure, handler_nursery=handler_nursery)
+    pending = _PendingHandshakes(front.max_pending_per_address, front.handshake_timeout)
+    serve = partial(_serve_stream, front, pending, handler)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pending.expire)
+        if ssl_context is None:
+            plain = await trio.open_tcp_listeners(port, host=host)
+            task_status.started(plain[0].socket.getsockname()[1])
+            await trio.serve_listeners(serve, plain, handler_nursery=handler_nursery)
+        else:
+            secure = await trio.open_ssl_over_tcp_listeners(
+                port, ssl_context, host=host, https_compatible=True
+            )
+            inner = secure[0].transport_listener
+            if not isinstance(inner, trio.SocketListener):  # the SSL listener wraps TCP
+                raise TypeError(f"unexpected listener {inner!r}")
+            task_status.started(inner.socket.getsockname()[1])
+            await trio.serve_listeners(serve, secure, handler_nursery=handler_nursery)
