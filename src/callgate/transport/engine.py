@@ -502,8 +502,8 @@ def upgrade_request(
     return WsprotoRequest(
         stream,
         request.target.decode("ascii", "replace"),
-        [(bytes(name), bytes(value)) for name, value in request.headers],
-        bytes(key),
+        request.headers,  # the parser's own list of bytes pairs: the request takes it over
+        key,
         trailing,
         max_message_size,
     )
