@@ -212,3 +212,18 @@ def test_a_payload_that_is_not_strict_json_is_malformed(payload: bytes) -> None:
 def test_a_properly_signed_payload_of_strict_json_verifies() -> None:
     payload = b'{"sub":"alice","exp":%d,"name":"\\u00e9l\\u00e8ve"}' % (int(time.time()) + 60)
     assert verifier().verify(_signed(payload)).user == "alice"
+
+
+@pytest.mark.parametrize("name", ["HS256", "HS384", "HS512"])
+def test_the_checked_once_hmac_signs_and_warns_as_pyjwts_own(name: str) -> None:
+    from jwt.algorithms import HMACAlgorithm
+
+    from callgate.auth import _CheckedOnceHMAC
+
+    hash_alg = {"HS256": HMACAlgorithm.SHA256, "HS384": HMACAlgorithm.SHA384}.get(
+        name, HMACAlgorithm.SHA512
+    )
+    ours, theirs = _CheckedOnceHMAC(hash_alg), HMACAlgorithm(hash_alg)
+    for key in (b"k" * 8, SECRET.encode(), b"x" * 100):
+        assert ours.sign(b"header.payload", key) == theirs.sign(b"header.payload", key)
+        assert ours.check_key_length(key) == theirs.check_key_length(key)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -180,12 +181,14 @@ _read_header_cached = lru_cache(maxsize=64)(_read_header)
 
 
 class _CheckedOnceHMAC(HMACAlgorithm):
-    """pyjwt's HMAC, with its key check made once per key, not once per token.
+    """pyjwt's HMAC, with its key checks made once per key, not once per token.
 
     `prepare_key` refuses a PEM, SSH, DER or JWK key as an HMAC secret (key confusion), by
     trying to parse it several ways: a fifth of a token's verification. The secrets it sees here
     are the configured ones, a handful, so the verdict on each is kept; a refused key is
-    checked (and refused) every time.
+    checked (and refused) every time. `check_key_length` (a warning for a short key, which
+    callgate refuses at start anyway) made a hash object per token to learn the digest size.
+    `sign` is the same HMAC through the standard library's one-call `hmac.digest`.
     """
 
     _MAX_KEYS = 16
@@ -193,6 +196,16 @@ class _CheckedOnceHMAC(HMACAlgorithm):
     def __init__(self, hash_alg: Any) -> None:
         super().__init__(hash_alg)
         self._prepared: dict[str | bytes, bytes] = {}
+        self._digest_name: str = hash_alg().name
+        self._digest_size: int = hash_alg().digest_size
+
+    def check_key_length(self, key: bytes) -> str | None:
+        if len(key) >= self._digest_size:
+            return None
+        return super().check_key_length(key)
+
+    def sign(self, msg: bytes, key: bytes) -> bytes:
+        return hmac.digest(key, msg, self._digest_name)
 
     def prepare_key(self, key: str | bytes) -> bytes:
         prepared = self._prepared.get(key)
