@@ -204,7 +204,9 @@ async def test_the_upgrade_is_answered_byte_for_byte_like_wsproto() -> None:
     await engine.send_message("hello")
     with trio.fail_after(5):
         answered = await client_side.receive_some()
-    assert answered == wsproto_accepts(GOOD_HEAD) + text_frame("hello")
+    expected_101 = wsproto_accepts(GOOD_HEAD)
+    assert expected_101 is not None
+    assert answered == expected_101 + text_frame("hello")
     with pytest.raises(RuntimeError):
         await upgrade.accept()  # spent
 
