@@ -34,7 +34,7 @@ class _Collected:
 
     The parser holds its callbacks. Were they `HeadParser`'s own methods, every `HeadParser`
     would be a reference cycle, which only the cyclic garbage collector frees: twelve objects
-    per connection, half of all it collected in a 10,000-client storm. Held apart, the parser
+    per connection, all it collected in a 10,000-client storm. Held apart, the parser
     and its callbacks go as soon as the connection's head is read.
     """
 
