@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
+import itertools
 import json
+from collections import Counter
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 
 from hypothesis import given, settings
@@ -13,13 +16,16 @@ from hypothesis import strategies as st
 
 from callgate.audit import (
     AUDIT_FIELDS,
+    REFUSAL_WINDOW,
     AuditLog,
+    RefusalDigest,
     StreamSink,
     _dumps,
     canonical,
     chain_mac,
     iso_utc,
 )
+from conftest import assert_valid_record
 
 
 def write(fields: dict[str, object], event: str = "call.requested") -> dict[str, object]:
@@ -103,3 +109,180 @@ def test_timestamps_read_as_structlogs_iso_utc(unix_ns: int) -> None:
 
 def test_a_whole_second_has_no_fraction() -> None:
     assert iso_utc(1_700_000_000 * 10**9) == "2023-11-14T22:13:20Z"
+
+
+# -- repeated refusals (issue 16, item 10): one connection cannot fill the disk --------------
+
+WINDOW = REFUSAL_WINDOW
+
+
+def denied(
+    conn: str = "c1",
+    msg_event: str = "ice-candidate",
+    reason: str = "unknown_call",
+    call_id: str = "x",
+) -> dict[str, object]:
+    return {
+        "conn": conn,
+        "user": "eve",
+        "msg_event": msg_event,
+        "call_id": call_id,
+        "reason": reason,
+    }
+
+
+def total(records: list[tuple[str, Mapping[str, object]]]) -> int:
+    """How many refusals the records stand for: a summary its `count`, any other one."""
+    return sum(int(str(fields.get("count", 1))) for _, fields in records)
+
+
+def test_a_burst_is_its_first_refusal_then_one_count_per_window() -> None:
+    digest = RefusalDigest()
+    written = digest.admit("authz.denied", denied(call_id="first"), now=100.0)
+    assert written == [("authz.denied", denied(call_id="first"))]  # the first, in full
+    for i in range(499):
+        assert digest.admit("authz.denied", denied(call_id=f"n{i}"), now=100.0 + i / 10) == []
+    assert digest.due(100.0 + WINDOW - 0.001) == []
+    summary = digest.due(100.0 + WINDOW)
+    assert summary == [
+        (
+            "authz.denied",
+            {
+                "conn": "c1",
+                "user": "eve",
+                "msg_event": "ice-candidate",
+                "reason": "unknown_call",
+                "count": 499,
+            },
+        )
+    ]
+    assert total(written + summary) == 500
+    # A window without repeats is forgotten: the next refusal is a new first, in full.
+    assert digest.due(100.0 + 2 * WINDOW) == []
+    assert len(digest) == 0
+    again = digest.admit("authz.denied", denied(call_id="later"), now=100.0 + 2 * WINDOW + 1)
+    assert again == [("authz.denied", denied(call_id="later"))]
+
+
+def test_every_kind_and_every_connection_has_its_own_first() -> None:
+    digest = RefusalDigest()
+    kinds: list[tuple[str, dict[str, object]]] = [
+        ("authz.denied", denied()),
+        ("authz.denied", denied(reason="forbidden")),
+        ("authz.denied", denied(msg_event="call-end")),
+        ("authz.denied", denied(conn="c2")),
+        ("auth.failed", {"conn": "c1", "user": "eve", "reason": "bad_signature"}),
+        ("auth.failed", {"conn": "c1", "user": "eve", "reason": "malformed"}),
+    ]
+    for event, fields in kinds:
+        assert digest.admit(event, fields, now=0.0) == [(event, fields)]
+        assert digest.admit(event, fields, now=1.0) == []
+    assert len(digest) == len(kinds)
+    # A closing connection's counts are written at once, and nothing of it is kept.
+    closed = digest.closed("c1")
+    assert sorted((event, f["reason"], f["count"]) for event, f in closed) == [
+        ("auth.failed", "bad_signature", 1),
+        ("auth.failed", "malformed", 1),
+        ("authz.denied", "forbidden", 1),
+        ("authz.denied", "unknown_call", 1),
+        ("authz.denied", "unknown_call", 1),
+    ]
+    assert len(digest) == 1  # c2's window
+    assert digest.flush() == [("authz.denied", {**_without_call_id(denied(conn="c2")), "count": 1})]
+    assert len(digest) == 0
+
+
+def _without_call_id(fields: dict[str, object]) -> dict[str, object]:
+    return {k: v for k, v in fields.items() if k != "call_id"}
+
+
+def test_lifecycle_records_and_records_without_a_connection_are_never_held_back() -> None:
+    digest = RefusalDigest()
+    for event, fields in [
+        ("call.requested", {"conn": "c1", "call_id": "x", "caller": "eve", "callee": "bob"}),
+        ("call.rate_limited", {"conn": "c1", "call_id": "x", "reason": "call_request"}),
+        ("auth.ok", {"conn": "c1", "user": "eve"}),
+        ("session.resume_failed", {"conn": "c1", "user": "eve"}),
+        ("conn.close", {"conn": "c1"}),
+        ("authz.denied", {"user": "eve", "reason": "forbidden"}),  # no conn: not one connection's
+    ]:
+        for second in range(3):
+            assert digest.admit(event, fields, now=float(second)) == [(event, fields)]
+    assert len(digest) == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["c1", "c2"]),
+            st.sampled_from(["unknown_call", "forbidden"]),
+            st.floats(0, 2 * WINDOW),  # the time since the step before
+            st.booleans(),  # whether the clock's tick comes before this refusal
+        ),
+        max_size=200,
+    )
+)
+def test_counts_add_up_and_records_of_a_kind_are_a_window_apart(
+    steps: list[tuple[str, str, float, bool]],
+) -> None:
+    digest = RefusalDigest()
+    now, written, sent = 0.0, [], Counter[tuple[str, str]]()
+    times: dict[tuple[str, str], list[float]] = {}
+
+    def record(records: list[tuple[str, Mapping[str, object]]]) -> None:
+        for event, fields in records:
+            written.append((event, fields))
+            times.setdefault((str(fields["conn"]), str(fields["reason"])), []).append(now)
+
+    for conn, reason, elapsed, tick in steps:
+        now += elapsed
+        if tick:
+            record(digest.due(now))
+        record(digest.admit("authz.denied", denied(conn=conn, reason=reason), now))
+        sent[conn, reason] += 1
+    for kind, moments in times.items():
+        assert all(b - a >= WINDOW for a, b in itertools.pairwise(moments)), (kind, moments)
+    record(digest.flush())
+    assert len(digest) == 0
+    for kind, count in sent.items():
+        mine = [(e, f) for e, f in written if (f["conn"], f["reason"]) == kind]
+        assert total(mine) == count
+        assert "count" not in mine[0][1]  # the first of each kind is written in full
+
+
+def test_the_log_writes_a_connections_counts_before_its_close() -> None:
+    stream = io.StringIO()
+    log = AuditLog(StreamSink(stream), key=b"k" * 32, strict=True)
+    log.write("conn.open", {"conn": "c1", "addr": "127.0.0.1"}, now=0.0)
+    for i in range(1000):
+        log.write("authz.denied", denied(call_id=f"n{i}"), now=i / 100)
+    log.write("conn.close", {"conn": "c1", "user": "eve", "close_code": 1000}, now=10.0)
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [r["event"] for r in records] == [
+        "conn.open",
+        "authz.denied",
+        "authz.denied",
+        "conn.close",
+    ]
+    assert records[1]["call_id"] == "n0" and "count" not in records[1]
+    assert records[2]["count"] == 999 and "call_id" not in records[2]
+    assert [r["seq"] for r in records] == [1, 2, 3, 4]  # one chain, nothing skipped
+    for record in records:
+        assert_valid_record(record)
+
+
+def test_the_log_writes_a_count_when_its_window_ends() -> None:
+    stream = io.StringIO()
+    log = AuditLog(StreamSink(stream), strict=True)
+    for i in range(10):
+        log.write("auth.failed", {"conn": "c1", "user": "eve", "reason": "malformed"}, now=i)
+    log.tick(now=WINDOW - 1)
+    assert len(stream.getvalue().splitlines()) == 1
+    log.tick(now=WINDOW)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(r["event"], r.get("count")) for r in lines] == [
+        ("auth.failed", None),
+        ("auth.failed", 9),
+    ]
+    assert_valid_record(lines[1])

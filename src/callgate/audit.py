@@ -6,6 +6,10 @@ carry SDP, ICE candidates or tokens is replaced, in case a future field slips th
 Values are flattened to JSON scalars and long strings are cut; the JSON encoder escapes every
 control and non-ASCII character, so a user-chosen id can never break a line or put a terminal
 escape sequence on an auditor's screen.
+
+A client cannot fill the disk with refusals: `RefusalDigest` writes the first refusal of each kind
+from a connection, then sums its repeats into one record per `REFUSAL_WINDOW` (docs/audit-log.md,
+"Repeated refusals").
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ AUDIT_FIELDS = frozenset(
         "calls",
         "delivered",
         "dropped_messages",
+        # on a summary of repeated refusals: how many refusals the record stands for
+        "count",
         # cluster mode: a node, and a refused log entry's stream id
         "node",
         "entry",
@@ -79,6 +85,111 @@ TERMINAL_CALL_EVENTS = frozenset(
         "call.ended",
     }
 )
+
+
+# Records of a client's message or token being refused: a client can cause one per message it
+# sends, so repeats from one connection are summed (`RefusalDigest`). Nothing else is: call,
+# session and connection records are written one by one, always.
+REFUSAL_EVENTS = frozenset({"authz.denied", "auth.failed"})
+# Seconds: after a refusal written in full, repeats of its kind from its connection within this
+# window are counted, not written; the count is written when the window ends (or the connection).
+REFUSAL_WINDOW = 60.0
+# Fields that describe one refused message, not the kind of refusal: left out of a summary.
+_PER_MESSAGE_FIELDS = ("call_id",)
+
+Record = tuple[str, Mapping[str, Any]]
+
+
+class _Burst:
+    """Repeats of one kind of refusal from one connection, within the current window."""
+
+    __slots__ = ("count", "fields", "until")
+
+    def __init__(self, fields: dict[str, Any], until: float) -> None:
+        self.fields = fields  # the summary's fields, taken from the refusal written in full
+        self.until = until
+        self.count = 0  # refusals in the window not written one by one
+
+
+class RefusalDigest:
+    """Bounds the records one connection's refusals can write; pure, on the clock it is given.
+
+    A refusal's kind is its event, `msg_event` and `reason`. The first refusal of a kind from a
+    connection is written in full and opens a window of `window` seconds; repeats within it are
+    only counted. When the window ends with repeats, one summary is written (the same event and
+    kind, without the per-message `call_id`, with `count` = the repeats) and a new window opens;
+    a window that ends without repeats is forgotten, so the next refusal of that kind is written
+    in full again. Two records of one kind from one connection are thus at least `window`
+    seconds apart, whatever the client sends. A closing connection's counts are written at once
+    (`closed`), before its `conn.close`. Records without a `conn` pass through untouched.
+    """
+
+    def __init__(self, window: float = REFUSAL_WINDOW) -> None:
+        self._window = window
+        self._bursts: dict[str, dict[tuple[str, str, str], _Burst]] = {}
+
+    def admit(self, event: str, fields: Mapping[str, Any], now: float) -> list[Record]:
+        """The records to write now for this one (itself, a summary, or nothing)."""
+        conn = fields.get("conn")
+        if event not in REFUSAL_EVENTS or not isinstance(conn, str):
+            return [(event, fields)]
+        kind = (event, str(fields.get("msg_event", "")), str(fields.get("reason", "")))
+        bursts = self._bursts.setdefault(conn, {})
+        burst = bursts.get(kind)
+        written: list[Record] = []
+        if burst is not None and now >= burst.until:
+            if burst.count:  # the burst goes on: its count so far, and this one in a new window
+                written.append(_summary(event, burst))
+                burst.count = 1
+                burst.until = now + self._window
+                return written
+            burst = None
+        if burst is None:
+            summary = {k: v for k, v in fields.items() if k not in _PER_MESSAGE_FIELDS}
+            bursts[kind] = _Burst(summary, now + self._window)
+            written.append((event, fields))
+        else:
+            burst.count += 1
+        return written
+
+    def due(self, now: float) -> list[Record]:
+        """Summaries of the windows that have ended (called about once a second)."""
+        written: list[Record] = []
+        for conn in list(self._bursts):
+            bursts = self._bursts[conn]
+            for kind in list(bursts):
+                burst = bursts[kind]
+                if now < burst.until:
+                    continue
+                if burst.count:
+                    written.append(_summary(kind[0], burst))
+                    burst.count = 0
+                    burst.until = now + self._window
+                else:
+                    del bursts[kind]
+            if not bursts:
+                del self._bursts[conn]
+        return written
+
+    def closed(self, conn: str) -> list[Record]:
+        """The counts of a connection that ends; nothing of it is kept."""
+        bursts = self._bursts.pop(conn, {})
+        return [_summary(kind[0], burst) for kind, burst in bursts.items() if burst.count]
+
+    def flush(self) -> list[Record]:
+        """Every count still open (the trail is closing)."""
+        written: list[Record] = []
+        for conn in list(self._bursts):
+            written.extend(self.closed(conn))
+        return written
+
+    def __len__(self) -> int:
+        """Open windows, of all connections (tests: nothing is kept for ever)."""
+        return sum(len(bursts) for bursts in self._bursts.values())
+
+
+def _summary(event: str, burst: _Burst) -> Record:
+    return event, {**burst.fields, "count": burst.count}
 
 
 def _scalar(value: Any) -> Any:
@@ -199,9 +310,11 @@ class AuditLog:
         strict: bool = False,
         checkpoint_every: int = 1000,
         checkpoint_seconds: float = 60.0,
+        refusal_window: float = REFUSAL_WINDOW,
     ) -> None:
         """`strict` (tests) raises on a field outside the allow-list instead of dropping it, so a
         new audit field cannot be silently lost."""
+        self._refusals = RefusalDigest(refusal_window)
         self._sink = sink
         self._key = key
         # The HMAC with the key already mixed in: each record's MAC copies it (chain_mac's
@@ -236,11 +349,28 @@ class AuditLog:
     def tamper_evident(self) -> bool:
         return self._key is not None
 
-    def write(self, event: str, fields: Mapping[str, Any]) -> None:
+    def write(self, event: str, fields: Mapping[str, Any], now: float | None = None) -> None:
+        """Write one record; a repeated refusal is counted instead (`RefusalDigest`).
+
+        `now` is the monotonic clock (tests give their own).
+        """
         if self._strict:
             unknown = set(fields) - AUDIT_FIELDS
             if unknown:
                 raise ValueError(f"audit fields not in the allow-list: {sorted(unknown)}")
+        if event in REFUSAL_EVENTS:
+            when = time.monotonic() if now is None else now
+            for refusal, refusal_fields in self._refusals.admit(event, fields, when):
+                self._write(refusal, refusal_fields)
+            return
+        if event == "conn.close":  # a connection's refusal counts come before its end
+            conn = fields.get("conn")
+            if isinstance(conn, str):
+                for summary, summary_fields in self._refusals.closed(conn):
+                    self._write(summary, summary_fields)
+        self._write(event, fields)
+
+    def _write(self, event: str, fields: Mapping[str, Any]) -> None:
         if self._sink.needs_rotation():
             previous = self._sink.rotate()
             self._emit("audit.opened", {"reason": "rotation", "prev_file": previous})
@@ -249,8 +379,11 @@ class AuditLog:
         if self._since_checkpoint >= self._checkpoint_every:
             self.checkpoint()
 
-    def tick(self) -> None:
-        """Called about once a second: a time-based checkpoint when records are waiting."""
+    def tick(self, now: float | None = None) -> None:
+        """Called about once a second: the counts of refusal windows that ended, and a
+        time-based checkpoint when records are waiting. `now`: as for `write`."""
+        for summary, summary_fields in self._refusals.due(time.monotonic() if now is None else now):
+            self._write(summary, summary_fields)
         if (
             self._since_checkpoint
             and time.monotonic() - self._last_checkpoint >= self._checkpoint_seconds
@@ -272,6 +405,8 @@ class AuditLog:
             self._sink.write_checkpoint(_dumps(line))
 
     def close(self) -> None:
+        for summary, summary_fields in self._refusals.flush():
+            self._write(summary, summary_fields)
         if self._since_checkpoint:
             self.checkpoint()
         self._sink.close()
