@@ -474,3 +474,17 @@ async def test_a_request_head_that_does_not_arrive_in_time_is_closed(harness: Ha
         assert (await again.receive_some(1024)).startswith(b"HTTP/1.1 404")
     for stream in (late, again):
         await stream.aclose()
+
+
+async def test_an_error_echoes_no_more_than_a_short_excerpt(gate: Harness) -> None:
+    """A token sent as an event name (a client that put it in the wrong field) does not come
+    back in the error: at most 32 printable ASCII characters of it."""
+    alice = await gate.connect("alice")
+    token = token_for("alice")
+    await alice.send(token, {}, ref=1)
+    error = await alice.expect_error("unknown_event", ref=1)
+    message = error["data"]["message"]
+    assert token[32:64] not in message and len(message) < 60, message
+    await alice.send("\x1b[2J\u202edance", {})
+    message = (await alice.expect_error("unknown_event"))["data"]["message"]
+    assert message.isascii() and message.isprintable() and "dance" in message, message
