@@ -351,7 +351,7 @@ async def test_a_frame_over_the_rate_limit_is_not_acted_on(harness: Harness) -> 
 
     await harness.start(
         make_settings(
-            limits={"messages": "1/minute", "flood": "100/minute"},
+            limits={"messages": "2/minute", "flood": "100/minute"},
             socketio={"ping_interval": 30},
         )
     )
@@ -363,7 +363,8 @@ async def test_a_frame_over_the_rate_limit_is_not_acted_on(harness: Harness) -> 
     await ws.send_message("40" + json.dumps({"token": token_for("limited")}))
     assert str(await ws.get_message()).startswith("40")
     assert str(await ws.get_message()).startswith('42["session"')
-    await ws.send_message('42["user-connected","limited"]')  # the one message a minute
+    # The CONNECT was the first message of the minute (counted since sign-in is), this the second.
+    await ws.send_message('42["user-connected","limited"]')
     await ws.send_message("41")  # over the limit: refused, so not a disconnect
     with trio.fail_after(STEP):
         error = json.loads(str(await ws.get_message())[2:])
@@ -452,6 +453,28 @@ async def test_a_malformed_packet_before_connect_closes_the_transport(
     assert (packets, code) == (['44{"message":"authentication required"}'], 4001)
     [failed] = gate.audit.records("auth.failed")
     assert failed["reason"] == "not_authenticated"
+
+
+@pytest.mark.parametrize("packet", ["2", "40/admin,"])
+async def test_pings_and_other_namespaces_before_sign_in_are_rate_limited(
+    harness: Harness, packet: str
+) -> None:
+    """Each is answered (a pong, a CONNECT_ERROR), so each counts against `messages`; past it,
+    `rate_limited`, and a client that goes on is closed 4029 as after sign-in."""
+    await harness.start(make_settings(limits={"messages": "5/minute", "flood": "3/minute"}))
+    ws = await raw_socketio(harness)
+    answer = "3" if packet == "2" else '44/admin,{"message":"Invalid namespace"}'
+    for _ in range(5):
+        await ws.send_message(packet)
+        assert await next_packet(ws) == answer
+    # One at a time: a client still sending when the close comes may get a TCP reset instead.
+    for _ in range(3):
+        await ws.send_message(packet)
+        error = await next_event(ws)
+        assert error[0] == "error" and error[1]["code"] == "rate_limited", error
+    await ws.send_message(packet)
+    packets, code = await until_closed(ws)
+    assert packets[-1] == '44{"message":"rate limit exceeded"}' and code == 4029, packets
 
 
 async def test_no_error_echoes_a_token(gate: Harness) -> None:

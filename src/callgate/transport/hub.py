@@ -576,6 +576,10 @@ class ConnectionHub:
             while True:
                 text = await connection.receive()
                 self._check_size(text)
+                # Counted as every message after sign-in is: pings and CONNECTs to other
+                # namespaces are answered, so they could otherwise be sent without end.
+                if not self._admit(connection, text):
+                    continue
                 if text[:1] in (sio.ENGINE_PING, sio.ENGINE_PONG, sio.ENGINE_CLOSE):
                     connection.decode_frame(text, self._field_limits)
                     continue
