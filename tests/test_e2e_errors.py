@@ -488,3 +488,18 @@ async def test_an_error_echoes_no_more_than_a_short_excerpt(gate: Harness) -> No
     await alice.send("\x1b[2J\u202edance", {})
     message = (await alice.expect_error("unknown_event"))["data"]["message"]
     assert message.isascii() and message.isprintable() and "dance" in message, message
+
+
+async def test_a_repeated_authorization_header_is_refused_after_upgrade(gate: Harness) -> None:
+    """Two `Authorization` headers: we would read the first, a proxy may read the last. Neither
+    counts; the upgrade completes and closes 4001, and the audit trail says why."""
+    client = await gate.open(
+        headers=[
+            (b"authorization", f"Bearer {token_for('alice')}".encode()),
+            (b"authorization", f"Bearer {token_for('mallory')}".encode()),
+        ]
+    )
+    await client.expect_closed(4001, "invalid token")
+    [failed] = gate.audit.records("auth.failed")
+    assert failed["reason"] == "repeated_authorization"
+    await gate.connect("alice")  # one header still signs in

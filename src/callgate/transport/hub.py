@@ -112,6 +112,10 @@ def _bearer_token(request: UpgradeRequest) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else ""
 
 
+def _repeated(request: UpgradeRequest, name: bytes) -> bool:
+    return sum(key.lower() == name for key, _ in request.headers) > 1
+
+
 @dataclass(slots=True)
 class _UpgradeAuth:
     """What authentication uses of the upgrade request (the request is spent on `accept`).
@@ -123,6 +127,9 @@ class _UpgradeAuth:
     query: str
     bearer: str | None
     resume: str | None
+    # More than one `Authorization` header: a proxy that reads the last one would disagree
+    # with us (the first) about who connected, so the upgrade's credentials count for nothing.
+    repeated: bool = False
 
     def take_bearer(self) -> str | None:
         bearer, self.bearer = self.bearer, None
@@ -399,7 +406,10 @@ class ConnectionHub:
             return
         # What authentication needs from the request, read before `accept` spends it.
         upgrade = _UpgradeAuth(
-            target.query, _bearer_token(request), _header(request, RESUME_HEADER)
+            target.query,
+            _bearer_token(request),
+            _header(request, RESUME_HEADER),
+            _repeated(request, b"authorization"),
         )
         kind = SocketIOConnection if accepted.dialect is Dialect.SOCKETIO else Connection
         connection = kind(conn_id, await request.accept(), addr, server.outbound_queue)
@@ -540,6 +550,8 @@ class ConnectionHub:
         query_tokens = parse_qs(upgrade.query).get("token")
         if query_tokens and not self._settings.auth.allow_query_token:
             raise AuthError(INVALID, "query_token_refused")
+        if upgrade.repeated:
+            raise AuthError(INVALID, "repeated_authorization")
         token = upgrade.take_bearer() or (query_tokens[0] if query_tokens else None)
         if token:
             return await self._verify(token), None, upgrade.resume
