@@ -21,8 +21,8 @@ Life of a connection
    of the hub's one clock heap (`Deadlines`), not tasks: an idle connection is one task.
 6. A frame goes straight to the socket when nothing is queued before it (the wsproto engine),
    else through a bounded memory channel drained by the writer. Senders never wait: a full
-   channel means the client is not reading, and that connection alone is aborted (close 1008),
-   so one slow reader cannot slow anybody else.
+   channel means the client is not reading, and that connection alone is closed (1008, within
+   `close_timeout`), so one slow reader cannot slow anybody else.
 
 Failures of one connection end that connection only: `ConnectionHub.handle` catches `Exception`,
 so nothing a client does can reach the listener (whose nursery would otherwise stop serving).
@@ -412,7 +412,9 @@ class ConnectionHub:
             _repeated(request, b"authorization"),
         )
         kind = SocketIOConnection if accepted.dialect is Dialect.SOCKETIO else Connection
-        connection = kind(conn_id, await request.accept(), addr, server.outbound_queue)
+        connection = kind(
+            conn_id, await request.accept(), addr, server.outbound_queue, server.close_timeout
+        )
         connection.limits = self._limiter.for_connection()
         connection.may_write_now = self._not_in_burst
         self._all[conn_id] = connection
