@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import trio
+import trio.testing
 
-from callgate.transport.connection import Connection
+from callgate.transport.connection import Connection, SocketIOConnection
 
 
 class _NoSocket:
@@ -28,3 +29,55 @@ async def test_an_abort_before_the_connection_runs_still_cancels_it() -> None:
         async with trio.open_nursery() as nursery:
             connection.run_in(nursery)
             await trio.sleep_forever()
+
+
+class _StuckSocket:
+    """A socket whose writes wait for `release`: a client that does not read."""
+
+    closed = None
+
+    def __init__(self) -> None:
+        self.release = trio.Event()
+        self.sent: list[str] = []
+        self.closed_with: tuple[int, str | None] | None = None
+
+    async def send_message(self, message: str) -> None:
+        await self.release.wait()
+        self.sent.append(message)
+
+    async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
+        await self.release.wait()  # a close frame is a write too
+        self.closed_with = (code, reason)
+
+
+async def test_a_full_outbox_closes_1008_after_the_frame_in_hand() -> None:
+    """The writer is not cancelled in the middle of a frame (no close frame could follow it):
+    it finishes that one, drops what is queued behind it, says why and closes with 1008."""
+    ws = _StuckSocket()
+    connection = SocketIOConnection("c1", ws, "127.0.0.1", 8, 30.0)  # type: ignore[arg-type]
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            connection.run_in(nursery)
+            connection.push("4in-hand")
+            await trio.testing.wait_all_tasks_blocked()  # the writer is stuck in that write
+            for n in range(9):  # 8 fill the outbox, the 9th overflows it
+                connection.push(f"4queued-{n}")
+            assert connection.close_code == 1008
+            ws.release.set()
+            await connection.writer_done.wait()
+            nursery.cancel_scope.cancel()
+    closing = '42["closing",{"code":1008,"reason":"client too slow: outbound queue full"}]'
+    assert ws.sent == ["4in-hand", closing]
+    assert ws.closed_with == (1008, "client too slow: outbound queue full")
+
+
+async def test_a_client_that_never_reads_again_is_cut_off_after_close_timeout() -> None:
+    ws = _StuckSocket()
+    connection = Connection("c1", ws, "127.0.0.1", 8, 0.1)  # type: ignore[arg-type]
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            connection.run_in(nursery)
+            for n in range(10):
+                connection.push(f"frame-{n}")
+            await trio.sleep_forever()  # cancelled at the overflow's deadline
+    assert (ws.sent, ws.closed_with, connection.close_code) == ([], None, 1008)

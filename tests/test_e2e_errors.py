@@ -8,14 +8,30 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
 import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Message, Request, TextMessage
+from wsproto.events import CloseConnection as WsCloseConnection
+from wsproto.events import Event as WsEvent
 
-from conftest import SECRET, STEP, Client, Harness, call_request, make_settings, token_for
+from conftest import (
+    SDP_ANSWER,
+    SECRET,
+    STEP,
+    Client,
+    Harness,
+    call_request,
+    make_settings,
+    token_for,
+)
+
+SDP_ANSWER_OBJECT = {"type": "answer", "sdp": SDP_ANSWER}
 
 
 async def still_works(alice: Client, bob: Client) -> None:
@@ -474,3 +490,112 @@ async def test_a_request_head_that_does_not_arrive_in_time_is_closed(harness: Ha
         assert (await again.receive_some(1024)).startswith(b"HTTP/1.1 404")
     for stream in (late, again):
         await stream.aclose()
+
+
+async def test_an_error_echoes_no_more_than_a_short_excerpt(gate: Harness) -> None:
+    """A token sent as an event name (a client that put it in the wrong field) does not come
+    back in the error: at most 32 printable ASCII characters of it."""
+    alice = await gate.connect("alice")
+    token = token_for("alice")
+    await alice.send(token, {}, ref=1)
+    error = await alice.expect_error("unknown_event", ref=1)
+    message = error["data"]["message"]
+    assert token[32:64] not in message and len(message) < 60, message
+    await alice.send("\x1b[2J\u202edance", {})
+    message = (await alice.expect_error("unknown_event"))["data"]["message"]
+    assert message.isascii() and message.isprintable() and "dance" in message, message
+
+
+async def test_a_repeated_authorization_header_is_refused_after_upgrade(gate: Harness) -> None:
+    """Two `Authorization` headers: we would read the first, a proxy may read the last. Neither
+    counts; the upgrade completes and closes 4001, and the audit trail says why."""
+    client = await gate.open(
+        headers=[
+            (b"authorization", f"Bearer {token_for('alice')}".encode()),
+            (b"authorization", f"Bearer {token_for('mallory')}".encode()),
+        ]
+    )
+    await client.expect_closed(4001, "invalid token")
+    [failed] = gate.audit.records("auth.failed")
+    assert failed["reason"] == "repeated_authorization"
+    await gate.connect("alice")  # one header still signs in
+
+
+class _RawClient:
+    """A WebSocket client on a socket with a small receive buffer, driven by wsproto: it can
+    stop reading, and later read what the server sent byte for byte, close frame included."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self._events: list[WsEvent] = []
+
+    @classmethod
+    async def open(cls, port: int, token: str) -> _RawClient:
+        sock = trio.socket.socket()
+        # Set before connecting: a fixed, small window, so the server's queue fills early.
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 16384)
+        await sock.connect(("127.0.0.1", port))
+        client = cls(trio.SocketStream(sock))
+        bearer = (b"authorization", f"Bearer {token}".encode())
+        request = Request(host="127.0.0.1", target="/ws", extra_headers=[bearer])
+        await client.stream.send_all(client.ws.send(request))
+        assert isinstance(await client.next_event(), AcceptConnection)
+        return client
+
+    async def next_event(self) -> WsEvent:
+        with trio.fail_after(STEP):
+            while not self._events:
+                data = await self.stream.receive_some(65536)
+                self.ws.receive_data(bytes(data) if data else None)
+                self._events.extend(self.ws.events())
+        return self._events.pop(0)
+
+    async def recv(self) -> dict[str, Any]:
+        event = await self.next_event()
+        assert isinstance(event, TextMessage) and event.message_finished, event
+        parsed = json.loads(event.data)
+        assert isinstance(parsed, dict)
+        return parsed
+
+    async def send(self, event: str, data: dict[str, Any]) -> None:
+        text = json.dumps({"event": event, "data": data})
+        await self.stream.send_all(self.ws.send(Message(data=text)))
+
+
+async def test_a_client_that_stops_reading_is_told_1008(harness: Harness) -> None:
+    """The close code the docs promise reaches the wire: once the client reads again, it finds
+    the frames that were in flight, whole, then a close frame with 1008 (not 1000, and not a
+    frame cut off in the middle). Its peer's call ends; the audit trail says 1008 too."""
+    running = await harness.start(
+        make_settings(server={"outbound_queue": 8, "close_timeout": STEP, "ping_interval": 0})
+    )
+    alice = await harness.connect("alice")
+    bob = await _RawClient.open(running.port, token_for("bob"))
+    assert (await bob.recv())["event"] == "session"
+    await alice.send("call-request", call_request("ab", "alice", "bob"))
+    assert (await bob.recv())["event"] == "call-request"
+    await bob.send("call-answer", {"callId": "ab", "to": "alice", "answer": SDP_ANSWER_OBJECT})
+    await alice.expect("call-answer")
+    # bob stops reading. 400 frames of 60 KB (24 MB) are several times what the server's
+    # socket buffer (at most 4 MiB here), bob's 32 KiB window and the 8-frame queue can hold,
+    # so the queue has overflowed once the server has handled them all (the ack of the last).
+    bulk = {"candidate": None, "callId": "ab", "to": "bob", "padding": "x" * 60_000}
+    for n in range(400):
+        await alice.send("ice-candidate", bulk, ref=n if n == 399 else None)
+    assert await alice.recv() == {"event": "ack", "ref": 399}
+    # bob reads again: the frames that were on their way, then the close.
+    delivered = 0
+    while True:
+        event = await bob.next_event()
+        if isinstance(event, WsCloseConnection):
+            break
+        assert isinstance(event, TextMessage), event
+        delivered += event.message_finished
+    assert (event.code, event.reason) == (1008, "client too slow: outbound queue full")
+    assert 0 < delivered < 400
+    await bob.stream.send_all(bob.ws.send(event.response()))
+    await bob.stream.aclose()
+    await alice.expect("call-end", callId="ab", reason="peer_disconnected")
+    closes = [r for r in harness.audit.records("conn.close") if r.get("user") == "bob"]
+    assert [r["close_code"] for r in closes] == [1008]

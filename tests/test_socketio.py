@@ -14,12 +14,14 @@ from typing import Any
 
 import pytest
 import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, connect_websocket_url
 
 from callgate.protocol import socketio as sio
 from callgate.protocol.codec import ProtocolError
 from conftest import (
     SDP_ANSWER,
     STEP,
+    Client,
     ClusterHarness,
     Harness,
     call_request,
@@ -256,11 +258,31 @@ def test_packet_parsing(payload: str, expected: sio.SocketPacket) -> None:
 
 
 @pytest.mark.parametrize(
-    "payload", ["", "x", '51-["x",{"_placeholder":true,"num":0}]', "2[NaN]", "2{"]
+    "payload",
+    [
+        "",
+        "x",
+        '51-["x",{"_placeholder":true,"num":0}]',
+        "2[NaN]",
+        "2{",
+        "\u00b2{}",  # superscript two: str.isdigit() says yes, int() says no
+        '2\u0661\u0662["x"]',  # Arabic-Indic 12: a regex digit class took it as ack id 12
+        "2\uff11\uff12[]",  # fullwidth digits
+        '0/admin{"token":"t"}',  # no ',' after the namespace: the token is not a namespace
+        "0/" + "a" * 40 + ",",  # a namespace longer than an error may echo
+        '2/admin room,["x"]',
+        '21234567890123456["x"]',  # an ack id past 15 digits
+    ],
 )
 def test_packets_refused(payload: str) -> None:
     with pytest.raises(ProtocolError):
         sio.parse_socket_packet(payload)
+
+
+def test_a_malformed_payload_after_an_ack_id_is_answered_on_the_ack() -> None:
+    with pytest.raises(ProtocolError) as refused:
+        sio.parse_socket_packet("27[NaN]")
+    assert refused.value.ref == 7
 
 
 def test_rendering() -> None:
@@ -329,7 +351,7 @@ async def test_a_frame_over_the_rate_limit_is_not_acted_on(harness: Harness) -> 
 
     await harness.start(
         make_settings(
-            limits={"messages": "1/minute", "flood": "100/minute"},
+            limits={"messages": "2/minute", "flood": "100/minute"},
             socketio={"ping_interval": 30},
         )
     )
@@ -341,10 +363,136 @@ async def test_a_frame_over_the_rate_limit_is_not_acted_on(harness: Harness) -> 
     await ws.send_message("40" + json.dumps({"token": token_for("limited")}))
     assert str(await ws.get_message()).startswith("40")
     assert str(await ws.get_message()).startswith('42["session"')
-    await ws.send_message('42["user-connected","limited"]')  # the one message a minute
+    # The CONNECT was the first message of the minute (counted since sign-in is), this the second.
+    await ws.send_message('42["user-connected","limited"]')
     await ws.send_message("41")  # over the limit: refused, so not a disconnect
     with trio.fail_after(STEP):
         error = json.loads(str(await ws.get_message())[2:])
     assert error[0] == "error" and error[1]["code"] == "rate_limited", error
     assert harness.server is not None and harness.server.hub.connection_count == 1
     await ws.aclose()
+
+
+SOCKETIO_PATH = "/socket.io/?EIO=4&transport=websocket"
+
+
+async def raw_socketio(h: Harness) -> WebSocketConnection:
+    """A raw Engine.IO client past the open packet; the harness closes it after the test."""
+    ws = await connect_websocket_url(h.nursery, h.url.removesuffix("/ws") + SOCKETIO_PATH)
+    h.clients.append(Client(ws))
+    assert (await next_packet(ws)).startswith("0{")
+    return ws
+
+
+async def raw_signed_in(h: Harness, user: str) -> WebSocketConnection:
+    ws = await raw_socketio(h)
+    await ws.send_message("40" + json.dumps({"token": token_for(user)}))
+    assert (await next_packet(ws)).startswith("40{")
+    assert (await next_packet(ws)).startswith('42["session"')
+    return ws
+
+
+async def next_packet(ws: WebSocketConnection) -> str:
+    with trio.fail_after(STEP):
+        return str(await ws.get_message())
+
+
+async def next_event(ws: WebSocketConnection) -> list[Any]:
+    packet = await next_packet(ws)
+    assert packet.startswith("42"), packet
+    event = json.loads(packet[2:])
+    assert isinstance(event, list)
+    return event
+
+
+async def until_closed(ws: WebSocketConnection) -> tuple[list[str], int]:
+    """Every packet still to come, and the close code after them."""
+    packets: list[str] = []
+    with trio.fail_after(STEP):
+        while True:
+            try:
+                packets.append(str(await ws.get_message()))
+            except ConnectionClosed as closed:
+                assert closed.reason is not None
+                return packets, closed.reason.code
+
+
+async def test_non_ascii_digits_after_sign_in_are_an_error_and_the_call_goes_on(
+    gate: Harness,
+) -> None:
+    """'4' + superscript two passes str.isdigit and then failed in int(): the connection
+    closed 1000 with a traceback and the call went into the reconnect grace. Arabic-Indic
+    digits after '42' were read as an ack id. Both are malformed packets: an `error`, no more."""
+    alice = await raw_signed_in(gate, "alice")
+    bob = await gate.connect("bob")
+    await alice.send_message(
+        "42" + json.dumps(["call-request", call_request("c5", "alice", "bob")])
+    )
+    await bob.expect("call-request", id="c5")
+    answer = {"callId": "c5", "to": "alice", "answer": {"type": "answer", "sdp": SDP_ANSWER}}
+    await bob.send("call-answer", answer)
+    assert (await next_event(alice))[0] == "call-answer"
+    for packet in ("4\u00b2{}", '42\u0661\u0662["user-connected","alice"]', "4\uff12[]"):
+        await alice.send_message(packet)
+        error = await next_event(alice)
+        assert error[0] == "error" and error[1]["code"] == "invalid_message", (packet, error)
+    await alice.send_message('427["user-connected","alice"]')
+    assert await next_packet(alice) == '437[{"ok":true}]'
+    candidate = {"candidate": None, "callId": "c5", "to": "bob"}
+    await alice.send_message("42" + json.dumps(["ice-candidate", candidate]))
+    await bob.expect("ice-candidate", callId="c5")
+
+
+@pytest.mark.parametrize("packet", ["4\u00b2{}", '40\u0661{"token":"x"}', "\u00b2"])
+async def test_a_malformed_packet_before_connect_closes_the_transport(
+    gate: Harness, packet: str
+) -> None:
+    ws = await raw_socketio(gate)
+    await ws.send_message(packet)
+    packets, code = await until_closed(ws)
+    assert (packets, code) == (['44{"message":"authentication required"}'], 4001)
+    [failed] = gate.audit.records("auth.failed")
+    assert failed["reason"] == "not_authenticated"
+
+
+@pytest.mark.parametrize("packet", ["2", "40/admin,"])
+async def test_pings_and_other_namespaces_before_sign_in_are_rate_limited(
+    harness: Harness, packet: str
+) -> None:
+    """Each is answered (a pong, a CONNECT_ERROR), so each counts against `messages`; past it,
+    `rate_limited`, and a client that goes on is closed 4029 as after sign-in."""
+    await harness.start(make_settings(limits={"messages": "5/minute", "flood": "3/minute"}))
+    ws = await raw_socketio(harness)
+    answer = "3" if packet == "2" else '44/admin,{"message":"Invalid namespace"}'
+    for _ in range(5):
+        await ws.send_message(packet)
+        assert await next_packet(ws) == answer
+    # One at a time: a client still sending when the close comes may get a TCP reset instead.
+    for _ in range(3):
+        await ws.send_message(packet)
+        error = await next_event(ws)
+        assert error[0] == "error" and error[1]["code"] == "rate_limited", error
+    await ws.send_message(packet)
+    packets, code = await until_closed(ws)
+    assert packets[-1] == '44{"message":"rate limit exceeded"}' and code == 4029, packets
+
+
+async def test_no_error_echoes_a_token(gate: Harness) -> None:
+    """`40/admin{"token":...}` (no ',') made the whole token the namespace, and the
+    CONNECT_ERROR sent it back. Errors now echo at most a short, plain excerpt."""
+    token = token_for("alice")
+    ws = await raw_socketio(gate)
+    await ws.send_message('40/admin{"token":"' + token + '"}')
+    packets, code = await until_closed(ws)
+    assert (packets, code) == (['44{"message":"authentication required"}'], 4001)
+    # A real other namespace is still answered on that namespace, as socket.io-client expects.
+    other = await raw_socketio(gate)
+    await other.send_message('40/admin,{"token":"' + token + '"}')
+    assert await next_packet(other) == '44/admin,{"message":"Invalid namespace"}'
+    # After sign-in: the same packet, and a token as an event name.
+    alice = await raw_signed_in(gate, "alice")
+    for packet in ('40/admin{"token":"' + token + '"}', "42" + json.dumps([token, {}])):
+        await alice.send_message(packet)
+        error = await next_event(alice)
+        assert error[0] == "error" and token[32:64] not in json.dumps(error), error
+        assert len(error[1]["message"]) < 70, error

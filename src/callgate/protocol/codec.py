@@ -294,12 +294,21 @@ def decode_object(envelope: object, limits: FieldLimits) -> Envelope:
         return Envelope(UserConnected(data), ref)
     decoder = _DECODERS.get(event)
     if decoder is None:
-        # JSON-escaped: control characters in the name never reach a client's terminal verbatim.
-        shown = json.dumps(event[:64])
-        raise ProtocolError(ErrorCode.UNKNOWN_EVENT, f"unknown event {shown}", ref)
+        raise ProtocolError(ErrorCode.UNKNOWN_EVENT, f"unknown event {excerpt(event)}", ref)
     if not isinstance(data, dict):
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"{event}: 'data' must be an object", ref)
     return Envelope(decoder(_Fields(event, data, ref, limits)), ref)
+
+
+MAX_EXCERPT = 32
+
+
+def excerpt(text: str) -> str:
+    """What an error may echo of a client's text: its first `MAX_EXCERPT` characters, each
+    printable ASCII or else `?`, quoted. Never more, so an error cannot carry a token or any
+    other secret a client put in the wrong field back out (to logs, proxies, screens)."""
+    shown = "".join(char if " " <= char <= "~" else "?" for char in text[:MAX_EXCERPT])
+    return json.dumps(shown + ("..." if len(text) > MAX_EXCERPT else ""))
 
 
 def peek_ref(text: str) -> Ref | None:

@@ -6,6 +6,9 @@ A Socket.IO packet is a type digit, an optional `/namespace,`, an optional ack i
     0 CONNECT   1 DISCONNECT   2 EVENT   3 ACK   4 CONNECT_ERROR   5/6 binary (refused)
 so `42["call-request",{...}]` is an event, `4212["call-end",{...}]` an event asking for ack 12,
 `4312[{"ok":true}]` the ack, and `40{"token":"..."}` a CONNECT with an auth payload.
+Packet types and ack ids are ASCII digits only (`str.isdigit` and a regex digit class also take
+superscripts and Arabic-Indic digits, which `int` then refuses or reads), and a namespace is short
+and plain: an error that names it sends nothing else of what the client wrote (a token) back.
 
 Client events become the same envelope objects the native protocol carries
 (`{"event", "data", "ref"}`, the ack id as `ref`), so one codec validates both.
@@ -23,7 +26,11 @@ from callgate.protocol.codec import ProtocolError, dump_json, parse_json
 ENGINE_OPEN, ENGINE_CLOSE, ENGINE_PING, ENGINE_PONG, ENGINE_MESSAGE = "0", "1", "2", "3", "4"
 CONNECT, DISCONNECT, EVENT, ACK, CONNECT_ERROR = 0, 1, 2, 3, 4
 MAIN_NAMESPACE = "/"
-_ACK_ID = re.compile(r"\d{1,15}")
+_PACKET_TYPES = "0123456789"
+_ACK_ID = re.compile(r"[0-9]+")
+MAX_ACK_ID_DIGITS = 15  # below 2**53: the id survives a JavaScript client's Number
+# `/` and at most 31 URL path characters: what an error may echo of a client's namespace.
+_NAMESPACE = re.compile(r"/[A-Za-z0-9._~!$&'()*+;=:@%/-]{0,31}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,20 +51,29 @@ def parse_socket_packet(text: str) -> SocketPacket:
     Raises:
         ProtocolError: not a packet this server accepts (binary packets included).
     """
-    if not text or not text[0].isdigit():
+    if not text or text[0] not in _PACKET_TYPES:
         raise _invalid("not a Socket.IO packet")
-    kind, rest = int(text[0]), text[1:]
+    kind, rest = ord(text[0]) - ord("0"), text[1:]
     if kind not in (CONNECT, DISCONNECT, EVENT, ACK):
         raise _invalid("binary and server-only Socket.IO packets are not accepted")
     namespace = MAIN_NAMESPACE
     if rest.startswith("/"):
-        namespace, _, rest = rest.partition(",")
+        named = _NAMESPACE.match(rest)
+        end = named.end() if named is not None else 0  # it matches: `rest` starts with '/'
+        if end < len(rest) and rest[end] != ",":
+            raise _invalid("a namespace is '/' and at most 31 URL path characters, then ','")
+        namespace, rest = rest[:end], rest[end + 1 :]
     ack_id = None
-    match = _ACK_ID.match(rest)
-    if match is not None:
-        ack_id = int(match.group())
-        rest = rest[match.end() :]
-    payload = parse_json(rest) if rest else None
+    digits = _ACK_ID.match(rest)
+    if digits is not None:
+        if digits.end() > MAX_ACK_ID_DIGITS:
+            raise _invalid(f"an ack id has at most {MAX_ACK_ID_DIGITS} digits")
+        ack_id = int(digits.group())
+        rest = rest[digits.end() :]
+    try:
+        payload = parse_json(rest) if rest else None
+    except ProtocolError as bad:  # answered on the ack, when the client asked for one
+        raise ProtocolError(bad.code, bad.message, ack_id) from None
     return SocketPacket(kind, namespace, ack_id, payload)
 
 

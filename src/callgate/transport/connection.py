@@ -4,8 +4,8 @@
 Engine.IO v4 / Socket.IO v5 framing (contract section 11). Senders never wait: a frame goes
 straight to the socket when it can (`push`), else through a bounded memory channel drained by the
 writer task (both made with the first such frame), and a full channel means the client is not
-reading, so that connection alone is aborted (close 1008). `ConnectionHub` (hub.py) runs a
-connection's life.
+reading, so that connection alone is closed (1008, see `_overflow`). `ConnectionHub` (hub.py) runs
+a connection's life.
 """
 
 from __future__ import annotations
@@ -98,7 +98,14 @@ class PeerGone(Exception):
 class Connection:
     """One client socket: its id, its identity once authenticated, and its bounded outbox."""
 
-    def __init__(self, conn_id: str, ws: MessageSocket, addr: str, queue_size: int) -> None:
+    def __init__(
+        self,
+        conn_id: str,
+        ws: MessageSocket,
+        addr: str,
+        queue_size: int,
+        close_timeout: float = 3.0,
+    ) -> None:
         self.id = conn_id
         self.ws = ws
         self.addr = addr
@@ -110,6 +117,12 @@ class Connection:
         self.nursery: trio.Nursery | None = None
         self._scope: trio.CancelScope | None = None
         self._aborted = False
+        # The outbox overflowed: the writer sends the close (1008) after the frame in hand, and
+        # the connection gets `close_timeout` seconds for it (see `_overflow`).
+        self._overflowed = False
+        # ... and the close is the overflow's own, so the writer sends its farewell first.
+        self._farewell_owed = False
+        self._close_timeout = close_timeout
         # Its entries in the hub's `Deadlines`: the keepalive (or Engine.IO heartbeat), and the
         # token's expiry. Cancelled when the connection ends.
         self.keepalive: Deadline | None = None
@@ -158,9 +171,19 @@ class Connection:
     def peek_ref(self, text: str) -> Ref | None:
         return peek_ref(text)
 
+    def farewell(self, code: int, reason: str) -> list[str]:
+        """The frames that go out before a close frame with `code` (none in this dialect)."""
+        return []
+
     def close(self, code: int, reason: str) -> None:
-        """Close once everything queued before has been sent."""
+        """Close once everything queued before has been sent, after the dialect's farewell."""
         if self.close_code is None:
+            self._close_after(self.farewell(code, reason), code, reason)
+
+    def _close_after(self, last: list[str], code: int, reason: str) -> None:
+        for text in last:
+            self.push(text)
+        if self.close_code is None:  # (unless those frames overflowed the outbox: `_overflow`)
             self.close_code, self.close_reason = code, reason
             self._enqueue(_CloseRequest(code, reason))
 
@@ -207,7 +230,7 @@ class Connection:
             self._scope.cancel()
 
     def abort(self, code: int, reason: str) -> None:
-        """Stop now, without draining the queue (the client is not reading, or is gone)."""
+        """Stop now, without draining the queue (the client is gone, or out of time)."""
         if self.close_code is None:
             self.close_code, self.close_reason = code, reason
         self._aborted = True
@@ -215,6 +238,8 @@ class Connection:
             self._scope.cancel()
 
     def _enqueue(self, item: str | _CloseRequest | _Flush) -> None:
+        if self._overflowed:
+            return  # nothing more for a client that does not read: only the close
         outbox = self._outbox or self._start_writer()
         if outbox is None:
             return  # the connection is already finishing
@@ -222,9 +247,28 @@ class Connection:
             outbox.send_nowait(item)
             self._in_flight += 1
         except trio.WouldBlock:
-            self.abort(CloseCode.POLICY_VIOLATION, "client too slow: outbound queue full")
+            self._overflow()
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # the connection is already finishing
+
+    def _overflow(self) -> None:
+        """The outbox is full: the client is not reading. Close it with 1008.
+
+        Not by cancelling its writer: stopped in the middle of a frame, it would leave the
+        stream where no close frame can follow (the client would read the close as the rest of
+        that frame). The writer finishes the write in hand, drops everything queued behind it
+        and sends the farewell and the close. The client has `close_timeout` seconds to read
+        that far; then the whole connection is cancelled, and the socket closed without more.
+        """
+        self._overflowed = True
+        self._direct = None  # no frame goes straight out any more either
+        if self.close_code is None:
+            self.close_code = CloseCode.POLICY_VIOLATION
+            self.close_reason = "client too slow: outbound queue full"
+            self._farewell_owed = True
+        if self._scope is not None:
+            deadline = trio.current_time() + self._close_timeout
+            self._scope.deadline = min(self._scope.deadline, deadline)
 
     def _start_writer(self) -> trio.MemorySendChannel[str | _CloseRequest | _Flush] | None:
         if self.nursery is None:
@@ -264,6 +308,8 @@ class Connection:
         send_batch = getattr(self.ws, "send_messages", None)
         try:
             async for first in inbox:
+                if self._overflowed:
+                    break
                 batch: list[str | _CloseRequest | _Flush] = [first]
                 while len(batch) < 256:
                     try:
@@ -282,12 +328,21 @@ class Connection:
                         await send_batch([])  # _Flush: what the socket did not take at once
                 await self._flush(texts, send_batch)
                 self._in_flight -= len(batch)
+                if self._overflowed:
+                    break
+            if self._overflowed and self.close_code is not None:
+                if self._farewell_owed:
+                    last = self.farewell(self.close_code, self.close_reason)
+                    await self._flush(last, send_batch, dropping=False)
+                await self.ws.aclose(self.close_code, self.close_reason)
         except ConnectionClosed:
             return
         finally:
             self.writer_done.set()
 
-    async def _flush(self, texts: list[str], send_batch: Any) -> None:
+    async def _flush(self, texts: list[str], send_batch: Any, *, dropping: bool = True) -> None:
+        """Write `texts`; one by one (trio-websocket), the rest are `dropping` once the outbox
+        has overflowed."""
         if not texts:
             return
         if send_batch is not None:
@@ -295,6 +350,8 @@ class Connection:
             texts.clear()
             return
         for text in texts:
+            if dropping and self._overflowed:
+                break  # the frames behind the one in hand are dropped (see `_overflow`)
             await self.ws.send_message(text)
         texts.clear()
 
@@ -326,8 +383,15 @@ _NO_RECONNECT = {
 class SocketIOConnection(Connection):
     """The same connection, framed as Engine.IO v4 / Socket.IO v5 (contract section 11)."""
 
-    def __init__(self, conn_id: str, ws: MessageSocket, addr: str, queue_size: int) -> None:
-        super().__init__(conn_id, ws, addr, queue_size)
+    def __init__(
+        self,
+        conn_id: str,
+        ws: MessageSocket,
+        addr: str,
+        queue_size: int,
+        close_timeout: float = 3.0,
+    ) -> None:
+        super().__init__(conn_id, ws, addr, queue_size, close_timeout)
         # When the last Engine.IO ping went out (the heartbeat's cadence runs from there).
         self.pinged_at = 0.0
 
@@ -374,13 +438,10 @@ class SocketIOConnection(Connection):
         except ProtocolError:
             return None
 
-    def close(self, code: int, reason: str) -> None:
-        if self.close_code is None:
-            # Say why first; then `41` (Socket.IO DISCONNECT) where the client must not come back.
-            self.send_event("closing", {"code": code, "reason": reason})
-            if code in _NO_RECONNECT:
-                self.push(sio.disconnect_packet())
-        super().close(code, reason)
+    def farewell(self, code: int, reason: str) -> list[str]:
+        # Say why first; then `41` (Socket.IO DISCONNECT) where the client must not come back.
+        closing = sio.event_packet("closing", {"code": code, "reason": reason})
+        return [closing, sio.disconnect_packet()] if code in _NO_RECONNECT else [closing]
 
     def refuse(
         self, code: int, reason: str, error: tuple[ErrorCode, str, int | None] | None = None
@@ -388,5 +449,4 @@ class SocketIOConnection(Connection):
         """A failed CONNECT: CONNECT_ERROR with the reason, then the transport closes (no
         `closing` event, since the client never had a session)."""
         if self.close_code is None:
-            self.push(sio.connect_error_packet(reason))
-            Connection.close(self, code, reason)
+            self._close_after([sio.connect_error_packet(reason)], code, reason)

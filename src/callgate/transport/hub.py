@@ -21,8 +21,8 @@ Life of a connection
    of the hub's one clock heap (`Deadlines`), not tasks: an idle connection is one task.
 6. A frame goes straight to the socket when nothing is queued before it (the wsproto engine),
    else through a bounded memory channel drained by the writer. Senders never wait: a full
-   channel means the client is not reading, and that connection alone is aborted (close 1008),
-   so one slow reader cannot slow anybody else.
+   channel means the client is not reading, and that connection alone is closed (1008, within
+   `close_timeout`), so one slow reader cannot slow anybody else.
 
 Failures of one connection end that connection only: `ConnectionHub.handle` catches `Exception`,
 so nothing a client does can reach the listener (whose nursery would otherwise stop serving).
@@ -112,6 +112,10 @@ def _bearer_token(request: UpgradeRequest) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else ""
 
 
+def _repeated(request: UpgradeRequest, name: bytes) -> bool:
+    return sum(key.lower() == name for key, _ in request.headers) > 1
+
+
 @dataclass(slots=True)
 class _UpgradeAuth:
     """What authentication uses of the upgrade request (the request is spent on `accept`).
@@ -123,6 +127,9 @@ class _UpgradeAuth:
     query: str
     bearer: str | None
     resume: str | None
+    # More than one `Authorization` header: a proxy that reads the last one would disagree
+    # with us (the first) about who connected, so the upgrade's credentials count for nothing.
+    repeated: bool = False
 
     def take_bearer(self) -> str | None:
         bearer, self.bearer = self.bearer, None
@@ -399,10 +406,15 @@ class ConnectionHub:
             return
         # What authentication needs from the request, read before `accept` spends it.
         upgrade = _UpgradeAuth(
-            target.query, _bearer_token(request), _header(request, RESUME_HEADER)
+            target.query,
+            _bearer_token(request),
+            _header(request, RESUME_HEADER),
+            _repeated(request, b"authorization"),
         )
         kind = SocketIOConnection if accepted.dialect is Dialect.SOCKETIO else Connection
-        connection = kind(conn_id, await request.accept(), addr, server.outbound_queue)
+        connection = kind(
+            conn_id, await request.accept(), addr, server.outbound_queue, server.close_timeout
+        )
         connection.limits = self._limiter.for_connection()
         connection.may_write_now = self._not_in_burst
         self._all[conn_id] = connection
@@ -540,6 +552,8 @@ class ConnectionHub:
         query_tokens = parse_qs(upgrade.query).get("token")
         if query_tokens and not self._settings.auth.allow_query_token:
             raise AuthError(INVALID, "query_token_refused")
+        if upgrade.repeated:
+            raise AuthError(INVALID, "repeated_authorization")
         token = upgrade.take_bearer() or (query_tokens[0] if query_tokens else None)
         if token:
             return await self._verify(token), None, upgrade.resume
@@ -576,6 +590,10 @@ class ConnectionHub:
             while True:
                 text = await connection.receive()
                 self._check_size(text)
+                # Counted as every message after sign-in is: pings and CONNECTs to other
+                # namespaces are answered, so they could otherwise be sent without end.
+                if not self._admit(connection, text):
+                    continue
                 if text[:1] in (sio.ENGINE_PING, sio.ENGINE_PONG, sio.ENGINE_CLOSE):
                     connection.decode_frame(text, self._field_limits)
                     continue
