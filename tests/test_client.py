@@ -11,6 +11,7 @@ import trio
 from callgate.client import (
     CallAnswered,
     CallEnded,
+    CallExists,
     CallRejected,
     CallRequested,
     Closed,
@@ -22,7 +23,7 @@ from callgate.client import (
     UnknownCall,
     connect,
 )
-from conftest import SDP_ANSWER, SDP_OFFER, Harness, make_settings, token_for
+from conftest import SDP_ANSWER, SDP_OFFER, STEP, Harness, make_settings, token_for
 
 
 async def test_a_whole_call(gate: Harness) -> None:
@@ -100,18 +101,63 @@ async def test_closed_is_raised_from_the_iterator(harness: Harness) -> None:
         assert closed.value.code == 4001
 
 
-async def test_the_readme_example_runs(gate: Harness) -> None:
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    example = (
-        readme.split("## A call from Python", 1)[1].split("```python", 1)[1].split("```", 1)[0]
-    )
-    code = "\n".join(line for line in example.splitlines() if not line.startswith("trio.run("))
+async def test_a_refusal_raised_in_the_block_is_its_own_type(gate: Harness) -> None:
+    # `except CallExists:` around the whole `async with connect(...)` must catch it: the
+    # client's nursery must not hand it over wrapped in an ExceptionGroup.
+    async def call_twice() -> None:
+        async with connect(gate.url, token_for("alice")) as alice:
+            await alice.call("c1", "bob", SDP_OFFER)
+            await alice.call("c1", "bob", SDP_OFFER)
+
+    async with connect(gate.url, token_for("bob")):
+        with pytest.raises(CallExists), trio.fail_after(STEP):
+            await call_twice()
+
+
+async def test_closed_raised_in_the_block_is_its_own_type(harness: Harness) -> None:
+    await harness.start(make_settings(auth={"refresh_before": 0}))
+
+    async def wait_for_expiry() -> None:
+        async with connect(harness.url, token_for("alice", ttl=1)) as alice:
+            while True:
+                await alice.next_event()
+
+    with pytest.raises(Closed) as closed, trio.fail_after(STEP):
+        await wait_for_expiry()
+    assert closed.value.code == 4001
+
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def readme_example() -> str:
+    """The code of README.md's "A call from Python", without its `trio.run(...)` line."""
+    text = README.read_text()
+    example = text.split("## A call from Python", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    return "\n".join(line for line in example.splitlines() if not line.startswith("trio.run("))
+
+
+async def test_the_readme_example_runs_twice_and_ends(
+    harness: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The shipped reconnect grace: a call the example left behind would refuse the next run.
+    await harness.start(make_settings(calls={"reconnect_grace": 15}))
     namespace: dict[str, Any] = {}
-    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
-    async with connect(gate.url, token_for("bob")) as bob, trio.open_nursery() as nursery:
-        nursery.start_soon(namespace["main"], gate.url, token_for("alice"), SDP_OFFER)
-        ring = await bob.next_event()
-        assert isinstance(ring, CallRequested) and ring.call_id == "7f1c-call"
-        await bob.answer(ring.call_id, "alice", SDP_ANSWER)
-        await bob.end(ring.call_id, "alice")  # main() keeps listening; end it from here
-        nursery.cancel_scope.deadline = trio.current_time() + 1
+    exec(compile(readme_example(), "README.md", "exec"), namespace)  # noqa: S102 - our README
+    call_ids = []
+    async with connect(harness.url, token_for("bob")) as bob:
+        for _ in range(2):
+            with trio.fail_after(STEP):
+                # The nursery waits for the example to end on its own once answered.
+                async with trio.open_nursery() as nursery:
+                    alice = token_for("alice")
+                    nursery.start_soon(namespace["main"], harness.url, alice, SDP_OFFER)
+                    ring = await bob.next_event()
+                    assert isinstance(ring, CallRequested) and ring.caller == "alice"
+                    await bob.answer(ring.call_id, "alice", SDP_ANSWER)
+                    ended = await bob.next_event()
+                    assert isinstance(ended, CallEnded) and ended.call_id == ring.call_id
+                    assert ended.reason is None  # alice hung up, not a dropped connection
+            call_ids.append(ring.call_id)
+    assert call_ids[0] != call_ids[1]
+    assert capsys.readouterr().out.count("answered: v=0") == 2

@@ -144,3 +144,24 @@ def test_secret_never_in_repr() -> None:
 )
 def test_loopback_hosts(host: str, loopback: bool) -> None:
     assert is_loopback_host(host) is loopback
+
+
+@pytest.mark.parametrize(
+    ("env", "variable", "key"),
+    [
+        ({"CALLGATE_SERVER_PORT": "abc"}, "CALLGATE_SERVER_PORT", "server.port"),
+        ({"CALLGATE_AUTH_SECRET": "short"}, "CALLGATE_AUTH_SECRET", "auth.secret"),
+        ({"CALLGATE_AUTH_KEY_FILES": "{nope"}, "CALLGATE_AUTH_KEY_FILES", "auth.key_files"),
+        ({"CALLGATE_ICE_STUN_URLS": "[nope"}, "CALLGATE_ICE_STUN_URLS", "ice.stun_urls"),
+    ],
+)
+def test_a_bad_environment_override_names_its_variable(
+    env: dict[str, str], variable: str, key: str
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_settings(SHIPPED, environ=env)
+    message = str(refused.value)
+    assert f"{variable}: " in message and key in message
+    # Not blamed on the file, which is fine.
+    assert str(SHIPPED) not in message
+    assert "short" not in message  # a secret's value is never echoed

@@ -4,28 +4,35 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
+import shlex
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 
 import trio
+from pydantic import ValidationError
 
 import callgate
 from callgate import __version__
 from callgate.audit import AuditLog
 from callgate.auth import mint_token
 from callgate.config import (
+    DEVELOPMENT_AUDIT_KEY,
+    DEVELOPMENT_SECRET,
     HMAC_ALGORITHMS,
+    MIN_HMAC_SECRET_BYTES,
     Settings,
+    env_variable,
     is_loopback_host,
     load_settings,
     uses_development_secret,
 )
 from callgate.errors import ConfigError
 from callgate.log import configure_logging, get_logger
-from callgate.transport.server import RunningServer, serve
+from callgate.transport.server import RunningServer, listening_on, serve
 
 log = get_logger("callgate")
 
@@ -94,7 +101,15 @@ def _with_overrides(settings: Settings, host: str | None, port: int | None) -> S
         update={k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     )
     # Re-validate: a command-line port must obey the same bounds as the config file.
-    return Settings.model_validate({**settings.model_dump(), "server": server.model_dump()})
+    try:
+        return Settings.model_validate({**settings.model_dump(), "server": server.model_dump()})
+    except ValidationError as exc:
+        raise ConfigError(
+            "; ".join(
+                f"--{error['loc'][-1]}: {error['msg']}"
+                for error in exc.errors(include_url=False, include_input=False)
+            )
+        ) from None
 
 
 def _refuse_development_secret_off_loopback(settings: Settings) -> None:
@@ -127,7 +142,15 @@ def _run_until_signalled(settings: Settings, announce: Announce) -> int:
 
     Signals are received as messages, so SIGINT/SIGTERM drain instead of interrupting.
     """
-    audit = AuditLog.open(settings.audit)
+    try:
+        audit = AuditLog.open(settings.audit)
+    except OSError as exc:
+        # The failing path may be a parent directory (a file where a directory should be).
+        where = f" ({exc.filename})" if exc.filename and exc.filename != settings.audit.path else ""
+        raise ConfigError(
+            f"audit.path: cannot write the audit trail to {settings.audit.path}:"
+            f" {exc.strerror or exc}{where}"
+        ) from None
     if not audit.tamper_evident:
         log.warning("audit.key is not set: audit records are numbered but not tamper-evident")
 
@@ -169,13 +192,66 @@ def _serve(args: argparse.Namespace) -> int:
             audit=settings.audit.path,
             hot_path=callgate.IMPLEMENTATION,
         )
-        if uses_development_secret(settings):
+        for setting, what, risk in _development_keys(settings):
+            section, key = setting.split(".")
             log.warning(
-                "development secret in use: loopback only",
-                mint_with="callgate token alice --config config/callgate.toml",
+                f"{setting} is the shipped development {what}: loopback only",
+                risk=risk,
+                fix=f"set [{section}] {key} in the config file, or {env_variable(section, key)},"
+                f" to one of your own ({MIN_HMAC_SECRET_BYTES}+ bytes)",
             )
+        hint = _token_hint(settings, args.config, os.environ)
+        if hint is not None and is_loopback_host(settings.server.host):
+            log.info("get a token in another terminal", connect=running.url, **hint)
 
     return _run_until_signalled(settings, announce)
+
+
+def _development_keys(settings: Settings) -> list[tuple[str, str, str]]:
+    """Each setting that still holds a key shipped (public) in config/callgate.toml, what it is,
+    and what anyone who has read that file can do with it."""
+    keys = []
+    secret, audit_key = settings.auth.secret, settings.audit.key
+    if secret is not None and secret.get_secret_value() == DEVELOPMENT_SECRET:
+        keys.append(("auth.secret", "secret", "anyone can mint tokens this server accepts"))
+    if audit_key is not None and audit_key.get_secret_value() == DEVELOPMENT_AUDIT_KEY:
+        keys.append(("audit.key", "audit key", "anyone can forge the audit trail's MACs"))
+    return keys
+
+
+# The environment overrides `callgate token` reads to mint a token the server accepts.
+_TOKEN_VARIABLES = tuple(
+    env_variable("auth", key) for key in ("secret", "algorithms", "issuer", "audience")
+)
+
+
+def _token_hint(
+    settings: Settings, config: Path | None, environ: Mapping[str, str]
+) -> dict[str, object] | None:
+    """A `callgate token` command that mints tokens this server accepts: same config file, and
+    the same `CALLGATE_AUTH_*` overrides in its environment (named, never their values)."""
+    hmac = set(settings.auth.algorithms) & HMAC_ALGORITHMS
+    if settings.auth.secret is None or not hmac:
+        return None
+    command = [_callgate_command(), "token", "alice"]
+    if config is not None:
+        command += ["--config", str(config)]
+    hint: dict[str, object] = {"command": shlex.join(command)}
+    same = [name for name in _TOKEN_VARIABLES if name in environ]
+    if same:
+        hint["with_environment"] = same
+    return hint
+
+
+def _callgate_command() -> str:
+    """How to run `callgate` from here: the script beside this interpreter (.venv/bin), if any."""
+    script = Path(sys.executable).parent / "callgate"
+    if not script.is_file():
+        return "callgate"
+    relative = os.path.relpath(script)
+    if relative.startswith(".."):
+        return str(script)
+    return relative if os.sep in relative else f".{os.sep}{relative}"
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -187,7 +263,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     async def announce(running: RunningServer, nursery: trio.Nursery) -> None:
         host = settings.server.host
-        port = await nursery.start(serve_demo, settings, running.url, host, args.port)
+        with listening_on(("server.host", "--port (of the demo page)"), host, args.port):
+            port = await nursery.start(serve_demo, settings, running.url, host, args.port)
         page = f"http://{host}:{port}/"
         log.info(
             "demo ready: open two tabs",
@@ -298,3 +375,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"callgate: {exc}", file=sys.stderr)
         return 1
+    except BaseExceptionGroup as group:
+        # A start-up failure raised inside trio.run arrives wrapped by each nursery on its way.
+        failure = _start_up_failure(group)
+        if failure is None:
+            raise
+        print(f"callgate: {failure}", file=sys.stderr)
+        return 2
+
+
+def _start_up_failure(group: BaseExceptionGroup[BaseException]) -> ConfigError | None:
+    """The ConfigError in trio's nested ExceptionGroups, when it is the only failure in them
+    (the Cancelled of the tasks it stopped aside); anything else keeps its traceback."""
+    configs, rest = group.split(ConfigError)
+    if rest is not None:
+        _, rest = rest.split(trio.Cancelled)
+    if configs is None or rest is not None:
+        return None
+    failure: BaseException = configs
+    while isinstance(failure, BaseExceptionGroup) and len(failure.exceptions) == 1:
+        failure = failure.exceptions[0]
+    return failure if isinstance(failure, ConfigError) else None

@@ -12,6 +12,12 @@ Every method that sends a message waits for the server's `ack` and raises `Serve
 subclass per error code) when the server refuses it; the events the server sends on its own
 (calls, outcomes, `token-expiring`) arrive in order from `events()`. A closed connection raises
 `Closed` with the close code, from any method and from the iterator.
+
+These errors arrive as themselves, never wrapped in an `ExceptionGroup`, also outside the
+`async with connect(...)` block: the client reads in a trio nursery (whose errors trio groups),
+and `connect` re-raises the one error of such a group, so `except CallExists:` or
+`except Closed:` around the whole block catches them. A group with more than one error (besides
+trio's `Cancelled`) is raised as it is.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from ssl import SSLContext
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
@@ -335,15 +341,13 @@ class Client:
 
     # -- receiving -----------------------------------------------------------------------------
 
-    async def events(self) -> AsyncIterator[Event]:
-        """Everything the server sends that is not an answer to a request, in order.
+    def events(self) -> AsyncIterator[Event]:
+        """Everything the server sends that is not an answer to a request, in order; leaving
+        the `async for` (`break`) is fine.
 
         Raises: Closed when the connection ends.
         """
-        async for item in self._events_out:
-            if isinstance(item, Closed):
-                raise item
-            yield item
+        return _Events(self)
 
     async def next_event(self) -> Event:
         item = await self._events_out.receive()
@@ -386,6 +390,20 @@ class Client:
 
     async def aclose(self) -> None:
         await self._ws.aclose()
+
+
+class _Events:
+    """`Client.events()`: a plain async iterator rather than an async generator, which trio
+    warns about (ResourceWarning) when a loop leaves it unfinished with `break`."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def __aiter__(self) -> _Events:
+        return self
+
+    async def __anext__(self) -> Event:
+        return await self._client.next_event()
 
 
 def _closed(closed: ConnectionClosed) -> Closed:
@@ -435,11 +453,33 @@ async def connect(
             raise _closed(closed) from None
         if first.get("event") != "session":
             raise ClientError(f"expected a session, got {first.get('event')!r}")
-        async with trio.open_nursery() as nursery:
-            client = Client(ws, nursery)
-            client.session = _session(first["data"])
-            nursery.start_soon(client._read)
-            try:
-                yield client
-            finally:
-                nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                client = Client(ws, nursery)
+                client.session = _session(first["data"])
+                nursery.start_soon(client._read)
+                try:
+                    yield client
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            _raise_single(group)
+
+
+def _raise_single(group: BaseExceptionGroup[BaseException]) -> NoReturn:
+    """Re-raise the one error of a nursery's group (e.g. the `CallExists` raised in the `async
+    with` block) as itself; the `Cancelled` of the tasks it stopped does not count."""
+    _, rest = group.split(trio.Cancelled)
+    error: BaseException | None = rest
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    if error is None or isinstance(error, BaseExceptionGroup):
+        raise group
+    # As trio does for `nursery.start`: raising sets the error's __context__ to the group that
+    # holds it (a cycle in every traceback); keep the context it had.
+    context = error.__context__
+    try:
+        raise error
+    finally:
+        error.__context__ = context
+        del error

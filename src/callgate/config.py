@@ -288,7 +288,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             continue
         for key in model.model_fields:
-            raw = environ.get(f"{ENV_PREFIX}{section}_{key}".upper())
+            raw = environ.get(env_variable(section, key))
             if raw is None:
                 continue
             value: Any = raw
@@ -299,20 +299,26 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
                     value = json.loads(raw)
                 except ValueError:
                     raise ConfigError(
-                        f"{section}.{key} (from the environment): not a JSON object"
+                        f"{env_variable(section, key)}: not a JSON object (for {section}.{key})"
                     ) from None
             overrides.setdefault(section, {})[key] = value
     return overrides
 
 
+def env_variable(section: str, key: str) -> str:
+    """The environment variable that overrides `[section] key`."""
+    return f"{ENV_PREFIX}{section}_{key}".upper()
+
+
 def _parse_env_list(section: str, key: str, raw: str) -> list[str]:
     if raw.lstrip().startswith("["):
+        problem = f"{env_variable(section, key)}: not a JSON array (for {section}.{key})"
         try:
             parsed = json.loads(raw)
         except ValueError:
-            raise ConfigError(f"{section}.{key} (from the environment): not a JSON array") from None
+            raise ConfigError(problem) from None
         if not isinstance(parsed, list):
-            raise ConfigError(f"{section}.{key} (from the environment): not a JSON array")
+            raise ConfigError(problem)
         return [str(item) for item in parsed]
     return [item.strip() for item in raw.split(",") if item.strip()]
 
@@ -336,7 +342,8 @@ def load_settings(
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    for section, values in _env_overrides(os.environ if environ is None else environ).items():
+    overrides = _env_overrides(os.environ if environ is None else environ)
+    for section, values in overrides.items():
         existing = data.get(section, {})
         if not isinstance(existing, dict):
             raise ConfigError(f"{section}: must be a table in {source}")
@@ -344,11 +351,18 @@ def load_settings(
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
-            for error in exc.errors(include_url=False, include_input=False)
-        )
-        raise ConfigError(f"invalid configuration ({source}): {problems}") from None
+        problems, from_file = [], False
+        for error in exc.errors(include_url=False, include_input=False):
+            loc = [str(part) for part in error["loc"]]
+            key = ".".join(loc)
+            if len(loc) >= 2 and loc[1] in overrides.get(loc[0], {}):
+                # The value came from the environment: name the variable to fix, and the key.
+                problems.append(f"{env_variable(loc[0], loc[1])}: {error['msg']} (for {key})")
+            else:
+                from_file = True
+                problems.append(f"{key}: {error['msg']}")
+        where = f" ({source})" if from_file else ""
+        raise ConfigError(f"invalid configuration{where}: {'; '.join(problems)}") from None
     settings.check_coherence()
     return settings
 

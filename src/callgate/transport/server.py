@@ -6,9 +6,12 @@ a graceful shutdown can stop accepting (cancel the listener) while the connectio
 
 from __future__ import annotations
 
+import errno
+import socket
 import ssl
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -69,13 +72,62 @@ def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
     tls = settings.tls
     if tls.cert_file is None or tls.key_file is None:
         return None
+    # ssl names neither the file nor the setting when one is missing: check each first.
+    for setting, path in (("tls.cert_file", tls.cert_file), ("tls.key_file", tls.key_file)):
+        try:
+            path.open("rb").close()
+        except OSError as exc:
+            raise ConfigError(f"{setting}: cannot read {path}: {exc.strerror}") from None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         context.load_cert_chain(tls.cert_file, tls.key_file)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"tls.cert_file, tls.key_file: cannot load: {exc}") from None
+        raise ConfigError(
+            f"tls.cert_file, tls.key_file: {tls.cert_file} and {tls.key_file} are not a PEM"
+            f" certificate chain and its private key ({exc.strerror or exc})"
+        ) from None
     return context
+
+
+def listen_problem(where: tuple[str, str], host: str, port: int, error: OSError) -> str:
+    """Why `host:port` cannot be listened on, naming the setting to change: `where` names the
+    settings of the host and of the port (`("metrics.host", "metrics.port")`)."""
+    host_setting, port_setting = where
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if isinstance(error, socket.gaierror):
+        return f"{host_setting}: cannot resolve {host!r} ({error.strerror})"
+    if error.errno == errno.EADDRINUSE:
+        return (
+            f"{port_setting}: {address} is already in use by another process;"
+            " choose another port or stop that process"
+        )
+    if error.errno == errno.EACCES:
+        return (
+            f"{port_setting}: permission denied to listen on {address}"
+            " (ports below 1024 need privileges); choose a port from 1024 up"
+        )
+    if error.errno == errno.EADDRNOTAVAIL:
+        return f"{host_setting}: {host} is not an address of this machine ({address})"
+    return f"{host_setting}, {port_setting}: cannot listen on {address}: {error.strerror or error}"
+
+
+@contextmanager
+def listening_on(where: tuple[str, str], host: str, port: int) -> Iterator[None]:
+    """Turn a failure to listen (port in use, privileged port, foreign host) into a ConfigError
+    naming the setting (`listen_problem`): the start-up failure users cause most, in one line.
+
+    The OSError may come wrapped in the ExceptionGroup of the listener's own nursery.
+    """
+    try:
+        yield
+    except (OSError, ExceptionGroup) as exc:
+        error = exc
+        while isinstance(error, ExceptionGroup) and len(error.exceptions) == 1:
+            error = error.exceptions[0]
+        if not isinstance(error, OSError):
+            raise
+        raise ConfigError(listen_problem(where, host, port, error)) from None
 
 
 def _watched_files(settings: Settings) -> list[Path]:
@@ -192,8 +244,8 @@ async def serve(
     """Serve until cancelled.
 
     Raises:
-        ConfigError: a key, revocation or TLS file cannot be used (checked before listening).
-        OSError: the address cannot be bound.
+        ConfigError: a key, revocation or TLS file cannot be used (checked before listening), or
+            an address cannot be listened on (the message names the setting).
     """
     verifier = TokenVerifier.from_settings(
         settings.auth, max_user_id_length=settings.validation.max_user_id_length
@@ -268,26 +320,30 @@ async def _serve(
             close_timeout=settings.server.close_timeout,
             max_pending_per_address=settings.server.max_connections_per_address,
         )
-        port = await nursery.start(
-            partial(
-                _listen,
-                listener,
+        server = settings.server
+        with listening_on(("server.host", "server.port"), server.host, server.port):
+            port = await nursery.start(
                 partial(
-                    serve_front,
-                    settings.server.host,
-                    settings.server.port,
-                    ssl_context,
-                    front,
-                    hub.handle,
-                    connections,
-                ),
+                    _listen,
+                    listener,
+                    partial(
+                        serve_front,
+                        settings.server.host,
+                        settings.server.port,
+                        ssl_context,
+                        front,
+                        hub.handle,
+                        connections,
+                    ),
+                )
             )
-        )
         metrics_port = None
         if settings.metrics.enabled:
-            metrics_port = await nursery.start(
-                serve_http, settings.metrics.host, settings.metrics.port, _routes(hub)
-            )
+            metrics = settings.metrics
+            with listening_on(("metrics.host", "metrics.port"), metrics.host, metrics.port):
+                metrics_port = await nursery.start(
+                    serve_http, metrics.host, metrics.port, _routes(hub)
+                )
         task_status.started(
             RunningServer(
                 settings.server.host,
