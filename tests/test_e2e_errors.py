@@ -41,6 +41,7 @@ async def still_works(alice: Client, bob: Client) -> None:
         ('{"event": "call-end", "data": {"callId": "c", "to": "\\ud800"}}', "invalid_message"),
     ],
 )
+@pytest.mark.both_engines
 async def test_bad_frames_get_an_error_and_the_connection_stays(
     gate: Harness, frame: str, code: str
 ) -> None:
@@ -149,6 +150,7 @@ async def test_pair_limit(harness: Harness) -> None:
     await mallory.expect("call-reject", reason="unavailable")  # another callee is fine
 
 
+@pytest.mark.both_engines
 async def test_message_flood_closes_4029(harness: Harness) -> None:
     await harness.start(make_settings(limits={"messages": "5/minute", "flood": "3/minute"}))
     alice, bob = await harness.connected_call()
@@ -175,6 +177,7 @@ async def test_handshake_limit_per_address(harness: Harness) -> None:
     await third.expect_closed(4029)
 
 
+@pytest.mark.both_engines
 async def test_binary_frame_closes_1003(gate: Harness) -> None:
     alice, bob = await gate.connected_call()
     await bob.ws.send_message(b"\x00\x01")
@@ -182,6 +185,7 @@ async def test_binary_frame_closes_1003(gate: Harness) -> None:
     await alice.expect("call-end", reason="peer_disconnected")
 
 
+@pytest.mark.both_engines
 async def test_too_big_frame_closes_1009(harness: Harness) -> None:
     await harness.start(make_settings(server={"max_message_bytes": 4096}))
     alice = await harness.connect("alice")
@@ -193,6 +197,7 @@ async def test_too_big_frame_closes_1009(harness: Harness) -> None:
     await bob.expect_closed(1009)
 
 
+@pytest.mark.both_engines
 async def test_wrong_path_is_404(gate: Harness) -> None:
     assert gate.server is not None
     upgrade = (
@@ -219,6 +224,7 @@ async def test_wrong_path_is_404(gate: Harness) -> None:
         pytest.param(b"GARBAGE\r\n\r\n", None, id="not-http-no-answer"),
     ],
 )
+@pytest.mark.both_engines
 async def test_what_a_request_that_is_no_upgrade_gets(
     gate: Harness, request_head: bytes, reply_starts: bytes | None
 ) -> None:
@@ -302,6 +308,7 @@ def rsa_keys(tmp_path: Path) -> tuple[rsa.RSAPrivateKey, str]:
     return key, str(path)
 
 
+@pytest.mark.both_engines
 async def test_every_bad_token_class_is_refused_4001(
     harness: Harness, rsa_keys: tuple[rsa.RSAPrivateKey, str]
 ) -> None:
@@ -341,6 +348,7 @@ async def test_every_bad_token_class_is_refused_4001(
         assert set(record) <= {"ts", "event", "conn", "addr", "reason", "seq", "mac"}
 
 
+@pytest.mark.both_engines
 async def test_bad_header_token_is_refused_after_upgrade(gate: Harness) -> None:
     client = await gate.open(headers=[(b"authorization", b"Bearer nope")])
     await client.expect_closed(4001, "invalid token")
@@ -359,6 +367,7 @@ async def test_query_token_when_enabled(harness: Harness) -> None:
     await client.expect("session", user="alice")
 
 
+@pytest.mark.both_engines
 async def test_auth_message_then_session(gate: Harness) -> None:
     client = await gate.open()
     await client.send("auth", {"token": token_for("alice")}, ref="login")
@@ -375,6 +384,7 @@ async def test_anything_before_auth_closes_4001(gate: Harness) -> None:
     await client.expect_closed(4001, "authentication required")
 
 
+@pytest.mark.both_engines
 async def test_auth_timeout(harness: Harness) -> None:
     await harness.start(make_settings(server={"auth_timeout": 0.2}))
     client = await harness.open()
@@ -419,6 +429,7 @@ async def test_socketio_long_polling_gets_a_clear_400(gate: Harness) -> None:
     assert "transports: ['websocket']" in json.loads(body)["message"]
 
 
+@pytest.mark.both_engines
 async def test_an_endless_fragmented_binary_message_is_cut_off(harness: Harness) -> None:
     """Fragments of one binary message past max_message_bytes close 1009 (before the 1003)."""
     await harness.start(make_settings(server={"max_message_bytes": 4096}))
@@ -438,6 +449,7 @@ async def test_an_endless_fragmented_binary_message_is_cut_off(harness: Harness)
     await alice.expect_closed(1009)
 
 
+@pytest.mark.both_engines
 async def test_half_open_handshakes_per_address_are_capped(harness: Harness) -> None:
     """A slowloris: sockets that never finish their request head. Past the per-address cap,
     new ones are closed at once; the server keeps serving others."""
@@ -457,6 +469,7 @@ async def test_half_open_handshakes_per_address_are_capped(harness: Harness) -> 
         await stream.aclose()
 
 
+@pytest.mark.both_engines
 async def test_a_request_head_that_does_not_arrive_in_time_is_closed(harness: Harness) -> None:
     """A socket whose head is late (half a head, then nothing) is closed after `auth_timeout`
     (and at most a quarter more), and no longer counts against its address."""
