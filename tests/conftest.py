@@ -180,7 +180,10 @@ class Client:
 ClientFactory = Callable[..., Awaitable[Client]]
 
 
-ENGINES = ["trio-websocket", "wsproto"]
+# The default engine runs every end-to-end test; the other one runs the conformance subset, the
+# tests marked `both_engines`: framing, handshakes, close codes, keepalive, TLS, drain, a call.
+DEFAULT_ENGINE = "wsproto"
+OTHER_ENGINES = ["trio-websocket"]
 
 
 class Harness:
@@ -398,9 +401,15 @@ class MergedAudit:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """End-to-end tests run on both engines; modules with `ON_CLUSTER = True` on a cluster too."""
+    """End-to-end tests run on the default engine, those marked `both_engines` on the other one
+    too, and modules with `ON_CLUSTER = True` on a cluster too."""
     if "harness" in metafunc.fixturenames:
-        modes = [*ENGINES, *(["cluster"] if getattr(metafunc.module, "ON_CLUSTER", False) else [])]
+        both = metafunc.definition.get_closest_marker("both_engines") is not None
+        modes = [
+            DEFAULT_ENGINE,
+            *(OTHER_ENGINES if both else []),
+            *(["cluster"] if getattr(metafunc.module, "ON_CLUSTER", False) else []),
+        ]
         metafunc.parametrize("harness", modes, indirect=True)
 
 
@@ -426,7 +435,7 @@ async def checked(h: Harness) -> AsyncIterator[Harness]:
 
 @pytest.fixture
 async def harness(nursery: trio.Nursery, request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
-    """Every end-to-end test runs on both connection engines (and some on a cluster)."""
+    """An end-to-end test's server: on an engine, or a cluster (`pytest_generate_tests`)."""
     h = ClusterHarness(nursery) if request.param == "cluster" else Harness(nursery, request.param)
     async with checked(h):
         yield h

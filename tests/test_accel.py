@@ -6,12 +6,20 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 import callgate
-from callgate._accel import COMPILED, SOURCE_ROOT, decide, extensions_of, source_digests
+from callgate._accel import (
+    COMPILED,
+    PURE_VARIABLE,
+    SOURCE_ROOT,
+    decide,
+    extensions_of,
+    source_digests,
+)
 
 DIGESTS = {"callgate.core.calls": "aa", "callgate.protocol.codec": "bb"}
 STAMP = {"python": sys.implementation.cache_tag, "sources": dict(DIGESTS)}
@@ -86,3 +94,107 @@ def test_this_suite_runs_what_scripts_test_built() -> None:
         pytest.skip("CALLGATE_PURE=1: this run is the pure-Python pass")
     assert callgate.IMPLEMENTATION == "compiled", "the build is stale: scripts/test rebuilds it"
     assert source_digests()  # every compiled module has a readable source beside it
+
+
+PROJECT = SOURCE_ROOT.parent
+# What a wheel is built from: the checkout as committed, without local builds and caches.
+NOT_SOURCES = shutil.ignore_patterns(
+    ".git",
+    ".venv",
+    "node_modules",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    ".*_cache",
+    "*.so",
+    "_compiled.json",
+    "bench",
+    "tests",
+    "docs",
+)
+
+
+def _wheel_implementation(tmp_path: Path, **env: str) -> tuple[str, list[str]]:
+    """Build a wheel of this checkout through setup.py (as `pip install .` does), unpack it, and
+    say which implementation it runs and which extensions it carries."""
+    checkout = tmp_path / "checkout"
+    shutil.copytree(PROJECT, checkout, ignore=NOT_SOURCES)
+    # The dev venv has the build requirements (setuptools, mypy): no download, no isolation.
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "--disable-pip-version-check",
+            "-w",
+            str(tmp_path / "dist"),
+            str(checkout),
+        ],
+        # Not CALLGATE_PURE from the pure-Python pass of scripts/test: that would build pure.
+        env={**{k: v for k, v in os.environ.items() if k != PURE_VARIABLE}, **env},
+        capture_output=True,
+        check=True,
+        timeout=600,
+    )
+    (wheel,) = (tmp_path / "dist").glob("callgate-*.whl")
+    unpacked = tmp_path / "site"
+    shutil.unpack_archive(wheel, unpacked, format="zip")
+    extensions = sorted(path.name for path in unpacked.rglob("*.so"))
+    implementation, *files = _loaded_from({}, unpacked)
+    assert all(file.startswith(str(unpacked)) for file in files), files
+    return implementation, extensions
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_a_wheel_carries_the_compiled_build_and_runs_it(tmp_path: Path) -> None:
+    implementation, extensions = _wheel_implementation(tmp_path)
+    assert implementation == "compiled"
+    assert len(extensions) == len(COMPILED) + 1, extensions  # and mypyc's shared library
+
+
+def test_without_a_c_compiler_the_wheel_is_pure_python(tmp_path: Path) -> None:
+    implementation, extensions = _wheel_implementation(tmp_path, CC="false")
+    assert (implementation, extensions) == ("pure", [])
+
+
+def test_serve_says_once_at_start_that_it_runs_pure_python() -> None:
+    """The listening line names the build; a server without the compiled one says why, once."""
+    with subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "callgate",
+            "serve",
+            "--config",
+            str(PROJECT / "config/callgate.toml"),
+            "--port",
+            "0",
+        ],
+        env={**os.environ, "CALLGATE_PURE": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as server:
+        assert server.stdout is not None
+        watchdog = threading.Timer(60, server.kill)  # a server that never starts fails the test
+        watchdog.start()
+        lines = []
+        try:
+            for line in server.stdout:
+                lines.append(line)
+                if '"event": "listening"' in line:
+                    break
+        finally:
+            # The warning is written with the listening line; the rest comes out on the way down.
+            server.terminate()
+            lines.extend(server.stdout)
+            watchdog.cancel()
+    output = "".join(lines)
+    assert '"hot_path": "forced-pure"' in output
+    assert output.count("running as pure Python") == 1, output
+    assert "CALLGATE_PURE=1 is set" in output

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from callgate.config import ServerSettings
 from conftest import (
     CANDIDATE,
     SDP_ANSWER,
@@ -15,6 +18,7 @@ from conftest import (
 ON_CLUSTER = True
 
 
+@pytest.mark.both_engines
 async def test_alice_calls_bob_on_two_devices(gate: Harness) -> None:
     alice = await gate.connect("alice")
     bob_phone = await gate.connect("bob")
@@ -117,10 +121,12 @@ async def test_audit_log_never_holds_sdp_candidates_or_tokens(gate: Harness) -> 
     assert gate.audit.records("auth.failed")[0]["reason"] == "bad_signature"
 
 
+@pytest.mark.both_engines
 async def test_the_configured_engine_serves_the_connections(gate: Harness) -> None:
     from callgate.transport.engine import WsprotoConnection
 
     await gate.connect("alice")
     assert gate.server is not None
     (connection,) = gate.server.hub._live.values()
-    assert isinstance(connection.ws, WsprotoConnection) == (gate.engine == "wsproto")
+    engine = gate.engine or ServerSettings.model_fields["engine"].default  # cluster: the default
+    assert isinstance(connection.ws, WsprotoConnection) == (engine == "wsproto")

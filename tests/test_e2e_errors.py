@@ -57,6 +57,7 @@ async def still_works(alice: Client, bob: Client) -> None:
         ('{"event": "call-end", "data": {"callId": "c", "to": "\\ud800"}}', "invalid_message"),
     ],
 )
+@pytest.mark.both_engines
 async def test_bad_frames_get_an_error_and_the_connection_stays(
     gate: Harness, frame: str, code: str
 ) -> None:
@@ -165,6 +166,7 @@ async def test_pair_limit(harness: Harness) -> None:
     await mallory.expect("call-reject", reason="unavailable")  # another callee is fine
 
 
+@pytest.mark.both_engines
 async def test_message_flood_closes_4029(harness: Harness) -> None:
     await harness.start(make_settings(limits={"messages": "5/minute", "flood": "3/minute"}))
     alice, bob = await harness.connected_call()
@@ -191,6 +193,7 @@ async def test_handshake_limit_per_address(harness: Harness) -> None:
     await third.expect_closed(4029)
 
 
+@pytest.mark.both_engines
 async def test_binary_frame_closes_1003(gate: Harness) -> None:
     alice, bob = await gate.connected_call()
     await bob.ws.send_message(b"\x00\x01")
@@ -198,6 +201,7 @@ async def test_binary_frame_closes_1003(gate: Harness) -> None:
     await alice.expect("call-end", reason="peer_disconnected")
 
 
+@pytest.mark.both_engines
 async def test_too_big_frame_closes_1009(harness: Harness) -> None:
     await harness.start(make_settings(server={"max_message_bytes": 4096}))
     alice = await harness.connect("alice")
@@ -209,6 +213,7 @@ async def test_too_big_frame_closes_1009(harness: Harness) -> None:
     await bob.expect_closed(1009)
 
 
+@pytest.mark.both_engines
 async def test_wrong_path_is_404(gate: Harness) -> None:
     assert gate.server is not None
     upgrade = (
@@ -235,6 +240,7 @@ async def test_wrong_path_is_404(gate: Harness) -> None:
         pytest.param(b"GARBAGE\r\n\r\n", None, id="not-http-no-answer"),
     ],
 )
+@pytest.mark.both_engines
 async def test_what_a_request_that_is_no_upgrade_gets(
     gate: Harness, request_head: bytes, reply_starts: bytes | None
 ) -> None:
@@ -318,6 +324,7 @@ def rsa_keys(tmp_path: Path) -> tuple[rsa.RSAPrivateKey, str]:
     return key, str(path)
 
 
+@pytest.mark.both_engines
 async def test_every_bad_token_class_is_refused_4001(
     harness: Harness, rsa_keys: tuple[rsa.RSAPrivateKey, str]
 ) -> None:
@@ -357,6 +364,7 @@ async def test_every_bad_token_class_is_refused_4001(
         assert set(record) <= {"ts", "event", "conn", "addr", "reason", "seq", "mac"}
 
 
+@pytest.mark.both_engines
 async def test_bad_header_token_is_refused_after_upgrade(gate: Harness) -> None:
     client = await gate.open(headers=[(b"authorization", b"Bearer nope")])
     await client.expect_closed(4001, "invalid token")
@@ -375,6 +383,7 @@ async def test_query_token_when_enabled(harness: Harness) -> None:
     await client.expect("session", user="alice")
 
 
+@pytest.mark.both_engines
 async def test_auth_message_then_session(gate: Harness) -> None:
     client = await gate.open()
     await client.send("auth", {"token": token_for("alice")}, ref="login")
@@ -391,6 +400,7 @@ async def test_anything_before_auth_closes_4001(gate: Harness) -> None:
     await client.expect_closed(4001, "authentication required")
 
 
+@pytest.mark.both_engines
 async def test_auth_timeout(harness: Harness) -> None:
     await harness.start(make_settings(server={"auth_timeout": 0.2}))
     client = await harness.open()
@@ -435,6 +445,7 @@ async def test_socketio_long_polling_gets_a_clear_400(gate: Harness) -> None:
     assert "transports: ['websocket']" in json.loads(body)["message"]
 
 
+@pytest.mark.both_engines
 async def test_an_endless_fragmented_binary_message_is_cut_off(harness: Harness) -> None:
     """Fragments of one binary message past max_message_bytes close 1009 (before the 1003)."""
     await harness.start(make_settings(server={"max_message_bytes": 4096}))
@@ -454,6 +465,7 @@ async def test_an_endless_fragmented_binary_message_is_cut_off(harness: Harness)
     await alice.expect_closed(1009)
 
 
+@pytest.mark.both_engines
 async def test_half_open_handshakes_per_address_are_capped(harness: Harness) -> None:
     """A slowloris: sockets that never finish their request head. Past the per-address cap,
     new ones are closed at once; the server keeps serving others."""
@@ -473,6 +485,7 @@ async def test_half_open_handshakes_per_address_are_capped(harness: Harness) -> 
         await stream.aclose()
 
 
+@pytest.mark.both_engines
 async def test_a_request_head_that_does_not_arrive_in_time_is_closed(harness: Harness) -> None:
     """A socket whose head is late (half a head, then nothing) is closed after `auth_timeout`
     (and at most a quarter more), and no longer counts against its address."""
@@ -506,6 +519,7 @@ async def test_an_error_echoes_no_more_than_a_short_excerpt(gate: Harness) -> No
     assert message.isascii() and message.isprintable() and "dance" in message, message
 
 
+@pytest.mark.both_engines
 async def test_a_repeated_authorization_header_is_refused_after_upgrade(gate: Harness) -> None:
     """Two `Authorization` headers: we would read the first, a proxy may read the last. Neither
     counts; the upgrade completes and closes 4001, and the audit trail says why."""
@@ -563,6 +577,7 @@ class _RawClient:
         await self.stream.send_all(self.ws.send(Message(data=text)))
 
 
+@pytest.mark.both_engines
 async def test_a_client_that_stops_reading_is_told_1008(harness: Harness) -> None:
     """The close code the docs promise reaches the wire: once the client reads again, it finds
     the frames that were in flight, whole, then a close frame with 1008 (not 1000, and not a

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import jwt
+import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -74,6 +75,7 @@ async def resume(h: Harness, user: str, session_id: str, token: str | None = Non
     return client
 
 
+@pytest.mark.both_engines
 async def test_drop_and_resume_within_grace_keeps_the_call(harness: Harness) -> None:
     await harness.start(make_settings(calls={"reconnect_grace": 30}))
     alice, bob = await harness.connected_call()
@@ -221,6 +223,7 @@ async def test_revoking_a_user_by_time(harness: Harness, tmp_path: Path) -> None
 # -- hostile and slow clients ----------------------------------------------------------------------
 
 
+@pytest.mark.both_engines
 async def test_a_client_that_stops_reading_is_closed_and_others_carry_on(harness: Harness) -> None:
     await harness.start(make_settings(server={"outbound_queue": 8}))
     alice, _bob = await harness.connected_call()  # bob stops reading: nothing calls get_message
@@ -265,6 +268,7 @@ async def raw_upgrade(port: int, headers: dict[str, str]) -> tuple[trio.SocketSt
     return stream, reply
 
 
+@pytest.mark.both_engines
 async def test_keepalive_drops_a_silent_peer(harness: Harness) -> None:
     await harness.start(make_settings(server={"ping_interval": 0.2}))
     assert harness.server is not None
@@ -280,6 +284,7 @@ async def test_keepalive_drops_a_silent_peer(harness: Harness) -> None:
     assert close["reason"] == "keepalive timeout"
 
 
+@pytest.mark.both_engines
 async def test_origin_allow_list(harness: Harness) -> None:
     await harness.start(make_settings(server={"allowed_origins": ["https://app.example"]}))
     assert harness.server is not None
@@ -291,6 +296,7 @@ async def test_origin_allow_list(harness: Harness) -> None:
     assert reply.startswith(b"HTTP/1.1 101")
 
 
+@pytest.mark.both_engines
 async def test_connection_caps(harness: Harness) -> None:
     await harness.start(
         make_settings(server={"max_connections_per_user": 2, "max_connections_per_address": 3})
@@ -307,6 +313,7 @@ async def test_connection_caps(harness: Harness) -> None:
     await fourth.expect_closed(4029)
 
 
+@pytest.mark.both_engines
 async def test_keepalive_keeps_a_peer_that_answers(harness: Harness) -> None:
     await harness.start(make_settings(server={"ping_interval": 0.1}))
     alice, bob = await harness.connected_call()

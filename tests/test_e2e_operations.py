@@ -65,6 +65,7 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path, bytes]:
     return cert_file, key_file, cert_pem
 
 
+@pytest.mark.both_engines
 async def test_wss_with_tls(harness: Harness, tmp_path: Path) -> None:
     cert_file, key_file, cert_pem = self_signed(tmp_path)
     running = await harness.start(
@@ -144,6 +145,7 @@ def test_revoke_command_edits_the_file(tmp_path: Path, capsys: pytest.CaptureFix
     assert "revoked" in capsys.readouterr().out
 
 
+@pytest.mark.both_engines
 async def test_sigterm_drains_with_1001_and_terminal_audit_lines(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:

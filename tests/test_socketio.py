@@ -108,6 +108,7 @@ async def connected_socketio(
 
 
 @needs_node
+@pytest.mark.both_engines
 async def test_socketio_client_calls_native_client(gate: Harness) -> None:
     alice = await connected_socketio(gate, "alice")
     bob = await gate.connect("bob")
@@ -226,6 +227,7 @@ async def test_reconnects_with_a_fresh_token_from_its_auth_callback(harness: Har
 
 
 @needs_node
+@pytest.mark.both_engines
 async def test_forbidden_closes_tell_the_client_not_to_come_back(gate: Harness) -> None:
     alice = await connected_socketio(gate, "alice", reconnection=True)
     await alice.command("emit", event="auth", data={"token": token_for("mallory")})
@@ -303,6 +305,7 @@ def test_rendering() -> None:
     }
 
 
+@pytest.mark.both_engines
 async def test_engine_heartbeat_drops_a_silent_client(harness: Harness) -> None:
     """A raw Engine.IO client that signs in and then never answers the server's pings."""
     from trio_websocket import connect_websocket_url

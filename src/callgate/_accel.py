@@ -6,16 +6,18 @@ synchronous, strictly typed Python with no I/O. mypyc compiles such code to C ex
 unchanged, and they run a forwarded message in about three quarters of the time
 (docs/performance.md, engine step 15). Everything else stays interpreted.
 
-How it fits an editable checkout:
+How it is built and kept honest:
 
-- `python -m callgate.accelerate build` (run by scripts/_venv.sh, so by scripts/serve and
-  scripts/test) compiles the modules next to their sources and writes `_compiled.json`: the
-  SHA-256 of every source it compiled. It rebuilds only when a source changed.
+- The build backend (setup.py, `mypycify`) compiles the modules whenever the project is
+  installed: `pip install .` or a wheel puts the extensions beside the sources in site-packages,
+  `pip install -e .` beside the sources in the checkout. Either way it writes `_compiled.json`:
+  the SHA-256 of every source it compiled. Without a C compiler it installs pure Python.
 - On import of `callgate`, `choose_implementation` compares those digests with the sources on
   disk. When any differs (a source was edited after the build) or `CALLGATE_PURE=1` is set,
   *all* of these modules load from their sources: compiled modules call each other directly, so
   a mix would run two versions of one module. So an edited source is never shadowed by an old
-  build, and without a build (no compiler, or an installed wheel) callgate is pure Python.
+  build (scripts/_venv.sh rebuilds it), and `callgate serve` says once at start when it runs
+  pure Python, and why.
 
 This module is never compiled itself, and imports nothing of callgate.
 """

@@ -179,6 +179,14 @@ def _run_until_signalled(settings: Settings, announce: Announce) -> int:
     return 0
 
 
+# What `callgate serve` says once at start when the mypyc build does not run (callgate/_accel.py).
+NOT_COMPILED_BECAUSE = {
+    "pure": "no compiled build is installed (no C compiler when it was installed?)",
+    "stale": "a compiled source changed since the build: pip install -e . rebuilds it",
+    "forced-pure": "CALLGATE_PURE=1 is set",
+}
+
+
 def _serve(args: argparse.Namespace) -> int:
     configure_logging(level=args.log_level)
     settings = _with_overrides(load_settings(args.config), args.host, args.port)
@@ -192,6 +200,11 @@ def _serve(args: argparse.Namespace) -> int:
             audit=settings.audit.path,
             hot_path=callgate.IMPLEMENTATION,
         )
+        if callgate.IMPLEMENTATION != "compiled":
+            log.warning(
+                "hot path not compiled: running as pure Python (slower)",
+                why=NOT_COMPILED_BECAUSE[callgate.IMPLEMENTATION],
+            )
         for setting, what, risk in _development_keys(settings):
             section, key = setting.split(".")
             log.warning(

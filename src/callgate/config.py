@@ -70,9 +70,9 @@ class ServerSettings(_Section):
     ping_interval: float = Field(20.0, ge=0, le=3600)
     max_connections_per_user: int = Field(10, ge=1, le=10000)
     max_connections_per_address: int = Field(256, ge=1, le=1_000_000)
-    # The WebSocket implementation: trio-websocket (default), or wsproto driven directly,
-    # several times cheaper per message (docs/performance.md).
-    engine: Literal["trio-websocket", "wsproto"] = "trio-websocket"
+    # The WebSocket implementation: wsproto driven directly (the default: several times cheaper
+    # per message), or trio-websocket (docs/performance.md says what each costs).
+    engine: Literal["trio-websocket", "wsproto"] = "wsproto"
 
 
 class AuthSettings(_Section):
