@@ -367,7 +367,9 @@ class ClusterHarness(Harness):
         """Wait until every node has applied the same log entries and written nothing pending."""
         with trio.fail_after(STEP):
             while True:
-                links = [node.hub.cluster for node in self.nodes if node.hub.cluster is not None]
+                links = [
+                    node.hub.cluster.link for node in self.nodes if node.hub.cluster is not None
+                ]
                 if not all(link.available for link in links):
                     return  # a test of Redis going away: nothing to wait for
                 positions = {link.position for link in links}

@@ -229,7 +229,7 @@ async def test_a_device_resumes_its_call_on_another_node(cluster: ClusterHarness
     await alice.send("ice-candidate", ice("ab", "bob"))  # buffered for the held device
     again = await sign_in(cluster, "bob", node=2, resume=session_id)
     session = await again.expect("session", resumed=True)
-    assert session["data"]["connectionId"].startswith(cluster.nodes[2].hub.cluster.node_id)  # type: ignore[union-attr]
+    assert session["data"]["connectionId"].startswith(cluster.nodes[2].hub.cluster.link.node_id)  # type: ignore[union-attr]
     await again.expect("ice-candidate", callId="ab")
     await again.send("call-end", {"callId": "ab", "to": "alice"})
     await alice.expect("call-end", callId="ab")

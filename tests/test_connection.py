@@ -5,7 +5,8 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from callgate.transport.connection import Connection, SocketIOConnection
+from callgate.protocol.dialects import NativeDialect, SocketIODialect
+from callgate.transport.connection import Connection
 
 
 class _NoSocket:
@@ -13,7 +14,7 @@ class _NoSocket:
 
 
 async def test_abort_cancels_the_nursery_the_connection_runs_in() -> None:
-    connection = Connection("c1", _NoSocket(), "127.0.0.1", 8)  # type: ignore[arg-type]
+    connection = Connection("c1", _NoSocket(), NativeDialect(), "127.0.0.1", 8)  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:
         connection.run_in(nursery)
         nursery.start_soon(trio.sleep_forever)  # the writer, say
@@ -23,7 +24,7 @@ async def test_abort_cancels_the_nursery_the_connection_runs_in() -> None:
 
 
 async def test_an_abort_before_the_connection_runs_still_cancels_it() -> None:
-    connection = Connection("c1", _NoSocket(), "127.0.0.1", 8)  # type: ignore[arg-type]
+    connection = Connection("c1", _NoSocket(), NativeDialect(), "127.0.0.1", 8)  # type: ignore[arg-type]
     connection.abort(1006, "gone")
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
@@ -41,9 +42,15 @@ class _StuckSocket:
         self.sent: list[str] = []
         self.closed_with: tuple[int, str | None] | None = None
 
-    async def send_message(self, message: str) -> None:
-        await self.release.wait()
-        self.sent.append(message)
+    async def send_messages(self, messages: list[str]) -> None:
+        for message in messages:
+            await self.release.wait()
+            self.sent.append(message)
+
+    def try_send_now(self, message: str) -> bool:
+        return False
+
+    backlog = has_more = False
 
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
         await self.release.wait()  # a close frame is a write too
@@ -54,7 +61,7 @@ async def test_a_full_outbox_closes_1008_after_the_frame_in_hand() -> None:
     """The writer is not cancelled in the middle of a frame (no close frame could follow it):
     it finishes that one, drops what is queued behind it, says why and closes with 1008."""
     ws = _StuckSocket()
-    connection = SocketIOConnection("c1", ws, "127.0.0.1", 8, 30.0)  # type: ignore[arg-type]
+    connection = Connection("c1", ws, SocketIODialect(25, 20, 65536), "127.0.0.1", 8, 30.0)  # type: ignore[arg-type]
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             connection.run_in(nursery)
@@ -73,7 +80,7 @@ async def test_a_full_outbox_closes_1008_after_the_frame_in_hand() -> None:
 
 async def test_a_client_that_never_reads_again_is_cut_off_after_close_timeout() -> None:
     ws = _StuckSocket()
-    connection = Connection("c1", ws, "127.0.0.1", 8, 0.1)  # type: ignore[arg-type]
+    connection = Connection("c1", ws, NativeDialect(), "127.0.0.1", 8, 0.1)  # type: ignore[arg-type]
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             connection.run_in(nursery)

@@ -322,7 +322,7 @@ async def test_engine_heartbeat_drops_a_silent_client(harness: Harness) -> None:
     assert str(await ws.get_message()).startswith('42["session"')
     with trio.fail_after(STEP):  # pings arrive; we never answer "3"
         while not any(
-            r.get("reason") == "ping timeout" for r in harness.audit.records("conn.close")
+            r.get("reason") == "keepalive timeout" for r in harness.audit.records("conn.close")
         ):
             await trio.sleep(0.05)
     await ws._stream.aclose()

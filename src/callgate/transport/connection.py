@@ -1,7 +1,8 @@
-"""One client socket, in either dialect: its identity, its bounded outbox and its writer.
+"""One client socket: its identity, its dialect, its bounded outbox and its writer.
 
-`Connection` renders callgate's native JSON envelopes; `SocketIOConnection` the same messages in
-Engine.IO v4 / Socket.IO v5 framing (contract section 11). Senders never wait: a frame goes
+A `Connection` speaks one wire dialect (protocol/dialects.py: native JSON envelopes or
+Engine.IO/Socket.IO framing) over one engine (the `Engine` interface below, implemented whole by
+both: engine.py for wsproto, trio_engine.py for trio-websocket). Senders never wait: a frame goes
 straight to the socket when it can (`push`), else through a bounded memory channel drained by the
 writer task (both made with the first such frame), and a full channel means the client is not
 reading, so that connection alone is closed (1008, see `_overflow`). `ConnectionHub` (hub.py) runs
@@ -12,26 +13,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, cast, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 from trio_websocket import CloseReason, ConnectionClosed
 
 from callgate.auth import Identity
 from callgate.errors import CloseCode, CloseConnection, ErrorCode
-from callgate.protocol import socketio as sio
-from callgate.protocol.codec import (
-    FieldLimits,
-    ProtocolError,
-    decode,
-    decode_object,
-    encode,
-    encode_error,
-    peek_ref,
-)
+from callgate.protocol.codec import FieldLimits
+from callgate.protocol.dialects import Credentials, Dialect, Incoming
 from callgate.protocol.messages import Envelope, Ref
 from callgate.ratelimit import ConnectionLimits
 from callgate.transport.timers import Deadline
+
+if TYPE_CHECKING:
+    from callgate.transport.reactor import Reactor
 
 
 def _always() -> bool:
@@ -54,41 +50,50 @@ class _CloseRequest:
     reason: str
 
 
-class MessageSocket(Protocol):
-    """The part of a WebSocket connection the transport uses (either engine's)."""
+class Engine(Protocol):
+    """A WebSocket connection as the transport uses it, implemented whole by both engines: no
+    part of it is probed for (`[server] engine` picks one; nothing else changes)."""
 
-    closed: CloseReason | None
+    @property
+    def closed(self) -> CloseReason | None:
+        """Why the connection closed, once it has."""
+        ...
 
-    async def get_message(self) -> str | bytes: ...
+    async def get_message(self) -> str | bytes:
+        """The next message. Raises: ConnectionClosed."""
+        ...
 
-    async def send_message(self, message: str) -> None: ...
+    async def send_messages(self, messages: list[str]) -> None:
+        """Write these text frames, in order (at once where the engine can). Raises:
+        ConnectionClosed."""
+        ...
 
-    async def ping(self) -> None: ...
+    def try_send_now(self, message: str) -> bool:
+        """Write one text frame now without waiting, or return False having written nothing."""
+        ...
+
+    @property
+    def backlog(self) -> bool:
+        """Part of a frame `try_send_now` wrote is still to go: the writer must flush it."""
+        ...
+
+    @property
+    def has_more(self) -> bool:
+        """More messages were read with the last one and wait for `get_message` (a burst)."""
+        ...
+
+    async def ping(self) -> None:
+        """Send a WebSocket ping and wait for its pong. Raises: ConnectionClosed."""
+        ...
 
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None: ...
 
+    def attach_reactor(self, reactor: Reactor, inline: Callable[[str], bool]) -> None:
+        """Wait for messages in `reactor`, handing them to `inline` (reactor.py), if the engine
+        can; an engine that cannot keeps waiting in its own task."""
+        ...
 
-@runtime_checkable
-class DirectWriter(Protocol):
-    """An engine that can write a frame at once, without a task (the wsproto engine)."""
-
-    @property
-    def backlog(self) -> bool: ...
-
-    def try_send_now(self, message: str) -> bool: ...
-
-
-_WRITES_DIRECTLY: dict[type, bool] = {}
-
-
-def _direct_writer(ws: object) -> DirectWriter | None:
-    """`ws` if its engine writes directly; the protocol check, which is slow (typing inspects
-    the class), is made once per engine class."""
-    kind = type(ws)
-    direct = _WRITES_DIRECTLY.get(kind)
-    if direct is None:
-        direct = _WRITES_DIRECTLY[kind] = isinstance(ws, DirectWriter)
-    return cast(DirectWriter, ws) if direct else None
+    def detach_reactor(self) -> None: ...
 
 
 class PeerGone(Exception):
@@ -101,13 +106,15 @@ class Connection:
     def __init__(
         self,
         conn_id: str,
-        ws: MessageSocket,
+        ws: Engine,
+        dialect: Dialect,
         addr: str,
         queue_size: int,
         close_timeout: float = 3.0,
     ) -> None:
         self.id = conn_id
         self.ws = ws
+        self.dialect = dialect
         self.addr = addr
         self.identity: Identity | None = None
         # Its message and flood windows (set by the hub from the configured limits).
@@ -123,12 +130,13 @@ class Connection:
         # ... and the close is the overflow's own, so the writer sends its farewell first.
         self._farewell_owed = False
         self._close_timeout = close_timeout
-        # Its entries in the hub's `Deadlines`: the keepalive (or Engine.IO heartbeat), and the
-        # token's expiry. Cancelled when the connection ends.
+        # Its entries in the hub's `Deadlines`: the heartbeat, and the token's expiry.
+        # Cancelled when the connection ends.
         self.keepalive: Deadline | None = None
         self.expiry: Deadline | None = None
-        # A ping is out and its pong has not come back yet.
+        # A heartbeat ping is out and its pong has not come back yet; when it went out.
         self.ping_outstanding = False
+        self.pinged_at = 0.0
         self.close_code: int | None = None
         self.close_reason = ""
         self.writer_done = trio.Event()
@@ -139,7 +147,8 @@ class Connection:
         # Frames queued and not yet written. At 0 the writer has nothing in hand, so a frame
         # may go straight to the socket without overtaking any (see `push`).
         self._in_flight = 0
-        self._direct = _direct_writer(ws)
+        # False once the outbox overflowed: from then on nothing goes straight out either.
+        self._direct = True
         # Set by the hub: False while it handles a burst of messages from one read, when the
         # writer's one write per batch beats a write per message.
         self.may_write_now: Callable[[], bool] = _always
@@ -148,37 +157,57 @@ class Connection:
     def user(self) -> str | None:
         return self.identity.user if self.identity is not None else None
 
-    # -- the dialect: how this connection renders messages (native JSON envelopes) ---------
+    # -- the dialect: how this connection reads and renders messages ------------------------
 
     def send_event(self, event: str, data: Mapping[str, Any]) -> None:
-        self.push(encode(event, data))
+        self.push(self.dialect.event(event, data))
 
     def send_ack(self, ref: Ref) -> None:
-        self.push(encode("ack", None, ref))
+        ack = self.dialect.ack(ref)
+        if ack is not None:
+            self.push(ack)
 
     def send_error(
         self, code: ErrorCode, message: str, ref: Ref | None = None, retry_after: int | None = None
     ) -> None:
-        self.push(encode_error(code, message, ref, retry_after))
+        self.push(self.dialect.error(code, message, ref, retry_after))
 
-    def decode_frame(self, text: str, limits: FieldLimits) -> Envelope | None:
-        """A frame as an envelope, or None for frames that carry none (Socket.IO pongs).
+    def read_sign_in(self, text: str, limits: FieldLimits) -> Credentials | None:
+        """A frame read before sign-in: the credentials in it, or None once it is answered.
+
+        Raises: AuthError (no sign-in), PeerGone (the client left).
+        """
+        reading = self.dialect.sign_in(text, limits)
+        if isinstance(reading, Credentials):
+            return reading
+        self._obey(reading)
+        return None
+
+    def read_message(self, text: str, limits: FieldLimits) -> Envelope | None:
+        """A frame as an envelope, or None for frames that carry none (pings, pongs).
 
         Raises: ProtocolError, PeerGone.
         """
-        return decode(text, limits)
+        reading = self.dialect.read(text, limits)
+        self._obey(reading)
+        return reading.envelope
+
+    def _obey(self, reading: Incoming) -> None:
+        """Do what a frame asks of the connection besides its message. Raises: PeerGone."""
+        if reading.left:
+            raise PeerGone
+        if reading.pong:
+            self.ping_outstanding = False
+        if reading.reply is not None:
+            self.push(reading.reply)
 
     def peek_ref(self, text: str) -> Ref | None:
-        return peek_ref(text)
-
-    def farewell(self, code: int, reason: str) -> list[str]:
-        """The frames that go out before a close frame with `code` (none in this dialect)."""
-        return []
+        return self.dialect.peek_ref(text)
 
     def close(self, code: int, reason: str) -> None:
         """Close once everything queued before has been sent, after the dialect's farewell."""
         if self.close_code is None:
-            self._close_after(self.farewell(code, reason), code, reason)
+            self._close_after(self.dialect.farewell(code, reason), code, reason)
 
     def _close_after(self, last: list[str], code: int, reason: str) -> None:
         for text in last:
@@ -190,11 +219,13 @@ class Connection:
     def refuse(
         self, code: int, reason: str, error: tuple[ErrorCode, str, int | None] | None = None
     ) -> None:
-        """Turn the client away before it signed in: the `error` event (if any), then the close."""
+        """Turn the client away before it signed in: what the dialect says then (the `error`
+        event, if any; a Socket.IO CONNECT_ERROR), and the close."""
         if self.close_code is None:
-            if error is not None:
-                self.send_error(error[0], error[1], None, error[2])
-            self.close(code, reason)
+            rendered = (
+                None if error is None else self.dialect.error(error[0], error[1], None, error[2])
+            )
+            self._close_after(self.dialect.refusal(code, reason, rendered), code, reason)
 
     # -- queueing ----------------------------------------------------------------------------
 
@@ -207,14 +238,13 @@ class Connection:
         the common case of signaling. During a burst (`may_write_now` is False) frames queue,
         and the writer sends each connection's share of the burst in one write.
         """
-        direct = self._direct
         if (
             self._in_flight == 0
-            and direct is not None
+            and self._direct
             and self.may_write_now()
-            and direct.try_send_now(text)
+            and self.ws.try_send_now(text)
         ):
-            if direct.backlog:
+            if self.ws.backlog:
                 self._enqueue(_FLUSH)  # the socket took part of it: the writer sends the rest
             return
         self._enqueue(text)
@@ -261,7 +291,7 @@ class Connection:
         that far; then the whole connection is cancelled, and the socket closed without more.
         """
         self._overflowed = True
-        self._direct = None  # no frame goes straight out any more either
+        self._direct = False  # no frame goes straight out any more either
         if self.close_code is None:
             self.close_code = CloseCode.POLICY_VIOLATION
             self.close_reason = "client too slow: outbound queue full"
@@ -303,9 +333,8 @@ class Connection:
     async def _run_writer(
         self, inbox: trio.MemoryReceiveChannel[str | _CloseRequest | _Flush]
     ) -> None:
-        """Drain the outbox; everything queued when the writer wakes goes out in one write where
-        the engine can batch (wsproto), so a burst costs one `send_all`, not one per message."""
-        send_batch = getattr(self.ws, "send_messages", None)
+        """Drain the outbox; everything queued when the writer wakes goes to the engine in one
+        `send_messages`, so a burst costs one write on wsproto, not one per message."""
         try:
             async for first in inbox:
                 if self._overflowed:
@@ -317,43 +346,32 @@ class Connection:
                     except trio.WouldBlock:
                         break
                 texts: list[str] = []
+                flush = False
                 for item in batch:
                     if isinstance(item, _CloseRequest):
-                        await self._flush(texts, send_batch)
+                        if texts:
+                            await self.ws.send_messages(texts)
                         await self.ws.aclose(item.code, item.reason)
                         return
                     if isinstance(item, str):
                         texts.append(item)
-                    elif not texts and send_batch is not None:
-                        await send_batch([])  # _Flush: what the socket did not take at once
-                await self._flush(texts, send_batch)
+                    else:
+                        flush = True
+                if texts or flush:  # (a `_Flush` alone: what the socket did not take at once)
+                    await self.ws.send_messages(texts)
                 self._in_flight -= len(batch)
                 if self._overflowed:
-                    break
+                    break  # the frames queued behind the batch in hand are dropped
             if self._overflowed and self.close_code is not None:
                 if self._farewell_owed:
-                    last = self.farewell(self.close_code, self.close_reason)
-                    await self._flush(last, send_batch, dropping=False)
+                    await self.ws.send_messages(
+                        self.dialect.farewell(self.close_code, self.close_reason)
+                    )
                 await self.ws.aclose(self.close_code, self.close_reason)
         except ConnectionClosed:
             return
         finally:
             self.writer_done.set()
-
-    async def _flush(self, texts: list[str], send_batch: Any, *, dropping: bool = True) -> None:
-        """Write `texts`; one by one (trio-websocket), the rest are `dropping` once the outbox
-        has overflowed."""
-        if not texts:
-            return
-        if send_batch is not None:
-            await send_batch(texts)
-            texts.clear()
-            return
-        for text in texts:
-            if dropping and self._overflowed:
-                break  # the frames behind the one in hand are dropped (see `_overflow`)
-            await self.ws.send_message(text)
-        texts.clear()
 
     async def receive(self) -> str:
         """The next text frame.
@@ -369,84 +387,3 @@ class Connection:
         if isinstance(message, bytes):
             raise CloseConnection(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
         return message
-
-
-# Close codes after which a Socket.IO client must not reconnect by itself (contract 11).
-_NO_RECONNECT = {
-    CloseCode.FORBIDDEN,
-    CloseCode.RATE_LIMIT_ABUSE,
-    CloseCode.UNSUPPORTED_DATA,
-    CloseCode.MESSAGE_TOO_BIG,
-}
-
-
-class SocketIOConnection(Connection):
-    """The same connection, framed as Engine.IO v4 / Socket.IO v5 (contract section 11)."""
-
-    def __init__(
-        self,
-        conn_id: str,
-        ws: MessageSocket,
-        addr: str,
-        queue_size: int,
-        close_timeout: float = 3.0,
-    ) -> None:
-        super().__init__(conn_id, ws, addr, queue_size, close_timeout)
-        # When the last Engine.IO ping went out (the heartbeat's cadence runs from there).
-        self.pinged_at = 0.0
-
-    def send_event(self, event: str, data: Mapping[str, Any]) -> None:
-        self.push(sio.event_packet(event, data))
-
-    def send_ack(self, ref: Ref) -> None:
-        if isinstance(ref, int):
-            self.push(sio.ack_packet(ref, {"ok": True}))
-
-    def send_error(
-        self, code: ErrorCode, message: str, ref: Ref | None = None, retry_after: int | None = None
-    ) -> None:
-        error: dict[str, Any] = {"code": code.value, "message": message}
-        if retry_after is not None:
-            error["retryAfter"] = retry_after
-        if isinstance(ref, int):
-            self.push(sio.ack_packet(ref, {"ok": False, "error": error}))
-        else:
-            self.push(sio.event_packet("error", error))
-
-    def decode_frame(self, text: str, limits: FieldLimits) -> Envelope | None:
-        kind, payload = text[:1], text[1:]
-        if kind == sio.ENGINE_PONG:
-            self.ping_outstanding = False
-            return None
-        if kind == sio.ENGINE_PING:
-            self.push(sio.ENGINE_PONG + payload)
-            return None
-        if kind == sio.ENGINE_CLOSE:
-            raise PeerGone
-        if kind != sio.ENGINE_MESSAGE:
-            raise ProtocolError(ErrorCode.INVALID_MESSAGE, "not an Engine.IO message packet")
-        packet = sio.parse_socket_packet(payload)
-        if packet.kind == sio.DISCONNECT:
-            raise PeerGone
-        if packet.kind != sio.EVENT or packet.namespace != sio.MAIN_NAMESPACE:
-            raise ProtocolError(ErrorCode.INVALID_MESSAGE, "only events on the main namespace")
-        return decode_object(sio.event_envelope(packet), limits)
-
-    def peek_ref(self, text: str) -> Ref | None:
-        try:
-            return sio.parse_socket_packet(text[1:]).ack_id if text[:1] == "4" else None
-        except ProtocolError:
-            return None
-
-    def farewell(self, code: int, reason: str) -> list[str]:
-        # Say why first; then `41` (Socket.IO DISCONNECT) where the client must not come back.
-        closing = sio.event_packet("closing", {"code": code, "reason": reason})
-        return [closing, sio.disconnect_packet()] if code in _NO_RECONNECT else [closing]
-
-    def refuse(
-        self, code: int, reason: str, error: tuple[ErrorCode, str, int | None] | None = None
-    ) -> None:
-        """A failed CONNECT: CONNECT_ERROR with the reason, then the transport closes (no
-        `closing` event, since the client never had a session)."""
-        if self.close_code is None:
-            self._close_after([sio.connect_error_packet(reason)], code, reason)

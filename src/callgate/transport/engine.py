@@ -6,20 +6,23 @@ costs about four times the whole per-message budget of the reference server (doc
 This engine drives wsproto directly: `get_message` reads the socket and decodes every frame of
 that read inline, and `send_messages` writes everything a connection has queued in one `send_all`.
 
-The upgrade is answered here too (`upgrade_request`): the front has parsed the request head
-already (transport/head.py), so its WebSocket headers are checked as wsproto checks them and the
-101 is written directly, instead of wsproto parsing the head a second time (a third of a connect
-storm's HTTP work); only wsproto's post-handshake state machine is kept.
+The upgrade is answered here too (`WsprotoRequest`): the front has parsed and checked the request
+head already (head.py, upgrade.py), so the 101 is written directly, instead of wsproto parsing the
+head a second time (a third of a connect storm's HTTP work); only wsproto's post-handshake state
+machine is kept.
 
-It offers the small part of trio-websocket's interface the transport uses (`get_message`,
-`send_message`, `send_messages`, `ping`, `aclose`, `closed`; a request with `path`, `headers`,
-`accept`, `reject`), so `[server] engine` picks one or the other and nothing else changes.
+It implements the transport's whole `Engine` interface (connection.py), as trio_engine.py does
+for trio-websocket, so `[server] engine` picks one or the other and nothing else changes.
+
+The socket is read and written without waiting (`os.read` / `os.write` on its descriptor, which
+trio keeps non-blocking) where trio would take a trip through the scheduler for each call; the
+descriptor is asked of trio's socket at every use, so a closed socket reads as -1 (EBADF), never
+as a descriptor the kernel has given to somebody else since.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable
 from http import HTTPStatus
 
@@ -36,7 +39,6 @@ from wsproto.events import (
 from wsproto.utilities import RemoteProtocolError, generate_accept_token
 
 from callgate.protocol.frames import fast_frames, text_frame
-from callgate.transport.head import RequestHead
 from callgate.transport.reactor import Reactor
 
 RECEIVE_BYTES = 65536
@@ -89,8 +91,11 @@ class WsprotoConnection:
         # any other kind hands this connection's input to wsproto for good (see fast_frames).
         self._fast = True
         self._buffer = bytearray()
-        # The OS socket, for `try_send_now`; None over TLS (an SSLStream has its own buffers).
-        self._socket: socket.socket | None = getattr(getattr(stream, "socket", None), "_sock", None)
+        # trio's socket, read and written without waiting (`_read_now`, `_write_now`); None over
+        # TLS (an SSLStream has its own buffers).
+        self._socket: trio.socket.SocketType | None = (
+            stream.socket if isinstance(stream, trio.SocketStream) else None
+        )
         # The last read was short: the socket was empty after it (see `_receive`).
         self._drained = True
         # Bytes that came with the upgrade request, read before the socket (see `feed`).
@@ -180,7 +185,7 @@ class WsprotoConnection:
             return await reactor.park(sock.fileno(), self)
         if not self._drained:
             try:
-                data = sock.recv(RECEIVE_BYTES)
+                data = _read_now(sock)
             except (BlockingIOError, InterruptedError):
                 pass
             else:
@@ -190,7 +195,7 @@ class WsprotoConnection:
         while True:
             await trio.lowlevel.wait_readable(sock)
             try:
-                data = sock.recv(RECEIVE_BYTES)
+                data = _read_now(sock)
             except (BlockingIOError, InterruptedError):
                 continue  # woken without data after all: wait again
             self._drained = len(data) < _LONG_READ
@@ -204,7 +209,7 @@ class WsprotoConnection:
             return
         fd = sock.fileno()
         try:
-            data = sock.recv(RECEIVE_BYTES)
+            data = _read_now(sock)
         except (BlockingIOError, InterruptedError):
             return  # nothing after all; stay parked
         except OSError:
@@ -330,7 +335,7 @@ class WsprotoConnection:
             return False
         data = self._unsent + text_frame(message)
         try:
-            sent = self._socket.send(data)
+            sent = _write_now(self._socket, data)
         except (BlockingIOError, InterruptedError):
             return False  # and what was staged stays staged
         except OSError:
@@ -381,7 +386,7 @@ class WsprotoConnection:
                 # What the kernel takes at once needs no trip through trio (which yields after
                 # every successful send); only a remainder waits for the socket.
                 try:
-                    sent = self._socket.send(data)
+                    sent = _write_now(self._socket, data)
                 except (BlockingIOError, InterruptedError):
                     sent = 0
                 data = data[sent:]
@@ -397,43 +402,36 @@ class WsprotoConnection:
                 self._send_done = None
 
 
-class WsprotoRequest:
-    """The upgrade request, before the handler accepts or rejects it.
+def _read_now(sock: trio.socket.SocketType) -> bytes:
+    """What the socket has, without waiting. Raises: BlockingIOError (nothing yet), OSError."""
+    return os.read(sock.fileno(), RECEIVE_BYTES)
 
-    Built from the request head the front already parsed, so the HTTP request is parsed
-    once. Spent once answered: it lets go of the headers and the key, which would otherwise
-    stay with every open connection. Read `path` and `headers` before `accept`.
+
+def _write_now(sock: trio.socket.SocketType, data: bytes) -> int:
+    """As much of `data` as the socket takes now. Raises: BlockingIOError (none), OSError."""
+    return os.write(sock.fileno(), data)
+
+
+class WsprotoRequest:
+    """A checked upgrade request (upgrade.py), before the handler accepts or rejects it.
+
+    Spent once answered: it lets go of the key, which would otherwise stay with every open
+    connection.
     """
 
     def __init__(
-        self,
-        stream: trio.abc.Stream,
-        target: str,
-        headers: list[tuple[bytes, bytes]],
-        key: bytes,
-        trailing: bytes,
-        max_message_size: int,
+        self, stream: trio.abc.Stream, key: bytes, trailing: bytes, max_message_size: int
     ) -> None:
         self._stream = stream
-        self._target = target
-        self._headers: list[tuple[bytes, bytes]] | None = headers
         self._key: bytes | None = key
         self._trailing = trailing
         self._max_message_size = max_message_size
-
-    @property
-    def path(self) -> str:
-        return self._target
-
-    @property
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        return self._headers or []
 
     def _spend(self) -> bytes:
         key = self._key
         if key is None:
             raise RuntimeError("the upgrade request was already answered")
-        self._key = self._headers = None
+        self._key = None
         return key
 
     async def accept(self) -> WsprotoConnection:
@@ -467,43 +465,3 @@ class WsprotoRequest:
 
 
 _STATUSES = {status.value for status in HTTPStatus}
-
-
-def upgrade_request(
-    request: RequestHead, trailing: bytes, stream: trio.abc.Stream, max_message_size: int
-) -> WsprotoRequest | None:
-    """The WebSocket upgrade in an HTTP request head, or None if it is not a valid one.
-
-    The checks are wsproto's server-side checks (GET; `Connection: Upgrade`; `Upgrade:
-    websocket`; `Sec-WebSocket-Version: 13`; a `Sec-WebSocket-Key`; a `Host`), made on the head
-    the front already parsed instead of parsing it a second time.
-    """
-    if request.method != b"GET":
-        return None
-    connection_upgrade = has_host = False
-    key = version = upgrade = None
-    for name, value in request.headers:  # names lowercased by the front's parser
-        if name == b"connection":
-            connection_upgrade |= any(
-                token.strip().lower() == b"upgrade" for token in value.split(b",")
-            )
-        elif name == b"host":
-            has_host = True
-        elif name == b"sec-websocket-key":
-            key = value
-        elif name == b"sec-websocket-version":
-            version = value
-        elif name == b"upgrade":
-            upgrade = value
-    if not (connection_upgrade and has_host and key and version == b"13"):
-        return None
-    if upgrade is None or upgrade.lower() != b"websocket":
-        return None
-    return WsprotoRequest(
-        stream,
-        request.target.decode("ascii", "replace"),
-        request.headers,  # the parser's own list of bytes pairs: the request takes it over
-        key,
-        trailing,
-        max_message_size,
-    )

@@ -36,54 +36,36 @@ import random
 import secrets
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlsplit
+from typing import TYPE_CHECKING
 
 import trio
-from limits.errors import StorageError
 
 from callgate.auth import INVALID, Identity, TokenVerifier
-from callgate.cluster.entries import NODE_SEPARATOR, Entry
-from callgate.core.actions import (
-    Ack,
-    Action,
-    Audit,
-    CancelTimer,
-    Close,
-    Deliver,
-    SendError,
-    StartTimer,
-)
+from callgate.cluster.node import ClusterNode
 from callgate.core.events import (
     Authenticated,
     Disconnected,
     Event,
     MessageReceived,
     RevocationChanged,
-    ShuttingDown,
-    TimerFired,
-    TimerId,
     TokenRefreshed,
 )
 from callgate.errors import AuthError, CloseCode, CloseConnection, ErrorCode
 from callgate.ice import ice_servers
 from callgate.log import get_logger
 from callgate.metrics import Metrics
-from callgate.protocol import socketio as sio
-from callgate.protocol.codec import (
-    FieldLimits,
-    ProtocolError,
-    decode,
-)
-from callgate.protocol.messages import Auth, CallRequest, Envelope, Ref
+from callgate.protocol.codec import FieldLimits, ProtocolError
+from callgate.protocol.dialects import Credentials
+from callgate.protocol.messages import Auth, Envelope, Ref
 from callgate.revocation import RevocationList
-from callgate.transport.connection import Connection, PeerGone, SocketIOConnection
-from callgate.transport.listener import Accepted, Dialect, UpgradeRequest
+from callgate.transport.connection import Connection, PeerGone
+from callgate.transport.executor import Executor, LocalDispatch, trio_deadline
+from callgate.transport.listener import Accepted
 from callgate.transport.reactor import Reactor
-from callgate.transport.timers import Deadline, Deadlines, Timers
+from callgate.transport.timers import Deadline, Deadlines
+from callgate.transport.upgrade import Upgrade
 
 if TYPE_CHECKING:
     from callgate.audit import AuditLog
@@ -93,53 +75,6 @@ if TYPE_CHECKING:
     from callgate.ratelimit import RateLimiter
 
 log = get_logger("callgate.connection")
-
-RESUME_HEADER = b"callgate-resume"
-
-
-def _header(request: UpgradeRequest, name: bytes) -> str | None:
-    for key, value in request.headers:
-        if key.lower() == name:
-            return value.decode("latin-1").strip()
-    return None
-
-
-def _bearer_token(request: UpgradeRequest) -> str | None:
-    value = _header(request, b"authorization")
-    if value is None:
-        return None
-    scheme, _, token = value.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else ""
-
-
-def _repeated(request: UpgradeRequest, name: bytes) -> bool:
-    return sum(key.lower() == name for key, _ in request.headers) > 1
-
-
-@dataclass(slots=True)
-class _UpgradeAuth:
-    """What authentication uses of the upgrade request (the request is spent on `accept`).
-
-    Not frozen: `take_bearer` drops the token once read, so a connection does not carry its
-    token (a secret) in memory for its whole life.
-    """
-
-    query: str
-    bearer: str | None
-    resume: str | None
-    # More than one `Authorization` header: a proxy that reads the last one would disagree
-    # with us (the first) about who connected, so the upgrade's credentials count for nothing.
-    repeated: bool = False
-
-    def take_bearer(self) -> str | None:
-        bearer, self.bearer = self.bearer, None
-        return bearer
-
-
-def _trio_deadline(unix_time: float) -> float:
-    """The trio-clock moment of a unix time (such as a token's `exp`)."""
-    remaining = unix_time - time.time()
-    return trio.current_time() + max(0.0, remaining) if math.isfinite(remaining) else math.inf
 
 
 class _LeftForTask(Exception):
@@ -152,8 +87,10 @@ class _LeftForTask(Exception):
 
 
 class ConnectionHub:
-    """All connections of one server, the executor of the switchboard's actions, and the holder
-    of what reloads change (keys, revocations)."""
+    """All connections of one server: their lives, from the accepted upgrade to the close, and
+    what reloads change (keys, revocations). The core's actions are carried out by the
+    executor (executor.py); events reach the core through `LocalDispatch`, or through the
+    cluster once one is attached (cluster/node.py)."""
 
     def __init__(
         self,
@@ -168,9 +105,8 @@ class ConnectionHub:
         self._board = board
         self.verifier = verifier
         self._limiter = limiter
-        self._audit = audit
         # Every clock of the server in one heap and one task: the core's timers, and each
-        # connection's keepalive, token expiry and Engine.IO heartbeat.
+        # connection's heartbeat and token expiry.
         self._deadlines = Deadlines()
         nursery.start_soon(self._deadlines.run)
         # Where idle wsproto connections wait for their next message (reactor.py).
@@ -178,40 +114,44 @@ class ConnectionHub:
         if settings.server.engine == "wsproto" and Reactor.supported():
             self._reactor = Reactor()
             nursery.start_soon(self._reactor.run)
-        self._timers = Timers(self._deadlines, self._on_timer)
         self._live: dict[str, Connection] = {}  # authenticated
         self._all: dict[str, Connection] = {}  # accepted, authenticated or not
         self._per_address: Counter[str] = Counter()
         self._field_limits = FieldLimits(**settings.validation.model_dump())
         self.revocations = RevocationList()
         self.metrics = Metrics(self.live_counts)
+        self.executor = Executor(self._live, self._deadlines, audit, self.metrics)
+        self._dispatch: LocalDispatch | ClusterNode = LocalDispatch(board, self.executor)
         self.accepting = True
         # True while a message is handled that has more from the same read behind it.
         self._in_burst = False
         self._all_gone = trio.Event()
         # Called (and awaited) when a token names an unknown `kid`; set when jwks_url is used.
         self.refresh_remote_keys: Callable[[], Awaitable[bool]] | None = None
-        # Cluster mode (`attach_cluster`): events go through the shared log, not straight in.
-        self.cluster: ClusterLink | None = None
+        # Cluster mode (`attach_cluster`): events go through the cluster, not straight in.
+        self.cluster: ClusterNode | None = None
 
     def attach_cluster(self, link: ClusterLink) -> None:
-        """From now on every core event goes through the cluster log; `link` applies entries."""
-        self.cluster = link
-        link.execute = self._execute_entry
-        link.rejected = self._entry_rejected
-        link.evicted = self._evicted
-        link.restored = self._restored
+        """From now on every core event goes through the cluster log (cluster/node.py)."""
+        self.cluster = self._dispatch = ClusterNode(
+            link,
+            self.executor,
+            self._limiter,
+            self._settings.cluster.apply_timeout,
+            self._adopt_revocations,
+            self._evicted,
+        )
 
     def _new_conn_id(self) -> str:
         token = secrets.token_urlsafe(12)
-        return token if self.cluster is None else self.cluster.node_id + NODE_SEPARATOR + token
+        return token if self.cluster is None else self.cluster.new_conn_id(token)
 
     @property
     def ready(self) -> bool:
         """Accepting, and (in cluster mode) the cluster log is reachable and caught up."""
-        return self.accepting and (self.cluster is None or self.cluster.available)
+        return self.accepting and self._dispatch.available
 
-    # -- inspection (tests) ------------------------------------------------------------------
+    # -- inspection (tests, metrics) -----------------------------------------------------------
 
     @property
     def connection_count(self) -> int:
@@ -219,7 +159,7 @@ class ConnectionHub:
 
     @property
     def armed_timers(self) -> int:
-        return len(self._timers)
+        return len(self.executor.timers)
 
     @property
     def parked_connections(self) -> int:
@@ -240,60 +180,20 @@ class ConnectionHub:
             "calls": calls,
         }
         if self.cluster is not None:
-            live["cluster"] = {
-                "available": int(self.cluster.available),
-                "leader": int(self.cluster.is_leader),
-                "pending_entries": self.cluster.pending,
-            }
+            live["cluster"] = self.cluster.live_counts()
         return live
 
-    # -- executing the core's decisions ------------------------------------------------------
-
-    def audit(self, event: str, fields: Mapping[str, Any]) -> None:
-        """Every audit record goes through here: the trail, and the metrics derived from it."""
-        self._audit.write(event, fields)
-        self.metrics.observe_audit(event, fields)
+    def audit(self, event: str, fields: dict[str, object]) -> None:
+        self.executor.audit(event, fields)
 
     def dispatch(self, event: Event, *, forwarded: bool = False) -> None:
-        if self.cluster is not None:
-            self.cluster.submit(event)
-            return
-        self.execute(self._board.handle(event, trio.current_time()), forwarded=forwarded)
+        self._dispatch.dispatch(event, forwarded=forwarded)
 
-    async def dispatch_and_wait(self, event: Event) -> None:
-        """Dispatch, and in cluster mode wait (bounded) until the log has applied it here.
+    # -- reloads and shutdown ----------------------------------------------------------------
 
-        Raises: CloseConnection 1013 when the cluster log does not apply it in time.
-        """
-        if self.cluster is None:
-            self.dispatch(event)
-            return
-        seq = self.cluster.submit(event)
-        with trio.move_on_after(self._settings.cluster.apply_timeout):
-            await self.cluster.wait_applied(seq)
-            return
-        raise CloseConnection(CloseCode.TRY_AGAIN_LATER, "cluster unavailable")
-
-    def _execute_entry(self, entry: Entry, actions: list[Action], own: bool) -> None:
-        """A cluster entry was applied: do what concerns this node's connections."""
-        if isinstance(entry.event, RevocationChanged):
-            self._adopt_revocations(entry.event)
-        forwarded = own and isinstance(entry.event, MessageReceived)
-        self.execute(actions, forwarded=forwarded, own=own)
-
-    def _entry_rejected(self, entry_id: str, reason: str) -> None:
-        node = self.cluster.node_id if self.cluster is not None else None
-        self.audit("cluster.rejected", {"node": node, "entry": entry_id, "reason": reason})
-
-    def _restored(self) -> None:
-        """The replica was loaded from a snapshot: arm its timers, adopt its revocations."""
-        if self.cluster is None:
-            return
-        replica = self.cluster.replica
-        self._timers.cancel_all()
-        for timer, deadline in replica.timers.items():
-            self._timers.start(timer, _trio_deadline(deadline))
-        self._adopt_revocations(replica.revocations)
+    def apply_revocations(self, revocations: RevocationList) -> None:
+        self.revocations = revocations
+        self.dispatch(RevocationChanged(revocations.tokens, revocations.users))
 
     def _adopt_revocations(self, event: RevocationChanged) -> None:
         """The cluster's list is now this node's too: its handshakes refuse those tokens."""
@@ -303,73 +203,15 @@ class ConnectionHub:
         for connection in list(self._live.values()):
             connection.close(CloseCode.GOING_AWAY, "node left the cluster")
 
-    def execute(self, actions: list[Action], *, forwarded: bool = False, own: bool = True) -> None:
-        """Carry out the core's actions; `forwarded` counts deliveries a client message caused.
-
-        In cluster mode every node executes every entry's actions: each sends only to its own
-        connections, and only the entry's origin (`own`) writes the audit records, so each
-        record is written once in the cluster.
-        """
-        for action in actions:
-            match action:
-                case Deliver(conn=conn, event=event, data=data):
-                    if (connection := self._live.get(conn)) is not None:
-                        connection.send_event(event, data)
-                    if forwarded:
-                        self.metrics.count_forwarded(event)
-                case Ack(conn=conn, ref=ref):
-                    if (connection := self._live.get(conn)) is not None:
-                        connection.send_ack(ref)
-                case SendError(conn=conn, code=code, message=message, ref=ref, retry_after=retry):
-                    if (connection := self._live.get(conn)) is not None:
-                        connection.send_error(code, message, ref, retry)
-                    if code is ErrorCode.RATE_LIMITED:
-                        self._count_strike(conn)
-                case Audit(event=event, fields=fields):
-                    if own:
-                        self.audit(event, fields)
-                case Close(conn=conn, code=code, reason=reason):
-                    connection = self._live.get(conn)
-                    if connection is not None:
-                        connection.close(code, reason)
-                case StartTimer(timer=timer, deadline=deadline):
-                    if self.cluster is not None:  # the cluster's core runs on the unix clock
-                        deadline = _trio_deadline(deadline)
-                    self._timers.start(timer, deadline)
-                case CancelTimer(timer=timer):
-                    self._timers.cancel(timer)
-                    if self.cluster is not None:
-                        self.cluster.timer_cancelled(timer)
-
-    def _not_in_burst(self) -> bool:
-        return not self._in_burst
-
-    def _count_strike(self, conn_id: str) -> None:
-        connection = self._live.get(conn_id)
-        if connection is not None and connection.limits.is_flooding():
-            connection.close(CloseCode.RATE_LIMIT_ABUSE, "rate limit exceeded")
-
-    def _on_timer(self, timer: TimerId) -> None:
-        if self.cluster is not None:
-            self.cluster.timer_due(timer)
-        else:
-            self.dispatch(TimerFired(timer))
-
-    # -- reloads and shutdown ----------------------------------------------------------------
-
-    def apply_revocations(self, revocations: RevocationList) -> None:
-        self.revocations = revocations
-        self.dispatch(RevocationChanged(revocations.tokens, revocations.users))
+    def refused_upgrade(self, addr: str, status: int) -> None:
+        """The front refused an upgrade that is worth a record (an origin not allowed)."""
+        self.audit("conn.refused", {"addr": addr, "code": status})
 
     async def shutdown(self) -> None:
-        """End every call, close every connection with 1001, wait up to `drain_timeout`.
-
-        A cluster node ends no call: its devices disconnect, so their calls are held for
-        `reconnect_grace` and the clients resume them on another node.
-        """
+        """End every call (a single server), close every connection with 1001, and wait up to
+        `drain_timeout` for them to go."""
         self.accepting = False
-        if self.cluster is None:
-            self.dispatch(ShuttingDown())
+        self._dispatch.shutting_down()
         for connection in list(self._all.values()):
             connection.close(CloseCode.GOING_AWAY, "server shutting down")
         with trio.move_on_after(self._settings.server.drain_timeout):
@@ -377,9 +219,8 @@ class ConnectionHub:
                 await self._all_gone.wait()
         for connection in list(self._all.values()):
             connection.abort(CloseCode.GOING_AWAY, "server shutting down")
-        if self.cluster is not None:
-            with trio.move_on_after(self._settings.server.close_timeout):
-                await self.cluster.flush()
+        with trio.move_on_after(self._settings.server.close_timeout):
+            await self._dispatch.flush()
 
     # -- one connection ----------------------------------------------------------------------
 
@@ -394,26 +235,17 @@ class ConnectionHub:
 
     async def _serve(self, accepted: Accepted, conn_id: str) -> None:
         server = self._settings.server
-        request, addr = accepted.request, accepted.addr
-        target = urlsplit(request.path)
-        origin = _header(request, b"origin")
-        if server.allowed_origins and origin is not None and origin not in server.allowed_origins:
-            self.audit("conn.refused", {"addr": addr, "code": 403})
-            await request.reject(403, body=b'{"message": "origin not allowed"}')
-            return
+        upgrade, addr = accepted.upgrade, accepted.addr
         if not self.accepting:
-            await request.reject(503, body=b'{"message": "server shutting down"}')
+            await accepted.request.reject(503, body=b'{"message": "server shutting down"}')
             return
-        # What authentication needs from the request, read before `accept` spends it.
-        upgrade = _UpgradeAuth(
-            target.query,
-            _bearer_token(request),
-            _header(request, RESUME_HEADER),
-            _repeated(request, b"authorization"),
-        )
-        kind = SocketIOConnection if accepted.dialect is Dialect.SOCKETIO else Connection
-        connection = kind(
-            conn_id, await request.accept(), addr, server.outbound_queue, server.close_timeout
+        connection = Connection(
+            conn_id,
+            await accepted.request.accept(),
+            upgrade.dialect,
+            addr,
+            server.outbound_queue,
+            server.close_timeout,
         )
         connection.limits = self._limiter.for_connection()
         connection.may_write_now = self._not_in_burst
@@ -439,9 +271,7 @@ class ConnectionHub:
     def _forget(self, connection: Connection) -> None:
         """Synchronous cleanup: runs even when the connection was cancelled."""
         connection.nursery = None
-        detach = getattr(connection.ws, "detach_reactor", None)
-        if detach is not None:
-            detach()  # drops the handler, and with it the cycle back to the connection
+        connection.ws.detach_reactor()  # drops the handler, and with it the cycle back to us
         self._deadlines.cancel(connection.keepalive)
         self._deadlines.cancel(connection.expiry)
         self._all.pop(connection.id, None)
@@ -463,23 +293,21 @@ class ConnectionHub:
             self._all_gone.set()
             self._all_gone = trio.Event()
 
-    async def _converse(self, connection: Connection, upgrade: _UpgradeAuth) -> None:
-        socketio = isinstance(connection, SocketIOConnection)
+    async def _converse(self, connection: Connection, upgrade: Upgrade) -> None:
+        """Sign the client in, then read its messages until it leaves."""
         try:
             self._admit_address(connection)
-            if isinstance(connection, SocketIOConnection):
-                self._engine_ping(connection)
-                identity, resume = await self._authenticate_socketio(connection)
-                ref: Ref | None = None
-            else:
-                identity, ref, resume = await self._authenticate(connection, upgrade)
+            for frame in connection.dialect.greeting(connection.id):
+                connection.push(frame)
+            self._start_heartbeat(connection)
+            identity, credentials = await self._authenticate(connection, upgrade)
             self._check_not_revoked(identity)
             if len(self._board.devices_of(identity.user)) >= (
                 self._settings.server.max_connections_per_user
             ):
                 self.metrics.rate_limited.labels("connections_per_user").inc()
                 raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "too many connections")
-            if self.cluster is not None and not self.cluster.available:
+            if not self._dispatch.available:
                 raise CloseConnection(CloseCode.TRY_AGAIN_LATER, "cluster unavailable")
         except CloseConnection as refused:
             if refused.close_code != CloseCode.RATE_LIMIT_ABUSE:
@@ -492,28 +320,26 @@ class ConnectionHub:
             raise
         connection.identity = identity
         self._live[connection.id] = connection
-        if socketio:
-            connection.push(sio.connected_packet(connection.id))
-        await self.dispatch_and_wait(
+        for frame in connection.dialect.welcome(connection.id):
+            connection.push(frame)
+        await self._dispatch.dispatch_and_wait(
             Authenticated(
                 connection.id,
                 identity.user,
                 session_id=secrets.token_urlsafe(24),
                 session=self._session_data(connection, identity),
-                resume=resume,
+                resume=credentials.resume,
                 token_id=identity.token_id,
                 issued_at=identity.issued_at,
             )
         )
-        if ref is not None:
-            connection.send_ack(ref)
+        if credentials.ref is not None:
+            connection.send_ack(credentials.ref)
         self.audit(
             "auth.ok",
             {"conn": connection.id, "user": identity.user, "expires_at": identity.expires_at},
         )
         self._arm_expiry(connection)
-        if self._settings.server.ping_interval > 0 and not socketio:
-            self._start_keepalive(connection)
         await self._read_loop(connection)
 
     def _admit_address(self, connection: Connection) -> None:
@@ -546,97 +372,32 @@ class ConnectionHub:
         return self.verifier.verify(token)
 
     async def _authenticate(
-        self, connection: Connection, upgrade: _UpgradeAuth
-    ) -> tuple[Identity, Ref | None, str | None]:
-        """Raises: AuthError, CloseConnection, PeerGone."""
-        query_tokens = parse_qs(upgrade.query).get("token")
-        if query_tokens and not self._settings.auth.allow_query_token:
-            raise AuthError(INVALID, "query_token_refused")
-        if upgrade.repeated:
-            raise AuthError(INVALID, "repeated_authorization")
-        token = upgrade.take_bearer() or (query_tokens[0] if query_tokens else None)
-        if token:
-            return await self._verify(token), None, upgrade.resume
-        with trio.move_on_after(self._settings.server.auth_timeout):
-            text = await connection.receive()
-            self._check_size(text)
-            try:
-                envelope = decode(text, self._field_limits)
-            except ProtocolError:
-                raise AuthError("authentication required", "not_authenticated") from None
-            message = envelope.message
-            if not isinstance(message, Auth):
-                raise AuthError("authentication required", "not_authenticated")
-            return await self._verify(message.token), envelope.ref, message.resume
-        raise AuthError("auth timeout", "auth_timeout")
-
-    async def _authenticate_socketio(
-        self, connection: SocketIOConnection
-    ) -> tuple[Identity, str | None]:
-        """The Engine.IO open packet, then a CONNECT to the main namespace with `{token, resume}`.
+        self, connection: Connection, upgrade: Upgrade
+    ) -> tuple[Identity, Credentials]:
+        """The one sign-in flow of both dialects: the upgrade's credentials, else the first
+        frames the dialect reads as a sign-in, within `auth_timeout`.
 
         Raises: AuthError, CloseConnection, PeerGone.
         """
-        socketio = self._settings.socketio
-        connection.push(
-            sio.open_packet(
-                connection.id,
-                socketio.ping_interval,
-                socketio.ping_timeout,
-                self._settings.server.max_message_bytes,
-            )
-        )
+        if upgrade.query_tokens and not self._settings.auth.allow_query_token:
+            raise AuthError(INVALID, "query_token_refused")
+        if upgrade.repeated_authorization:
+            raise AuthError(INVALID, "repeated_authorization")
+        token = upgrade.take_bearer() or (upgrade.query_tokens[0] if upgrade.query_tokens else None)
+        if token:
+            return await self._verify(token), Credentials(token, upgrade.resume)
         with trio.move_on_after(self._settings.server.auth_timeout):
             while True:
                 text = await connection.receive()
                 self._check_size(text)
-                # Counted as every message after sign-in is: pings and CONNECTs to other
-                # namespaces are answered, so they could otherwise be sent without end.
+                # Counted as every message after sign-in is: what a dialect answers before
+                # sign-in (pings, CONNECTs to other namespaces) could otherwise go on without end.
                 if not self._admit(connection, text):
                     continue
-                if text[:1] in (sio.ENGINE_PING, sio.ENGINE_PONG, sio.ENGINE_CLOSE):
-                    connection.decode_frame(text, self._field_limits)
-                    continue
-                try:
-                    packet = sio.parse_socket_packet(text[1:]) if text[:1] == "4" else None
-                except ProtocolError:
-                    packet = None
-                if packet is None or packet.kind != sio.CONNECT:
-                    raise AuthError("authentication required", "not_authenticated")
-                if packet.namespace != sio.MAIN_NAMESPACE:
-                    connection.push(sio.connect_error_packet("Invalid namespace", packet.namespace))
-                    continue
-                auth = packet.payload if isinstance(packet.payload, dict) else {}
-                token, resume = auth.get("token"), auth.get("resume")
-                if not isinstance(token, str) or not token:
-                    raise AuthError(INVALID, "malformed")
-                return await self._verify(token), resume if isinstance(resume, str) else None
+                credentials = connection.read_sign_in(text, self._field_limits)
+                if credentials is not None:
+                    return await self._verify(credentials.token), credentials
         raise AuthError("auth timeout", "auth_timeout")
-
-    def _engine_ping(self, connection: SocketIOConnection) -> None:
-        """Engine.IO pings every `ping_interval` (the client expects them, and drops a server
-        that stops); no pong within `ping_timeout` of one drops the client."""
-        socketio = self._settings.socketio
-
-        def ping() -> None:
-            connection.ping_outstanding = True
-            connection.pinged_at = trio.current_time()
-            connection.push(sio.ENGINE_PING)
-            connection.keepalive = self._deadlines.call_at(
-                connection.pinged_at + socketio.ping_timeout, check
-            )
-
-        def check() -> None:
-            if connection.ping_outstanding:
-                connection.abort(CloseCode.ABNORMAL, "ping timeout")
-                return
-            connection.keepalive = self._deadlines.call_at(
-                connection.pinged_at + socketio.ping_interval, ping
-            )
-
-        connection.keepalive = self._deadlines.call_at(
-            trio.current_time() + socketio.ping_interval, ping
-        )
 
     def _session_data(self, connection: Connection, identity: Identity) -> dict[str, object]:
         return {
@@ -652,12 +413,14 @@ class ConnectionHub:
         if len(text) * 4 > limit and len(text.encode("utf-8", "surrogatepass")) > limit:
             raise CloseConnection(CloseCode.MESSAGE_TOO_BIG, "message too big")
 
+    # -- reading -------------------------------------------------------------------------------
+
     async def _read_loop(self, connection: Connection) -> None:
-        attach = getattr(connection.ws, "attach_reactor", None)
-        if attach is not None and self._reactor is not None and self.cluster is None:
+        if self._reactor is not None and self._dispatch.inline:
             # While it waits, the connection waits in the reactor, which hands each message
-            # to `_take_inline` without waking this task (see reactor.py).
-            attach(self._reactor, partial(self._take_inline, connection))
+            # to `_take_inline` without waking this task (see reactor.py); an engine that
+            # cannot park keeps waiting here.
+            connection.ws.attach_reactor(self._reactor, partial(self._take_inline, connection))
         while True:
             try:
                 text = await connection.receive()
@@ -680,28 +443,31 @@ class ConnectionHub:
             raise _LeftForTask(waiting)
         return True
 
+    def _not_in_burst(self) -> bool:
+        return not self._in_burst
+
     def _take(self, connection: Connection, text: str, arrived: float) -> Envelope | None:
         """Everything of one message that needs no waiting: its size, the rate limit, decoding
         (in that order: a Socket.IO frame's decoding may answer or end the connection), and
         its dispatch. Returns the message the caller must still `_finish`: a token refresh,
         or any message in cluster mode.
 
-        Raises: CloseConnection (too big; flooding).
+        Raises: CloseConnection (too big; flooding), PeerGone (the client said goodbye).
         """
         self._check_size(text)
         if not self._admit(connection, text):
             return None
         try:
-            envelope = connection.decode_frame(text, self._field_limits)
+            envelope = connection.read_message(text, self._field_limits)
         except ProtocolError as bad:
             connection.send_error(bad.code, bad.message, bad.ref)
             return None
         if envelope is None:
             return None
-        if isinstance(envelope.message, Auth) or self.cluster is not None:
+        if isinstance(envelope.message, Auth) or not self._dispatch.inline:
             return envelope
         received = MessageReceived(connection.id, envelope.message, envelope.ref)
-        self._in_burst = getattr(connection.ws, "has_more", False)
+        self._in_burst = connection.ws.has_more
         try:
             self.dispatch(received, forwarded=True)
         finally:
@@ -713,9 +479,9 @@ class ConnectionHub:
         """The part of a message that waits: a token refresh, or a cluster submission."""
         if isinstance(envelope.message, Auth):
             await self._refresh(connection, envelope.message, envelope.ref)
-        else:
+        elif self.cluster is not None:
             received = MessageReceived(connection.id, envelope.message, envelope.ref)
-            await self._submit_to_cluster(connection, received)
+            await self.cluster.submit_message(connection, received)
 
     def _admit(self, connection: Connection, text: str) -> bool:
         """Count a message against the connection's rate; over it, say so and drop it.
@@ -734,28 +500,7 @@ class ConnectionHub:
             raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "rate limit exceeded")
         return False
 
-    async def _submit_to_cluster(self, connection: Connection, received: MessageReceived) -> None:
-        """A client message in cluster mode: counted against the shared limits here, once.
-
-        Without Redis nothing can be decided for the cluster: the client is told to retry.
-        """
-        cluster = self.cluster
-        unavailable = (ErrorCode.RATE_LIMITED, "cluster unavailable; try again", received.ref, 1)
-        if cluster is None or not cluster.available:
-            connection.send_error(*unavailable)
-            return
-        message, user = received.message, connection.user
-        throttled = None
-        # Counted only for a request the core will not refuse outright (not from yourself).
-        if isinstance(message, CallRequest) and message.from_user == user != message.to:
-            try:
-                throttled = await trio.to_thread.run_sync(
-                    self._limiter.admit_call, user, message.to, abandon_on_cancel=True
-                )
-            except StorageError:
-                connection.send_error(*unavailable)
-                return
-        cluster.submit(received, throttled=throttled)
+    # -- a signed-in connection's token and heartbeat -------------------------------------------
 
     async def _refresh(self, connection: Connection, message: Auth, ref: Ref | None) -> None:
         """A fresh token on an open connection (contract section 8).
@@ -779,7 +524,7 @@ class ConnectionHub:
             raise CloseConnection(CloseCode.FORBIDDEN, "identity change")
         self._check_not_revoked(identity)
         connection.identity = identity
-        await self.dispatch_and_wait(
+        await self._dispatch.dispatch_and_wait(
             TokenRefreshed(
                 connection.id,
                 secrets.token_urlsafe(24),
@@ -818,26 +563,49 @@ class ConnectionHub:
         )
 
     def _at(self, unix_time: float, callback: Callable[[], None]) -> Deadline | None:
-        deadline = _trio_deadline(unix_time)
+        deadline = trio_deadline(unix_time)
         return self._deadlines.call_at(deadline, callback) if math.isfinite(deadline) else None
 
-    def _start_keepalive(self, connection: Connection) -> None:
-        """A ping every `ping_interval`; no pong by the next one drops the peer.
+    def _start_heartbeat(self, connection: Connection) -> None:
+        """The one heartbeat of both dialects: a ping every `interval`; no pong within `timeout`
+        of one drops the client. Native clients get WebSocket pings (`[server] ping_interval`,
+        the timeout is the interval: the next ping finds the last one unanswered); Socket.IO
+        clients Engine.IO's own (`[socketio] ping_interval` and `ping_timeout`), from the open.
 
-        The first ping comes at a random point of the first interval: clients that connected
-        together (a reconnect storm) would otherwise all be pinged at once, every interval.
-        A dead peer is still dropped within two intervals.
+        The first ping comes at a random point of the first interval for native clients:
+        clients that connected together (a reconnect storm) would otherwise all be pinged at
+        once, every interval. A Socket.IO client is told the interval in its open packet.
         """
-        interval = self._settings.server.ping_interval
+        frame = connection.dialect.heartbeat_frame
+        if frame is None:
+            interval = timeout = self._settings.server.ping_interval
+            first = interval * (0.5 + random.random() / 2)  # noqa: S311 - spreading load
+        else:
+            socketio = self._settings.socketio
+            interval, timeout = socketio.ping_interval, socketio.ping_timeout
+            first = interval
+        if interval <= 0:
+            return
 
-        def tick() -> None:
+        def ping() -> None:
+            connection.pinged_at = trio.current_time()
+            if frame is None:
+                connection.start_ping()  # a WebSocket ping, answered by the engine's pong
+            else:
+                connection.ping_outstanding = True
+                connection.push(frame)
+            connection.keepalive = self._deadlines.call_at(connection.pinged_at + timeout, check)
+
+        def check() -> None:
             if connection.ping_outstanding:
-                # No pong within an interval: the peer is gone without a close (a phone that
-                # lost its network). Its calls go into the reconnect grace.
+                # No pong in time: the peer is gone without a close (a phone that lost its
+                # network). Its calls go into the reconnect grace.
                 connection.abort(CloseCode.ABNORMAL, "keepalive timeout")
                 return
-            connection.start_ping()
-            connection.keepalive = self._deadlines.call_at(trio.current_time() + interval, tick)
+            next_ping = connection.pinged_at + interval
+            if next_ping <= trio.current_time():
+                ping()  # native: the check is the next ping's moment, one entry per interval
+            else:
+                connection.keepalive = self._deadlines.call_at(next_ping, ping)
 
-        first = interval * (0.5 + random.random() / 2)  # noqa: S311 - spreading load, not security
-        connection.keepalive = self._deadlines.call_at(trio.current_time() + first, tick)
+        connection.keepalive = self._deadlines.call_at(trio.current_time() + first, ping)

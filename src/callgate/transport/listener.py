@@ -1,14 +1,11 @@
 """The listening socket and the HTTP front: which protocol a new connection speaks.
 
-trio-websocket answers any request it cannot upgrade with an empty `400`, but the contract asks
-for more: Engine.IO long-polling must get a JSON body that says to use the WebSocket transport. So
-callgate reads the request head itself (httptools, bounded in size and time), answers what is not a
-WebSocket for it, and hands upgrades to trio-websocket with the bytes already read replayed; on
-the `wsproto` engine, the parsed head itself goes to `engine.upgrade_request`, so it is parsed once.
-
-This uses three of trio-websocket's internals, the same ones its own `serve_websocket` uses per
-connection (`WebSocketConnection(stream, WSConnection(SERVER))`, `_reader_task`, `_get_request`).
-The version is pinned in requirements.lock, and a test of every route guards the seam.
+callgate reads each request head itself (httptools, bounded in size and time), checks it once
+(upgrade.py: the route, the WebSocket headers, the origin) and answers what it refuses with a JSON
+body, as the contract asks (Engine.IO long-polling must be told to use the WebSocket transport).
+An upgrade then goes to the configured engine: on `wsproto` the checked request itself
+(`WsprotoRequest`), so the head is parsed once; on `trio-websocket` the bytes already read are
+replayed into trio-websocket's public `wrap_server_stream`, which parses them again.
 """
 
 from __future__ import annotations
@@ -17,39 +14,28 @@ import json
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from enum import Enum
 from functools import partial
-from typing import Any, Protocol
-from urllib.parse import parse_qs, urlsplit
+from http import HTTPStatus
+from typing import Protocol
 
 import trio
-from trio_websocket import WebSocketConnection, WebSocketRequest
-from wsproto import ConnectionType, WSConnection
+from trio_websocket import wrap_server_stream
 
 from callgate.log import get_logger
-from callgate.transport.engine import upgrade_request
+from callgate.transport.connection import Engine
+from callgate.transport.engine import WsprotoRequest
 from callgate.transport.head import BadHead, HeadParser, RequestHead
+from callgate.transport.trio_engine import TrioWebSocketRequest
+from callgate.transport.upgrade import Refusal, Upgrade, UpgradeRules, read_upgrade
 
 log = get_logger("callgate.listener")
 MAX_HEAD_BYTES = 16384
-SOCKETIO_PATH = "/socket.io/"
-
-
-class Dialect(Enum):
-    NATIVE = "native"  # callgate's JSON envelopes (contract sections 1-10)
-    SOCKETIO = "socketio"  # Engine.IO v4 / Socket.IO v5 framing (contract section 11)
 
 
 class UpgradeRequest(Protocol):
-    """A WebSocket upgrade the handler may accept or reject (either engine's)."""
+    """A checked WebSocket upgrade the handler accepts (101) or rejects, on either engine."""
 
-    @property
-    def path(self) -> str: ...
-
-    @property
-    def headers(self) -> list[tuple[bytes, bytes]]: ...
-
-    async def accept(self) -> Any: ...
+    async def accept(self) -> Engine: ...
 
     async def reject(self, status_code: int, *, body: bytes) -> None: ...
 
@@ -60,7 +46,7 @@ class Accepted:
 
     request: UpgradeRequest
     addr: str
-    dialect: Dialect
+    upgrade: Upgrade
 
 
 Handler = Callable[[Accepted], Awaitable[None]]
@@ -118,37 +104,16 @@ async def _read_head(stream: trio.abc.Stream) -> tuple[bytes, RequestHead, bytes
 async def _respond(stream: trio.abc.Stream, status: int, message: str) -> None:
     body = json.dumps({"code": status, "message": message}).encode()
     head = (
-        f"HTTP/1.1 {status} {'Bad Request' if status == 400 else 'Not Found'}\r\n"
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
         "content-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     )
     await stream.send_all(head.encode() + body)
 
 
-def _route(request: RequestHead, native_path: str, *, socketio: bool) -> Dialect | tuple[int, str]:
-    target = urlsplit(request.target.decode("ascii", "replace"))
-    if target.path == native_path:
-        return Dialect.NATIVE
-    if target.path == SOCKETIO_PATH and socketio:
-        query = parse_qs(target.query)
-        upgrade = any(
-            name.lower() == b"upgrade" and value.lower() == b"websocket"
-            for name, value in request.headers
-        )
-        if query.get("EIO") == ["4"] and query.get("transport") == ["websocket"] and upgrade:
-            return Dialect.SOCKETIO
-        return (
-            400,
-            "callgate serves Socket.IO over WebSocket only (Engine.IO v4): connect with"
-            " io(url, {transports: ['websocket']})",
-        )
-    return 404, "not found"
-
-
 @dataclass(frozen=True, slots=True)
 class FrontSettings:
-    native_path: str
-    socketio: bool
+    rules: UpgradeRules
     engine: str
     max_message_size: int
     handshake_timeout: float
@@ -215,25 +180,30 @@ def _close_under_reader(stream: trio.abc.Stream) -> None:
 
 
 async def _read_upgrade(
-    stream: trio.abc.Stream, front: FrontSettings
-) -> tuple[bytes, RequestHead, bytes, Dialect] | None:
-    """The head of a WebSocket upgrade: its raw bytes, the parsed request, the bytes after it,
-    and its dialect; None when it was answered here (404, 400) or is broken."""
+    stream: trio.abc.Stream, front: FrontSettings, refused: Callable[[str, int], None], addr: str
+) -> tuple[bytes, Upgrade, bytes] | None:
+    """The head of a WebSocket upgrade: its raw bytes, what it asks for, and the bytes after it;
+    None when it was answered here (404, 400, 403) or is broken."""
     head = await _read_head(stream)
     if head is None:
         return None
     raw, request, trailing = head
-    route = _route(request, front.native_path, socketio=front.socketio)
-    if isinstance(route, tuple):
-        await _respond(stream, *route)
+    upgrade = read_upgrade(request, front.rules)
+    if isinstance(upgrade, Refusal):
+        if upgrade.status == 403:
+            refused(addr, 403)  # audited: a browser page from an origin not allowed
+        await _respond(stream, upgrade.status, upgrade.message)
         return None
-    return raw, request, trailing, route
+    return raw, upgrade, trailing
 
 
 async def _serve_stream(
-    front: FrontSettings, pending: _PendingHandshakes, handler: Handler, stream: trio.abc.Stream
+    front: FrontSettings,
+    pending: _PendingHandshakes,
+    handler: Handler,
+    refused: Callable[[str, int], None],
+    stream: trio.abc.Stream,
 ) -> None:
-    websocket_request: WebSocketRequest | None = None
     try:
         addr = _peer(stream)
     except OSError:  # gone before we could ask who it was
@@ -246,40 +216,35 @@ async def _serve_stream(
     try:
         try:
             # Bounded in time by `pending.expire`, which closes the socket of a late head.
-            routed = await _read_upgrade(stream, front)
+            routed = await _read_upgrade(stream, front, refused, addr)
         finally:
             pending.release(addr, stream)
         if routed is None:
             return
-        raw, request, trailing, dialect = routed
+        raw, upgrade, trailing = routed
         del routed
         if front.engine == "wsproto":
-            upgrade = upgrade_request(request, trailing, stream, front.max_message_size)
+            request = WsprotoRequest(stream, upgrade.key, trailing, front.max_message_size)
             # The request has what it needs; this frame lives as long as the connection.
             raw = trailing = b""
-            del request
-            if upgrade is None:
-                await _respond(stream, 400, "not a WebSocket upgrade")
-                return
-            await handler(Accepted(upgrade, addr, dialect))
+            await handler(Accepted(request, addr, upgrade))
             return
-        connection = WebSocketConnection(
-            _Replay(stream, raw),
-            WSConnection(ConnectionType.SERVER),
-            max_message_size=front.max_message_size,
-        )
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(connection._reader_task)
+            replayed: TrioWebSocketRequest | None = None
             with trio.move_on_after(front.handshake_timeout):
-                websocket_request = await connection._get_request()
-            if websocket_request is None:
+                replayed = TrioWebSocketRequest(
+                    await wrap_server_stream(
+                        nursery, _Replay(stream, raw), max_message_size=front.max_message_size
+                    )
+                )
+            if replayed is None:
                 nursery.cancel_scope.cancel()
                 return
             try:
-                await handler(Accepted(websocket_request, addr, dialect))
+                await handler(Accepted(replayed, addr, upgrade))
             finally:
                 with trio.move_on_after(front.close_timeout):
-                    await connection.aclose()
+                    await replayed.aclose()
                 nursery.cancel_scope.cancel()
     except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
         pass  # the client went away (or failed the TLS handshake)
@@ -297,13 +262,14 @@ async def serve_front(
     front: FrontSettings,
     handler: Handler,
     handler_nursery: trio.Nursery,
+    refused: Callable[[str, int], None],
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen until cancelled; connections run in `handler_nursery`, so they outlive the listener
     (a graceful shutdown stops accepting first, then drains)."""
     pending = _PendingHandshakes(front.max_pending_per_address, front.handshake_timeout)
-    serve = partial(_serve_stream, front, pending, handler)
+    serve = partial(_serve_stream, front, pending, handler, refused)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pending.expire)
         if ssl_context is None:

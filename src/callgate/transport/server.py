@@ -32,11 +32,13 @@ from callgate.errors import ConfigError
 from callgate.keys import MAX_JWKS_BYTES, load_keyring, parse_jwks
 from callgate.log import get_logger
 from callgate.protocol.codec import FieldLimits
+from callgate.protocol.dialects import NativeDialect, SocketIODialect
 from callgate.ratelimit import RateLimiter
 from callgate.revocation import RevocationList, load_revocations
 from callgate.transport.http import Route, serve_http
 from callgate.transport.hub import ConnectionHub
 from callgate.transport.listener import FrontSettings, serve_front
+from callgate.transport.upgrade import UpgradeRules
 
 log = get_logger("callgate.server")
 # How often watched files are checked for changes: revocations take effect within a second.
@@ -310,9 +312,19 @@ async def _serve(
         nursery.start_soon(_audit_ticks, audit)
         connections = await nursery.start(_connections_nursery)
         listener = trio.CancelScope()
-        front = FrontSettings(
+        socketio = settings.socketio
+        rules = UpgradeRules(
             native_path=settings.server.path,
-            socketio=settings.socketio.enabled,
+            native=NativeDialect(),
+            socketio=SocketIODialect(
+                socketio.ping_interval, socketio.ping_timeout, settings.server.max_message_bytes
+            )
+            if socketio.enabled
+            else None,
+            allowed_origins=frozenset(settings.server.allowed_origins),
+        )
+        front = FrontSettings(
+            rules=rules,
             engine=settings.server.engine,
             # trio-websocket counts characters; the byte limit is checked per message too.
             max_message_size=settings.server.max_message_bytes,
@@ -334,6 +346,7 @@ async def _serve(
                         front,
                         hub.handle,
                         connections,
+                        hub.refused_upgrade,
                     ),
                 )
             )
