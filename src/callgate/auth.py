@@ -18,16 +18,12 @@ fixed audit category; token content never appears in either.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hmac
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import jwt
 import orjson
-from jwt.algorithms import HMACAlgorithm
 
 from callgate.config import AuthSettings
 from callgate.errors import AuthError
@@ -180,78 +176,9 @@ def _read_header(segment: str) -> tuple[object, object]:
 _read_header_cached = lru_cache(maxsize=64)(_read_header)
 
 
-class _CheckedOnceHMAC(HMACAlgorithm):
-    """pyjwt's HMAC, with its key checks made once per key, not once per token.
-
-    `prepare_key` refuses a PEM, SSH, DER or JWK key as an HMAC secret (key confusion), by
-    trying to parse it several ways: a fifth of a token's verification. The secrets it sees here
-    are the configured ones, a handful, so the verdict on each is kept; a refused key is
-    checked (and refused) every time. `check_key_length` (a warning for a short key, which
-    callgate refuses at start anyway) made a hash object per token to learn the digest size.
-    `sign` is the same HMAC through the standard library's one-call `hmac.digest`.
-    """
-
-    _MAX_KEYS = 16
-
-    def __init__(self, hash_alg: Any) -> None:
-        super().__init__(hash_alg)
-        self._prepared: dict[str | bytes, bytes] = {}
-        self._digest_name: str = hash_alg().name
-        self._digest_size: int = hash_alg().digest_size
-
-    def check_key_length(self, key: bytes) -> str | None:
-        if len(key) >= self._digest_size:
-            return None
-        return super().check_key_length(key)
-
-    def sign(self, msg: bytes, key: bytes) -> bytes:
-        return hmac.digest(key, msg, self._digest_name)
-
-    def prepare_key(self, key: str | bytes) -> bytes:
-        prepared = self._prepared.get(key)
-        if prepared is None:
-            prepared = super().prepare_key(key)
-            if len(self._prepared) >= self._MAX_KEYS:
-                self._prepared.clear()
-            self._prepared[key] = prepared
-        return prepared
-
-
-_BASE64URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-
-
-class _Signatures(jwt.PyJWS):
-    """pyjwt's JWS, its check of each token segment made in C instead of in Python.
-
-    pyjwt refuses a segment with a character outside base64url (GHSA-hxm8-2xgr-2p9m) by
-    testing every character in a Python generator: half of a token's whole verification. This
-    is the same check with `bytes.translate`, and the same padding and canonical-encoding
-    checks, in the same order, with the same error (a property test holds the two to each other
-    on arbitrary segments).
-    """
-
-    @staticmethod
-    def _decode_base64url_segment(segment: bytes, name: str) -> bytes:
-        stripped = segment.rstrip(b"=")
-        padding = len(segment) - len(stripped)
-        if (
-            padding > 2
-            or (padding and len(segment) % 4)
-            or len(stripped) % 4 == 1
-            or stripped.translate(None, _BASE64URL_ALPHABET)  # what is left is not base64url
-        ):
-            raise jwt.DecodeError(f"Invalid {name} padding")
-        try:
-            decoded = base64.urlsafe_b64decode(stripped + b"=" * (-len(stripped) % 4))
-        except binascii.Error as err:
-            raise jwt.DecodeError(f"Invalid {name} padding") from err
-        if base64.urlsafe_b64encode(decoded).rstrip(b"=") != stripped:  # unused bits set
-            raise jwt.DecodeError(f"Invalid {name} padding")
-        return decoded
-
-
 class _Claims(jwt.PyJWT):
-    """pyjwt's JWT, its payload parsed by orjson (the hook pyjwt offers for that).
+    """pyjwt's JWT, its payload parsed by orjson, through the hook pyjwt added for custom
+    payload decoding (`_decode_payload`, pyjwt PR #829; tests/test_auth.py holds the seam).
 
     Strict JSON (RFC 8259): what only the standard library's parser takes, `NaN`, `Infinity`
     and UTF-16 or UTF-32 text, makes a token malformed. No issuer writes those.
@@ -268,24 +195,13 @@ class _Claims(jwt.PyJWT):
 
 
 def _decoder() -> jwt.PyJWT:
-    """pyjwt's decoder with its segment check in C (`_Signatures`), its payload parsed by
-    orjson (`_Claims`), and its HMAC algorithms checking each key once (`_CheckedOnceHMAC`).
+    """pyjwt's decoder, its payload parsed by orjson (`_Claims`).
 
-    pyjwt offers no public way to give a `PyJWT` its `PyJWS`; if the signing half is not where
-    this pyjwt keeps it, pyjwt's own is kept, which is as safe and slower.
+    Only pyjwt's public API and its one documented hook: an earlier version replaced pyjwt's
+    signing half (`PyJWT._jws`) to check segments in C and each HMAC key once, about 10 µs of a
+    token's verification, but pyjwt offers no public way to do that (docs/performance.md).
     """
-    decoder = _Claims()
-    signing = getattr(decoder, "_jws", None)
-    if isinstance(signing, jwt.PyJWS):
-        signing = decoder._jws = _Signatures(options=signing.options)
-        for name, hash_alg in (
-            ("HS256", HMACAlgorithm.SHA256),
-            ("HS384", HMACAlgorithm.SHA384),
-            ("HS512", HMACAlgorithm.SHA512),
-        ):
-            signing.unregister_algorithm(name)
-            signing.register_algorithm(name, _CheckedOnceHMAC(hash_alg))
-    return decoder
+    return _Claims()
 
 
 def _category(exc: Exception) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -114,6 +114,28 @@ class Executor:
         connection = self._live.get(conn_id)
         if connection is not None and connection.limits.is_flooding():
             connection.close(CloseCode.RATE_LIMIT_ABUSE, "rate limit exceeded")
+
+
+class Dispatch(Protocol):
+    """Where the hub's events go: `LocalDispatch` here, or a cluster (cluster/node.py)."""
+
+    @property
+    def inline(self) -> bool:
+        """A client message is handled where it was read (else it waits for a submission)."""
+        ...
+
+    @property
+    def available(self) -> bool: ...
+
+    def dispatch(self, event: Event, *, forwarded: bool = False) -> None: ...
+
+    async def dispatch_and_wait(self, event: Event) -> None:
+        """Raises: CloseConnection 1013 when it cannot be applied in time."""
+        ...
+
+    def shutting_down(self) -> None: ...
+
+    async def flush(self) -> None: ...
 
 
 class LocalDispatch:

@@ -43,7 +43,6 @@ from typing import TYPE_CHECKING
 import trio
 
 from callgate.auth import INVALID, Identity, TokenVerifier
-from callgate.cluster.node import ClusterNode
 from callgate.core.events import (
     Authenticated,
     Disconnected,
@@ -61,7 +60,7 @@ from callgate.protocol.dialects import Credentials
 from callgate.protocol.messages import Auth, Envelope, Ref
 from callgate.revocation import RevocationList
 from callgate.transport.connection import Connection, PeerGone
-from callgate.transport.executor import Executor, LocalDispatch, trio_deadline
+from callgate.transport.executor import Dispatch, Executor, LocalDispatch, trio_deadline
 from callgate.transport.listener import Accepted
 from callgate.transport.reactor import Reactor
 from callgate.transport.timers import Deadline, Deadlines
@@ -69,7 +68,7 @@ from callgate.transport.upgrade import Upgrade
 
 if TYPE_CHECKING:
     from callgate.audit import AuditLog
-    from callgate.cluster.link import ClusterLink
+    from callgate.cluster.node import ClusterNode
     from callgate.config import Settings
     from callgate.core.switchboard import Switchboard
     from callgate.ratelimit import RateLimiter
@@ -121,7 +120,7 @@ class ConnectionHub:
         self.revocations = RevocationList()
         self.metrics = Metrics(self.live_counts)
         self.executor = Executor(self._live, self._deadlines, audit, self.metrics)
-        self._dispatch: LocalDispatch | ClusterNode = LocalDispatch(board, self.executor)
+        self._dispatch: Dispatch = LocalDispatch(board, self.executor)
         self.accepting = True
         # True while a message is handled that has more from the same read behind it.
         self._in_burst = False
@@ -131,16 +130,10 @@ class ConnectionHub:
         # Cluster mode (`attach_cluster`): events go through the cluster, not straight in.
         self.cluster: ClusterNode | None = None
 
-    def attach_cluster(self, link: ClusterLink) -> None:
-        """From now on every core event goes through the cluster log (cluster/node.py)."""
-        self.cluster = self._dispatch = ClusterNode(
-            link,
-            self.executor,
-            self._limiter,
-            self._settings.cluster.apply_timeout,
-            self._adopt_revocations,
-            self._evicted,
-        )
+    def attach_cluster(self, node: ClusterNode) -> None:
+        """From now on every core event goes through the cluster (cluster/node.py, made by
+        server.py with this hub's executor: the cluster sits above the transport)."""
+        self.cluster = self._dispatch = node
 
     def _new_conn_id(self) -> str:
         token = secrets.token_urlsafe(12)
@@ -195,11 +188,11 @@ class ConnectionHub:
         self.revocations = revocations
         self.dispatch(RevocationChanged(revocations.tokens, revocations.users))
 
-    def _adopt_revocations(self, event: RevocationChanged) -> None:
+    def adopt_revocations(self, event: RevocationChanged) -> None:
         """The cluster's list is now this node's too: its handshakes refuse those tokens."""
         self.revocations = RevocationList(event.token_ids, dict(event.users_before))
 
-    def _evicted(self) -> None:
+    def evict_all(self) -> None:
         for connection in list(self._live.values()):
             connection.close(CloseCode.GOING_AWAY, "node left the cluster")
 

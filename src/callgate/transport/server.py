@@ -24,6 +24,7 @@ from callgate.audit import AuditLog
 from callgate.auth import TokenVerifier
 from callgate.cluster.entries import EntryCodec
 from callgate.cluster.link import ClusterLink
+from callgate.cluster.node import ClusterNode
 from callgate.cluster.replica import RecordedThrottle, Replica
 from callgate.config import Settings
 from callgate.core.policy import CallRules
@@ -292,7 +293,16 @@ async def _serve(
         if revocations is not None:
             hub.revocations = revocations
         if link is not None:
-            hub.attach_cluster(link)
+            hub.attach_cluster(
+                ClusterNode(
+                    link,
+                    hub.executor,
+                    limiter,
+                    settings.cluster.apply_timeout,
+                    hub.adopt_revocations,
+                    hub.evict_all,
+                )
+            )
             nursery.start_soon(link.run)
             with trio.move_on_after(settings.cluster.apply_timeout):
                 await link.joined.wait()
