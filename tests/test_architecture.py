@@ -177,7 +177,7 @@ def foreign_private_uses(path: Path, own: set[str]) -> list[str]:
     methods on a subclass of another library's class (other than the documented hooks)."""
     found: list[str] = []
     for node in ast.walk(ast.parse(path.read_text())):
-        name = None
+        name: object = None
         if isinstance(node, ast.Attribute):
             name = node.attr
         elif (
