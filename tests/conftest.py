@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import secrets
@@ -157,24 +158,61 @@ class Client:
         assert message.get("ref") == ref, message
         return message
 
-    async def expect_closed(self, code: int, reason: str | None = None) -> None:
-        """Every remaining message is read (and must not be a call event), then the close."""
+    async def expect_closed(self, code: int, reason: str | None = None) -> list[dict[str, Any]]:
+        """The server closes this connection with `code` (and `reason`, if given).
+
+        Every message that arrives before the close is read and returned, and none of them may
+        be a call event (PROTOCOL section 3): a connection being closed is told nothing more
+        about calls. A caller that expects other messages first (an `error`, a
+        `token-expiring`) asserts on what this returns.
+        """
+        before: list[dict[str, Any]] = []
         with trio.fail_after(STEP):
             while True:
                 try:
-                    await self.ws.get_message()
+                    text = await self.ws.get_message()
                 except ConnectionClosed as closed:
                     assert closed.reason is not None
-                    assert closed.reason.code == code, closed.reason
+                    assert closed.reason.code == code, (closed.reason, before)
                     if reason is not None:
-                        assert closed.reason.reason == reason, closed.reason
-                    return
+                        assert closed.reason.reason == reason, (closed.reason, before)
+                    return before
+                message = json.loads(text)
+                assert isinstance(message, dict), message
+                assert message.get("event") not in CALL_EVENTS, (message, before)
+                before.append(message)
 
-    async def expect_silence(self, seconds: float = 0.2) -> None:
-        """No message arrives within `seconds` (used only to prove nothing was sent)."""
-        with trio.move_on_after(seconds):
-            message = await self.ws.get_message()
-            raise AssertionError(f"unexpected message {message!r}")
+    async def expect_silence(self, seconds: float = 0.0) -> None:
+        """Nothing has been sent to this client: proved by a probe, not by waiting.
+
+        `seconds`, when given, first lets that much trio time pass, for a deadline to be
+        reached (a token's `exp`, rounds of keepalive): the server's timers due by then have
+        run before it reads the probe. The probe is a `user-connected` naming this client's
+        own user, with a fresh `ref`, which the server must ack. It handles one connection's
+        messages in order and sends each connection's messages in order, so the ack being the
+        next message proves nothing was sent to this client before it. What the caller expects
+        not to cause a message must have been handled first: a reply to it, or to its sender,
+        already read.
+        """
+        if seconds:
+            await trio.sleep(seconds)
+        user = self.session.get("user")
+        assert user, "expect_silence probes with user-connected: the client must be signed in"
+        ref = f"silence-probe-{next(_probes)}"
+        try:
+            await self.send("user-connected", user, ref=ref)
+            message = await self.recv()
+        except ConnectionClosed as closed:
+            raise AssertionError(f"closed instead of silent: {closed.reason}") from None
+        assert message == {"event": "ack", "ref": ref}, f"unexpected message {message!r}"
+
+
+# The call events of the contract (PROTOCOL section 3).
+CALL_EVENTS = frozenset(
+    {"call-request", "call-answer", "call-reject", "call-end", "ice-candidate", "call-renegotiate"}
+)
+# Refs of `expect_silence` probes: unique within a test run.
+_probes = itertools.count(1)
 
 
 ClientFactory = Callable[..., Awaitable[Client]]

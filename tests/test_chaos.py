@@ -1,8 +1,14 @@
 """Chaos: many users calling, answering, dropping, resuming, refreshing and flooding at random.
 
 Seeded and bounded (a fixed number of users, steps and seconds, loopback only). Afterwards:
-every requested call has exactly one terminal audit line, the server holds no call, device,
-session or timer, and its traced memory is back near where it started.
+every requested call has exactly one terminal audit line, every resume the devices were told of
+is in the trail, the server holds no call, device, session or timer, and its traced memory is
+back near where it started.
+
+Its seconds are trio's, on a mock clock that moves only when every task waits: the reconnect
+grace, the ring timeout, a token's refresh and the actors' pauses are measured against each
+other, not against how much CPU a loaded machine lends this process. (A wall clock let a slow
+run reconnect after every grace had passed: no resume, and a failed test.)
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ import tracemalloc
 from collections import Counter
 from typing import Any
 
+import pytest
 import trio
+import trio.testing
 from trio_websocket import ConnectionClosed, connect_websocket_url
 
 from callgate.audit import TERMINAL_CALL_EVENTS
@@ -22,6 +30,14 @@ from conftest import Client, Harness, call_request, make_settings, token_for
 
 USERS = [f"user{n}" for n in range(10)]
 SECONDS = 4.0
+
+
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    """The test's trio clock (pytest-trio runs the test on it): it jumps to the next deadline
+    once every task has waited this long in real time with nothing to read. The threshold,
+    not zero, leaves loopback bytes in flight the time to arrive before a timer is let run."""
+    return trio.testing.MockClock(autojump_threshold=0.005)
 
 
 class Actor:
@@ -34,6 +50,8 @@ class Actor:
         self.session_id: str | None = None
         self.calls: dict[str, str] = {}  # call id -> peer
         self.counter = 0
+        # What the server answered to each resume this device asked for: resumed or not.
+        self.resumes: Counter[bool] = Counter()
 
     async def run(self, deadline: float) -> None:
         while trio.current_time() < deadline:
@@ -47,7 +65,9 @@ class Actor:
                         if trio.current_time() >= deadline:
                             break
                         await self._step(client)
-                        await trio.sleep(self.rng.uniform(0, 0.03))
+                        # On the mock clock only pauses take time: they set how many
+                        # steps fit in SECONDS (about forty per device).
+                        await trio.sleep(self.rng.uniform(0, 0.2))
                     nursery.cancel_scope.cancel()
             except* ConnectionClosed:
                 pass  # closed by the server (flooding 4029, token expired): reconnect
@@ -76,6 +96,8 @@ class Actor:
             await ws._stream.aclose()
             return None
         self.session_id = session["data"]["sessionId"]
+        if resume:
+            self.resumes[session["data"]["resumed"]] += 1
         return client
 
     async def _read(self, client: Client) -> None:
@@ -124,7 +146,9 @@ class Actor:
             await client.send("auth", {"token": token_for(self.name, ttl=600)})
 
 
-async def test_chaos_leaves_a_consistent_trail_and_nothing_behind(harness: Harness) -> None:
+async def test_chaos_leaves_a_consistent_trail_and_nothing_behind(
+    harness: Harness, clock: trio.testing.MockClock
+) -> None:
     tracemalloc.start()
     try:
         settings = make_settings(
@@ -141,9 +165,10 @@ async def test_chaos_leaves_a_consistent_trail_and_nothing_behind(harness: Harne
         gc.collect()
         baseline = tracemalloc.get_traced_memory()[0]
         deadline = trio.current_time() + SECONDS
+        actors = [Actor(harness, name, seed) for seed, name in enumerate(USERS)]
         async with trio.open_nursery() as nursery:
-            for seed, name in enumerate(USERS):
-                nursery.start_soon(Actor(harness, name, seed).run, deadline)
+            for actor in actors:
+                nursery.start_soon(actor.run, deadline)
         await harness.settle()
         assert running.board.is_idle()
         assert running.hub.armed_timers == 0
@@ -162,10 +187,14 @@ async def test_chaos_leaves_a_consistent_trail_and_nothing_behind(harness: Harne
         events = Counter(r["event"] for r in records)
         for expected in ("call.answered", "session.resumed", "token.refreshed"):
             assert events[expected] > 0, (expected, events)
+        # Each resume the devices asked for is in the trail as the server answered it.
+        resumes = sum((actor.resumes for actor in actors), Counter[bool]())
+        assert events["session.resumed"] == resumes[True], (resumes, events)
+        assert events["session.resume_failed"] == resumes[False], (resumes, events)
 
         # Measure the server, not this test: the parsed records alone are several times the
         # size of the trail they were read from.
-        del records, requested, terminal, events
+        del records, requested, terminal, events, actors
         harness.clients.clear()
         gc.collect()
         grown = tracemalloc.get_traced_memory()[0] - baseline

@@ -36,7 +36,7 @@ from callgate.core.events import (
 from callgate.core.policy import CallRules, Throttled
 from callgate.core.switchboard import Switchboard
 from callgate.protocol.codec import FieldLimits
-from callgate.protocol.messages import CallRequest, IceCandidate
+from callgate.protocol.messages import CallRequest, IceCandidate, UserConnected
 from callgate.revocation import RevocationList
 from conftest import (
     CANDIDATE,
@@ -102,6 +102,7 @@ def sample_events() -> list[Any]:
         TimerFired(3),
         RevocationChanged(frozenset({"jti-1"}), {"bob": 12.0}),
         NodeDown("n2"),
+        MessageReceived("n1.a", UserConnected("alice"), ref=8),  # its data is a bare string
     ]
 
 

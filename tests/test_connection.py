@@ -15,11 +15,28 @@ class _NoSocket:
 
 async def test_abort_cancels_the_nursery_the_connection_runs_in() -> None:
     connection = Connection("c1", _NoSocket(), NativeDialect(), "127.0.0.1", 8)  # type: ignore[arg-type]
+    cancelled: list[str] = []
+
+    async def writer() -> None:  # the writer, say
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            cancelled.append("writer")
+            raise
+
     async with trio.open_nursery() as nursery:
         connection.run_in(nursery)
-        nursery.start_soon(trio.sleep_forever)  # the writer, say
+        nursery.start_soon(writer)
+        await trio.testing.wait_all_tasks_blocked()
         connection.abort(1008, "client too slow")
-        await trio.sleep_forever()  # cancelled with everything else inside
+        try:
+            await trio.lowlevel.checkpoint()  # the first chance to see the cancellation
+        except trio.Cancelled:
+            cancelled.append("body")
+            raise
+        raise AssertionError("abort did not cancel the nursery")
+    assert nursery.cancel_scope.cancelled_caught
+    assert sorted(cancelled) == ["body", "writer"]
     assert (connection.close_code, connection.close_reason) == (1008, "client too slow")
 
 

@@ -114,8 +114,13 @@ async def test_a_bad_frame_after_fast_frames_is_refused_like_wsproto_refuses_it(
     server_side, client_side = trio.testing.memory_stream_pair()
     engine = WsprotoConnection(server_side, open_server(), 2**20)
     client = Connection(ConnectionType.CLIENT)
-    unmasked_text = b"\\x81\\x02hi"  # clients must mask: a protocol error
+    # A whole text frame as a server frames it: valid in every way but its missing mask, which
+    # only a client must set (RFC 6455 5.1). The same text masked is taken first.
+    unmasked_text = open_server().send(TextMessage(data="hi"))
+    assert unmasked_text == b"\x81\x02hi"
     await client_side.send_all(client.send(TextMessage(data="ok")) + unmasked_text)
+    # The client hangs up: a refusal must come from the frame, not from a wait for more of it.
+    await client_side.send_eof()
     assert await engine.get_message() == "ok"
     with pytest.raises(ConnectionClosed):
         await engine.get_message()

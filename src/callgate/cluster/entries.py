@@ -156,8 +156,8 @@ def _event_fields(event: ClusterEvent) -> dict[str, Any]:
             }
         case MessageReceived(conn=conn, message=message, ref=ref):
             data = getattr(message, "data", None)
-            if data is None:  # user-connected carries only its user
-                data = {"user": getattr(message, "user", None)}
+            if data is None:  # user-connected: its data is the bare user id, as on the wire
+                data = getattr(message, "user", None)
             return {"k": "msg", "conn": conn, "e": message.event, "d": data, "r": ref}
         case Disconnected(conn=conn):
             return {"k": "gone", "conn": conn}
