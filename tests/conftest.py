@@ -15,13 +15,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import pytest
 import redis
 import structlog
 import trio
 from jsonschema import Draft202012Validator
-from trio_websocket import ConnectionClosed, WebSocketConnection, connect_websocket_url
+from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
 
 import callgate
 from callgate.audit import AuditLog, StreamSink
@@ -115,11 +116,42 @@ class AuditCapture:
         return [row["event"] for row in self.records()]
 
 
+async def connect_ws(
+    nursery: trio.Nursery,
+    url: str,
+    *,
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    max_message_size: int = 2**22,
+) -> tuple[WebSocketConnection, trio.abc.Stream]:
+    """A trio-websocket client and the stream under it, through its public `wrap_client_stream`
+    (a test may drop the stream to vanish without a close frame: trio-websocket's client also
+    keeps it open after a close the server started)."""
+    target = urlsplit(url)
+    host, port = target.hostname or "127.0.0.1", target.port or 80
+    stream: trio.abc.Stream
+    if target.scheme == "wss":
+        stream = await trio.open_ssl_over_tcp_stream(host, port, ssl_context=ssl_context)
+    else:
+        stream = await trio.open_tcp_stream(host, port)
+    resource = target.path + (f"?{target.query}" if target.query else "")
+    ws = await wrap_client_stream(
+        nursery,
+        stream,
+        host,
+        resource,
+        extra_headers=extra_headers or [],
+        max_message_size=max_message_size,
+    )
+    return ws, stream
+
+
 class Client:
     """A real WebSocket client with strict expectations: the next message must be the one named."""
 
-    def __init__(self, ws: WebSocketConnection) -> None:
+    def __init__(self, ws: WebSocketConnection, stream: trio.abc.Stream) -> None:
         self.ws = ws
+        self.stream = stream  # the TCP (or TLS) stream under `ws`
         self.session: dict[str, Any] = {}
         # Cluster harness: waits until every node has caught up after each message read.
         self.after_receive: Callable[[], Awaitable[None]] | None = None
@@ -250,10 +282,8 @@ class Harness:
     async def open(
         self, *, headers: list[tuple[bytes, bytes]] | None = None, url: str | None = None
     ) -> Client:
-        ws = await connect_websocket_url(
-            self.nursery, url or self.url, extra_headers=headers or [], max_message_size=2**22
-        )
-        client = Client(ws)
+        ws, stream = await connect_ws(self.nursery, url or self.url, extra_headers=headers)
+        client = Client(ws, stream)
         self.clients.append(client)
         return client
 
@@ -468,7 +498,7 @@ async def checked(h: Harness) -> AsyncIterator[Harness]:
             await client.ws.aclose()
             # trio-websocket's client side keeps its TCP stream open after a close that the
             # server started (it waits for the server's TCP close, then never closes its own).
-            await client.ws._stream.aclose()
+            await client.stream.aclose()
     if isinstance(h, ClusterHarness):
         await h.stop()
 
@@ -560,12 +590,12 @@ async def signed_in(
     nursery: trio.Nursery, url: str, token: str, ssl_context: ssl.SSLContext | None = None
 ) -> Client:
     """A client of a server outside the harness (a subprocess, TLS), its `session` read."""
-    ws = await connect_websocket_url(
+    ws, stream = await connect_ws(
         nursery,
         url,
         ssl_context=ssl_context,
         extra_headers=[(b"authorization", f"Bearer {token}".encode())],
     )
-    client = Client(ws)
+    client = Client(ws, stream)
     client.session = (await client.expect("session"))["data"]
     return client

@@ -137,10 +137,10 @@ OVERRIDDEN_HOOKS = {
 }
 
 
-def own_private_names() -> set[str]:
-    """Every `_name` callgate defines: functions, classes, attributes, slots, assignments."""
+def own_private_names(paths: list[Path] = SOURCES) -> set[str]:
+    """Every `_name` these files define: functions, classes, attributes, slots, assignments."""
     names: set[str] = set()
-    for path in SOURCES:
+    for path in paths:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
                 names.add(node.name)
@@ -204,12 +204,15 @@ def foreign_private_uses(path: Path, own: set[str]) -> list[str]:
     return found
 
 
+TESTS = sorted(Path(__file__).parent.glob("*.py"))
+
+
 def test_no_private_attribute_of_another_library_is_touched() -> None:
-    """Public APIs only (STYLE 17): an `x._name` in callgate names something callgate defines,
-    and a `_name` method callgate defines on a subclass of another library's class is one of
-    the few documented hooks above."""
-    own = own_private_names()
-    foreign = [use for path in SOURCES for use in foreign_private_uses(path, own)]
+    """Public APIs only (STYLE 17): an `x._name` in callgate or its tests names something
+    callgate or its tests define, and a `_name` method defined on a subclass of another
+    library's class is one of the few documented hooks above."""
+    own = own_private_names(SOURCES + TESTS)
+    foreign = [use for path in SOURCES + TESTS for use in foreign_private_uses(path, own)]
     assert not foreign, foreign
 
 

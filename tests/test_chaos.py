@@ -23,10 +23,10 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from trio_websocket import ConnectionClosed, connect_websocket_url
+from trio_websocket import ConnectionClosed
 
 from callgate.audit import TERMINAL_CALL_EVENTS
-from conftest import Client, Harness, call_request, make_settings, token_for
+from conftest import Client, Harness, call_request, connect_ws, make_settings, token_for
 
 USERS = [f"user{n}" for n in range(10)]
 SECONDS = 4.0
@@ -72,16 +72,16 @@ class Actor:
             except* ConnectionClosed:
                 pass  # closed by the server (flooding 4029, token expired): reconnect
             if self.rng.random() < 0.5:
-                await client.ws._stream.aclose()  # vanish without a close frame
+                await client.stream.aclose()  # vanish without a close frame
             else:
                 with trio.move_on_after(1):
                     await client.ws.aclose()
-                await client.ws._stream.aclose()
+                await client.stream.aclose()
             self.calls.clear()
 
     async def _connect(self) -> Client | None:
-        ws = await connect_websocket_url(self.harness.nursery, self.harness.url)
-        client = Client(ws)
+        ws, stream = await connect_ws(self.harness.nursery, self.harness.url)
+        client = Client(ws, stream)
         resume = self.session_id if self.rng.random() < 0.7 else None
         data: dict[str, Any] = {"token": token_for(self.name, ttl=self.rng.choice([2, 600]))}
         if resume:
@@ -90,10 +90,10 @@ class Actor:
             await client.send("auth", data)
             session = await client.recv()
         except (ConnectionClosed, trio.TooSlowError):
-            await ws._stream.aclose()
+            await stream.aclose()
             return None
         if session.get("event") != "session":
-            await ws._stream.aclose()
+            await stream.aclose()
             return None
         self.session_id = session["data"]["sessionId"]
         if resume:

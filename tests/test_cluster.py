@@ -223,7 +223,7 @@ async def test_a_device_resumes_its_call_on_another_node(cluster: ClusterHarness
     await connected_call(alice, bob)
     session_id = bob.session["sessionId"]
     await bob.ws.aclose()
-    await bob.ws._stream.aclose()
+    await bob.stream.aclose()
     with trio.fail_after(STEP):
         while not cluster.audit.records("session.held"):
             await trio.sleep(0.01)

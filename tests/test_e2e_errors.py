@@ -450,7 +450,7 @@ async def test_an_endless_fragmented_binary_message_is_cut_off(harness: Harness)
     """Fragments of one binary message past max_message_bytes close 1009 (before the 1003)."""
     await harness.start(make_settings(server={"max_message_bytes": 4096}))
     alice = await harness.connect("alice")
-    stream = alice.ws._stream
+    stream = alice.stream
 
     # A binary frame with FIN unset (a first fragment), masked as clients must, 3,000 bytes,
     # then continuation fragments: together well past the limit.

@@ -25,6 +25,7 @@ from conftest import (
     ClusterHarness,
     Harness,
     call_request,
+    connect_ws,
     make_settings,
     token_for,
 )
@@ -308,7 +309,6 @@ def test_rendering() -> None:
 @pytest.mark.both_engines
 async def test_engine_heartbeat_drops_a_silent_client(harness: Harness) -> None:
     """A raw Engine.IO client that signs in and then never answers the server's pings."""
-    from trio_websocket import connect_websocket_url
 
     await harness.start(make_settings(socketio={"ping_interval": 0.2, "ping_timeout": 0.2}))
     base = harness.url.removesuffix("/ws")
@@ -331,7 +331,7 @@ async def test_engine_heartbeat_drops_a_silent_client(harness: Harness) -> None:
 async def test_refusals_before_sign_in_are_connect_errors(harness: Harness) -> None:
     """Past the per-user cap a Socket.IO client gets CONNECT_ERROR, not a `closing` event: it
     never had a session."""
-    from trio_websocket import ConnectionClosed, connect_websocket_url
+    from trio_websocket import ConnectionClosed
 
     await harness.start(make_settings(server={"max_connections_per_user": 1}))
     await harness.connect("alice")
@@ -350,7 +350,6 @@ async def test_a_frame_over_the_rate_limit_is_not_acted_on(harness: Harness) -> 
     """The rate limit comes before decoding, and decoding a Socket.IO frame can act (a
     DISCONNECT packet ends the connection): over the limit, a frame only earns its
     rate_limited error. On wsproto this runs through the reactor's inline path."""
-    from trio_websocket import connect_websocket_url
 
     await harness.start(
         make_settings(
@@ -381,8 +380,8 @@ SOCKETIO_PATH = "/socket.io/?EIO=4&transport=websocket"
 
 async def raw_socketio(h: Harness) -> WebSocketConnection:
     """A raw Engine.IO client past the open packet; the harness closes it after the test."""
-    ws = await connect_websocket_url(h.nursery, h.url.removesuffix("/ws") + SOCKETIO_PATH)
-    h.clients.append(Client(ws))
+    ws, stream = await connect_ws(h.nursery, h.url.removesuffix("/ws") + SOCKETIO_PATH)
+    h.clients.append(Client(ws, stream))
     assert (await next_packet(ws)).startswith("0{")
     return ws
 
