@@ -166,3 +166,28 @@ def test_the_payload_hook_is_where_pyjwt_keeps_it() -> None:
 
     assert isinstance(verifier()._decoder, _Claims)
     assert "_decode_payload" in vars(jwt.PyJWT)  # what _Claims replaces (pyjwt PR #829)
+
+
+@pytest.mark.parametrize(
+    ("claims", "detail"),
+    [
+        ({"exp": 1e20}, "bad_exp"),
+        ({"exp": 1e300}, "bad_exp"),
+        ({"exp": 2**53}, "bad_exp"),
+        ({"exp": 2**64 + 1}, "bad_exp"),
+        ({"exp": 4_000_000_000, "iat": -1}, "bad_iat"),
+        ({"exp": 4_000_000_000, "nbf": -1e300}, "bad_nbf"),
+    ],
+)
+def test_time_claims_must_fit_in_a_safe_integer(claims: dict[str, object], detail: str) -> None:
+    """`exp` = 1e300 is a number to pyjwt, but no deadline and no JSON integer: refused."""
+    token = jwt.encode({"sub": "eve", **claims}, SECRET, algorithm="HS256")
+    with pytest.raises(AuthError) as refused:
+        verifier().verify(token)
+    assert refused.value.reason == "invalid token" and refused.value.detail == detail
+
+
+def test_the_largest_safe_time_claims_are_accepted() -> None:
+    top = 2**53 - 1
+    token = jwt.encode({"sub": "eve", "exp": top, "iat": 0, "nbf": 0}, SECRET, algorithm="HS256")
+    assert verifier().verify(token).expires_at == top

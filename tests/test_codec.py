@@ -11,9 +11,12 @@ from hypothesis import strategies as st
 
 from callgate.errors import ErrorCode
 from callgate.protocol.codec import (
+    MAX_NESTING,
     FieldLimits,
     ProtocolError,
+    UnencodableMessage,
     decode,
+    dump_json,
     encode,
     encode_error,
     valid_call_id,
@@ -121,7 +124,6 @@ def test_end_of_candidates_is_null() -> None:
     [
         '{"event":"x","data":{},"ref":true}',
         '{"event":"x","data":{},"ref":9007199254740993}',
-        '{"event":"x","data":{},"ref":""}',
         '{"event":"call-end","data":{"callId":"c","to":"b"},"ref":NaN}',
         '{"event":"call-end","data":{"callId":"c","to":"b","x":Infinity}}',
         "[" * 100_000,
@@ -190,3 +192,48 @@ def test_a_remembered_call_id_is_still_held_to_the_length_limit() -> None:
     assert not valid_call_id("call-1234", 4)
     assert not valid_call_id("call 1234", 128)
     assert not valid_call_id("call 1234", 128)  # refusals are never remembered
+
+
+def _end_with_extra(levels: int) -> str:
+    """A call-end whose extra field nests `levels` arrays: the message is `levels + 2` deep."""
+    return (
+        '{"event":"call-end","ref":7,"data":{"callId":"c","to":"b","x":'
+        + "[" * levels
+        + "]" * levels
+        + "}}"
+    )
+
+
+def test_nesting_up_to_the_limit_is_accepted() -> None:
+    assert decode(_end_with_extra(MAX_NESTING - 2), LIMITS).ref == 7
+    assert decode(
+        '{"event":"call-end","data":{"callId":"c","to":"b","x":"' + "[" * 99 + '"}}', LIMITS
+    )
+
+
+@pytest.mark.parametrize("levels", [MAX_NESTING - 1, 253, 254, 1000])
+def test_nesting_past_the_limit_is_refused_with_the_ref(levels: int) -> None:
+    with pytest.raises(ProtocolError) as refused:
+        decode(_end_with_extra(levels), LIMITS)
+    assert refused.value.code.value == "invalid_message" and refused.value.ref == 7
+    assert f"nested deeper than {MAX_NESTING} levels" in refused.value.message
+
+
+def test_nesting_in_objects_counts_as_well() -> None:
+    deep = '{"a":' * (MAX_NESTING - 1) + "1" + "}" * (MAX_NESTING - 1)
+    with pytest.raises(ProtocolError):
+        decode('{"event":"call-end","data":{"callId":"c","to":"b","x":' + deep + "}}", LIMITS)
+
+
+def test_an_empty_ref_is_a_ref() -> None:
+    assert decode('{"event":"user-connected","data":"a","ref":""}', LIMITS).ref == ""
+
+
+def test_what_cannot_be_encoded_is_one_error_type() -> None:
+    deep: object = 0
+    for _ in range(300):
+        deep = [deep]
+    with pytest.raises(UnencodableMessage):
+        dump_json({"x": deep})
+    with pytest.raises(UnencodableMessage):
+        encode("call-end", {"n": 2**64})

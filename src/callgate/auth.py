@@ -7,6 +7,7 @@ What is checked, in the order RFC 8725 (JWT Best Current Practices) asks:
   the algorithms of its own type (RSA: RS*/PS*; EC: the ES* of its curve; Ed25519: EdDSA).
   `none` is never accepted, and a public key is never used as an HMAC secret (key confusion);
 * the signature, then `exp` (required), `nbf` and `iat` (honoured when present) with `leeway`;
+  each must be a number of seconds from 0 to 2^53-1 (`bad_exp`, `bad_nbf`, `bad_iat`);
 * `iss` and `aud` when configured; `sub` (required) must be a valid user id;
 * `kid` only selects among keys the operator configured (`keys.py`); once keys by `kid` are
   configured, an unknown `kid` is refused. Header fields that point at keys (`jku`, `x5u`, `jwk`)
@@ -121,18 +122,17 @@ class TokenVerifier:
         subject = claims.get("sub")
         if not valid_user_id(subject, self._max_user_id_length):
             raise AuthError(INVALID, "bad_subject")
-        expires_at = claims.get("exp")
-        if not isinstance(expires_at, int | float) or isinstance(expires_at, bool):
-            raise AuthError(INVALID, "malformed")
+        expires_at = _unix_time(claims, "exp")
+        if expires_at is None:  # pyjwt requires it already; explicit for the reader and mypy
+            raise AuthError(INVALID, "missing_claim")
+        _unix_time(claims, "nbf")
+        issued_at = _unix_time(claims, "iat")
         token_id = claims.get("jti")
-        issued_at = claims.get("iat")
         return Identity(
             user=subject,
             expires_at=int(expires_at),
             token_id=token_id if isinstance(token_id, str) else None,
-            issued_at=float(issued_at)
-            if isinstance(issued_at, int | float) and not isinstance(issued_at, bool)
-            else None,
+            issued_at=float(issued_at) if issued_at is not None else None,
         )
 
     def _key_for(self, kid: object, algorithm: str) -> Any:
@@ -148,6 +148,27 @@ class TokenVerifier:
         if key is None:
             raise AuthError(INVALID, "algorithm_not_allowed")
         return key
+
+
+# A time claim must be a number every part of callgate (and a JavaScript client) can hold:
+# 0 to 2^53-1 seconds. `1e300` is a valid JSON number and a "valid" `exp` to pyjwt, but it cannot be
+# written back as JSON (`expiresAt`) nor be a deadline.
+MAX_TIME_CLAIM = 2**53 - 1
+
+
+def _unix_time(claims: dict[str, Any], name: str) -> int | float | None:
+    """A time claim (`exp`, `nbf`, `iat`) if present. Raises: AuthError `invalid token` if it is
+    not a finite number of seconds from 0 to `MAX_TIME_CLAIM`."""
+    value = claims.get(name)
+    if value is None and name not in claims:
+        return None
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not 0 <= value <= MAX_TIME_CLAIM  # also false for NaN
+    ):
+        raise AuthError(INVALID, f"bad_{name}")
+    return value
 
 
 def _unverified_header(segment: str) -> tuple[object, object]:

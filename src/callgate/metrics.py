@@ -123,6 +123,12 @@ class Metrics:
             "Connections closed because their outbound queue was full (a client not reading)",
             registry=self.registry,
         )
+        self.unencodable = Counter(
+            "callgate_unencodable_messages",
+            "Messages to clients dropped because they could not be written as JSON, by event",
+            ["event"],
+            registry=self.registry,
+        )
         self.cluster_rejected = Counter(
             "callgate_cluster_rejected",
             "Cluster log entries this node refused (forged, replayed, malformed), by reason",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeGuard
 
@@ -46,8 +46,18 @@ MAX_REF_LENGTH = 128
 MAX_SAFE_INTEGER = 2**53 - 1  # refs must survive a JavaScript client's Number
 MAX_TOKEN_BYTES = 16384
 MAX_SHORT_STRING = 256  # sdpMid, usernameFragment and similar small strings
+# Objects and arrays inside one message, its envelope included. orjson reads 1,024 levels but
+# writes only 254, so a message nested between the two could be read and never forwarded: the
+# limit is checked where a message is read, far below what the encoder can write again.
+MAX_NESTING = 32
 _REFUSED_IN_IDS = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 _CALL_ID = re.compile(r"[A-Za-z0-9._:-]+")
+
+
+class UnencodableMessage(ValueError):
+    """A server message that cannot be written as JSON (a value nested past the encoder's limit,
+    an integer over 64 bits). Decoding keeps clients from causing one; the transport drops such a
+    message alone and reports it, so it never takes a connection or a call down with it."""
 
 
 class ProtocolError(Refused):
@@ -75,9 +85,35 @@ def parse_json(text: str) -> object:
     UTF-16 surrogates (not encodable as UTF-8) and absurd nesting.
     """
     try:
-        return orjson.loads(text)
+        value = orjson.loads(text)
     except orjson.JSONDecodeError:
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, "not valid JSON") from None
+    # Fast path: a text with few brackets cannot be deeply nested (brackets in strings count
+    # too, which only sends a few more messages to the exact walk).
+    if text.count("{") + text.count("[") > MAX_NESTING and _nested_deeper_than(value, MAX_NESTING):
+        ref = _readable_ref(value)
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE, f"nested deeper than {MAX_NESTING} levels", ref
+        )
+    return value
+
+
+def _nested_deeper_than(value: object, limit: int) -> bool:
+    """Whether objects and arrays nest more than `limit` levels (iterative: no recursion limit)."""
+    pending: list[tuple[object, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children: Iterable[object]
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        pending.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 def valid_user_id(value: object, max_length: int) -> TypeGuard[str]:
@@ -193,14 +229,24 @@ def _read_ref(envelope: Mapping[str, Any]) -> Ref | None:
     if "ref" not in envelope:
         return None
     ref = envelope["ref"]
-    if isinstance(ref, str) and 0 < len(ref) <= MAX_REF_LENGTH:
+    if isinstance(ref, str) and len(ref) <= MAX_REF_LENGTH:  # "" too: the contract allows it
         return ref
     if isinstance(ref, int) and not isinstance(ref, bool) and abs(ref) <= MAX_SAFE_INTEGER:
         return ref
     raise ProtocolError(
         ErrorCode.INVALID_MESSAGE,
-        f"'ref' must be a string of 1-{MAX_REF_LENGTH} characters or a safe integer",
+        f"'ref' must be a string of at most {MAX_REF_LENGTH} characters or a safe integer",
     )
+
+
+def _readable_ref(envelope: object) -> Ref | None:
+    """The envelope's `ref` if it is a valid one, else None (for errors about the whole frame)."""
+    if not isinstance(envelope, dict):
+        return None
+    try:
+        return _read_ref(envelope)
+    except ProtocolError:
+        return None
 
 
 def _decode_auth(fields: _Fields) -> Auth:
@@ -314,8 +360,7 @@ def excerpt(text: str) -> str:
 def peek_ref(text: str) -> Ref | None:
     """The `ref` of a frame the server will not process (rate limited), if it has a valid one."""
     try:
-        envelope = parse_json(text)
-        return _read_ref(envelope) if isinstance(envelope, dict) else None
+        return _readable_ref(parse_json(text))
     except ProtocolError:
         return None
 
@@ -331,8 +376,13 @@ def encode(event: str, data: Mapping[str, Any] | None = None, ref: Ref | None = 
 
 
 def dump_json(value: Any) -> str:
-    """Compact JSON text (orjson: several times faster than the standard library here)."""
-    return orjson.dumps(value).decode()
+    """Compact JSON text (orjson: several times faster than the standard library here).
+
+    Raises: UnencodableMessage."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError as err:
+        raise UnencodableMessage(str(err)) from None
 
 
 def encode_error(

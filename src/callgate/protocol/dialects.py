@@ -25,14 +25,17 @@ from typing import Any, Final, Protocol
 from callgate.errors import AuthError, ErrorCode
 from callgate.protocol import socketio as sio
 from callgate.protocol.codec import (
+    MAX_TOKEN_BYTES,
     FieldLimits,
     ProtocolError,
     decode,
     decode_object,
     encode,
     encode_error,
+    parse_json,
     peek_ref,
 )
+from callgate.protocol.messages import AUTH as AUTH_EVENT
 from callgate.protocol.messages import Auth, Envelope, Ref
 
 # The reasons the contract gives for a refused sign-in (section 2).
@@ -105,6 +108,23 @@ def _credentials(token: object, resume: object, ref: Ref | None) -> Credentials:
     return Credentials(token, resume if isinstance(resume, str) else None, ref)
 
 
+def _refused_sign_in(text: str) -> AuthError:
+    """Why a first frame that did not decode signs nobody in: an `auth` message whose token is
+    missing, empty, too long or not a string carries a bad token (`invalid token`, as any other);
+    anything else is not a sign-in at all (`authentication required`)."""
+    try:
+        envelope = parse_json(text)
+    except ProtocolError:
+        return AuthError(AUTHENTICATION_REQUIRED, "not_authenticated")
+    if not isinstance(envelope, dict) or envelope.get("event") != AUTH_EVENT:
+        return AuthError(AUTHENTICATION_REQUIRED, "not_authenticated")
+    data = envelope.get("data")
+    token = data.get("token") if isinstance(data, dict) else None
+    if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_BYTES:
+        return AuthError(INVALID_TOKEN, "malformed")
+    return AuthError(AUTHENTICATION_REQUIRED, "not_authenticated")
+
+
 class NativeDialect:
     """callgate's JSON envelopes (contract sections 1-10); WebSocket pings for the heartbeat."""
 
@@ -117,7 +137,7 @@ class NativeDialect:
         try:
             envelope = decode(text, limits)
         except ProtocolError:
-            raise AuthError(AUTHENTICATION_REQUIRED, "not_authenticated") from None
+            raise _refused_sign_in(text) from None
         message = envelope.message
         if not isinstance(message, Auth):
             raise AuthError(AUTHENTICATION_REQUIRED, "not_authenticated")

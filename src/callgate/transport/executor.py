@@ -29,6 +29,7 @@ from callgate.core.events import Event, ShuttingDown, TimerFired, TimerId
 from callgate.errors import CloseCode, ErrorCode
 from callgate.log import get_logger
 from callgate.metrics import Metrics
+from callgate.protocol.codec import UnencodableMessage
 from callgate.transport.timers import Deadlines, Timers
 
 if TYPE_CHECKING:
@@ -85,7 +86,10 @@ class Executor:
             match action:
                 case Deliver(conn=conn, event=event, data=data):
                     if (connection := self._live.get(conn)) is not None:
-                        connection.send_event(event, data)
+                        try:
+                            connection.send_event(event, data)
+                        except UnencodableMessage as err:
+                            self._unencodable(conn, event, err)
                     if forwarded:
                         self.metrics.count_forwarded(event)
                 case Ack(conn=conn, ref=ref):
@@ -109,6 +113,13 @@ class Executor:
                 case CancelTimer(timer=timer):
                     self.timers.cancel(timer)
                     self.timer_cancelled(timer)
+
+    def _unencodable(self, conn_id: str, event: str, err: UnencodableMessage) -> None:
+        """One message that cannot be written is dropped alone: the connection, its calls and
+        the rest of these actions go on. Decoding keeps clients from causing this (nesting and
+        number limits), so it is a server fault: logged without the message, and counted."""
+        log.error("message not encodable, dropped", conn=conn_id, event_name=event, error=str(err))
+        self.metrics.unencodable.labels(event).inc()
 
     def _count_strike(self, conn_id: str) -> None:
         connection = self._live.get(conn_id)

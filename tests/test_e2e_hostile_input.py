@@ -1,0 +1,186 @@
+"""Input that once took a connection or a call down, over real sockets (issue 16, items 1-4).
+
+Each of these was observed from outside: a nested extra field that decoded but could not be
+encoded again closed its sender `1000` and ended the call; `ref: ""` was refused; an `auth`
+message with an empty or non-string token was "authentication required"; a signed `exp` of
+`1e300` passed verification and then broke the `session` message.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jwt
+import pytest
+import structlog
+
+from callgate.core.actions import Deliver
+from callgate.protocol.codec import MAX_NESTING
+from conftest import CANDIDATE, SECRET, Harness
+from test_socketio import next_packet, raw_signed_in, raw_socketio
+
+
+def nested(levels: int) -> Any:
+    """A value that is `levels` arrays deep."""
+    value: Any = 0
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+DEEP = "__deep__"
+
+
+def with_deep_field(message: object, levels: int) -> str:
+    """`message` as JSON text, its `DEEP` placeholder string replaced by a value `levels` arrays
+    deep (written as text: the standard library's encoder stops short of 1,000 levels)."""
+    return json.dumps(message).replace(json.dumps(DEEP), "[" * levels + "0" + "]" * levels)
+
+
+# The envelope and its `data` are two levels: an extra field this deep makes the message one
+# level deeper than the limit. orjson decodes up to 1,024 levels and encodes up to 254.
+TOO_DEEP = MAX_NESTING - 1
+
+
+async def test_a_deeply_nested_field_is_refused_and_the_call_goes_on(gate: Harness) -> None:
+    alice, bob = await gate.connected_call()
+    for levels in (TOO_DEEP, 300, 1000):
+        candidate = {"callId": "ab", "to": "bob", "candidate": CANDIDATE, "x": DEEP}
+        envelope = {"event": "ice-candidate", "data": candidate, "ref": f"deep-{levels}"}
+        await alice.ws.send_message(with_deep_field(envelope, levels))
+        error = await alice.expect_error("invalid_message", ref=f"deep-{levels}")
+        assert "nested" in error["data"]["message"]
+    # Nothing reached bob, and the call is still up both ways.
+    await bob.expect_silence()
+    fits = {"callId": "ab", "to": "bob", "candidate": CANDIDATE, "x": nested(TOO_DEEP - 1)}
+    await alice.send("ice-candidate", fits, ref="fits")
+    assert await alice.recv() == {"event": "ack", "ref": "fits"}
+    assert (await bob.expect("ice-candidate", callId="ab"))["data"]["x"] == fits["x"]
+    await bob.send("ice-candidate", {"callId": "ab", "to": "alice", "candidate": None})
+    await alice.expect("ice-candidate", callId="ab")
+    assert "call.ended" not in gate.audit.events()
+
+
+async def test_a_deeply_nested_call_request_never_rings(gate: Harness) -> None:
+    alice = await gate.connect("alice")
+    bob = await gate.connect("bob")
+    request = {
+        "id": "deep",
+        "from": "alice",
+        "to": "bob",
+        "type": "voice",
+        "offer": {"type": "offer", "sdp": "v=0"},
+        "x": DEEP,
+    }
+    envelope = {"event": "call-request", "data": request, "ref": 1}
+    await alice.ws.send_message(with_deep_field(envelope, 300))
+    await alice.expect_error("invalid_message", ref=1)
+    await bob.expect_silence()
+    await alice.expect_silence()
+
+
+async def test_a_deeply_nested_socketio_event_is_refused(gate: Harness) -> None:
+    alice = await raw_signed_in(gate, "alice")
+    await alice.send_message("421" + with_deep_field(["user-connected", "alice", DEEP], 300))
+    error = {"code": "invalid_message", "message": f"nested deeper than {MAX_NESTING} levels"}
+    packet = await next_packet(alice)
+    assert packet.startswith("431") and json.loads(packet[3:]) == [{"ok": False, "error": error}]
+    await alice.send_message('422["user-connected","alice"]')
+    assert await next_packet(alice) == '432[{"ok":true}]'
+
+
+async def test_a_message_the_server_cannot_encode_is_dropped_alone(gate: Harness) -> None:
+    """Defence in depth: were a delivery ever unencodable, it is dropped and counted; the
+    connection, the call and the next delivery go on. (Decoding keeps clients from causing it.)"""
+    assert gate.server is not None
+    alice, bob = await gate.connected_call()
+    unencodable = {"callId": "ab", "to": "bob", "x": nested(300)}
+    with structlog.testing.capture_logs() as logs:
+        gate.server.hub.executor.execute(
+            [
+                Deliver(bob.conn, "ice-candidate", unencodable),
+                Deliver(bob.conn, "ice-candidate", {"callId": "ab", "to": "bob", "n": 2}),
+            ]
+        )
+    assert [(entry["event"], entry["event_name"]) for entry in logs] == [
+        ("message not encodable, dropped", "ice-candidate")
+    ]
+    assert (await bob.expect("ice-candidate"))["data"]["n"] == 2
+    await bob.send("ice-candidate", {"callId": "ab", "to": "alice", "candidate": None}, ref=3)
+    assert await bob.recv() == {"event": "ack", "ref": 3}
+    await alice.expect("ice-candidate", callId="ab")
+    exposition = gate.server.hub.metrics.exposition().decode()
+    assert 'callgate_unencodable_messages_total{event="ice-candidate"} 1.0' in exposition
+
+
+async def test_an_empty_string_ref_is_acknowledged(gate: Harness) -> None:
+    alice = await gate.connect("alice")
+    await alice.send("user-connected", "alice", ref="")
+    assert await alice.recv() == {"event": "ack", "ref": ""}
+
+
+@pytest.mark.parametrize("token", ["", None, 42, ["a.b.c"], {"t": 1}, "x" * 20_000])
+async def test_an_auth_message_with_a_bad_token_is_invalid_token(
+    gate: Harness, token: object
+) -> None:
+    client = await gate.open()
+    await client.send("auth", {"token": token}, ref=1)
+    await client.expect_closed(4001, "invalid token")
+    [failed] = gate.audit.records("auth.failed")
+    assert failed["reason"] == "malformed"
+
+
+async def test_an_auth_message_without_a_token_field_is_invalid_token(gate: Harness) -> None:
+    client = await gate.open()
+    await client.send("auth", {})
+    await client.expect_closed(4001, "invalid token")
+
+
+async def test_a_first_message_that_is_not_auth_is_authentication_required(
+    gate: Harness,
+) -> None:
+    client = await gate.open()
+    await client.send("user-connected", "alice")
+    await client.expect_closed(4001, "authentication required")
+
+
+def _signed(claims: dict[str, Any]) -> str:
+    return jwt.encode({"sub": "eve", **claims}, SECRET, algorithm="HS256")
+
+
+@pytest.mark.parametrize(
+    ("claims", "reason"),
+    [
+        ({"exp": 1e20}, "bad_exp"),
+        ({"exp": 1e300}, "bad_exp"),
+        ({"exp": 2**53}, "bad_exp"),
+        ({"exp": 2**64 + 1}, "bad_exp"),
+        ({"exp": 4_000_000_000, "iat": -1e300}, "bad_iat"),
+        ({"exp": 4_000_000_000, "nbf": -1e300}, "bad_nbf"),
+    ],
+)
+async def test_a_time_claim_out_of_range_is_an_invalid_token(
+    gate: Harness, claims: dict[str, Any], reason: str
+) -> None:
+    client = await gate.open()
+    await client.send("auth", {"token": _signed(claims)})
+    await client.expect_closed(4001, "invalid token")
+    [failed] = gate.audit.records("auth.failed")
+    assert failed["reason"] == reason
+
+
+async def test_a_time_claim_in_range_signs_in(gate: Harness) -> None:
+    client = await gate.open()
+    await client.send("auth", {"token": _signed({"exp": 4_000_000_000, "iat": 1, "nbf": 0})})
+    session = await client.expect("session", user="eve")
+    assert session["data"]["expiresAt"] == 4_000_000_000
+
+
+async def test_socketio_rejects_an_out_of_range_exp(gate: Harness) -> None:
+    ws = await raw_socketio(gate)
+    await ws.send_message("40" + json.dumps({"token": _signed({"exp": 1e300})}))
+    packet = await next_packet(ws)
+    assert packet.startswith("44") and "invalid token" in packet, packet
+    [failed] = gate.audit.records("auth.failed")
+    assert failed["reason"] == "bad_exp"
