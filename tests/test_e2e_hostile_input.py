@@ -149,16 +149,11 @@ def _signed(claims: dict[str, Any]) -> str:
     return jwt.encode({"sub": "eve", **claims}, SECRET, algorithm="HS256")
 
 
+# Every range case is held in tests/test_auth.py; here, that the refusal reaches the wire and
+# the trail as any other bad token does.
 @pytest.mark.parametrize(
     ("claims", "reason"),
-    [
-        ({"exp": 1e20}, "bad_exp"),
-        ({"exp": 1e300}, "bad_exp"),
-        ({"exp": 2**53}, "bad_exp"),
-        ({"exp": 2**64 + 1}, "bad_exp"),
-        ({"exp": 4_000_000_000, "iat": -1e300}, "bad_iat"),
-        ({"exp": 4_000_000_000, "nbf": -1e300}, "bad_nbf"),
-    ],
+    [({"exp": 1e300}, "bad_exp"), ({"exp": 4_000_000_000, "iat": -1e300}, "bad_iat")],
 )
 async def test_a_time_claim_out_of_range_is_an_invalid_token(
     gate: Harness, claims: dict[str, Any], reason: str
