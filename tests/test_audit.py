@@ -20,7 +20,7 @@ from callgate.audit import (
     AuditLog,
     RefusalDigest,
     StreamSink,
-    _dumps,
+    render,
     canonical,
     chain_mac,
     iso_utc,
@@ -90,7 +90,7 @@ def test_fast_encoding_is_the_standard_librarys(record: dict[str, object]) -> No
     body = {k: v for k, v in record.items() if k != "mac"}
     expected = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     assert canonical(record) == expected.encode("ascii")
-    assert _dumps(record) == json.dumps(record, ensure_ascii=True, separators=(",", ":"))
+    assert render(record) == json.dumps(record, ensure_ascii=True, separators=(",", ":"))
 
 
 def test_the_chain_mac_is_hmac_sha256_of_the_previous_mac_and_the_canonical_record() -> None:
