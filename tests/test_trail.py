@@ -15,11 +15,13 @@ import json
 import re
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from callgate.audit import (
     AuditLog,
@@ -29,7 +31,6 @@ from callgate.audit import (
     canonical,
     chain_digest,
     chain_mac,
-    load_private_key,
     public_pem,
     render,
 )
@@ -37,9 +38,9 @@ from callgate.cli import main as cli_main
 from callgate.trail import (
     EXIT_BROKEN,
     EXIT_CRASHED,
-    EXIT_INTACT,
     Verdict,
     calls,
+    parse_time,
     verify,
     write_report,
 )
@@ -47,6 +48,7 @@ from conftest import (
     AUDIT_KEY,
     AUDIT_PRIVATE_KEY,
     AUDIT_PUBLIC_KEY,
+    AUDIT_SIGNING_KEY,
     SDP_ANSWER,
     Harness,
     assert_valid_record,
@@ -169,7 +171,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def trail_files(directory: Path) -> list[Path]:
     """The log files in trail order (the rotated ones by time, the current one last)."""
     logs = directory / "logs"
-    return [*sorted(logs.glob("audit.log.2*")), logs / "audit.log"]
+    current = [logs / "audit.log"] if (logs / "audit.log").exists() else []
+    return [*sorted(logs.glob("audit.log.2*")), *current]
 
 
 @pytest.fixture
@@ -286,6 +289,368 @@ def test_formatting_only_changes_are_not_flagged(trail: Path) -> None:
         path.write_text("".join(out))
     verdict = check(trail)
     assert kinds(verdict) == [], verdict.problems
+
+
+# -- the tamper corpus ----------------------------------------------------------------------------
+
+Tamper = Callable[[Path], None]
+CORPUS: dict[str, tuple[Tamper, set[str]]] = {}
+
+
+def tamper(*first: str) -> Callable[[Tamper], Tamper]:
+    """Register a manipulation and the kinds its first reported problem may have."""
+
+    def register(function: Tamper) -> Tamper:
+        CORPUS[function.__name__.removeprefix("_").replace("_", "-")] = (function, set(first))
+        return function
+
+    return register
+
+
+def rewrite(path: Path, change: Callable[[list[str]], None]) -> None:
+    lines = lines_of(path)
+    change(lines)
+    path.write_text("".join(lines))
+
+
+def middle_file(trail: Path) -> Path:
+    return trail_files(trail)[2]
+
+
+def newest(trail: Path) -> Path:
+    return trail / "logs" / "audit.log"
+
+
+def _set(lines: list[str], index: int, **fields: Any) -> None:
+    record = json.loads(lines[index])
+    record.update(fields)
+    lines[index] = json.dumps(record, separators=(",", ":")) + "\n"
+
+
+@tamper("edited")
+def _edit_a_byte(trail: Path) -> None:
+    def change(lines: list[str]) -> None:
+        lines[3] = lines[3].replace('Z"', 'Z "', 1).replace(":0", ":1", 1)
+
+    rewrite(middle_file(trail), change)
+
+
+@tamper("edited")
+def _edit_who_called(trail: Path) -> None:
+    for path in trail_files(trail):
+        text = path.read_text()
+        if '"caller":"alice"' in text:
+            path.write_text(text.replace('"caller":"alice"', '"caller":"mallory"', 1))
+            return
+
+
+@tamper("deleted")
+def _delete_the_first_record_of_a_file(trail: Path) -> None:
+    rewrite(middle_file(trail), lambda lines: lines.pop(0))
+
+
+@tamper("deleted")
+def _delete_a_middle_record_of_a_file(trail: Path) -> None:
+    rewrite(middle_file(trail), lambda lines: lines.pop(5))
+
+
+@tamper("deleted")
+def _delete_the_last_record_of_a_file(trail: Path) -> None:
+    rewrite(middle_file(trail), lambda lines: lines.pop())
+
+
+@tamper("missing_start")
+def _delete_the_first_record_of_the_trail(trail: Path) -> None:
+    rewrite(trail_files(trail)[0], lambda lines: lines.pop(0))
+
+
+@tamper("truncated")
+def _delete_the_last_record_of_the_trail(trail: Path) -> None:
+    rewrite(newest(trail), lambda lines: lines.pop())
+
+
+@tamper("reordered")
+def _swap_two_records(trail: Path) -> None:
+    def change(lines: list[str]) -> None:
+        lines[4], lines[5] = lines[5], lines[4]
+
+    rewrite(middle_file(trail), change)
+
+
+@tamper("duplicate")
+def _duplicate_a_record(trail: Path) -> None:
+    rewrite(middle_file(trail), lambda lines: lines.insert(5, lines[4]))
+
+
+@tamper("reordered")
+def _replay_an_old_record(trail: Path) -> None:
+    old = lines_of(trail_files(trail)[0])[3]
+    rewrite(newest(trail), lambda lines: lines.insert(len(lines) - 1, old))
+
+
+@tamper("edited")
+def _a_line_from_another_trail(trail: Path) -> None:
+    """The record with the same seq from another server's trail (same keys, other records)."""
+    other = trail / "other"
+    audit = AuditLog(
+        FileSink(other / "audit.log", 1 << 20, 3600),
+        key=AUDIT_KEY,
+        signer=Signer(AUDIT_PRIVATE_KEY),
+    )
+    target = middle_file(trail)
+    seq = json.loads(lines_of(target)[4])["seq"]
+    for n in range(seq):
+        audit.write("conn.open", {"conn": f"c{n}", "addr": "10.0.0.1"})
+    audit.close()
+    foreign = next(line for line in lines_of(other / "audit.log") if f'"seq":{seq},' in line)
+    shutil.rmtree(other)
+
+    def change(lines: list[str]) -> None:
+        lines[4] = foreign
+
+    rewrite(target, change)
+
+
+@tamper("missing_start")
+def _drop_the_oldest_files_and_forge_a_first_record(trail: Path) -> None:
+    files = trail_files(trail)
+    files[0].unlink()
+    files[1].unlink()
+    first = json.loads(lines_of(files[2])[0])
+    forged = {
+        "ts": first["ts"],
+        "event": "auth.failed",
+        "conn": "x",
+        "addr": "10.6.6.6",
+        "reason": "bad_signature",
+        "seq": first["seq"] - 1,
+        "mac": "0" * 64,
+    }
+    rewrite(files[2], lambda lines: lines.insert(0, json.dumps(forged) + "\n"))
+
+
+def reseal(
+    trail: Path,
+    edit: Callable[[dict[str, Any]], None],
+    private: Ed25519PrivateKey,
+    hmac_key: bytes,
+    claimed_key_id: str | None = None,
+) -> None:
+    """What an attacker with their own keys does: change a record, then rebuild both chains and
+    every checkpoint's signature, as the server would have (the anchor is out of reach)."""
+    mac, digest = "", ""
+    signer = Signer(private)
+    for path in trail_files(trail):
+        out = []
+        for line in lines_of(path):
+            if not line.endswith("}\n"):
+                out.append(line)  # the torn line stays, sealed as before
+                continue
+            record = json.loads(line)
+            edit(record)
+            record.pop("mac", None)
+            if record["event"] == "audit.opened":
+                record.update(prev=digest, prev_mac=mac)
+            if record["event"] == "audit.checkpoint":
+                record["digest"] = digest
+                signer.seal(record)
+                if claimed_key_id is not None:
+                    record["key_id"] = claimed_key_id
+            digest = chain_digest(digest, canonical(record))
+            mac = chain_mac(hmac_key, mac, record)
+            record["mac"] = mac
+            out.append(render(record) + "\n")
+        path.write_text("".join(out))
+
+
+def _to_mallory(record: dict[str, Any]) -> None:
+    if record.get("caller") == "alice":
+        record["caller"] = "mallory"
+
+
+ATTACKER_KEY = b"the-attackers-own-hmac-key-32-bytes-long"
+
+
+@tamper("bad_checkpoint", "edited")
+def _reseal_with_another_key(trail: Path) -> None:
+    reseal(trail, _to_mallory, Ed25519PrivateKey.generate(), ATTACKER_KEY)
+
+
+@tamper("bad_checkpoint", "edited")
+def _reseal_claiming_the_servers_key_id(trail: Path) -> None:
+    real_id = Signer(AUDIT_PRIVATE_KEY).key_id
+    reseal(trail, _to_mallory, Ed25519PrivateKey.generate(), ATTACKER_KEY, real_id)
+
+
+@tamper("missing_start")
+def _drop_the_oldest_file(trail: Path) -> None:
+    trail_files(trail)[0].unlink()
+
+
+@tamper("deleted")
+def _drop_a_middle_file(trail: Path) -> None:
+    middle_file(trail).unlink()
+
+
+@tamper("truncated")
+def _drop_the_newest_file(trail: Path) -> None:
+    newest(trail).unlink()
+
+
+@tamper("truncated")
+def _cut_the_newest_records(trail: Path) -> None:
+    rewrite(newest(trail), lambda lines: lines.__delitem__(slice(3, None)))
+
+
+@tamper("truncated", "deleted")
+def _cut_the_newest_records_and_strip_the_checkpoints_left(trail: Path) -> None:
+    for path in trail_files(trail)[-2:]:
+        rewrite(path, lambda lines: lines.__delitem__(slice(len(lines) // 2, None)))
+    for path in trail_files(trail):
+        text = "".join(x for x in lines_of(path) if '"audit.checkpoint"' not in x)
+        path.write_text(text)
+
+
+@tamper("unreadable")
+def _a_duplicate_key(trail: Path) -> None:
+    def change(lines: list[str]) -> None:
+        index = next(i for i, line in enumerate(lines) if '"caller":"' in line)
+        lines[index] = lines[index].replace('{"ts"', '{"caller":"mallory","ts"', 1)
+
+    for path in trail_files(trail):
+        if '"caller":"' in path.read_text():
+            rewrite(path, change)
+            return
+
+
+def _hostile(value: str) -> Tamper:
+    def change(trail: Path) -> None:
+        def put(lines: list[str]) -> None:
+            lines[4] = re.sub(r'"seq":\d+', f'"seq":{value}', lines[4])
+
+        rewrite(middle_file(trail), put)
+
+    return change
+
+
+for _name, _value, _kinds in [
+    ("a-negative-seq", "-1000000000", {"unreadable"}),
+    ("a-seq-of-2-to-the-40", str(2**40), {"deleted", "reordered"}),
+    ("a-seq-past-the-safe-integers", str(2**64), {"unreadable"}),
+    ("a-seq-of-5000-digits", "9" * 5000, {"unreadable"}),
+    ("an-infinite-seq", "1e400", {"unreadable"}),
+    ("a-nan-seq", "NaN", {"unreadable"}),
+    ("a-float-seq", "7.5", {"unreadable"}),
+    ("a-nested-seq", '{"a":[1]}', {"unreadable"}),
+]:
+    CORPUS[_name] = (_hostile(_value), _kinds)
+
+
+@tamper("unreadable")
+def _a_line_of_a_megabyte(trail: Path) -> None:
+    rewrite(middle_file(trail), lambda lines: lines.insert(3, "{" + "x" * 2**20 + "}\n"))
+
+
+@tamper("unreadable")
+def _binary_garbage(trail: Path) -> None:
+    with middle_file(trail).open("r+b") as handle:
+        handle.seek(200)
+        handle.write(b"\xff\xfe\x00garbage")
+
+
+@tamper("unreadable")
+def _a_cut_line_in_the_middle(trail: Path) -> None:
+    rewrite(middle_file(trail), lambda lines: lines.__setitem__(4, lines[4][:40] + "\n"))
+
+
+@pytest.mark.parametrize("hmac", [False, True], ids=["public-key", "public-and-hmac-key"])
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_every_manipulation_is_detected(trail: Path, name: str, hmac: bool) -> None:
+    manipulate, first_kinds = CORPUS[name]
+    manipulate(trail)
+    verdict = check(trail, hmac=hmac)
+    found = kinds(verdict)
+    assert found, verdict.problems
+    assert found[0] in first_kinds, verdict.problems
+    assert verdict.exit_status == EXIT_BROKEN
+
+
+def test_the_cli_names_a_break_with_its_file_and_line(
+    trail: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = middle_file(trail)
+    _duplicate_a_record(trail)
+    files = [str(p) for p in trail_files(trail)]
+    args = ["audit", "verify", *files, "--public-key", str(trail / "public.pem")]
+    status, out = _cli([*args, "--anchor", str(trail / "anchor" / "audit.anchor")], capsys)
+    assert status == EXIT_BROKEN
+    assert f"{target.name}:6: duplicate" in out and "NOT intact" in out
+
+
+def test_a_torn_tail_is_a_crash_not_tampering(trail: Path) -> None:
+    with newest(trail).open("ab") as log:
+        log.write(TORN)
+    verdict = check(trail)
+    assert kinds(verdict) == [], verdict.problems
+    assert [p.kind for p in verdict.problems] == ["recovered_crash", "torn_tail"]
+    assert verdict.exit_status == EXIT_CRASHED
+
+
+def test_a_torn_tail_is_sealed_when_the_server_starts_again(trail: Path) -> None:
+    with newest(trail).open("ab") as log:
+        log.write(TORN[:17])
+    audit, _, _ = open_log(trail)
+    audit.write("conn.open", {"conn": "after", "addr": "127.0.0.1"})
+    audit.close()
+    verdict = check(trail)
+    assert [p.kind for p in verdict.problems] == ["recovered_crash", "recovered_crash"]
+    assert verdict.signed_through == verdict.anchored_through == verdict.last_seq
+
+
+def test_the_window_after_the_last_anchored_checkpoint(trail: Path) -> None:
+    """The documented limit: records written after the last checkpoint that reached the anchor
+    can be cut unseen (here the server died before its final checkpoint was anchored)."""
+    anchor = trail / "anchor" / "audit.anchor"
+    rewrite(anchor, lambda lines: lines.pop())
+    last_anchored = json.loads(lines_of(anchor)[-1])["seq"]
+
+    files = trail_files(trail)
+    holder = next(p for p in files if f'"seq":{last_anchored},' in p.read_text())
+    for later in files[files.index(holder) + 1 :]:
+        later.unlink()
+
+    def cut(lines: list[str]) -> None:
+        index = next(i for i, x in enumerate(lines) if f'"seq":{last_anchored},' in x)
+        del lines[index + 1 :]
+
+    rewrite(holder, cut)
+    verdict = check(trail, hmac=False)
+    assert kinds(verdict) == [] and verdict.anchored_through == verdict.last_seq
+
+
+def test_retention_is_verified_from_the_anchor(
+    trail: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = trail_files(trail)
+    kept = files[2]
+    config = trail / "audit.toml"
+    config.write_text(
+        f"[audit]\nsigning_key = '{AUDIT_SIGNING_KEY}'\n"
+        f"anchor_path = '{trail / 'anchor' / 'audit.anchor'}'\n"
+    )
+    status, out = _cli(["audit", "retain", str(kept), "--config", str(config)], capsys)
+    assert status == 0, out
+    for old in files[:2]:
+        old.unlink()
+    verdict = check(trail)
+    assert kinds(verdict) == [], verdict.problems
+    assert (
+        verdict.retained_from is not None
+        and verdict.first_seq == json.loads(lines_of(kept)[0])["seq"]
+    )
+    # One file more gone than the retention record allows: the beginning is missing.
+    kept.unlink()
+    assert kinds(check(trail))[0] == "missing_start"
 
 
 def test_report_has_the_right_row_for_every_outcome(built: Path) -> None:

@@ -331,10 +331,12 @@ class _Chain:
     def _check_link(self, record: dict[str, Any], place: tuple[str, int]) -> None:
         """A new file's or run's first record states the chains before it: they must agree."""
         prev, prev_mac = record.get("prev"), record.get("prev_mac")
-        if self.digest is not None and prev != self.digest:
-            self.problem("broken_link", place, "it does not continue the record before it")
+        if self.digest is not None and prev != self.digest and not self.broken:
+            self.problem(
+                "edited", place, "the records before it are not the ones it commits to (`prev`)"
+            )
         elif self.hmac_key is not None and self.mac is not None and prev_mac != self.mac:
-            self.problem("broken_link", place, "it does not continue the MAC chain before it")
+            self.problem("edited", place, "it does not continue the MAC chain before it")
         if self.digest is None and isinstance(prev, str):
             self.digest = prev
 
