@@ -344,6 +344,12 @@ def _edit_who_called(trail: Path) -> None:
             return
 
 
+@tamper("edited")
+def _edit_a_record_of_the_newest_file(trail: Path) -> None:
+    """Past the last rotation: only the checkpoint after it (or its MAC) can tell."""
+    rewrite(newest(trail), lambda lines: _set(lines, 2, addr="10.9.9.9"))
+
+
 @tamper("deleted")
 def _delete_the_first_record_of_a_file(trail: Path) -> None:
     rewrite(middle_file(trail), lambda lines: lines.pop(0))
@@ -575,6 +581,16 @@ def test_every_manipulation_is_detected(trail: Path, name: str, hmac: bool) -> N
     assert verdict.exit_status == EXIT_BROKEN
 
 
+@pytest.mark.parametrize("claimed", [None, Signer(AUDIT_PRIVATE_KEY).key_id])
+def test_a_resealed_trail_fails_on_its_signatures_alone(trail: Path, claimed: str | None) -> None:
+    """No anchor, no HMAC key: the public key alone refuses checkpoints it did not sign."""
+    reseal(trail, _to_mallory, Ed25519PrivateKey.generate(), ATTACKER_KEY, claimed)
+    verdict = check(trail, hmac=False, anchored=False)
+    assert kinds(verdict)[0] == "bad_checkpoint", verdict.problems
+    expected = "does not verify" if claimed else "which was not given"
+    assert expected in verdict.problems[0].message
+
+
 def test_the_cli_names_a_break_with_its_file_and_line(
     trail: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -695,3 +711,46 @@ def test_report_formats_and_filters(built: Path) -> None:
     write_report(calls(files), out, "table", {"carol": Counter({"denied:forbidden": 1})})
     assert "call_id" in out.getvalue().splitlines()[0]
     assert "carol: denied:forbidden 1" in out.getvalue()
+
+
+def test_report_verifies_first_and_refuses_a_broken_trail(
+    trail: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _edit_who_called(trail)
+    files = [str(p) for p in trail_files(trail)]
+    args = ["audit", "report", *files, "--public-key", str(trail / "public.pem")]
+    status, out = _cli(args, capsys)
+    assert status == EXIT_BROKEN and "NOT intact" in out and "--unverified" in out
+    assert "call_key" not in out  # no table
+    status, out = _cli([*args, "--unverified"], capsys)
+    assert status == 0 and "UNVERIFIED" in out and "mallory" in out
+
+
+def test_report_survives_bad_values_and_shows_ids_in_full(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    long_call, long_user = "c" * 40 + "-end", "u" * 30 + "-end"
+    log = tmp_path / "audit.log"
+    audit = AuditLog(FileSink(log, 1 << 20, 3600), key=AUDIT_KEY, signer=Signer(AUDIT_PRIVATE_KEY))
+    fields = {"call_key": "k.1", "call_id": long_call, "caller": long_user, "callee": "bob"}
+    audit.write("call.requested", {**fields, "media": "video", "conn": "c1"})
+    audit.write("call.ringing", {**fields, "devices": "many"})  # not a number
+    audit.write("call.ended", {**fields, "reason": "hangup", "duration_ms": "long"})
+    # The same caller-chosen id again, another call: the server's key tells them apart.
+    audit.write("call.requested", {**fields, "call_key": "k.2", "conn": "c2"})
+    audit.write("call.unavailable", {**fields, "call_key": "k.2", "reason": "unavailable"})
+    # A summary of repeated refusals counts as `count` of them (audit.RefusalDigest).
+    denied = {"conn": "c1", "user": long_user, "msg_event": "call-end", "reason": "forbidden"}
+    audit.write("authz.denied", denied)
+    for _ in range(6):
+        audit.write("authz.denied", denied)
+    audit.close()
+    rewrite(log, lambda lines: _set(lines, 1, ts="not a time"))  # reported unverified below
+    args = ["audit", "report", str(log), "--unverified"]
+    status, out = _cli(args, capsys)
+    assert status == 0
+    assert long_call in out and long_user in out
+    assert out.count(long_call) == 2 and "k.1" in out and "k.2" in out
+    assert f"{long_user}: denied:forbidden 7" in out
+    status, out = _cli([*args, "--since", "yesterday"], capsys)
+    assert status == 2 and "--since" in out
