@@ -41,7 +41,7 @@ SCHEMA = Draft202012Validator(
 )
 SECRET = "test-secret-that-is-long-enough-for-hs256!"
 AUDIT_KEY = b"audit-key-for-tests-only-32-bytes-long!"
-# The Ed25519 key that signs the test servers' checkpoints (base64 of its seed), and its public half.
+# The Ed25519 key that signs test servers' checkpoints (base64 of its seed), and its public half.
 AUDIT_SIGNING_KEY = "dGVzdC1vbmx5IGF1ZGl0IHNpZ25pbmcga2V5IHNlZWQ="
 AUDIT_PRIVATE_KEY = load_private_key(AUDIT_SIGNING_KEY)
 AUDIT_PUBLIC_KEY = AUDIT_PRIVATE_KEY.public_key()
@@ -561,7 +561,8 @@ def server_config(tmp_path: Path) -> Path:
         f"[auth]\nsecret = '{SECRET}'\n"
         f"revocation_file = '{tmp_path / 'revoked.json'}'\n"
         f"[audit]\npath = '{tmp_path / 'audit.log'}'\nkey = '{AUDIT_KEY.decode()}'\n"
-        f"signing_key = '{AUDIT_SIGNING_KEY}'\nanchor_path = '{tmp_path / 'anchor' / 'audit.anchor'}'\n"
+        f"signing_key = '{AUDIT_SIGNING_KEY}'\n"
+        f"anchor_path = '{tmp_path / 'anchor' / 'audit.anchor'}'\n"
         "[calls]\nreconnect_grace = 0\n"
         "[metrics]\nport = 0\n"
         "[limits]\nhandshakes = '1000/minute'\n"

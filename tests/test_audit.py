@@ -7,23 +7,29 @@ import hmac
 import io
 import itertools
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from callgate._accel import PURE_VARIABLE
 from callgate.audit import (
     AUDIT_FIELDS,
     REFUSAL_WINDOW,
     AuditLog,
     RefusalDigest,
     StreamSink,
-    render,
     canonical,
     chain_mac,
     iso_utc,
+    render,
 )
 from conftest import assert_valid_record
 
@@ -286,3 +292,69 @@ def test_the_log_writes_a_count_when_its_window_ends() -> None:
         ("auth.failed", 9),
     ]
     assert_valid_record(lines[1])
+
+
+# A trail with every record kind the writer makes on its own: openings, rotations, checkpoints,
+# a crash sealed off; written by a fresh interpreter so each build can be asked for it.
+_WRITE_A_TRAIL = """
+import json, sys
+from pathlib import Path
+import callgate
+from callgate.audit import AuditLog, FileAnchor, FileSink, Signer, load_private_key
+from conftest import AUDIT_KEY, AUDIT_SIGNING_KEY
+folder = Path(sys.argv[1])
+def log():
+    sink = FileSink(folder / "audit.log", 4096, 3600)
+    signer = Signer(load_private_key(AUDIT_SIGNING_KEY))
+    anchor = FileAnchor(folder / "audit.anchor")
+    return AuditLog(sink, key=AUDIT_KEY, signer=signer, anchors=[anchor], checkpoint_every=7)
+audit = log()
+for n in range(40):
+    fields = {"call_key": f"c.{n}", "call_id": f"id{n}", "caller": "a", "callee": "b"}
+    audit.write("call.requested", {**fields, "media": "voice", "conn": "c"})
+audit.close()
+with (folder / "audit.log").open("ab") as out:
+    out.write(b'{"ts":"2026')
+audit = log()
+audit.write("conn.open", {"conn": "d", "addr": "127.0.0.1"})
+audit.close()
+print(callgate.IMPLEMENTATION)
+"""
+# What differs between two runs whatever the build: the time, and the seals that cover it.
+_PER_RUN = {"ts", "mac", "digest", "sig", "prev", "prev_mac"}
+
+
+def _trail_written_by(build: str, folder: Path) -> tuple[str, list[dict[str, object]]]:
+    folder.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != PURE_VARIABLE}
+    if build == "pure":
+        env[PURE_VARIABLE] = "1"
+    tests = str(Path(__file__).parent)
+    env["PYTHONPATH"] = os.pathsep.join([tests, env.get("PYTHONPATH", "")])
+    ran = subprocess.run(
+        [sys.executable, "-c", _WRITE_A_TRAIL, str(folder)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        env=env,
+    )
+    logs = [*sorted(folder.glob("audit.log.2*")), folder / "audit.log", folder / "audit.anchor"]
+    records = [
+        {k: v for k, v in json.loads(line).items() if k not in _PER_RUN}
+        for path in logs
+        for line in path.read_text().splitlines()
+        if line.endswith("}")
+    ]
+    return ran.stdout.strip(), records
+
+
+def test_both_builds_write_identical_records(tmp_path: Path) -> None:
+    implementation, compiled = _trail_written_by("default", tmp_path / "compiled")
+    if implementation != "compiled":
+        pytest.skip(f"no current compiled build here ({implementation})")
+    _, pure = _trail_written_by("pure", tmp_path / "pure")
+    assert compiled == pure
+    kinds = Counter(str(record["event"]) for record in pure)
+    assert kinds["audit.recovered"] == 1 and kinds["audit.checkpoint"] >= 6
+    assert kinds["audit.opened"] >= 4

@@ -543,14 +543,6 @@ class AuditLog:
     def tamper_evident(self) -> bool:
         return self._key is not None or self._signer is not None
 
-    @property
-    def signed(self) -> bool:
-        return self._signer is not None
-
-    @property
-    def anchored(self) -> bool:
-        return bool(self._anchors)
-
     def _link(self) -> dict[str, Any]:
         """What a new file or run commits to: the chains as they stand before its first record."""
         return {

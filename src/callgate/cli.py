@@ -24,6 +24,7 @@ from callgate.config import (
     DEVELOPMENT_SECRET,
     HMAC_ALGORITHMS,
     MIN_HMAC_SECRET_BYTES,
+    AuditSettings,
     Settings,
     env_variable,
     is_loopback_host,
@@ -190,16 +191,6 @@ def _run_until_signalled(settings: Settings, announce: Announce) -> int:
             "audit.key and audit.signing_key are not set: audit records are numbered but not"
             " tamper-evident"
         )
-    elif not audit.signed:
-        log.warning(
-            "audit.signing_key is not set: checkpoints are not signed, so only holders of the"
-            " HMAC key can verify the trail, and they could forge it"
-        )
-    if settings.audit.path != "-" and not audit.anchored:
-        log.warning(
-            "audit.anchor_path and audit.anchor_syslog are not set: a cut of the newest audit"
-            " records cannot be detected (docs/audit-log.md, Anchoring)"
-        )
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -252,6 +243,7 @@ def _serve(args: argparse.Namespace) -> int:
                 "hot path not compiled: running as pure Python (slower)",
                 why=NOT_COMPILED_BECAUSE[callgate.IMPLEMENTATION],
             )
+        _warn_audit_gaps(settings.audit)
         for setting, what, risk in _development_keys(settings):
             section, key = setting.split(".")
             own = (
@@ -270,6 +262,20 @@ def _serve(args: argparse.Namespace) -> int:
             log.info("get a token in another terminal", connect=running.url, **hint)
 
     return _run_until_signalled(settings, announce)
+
+
+def _warn_audit_gaps(audit: AuditSettings) -> None:
+    """What an auditor could not check in this trail, said once at start."""
+    if audit.key is not None and audit.signing_key is None and audit.signing_key_file is None:
+        log.warning(
+            "audit.signing_key is not set: checkpoints are not signed, so only holders of the"
+            " HMAC key can verify the trail, and they could forge it"
+        )
+    if audit.path != "-" and audit.anchor_path is None and audit.anchor_syslog is None:
+        log.warning(
+            "audit.anchor_path and audit.anchor_syslog are not set: a cut of the newest audit"
+            " records cannot be detected (docs/audit-log.md, Anchoring)"
+        )
 
 
 def _development_keys(settings: Settings) -> list[tuple[str, str, str]]:
