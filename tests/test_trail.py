@@ -307,7 +307,7 @@ def tamper(*first: str) -> Callable[[Tamper], Tamper]:
     return register
 
 
-def rewrite(path: Path, change: Callable[[list[str]], None]) -> None:
+def rewrite(path: Path, change: Callable[[list[str]], object]) -> None:
     lines = lines_of(path)
     change(lines)
     path.write_text("".join(lines))
