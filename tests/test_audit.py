@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.server
 import io
 import itertools
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 from collections import Counter
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
@@ -23,15 +26,22 @@ from callgate._accel import PURE_VARIABLE
 from callgate.audit import (
     AUDIT_FIELDS,
     REFUSAL_WINDOW,
+    SYSLOG_TAG,
+    Anchor,
     AuditLog,
+    FileSink,
+    HttpAnchor,
     RefusalDigest,
+    Signer,
     StreamSink,
+    SyslogAnchor,
     canonical,
     chain_mac,
     iso_utc,
     render,
 )
-from conftest import assert_valid_record
+from callgate.trail import verify
+from conftest import AUDIT_PRIVATE_KEY, AUDIT_PUBLIC_KEY, assert_valid_record
 
 
 def write(fields: dict[str, object], event: str = "call.requested") -> dict[str, object]:
@@ -358,3 +368,67 @@ def test_both_builds_write_identical_records(tmp_path: Path) -> None:
     kinds = Counter(str(record["event"]) for record in pure)
     assert kinds["audit.recovered"] == 1 and kinds["audit.checkpoint"] >= 6
     assert kinds["audit.opened"] >= 4
+
+
+def _signed_log_with(anchor: Anchor, folder: Path) -> list[str]:
+    """Write a short signed trail with this anchor; returns its checkpoint lines."""
+    log = AuditLog(
+        FileSink(folder / "audit.log", 1 << 20, 3600),
+        signer=Signer(AUDIT_PRIVATE_KEY),
+        anchors=[anchor],
+        checkpoint_every=3,
+    )
+    for n in range(7):
+        log.write("conn.open", {"conn": f"c{n}", "addr": "127.0.0.1"})
+    log.close()
+    return [
+        line
+        for line in (folder / "audit.log").read_text().splitlines()
+        if "audit.checkpoint" in line
+    ]
+
+
+def test_checkpoints_reach_a_syslog_anchor_and_its_export_verifies(tmp_path: Path) -> None:
+    address = tmp_path / "log.sock"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(address))
+    try:
+        checkpoints = _signed_log_with(SyslogAnchor(str(address)), tmp_path)
+        receiver.settimeout(5)
+        received = [receiver.recv(65536).decode() for _ in checkpoints]
+    finally:
+        receiver.close()
+    assert len(checkpoints) == 3  # two by count, and the final one at close
+    for message, line in zip(received, checkpoints, strict=True):
+        assert message.startswith("<") and f"{SYSLOG_TAG}: {line}" in message
+    export = tmp_path / "syslog.export"
+    export.write_text("".join(f"Dec  7 11:00:00 host {m.split('>', 1)[1]}\n" for m in received))
+    verdict = verify([tmp_path / "audit.log"], public_keys=[AUDIT_PUBLIC_KEY], anchors=[export])
+    assert verdict.problems == [] and verdict.anchored_through == verdict.last_seq
+
+
+def test_checkpoints_reach_an_http_anchor(tmp_path: Path) -> None:
+    posted: list[tuple[str, bytes]] = []
+
+    class Keeper(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers["Content-Length"])
+            posted.append((self.headers["Content-Type"], self.rfile.read(length)))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Keeper)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/anchor"
+        checkpoints = _signed_log_with(HttpAnchor(url), tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
+    # close() waited for the final checkpoint: every line arrived, in order.
+    assert [body.decode() for _, body in posted] == checkpoints
+    assert {kind for kind, _ in posted} == {"application/json"}

@@ -22,8 +22,11 @@ import logging
 import logging.handlers
 import math
 import mmap
+import queue
 import sys
+import threading
 import time
+import urllib.request
 from collections.abc import Mapping, MutableMapping, Sequence
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -524,16 +527,11 @@ class AuditLog:
         else:
             sink = FileSink(Path(settings.path), settings.rotate_bytes, settings.rotate_seconds)
         private = signing_key(settings)
-        anchors: list[Anchor] = []
-        if settings.anchor_path is not None:
-            anchors.append(FileAnchor(Path(settings.anchor_path)))
-        if settings.anchor_syslog is not None:
-            anchors.append(SyslogAnchor(settings.anchor_syslog))
         return cls(
             sink,
             key=key,
             signer=Signer(private) if private is not None else None,
-            anchors=anchors,
+            anchors=open_anchors(settings),
             checkpoint_every=settings.checkpoint_every,
             checkpoint_seconds=settings.checkpoint_seconds,
         )
@@ -816,6 +814,18 @@ def _resume_from(path: Path) -> Resume | None:
 # -- anchors: where checkpoints go besides the trail ---------------------------------------------
 
 
+def open_anchors(settings: AuditSettings) -> list[Anchor]:
+    """The configured anchors, open. Raises: OSError (the anchor file cannot be opened)."""
+    anchors: list[Anchor] = []
+    if settings.anchor_path is not None:
+        anchors.append(FileAnchor(Path(settings.anchor_path)))
+    if settings.anchor_syslog is not None:
+        anchors.append(SyslogAnchor(settings.anchor_syslog))
+    if settings.anchor_url is not None:
+        anchors.append(HttpAnchor(settings.anchor_url))
+    return anchors
+
+
 class Anchor:
     """A second home for checkpoint lines, out of the log writer's reach."""
 
@@ -860,9 +870,75 @@ class SyslogAnchor(Anchor):
             address=target, facility=logging.handlers.SysLogHandler.LOG_AUTH
         )
         self._handler.ident = f"{SYSLOG_TAG}: "
+        self._handler.append_nul = False  # the line as it is: an export of it verifies as it is
 
     def write(self, line: str) -> None:
         self._handler.emit(logging.makeLogRecord({"msg": line, "levelno": logging.INFO}))
 
     def close(self) -> None:
         self._handler.close()
+
+
+class HttpAnchor(Anchor):
+    """POSTs each checkpoint line (`application/json`) to an HTTP(S) endpoint that keeps them.
+
+    A worker thread sends, so the event loop never waits for the network; a line that cannot be
+    sent is retried (`ATTEMPTS` times, a second apart) and then reported on stderr: that
+    checkpoint is not anchored, the next ones still are. `close` waits up to `CLOSE_WAIT` seconds
+    for the lines still queued (the final checkpoint of a shutdown).
+    """
+
+    ATTEMPTS = 3
+    TIMEOUT = 5.0
+    CLOSE_WAIT = 10.0
+    QUEUED = 1000  # lines waiting; more are dropped (and reported), never the event loop blocked
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._lines: queue.Queue[str | None] = queue.Queue(self.QUEUED)
+        self._worker = threading.Thread(target=self._send_all, name="audit-anchor", daemon=True)
+        self._worker.start()
+
+    def write(self, line: str) -> None:
+        try:
+            self._lines.put_nowait(line)
+        except queue.Full:
+            _anchor_failed(self._url, "too many checkpoints waiting: one dropped")
+
+    def close(self) -> None:
+        try:
+            self._lines.put(None, timeout=self.CLOSE_WAIT)
+        except queue.Full:
+            return
+        self._worker.join(self.CLOSE_WAIT)
+
+    def _send_all(self) -> None:
+        while (line := self._lines.get()) is not None:
+            for attempt in range(self.ATTEMPTS):
+                try:
+                    self._send(line)
+                    break
+                except (OSError, ValueError) as exc:
+                    if attempt == self.ATTEMPTS - 1:
+                        _anchor_failed(self._url, f"checkpoint not anchored: {exc}")
+                    else:
+                        time.sleep(1.0)
+
+    def _send(self, line: str) -> None:
+        request = urllib.request.Request(  # noqa: S310 - the scheme is checked by the settings
+            self._url,
+            data=line.encode("ascii"),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=self.TIMEOUT) as response:  # noqa: S310
+            response.read()
+
+
+def _anchor_failed(url: str, problem: str) -> None:
+    sys.stderr.write(
+        json.dumps(
+            {"event": "audit anchor failed", "level": "error", "url": url, "problem": problem}
+        )
+        + "\n"
+    )

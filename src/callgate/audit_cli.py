@@ -22,12 +22,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from callgate import trail
 from callgate.audit import (
-    Anchor,
-    FileAnchor,
     Signer,
-    SyslogAnchor,
     key_id_of,
     load_public_key,
+    open_anchors,
     parse_record,
     public_pem,
     render,
@@ -208,13 +206,6 @@ def _retain(args: argparse.Namespace) -> int:
     key = signing_key(settings)
     if key is None:
         raise ConfigError("audit.signing_key: a retention record must be signed")
-    anchors: list[Anchor] = []
-    if settings.anchor_path is not None:
-        anchors.append(FileAnchor(Path(settings.anchor_path)))
-    if settings.anchor_syslog is not None:
-        anchors.append(SyslogAnchor(settings.anchor_syslog))
-    if not anchors:
-        raise ConfigError("audit.anchor_path: retention is recorded in the anchor; set one")
     first = _first_record(args.file)
     if first.get("event") != "audit.opened" or not isinstance(first.get("prev"), str):
         raise ConfigError(f"{args.file}: does not start with an audit.opened record")
@@ -226,6 +217,9 @@ def _retain(args: argparse.Namespace) -> int:
     }
     Signer(key).seal(record)
     line = render(record)
+    anchors = open_anchors(settings)
+    if not anchors:
+        raise ConfigError("audit.anchor_path: retention is recorded in the anchor; set one")
     for anchor in anchors:
         anchor.write(line)
         anchor.close()

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 import callgate
 from callgate import __version__
-from callgate.audit import AuditLog
+from callgate.audit import AuditLog, signing_key
 from callgate.auth import mint_token
 from callgate.config import (
     DEVELOPMENT_AUDIT_KEY,
@@ -271,10 +271,11 @@ def _warn_audit_gaps(audit: AuditSettings) -> None:
             "audit.signing_key is not set: checkpoints are not signed, so only holders of the"
             " HMAC key can verify the trail, and they could forge it"
         )
-    if audit.path != "-" and audit.anchor_path is None and audit.anchor_syslog is None:
+    anchors = (audit.anchor_path, audit.anchor_syslog, audit.anchor_url)
+    if audit.path != "-" and all(anchor is None for anchor in anchors):
         log.warning(
-            "audit.anchor_path and audit.anchor_syslog are not set: a cut of the newest audit"
-            " records cannot be detected (docs/audit-log.md, Anchoring)"
+            "audit.anchor_path, anchor_syslog and anchor_url are not set: a cut of the newest"
+            " audit records cannot be detected (docs/audit-log.md, Anchoring)"
         )
 
 
@@ -384,6 +385,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.file)
     TokenVerifier.from_settings(settings.auth)
+    signing_key(settings.audit)  # a bad signing key is named here, not at the first checkpoint
     if settings.auth.revocation_file is not None:
         from callgate.revocation import load_revocations
 

@@ -188,9 +188,10 @@ class AuditSettings(_Section):
     # (signing_key, best from CALLGATE_AUDIT_SIGNING_KEY) or in a file (signing_key_file).
     signing_key: SecretStr | None = None
     signing_key_file: Path | None = None
-    # Where checkpoints also go, out of the log writer's reach: a file, and/or syslog.
+    # Where checkpoints also go, out of the log writer's reach: a file, syslog, an HTTP(S) POST.
     anchor_path: str | None = None
     anchor_syslog: str | None = Field(None, pattern=r"^(/.+|[^/:]+:\d{1,5})$")
+    anchor_url: str | None = Field(None, pattern=r"^https?://[^\s]+$")
     rotate_bytes: int = Field(64 * 1024 * 1024, ge=4096)
     rotate_seconds: float = Field(86400.0, ge=1)
     checkpoint_every: int = Field(1000, ge=1)
