@@ -754,3 +754,24 @@ def test_report_survives_bad_values_and_shows_ids_in_full(
     assert f"{long_user}: denied:forbidden 7" in out
     status, out = _cli([*args, "--since", "yesterday"], capsys)
     assert status == 2 and "--since" in out
+
+
+def test_keygen_public_key_and_bad_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    private = tmp_path / "signing.pem"
+    status, out = _cli(["audit", "keygen", str(private)], capsys)
+    assert status == 0 and private.stat().st_mode & 0o777 == 0o600
+    printed = out[out.index("-----BEGIN PUBLIC KEY") :]
+    config = tmp_path / "audit.toml"
+    config.write_text(f"[audit]\nsigning_key_file = '{private}'\n")
+    status, out = _cli(["audit", "public-key", "--config", str(config)], capsys)
+    assert status == 0 and printed in out
+    status, out = _cli(["audit", "keygen", str(private)], capsys)
+    assert status == 2 and "not overwriting" in out
+    # A private key where the verifier wants the public one, and a signing key that is no key.
+    log = tmp_path / "audit.log"
+    log.write_text("")
+    status, out = _cli(["audit", "verify", str(log), "--public-key", str(private)], capsys)
+    assert status == 2 and "public key only" in out
+    config.write_text("[audit]\nsigning_key = 'bm90IGEga2V5'\n")
+    status, out = _cli(["audit", "public-key", "--config", str(config)], capsys)
+    assert status == 2 and "audit.signing_key" in out

@@ -321,15 +321,12 @@ def load_private_key(text: str) -> Ed25519PrivateKey:
 
     Raises: ValueError (not an Ed25519 private key).
     """
-    if "-----BEGIN" in text:
-        key = serialization.load_pem_private_key(text.encode(), password=None)
-        if not isinstance(key, Ed25519PrivateKey):
-            raise ValueError("not an Ed25519 private key")
-        return key
-    seed = base64.b64decode(text.strip(), validate=True)
-    if len(seed) != 32:
-        raise ValueError("an Ed25519 seed is 32 bytes (base64: 44 characters)")
-    return Ed25519PrivateKey.from_private_bytes(seed)
+    if "-----BEGIN" not in text:
+        return Ed25519PrivateKey.from_private_bytes(_base64_key(text, "seed"))
+    key = serialization.load_pem_private_key(text.encode(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError("not an Ed25519 private key")  # noqa: TRY004 - one error for a bad key
+    return key
 
 
 def load_public_key(text: str) -> Ed25519PublicKey:
@@ -337,17 +334,21 @@ def load_public_key(text: str) -> Ed25519PublicKey:
 
     Raises: ValueError (not an Ed25519 public key).
     """
-    if "-----BEGIN" in text:
-        if "PRIVATE KEY" in text:
-            raise ValueError("this is a private key: give the verifier the public key only")
-        key = serialization.load_pem_public_key(text.encode())
-        if not isinstance(key, Ed25519PublicKey):
-            raise ValueError("not an Ed25519 public key")
-        return key
+    if "-----BEGIN" not in text:
+        return Ed25519PublicKey.from_public_bytes(_base64_key(text, "public key"))
+    if "PRIVATE KEY" in text:
+        raise ValueError("this is a private key: give the verifier the public key only")
+    key = serialization.load_pem_public_key(text.encode())
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError("not an Ed25519 public key")  # noqa: TRY004
+    return key
+
+
+def _base64_key(text: str, what: str) -> bytes:
     raw = base64.b64decode(text.strip(), validate=True)
     if len(raw) != 32:
-        raise ValueError("an Ed25519 public key is 32 bytes (base64: 44 characters)")
-    return Ed25519PublicKey.from_public_bytes(raw)
+        raise ValueError(f"an Ed25519 {what} is 32 bytes (base64: 44 characters)")
+    return raw
 
 
 def signing_key(settings: AuditSettings) -> Ed25519PrivateKey | None:
