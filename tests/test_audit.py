@@ -331,7 +331,7 @@ audit.close()
 print(callgate.IMPLEMENTATION)
 """
 # What differs between two runs whatever the build: the time, and the seals that cover it.
-_PER_RUN = {"ts", "mac", "digest", "sig", "prev", "prev_mac"}
+_PER_RUN = {"ts", "mac", "digest", "sig", "prev", "prev_mac", "trail"}
 
 
 def _trail_written_by(build: str, folder: Path) -> tuple[str, list[dict[str, object]]]:

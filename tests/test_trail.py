@@ -38,6 +38,7 @@ from callgate.cli import main as cli_main
 from callgate.trail import (
     EXIT_BROKEN,
     EXIT_CRASHED,
+    EXIT_INTACT,
     Verdict,
     calls,
     parse_time,
@@ -775,3 +776,46 @@ def test_keygen_public_key_and_bad_keys(tmp_path: Path, capsys: pytest.CaptureFi
     config.write_text("[audit]\nsigning_key = 'bm90IGEga2V5'\n")
     status, out = _cli(["audit", "public-key", "--config", str(config)], capsys)
     assert status == 2 and "audit.signing_key" in out
+
+
+def test_two_nodes_sharing_one_anchor_are_verified_each_on_its_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A cluster: each node writes its own trail; their checkpoints meet in one anchor (a shared
+    syslog). Each trail is checked against its own anchor lines, told apart by its trail id."""
+    shared = tmp_path / "shared.anchor"
+    logs = {}
+    for node in ("n1", "n2"):
+        sink = FileSink(tmp_path / node / "audit.log", 2048, 3600)
+        anchor = FileAnchor(shared)
+        logs[node] = (
+            AuditLog(sink, signer=Signer(AUDIT_PRIVATE_KEY), anchors=[anchor], checkpoint_every=4),
+            anchor,
+        )
+    for n in range(30):
+        for node, (audit, _) in logs.items():
+            audit.write("conn.open", {"conn": f"{node}-{n}", "addr": "127.0.0.1"})
+    for audit, _ in logs.values():
+        audit.close()
+    files = sorted(str(p) for p in tmp_path.glob("n*/audit.log*"))
+    args = [*files, "--public-key", str(_public_pem_file(tmp_path)), "--anchor", str(shared)]
+    status, out = _cli(["audit", "verify", *args], capsys)
+    assert status == EXIT_INTACT, out
+    assert out.count("-- trail ") == 2 and out.count("anchored through seq") == 2
+    assert out.count("audit trail intact:") == 2
+    status, out = _cli(["audit", "report", *args], capsys)
+    assert status == 0, out
+    # The newest records of one node cut: that trail, and only it, is truncated.
+    rewrite(tmp_path / "n2" / "audit.log", lambda lines: lines.__delitem__(slice(1, None)))
+    status, out = _cli(["audit", "verify", *args], capsys)
+    assert (
+        status == EXIT_BROKEN
+        and out.count("truncated") == 1
+        and out.count("audit trail intact") == 1
+    )
+
+
+def _public_pem_file(folder: Path) -> Path:
+    path = folder / "public.pem"
+    path.write_text(public_pem(AUDIT_PRIVATE_KEY))
+    return path

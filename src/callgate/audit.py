@@ -23,6 +23,7 @@ import logging.handlers
 import math
 import mmap
 import queue
+import secrets
 import sys
 import threading
 import time
@@ -76,6 +77,8 @@ AUDIT_FIELDS = frozenset(
         "entry",
         # the server-assigned key of a call, unique in the deployment
         "call_key",
+        # the trail a record of the chain belongs to
+        "trail",
         # the chain itself, and the records that link files, checkpoint and recover the trail
         "seq",
         "mac",
@@ -502,6 +505,9 @@ class AuditLog:
         self._checkpoint_seconds = checkpoint_seconds
         resume = sink.resume()
         self._seq, self._mac, self._digest = resume.seq, resume.mac, resume.digest
+        # The trail's id, in every `audit.opened` and checkpoint: tells one trail's anchor lines
+        # from another's (cluster nodes, one syslog), and groups a report's files by trail.
+        self._trail = resume.trail or secrets.token_hex(8)
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
         if resume.torn:  # a crash cut the last line: what is discarded is said, then sealed
@@ -544,6 +550,7 @@ class AuditLog:
     def _link(self) -> dict[str, Any]:
         """What a new file or run commits to: the chains as they stand before its first record."""
         return {
+            "trail": self._trail,
             "prev": self._digest,
             "prev_mac": self._mac if self._keyed is not None else None,
             "key_id": self._signer.key_id if self._signer is not None else None,
@@ -628,6 +635,7 @@ class AuditLog:
         record["seq"] = self._seq
         record.pop("mac", None)  # only the chain writes it
         if record["event"] == "audit.checkpoint":
+            record["trail"] = self._trail
             record["digest"] = self._digest
             if self._signer is not None:
                 self._signer.seal(record)
@@ -645,9 +653,12 @@ class AuditLog:
 class Resume:
     """Where a trail left off: the last record's seq, MAC and digest, and a torn last line."""
 
-    __slots__ = ("digest", "mac", "seq", "torn")
+    __slots__ = ("digest", "mac", "seq", "torn", "trail")
 
-    def __init__(self, seq: int = 0, mac: str = "", digest: str = "", torn: bytes = b"") -> None:
+    def __init__(
+        self, seq: int = 0, mac: str = "", digest: str = "", torn: bytes = b"", trail: str = ""
+    ) -> None:
+        self.trail = trail
         self.seq = seq
         self.mac = mac
         self.digest = digest
@@ -800,8 +811,10 @@ def _resume_from(path: Path) -> Resume | None:
             continue  # a line cut by an earlier crash, sealed off after it
         if record.get("event") == "audit.opened" and isinstance(record.get("prev"), str):
             digest = record["prev"]
+            resume.trail = str(record.get("trail", ""))
         elif record.get("event") == "audit.checkpoint" and isinstance(record.get("digest"), str):
             digest = record["digest"]
+            resume.trail = str(record.get("trail", ""))
         if digest is not None:
             digest = chain_digest(digest, canonical(record))
         seq = record.get("seq")

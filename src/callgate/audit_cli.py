@@ -50,8 +50,8 @@ def _settings(args: argparse.Namespace) -> AuditSettings:
     return load_audit_settings(getattr(args, "config", None))
 
 
-def _checked(args: argparse.Namespace) -> trail.Verdict:
-    """Verify the trail named on the command line with the keys and anchors given (or, from the
+def _checked(args: argparse.Namespace) -> list[trail.Verdict]:
+    """Verify the trail(s) named on the command line with the keys and anchors given (or, from the
     config's [audit] section: the HMAC key, the signing key's public half, the anchor file)."""
     missing = [str(path) for path in args.files if not path.is_file()]
     if missing:
@@ -73,7 +73,7 @@ def _checked(args: argparse.Namespace) -> trail.Verdict:
     for path in anchors:
         if not path.is_file():
             raise ConfigError(f"no such anchor file: {path}")
-    return trail.verify(args.files, public_keys=keys, hmac_key=hmac_key, anchors=anchors)
+    return trail.verify_each(args.files, public_keys=keys, hmac_key=hmac_key, anchors=anchors)
 
 
 def _read_public_key(path: Path) -> Ed25519PublicKey:
@@ -86,14 +86,26 @@ def _read_public_key(path: Path) -> Ed25519PublicKey:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    verdict = _checked(args)
-    _tell(verdict, sys.stdout)
-    return verdict.exit_status
+    verdicts = _checked(args)
+    for verdict in verdicts:
+        _tell(verdict, sys.stdout, several=len(verdicts) > 1)
+    return _exit_status(verdicts)
 
 
-def _tell(verdict: trail.Verdict, out: TextIO) -> None:
+def _exit_status(verdicts: list[trail.Verdict]) -> int:
+    """Broken if any trail is; else crashed if any had a crash; else intact."""
+    statuses = {verdict.exit_status for verdict in verdicts}
+    for status in (trail.EXIT_BROKEN, trail.EXIT_CRASHED):
+        if status in statuses:
+            return status
+    return trail.EXIT_INTACT
+
+
+def _tell(verdict: trail.Verdict, out: TextIO, *, several: bool = False) -> None:
     """Every problem, then one line that says what holds and how far."""
     write = out.write
+    if several:
+        write(f"-- trail {verdict.trail or '(without an id)'}\n")
     for path in verdict.skipped:
         write(
             f"{path}: skipped: an anchor or checkpoint file, not a log file"
@@ -146,14 +158,15 @@ def _report(args: argparse.Namespace) -> int:
             raise ConfigError(f"no such audit file: {', '.join(missing)}")
         print("UNVERIFIED: this report was made without checking the trail", file=sys.stderr)
     else:
-        verdict = _checked(args)
-        if verdict.tampered:
-            _tell(verdict, sys.stderr)
+        verdicts = _checked(args)
+        if any(verdict.tampered for verdict in verdicts):
+            for verdict in verdicts:
+                _tell(verdict, sys.stderr, several=len(verdicts) > 1)
             print(
                 "callgate: no report from a trail that is not intact (--unverified reports anyway)",
                 file=sys.stderr,
             )
-            return verdict.exit_status
+            return trail.EXIT_BROKEN
     refusals: dict[str, Counter[str]] = {}
     rows = trail.calls(args.files, user=args.user, since=since, until=until, refusals=refusals)
     trail.write_report(rows, sys.stdout, args.format, refusals)
@@ -215,6 +228,8 @@ def _retain(args: argparse.Namespace) -> int:
         "seq": first["seq"],
         "prev": first["prev"],
     }
+    if isinstance(first.get("trail"), str):
+        record["trail"] = first["trail"]
     Signer(key).seal(record)
     line = render(record)
     anchors = open_anchors(settings)

@@ -85,6 +85,7 @@ class Verdict:
     signed_through: int | None = None  # the last checkpoint whose signature verified
     anchored_through: int | None = None  # the last checkpoint found in the anchor
     key_ids: set[str] = field(default_factory=set)
+    trail: str | None = None  # the trail's id
 
     def add(self, problem: Problem) -> None:
         if len(self.problems) < MAX_PROBLEMS:
@@ -147,11 +148,12 @@ def _shape_problem(record: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _first_seq(path: Path) -> int:
+def _first(path: Path) -> tuple[int, str]:
+    """The seq and the trail id of a file's first record."""
     for _, _, record, _ in _parsed(path):
         if isinstance(record, dict):
-            return int(record["seq"])
-    return sys.maxsize
+            return int(record["seq"]), _text(record.get("trail"))
+    return sys.maxsize, ""
 
 
 def trail_order(paths: Iterable[Path]) -> tuple[list[Path], list[Path]]:
@@ -161,7 +163,7 @@ def trail_order(paths: Iterable[Path]) -> tuple[list[Path], list[Path]]:
         unique.setdefault(path.resolve(), path)
     logs = [p for p in unique.values() if not p.name.endswith(ANCHOR_SUFFIXES)]
     anchors = [p for p in unique.values() if p.name.endswith(ANCHOR_SUFFIXES)]
-    return sorted(logs, key=lambda p: (_first_seq(p), p.name)), anchors
+    return sorted(logs, key=lambda p: (_first(p)[0], p.name)), anchors
 
 
 # -- anchors ------------------------------------------------------------------------------------
@@ -230,15 +232,21 @@ class _Chain:
         verdict: Verdict,
         keys: Mapping[str, Ed25519PublicKey],
         hmac_key: bytes | None,
-        anchored: Iterator[_Entry],
-        retained: list[_Entry],
+        anchor_files: list[Path],
     ) -> None:
         self.verdict = verdict
         self.keys = keys
         self.hmac_key = hmac_key
-        self.anchored = anchored
-        self.next_anchor: _Entry | None = next(anchored, None)
-        self.retained = retained
+        self.trail_id: str | None = None  # from the first record that names its trail
+        self.anchor_files = anchor_files
+        self.retained = [
+            e
+            for e in _anchor_entries(anchor_files, keys, verdict)
+            if e.record["event"] == "audit.retained"
+        ]
+        # This trail's anchored checkpoints, read once the trail's id is known (`_peek`).
+        self.anchored: Iterator[_Entry] | None = None
+        self.next_anchor: _Entry | None = None
         self.expected: int | None = None  # the next seq; None before the first record
         self.mac: str | None = None  # the HMAC chain before the next record (None: unknown)
         self.digest: str | None = None  # the public chain likewise
@@ -252,8 +260,30 @@ class _Chain:
         self.broken = self.broken or problem.is_tampering
         return problem
 
+    def _ours(self, entry: _Entry) -> bool:
+        """An anchor line of this trail (one anchor may hold the lines of several)."""
+        trail = entry.record.get("trail")
+        return trail is None or self.trail_id is None or trail == self.trail_id
+
+    def _peek(self) -> _Entry | None:
+        if self.anchored is None:
+            ours = (
+                e
+                for e in _anchor_entries(self.anchor_files, self.keys, Verdict())
+                if e.record["event"] == "audit.checkpoint" and self._ours(e)
+            )
+            self.anchored = _in_order(ours, self.verdict)
+            self.next_anchor = next(self.anchored, None)
+        return self.next_anchor
+
+    def _pop(self) -> None:
+        assert self.anchored is not None  # noqa: S101 - _peek came first
+        self.next_anchor = next(self.anchored, None)
+
     def record(self, record: dict[str, Any], place: tuple[str, int]) -> None:
         seq, event = record["seq"], record["event"]
+        if self.trail_id is None and isinstance(record.get("trail"), str):
+            self.trail_id = record["trail"]
         self._torn_line_before(record)
         self.verdict.records += 1
         body = canonical(record)
@@ -289,7 +319,7 @@ class _Chain:
             self.digest = prev
             self.mac = prev_mac if isinstance(prev_mac, str) else None
             for entry in self.retained:
-                if entry.seq == seq and entry.record.get("prev") == prev:
+                if entry.seq == seq and entry.record.get("prev") == prev and self._ours(entry):
                     self.verdict.retained_from = f"{entry.place[0]}:{entry.place[1]}"
                     return
         self.problem(
@@ -370,9 +400,8 @@ class _Chain:
 
     def _match_anchor(self, record: dict[str, Any], place: tuple[str, int]) -> None:
         seq = record["seq"]
-        while self.next_anchor is not None and self.next_anchor.seq <= seq:
-            entry = self.next_anchor
-            self.next_anchor = next(self.anchored, None)
+        while (entry := self._peek()) is not None and entry.seq <= seq:
+            self._pop()
             if entry.seq < (self.verdict.first_seq or seq):
                 continue  # before the kept trail
             if entry.seq < seq:
@@ -440,8 +469,7 @@ class _Chain:
     def finish(self) -> None:
         self.flush_torn()
         last = self.verdict.last_seq
-        entry = self.next_anchor
-        while entry is not None:
+        while (entry := self._peek()) is not None:
             if last is None or entry.seq > last:
                 self.problem(
                     "truncated",
@@ -456,7 +484,7 @@ class _Chain:
                     entry.place,
                     f"the anchored checkpoint seq {entry.seq} is not in the trail",
                 )
-            entry = next(self.anchored, None)
+            self._pop()
 
 
 def verify(
@@ -470,18 +498,7 @@ def verify(
     keys = {key_id_of(key): key for key in public_keys}
     files, skipped = trail_order(paths)
     verdict = Verdict(files=files, skipped=skipped)
-    anchor_files = list(dict.fromkeys(anchors))
-    retained = [
-        e
-        for e in _anchor_entries(anchor_files, keys, verdict)
-        if e.record["event"] == "audit.retained"
-    ]
-    checkpoints = (
-        e
-        for e in _anchor_entries(anchor_files, keys, Verdict())
-        if e.record["event"] == "audit.checkpoint"
-    )
-    chain = _Chain(verdict, keys, hmac_key, _in_order(checkpoints, verdict), retained)
+    chain = _Chain(verdict, keys, hmac_key, list(dict.fromkeys(anchors)))
     for index, path in enumerate(files):
         last: tuple[tuple[str, int], bytes | None] | None = None
         for number, raw, parsed, ended in _parsed(path):
@@ -497,7 +514,30 @@ def verify(
     chain.finish()
     if not files:
         verdict.add(Problem("missing_start", "-", 0, "no log file given"))
+    verdict.trail = chain.trail_id
     return verdict
+
+
+def verify_each(
+    paths: Iterable[Path],
+    *,
+    public_keys: Iterable[Ed25519PublicKey] = (),
+    hmac_key: bytes | None = None,
+    anchors: Iterable[Path] = (),
+) -> list[Verdict]:
+    """`verify` for each trail among the files (a cluster's nodes each write their own), told
+    apart by the trail id of each file's first record."""
+    files, skipped = trail_order(paths)
+    groups: dict[str, list[Path]] = {}
+    for path in files:
+        groups.setdefault(_first(path)[1], []).append(path)
+    keys, given = list(public_keys), list(anchors)
+    verdicts = [
+        verify(group, public_keys=keys, hmac_key=hmac_key, anchors=given)
+        for group in groups.values()
+    ] or [verify([], public_keys=keys, hmac_key=hmac_key, anchors=given)]
+    verdicts[0].skipped = skipped
+    return verdicts
 
 
 def _in_order(entries: Iterable[_Entry], verdict: Verdict) -> Iterator[_Entry]:
