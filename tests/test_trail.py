@@ -14,6 +14,7 @@ import io
 import json
 import re
 import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,8 @@ from typing import Any
 import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from callgate.audit import (
     AuditLog,
@@ -819,3 +822,32 @@ def _public_pem_file(folder: Path) -> Path:
     path = folder / "public.pem"
     path.write_text(public_pem(AUDIT_PRIVATE_KEY))
     return path
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_no_byte_an_attacker_writes_makes_verify_crash(built: Path, data: st.DataObject) -> None:
+    """Random bytes overwritten, inserted or cut anywhere in any file, the anchor included: a
+    verdict, never a traceback."""
+    with tempfile.TemporaryDirectory() as scratch:
+        trail = Path(scratch) / "trail"
+        shutil.copytree(built, trail)
+        files = [*trail_files(trail), trail / "anchor" / "audit.anchor"]
+        target = data.draw(st.sampled_from(files))
+        content = bytearray(target.read_bytes())
+        at = data.draw(st.integers(0, len(content) - 1))
+        noise = data.draw(st.binary(min_size=1, max_size=12))
+        how = data.draw(st.sampled_from(["overwrite", "insert", "cut"]))
+        if how == "overwrite":
+            content[at : at + len(noise)] = noise
+        elif how == "insert":
+            content[at:at] = noise
+        else:
+            del content[at : at + len(noise)]
+        if bytes(content) == target.read_bytes():
+            return
+        target.write_bytes(bytes(content))
+        verdict = check(trail, hmac=data.draw(st.booleans()))
+        assert verdict.exit_status in (EXIT_BROKEN, EXIT_CRASHED, EXIT_INTACT)

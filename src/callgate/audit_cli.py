@@ -134,9 +134,11 @@ def _tell(verdict: trail.Verdict, out: TextIO, *, several: bool = False) -> None
         facts.append(f"anchored through seq {verdict.anchored_through}")
     else:
         facts.append("no anchored checkpoint: a cut of the newest records cannot be seen")
-    if verdict.last_seq is not None and verdict.signed_through != verdict.last_seq:
+    if verdict.last_seq is not None and verdict.signed_through is None:
+        facts.append("no checkpoint signature checked (no public key given, or none signed)")
+    elif verdict.last_seq is not None and verdict.signed_through != verdict.last_seq:
         facts.append(
-            f"records after seq {verdict.signed_through or 0} are not covered by a signature yet"
+            f"records after seq {verdict.signed_through} are not covered by a signature yet"
         )
     summary = "; ".join(facts)
     if verdict.tampered:
