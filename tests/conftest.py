@@ -25,7 +25,7 @@ from jsonschema import Draft202012Validator
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
 
 import callgate
-from callgate.audit import AuditLog, StreamSink
+from callgate.audit import AuditLog, StreamSink, load_private_key
 from callgate.auth import mint_token
 from callgate.cluster.link import delete_cluster_keys
 from callgate.config import Settings, load_settings
@@ -41,6 +41,10 @@ SCHEMA = Draft202012Validator(
 )
 SECRET = "test-secret-that-is-long-enough-for-hs256!"
 AUDIT_KEY = b"audit-key-for-tests-only-32-bytes-long!"
+# The Ed25519 key that signs test servers' checkpoints (base64 of its seed), and its public half.
+AUDIT_SIGNING_KEY = "dGVzdC1vbmx5IGF1ZGl0IHNpZ25pbmcga2V5IHNlZWQ="
+AUDIT_PRIVATE_KEY = load_private_key(AUDIT_SIGNING_KEY)
+AUDIT_PUBLIC_KEY = AUDIT_PRIVATE_KEY.public_key()
 # Generous bound on how long one network step may take on a slow, shared CI machine.
 STEP = 10.0
 
@@ -557,6 +561,8 @@ def server_config(tmp_path: Path) -> Path:
         f"[auth]\nsecret = '{SECRET}'\n"
         f"revocation_file = '{tmp_path / 'revoked.json'}'\n"
         f"[audit]\npath = '{tmp_path / 'audit.log'}'\nkey = '{AUDIT_KEY.decode()}'\n"
+        f"signing_key = '{AUDIT_SIGNING_KEY}'\n"
+        f"anchor_path = '{tmp_path / 'anchor' / 'audit.anchor'}'\n"
         "[calls]\nreconnect_grace = 0\n"
         "[metrics]\nport = 0\n"
         "[limits]\nhandshakes = '1000/minute'\n"

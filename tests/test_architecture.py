@@ -76,6 +76,7 @@ LAYERS: list[tuple[str, ...]] = [
         "callgate.demo",
         "callgate.client",
         "callgate.cli",
+        "callgate.audit_cli",
         "callgate.accelerate",
         "callgate.__main__",
     ),

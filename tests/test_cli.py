@@ -66,6 +66,16 @@ def test_serve_refuses_development_audit_key_off_loopback() -> None:
     assert "CALLGATE_AUDIT_KEY" in result.stderr
 
 
+def test_serve_refuses_development_audit_signing_key_off_loopback() -> None:
+    result = serve_off_loopback(
+        CALLGATE_AUTH_SECRET="an-operator-secret-that-is-long-enough!!",
+        CALLGATE_AUDIT_KEY="an-operator-audit-key-that-is-long-enough",
+    )
+    assert result.returncode == 2
+    assert "audit.signing_key" in result.stderr
+    assert "CALLGATE_AUDIT_SIGNING_KEY" in result.stderr
+
+
 # -- start-up failures: one line naming the setting, exit status 2 ---------------------------------
 
 OWN_SECRET = "an-operator-secret-that-is-long-enough!!"
@@ -255,9 +265,9 @@ async def assert_token_hint_works(hint: dict[str, Any], server_env: dict[str, st
 @pytest.mark.parametrize(
     ("env", "at_fault"),
     [
-        ({}, ["auth.secret", "audit.key"]),
-        # The case: the operator's own secret, only the shipped audit key left.
-        ({"CALLGATE_AUTH_SECRET": OWN_SECRET}, ["audit.key"]),
+        ({}, ["auth.secret", "audit.key", "audit.signing_key"]),
+        # The case: the operator's own secret, only the shipped audit keys left.
+        ({"CALLGATE_AUTH_SECRET": OWN_SECRET}, ["audit.key", "audit.signing_key"]),
     ],
 )
 async def test_the_start_up_warning_names_the_development_key(

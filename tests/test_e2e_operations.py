@@ -1,4 +1,5 @@
-"""Operating the server: TLS, JWKS over HTTP, SIGTERM drain, SIGHUP reload, `callgate revoke`."""
+"""Operating the server: TLS, JWKS over HTTP, SIGTERM drain, SIGHUP reload, `callgate revoke`,
+a kill -9 and the audit trail it leaves."""
 
 from __future__ import annotations
 
@@ -19,11 +20,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from callgate.audit import public_pem
 from callgate.cli import main as cli_main
 from callgate.revocation import load_revocations
 from callgate.trail import verify
 from conftest import (
     AUDIT_KEY,
+    AUDIT_PRIVATE_KEY,
+    AUDIT_PUBLIC_KEY,
     STEP,
     Harness,
     assert_valid_record,
@@ -172,10 +176,57 @@ async def test_sigterm_drains_with_1001_and_terminal_audit_lines(
     for record in records:
         assert_valid_record(record)
     # The trail the real server wrote verifies, final checkpoint included.
-    assert verify([tmp_path / "audit.log"], AUDIT_KEY, [tmp_path / "audit.log.checkpoints"]) == []
+    verdict = verify(
+        [tmp_path / "audit.log"],
+        public_keys=[AUDIT_PUBLIC_KEY],
+        hmac_key=AUDIT_KEY,
+        anchors=[tmp_path / "anchor" / "audit.anchor"],
+    )
+    assert verdict.problems == []
+    assert verdict.signed_through == verdict.anchored_through == records[-1]["seq"]
     ended = [r for r in records if r["event"] == "call.ended"]
     assert len(ended) == 1 and ended[0]["reason"] == "server_shutdown"
     assert [r["close_code"] for r in records if r["event"] == "conn.close"] == [1001, 1001]
+
+
+async def test_a_killed_server_restarts_its_trail_and_verify_reports_the_crash(
+    nursery: trio.Nursery, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """kill -9, with the line being written cut (what a kill mid-write leaves), then a restart:
+    the server seals the cut line off and goes on; verify says "recovered crash", status 3."""
+    config = server_config(tmp_path)
+    log = tmp_path / "audit.log"
+    for run in ("killed", "stopped"):
+        process, url = await start_server_process(config)
+        try:
+            alice = await signed_in(nursery, url, token_for("alice"))
+            await alice.send("call-request", call_request(run, "alice", "nobody"))
+            await alice.expect("call-reject", reason="unavailable")
+            if run == "killed":
+                process.kill()
+                await process.wait()
+                with log.open("ab") as out:
+                    out.write(b'{"ts":"2026-12-07T10:00:00Z","event":"conn.cl')
+            else:
+                process.send_signal(signal.SIGTERM)
+                with trio.fail_after(STEP):
+                    assert await process.wait() == 0
+            await alice.ws._stream.aclose()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    text = log.read_text()
+    assert '"event":"audit.recovered"' in text and '"discarded_bytes":45' in text
+    (tmp_path / "public.pem").write_text(public_pem(AUDIT_PRIVATE_KEY))
+    anchor = tmp_path / "anchor" / "audit.anchor"
+    args = [str(log), "--public-key", str(tmp_path / "public.pem"), "--anchor", str(anchor)]
+    assert cli_main(["audit", "verify", *args]) == 3
+    said = capsys.readouterr().out
+    assert "recovered_crash" in said and "intact but for a server crash" in said
+    # The report verifies first, and goes on: a crash is not tampering.
+    assert cli_main(["audit", "report", *args]) == 0
+    assert capsys.readouterr().out.count("unavailable") == 4
 
 
 async def test_sighup_reloads_revocations(nursery: trio.Nursery, tmp_path: Path) -> None:

@@ -14,18 +14,32 @@ from a connection, then sums its repeats into one record per `REFUSAL_WINDOW` (d
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
+import logging
+import logging.handlers
+import math
+import mmap
+import queue
+import secrets
 import sys
+import threading
 import time
-from collections.abc import Mapping, MutableMapping
+import urllib.request
+from collections.abc import Mapping, MutableMapping, Sequence
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 import orjson
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from callgate.errors import ConfigError
 
 if TYPE_CHECKING:
     from callgate.config import AuditSettings
@@ -61,11 +75,21 @@ AUDIT_FIELDS = frozenset(
         # cluster mode: a node, and a refused log entry's stream id
         "node",
         "entry",
-        # the chain itself, and the records that link files and checkpoint the trail
+        # the server-assigned key of a call, unique in the deployment
+        "call_key",
+        # the trail a record of the chain belongs to
+        "trail",
+        # the chain itself, and the records that link files, checkpoint and recover the trail
         "seq",
         "mac",
-        "prev_file",
+        "prev",
+        "prev_mac",
         "records",
+        "digest",
+        "key_id",
+        "sig",
+        "discarded_bytes",
+        "discarded_sha256",
     }
 )
 # Keys that could hold secrets or media descriptions; never written even if allow-listed later.
@@ -256,7 +280,8 @@ def _plain(record: Mapping[str, Any]) -> bool:
 
 
 def canonical(record: Mapping[str, Any]) -> bytes:
-    """The bytes a record's MAC covers: sorted keys, no spaces, ASCII only, without `mac`."""
+    """The bytes a record's MAC, digest and signature cover: sorted keys, no spaces, ASCII only,
+    without `mac` (and, for a signature, without `sig`)."""
     body = {k: v for k, v in record.items() if k != "mac"}
     return _canonical(body, _plain(body))
 
@@ -274,15 +299,164 @@ def chain_mac(key: bytes, previous_mac: str, record: Mapping[str, Any]) -> str:
     return hmac.digest(key, previous_mac.encode() + b"\n" + canonical(record), "sha256").hex()
 
 
-def sign(key: bytes, document: Mapping[str, Any]) -> str:
-    """The signature of a checkpoint line (the sidecar file), over its canonical JSON."""
-    return hmac.new(
-        key, canonical({k: v for k, v in document.items() if k != "sig"}), hashlib.sha256
-    ).hexdigest()
+def chain_digest(previous: str, body: bytes) -> str:
+    """The public chain: SHA-256 over the previous record's digest and this record's canonical
+    JSON (`canonical`). Nobody needs a key to compute it; checkpoints sign it."""
+    return hashlib.sha256(previous.encode() + b"\n" + body).hexdigest()
 
 
-def _dumps(record: Any, **_: Any) -> str:
-    return _line(record, isinstance(record, dict) and _plain(record))
+def signed_part(record: Mapping[str, Any]) -> bytes:
+    """What a checkpoint's Ed25519 signature covers: its canonical JSON without `mac` and `sig`."""
+    return canonical({k: v for k, v in record.items() if k != "sig"})
+
+
+# -- keys ---------------------------------------------------------------------------------------
+
+
+def key_id_of(public_key: Ed25519PublicKey) -> str:
+    """A public key's id in checkpoints: the first 16 hex digits of SHA-256 of its raw bytes."""
+    raw = public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def load_private_key(text: str) -> Ed25519PrivateKey:
+    """An Ed25519 private key: PEM (PKCS#8), or the base64 of its 32-byte seed.
+
+    Raises: ValueError (not an Ed25519 private key).
+    """
+    if "-----BEGIN" not in text:
+        return Ed25519PrivateKey.from_private_bytes(_base64_key(text, "seed"))
+    key = serialization.load_pem_private_key(text.encode(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError("not an Ed25519 private key")  # noqa: TRY004 - one error for a bad key
+    return key
+
+
+def load_public_key(text: str) -> Ed25519PublicKey:
+    """An Ed25519 public key: PEM (SubjectPublicKeyInfo) or the base64 of its 32 raw bytes.
+
+    Raises: ValueError (not an Ed25519 public key).
+    """
+    if "-----BEGIN" not in text:
+        return Ed25519PublicKey.from_public_bytes(_base64_key(text, "public key"))
+    if "PRIVATE KEY" in text:
+        raise ValueError("this is a private key: give the verifier the public key only")
+    key = serialization.load_pem_public_key(text.encode())
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError("not an Ed25519 public key")  # noqa: TRY004
+    return key
+
+
+def _base64_key(text: str, what: str) -> bytes:
+    raw = base64.b64decode(text.strip(), validate=True)
+    if len(raw) != 32:
+        raise ValueError(f"an Ed25519 {what} is 32 bytes (base64: 44 characters)")
+    return raw
+
+
+def signing_key(settings: AuditSettings) -> Ed25519PrivateKey | None:
+    """The configured signing key (`signing_key`, or `signing_key_file`), if any.
+
+    Raises: ConfigError naming the key.
+    """
+    if settings.signing_key is not None:
+        name, text = "audit.signing_key", settings.signing_key.get_secret_value()
+    elif settings.signing_key_file is not None:
+        name = "audit.signing_key_file"
+        try:
+            text = Path(settings.signing_key_file).read_text()
+        except OSError as exc:
+            raise ConfigError(
+                f"{name}: cannot read {settings.signing_key_file}: {exc.strerror}"
+            ) from None
+    else:
+        return None
+    try:
+        return load_private_key(text)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: not an Ed25519 private key ({exc})") from None
+
+
+def public_pem(key: Ed25519PrivateKey) -> str:
+    return (
+        key.public_key()
+        .public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+        .decode("ascii")
+    )
+
+
+class Signer:
+    """The server's checkpoint signature: Ed25519, named by its key id."""
+
+    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+        self._key = private_key
+        self.key_id = key_id_of(private_key.public_key())
+
+    def seal(self, record: MutableMapping[str, Any]) -> None:
+        """Add `key_id` and `sig`: the Ed25519 signature of the record's `signed_part`."""
+        record["key_id"] = self.key_id
+        record["sig"] = self._key.sign(signed_part(record)).hex()
+
+
+# -- strict reading -----------------------------------------------------------------------------
+
+# Integers beyond this lose precision in JavaScript and many JSON tools (RFC 7493, I-JSON): two
+# readers would see two values, so a record holding one is refused.
+MAX_SAFE_INTEGER = 2**53 - 1
+# No record the server writes comes near this; a longer line is refused unread.
+MAX_LINE_BYTES = 65536
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r}")
+            seen.add(key)
+    return record
+
+
+def _integer(text: str) -> int:
+    if len(text) > 17 or abs(int(text)) > MAX_SAFE_INTEGER:
+        raise ValueError(f"number {text[:24]} is outside the safe integer range")
+    return int(text)
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:24]} is not finite")
+    return value
+
+
+def _constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+_STRICT = json.JSONDecoder(
+    object_pairs_hook=_object, parse_int=_integer, parse_float=_float, parse_constant=_constant
+)
+
+
+def parse_record(raw: bytes) -> dict[str, Any]:
+    """One line as an audit record, read strictly: UTF-8, one flat JSON object, no duplicate key,
+    integers within +-(2**53 - 1), finite numbers. Raises: ValueError saying what is wrong."""
+    if len(raw) > MAX_LINE_BYTES:
+        raise ValueError(f"a line of {len(raw)} bytes")
+    value = _STRICT.decode(raw.decode("utf-8"))
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")  # noqa: TRY004 - one error type for a bad line
+    for key, item in value.items():
+        if isinstance(item, dict | list):
+            raise ValueError(f"{key!r} holds a nested value")  # noqa: TRY004
+    return value
+
+
+def render(record: Mapping[str, Any]) -> str:
+    """A record's line, as the log writes it."""
+    return _line(record, _plain(record))
 
 
 def _line(record: Any, plain: bool) -> str:
@@ -293,13 +467,15 @@ def _line(record: Any, plain: bool) -> str:
 
 
 class AuditLog:
-    """Writes audit records, one JSON object per line, each sealed into a hash chain.
+    """Writes audit records, one JSON object per line, each sealed into two chains.
 
-    Every record gets `seq` (1, 2, ... across restarts and rotations) and, when a key is
+    Every record gets `seq` (1, 2, ... across restarts and rotations) and, when an HMAC key is
     configured, `mac`: HMAC-SHA256(key, previous mac + canonical JSON of the record). Every
-    `checkpoint_every` records or `checkpoint_seconds` (and at close), an `audit.checkpoint` record
-    is written and its seq and mac are also appended, signed, to the sink's checkpoint file, which
-    lets `callgate audit verify` notice a trail cut short. See docs/audit-log.md.
+    record also extends a public digest (`chain_digest`) that needs no key. Every
+    `checkpoint_every` records or `checkpoint_seconds`, and at close, an `audit.checkpoint` record
+    carries that digest, signed with the server's Ed25519 key when one is configured; the same
+    line goes to every anchor (a file on other storage, syslog), where the log's writer cannot
+    take it back. See docs/audit-log.md.
     """
 
     def __init__(
@@ -307,6 +483,8 @@ class AuditLog:
         sink: AuditSink,
         *,
         key: bytes | None = None,
+        signer: Signer | None = None,
+        anchors: Sequence[Anchor] = (),
         strict: bool = False,
         checkpoint_every: int = 1000,
         checkpoint_seconds: float = 60.0,
@@ -320,34 +498,63 @@ class AuditLog:
         # The HMAC with the key already mixed in: each record's MAC copies it (chain_mac's
         # result, without setting the key up again per record).
         self._keyed = hmac.new(key, digestmod=hashlib.sha256) if key is not None else None
+        self._signer = signer
+        self._anchors = list(anchors)
         self._strict = strict
         self._checkpoint_every = checkpoint_every
         self._checkpoint_seconds = checkpoint_seconds
-        self._seq, self._mac = sink.last_link()
+        resume = sink.resume()
+        self._seq, self._mac, self._digest = resume.seq, resume.mac, resume.digest
+        # The trail's id, in every `audit.opened` and checkpoint: tells one trail's anchor lines
+        # from another's (cluster nodes, one syslog), and groups a report's files by trail.
+        self._trail = resume.trail or secrets.token_hex(8)
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
+        if resume.torn:  # a crash cut the last line: what is discarded is said, then sealed
+            self._emit(
+                "audit.recovered",
+                {
+                    "discarded_bytes": len(resume.torn),
+                    "discarded_sha256": hashlib.sha256(resume.torn).hexdigest(),
+                },
+            )
         if sink.chained_across_files:
-            self._emit("audit.opened", {"reason": "start", "prev_file": sink.previous_file()})
+            self._emit("audit.opened", {"reason": "start", **self._link()})
 
     @classmethod
     def open(cls, settings: AuditSettings) -> AuditLog:
-        """`path = "-"` is stdout; anything else is a rotating file, continued across restarts."""
+        """`path = "-"` is stdout; anything else is a rotating file, continued across restarts.
+
+        Raises: OSError (a file or an anchor cannot be opened), ValueError (a bad signing key).
+        """
         key = settings.key.get_secret_value().encode() if settings.key is not None else None
         sink: AuditSink
         if settings.path == "-":
             sink = StreamSink(sys.stdout)
         else:
             sink = FileSink(Path(settings.path), settings.rotate_bytes, settings.rotate_seconds)
+        private = signing_key(settings)
         return cls(
             sink,
             key=key,
+            signer=Signer(private) if private is not None else None,
+            anchors=open_anchors(settings),
             checkpoint_every=settings.checkpoint_every,
             checkpoint_seconds=settings.checkpoint_seconds,
         )
 
     @property
     def tamper_evident(self) -> bool:
-        return self._key is not None
+        return self._key is not None or self._signer is not None
+
+    def _link(self) -> dict[str, Any]:
+        """What a new file or run commits to: the chains as they stand before its first record."""
+        return {
+            "trail": self._trail,
+            "prev": self._digest,
+            "prev_mac": self._mac if self._keyed is not None else None,
+            "key_id": self._signer.key_id if self._signer is not None else None,
+        }
 
     def write(self, event: str, fields: Mapping[str, Any], now: float | None = None) -> None:
         """Write one record; a repeated refusal is counted instead (`RefusalDigest`).
@@ -372,8 +579,8 @@ class AuditLog:
 
     def _write(self, event: str, fields: Mapping[str, Any]) -> None:
         if self._sink.needs_rotation():
-            previous = self._sink.rotate()
-            self._emit("audit.opened", {"reason": "rotation", "prev_file": previous})
+            self._sink.rotate()
+            self._emit("audit.opened", {"reason": "rotation", **self._link()})
         self._emit(event, fields)
         self._since_checkpoint += 1
         if self._since_checkpoint >= self._checkpoint_every:
@@ -391,18 +598,12 @@ class AuditLog:
             self.checkpoint()
 
     def checkpoint(self) -> None:
-        self._emit("audit.checkpoint", {"records": self._since_checkpoint})
+        """Seal the trail so far: a checkpoint record, also sent to every anchor."""
+        line = self._emit("audit.checkpoint", {"records": self._since_checkpoint})
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
-        if self._key is not None:
-            line: dict[str, Any] = {
-                "ts": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-                "file": self._sink.name,
-                "seq": self._seq,
-                "mac": self._mac,
-            }
-            line["sig"] = sign(self._key, line)
-            self._sink.write_checkpoint(_dumps(line))
+        for anchor in self._anchors:
+            anchor.write(line)
 
     def close(self) -> None:
         for summary, summary_fields in self._refusals.flush():
@@ -410,48 +611,71 @@ class AuditLog:
         if self._since_checkpoint:
             self.checkpoint()
         self._sink.close()
+        for anchor in self._anchors:
+            anchor.close()
 
-    def _emit(self, event: str, fields: Mapping[str, Any]) -> None:
+    def _emit(self, event: str, fields: Mapping[str, Any]) -> str:
         # The processors are structlog's kind (logger, method, record), called in turn: the
         # BoundLogger that ran them (a context copy, a proxy call, its own bookkeeping) cost as
         # much as they do, and an audit record has no context to bind.
         record: dict[str, Any] = {key: value for key, value in fields.items() if key != "event"}
         record["event"] = event
-        self._sink.msg(self._seal(None, "msg", _prepare(None, "msg", _stamp(None, "msg", record))))
+        line = self._seal(None, "msg", _prepare(None, "msg", _stamp(None, "msg", record)))
+        self._sink.msg(line)
+        return line
 
     def _seal(self, _: Any, __: str, record: MutableMapping[str, Any]) -> str:
-        """Number the record, chain its MAC and render its line: the last processor.
+        """Number the record, sign it if it is a checkpoint, chain its digest and MAC, and render
+        its line: the last processor.
 
-        Whether orjson may write it is decided once for both: `seq` is an integer and the MAC
-        hexadecimal, so adding them keeps a plain record plain.
+        Whether orjson may write it is decided once for all: `seq` is an integer, and the digest,
+        key id, signature and MAC hexadecimal, so adding them keeps a plain record plain.
         """
         self._seq += 1
         record["seq"] = self._seq
         record.pop("mac", None)  # only the chain writes it
+        if record["event"] == "audit.checkpoint":
+            record["trail"] = self._trail
+            record["digest"] = self._digest
+            if self._signer is not None:
+                self._signer.seal(record)
         plain = _plain(record)
+        body = _canonical(record, plain)
+        self._digest = chain_digest(self._digest, body)
         if self._keyed is not None:
             mac = self._keyed.copy()
-            mac.update(self._mac.encode() + b"\n" + _canonical(record, plain))
+            mac.update(self._mac.encode() + b"\n" + body)
             self._mac = mac.hexdigest()
             record["mac"] = self._mac
         return _line(record, plain)
 
 
+class Resume:
+    """Where a trail left off: the last record's seq, MAC and digest, and a torn last line."""
+
+    __slots__ = ("digest", "mac", "seq", "torn", "trail")
+
+    def __init__(
+        self, seq: int = 0, mac: str = "", digest: str = "", torn: bytes = b"", trail: str = ""
+    ) -> None:
+        self.trail = trail
+        self.seq = seq
+        self.mac = mac
+        self.digest = digest
+        self.torn = torn
+
+
 class AuditSink:
     """Where lines go. The base class is an in-memory-free no-op; see the two below."""
 
-    name = "-"
     chained_across_files = False
 
     def msg(self, line: str) -> None:  # one finished line (the name is structlog's)
         raise NotImplementedError
 
-    def last_link(self) -> tuple[int, str]:
-        """(seq, mac) of the last record already written, to continue the chain."""
-        return 0, ""
-
-    def previous_file(self) -> str | None:
-        return None
+    def resume(self) -> Resume:
+        """Where the trail already written ends, to continue its chains."""
+        return Resume()
 
     def needs_rotation(self) -> bool:
         return False
@@ -459,15 +683,12 @@ class AuditSink:
     def rotate(self) -> str:
         raise NotImplementedError
 
-    def write_checkpoint(self, line: str) -> None:
-        pass
-
     def close(self) -> None:
         pass
 
 
 class StreamSink(AuditSink):
-    """A text stream (stdout, or a StringIO in tests); checkpoints are written in-line only."""
+    """A text stream (stdout, or a StringIO in tests)."""
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
@@ -484,8 +705,9 @@ class FileSink(AuditSink):
     """An append-only file, rotated by size and age into `<path>.<UTC time>` files.
 
     The chain continues from the last record of the current file (or, when it is missing, of
-    the newest rotated one), so a restart or a rotation never starts a new chain. Checkpoints
-    are appended to `<path>.checkpoints`, which is never rotated.
+    the newest rotated one), so a restart or a rotation never starts a new chain. A last line
+    cut by a crash is ended at start, and its bytes reported by `resume` (the log seals them off
+    with an `audit.recovered` record).
     """
 
     chained_across_files = True
@@ -494,16 +716,19 @@ class FileSink(AuditSink):
         self.path = path
         self._rotate_bytes = rotate_bytes
         self._rotate_seconds = rotate_seconds
-        self._checkpoints = path.with_name(path.name + ".checkpoints")
-        self._previous = self._newest_rotated()
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._resume = Resume()
+        for candidate in (path, *reversed(self.rotated_files())):
+            found = _resume_from(candidate)
+            if found is not None:
+                self._resume = found
+                break
         self._file = path.open("a", encoding="utf-8")
+        if self._file.tell() and _ends_unterminated(path):
+            self._file.write("\n")  # end the cut line, so the next record starts a line of its own
+            self._file.flush()
         self._size = self._file.tell()
         self._opened = time.monotonic()
-
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return self.path.name
 
     def rotated_files(self) -> list[Path]:
         prefix = self.path.name + "."
@@ -511,20 +736,8 @@ class FileSink(AuditSink):
             p for p in self.path.parent.glob(prefix + "*") if p.name[len(prefix) :][:1].isdigit()
         )
 
-    def _newest_rotated(self) -> str | None:
-        rotated = self.rotated_files()
-        return rotated[-1].name if rotated else None
-
-    def last_link(self) -> tuple[int, str]:
-        for candidate in (self.path, *reversed(self.rotated_files())):
-            record = _last_record(candidate)
-            if record is not None:
-                return int(record.get("seq", 0)), str(record.get("mac", ""))
-        return 0, ""
-
-    def previous_file(self) -> str | None:
-        # Only a fresh current file follows a rotated one; an existing one continues itself.
-        return self._previous if self._size == 0 else None
+    def resume(self) -> Resume:
+        return self._resume
 
     def msg(self, line: str) -> None:
         self._file.write(line + "\n")
@@ -547,29 +760,199 @@ class FileSink(AuditSink):
         self._opened = time.monotonic()
         return rotated.name
 
-    def write_checkpoint(self, line: str) -> None:
-        with self._checkpoints.open("a", encoding="utf-8") as out:
-            out.write(line + "\n")
+    def close(self) -> None:
+        self._file.close()
+
+
+def _ends_unterminated(path: Path) -> bool:
+    with path.open("rb") as handle:
+        handle.seek(-1, 2)
+        return handle.read(1) != b"\n"
+
+
+# The records a digest can restart from: each states the digest before itself.
+_RESTART_MARKS = (b'"event":"audit.opened"', b'"event":"audit.checkpoint"')
+
+
+def _resume_from(path: Path) -> Resume | None:
+    """Where the trail in `path` ends (None: no record in it).
+
+    The digest is recomputed from the file's last `audit.opened` or `audit.checkpoint` record
+    (each states the digest before it) over the records after it, so only the tail is read. A
+    last line without its newline is the crash's: a complete record is kept, anything else is
+    returned as `torn`.
+    """
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return None
+    if size == 0:
+        return None
+    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        end = view.rfind(b"\n") + 1
+        last = bytes(view[end:])
+        mark = max(view.rfind(marker, 0, end) for marker in _RESTART_MARKS)
+        start = view.rfind(b"\n", 0, mark) + 1 if mark >= 0 else 0
+        lines = bytes(view[start:end]).splitlines()
+    torn = b""
+    if last:
+        try:
+            parse_record(last)
+            lines.append(last)  # only its newline was lost
+        except ValueError:
+            torn = last
+    resume = Resume(torn=torn)
+    digest: str | None = None
+    found = False
+    for line in lines:
+        try:
+            record = parse_record(line)
+        except ValueError:
+            continue  # a line cut by an earlier crash, sealed off after it
+        if record.get("event") == "audit.opened" and isinstance(record.get("prev"), str):
+            digest = record["prev"]
+            resume.trail = str(record.get("trail", ""))
+        elif record.get("event") == "audit.checkpoint" and isinstance(record.get("digest"), str):
+            digest = record["digest"]
+            resume.trail = str(record.get("trail", ""))
+        if digest is not None:
+            digest = chain_digest(digest, canonical(record))
+        seq = record.get("seq")
+        resume.seq = seq if isinstance(seq, int) else resume.seq
+        resume.mac = str(record.get("mac", ""))
+        found = True
+    resume.digest = digest or ""
+    return resume if found or torn else None
+
+
+# -- anchors: where checkpoints go besides the trail ---------------------------------------------
+
+
+def open_anchors(settings: AuditSettings) -> list[Anchor]:
+    """The configured anchors, open. Raises: OSError (the anchor file cannot be opened)."""
+    anchors: list[Anchor] = []
+    if settings.anchor_path is not None:
+        anchors.append(FileAnchor(Path(settings.anchor_path)))
+    if settings.anchor_syslog is not None:
+        anchors.append(SyslogAnchor(settings.anchor_syslog))
+    if settings.anchor_url is not None:
+        anchors.append(HttpAnchor(settings.anchor_url))
+    return anchors
+
+
+class Anchor:
+    """A second home for checkpoint lines, out of the log writer's reach."""
+
+    def write(self, line: str) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class FileAnchor(Anchor):
+    """Appends each checkpoint line to a file meant for other storage (another disk, a mount the
+    server may only append to, a WORM bucket's gateway), flushed at once: a crash of the process
+    cannot lose it. (Not fsynced: that would stall the event loop for a disk's latency.)"""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("a", encoding="utf-8")
+
+    def write(self, line: str) -> None:
+        self._file.write(line + "\n")
+        self._file.flush()
 
     def close(self) -> None:
         self._file.close()
 
 
-def _last_record(path: Path) -> dict[str, Any] | None:
-    """The last complete JSON line of a file (a crash may leave a partial one after it)."""
-    try:
-        with path.open("rb") as handle:
-            handle.seek(0, 2)
-            size = handle.tell()
-            handle.seek(max(0, size - 65536))
-            tail = handle.read().splitlines()
-    except OSError:
-        return None
-    for line in reversed(tail):
+# The tag before each checkpoint line in syslog; `audit verify --anchor` reads a line's JSON
+# from its first "{" on, so an exported syslog file can be given as it is.
+SYSLOG_TAG = "callgate-audit"
+
+
+class SyslogAnchor(Anchor):
+    """Sends each checkpoint line to syslog: a local socket (`/dev/log`) or `host:port` (UDP)."""
+
+    def __init__(self, address: str) -> None:
+        target: str | tuple[str, int] = address
+        if not address.startswith("/"):
+            host, _, port = address.rpartition(":")
+            target = (host, int(port))
+        self._handler = logging.handlers.SysLogHandler(
+            address=target, facility=logging.handlers.SysLogHandler.LOG_AUTH
+        )
+        self._handler.ident = f"{SYSLOG_TAG}: "
+        self._handler.append_nul = False  # the line as it is: an export of it verifies as it is
+
+    def write(self, line: str) -> None:
+        self._handler.emit(logging.makeLogRecord({"msg": line, "levelno": logging.INFO}))
+
+    def close(self) -> None:
+        self._handler.close()
+
+
+class HttpAnchor(Anchor):
+    """POSTs each checkpoint line (`application/json`) to an HTTP(S) endpoint that keeps them.
+
+    A worker thread sends, so the event loop never waits for the network; a line that cannot be
+    sent is retried (`ATTEMPTS` times, a second apart) and then reported on stderr: that
+    checkpoint is not anchored, the next ones still are. `close` waits up to `CLOSE_WAIT` seconds
+    for the lines still queued (the final checkpoint of a shutdown).
+    """
+
+    ATTEMPTS = 3
+    TIMEOUT = 5.0
+    CLOSE_WAIT = 10.0
+    QUEUED = 1000  # lines waiting; more are dropped (and reported), never the event loop blocked
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._lines: queue.Queue[str | None] = queue.Queue(self.QUEUED)
+        self._worker = threading.Thread(target=self._send_all, name="audit-anchor", daemon=True)
+        self._worker.start()
+
+    def write(self, line: str) -> None:
         try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            return record
-    return None
+            self._lines.put_nowait(line)
+        except queue.Full:
+            _anchor_failed(self._url, "too many checkpoints waiting: one dropped")
+
+    def close(self) -> None:
+        try:
+            self._lines.put(None, timeout=self.CLOSE_WAIT)
+        except queue.Full:
+            return
+        self._worker.join(self.CLOSE_WAIT)
+
+    def _send_all(self) -> None:
+        while (line := self._lines.get()) is not None:
+            for attempt in range(self.ATTEMPTS):
+                try:
+                    self._send(line)
+                    break
+                except (OSError, ValueError) as exc:
+                    if attempt == self.ATTEMPTS - 1:
+                        _anchor_failed(self._url, f"checkpoint not anchored: {exc}")
+                    else:
+                        time.sleep(1.0)
+
+    def _send(self, line: str) -> None:
+        request = urllib.request.Request(  # noqa: S310 - the scheme is checked by the settings
+            self._url,
+            data=line.encode("ascii"),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=self.TIMEOUT) as response:  # noqa: S310
+            response.read()
+
+
+def _anchor_failed(url: str, problem: str) -> None:
+    sys.stderr.write(
+        json.dumps(
+            {"event": "audit anchor failed", "level": "error", "url": url, "problem": problem}
+        )
+        + "\n"
+    )

@@ -17,18 +17,20 @@ from pydantic import ValidationError
 
 import callgate
 from callgate import __version__
-from callgate.audit import AuditLog
+from callgate.audit import AuditLog, signing_key
 from callgate.auth import mint_token
 from callgate.config import (
     DEVELOPMENT_AUDIT_KEY,
     DEVELOPMENT_SECRET,
     HMAC_ALGORITHMS,
     MIN_HMAC_SECRET_BYTES,
+    AuditSettings,
     Settings,
     env_variable,
     is_loopback_host,
     load_settings,
     uses_development_secret,
+    uses_development_signing_key,
 )
 from callgate.errors import ConfigError
 from callgate.log import configure_logging, get_logger
@@ -65,22 +67,50 @@ def _parser() -> argparse.ArgumentParser:
     audit = commands.add_parser("audit", help="verify or report on audit trail files")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)
     verify = audit_commands.add_parser(
-        "verify", help="check the MAC chain, sequence, files and checkpoints of a trail"
-    )
-    verify.add_argument("files", nargs="+", type=Path)
-    verify.add_argument("--config", type=Path, help="config file with audit.key")
-    verify.add_argument(
-        "--checkpoints",
-        type=Path,
-        action="append",
-        help="checkpoint file (default: the trail's own .checkpoints file, if present)",
+        "verify", help="check a trail's sequence, chains, signed checkpoints and anchor"
     )
     report = audit_commands.add_parser("report", help="one row per call, and refusals per user")
-    report.add_argument("files", nargs="+", type=Path)
+    for command in (verify, report):
+        command.add_argument("files", nargs="+", type=Path)
+        command.add_argument(
+            "--public-key",
+            type=Path,
+            action="append",
+            default=[],
+            help="Ed25519 public key (PEM) that signs checkpoints; repeat for rotated keys",
+        )
+        command.add_argument(
+            "--anchor",
+            type=Path,
+            action="append",
+            default=[],
+            help="anchor file (checkpoint lines kept on other storage, or a syslog export)",
+        )
+        command.add_argument(
+            "--config",
+            type=Path,
+            help="config file: its [audit] section only (HMAC key, signing key, anchor_path)",
+        )
+    report.add_argument(
+        "--unverified", action="store_true", help="report without verifying the trail first"
+    )
     report.add_argument("--format", choices=["table", "csv", "jsonl"], default="table")
     report.add_argument("--user", help="only calls and refusals of this user")
     report.add_argument("--since", help="only records at or after this time (RFC 3339 or unix)")
     report.add_argument("--until", help="only records at or before this time")
+    keygen = audit_commands.add_parser(
+        "keygen", help="make an Ed25519 checkpoint signing key; prints its public key"
+    )
+    keygen.add_argument("out", type=Path, help="where to write the private key (PEM, mode 0600)")
+    public = audit_commands.add_parser(
+        "public-key", help="print the public key of the configured signing key, for auditors"
+    )
+    public.add_argument("--config", type=Path)
+    retain = audit_commands.add_parser(
+        "retain", help="record in the anchor that the trail is kept from this file on"
+    )
+    retain.add_argument("file", type=Path, help="the oldest log file that is kept")
+    retain.add_argument("--config", type=Path)
 
     revoke = commands.add_parser(
         "revoke", help="revoke a token (by jti) or a user's tokens issued before now"
@@ -146,13 +176,21 @@ def _run_until_signalled(settings: Settings, announce: Announce) -> int:
         audit = AuditLog.open(settings.audit)
     except OSError as exc:
         # The failing path may be a parent directory (a file where a directory should be).
+        anchor = settings.audit.anchor_path
+        if anchor is not None and exc.filename is not None and str(exc.filename) == anchor:
+            raise ConfigError(
+                f"audit.anchor_path: cannot append to {anchor}: {exc.strerror or exc}"
+            ) from None
         where = f" ({exc.filename})" if exc.filename and exc.filename != settings.audit.path else ""
         raise ConfigError(
             f"audit.path: cannot write the audit trail to {settings.audit.path}:"
             f" {exc.strerror or exc}{where}"
         ) from None
     if not audit.tamper_evident:
-        log.warning("audit.key is not set: audit records are numbered but not tamper-evident")
+        log.warning(
+            "audit.key and audit.signing_key are not set: audit records are numbered but not"
+            " tamper-evident"
+        )
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -205,19 +243,40 @@ def _serve(args: argparse.Namespace) -> int:
                 "hot path not compiled: running as pure Python (slower)",
                 why=NOT_COMPILED_BECAUSE[callgate.IMPLEMENTATION],
             )
+        _warn_audit_gaps(settings.audit)
         for setting, what, risk in _development_keys(settings):
             section, key = setting.split(".")
+            own = (
+                "a key of your own (`callgate audit keygen`)"
+                if setting == "audit.signing_key"
+                else f"one of your own ({MIN_HMAC_SECRET_BYTES}+ bytes)"
+            )
             log.warning(
                 f"{setting} is the shipped development {what}: loopback only",
                 risk=risk,
                 fix=f"set [{section}] {key} in the config file, or {env_variable(section, key)},"
-                f" to one of your own ({MIN_HMAC_SECRET_BYTES}+ bytes)",
+                f" to {own}",
             )
         hint = _token_hint(settings, args.config, os.environ)
         if hint is not None and is_loopback_host(settings.server.host):
             log.info("get a token in another terminal", connect=running.url, **hint)
 
     return _run_until_signalled(settings, announce)
+
+
+def _warn_audit_gaps(audit: AuditSettings) -> None:
+    """What an auditor could not check in this trail, said once at start."""
+    if audit.key is not None and audit.signing_key is None and audit.signing_key_file is None:
+        log.warning(
+            "audit.signing_key is not set: checkpoints are not signed, so only holders of the"
+            " HMAC key can verify the trail, and they could forge it"
+        )
+    anchors = (audit.anchor_path, audit.anchor_syslog, audit.anchor_url)
+    if audit.path != "-" and all(anchor is None for anchor in anchors):
+        log.warning(
+            "audit.anchor_path, anchor_syslog and anchor_url are not set: a cut of the newest"
+            " audit records cannot be detected (docs/audit-log.md, Anchoring)"
+        )
 
 
 def _development_keys(settings: Settings) -> list[tuple[str, str, str]]:
@@ -229,6 +288,14 @@ def _development_keys(settings: Settings) -> list[tuple[str, str, str]]:
         keys.append(("auth.secret", "secret", "anyone can mint tokens this server accepts"))
     if audit_key is not None and audit_key.get_secret_value() == DEVELOPMENT_AUDIT_KEY:
         keys.append(("audit.key", "audit key", "anyone can forge the audit trail's MACs"))
+    if uses_development_signing_key(settings.audit):
+        keys.append(
+            (
+                "audit.signing_key",
+                "audit signing key",
+                "anyone can sign audit checkpoints (development key id ee3d7def71e1a845)",
+            )
+        )
     return keys
 
 
@@ -318,6 +385,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.file)
     TokenVerifier.from_settings(settings.auth)
+    signing_key(settings.audit)  # a bad signing key is named here, not at the first checkpoint
     if settings.auth.revocation_file is not None:
         from callgate.revocation import load_revocations
 
@@ -342,32 +410,9 @@ def _revoke(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from collections import Counter
+    from callgate import audit_cli
 
-    from callgate import trail
-
-    missing = [str(path) for path in args.files if not path.is_file()]
-    if missing:
-        raise ConfigError(f"no such audit file: {', '.join(missing)}")
-    if args.audit_command == "report":
-        refusals: dict[str, Counter[str]] = {}
-        rows = trail.calls(
-            args.files, user=args.user, since=args.since, until=args.until, refusals=refusals
-        )
-        trail.write_report(rows, sys.stdout, args.format, refusals)
-        return 0
-    settings = load_settings(args.config)
-    if settings.audit.key is None:
-        raise ConfigError("audit.key: needed to verify; set it in --config or CALLGATE_AUDIT_KEY")
-    checkpoints = args.checkpoints or trail.checkpoint_files_for(args.files)
-    problems = trail.verify(args.files, settings.audit.key.get_secret_value().encode(), checkpoints)
-    for problem in problems:
-        print(problem)
-    if problems:
-        print(f"audit trail NOT intact: {len(problems)} problem(s); the first is the first break")
-        return 1
-    print(f"audit trail intact: {len(args.files)} file(s), {len(checkpoints)} checkpoint file(s)")
-    return 0
+    return audit_cli.run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

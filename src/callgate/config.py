@@ -24,6 +24,10 @@ from callgate.errors import ConfigError
 # The secret shipped in config/callgate.toml. `callgate serve` refuses it on any non-loopback host.
 DEVELOPMENT_SECRET = "callgate-development-secret-for-localhost-only"  # noqa: S105 - public on purpose
 DEVELOPMENT_AUDIT_KEY = "callgate-development-audit-key-for-localhost-only"
+# The Ed25519 seed (base64) of the development checkpoint signing key in config/callgate.toml:
+# SHA-256 of "callgate development audit signing key, public on purpose". Its key id is
+# ee3d7def71e1a845. Anyone can sign checkpoints with it.
+DEVELOPMENT_AUDIT_SIGNING_KEY = "KOQ21CixVI8X3kVm5Fo77kwjvSS3Iz5h0tO84oXKcGY="
 
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 PUBLIC_KEY_ALGORITHMS = frozenset(
@@ -178,8 +182,16 @@ class TlsSettings(_Section):
 
 class AuditSettings(_Section):
     path: str = "-"
-    # HMAC key of the record chain; without one, records are numbered but not tamper-evident.
+    # HMAC key of the per-record MAC chain (optional once checkpoints are signed).
     key: SecretStr | None = None
+    # Ed25519 private key that signs checkpoints: base64 of the 32-byte seed or a PEM, inline
+    # (signing_key, best from CALLGATE_AUDIT_SIGNING_KEY) or in a file (signing_key_file).
+    signing_key: SecretStr | None = None
+    signing_key_file: Path | None = None
+    # Where checkpoints also go, out of the log writer's reach: a file, syslog, an HTTP(S) POST.
+    anchor_path: str | None = None
+    anchor_syslog: str | None = Field(None, pattern=r"^(/.+|[^/:]+:\d{1,5})$")
+    anchor_url: str | None = Field(None, pattern=r"^https?://[^\s]+$")
     rotate_bytes: int = Field(64 * 1024 * 1024, ge=4096)
     rotate_seconds: float = Field(86400.0, ge=1)
     checkpoint_every: int = Field(1000, ge=1)
@@ -324,9 +336,15 @@ def _parse_env_list(section: str, key: str, raw: str) -> list[str]:
 
 
 def load_settings(
-    path: Path | None = None, *, environ: Mapping[str, str] | None = None
+    path: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    sections: tuple[str, ...] | None = None,
 ) -> Settings:
     """Read the TOML file (if any), apply environment overrides, validate.
+
+    `sections`: read and check only these (the others keep their defaults), for a tool that
+    needs nothing else: `load_audit_settings`.
 
     Raises:
         ConfigError: unreadable file, bad TOML, unknown key, or a bad value (named).
@@ -348,6 +366,8 @@ def load_settings(
         if not isinstance(existing, dict):
             raise ConfigError(f"{section}: must be a table in {source}")
         data[section] = {**existing, **values}
+    if sections is not None:
+        data = {name: values for name, values in data.items() if name in sections}
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
@@ -363,8 +383,16 @@ def load_settings(
                 problems.append(f"{key}: {error['msg']}")
         where = f" ({source})" if from_file else ""
         raise ConfigError(f"invalid configuration{where}: {'; '.join(problems)}") from None
-    settings.check_coherence()
+    if sections is None:
+        settings.check_coherence()
     return settings
+
+
+def load_audit_settings(
+    path: Path | None = None, *, environ: Mapping[str, str] | None = None
+) -> AuditSettings:
+    """Only `[audit]`: what `callgate audit` needs, never the token settings."""
+    return load_settings(path, environ=environ, sections=("audit",)).audit
 
 
 def is_loopback_host(host: str) -> bool:
@@ -384,4 +412,11 @@ def uses_development_secret(settings: Settings) -> str | None:
         return "auth.secret"
     if audit_key is not None and audit_key.get_secret_value() == DEVELOPMENT_AUDIT_KEY:
         return "audit.key"
+    if uses_development_signing_key(settings.audit):
+        return "audit.signing_key"
     return None
+
+
+def uses_development_signing_key(audit: AuditSettings) -> bool:
+    key = audit.signing_key
+    return key is not None and key.get_secret_value().strip() == DEVELOPMENT_AUDIT_SIGNING_KEY

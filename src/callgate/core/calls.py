@@ -100,6 +100,9 @@ class Call:
     callee_conn: ConnId | None = None
     answered_at: float | None = None
     renegotiations: int = field(default=0)
+    # Server-assigned, unique in the deployment (the call id is the caller's and may repeat):
+    # the calling connection's id (random, unique) and the switchboard's count of call requests.
+    key: str = ""
 
     def role_of(self, conn: ConnId) -> Role:
         if conn == self.caller_conn:

@@ -81,6 +81,7 @@ class Switchboard:
         self._ring_timers: dict[TimerId, Call] = {}
         self._grace_timers: dict[TimerId, Device] = {}
         self._next_timer: TimerId = 0
+        self._call_requests = 0  # numbers call keys (`Call.key`)
 
     # -- inspection (tests, metrics) ---------------------------------------------------------
 
@@ -118,6 +119,7 @@ class Switchboard:
         """
         return {
             "next_timer": self._next_timer,
+            "call_requests": self._call_requests,
             "devices": [_device_state(device) for device in self._devices.all()],
             "calls": [_call_state(call) for call in self._calls],
             "ring_timers": sorted(self._ring_timers),
@@ -151,12 +153,14 @@ class Switchboard:
                 callee_conn=item["callee_conn"],
                 answered_at=item["answered_at"],
                 renegotiations=int(item["renegotiations"]),
+                key=str(item.get("call_key", "")),
             )
             calls.add(call)
             by_timer[call.ring_timer] = call
         self._devices, self._calls, self._grace_timers = devices, calls, grace_timers
         self._ring_timers = {timer: by_timer[timer] for timer in state["ring_timers"]}
         self._next_timer = int(state["next_timer"])
+        self._call_requests = int(state.get("call_requests", 0))
 
     # -- the one entry point -----------------------------------------------------------------
 
@@ -300,7 +304,10 @@ class Switchboard:
             raise Refused(ErrorCode.FORBIDDEN, "you cannot call yourself")
         if self._calls.id_in_use(message.call_id, user, callee):
             raise Refused(ErrorCode.CALL_EXISTS, "this call id is already in use; choose another")
+        self._call_requests += 1
+        call_key = f"{conn}.{self._call_requests}"
         fields = {
+            "call_key": call_key,
             "call_id": message.call_id,
             "caller": user,
             "callee": callee,
@@ -347,6 +354,7 @@ class Switchboard:
             ringing=dict.fromkeys(devices),
             requested_at=now,
             ring_timer=timer,
+            key=call_key,
         )
         self._calls.add(call)
         self._ring_timers[timer] = call
@@ -611,6 +619,7 @@ def _call_end_to(devices: list[ConnId], call: Call, sender: UserId, reason: str)
 
 def _call_fields(call: Call) -> dict[str, Any]:
     return {
+        "call_key": call.key,
         "call_id": call.call_id,
         "caller": call.caller,
         "callee": call.callee,
