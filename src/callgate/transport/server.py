@@ -262,6 +262,15 @@ async def serve(
         max_calls_per_user=settings.calls.max_calls_per_user,
         reconnect_grace=settings.calls.reconnect_grace,
         resume_buffer=settings.calls.resume_buffer,
+        offline=settings.calls.offline,
+        missed_calls=settings.calls.missed_calls,
+        missed_call_max_age=settings.calls.missed_call_max_age,
+        missed_calls_total=settings.calls.missed_calls_total,
+        report_missed=(
+            settings.calls.missed_calls > 0
+            or settings.calls.offline == "notify"
+            or settings.webhooks.url is not None
+        ),
     )
     link: ClusterLink | None = None
     if settings.cluster.enabled:
