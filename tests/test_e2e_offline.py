@@ -40,7 +40,7 @@ def end(call_id: str, to: str) -> dict[str, str]:
 
 
 async def test_a_call_to_an_offline_user_rings_the_device_that_signs_in_later(
-    harness: Harness,
+    harness: Harness, clock: trio.testing.MockClock
 ) -> None:
     await harness.start(notify())
     alice = await harness.connect("alice")
@@ -81,7 +81,9 @@ async def test_a_call_to_an_offline_user_rings_the_device_that_signs_in_later(
     assert harness.server is not None and harness.server.hub.armed_timers == 0
 
 
-async def test_nobody_signs_in_before_the_ring_timeout(harness: Harness) -> None:
+async def test_nobody_signs_in_before_the_ring_timeout(
+    harness: Harness, clock: trio.testing.MockClock
+) -> None:
     await harness.start(notify(ring_timeout=5))
     alice = await harness.connect("alice")
     await alice.send("call-request", call_request("p1", "alice", "bob"))
@@ -98,7 +100,7 @@ async def test_nobody_signs_in_before_the_ring_timeout(harness: Harness) -> None
     assert len(harness.server.board.calls) == 0 and harness.server.hub.armed_timers == 0
 
 
-async def test_cancel_while_pending(harness: Harness) -> None:
+async def test_cancel_while_pending(harness: Harness, clock: trio.testing.MockClock) -> None:
     await harness.start(notify())
     alice = await harness.connect("alice")
     await alice.send("call-request", call_request("p1", "alice", "bob"))
@@ -113,7 +115,9 @@ async def test_cancel_while_pending(harness: Harness) -> None:
     assert harness.server is not None and harness.server.hub.armed_timers == 0
 
 
-async def test_a_pending_call_makes_the_callee_busy_and_wins_the_glare(harness: Harness) -> None:
+async def test_a_pending_call_makes_the_callee_busy_and_wins_the_glare(
+    harness: Harness, clock: trio.testing.MockClock
+) -> None:
     await harness.start(notify())
     alice = await harness.connect("alice")
     carol = await harness.connect("carol")
@@ -132,7 +136,9 @@ async def test_a_pending_call_makes_the_callee_busy_and_wins_the_glare(harness: 
     assert [r["reason"] for r in harness.audit.records("call.busy")] == ["busy", "glare"]
 
 
-async def test_missed_calls_are_shown_once_at_the_next_sign_in(harness: Harness) -> None:
+async def test_missed_calls_are_shown_once_at_the_next_sign_in(
+    harness: Harness, clock: trio.testing.MockClock
+) -> None:
     await harness.start(make_settings(calls={"missed_calls": 10, "ring_timeout": 30}))
     alice = await harness.connect("alice")
     before = time.time()

@@ -7,14 +7,15 @@ they are never sent again. The list is bounded three ways, since callee ids are 
 callers: `per_user` entries per user (the oldest goes first), `max_age` seconds, and `total`
 entries across all users (the entries of the user missed longest ago go first).
 
-Times are the core's clock (`now`); the switchboard turns them into wall-clock times with the
-sign-in's `wall` time. Entries live in memory, on one server: they do not outlive a restart.
+Times are the core's clock (`now`); the first sign-in that is shown an entry dates it on the
+wall clock (its `wall` time, less the entry's age), once. Entries live in memory, on one
+server: they do not outlive a restart.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from callgate.protocol.messages import CallId, Media, UserId
 
@@ -27,6 +28,9 @@ class MissedCall:
     media: Media
     at: float  # when the call was requested, on the core's clock
     reason: str  # how the call ended: unavailable, timeout, cancelled, peer_disconnected
+    # Unix milliseconds of the request, fixed the first time it is shown (`dated`), so that
+    # every device is shown the same time.
+    time: int | None = None
 
 
 class MissedCalls:
@@ -80,6 +84,20 @@ class MissedCalls:
             del self._by_user[user]
             return []
         return list(entries)
+
+    def dated(self, user: UserId, now: float, wall: float | None) -> list[MissedCall]:
+        """`of`, each entry given its wall-clock time the first time it is shown."""
+        entries = self.of(user, now)
+        if wall is None or all(entry.time is not None for entry in entries):
+            return entries
+        dated = [
+            entry
+            if entry.time is not None
+            else replace(entry, time=round((wall - (now - entry.at)) * 1000))
+            for entry in entries
+        ]
+        self._by_user[user] = deque(dated)
+        return dated
 
     def acknowledge(self, user: UserId, ids: frozenset[str]) -> int:
         """Forget the user's entries with these ids; unknown ids are ignored. Returns how many."""

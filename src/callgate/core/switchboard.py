@@ -247,7 +247,7 @@ class Switchboard:
         self, conn: ConnId, user: UserId, wall: float | None, now: float
     ) -> list[Action]:
         """A signing-in device is shown its user's missed calls not yet acknowledged."""
-        missed = self._missed.of(user, now) if self._missed.enabled else []
+        missed = self._missed.dated(user, now, wall) if self._missed.enabled else []
         if not missed:
             return []
         calls = [
@@ -257,8 +257,7 @@ class Switchboard:
                 "from": entry.caller,
                 "type": entry.media,
                 "reason": entry.reason,
-                # Unix milliseconds of the request: the sign-in's wall time, less the age.
-                "time": None if wall is None else round((wall - (now - entry.at)) * 1000),
+                "time": entry.time,
             }
             for entry in missed
         ]
