@@ -9,12 +9,22 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 import trio
 import trio.testing
 
 from callgate.cli import main
+from callgate.client import (
+    CallEnded,
+    CallPending,
+    CallRejected,
+    CallRequested,
+    CallRinging,
+    MissedCalls,
+    connect,
+)
 from conftest import (
     CANDIDATE,
     SDP_ANSWER,
@@ -22,6 +32,7 @@ from conftest import (
     Harness,
     call_request,
     make_settings,
+    token_for,
 )
 
 
@@ -186,3 +197,34 @@ def test_cluster_mode_refuses_what_it_does_not_support_yet(
         error = capsys.readouterr().err
         assert error.count("\n") == 1, error
         assert named in error and "not yet supported in cluster mode" in error
+
+
+async def test_the_python_client_reads_pending_and_missed_calls(
+    harness: Harness, clock: trio.testing.MockClock
+) -> None:
+    await harness.start(notify(ring_timeout=5, missed_calls=5))
+    async with connect(harness.url, token_for("alice")) as alice:
+        await alice.call("c1", "bob", SDP_OFFER)
+        assert await alice.next_event() == CallPending("c1", "bob")
+        rejected = await alice.next_event()
+        assert isinstance(rejected, CallRejected) and rejected.reason == "unavailable"
+        await alice.call("c2", "bob", SDP_OFFER, media="voice")
+        assert await alice.next_event() == CallPending("c2", "bob")
+        async with connect(harness.url, token_for("bob")) as bob:
+            missed = await bob.next_event()
+            assert isinstance(missed, MissedCalls)
+            assert [(m.call_id, m.caller, m.reason) for m in missed.calls] == [
+                ("c1", "alice", "unavailable")
+            ]
+            ring = await bob.next_event()
+            assert isinstance(ring, CallRequested) and ring.call_id == "c2"
+            assert await alice.next_event() == CallRinging("c2", "bob")
+            await bob.acknowledge_missed(m.id for m in missed.calls)
+        # bob's only ringing device left: c2 ended unanswered, missed too; c1 is not sent again.
+        assert await alice.next_event() == CallEnded("c2", "bob", "peer_disconnected", ANY)
+        async with connect(harness.url, token_for("bob")) as again:
+            missed = await again.next_event()
+            assert isinstance(missed, MissedCalls)
+            assert [(m.call_id, m.media, m.reason) for m in missed.calls] == [
+                ("c2", "voice", "peer_disconnected")
+            ]
