@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -339,3 +340,14 @@ def test_acknowledging_is_idempotent_and_per_user() -> None:
     assert missed.acknowledge("dave", frozenset({entry.id, "m999"})) == 1
     assert missed.acknowledge("dave", frozenset({entry.id})) == 0
     assert len(missed) == 0
+
+
+def test_a_restored_switchboard_holds_the_pending_call_and_what_was_kept() -> None:
+    o = Offline()
+    o.call_dave()
+    o.send("a1", candidate("dave", n=1))
+    copy = Switchboard(NOTIFY, NoThrottle())
+    copy.restore_state(json.loads(json.dumps(o.board.export_state())))
+    assert copy.export_state() == o.board.export_state()
+    sign_in = Authenticated("d1", "dave", wall=o.wall)
+    assert copy.handle(sign_in, 110.0) == o.board.handle(sign_in, 110.0)

@@ -120,7 +120,6 @@ class WebhookSender:
         settings: WebhookSettings,
         metrics: Metrics,
         audit: Audit,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if settings.url is None or settings.secret is None:
             raise ValueError("webhooks need a url and a secret")  # checked when settings load
@@ -130,7 +129,6 @@ class WebhookSender:
         self._wanted = frozenset(settings.events)
         self._metrics = metrics
         self._audit = audit
-        self._transport = transport
         channels = [trio.open_memory_channel[Hook](float("inf")) for _ in range(settings.workers)]
         self._inboxes = [send for send, _ in channels]
         self._outboxes = [receive for _, receive in channels]
@@ -176,7 +174,6 @@ class WebhookSender:
             # The attempt's deadline is `timeout` (below); httpx's own is the same, per phase.
             timeout=httpx.Timeout(settings.timeout),
             follow_redirects=False,
-            transport=self._transport,
             headers={"user-agent": "callgate-webhooks", "content-type": "application/json"},
         ) as client:
             try:
