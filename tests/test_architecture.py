@@ -66,6 +66,7 @@ LAYERS: list[tuple[str, ...]] = [
         "callgate.audit",
         "callgate.trail",
         "callgate.metrics",
+        "callgate.webhooks",
         "callgate.ice",
         "callgate.log",
     ),

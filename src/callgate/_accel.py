@@ -44,6 +44,7 @@ COMPILED = (
     "callgate.core.actions",
     "callgate.core.calls",
     "callgate.core.devices",
+    "callgate.core.missed",
     "callgate.core.policy",
     "callgate.core.switchboard",
     "callgate.ratelimit",

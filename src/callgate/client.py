@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from ssl import SSLContext
@@ -158,6 +158,40 @@ class Renegotiated:
 
 
 @dataclass(frozen=True, slots=True)
+class CallPending:
+    """A call we placed waits for a device of the callee to sign in (a server with
+    `offline = "notify"`); then `CallRinging` comes, or `CallRejected` `unavailable`."""
+
+    call_id: str
+    callee: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallRinging:
+    """A pending call of ours rings now, on a device of the callee that signed in."""
+
+    call_id: str
+    callee: str
+
+
+@dataclass(frozen=True, slots=True)
+class MissedCall:
+    id: str  # what `Client.acknowledge_missed` takes
+    call_id: str
+    caller: str
+    media: str
+    reason: str
+    time_ms: int | None  # when the call was requested, unix milliseconds
+
+
+@dataclass(frozen=True, slots=True)
+class MissedCalls:
+    """Sent after a sign-in: calls to us nobody answered, until we acknowledge them."""
+
+    calls: list[MissedCall]
+
+
+@dataclass(frozen=True, slots=True)
 class TokenExpiring:
     expires_at: int
 
@@ -189,6 +223,9 @@ Event = (
     | CallEnded
     | IceCandidateReceived
     | Renegotiated
+    | CallPending
+    | CallRinging
+    | MissedCalls
     | TokenExpiring
     | SessionRenewed
     | ErrorReceived
@@ -204,6 +241,18 @@ def _session(data: Mapping[str, Any]) -> Session:
         expires_at=int(data["expiresAt"]),
         ice_servers=list(data.get("iceServers", [])),
         resumed=data.get("resumed"),
+    )
+
+
+def _missed_call(item: Mapping[str, Any]) -> MissedCall:
+    time_ms = item.get("time")
+    return MissedCall(
+        id=str(item.get("id")),
+        call_id=str(item.get("callId")),
+        caller=str(item.get("from")),
+        media=str(item.get("type")),
+        reason=str(item.get("reason")),
+        time_ms=int(time_ms) if isinstance(time_ms, int | float) else None,
     )
 
 
@@ -236,6 +285,12 @@ def parse_event(event: str, data: Any) -> Event:
             return Renegotiated(
                 call_id, peer, str(description.get("type")), str(description.get("sdp"))
             )
+        case "call-pending":
+            return CallPending(call_id, peer)
+        case "call-ringing":
+            return CallRinging(call_id, peer)
+        case "missed-calls":
+            return MissedCalls([_missed_call(item) for item in data.get("calls", [])])
         case "token-expiring":
             return TokenExpiring(int(data["expiresAt"]))
         case "session":
@@ -305,6 +360,10 @@ class Client:
         await self.request(
             "call-renegotiate", {"callId": call_id, "to": to, "description": description}
         )
+
+    async def acknowledge_missed(self, ids: Iterable[str]) -> None:
+        """These missed calls were shown: the server never sends them again, to any device."""
+        await self.request("missed-calls-ack", {"ids": list(ids)})
 
     async def refresh(self, token: str) -> Session:
         """Renew the token on this connection; the new session arrives before the ack."""

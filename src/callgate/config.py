@@ -8,6 +8,8 @@ with a `ConfigError` that names the key and where it came from.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import json
 import os
@@ -15,6 +17,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from limits import parse_many
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -121,8 +124,17 @@ class CallSettings(_Section):
     max_calls_per_user: int = Field(1, ge=1, le=16)
     # Seconds a dropped device's calls wait for it to resume; 0 ends them at once.
     reconnect_grace: float = Field(15.0, ge=0, le=600)
-    # Messages kept for a held device during the grace; more are dropped and counted.
+    # Messages kept for a held device during the grace; more are dropped and counted. Also the
+    # ICE candidates an unanswered call keeps for callee devices that sign in later ("notify").
     resume_buffer: int = Field(32, ge=0, le=4096)
+    # A call to a user with no device online: "unavailable" ends it at once; "notify" holds it
+    # pending (a `call.pending` webhook wakes the app) until a device signs in or ring_timeout.
+    offline: Literal["unavailable", "notify"] = "unavailable"
+    # Missed calls kept per user for the next sign-in (0: none kept, no `missed-calls` event),
+    # for how many seconds, and how many across all users (the oldest go first).
+    missed_calls: int = Field(0, ge=0, le=1000)
+    missed_call_max_age: float = Field(7 * 86400.0, gt=0, le=90 * 86400.0)
+    missed_calls_total: int = Field(100_000, ge=1, le=10_000_000)
 
 
 class LimitSettings(_Section):
@@ -215,6 +227,70 @@ class IceSettings(_Section):
         return value
 
 
+# The webhook event types (docs/protocol.md, "Webhooks"); all but `signin.refused` by default.
+CALL_WEBHOOK_EVENTS = (
+    "call.requested",
+    "call.pending",
+    "call.ringing",
+    "call.answered",
+    "call.rejected",
+    "call.missed",
+    "call.ended",
+)
+WEBHOOK_EVENTS = (*CALL_WEBHOOK_EVENTS, "signin.refused")
+# Standard Webhooks: a secret of 24 to 64 random bytes, written `whsec_<base64>`.
+WEBHOOK_SECRET_PREFIX = "whsec_"  # noqa: S105 - a format's prefix, not a secret
+
+
+class WebhookSettings(_Section):
+    """Signed webhooks for call lifecycle events (Standard Webhooks); off while `url` is unset."""
+
+    url: str | None = Field(None, pattern=r"^https?://[^\s]+$")
+    secret: SecretStr | None = None
+    events: tuple[str, ...] = CALL_WEBHOOK_EVENTS
+    # Seconds one attempt may take (connecting, sending, the response).
+    timeout: float = Field(5.0, gt=0, le=120)
+    # Attempts after the first; the wait before each doubles from `backoff`, up to `max_backoff`.
+    retries: int = Field(5, ge=0, le=30)
+    backoff: float = Field(1.0, gt=0, le=600)
+    max_backoff: float = Field(60.0, gt=0, le=3600)
+    # Webhooks waiting or being sent; more are dropped (counted, audited): never slows calls.
+    queue_size: int = Field(1000, ge=1, le=1_000_000)
+    # Deliveries in parallel; the webhooks of one call always go one after another, in order.
+    workers: int = Field(4, ge=1, le=64)
+    # http:// (no TLS) to a host that is not loopback; for development only.
+    allow_http: bool = False
+
+    @field_validator("events")
+    @classmethod
+    def _known_events(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = sorted(set(value) - set(WEBHOOK_EVENTS))
+        if unknown:
+            raise ValueError(f"unknown {unknown}; choose from {list(WEBHOOK_EVENTS)}")
+        return value
+
+    @field_validator("secret")
+    @classmethod
+    def _standard_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            webhook_secret_bytes(value.get_secret_value())
+        return value
+
+
+def webhook_secret_bytes(secret: str) -> bytes:
+    """The key of a `whsec_<base64>` secret. Raises: ValueError, which names the format."""
+    problem = f"must be {WEBHOOK_SECRET_PREFIX}<base64 of 24-64 random bytes>"
+    if not secret.startswith(WEBHOOK_SECRET_PREFIX):
+        raise ValueError(problem)
+    try:
+        key = base64.b64decode(secret.removeprefix(WEBHOOK_SECRET_PREFIX), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(problem) from None
+    if not 24 <= len(key) <= 64:
+        raise ValueError(problem)
+    return key
+
+
 class ClusterSettings(_Section):
     """Several nodes behind one address, sharing call state through Redis (docs/cluster.md)."""
 
@@ -254,6 +330,7 @@ class Settings(BaseModel):
     metrics: MetricsSettings = MetricsSettings()
     socketio: SocketIOSettings = SocketIOSettings()
     cluster: ClusterSettings = ClusterSettings()
+    webhooks: WebhookSettings = WebhookSettings()
 
     def check_coherence(self) -> None:
         """Raises: ConfigError for keys that are valid alone but not together."""
@@ -283,6 +360,41 @@ class Settings(BaseModel):
             )
         if cluster.node_timeout < 2 * cluster.heartbeat_interval:
             raise ConfigError("cluster.node_timeout: must be at least twice heartbeat_interval")
+        self._check_webhooks()
+        if cluster.enabled:
+            # Pending calls, missed calls and webhooks are single-node for now (docs/cluster.md).
+            for key, used in (
+                ("calls.offline", self.calls.offline == "notify"),
+                ("calls.missed_calls", self.calls.missed_calls > 0),
+                ("webhooks.url", self.webhooks.url is not None),
+            ):
+                if used:
+                    raise ConfigError(
+                        f"{key}: not yet supported in cluster mode ([cluster] enabled = true);"
+                        " unset it, or run a single node"
+                    )
+
+    def _check_webhooks(self) -> None:
+        webhooks = self.webhooks
+        if webhooks.url is None:
+            return
+        if webhooks.secret is None:
+            raise ConfigError(
+                "webhooks.secret: required when webhooks.url is set (whsec_<base64>); set it in"
+                " the config file or in CALLGATE_WEBHOOKS_SECRET"
+            )
+        target = urlsplit(webhooks.url)
+        if not target.hostname:
+            raise ConfigError("webhooks.url: must name a host")
+        if (
+            target.scheme == "http"
+            and not webhooks.allow_http
+            and not is_loopback_host(target.hostname)
+        ):
+            raise ConfigError(
+                "webhooks.url: must be https:// (http:// only to loopback, or with"
+                " webhooks.allow_http = true)"
+            )
 
 
 _LIST_FIELDS = {
@@ -290,6 +402,7 @@ _LIST_FIELDS = {
     ("ice", "stun_urls"),
     ("ice", "turn_urls"),
     ("server", "allowed_origins"),
+    ("webhooks", "events"),
 }
 
 

@@ -140,6 +140,24 @@ class Metrics:
             "Nodes this node, as leader, declared dead",
             registry=self.registry,
         )
+        # Webhooks (webhooks.py): each attempt's result, deliveries, and what was dropped.
+        self.webhook_attempts = Counter(
+            "callgate_webhook_attempts",
+            "Webhook attempts, by result: 2xx, 3xx, 4xx, 5xx, timeout or error",
+            ["result"],
+            registry=self.registry,
+        )
+        self.webhooks_delivered = Counter(
+            "callgate_webhooks_delivered",
+            "Webhooks a receiver accepted (2xx)",
+            registry=self.registry,
+        )
+        self.webhook_drops = Counter(
+            "callgate_webhook_drops",
+            "Webhooks dropped: the queue was full (queue_full) or every attempt failed (gave_up)",
+            ["reason"],
+            registry=self.registry,
+        )
         self.registry.register(_LiveGauges(live))
         self.count_forwarded = self.forwarding.count
         self.observe_forward_latency = self.forwarding.observe

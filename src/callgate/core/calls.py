@@ -4,9 +4,15 @@ Theory of operation
 -------------------
 A call is placed by one *device* (connection) of the caller and rings on every device the callee
 had connected at that moment. It has two live states, RINGING and CONNECTED; a call that ends is
-removed at once, so no state outlives its call. Which messages a device may send about a call
-depends only on (state, message kind, role of that device), and that is the table `TRANSITIONS`
-below: an entry names the `Step` the switchboard performs; a missing entry means `forbidden`.
+removed at once, so no state outlives its call. With `[calls] offline = "notify"` there is a third:
+a call to a user with no device online is PENDING (nothing rings yet: the app's backend is waking
+a phone), and becomes RINGING when a device of the callee signs in; in that mode a callee device
+that signs in while a call to its user is unanswered rings too. Until the answer, what the caller
+trickles (ICE candidates) is also kept, bounded, for the devices that come later.
+
+Which messages a device may send about a call depends only on (state, message kind, role of that
+device), and that is the table `TRANSITIONS` below: an entry names the `Step` the switchboard
+performs; a missing entry means `forbidden`.
 
 Roles are per device, not per user: the caller's *other* devices, and the callee's devices that
 did not answer, are BYSTANDERs of the call and may not speak in it.
@@ -18,9 +24,10 @@ gets `unknown_call`, whether or not the id exists.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum, auto
+from typing import Any
 
 from callgate.core.events import ConnId, TimerId
 from callgate.protocol.messages import (
@@ -44,6 +51,7 @@ class _Member(Enum):
 
 
 class CallState(_Member):
+    PENDING = auto()  # offered to a user with no device online ("notify" mode): nothing rings
     RINGING = auto()  # offered, ringing on the callee's devices, not yet answered
     CONNECTED = auto()  # answered on one callee device; media is being set up or flowing
 
@@ -65,8 +73,10 @@ class Step(_Member):
     RENEGOTIATE = auto()  # forward a new description (ICE restart, voice to video)
 
 
-R, C = CallState.RINGING, CallState.CONNECTED
+P, R, C = CallState.PENDING, CallState.RINGING, CallState.CONNECTED
 TRANSITIONS: dict[tuple[CallState, type[InCallMessage], Role], Step] = {
+    (P, CallEnd, Role.CALLER): Step.CANCEL,
+    (P, IceCandidate, Role.CALLER): Step.RELAY,  # kept for the devices that sign in later
     (R, CallAnswer, Role.CALLEE_RINGING): Step.ANSWER,
     (R, CallReject, Role.CALLEE_RINGING): Step.REJECT,
     (R, CallEnd, Role.CALLEE_RINGING): Step.DECLINE,
@@ -80,7 +90,7 @@ TRANSITIONS: dict[tuple[CallState, type[InCallMessage], Role], Step] = {
     (C, CallRenegotiate, Role.CALLER): Step.RENEGOTIATE,
     (C, CallRenegotiate, Role.CALLEE_ACTIVE): Step.RENEGOTIATE,
 }
-del R, C
+del P, R, C
 
 
 @dataclass(slots=True, eq=False)
@@ -103,6 +113,10 @@ class Call:
     # Server-assigned, unique in the deployment (the call id is the caller's and may repeat):
     # the calling connection's id (random, unique) and the switchboard's count of call requests.
     key: str = ""
+    # "notify" mode only: the forwarded call-request and the caller's candidates before the
+    # answer, for callee devices that sign in while the call is unanswered.
+    request: Mapping[str, Any] | None = None
+    early: list[Mapping[str, Any]] = field(default_factory=list)
 
     def role_of(self, conn: ConnId) -> Role:
         if conn == self.caller_conn:
@@ -157,11 +171,29 @@ class CallRegistry:
         return len(self._by_user.get(user, {}))
 
     def ringing_from(self, caller: UserId, callee: UserId) -> Call | None:
-        """A call `caller` placed to `callee` that is still ringing (the glare test)."""
+        """A call `caller` placed to `callee` that is still ringing or pending (the glare test)."""
         for call in self._by_user.get(caller, {}).values():
-            if call.caller == caller and call.callee == callee and call.state is CallState.RINGING:
+            if (
+                call.caller == caller
+                and call.callee == callee
+                and call.state is not CallState.CONNECTED
+            ):
                 return call
         return None
+
+    def unanswered_to(self, callee: UserId) -> list[Call]:
+        """The calls to `callee` that are pending or ringing, oldest first."""
+        return [
+            call
+            for call in self._by_user.get(callee, {}).values()
+            if call.callee == callee and call.state is not CallState.CONNECTED
+        ]
+
+    def ring_device(self, call: Call, conn: ConnId) -> None:
+        """A device of the callee that signed in rings for `call` too (a pending one rings)."""
+        call.ringing[conn] = None
+        call.state = CallState.RINGING
+        self._link(conn, call)
 
     def of_device(self, conn: ConnId) -> list[Call]:
         return list(self._by_device.get(conn, {}))

@@ -18,7 +18,8 @@ class Authenticated:
 
     `session` is what the transport puts in the `session` message (expiry, ICE servers); the core
     adds `sessionId` (fresh, from the transport's randomness) and whether `resume` succeeded.
-    `token_id` (`jti`) and `issued_at` (`iat`) let revocation find the device later.
+    `token_id` (`jti`) and `issued_at` (`iat`) let revocation find the device later. `wall` is
+    the unix time of the sign-in (the core's `now` is another clock): it dates missed calls.
     """
 
     conn: ConnId
@@ -28,6 +29,7 @@ class Authenticated:
     resume: str | None = None
     token_id: str | None = None
     issued_at: float | None = None
+    wall: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

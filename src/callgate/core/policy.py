@@ -9,7 +9,7 @@ this callee now?" and never sees how that is counted; tests pass a plain fake.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from callgate.protocol.messages import UserId
 
@@ -20,8 +20,20 @@ class CallRules:
     max_calls_per_user: int = 1
     # Seconds a dropped device's calls are held for it to resume; 0 ends them at once.
     reconnect_grace: float = 0.0
-    # Messages kept for a held device; the rest are dropped and counted in the audit.
+    # Messages kept for a held device; the rest are dropped and counted in the audit. Also how
+    # many of a caller's ICE candidates an unanswered call keeps for callee devices to come.
     resume_buffer: int = 32
+    # A call to a user with no device online: refused at once, or held PENDING until a device
+    # signs in or `ring_timeout` (the app's backend wakes the phone meanwhile).
+    offline: Literal["unavailable", "notify"] = "unavailable"
+    # Missed calls kept per user for the next sign-in (0: none are kept), for how many seconds,
+    # and across all users.
+    missed_calls: int = 0
+    missed_call_max_age: float = 7 * 86400.0
+    missed_calls_total: int = 100_000
+    # Write a `call.missed` audit record for every call that ends missed (on when missed calls
+    # are kept, calls held pending, or webhooks sent).
+    report_missed: bool = False
 
 
 @dataclass(frozen=True, slots=True)

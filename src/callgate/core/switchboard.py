@@ -23,6 +23,13 @@ do is decided here, once, for every transport:
   requested call (`call.unavailable`, `call.busy`, `call.rate_limited`, `call.rejected`,
   `call.cancelled`, `call.timeout` or `call.ended`).
 
+Calls to users who are not there (`CallRules.offline`): by default such a call ends at once,
+`unavailable`. In "notify" mode it is held PENDING (the caller is told with `call-pending`, the
+audit says `call.pending`, which the webhooks turn into the push that wakes the phone) until a
+device of the callee signs in, which rings; at `ring_timeout` the caller gets `call-reject`
+`unavailable` as before. A call that ends without an answer that the callee did not decline is
+*missed* (`missed.py`): a `call.missed` record, and an entry the callee's next sign-in is shown.
+
 When an action list sends the sender both an `ack` and further events, the `ack` comes first: an
 ack means "valid and allowed", and what the server then decides follows as events.
 """
@@ -56,16 +63,20 @@ from callgate.core.events import (
     TimerId,
     TokenRefreshed,
 )
+from callgate.core.missed import MissedCall, MissedCalls
 from callgate.core.policy import CallRules, CallThrottle
 from callgate.errors import ErrorCode, Refused
 from callgate.protocol.messages import (
     CALL_END,
     CALL_REQUEST,
+    ICE_CANDIDATE,
     Auth,
     CallAnswer,
     CallRenegotiate,
     CallRequest,
     InCallMessage,
+    Media,
+    MissedCallsAck,
     Ref,
     UserConnected,
     UserId,
@@ -82,6 +93,10 @@ class Switchboard:
         self._grace_timers: dict[TimerId, Device] = {}
         self._next_timer: TimerId = 0
         self._call_requests = 0  # numbers call keys (`Call.key`)
+        self._notify = rules.offline == "notify"
+        self._missed = MissedCalls(
+            rules.missed_calls, rules.missed_call_max_age, rules.missed_calls_total
+        )
 
     # -- inspection (tests, metrics) ---------------------------------------------------------
 
@@ -100,8 +115,15 @@ class Switchboard:
     def held_devices(self) -> int:
         return sum(1 for device in self._devices.all() if device.hold is not None)
 
+    def missed_calls_of(self, user: UserId, now: float) -> list[MissedCall]:
+        """The missed calls the user's next sign-in would be shown."""
+        return self._missed.of(user, now)
+
     def is_idle(self) -> bool:
-        """True when no device, session, call or timer is left: nothing outlived its owner."""
+        """True when no device, session, call or timer is left: nothing outlived its owner.
+
+        Missed calls are not counted: they are kept for users who are not there, by design.
+        """
         return (
             self._devices.is_empty()
             and self._calls.is_empty()
@@ -154,6 +176,8 @@ class Switchboard:
                 answered_at=item["answered_at"],
                 renegotiations=int(item["renegotiations"]),
                 key=str(item.get("call_key", "")),
+                request=item.get("request"),
+                early=list(item.get("early", [])),
             )
             calls.add(call)
             by_timer[call.ring_timer] = call
@@ -167,7 +191,7 @@ class Switchboard:
     def handle(self, event: Event, now: float) -> list[Action]:
         match event:
             case Authenticated():
-                actions = self._on_authenticated(event)
+                actions = self._on_authenticated(event, now)
             case TokenRefreshed():
                 actions = self._on_refreshed(event)
             case MessageReceived():
@@ -203,7 +227,7 @@ class Switchboard:
 
     # -- sessions ----------------------------------------------------------------------------
 
-    def _on_authenticated(self, event: Authenticated) -> list[Action]:
+    def _on_authenticated(self, event: Authenticated, now: float) -> list[Action]:
         conn, user = event.conn, event.user
         previous = self._devices.by_session(event.resume) if event.resume else None
         resumable = previous is not None and previous.user == user and previous.conn != conn
@@ -217,8 +241,48 @@ class Switchboard:
             session["resumed"] = resumable
             if not resumable:
                 actions.append(Audit("session.resume_failed", {"conn": conn, "user": user}))
+        actions += self._missed_calls_for(conn, user, event.wall, now)
+        if self._notify:
+            actions += self._ring_late_device(conn, user)
         # The new `session` message goes before anything buffered for the resumed device.
         return [Deliver(conn, "session", session), *actions]
+
+    def _missed_calls_for(
+        self, conn: ConnId, user: UserId, wall: float | None, now: float
+    ) -> list[Action]:
+        """A signing-in device is shown its user's missed calls not yet acknowledged."""
+        missed = self._missed.dated(user, now, wall) if self._missed.enabled else []
+        if not missed:
+            return []
+        calls = [
+            {
+                "id": entry.id,
+                "callId": entry.call_id,
+                "from": entry.caller,
+                "type": entry.media,
+                "reason": entry.reason,
+                "time": entry.time,
+            }
+            for entry in missed
+        ]
+        return [Deliver(conn, "missed-calls", {"calls": calls})]
+
+    def _ring_late_device(self, conn: ConnId, user: UserId) -> list[Action]:
+        """ "notify" mode: a callee device that signs in rings for its user's unanswered calls."""
+        actions: list[Action] = []
+        for call in self._calls.unanswered_to(user):
+            if call.request is None or conn in call.ringing:
+                continue  # placed before a restart into notify mode; or already ringing here
+            was_pending = call.state is CallState.PENDING
+            self._calls.ring_device(call, conn)
+            actions.append(Deliver(conn, CALL_REQUEST, call.request))
+            actions += [Deliver(conn, ICE_CANDIDATE, candidate) for candidate in call.early]
+            if was_pending:
+                ringing = {"callId": call.call_id, "from": call.callee}
+                actions.append(Deliver(call.caller_conn, "call-ringing", ringing))
+            fields = {**_call_fields(call), "conn": call.caller_conn, "devices": 1}
+            actions.append(Audit("call.ringing", fields))
+        return actions
 
     def _take_over(self, previous: Device, device: Device) -> list[Action]:
         """`device` continues `previous`: its calls, and what was buffered for it."""
@@ -274,6 +338,10 @@ class Switchboard:
                 case UserConnected(user=claimed):
                     if claimed != user:
                         raise Refused(ErrorCode.FORBIDDEN, "user-connected must name yourself")
+                    return _acked(conn, ref, [])
+                case MissedCallsAck(ids=ids):
+                    # Unknown ids (acknowledged by another device, aged out) are no error.
+                    self._missed.acknowledge(user, ids)
                     return _acked(conn, ref, [])
                 case Auth():
                     raise ValueError("auth is handled by the transport, not the switchboard")
@@ -340,11 +408,16 @@ class Switchboard:
                 ),
             ]
         devices = self.devices_of(callee)
-        if not devices:
-            return _decided_for_caller(conn, ref, fields, "call.unavailable", "unavailable")
+        if not devices and not self._notify:
+            missed = self._missed_call(
+                callee, message.call_id, user, message.media, now, "unavailable"
+            )
+            decided = _decided_for_caller(conn, ref, fields, "call.unavailable", "unavailable")
+            return [*decided, *missed]
         if self._calls.count_for(callee) >= self._rules.max_calls_per_user:
             return _decided_for_caller(conn, ref, fields, "call.busy", "busy")
         timer = self._new_timer()
+        forwarded = _forward(message.data, user)
         call = Call(
             call_id=message.call_id,
             caller=user,
@@ -355,10 +428,22 @@ class Switchboard:
             requested_at=now,
             ring_timer=timer,
             key=call_key,
+            state=CallState.RINGING if devices else CallState.PENDING,
+            request=forwarded if self._notify else None,
         )
         self._calls.add(call)
         self._ring_timers[timer] = call
-        forwarded = _forward(message.data, user)
+        if not devices:  # "notify": held until a device of the callee signs in
+            return _acked(
+                conn,
+                ref,
+                [
+                    Audit("call.requested", fields),
+                    Deliver(conn, "call-pending", {"callId": call.call_id, "from": callee}),
+                    Audit("call.pending", fields),
+                    StartTimer(timer, now + self._rules.ring_timeout),
+                ],
+            )
         return _acked(
             conn,
             ref,
@@ -384,6 +469,8 @@ class Switchboard:
             raise Refused(ErrorCode.FORBIDDEN, _why_not(call, message, role))
         forwarded = _forward(message.data, user)
         if step is Step.RELAY:  # nearly every in-call message: no audit, no state change
+            if self._notify and role is Role.CALLER and call.state is not CallState.CONNECTED:
+                self._keep_early(call, forwarded)
             return _acked(
                 conn, ref, [Deliver(d, message.event, forwarded) for d in call.other_side(role)]
             )
@@ -436,6 +523,7 @@ class Switchboard:
                         ),
                         *self._finish(call),
                         Audit("call.cancelled", {**fields, "conn": conn, "reason": "cancelled"}),
+                        *self._missed_call_of(call, "cancelled"),
                     ],
                 )
             case Step.HANGUP:
@@ -493,6 +581,8 @@ class Switchboard:
                 actions += _call_end_to([conn], call, sender, reason)
         actions += self._finish(call)
         actions.append(_ended(call, now, reason=reason, by=by.user if by else None))
+        if call.answered_at is None and reason == "peer_disconnected":
+            actions += self._missed_call_of(call, reason)
         return actions
 
     def _on_timer(self, timer: TimerId, now: float) -> list[Action]:
@@ -512,14 +602,22 @@ class Switchboard:
 
     def _on_ring_timeout(self, timer: TimerId, now: float) -> list[Action]:
         call = self._ring_timers.pop(timer, None)
-        if call is None or call.state is not CallState.RINGING:
+        if call is None or call.state is CallState.CONNECTED:
             return []  # the call was answered or ended before the timer could be cancelled
-        ringing = list(call.ringing)
         self._calls.remove(call)
+        if call.state is CallState.PENDING:  # no device of the callee came: as if at once
+            reject = {"callId": call.call_id, "from": call.callee, "reason": "unavailable"}
+            return [
+                Deliver(call.caller_conn, "call-reject", reject),
+                Audit("call.unavailable", {**_call_fields(call), "reason": "unavailable"}),
+                *self._missed_call_of(call, "unavailable"),
+            ]
+        ringing = list(call.ringing)
         return [
             *_call_end_to([call.caller_conn], call, call.callee, "timeout"),
             *_call_end_to(ringing, call, call.caller, "timeout"),
             Audit("call.timeout", {**_call_fields(call), "reason": "timeout"}),
+            *self._missed_call_of(call, "timeout"),
         ]
 
     def _on_revocation(self, event: RevocationChanged, now: float) -> list[Action]:
@@ -539,6 +637,26 @@ class Switchboard:
         for call in list(self._calls):
             actions += self._terminate(call, "server_shutdown", now, by=None)
         return actions
+
+    def _keep_early(self, call: Call, forwarded: dict[str, Any]) -> None:
+        """A caller's candidate before the answer, for the callee devices still to come."""
+        if len(call.early) < self._rules.resume_buffer:
+            call.early.append(forwarded)
+
+    def _missed_call_of(self, call: Call, reason: str) -> list[Action]:
+        return self._missed_call(
+            call.callee, call.call_id, call.caller, call.media, call.requested_at, reason
+        )
+
+    def _missed_call(
+        self, callee: UserId, call_id: str, caller: UserId, media: Media, at: float, reason: str
+    ) -> list[Action]:
+        """A call that ended unanswered, and not declined: kept for the callee's next sign-in."""
+        if not self._rules.report_missed:
+            return []
+        self._missed.add(callee, call_id, caller, media, at, reason)
+        fields = {"call_id": call_id, "caller": caller, "callee": callee, "media": media}
+        return [Audit("call.missed", {**fields, "reason": reason})]
 
     def _forget_timer(self, call: Call) -> TimerId:
         self._ring_timers.pop(call.ring_timer, None)
@@ -584,6 +702,8 @@ def _call_state(call: Call) -> dict[str, Any]:
         "callee_conn": call.callee_conn,
         "answered_at": call.answered_at,
         "renegotiations": call.renegotiations,
+        "request": None if call.request is None else dict(call.request),
+        "early": [dict(candidate) for candidate in call.early],
     }
 
 
@@ -656,7 +776,7 @@ def _why_not(call: Call, message: InCallMessage, role: Role) -> str:
             if isinstance(message, CallAnswer)
             else "renegotiation is not allowed here"
         )
-    if call.state is CallState.RINGING and isinstance(message, CallRenegotiate):
+    if call.state is not CallState.CONNECTED and isinstance(message, CallRenegotiate):
         return "a call can be renegotiated only once it is answered"
     if role is Role.CALLER:
         return f"the caller cannot send {message.event}"

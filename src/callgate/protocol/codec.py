@@ -27,6 +27,7 @@ from callgate.protocol.messages import (
     CALL_RENEGOTIATE,
     CALL_REQUEST,
     ICE_CANDIDATE,
+    MISSED_CALLS_ACK,
     USER_CONNECTED,
     Auth,
     CallAnswer,
@@ -38,6 +39,7 @@ from callgate.protocol.messages import (
     Envelope,
     IceCandidate,
     Media,
+    MissedCallsAck,
     Ref,
     UserConnected,
 )
@@ -298,6 +300,25 @@ def _decode_renegotiate(fields: _Fields) -> CallRenegotiate:
     return CallRenegotiate(call_id, to, fields.data)
 
 
+# The most ids one `missed-calls-ack` may name (more than any user's list holds), and their length.
+MAX_ACK_IDS = 1000
+MAX_MISSED_ID_LENGTH = 64
+
+
+def _decode_missed_calls_ack(fields: _Fields) -> MissedCallsAck:
+    ids = fields.data.get("ids")
+    if (
+        not isinstance(ids, list)
+        or len(ids) > MAX_ACK_IDS
+        or not all(isinstance(i, str) and 0 < len(i) <= MAX_MISSED_ID_LENGTH for i in ids)
+    ):
+        fields.fail(
+            f"'ids' must be a list of at most {MAX_ACK_IDS} missed-call ids"
+            f" (strings of 1-{MAX_MISSED_ID_LENGTH} characters)"
+        )
+    return MissedCallsAck(frozenset(ids), fields.data)
+
+
 _DECODERS: dict[str, Callable[[_Fields], ClientMessage]] = {
     AUTH: _decode_auth,
     CALL_REQUEST: _decode_call_request,
@@ -306,6 +327,7 @@ _DECODERS: dict[str, Callable[[_Fields], ClientMessage]] = {
     CALL_END: _decode_end,
     ICE_CANDIDATE: _decode_ice,
     CALL_RENEGOTIATE: _decode_renegotiate,
+    MISSED_CALLS_ACK: _decode_missed_calls_ack,
 }
 
 

@@ -25,6 +25,7 @@ CALL_REJECT: Final = "call-reject"
 CALL_END: Final = "call-end"
 ICE_CANDIDATE: Final = "ice-candidate"
 CALL_RENEGOTIATE: Final = "call-renegotiate"
+MISSED_CALLS_ACK: Final = "missed-calls-ack"
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,9 +110,21 @@ class CallRenegotiate(_InCall):
         return CALL_RENEGOTIATE
 
 
+@dataclass(frozen=True, slots=True)
+class MissedCallsAck:
+    """`missed-calls-ack`: these missed calls (by their `id`) were shown; never send them again."""
+
+    ids: frozenset[str]
+    data: Mapping[str, Any]
+
+    @property
+    def event(self) -> str:
+        return MISSED_CALLS_ACK
+
+
 # Messages about an existing call: they name it by `call_id` and address the peer in `to`.
 InCallMessage = CallAnswer | CallReject | CallEnd | IceCandidate | CallRenegotiate
-ClientMessage = Auth | UserConnected | CallRequest | InCallMessage
+ClientMessage = Auth | UserConnected | CallRequest | InCallMessage | MissedCallsAck
 
 
 @dataclass(frozen=True, slots=True)

@@ -161,7 +161,7 @@ class ConnectionHub:
 
     def live_counts(self) -> dict[str, dict[str, int]]:
         """Connections and calls by state, for the metrics gauges."""
-        calls = {"ringing": 0, "connected": 0}
+        calls = {"pending": 0, "ringing": 0, "connected": 0}
         for call in self._board.calls:
             calls[call.state.name.lower()] += 1
         live = {
@@ -324,6 +324,7 @@ class ConnectionHub:
                 resume=credentials.resume,
                 token_id=identity.token_id,
                 issued_at=identity.issued_at,
+                wall=time.time(),
             )
         )
         if credentials.ref is not None:

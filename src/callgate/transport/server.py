@@ -40,6 +40,7 @@ from callgate.transport.http import Route, serve_http
 from callgate.transport.hub import ConnectionHub
 from callgate.transport.listener import FrontSettings, serve_front
 from callgate.transport.upgrade import UpgradeRules
+from callgate.webhooks import WebhookSender
 
 log = get_logger("callgate.server")
 # How often watched files are checked for changes: revocations take effect within a second.
@@ -59,6 +60,7 @@ class RunningServer:
     reload: Callable[[], None]
     _listener: trio.CancelScope
     metrics_port: int | None = None
+    webhooks: WebhookSender | None = None
 
     @property
     def url(self) -> str:
@@ -69,6 +71,11 @@ class RunningServer:
         """Stop accepting, close every connection with 1001, within `drain_timeout`."""
         self._listener.cancel()
         await self.hub.shutdown()
+        if self.webhooks is not None:
+            # What the drain wrote (every call's end) goes out if the receiver answers within
+            # one attempt's time; what is still queued then is lost (webhooks live in memory).
+            with trio.move_on_after(self.webhooks.attempt_timeout):
+                await self.webhooks.drain()
 
 
 def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -262,6 +269,15 @@ async def serve(
         max_calls_per_user=settings.calls.max_calls_per_user,
         reconnect_grace=settings.calls.reconnect_grace,
         resume_buffer=settings.calls.resume_buffer,
+        offline=settings.calls.offline,
+        missed_calls=settings.calls.missed_calls,
+        missed_call_max_age=settings.calls.missed_call_max_age,
+        missed_calls_total=settings.calls.missed_calls_total,
+        report_missed=(
+            settings.calls.missed_calls > 0
+            or settings.calls.offline == "notify"
+            or settings.webhooks.url is not None
+        ),
     )
     link: ClusterLink | None = None
     if settings.cluster.enabled:
@@ -314,6 +330,11 @@ async def _serve(
                 # This node's list goes to every node (the last one written wins), and replaces
                 # whatever a snapshot brought in before it.
                 hub.apply_revocations(revocations)
+        webhooks = None
+        if settings.webhooks.url is not None:
+            webhooks = WebhookSender(settings.webhooks, hub.metrics, hub.executor.audit)
+            await nursery.start(webhooks.run)
+            hub.executor.webhooks = webhooks.observe_audit
         reloader = _Reloader(settings, hub)
         if settings.auth.jwks_url is not None:
             hub.refresh_remote_keys = reloader.refresh_remote
@@ -378,6 +399,7 @@ async def _serve(
                 reloader.request,
                 listener,
                 metrics_port,
+                webhooks,
             )
         )
 

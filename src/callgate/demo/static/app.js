@@ -23,6 +23,13 @@ const REASONS = {
   revoked: "access was revoked",
   server_shutdown: "the server is restarting",
 };
+// Why a call to us was missed (missed-calls' `reason`).
+const MISSED = {
+  unavailable: "you were not online",
+  timeout: "nobody answered",
+  cancelled: "they hung up before you answered",
+  peer_disconnected: "the connection was lost",
+};
 // Why a call we placed was refused (call-reject's `reason`), naming the callee.
 const REFUSALS = {
   unavailable: (peer) => `${peer} is not online.`,
@@ -45,6 +52,7 @@ const app = {
   pendingCandidates: [],
   nextRef: 1,
   sent: new Map(), // ref -> {event, callId} of the message, until its ack or error
+  missed: [], // ids of the missed calls shown, acknowledged when dismissed
   errors: [], // every error the server sent, for the end-to-end test and curious developers
   retry: null, // {why, attempt, wake} while reconnecting
   epoch: 0, // counts sign-ins and sign-outs: an attempt of an earlier one gives up
@@ -281,6 +289,16 @@ async function onMessage(message) {
       break;
     case "call-request":
       return onIncoming(data);
+    case "call-pending": // a server with offline = "notify": the callee's phone is being woken
+      if (!current(data)) return;
+      setCallState("waking up");
+      return status(`Waking ${app.call.peer}'s phone...`);
+    case "call-ringing":
+      if (!current(data)) return;
+      setCallState("ringing");
+      return status(`Calling ${app.call.peer}...`);
+    case "missed-calls":
+      return showMissed(data.calls || []);
     case "call-answer":
       return onAnswer(data);
     case "call-reject": {
@@ -378,6 +396,27 @@ function flushOutbox() {
   const held = call.outbox;
   call.outbox = [];
   for (const data of held) send("ice-candidate", data);
+}
+
+// Missed calls, shown until dismissed; dismissing acknowledges them (for every device of ours).
+function showMissed(calls) {
+  const list = $("missed-list");
+  list.replaceChildren(
+    ...calls.map((call) => {
+      const item = document.createElement("li");
+      const when = call.time ? new Date(call.time).toLocaleString() : "";
+      item.textContent = `${call.from} (${call.type}) ${when}: ${MISSED[call.reason] || call.reason}`;
+      return item;
+    }),
+  );
+  app.missed = calls.map((call) => call.id);
+  show("missed", calls.length > 0);
+}
+
+function dismissMissed() {
+  if (app.missed && app.missed.length) send("missed-calls-ack", { ids: app.missed });
+  app.missed = [];
+  show("missed", false);
 }
 
 function showCall(state) {
@@ -576,6 +615,7 @@ $("voice-call").onclick = () => placeCall("voice").catch((error) => status(error
 $("answer").onclick = () => answer().catch((error) => status(error.message));
 $("reject").onclick = reject;
 $("hangup").onclick = hangUp;
+$("missed-dismiss").onclick = dismissMissed;
 if (params.get("user")) $("user").value = params.get("user");
 if (params.get("callee")) $("callee").value = params.get("callee");
 
