@@ -74,7 +74,7 @@ class ServerSettings(_Section):
     drain_timeout: float = Field(10.0, gt=0, le=300)
     # Seconds between keepalive pings; a peer that has not answered by the next one is dropped.
     # 0 turns keepalive off.
-    ping_interval: float = Field(20.0, ge=0, le=3600)
+    ping_interval: float = Field(25.0, ge=0, le=3600)
     max_connections_per_user: int = Field(10, ge=1, le=10000)
     max_connections_per_address: int = Field(256, ge=1, le=1_000_000)
     # The WebSocket implementation: wsproto driven directly (the default: several times cheaper

@@ -82,6 +82,11 @@ class Engine(Protocol):
         """More messages were read with the last one and wait for `get_message` (a burst)."""
         ...
 
+    def try_ping_now(self, answered: Callable[[], None]) -> bool:
+        """Send a WebSocket ping now, without waiting, and call `answered` when a pong comes;
+        or return False having sent nothing (then `ping`). The heartbeat's cheap path."""
+        ...
+
     async def ping(self) -> None:
         """Send a WebSocket ping and wait for its pong. Raises: ConnectionClosed."""
         ...
@@ -317,10 +322,15 @@ class Connection:
         if self.nursery is None or self.ping_outstanding:
             return
         self.ping_outstanding = True
+        if self.ws.try_ping_now(self._pong_arrived):
+            return  # most pings: a write now, the pong read by the reactor
         try:
             self.nursery.start_soon(self._ping)
         except RuntimeError:
             self.nursery = None
+
+    def _pong_arrived(self) -> None:
+        self.ping_outstanding = False
 
     async def _ping(self) -> None:
         # A short task (it lives for one round trip), so an idle connection sleeps without one.

@@ -44,6 +44,8 @@ from callgate.transport.reactor import Reactor
 RECEIVE_BYTES = 65536
 # A read at least this long was probably part of a burst, with more already waiting.
 _LONG_READ = 2048
+# A server's ping frame with no payload (FIN, opcode 0x9, unmasked, length 0).
+_HEARTBEAT_PING = b"\x89\x00"
 
 
 class WsprotoConnection:
@@ -55,6 +57,7 @@ class WsprotoConnection:
         "_early",
         "_failure",
         "_fast",
+        "_heartbeat_answered",
         "_inbox",
         "_inline",
         "_max_message_size",
@@ -86,6 +89,8 @@ class WsprotoConnection:
         self._binary: list[bytes] = []
         self._size = 0
         self._pongs: dict[bytes, trio.Event] = {}
+        # Told of a pong that answers no awaited `ping` (see `try_ping_now`).
+        self._heartbeat_answered: Callable[[], None] | None = None
         self.closed: CloseReason | None = None
         # Complete, unfragmented text frames and pongs are decoded here; the first frame of
         # any other kind hands this connection's input to wsproto for good (see fast_frames).
@@ -247,9 +252,7 @@ class WsprotoConnection:
         used, messages, pongs, rest_is_slow = fast_frames(data, self._max_message_size)
         self._inbox.extend(messages)
         for payload in pongs:
-            waiter = self._pongs.pop(payload, None)
-            if waiter is not None:
-                waiter.set()
+            self._pong(payload)
         if rest_is_slow:
             self._fast = False
             rest = bytes(data[used:])
@@ -289,15 +292,23 @@ class WsprotoConnection:
                 if self._protocol.state is ConnectionState.OPEN:
                     await self._send(self._protocol.send(event.response()))
             elif isinstance(event, Pong):
-                waiter = self._pongs.pop(bytes(event.payload), None)
-                if waiter is not None:
-                    waiter.set()
+                self._pong(bytes(event.payload))
             elif isinstance(event, CloseConnection):
                 # Closed first: the writer may run while the reply is sent, and must not frame
                 # another message into a closing connection.
                 self._set_closed(event.code, event.reason or None)
                 if self._protocol.state is ConnectionState.REMOTE_CLOSING:
                     await self._send(self._protocol.send(event.response()))
+
+    def _pong(self, payload: bytes) -> None:
+        waiter = self._pongs.pop(payload, None)
+        if waiter is not None:
+            waiter.set()
+        elif self._heartbeat_answered is not None:
+            # The heartbeat's pong (or an unsolicited one: RFC 6455 5.5.3 lets a peer send
+            # pongs as its own heartbeat, and any pong shows the peer is there).
+            answered, self._heartbeat_answered = self._heartbeat_answered, None
+            answered()
 
     def _set_closed(self, code: int, reason: str | None) -> None:
         if self.closed is None:
@@ -352,6 +363,31 @@ class WsprotoConnection:
         if self.closed is not None or self._protocol.state is not ConnectionState.OPEN:
             raise ConnectionClosed(self.closed or CloseReason(1006, "closing"))
         await self._send(b"".join(map(text_frame, messages)))
+
+    def try_ping_now(self, answered: Callable[[], None]) -> bool:
+        """The heartbeat's ping, written now without a task, a channel or a random payload: an
+        idle connection's ping is a 2-byte write, and its pong is read by the reactor, which
+        calls `answered`. False, having written nothing, when the socket is busy or the
+        connection is not open (the caller then pings with `ping`)."""
+        if (
+            self._socket is None
+            or self._sending
+            or self._unsent
+            or self.closed is not None
+            or self._protocol.state is not ConnectionState.OPEN
+        ):
+            return False
+        try:
+            sent = _write_now(self._socket, _HEARTBEAT_PING)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            self._set_closed(1006, "connection lost")
+            return True  # gone: the read side ends the connection
+        if sent < len(_HEARTBEAT_PING):
+            self._unsent = _HEARTBEAT_PING[sent:]  # the rest goes first on the next write
+        self._heartbeat_answered = answered
+        return True
 
     async def ping(self) -> None:
         """Send a ping and wait for its pong. Raises: ConnectionClosed."""

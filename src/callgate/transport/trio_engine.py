@@ -50,6 +50,9 @@ class TrioWebSocketEngine:
     def has_more(self) -> bool:
         return False  # messages come one at a time, through trio-websocket's channel
 
+    def try_ping_now(self, answered: Callable[[], None]) -> bool:
+        return False  # trio-websocket pings in a task: `ping`
+
     async def ping(self) -> None:
         await self._ws.ping()
 
