@@ -73,6 +73,26 @@ class ServerSettings(_Section):
     # The WebSocket implementation: wsproto driven directly (the default: several times cheaper
     # per message), or trio-websocket (docs/performance.md says what each costs).
     engine: Literal["trio-websocket", "wsproto"] = "wsproto"
+    # Load balancers and reverse proxies (addresses and CIDR ranges) whose word about the
+    # client's address is taken: their forwarding header, or their PROXY protocol header.
+    # Empty (the default): the TCP peer is the client, whatever headers say.
+    trusted_proxies: tuple[str, ...] = ()
+    # The header the trusted proxies write the client's address in (only that one is read).
+    proxy_header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for"
+    # Trusted proxies open every connection with a PROXY protocol (v1 or v2) header.
+    proxy_protocol: bool = False
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{entry!r} is not an IP address or CIDR range (example: 10.0.0.0/8)"
+                ) from None
+        return value
 
 
 class AuthSettings(_Section):
@@ -269,6 +289,10 @@ class Settings(BaseModel):
                 "cluster.key: required when cluster.enabled is true (it signs messages between"
                 " nodes); set it in the config file or in CALLGATE_CLUSTER_KEY"
             )
+        if self.server.proxy_protocol and not self.server.trusted_proxies:
+            raise ConfigError(
+                "server.proxy_protocol: needs server.trusted_proxies (the proxies that send it)"
+            )
         if cluster.node_timeout < 2 * cluster.heartbeat_interval:
             raise ConfigError("cluster.node_timeout: must be at least twice heartbeat_interval")
 
@@ -278,6 +302,7 @@ _LIST_FIELDS = {
     ("ice", "stun_urls"),
     ("ice", "turn_urls"),
     ("server", "allowed_origins"),
+    ("server", "trusted_proxies"),
 }
 
 

@@ -39,6 +39,7 @@ from callgate.revocation import RevocationList, load_revocations
 from callgate.transport.http import Route, serve_http
 from callgate.transport.hub import ConnectionHub
 from callgate.transport.listener import FrontSettings, serve_front
+from callgate.transport.proxy import TrustedProxies
 from callgate.transport.upgrade import UpgradeRules
 
 log = get_logger("callgate.server")
@@ -332,6 +333,8 @@ async def _serve(
             if socketio.enabled
             else None,
             allowed_origins=frozenset(settings.server.allowed_origins),
+            trusted_proxies=TrustedProxies(settings.server.trusted_proxies),
+            proxy_header=settings.server.proxy_header,
         )
         front = FrontSettings(
             rules=rules,
@@ -341,6 +344,7 @@ async def _serve(
             handshake_timeout=settings.server.auth_timeout,
             close_timeout=settings.server.close_timeout,
             max_pending_per_address=settings.server.max_connections_per_address,
+            proxy_protocol=settings.server.proxy_protocol,
         )
         server = settings.server
         with listening_on(("server.host", "server.port"), server.host, server.port):
