@@ -36,7 +36,8 @@ from callgate.protocol.codec import FieldLimits
 from callgate.protocol.dialects import NativeDialect, SocketIODialect
 from callgate.ratelimit import RateLimiter
 from callgate.revocation import RevocationList, load_revocations
-from callgate.transport.http import Route, serve_http
+from callgate.transport.admin import MAX_ADMIN_BODY, AdminApi
+from callgate.transport.http import Route, get_routes, serve_http
 from callgate.transport.hub import ConnectionHub
 from callgate.transport.listener import FrontSettings, serve_front
 from callgate.transport.proxy import TrustedProxies
@@ -60,6 +61,7 @@ class RunningServer:
     reload: Callable[[], None]
     _listener: trio.CancelScope
     metrics_port: int | None = None
+    admin_port: int | None = None
 
     @property
     def url(self) -> str:
@@ -171,25 +173,29 @@ class _Reloader:
     def request(self) -> None:
         self._wake.set()
 
-    def reload_keys(self) -> None:
+    def reload_keys(self) -> str | None:
+        """Reload the key files now; what went wrong, or None."""
         try:
             ring = load_keyring(self._settings.auth)
         except ConfigError as exc:
             log.error("keys not reloaded; keeping the previous ones", error=str(exc))
-            return
+            return str(exc)
         self._hub.verifier.ring = ring.with_remote(self._hub.verifier.ring.remote)
         log.info("keys reloaded", kids=sorted(ring.by_kid))
+        return None
 
-    def reload_revocations(self) -> None:
+    def reload_revocations(self) -> str | None:
+        """Reload the revocation file now; what went wrong, or None."""
         path = self._settings.auth.revocation_file
         if path is None:
-            return
+            return None
         try:
             revocations = load_revocations(path)
         except ConfigError as exc:
             log.error("revocations not reloaded; keeping the previous list", error=str(exc))
-            return
+            return str(exc)
         self._hub.apply_revocations(revocations)
+        return None
 
     async def refresh_remote(self) -> bool:
         """Fetch the JWKS URL, at most once per `jwks_min_refresh`. True if keys changed."""
@@ -369,7 +375,15 @@ async def _serve(
             metrics = settings.metrics
             with listening_on(("metrics.host", "metrics.port"), metrics.host, metrics.port):
                 metrics_port = await nursery.start(
-                    serve_http, metrics.host, metrics.port, _routes(hub)
+                    serve_http, metrics.host, metrics.port, get_routes(_routes(hub))
+                )
+        admin_port = None
+        if settings.admin.enabled:
+            admin = settings.admin
+            api = AdminApi(settings, board, hub, reloader.reload_keys, reloader.reload_revocations)
+            with listening_on(("admin.host", "admin.port"), admin.host, admin.port):
+                admin_port = await nursery.start(
+                    serve_http, admin.host, admin.port, api.handle, MAX_ADMIN_BODY
                 )
         task_status.started(
             RunningServer(
@@ -382,6 +396,7 @@ async def _serve(
                 reloader.request,
                 listener,
                 metrics_port,
+                admin_port,
             )
         )
 
