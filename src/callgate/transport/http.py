@@ -17,6 +17,7 @@ import trio
 Route = Callable[[str], tuple[int, bytes, bytes]]  # query string -> (status, content type, body)
 MAX_REQUEST_BYTES = 16384
 REQUEST_TIMEOUT = 5.0
+MAX_DISCARD_BYTES = 65536  # of a refused body, read and dropped so the 413 reaches the client
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,10 +98,12 @@ async def _answer(handler: Handler, max_body: int, stream: trio.SocketStream) ->
     connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
     try:
         with trio.move_on_after(REQUEST_TIMEOUT):
+            unread = False
             try:
                 read = await _read_request(connection, stream, max_body)
             except _TooLarge:
                 response = Response(413, b"application/json", b'{"error": "body too large"}')
+                unread = True
             else:
                 if read is None:
                     return
@@ -130,6 +133,13 @@ async def _answer(handler: Handler, max_body: int, stream: trio.SocketStream) ->
             )
             await stream.send_all(connection.send(h11.Data(data=response.body)) or b"")
             await stream.send_all(connection.send(h11.EndOfMessage()) or b"")
+            if unread:
+                # Closing with the client's body unread would reset the connection, and the
+                # client might never read the 413: end our side, then read (bounded) what is left.
+                await stream.send_eof()
+                left = MAX_DISCARD_BYTES
+                while left > 0 and (data := await stream.receive_some(4096)):
+                    left -= len(data)
     except (
         h11.RemoteProtocolError,
         ValueError,  # a Content-Length that is not a number

@@ -173,26 +173,29 @@ class _Reloader:
     def request(self) -> None:
         self._wake.set()
 
-    def reload_keys(self) -> str | None:
-        """Reload the key files now; what went wrong, or None."""
+    def reload_keys(self, *, told: bool = False) -> str | None:
+        """Reload the key files now; what went wrong, or None. `told`: the caller reports a
+        failure to an operator (the admin API), so it is logged as a warning, not an error."""
         try:
             ring = load_keyring(self._settings.auth)
         except ConfigError as exc:
-            log.error("keys not reloaded; keeping the previous ones", error=str(exc))
+            failed = log.warning if told else log.error
+            failed("keys not reloaded; keeping the previous ones", error=str(exc))
             return str(exc)
         self._hub.verifier.ring = ring.with_remote(self._hub.verifier.ring.remote)
         log.info("keys reloaded", kids=sorted(ring.by_kid))
         return None
 
-    def reload_revocations(self) -> str | None:
-        """Reload the revocation file now; what went wrong, or None."""
+    def reload_revocations(self, *, told: bool = False) -> str | None:
+        """Reload the revocation file now; what went wrong, or None (`told`: as for keys)."""
         path = self._settings.auth.revocation_file
         if path is None:
             return None
         try:
             revocations = load_revocations(path)
         except ConfigError as exc:
-            log.error("revocations not reloaded; keeping the previous list", error=str(exc))
+            failed = log.warning if told else log.error
+            failed("revocations not reloaded; keeping the previous list", error=str(exc))
             return str(exc)
         self._hub.apply_revocations(revocations)
         return None
@@ -380,7 +383,13 @@ async def _serve(
         admin_port = None
         if settings.admin.enabled:
             admin = settings.admin
-            api = AdminApi(settings, board, hub, reloader.reload_keys, reloader.reload_revocations)
+            api = AdminApi(
+                settings,
+                board,
+                hub,
+                partial(reloader.reload_keys, told=True),
+                partial(reloader.reload_revocations, told=True),
+            )
             with listening_on(("admin.host", "admin.port"), admin.host, admin.port):
                 admin_port = await nursery.start(
                     serve_http, admin.host, admin.port, api.handle, MAX_ADMIN_BODY
