@@ -70,6 +70,9 @@ def test_every_required_key_is_in_the_shipped_file() -> None:
         "checkpoint_every",
         "checkpoint_seconds",
         "enabled",
+        # the admin API
+        "keys",
+        "drain_grace",
     ):
         assert f"\n{key} = " in text, key
 
