@@ -358,3 +358,16 @@ async def test_proxy_headers_from_untrusted_peers_are_refused(harness: Harness) 
     client = await harness.open(headers=[bearer("a"), (b"x-forwarded-for", b"203.0.113.5")])
     await signed_in(client, "a")
     assert opened_addrs(harness) == ["127.0.0.1"]
+
+
+async def test_a_trusted_proxy_is_not_capped_by_half_open_handshakes(harness: Harness) -> None:
+    """The per-address cap on handshakes in progress would cap a balancer's clients together;
+    a trusted proxy's sockets are counted per client once their heads name them."""
+    running = await harness.start(proxied(max_connections_per_address=2, auth_timeout=30))
+    silent = [await trio.open_tcp_stream("127.0.0.1", running.port) for _ in range(2)]
+    extra = await trio.open_tcp_stream("127.0.0.1", running.port)
+    await extra.send_all(b"GET /elsewhere HTTP/1.1\r\nHost: x\r\n\r\n")
+    with trio.fail_after(STEP):
+        assert (await extra.receive_some(1024)).startswith(b"HTTP/1.1 404")
+    for stream in [*silent, extra]:
+        await stream.aclose()
