@@ -16,7 +16,7 @@ import pytest
 import trio
 from trio_websocket import wrap_client_stream
 
-from callgate.config import load_settings
+from callgate.config import LimitSettings, ServerSettings, load_settings
 from callgate.errors import ConfigError
 from callgate.transport.proxy import (
     MAX_HOPS,
@@ -304,19 +304,41 @@ async def test_malformed_and_oversized_forwarding_headers_are_refused(harness: H
     assert harness.audit.records("conn.open") == []
 
 
-async def test_many_clients_behind_one_proxy_get_sessions(harness: Harness) -> None:
-    """The default per-address cap (here 20) and handshake rate (here 20/minute) apply to each
-    client behind the proxy, not to the proxy: 3 times as many clients all sign in."""
-    settings = proxied(max_connections_per_address=20)
-    settings = settings.model_copy(
-        update={"limits": settings.limits.model_copy(update={"handshakes": "20/minute"})}
-    )
+async def test_a_connect_storm_behind_a_trusted_proxy_gets_every_session(
+    harness: Harness,
+) -> None:
+    """Issue 17's storm: 2,000 clients through one balancer address, with the shipped limits
+    (256 connections per address, 60 handshakes a minute): each client is counted on its own
+    address, so all 2,000 sign in (from an untrusted address, 60 do)."""
+    shipped = ServerSettings()
+    settings = proxied(max_connections_per_address=shipped.max_connections_per_address)
+    settings = settings.model_copy(update={"limits": LimitSettings()})
     await harness.start(settings)
-    for index in range(60):
-        address = f"203.0.113.{index + 1}".encode()
-        client = await harness.open(headers=[bearer(f"u{index}"), (b"x-forwarded-for", address)])
-        await signed_in(client, f"u{index}")
-    assert len(set(opened_addrs(harness))) == 60
+    target = urlsplit(harness.url)
+    streams: list[trio.abc.Stream] = []
+    sessions = 0
+
+    async def one(index: int) -> None:
+        nonlocal sessions
+        address = f"198.18.{index // 256}.{index % 256}".encode()
+        headers = [bearer(f"u{index}"), (b"x-forwarded-for", address)]
+        stream = await trio.open_tcp_stream(target.hostname or "", target.port or 80)
+        streams.append(stream)
+        ws = await wrap_client_stream(
+            harness.nursery, stream, target.hostname or "", target.path, extra_headers=headers
+        )
+        if '"session"' in await ws.get_message():
+            sessions += 1
+
+    try:
+        with trio.fail_after(STEP * 12):
+            async with trio.open_nursery() as storm:
+                for index in range(2000):
+                    storm.start_soon(one, index)
+        assert sessions == 2000
+    finally:
+        for stream in streams:
+            await stream.aclose()
 
 
 @pytest.mark.both_engines
