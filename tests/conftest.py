@@ -146,6 +146,18 @@ async def connect_ws(
     return ws, stream
 
 
+async def exchange_raw(port: int, data: bytes) -> bytes:
+    """Send raw bytes to 127.0.0.1:`port`; everything the server answers before it closes."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    answer = b""
+    with trio.fail_after(STEP):
+        await stream.send_all(data)
+        while chunk := await stream.receive_some(65536):
+            answer += chunk
+    await stream.aclose()
+    return answer
+
+
 class Client:
     """A real WebSocket client with strict expectations: the next message must be the one named."""
 

@@ -28,6 +28,7 @@ from conftest import (
     ClusterHarness,
     Harness,
     call_request,
+    exchange_raw,
     make_settings,
     token_for,
 )
@@ -61,17 +62,6 @@ async def api(
         return await trio.to_thread.run_sync(
             admin_request, admin_url(h, node), key, method, path, body
         )
-
-
-async def raw_http(port: int, data: bytes) -> bytes:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    answer = b""
-    with trio.fail_after(STEP):
-        await stream.send_all(data)
-        while chunk := await stream.receive_some(65536):
-            answer += chunk
-    await stream.aclose()
-    return answer
 
 
 def admin_records(h: Harness) -> list[dict[str, Any]]:
@@ -215,15 +205,15 @@ async def test_bodies_methods_and_paths_that_are_not_the_api(harness: Harness) -
         head = f"POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {len(body)}\r\n\r\n"
         return head.encode() + body
 
-    answer = await raw_http(server.admin_port, post("/v1/drain", b"not json"))
+    answer = await exchange_raw(server.admin_port, post("/v1/drain", b"not json"))
     assert answer.startswith(b"HTTP/1.1 400 ") and b"the body must be a JSON object" in answer
-    answer = await raw_http(server.admin_port, post("/v1/drain", b"[1]"))
+    answer = await exchange_raw(server.admin_port, post("/v1/drain", b"[1]"))
     assert answer.startswith(b"HTTP/1.1 400 ")
-    answer = await raw_http(server.admin_port, post("/v1/drain", b"{" + b" " * 9000 + b"}"))
+    answer = await exchange_raw(server.admin_port, post("/v1/drain", b"{" + b" " * 9000 + b"}"))
     assert answer.startswith(b"HTTP/1.1 413 ")
     assert (await api(harness, "GET", "/v1/drain"))[0] == 405
     assert (await api(harness, "GET", "/v2/anything"))[0] == 404
-    assert await raw_http(server.admin_port, b"BROKEN\r\n\r\n") == b""
+    assert await exchange_raw(server.admin_port, b"BROKEN\r\n\r\n") == b""
     assert server.hub.accepting and admin_records(harness) == []
 
 
@@ -306,17 +296,17 @@ async def test_drain_and_undrain(harness: Harness) -> None:
     alice = await harness.connect("alice")
     status, answer = await api(harness, "POST", "/v1/drain", {"reason": "deploy", "grace": 600})
     assert (status, answer) == (200, {"accepting": False, "grace": 600.0})
-    assert b" 503 " in (await raw_http(server.metrics_port, readyz)).split(b"\r\n")[0]
+    assert b" 503 " in (await exchange_raw(server.metrics_port, readyz)).split(b"\r\n")[0]
     target = urlsplit(harness.url)
     assert target.port is not None
     upgrade = (
         b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
-    assert (await raw_http(target.port, upgrade)).startswith(b"HTTP/1.1 503 ")
+    assert (await exchange_raw(target.port, upgrade)).startswith(b"HTTP/1.1 503 ")
     await alice.expect_silence()  # the grace has not run out: she stays
     assert (await api(harness, "POST", "/v1/undrain", {"reason": "deploy cancelled"}))[0] == 200
-    assert b" 200 " in (await raw_http(server.metrics_port, readyz)).split(b"\r\n")[0]
+    assert b" 200 " in (await exchange_raw(server.metrics_port, readyz)).split(b"\r\n")[0]
     bob = await harness.connect("bob")
     await alice.expect_silence(0.1)  # the cancelled drain closes nobody
     assert (await api(harness, "POST", "/v1/drain", {"reason": "deploy", "grace": 0}))[0] == 200

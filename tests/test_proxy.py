@@ -27,7 +27,7 @@ from callgate.transport.proxy import (
     TrustedProxies,
     forwarded_client,
 )
-from conftest import STEP, Client, Harness, make_settings, token_for
+from conftest import STEP, Client, Harness, exchange_raw, make_settings, token_for
 
 TRUSTED = TrustedProxies(["127.0.0.1", "10.0.0.0/8", "2001:db8:ffff::/48"])
 
@@ -212,16 +212,9 @@ async def signed_in(client: Client, user: str) -> Client:
 
 
 async def exchange(h: Harness, data: bytes) -> bytes:
-    """Send raw bytes; everything the server answers before it closes."""
-    target = urlsplit(h.url)
-    stream = await trio.open_tcp_stream(target.hostname or "127.0.0.1", target.port or 80)
-    answer = b""
-    with trio.fail_after(STEP):
-        await stream.send_all(data)
-        while chunk := await stream.receive_some(65536):
-            answer += chunk
-    await stream.aclose()
-    return answer
+    """Send raw bytes to the server; everything it answers before it closes."""
+    assert h.server is not None
+    return await exchange_raw(h.server.port, data)
 
 
 def upgrade_request(extra: str = "") -> bytes:

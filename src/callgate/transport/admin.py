@@ -129,11 +129,17 @@ class AdminApi:
             "calls": len(self._board.calls),
         }
 
-    def list_connections(self, operator: str, request: Request) -> dict[str, Any]:
+    def _filters(
+        self, request: Request, states: tuple[str, ...]
+    ) -> tuple[dict[str, str], str | None, str | None, float]:
+        """A listing's query, and its `user`, `state` (one of `states`) and `min_age` filters."""
         query = _query(request, {"user", "state", "min_age", "limit", "cursor"})
         user = self._user(query.get("user"), required=False)
-        state = _choice(query.get("state"), "state", ("authenticated", "unauthenticated"))
-        min_age = _number(query.get("min_age"), "min_age")
+        state = _choice(query.get("state"), "state", states)
+        return query, user, state, _number(query.get("min_age"), "min_age")
+
+    def list_connections(self, operator: str, request: Request) -> dict[str, Any]:
+        query, user, state, min_age = self._filters(request, ("authenticated", "unauthenticated"))
         now = time.time()
         rows = []
         for connection in self._hub.connections:
@@ -171,10 +177,7 @@ class AdminApi:
         return _page(list(users.values()), query)
 
     def list_calls(self, operator: str, request: Request) -> dict[str, Any]:
-        query = _query(request, {"user", "state", "min_age", "limit", "cursor"})
-        user = self._user(query.get("user"), required=False)
-        state = _choice(query.get("state"), "state", ("ringing", "connected"))
-        min_age = _number(query.get("min_age"), "min_age")
+        query, user, state, min_age = self._filters(request, ("ringing", "connected"))
         now = self._core_now()
         rows = []
         for call in self._board.calls:
