@@ -8,7 +8,9 @@ nothing, and malformed or oversized headers are refused cleanly.
 from __future__ import annotations
 
 import ipaddress
+import ssl
 import struct
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,6 +30,7 @@ from callgate.transport.proxy import (
     forwarded_client,
 )
 from conftest import STEP, Client, Harness, exchange_raw, make_settings, token_for
+from test_e2e_operations import self_signed
 
 TRUSTED = TrustedProxies(["127.0.0.1", "10.0.0.0/8", "2001:db8:ffff::/48"])
 
@@ -386,3 +389,28 @@ async def test_a_trusted_proxy_is_not_capped_by_half_open_handshakes(harness: Ha
         assert (await extra.receive_some(1024)).startswith(b"HTTP/1.1 404")
     for stream in [*silent, extra]:
         await stream.aclose()
+
+
+@pytest.mark.both_engines
+async def test_proxy_protocol_before_tls(harness: Harness, tmp_path: Path) -> None:
+    """A TCP balancer passing TLS through sends its PROXY header in the clear, then the client's
+    TLS handshake follows on the same connection."""
+    cert_file, key_file, cert_pem = self_signed(tmp_path)
+    tls = {"cert_file": str(cert_file), "key_file": str(key_file)}
+    settings = make_settings(
+        tls=tls, server={"trusted_proxies": ["127.0.0.1"], "proxy_protocol": True}
+    )
+    running = await harness.start(settings)
+    assert running.url.startswith("wss://")
+    raw = await trio.open_tcp_stream("127.0.0.1", running.port)
+    await raw.send_all(proxy_v2("203.0.113.5"))
+    context = ssl.create_default_context(cadata=cert_pem.decode())
+    stream = trio.SSLStream(raw, context, server_hostname="localhost")
+    with trio.fail_after(STEP):
+        ws = await wrap_client_stream(
+            harness.nursery, stream, "localhost", "/ws", extra_headers=[bearer("alice")]
+        )
+    client = Client(ws, stream)
+    harness.clients.append(client)
+    await signed_in(client, "alice")
+    assert opened_addrs(harness) == ["203.0.113.5"]

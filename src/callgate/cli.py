@@ -93,19 +93,20 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument(
         "--before", type=float, help="unix time for --user (default: now)", default=None
     )
-    _admin_parser(commands)
+    _admin_parser(
+        commands.add_parser(
+            "admin",
+            help="the admin API of a running server (docs/admin.md); the key comes from"
+            f" ${ADMIN_KEY_VARIABLE}",
+        )
+    )
     return parser
 
 
 ADMIN_KEY_VARIABLE = "CALLGATE_ADMIN_KEY"
 
 
-def _admin_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    admin = commands.add_parser(
-        "admin",
-        help="the admin API of a running server (docs/admin.md); the key comes from"
-        f" ${ADMIN_KEY_VARIABLE}",
-    )
+def _admin_parser(admin: argparse.ArgumentParser) -> None:
     admin.add_argument("--url", help="the admin API (default: from --config, else port 9465)")
     admin.add_argument("--config", type=Path, help="TOML config file with [admin] host and port")
     actions = admin.add_subparsers(dest="admin_command", required=True)

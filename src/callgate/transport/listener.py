@@ -163,6 +163,9 @@ class FrontSettings:
     max_pending_per_address: int = 256
     # `[server] proxy_protocol`: trusted proxies open every connection with a PROXY header.
     proxy_protocol: bool = False
+    # With PROXY protocol and TLS: the TLS context, for the handshake after the PROXY header
+    # (the listener is then plain TCP).
+    tls_after_proxy: ssl.SSLContext | None = None
 
 
 class _PendingHandshakes:
@@ -224,16 +227,26 @@ def _close_under_reader(stream: trio.abc.Stream) -> None:
 
 async def _read_upgrade(
     stream: trio.abc.Stream, front: FrontSettings, refused: Callable[[str, int], None], peer: str
-) -> tuple[bytes, Upgrade, bytes] | None:
-    """The head of a WebSocket upgrade: its raw bytes (without a PROXY header), what it asks
-    for (the client's address included), and the bytes after it; None when it was answered
-    here (404, 400, 403) or is broken."""
+) -> tuple[trio.abc.Stream, bytes, Upgrade, bytes] | None:
+    """The head of a WebSocket upgrade: the stream to go on with (TLS begins after a PROXY
+    header), the head's raw bytes (without a PROXY header), what it asks for (the client's
+    address included), and the bytes after it; None when it was answered here (404, 400, 403)
+    or is broken."""
     early = b""
     if front.proxy_protocol:
         proxied = await _read_proxy_header(stream, peer, front)
         if proxied is None:
             return None
         peer, early = proxied
+        if front.tls_after_proxy is not None:
+            # The PROXY header comes in the clear, before the TLS handshake (HAProxy's spec).
+            stream = trio.SSLStream(
+                _Replay(stream, early),
+                front.tls_after_proxy,
+                server_side=True,
+                https_compatible=True,
+            )
+            early = b""
     head = await _read_head(stream, early)
     if head is None:
         return None
@@ -244,7 +257,7 @@ async def _read_upgrade(
             refused(upgrade.addr, 403)  # audited: a browser page from an origin not allowed
         await _respond(stream, upgrade.status, upgrade.message)
         return None
-    return raw, upgrade, trailing
+    return stream, raw, upgrade, trailing
 
 
 async def _serve_stream(
@@ -264,15 +277,16 @@ async def _serve_stream(
         with trio.move_on_after(front.close_timeout, shield=True):
             await stream.aclose()
         return
+    accepted = stream
     try:
         try:
             # Bounded in time by `pending.expire`, which closes the socket of a late head.
             routed = await _read_upgrade(stream, front, refused, addr)
         finally:
-            pending.release(addr, stream)
+            pending.release(addr, accepted)
         if routed is None:
             return
-        raw, upgrade, trailing = routed
+        stream, raw, upgrade, trailing = routed
         del routed
         if front.engine == "wsproto":
             request = WsprotoRequest(stream, upgrade.key, trailing, front.max_message_size)
@@ -323,7 +337,7 @@ async def serve_front(
     serve = partial(_serve_stream, front, pending, handler, refused)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pending.expire)
-        if ssl_context is None:
+        if ssl_context is None or front.tls_after_proxy is not None:
             plain = await trio.open_tcp_listeners(port, host=host)
             task_status.started(plain[0].socket.getsockname()[1])
             await trio.serve_listeners(serve, plain, handler_nursery=handler_nursery)

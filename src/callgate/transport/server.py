@@ -354,6 +354,7 @@ async def _serve(
             close_timeout=settings.server.close_timeout,
             max_pending_per_address=settings.server.max_connections_per_address,
             proxy_protocol=settings.server.proxy_protocol,
+            tls_after_proxy=ssl_context if settings.server.proxy_protocol else None,
         )
         server = settings.server
         with listening_on(("server.host", "server.port"), server.host, server.port):
