@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import structlog
 import trio
 
 from callgate.cli import admin_request
@@ -22,6 +23,7 @@ from callgate.core.policy import CallRules, NoThrottle
 from callgate.core.switchboard import Switchboard
 from callgate.protocol.messages import CallAnswer, CallRequest
 from callgate.transport.admin import ROUTES
+from callgate.transport.http import Request, Response, serve_http
 from conftest import (
     STEP,
     Client,
@@ -441,3 +443,23 @@ def test_the_openapi_document_describes_every_endpoint() -> None:
     for path, operations in document["paths"].items():
         for method, operation in operations.items():
             assert {"200", "400", "401", "403"} <= set(operation["responses"]), (method, path)
+
+
+async def test_a_failing_handler_answers_500_and_the_listener_goes_on(
+    nursery: trio.Nursery,
+) -> None:
+    calls = 0
+
+    def handler(request: Request) -> Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug")
+        return Response(200, b"text/plain", b"fine")
+
+    with structlog.testing.capture_logs() as logs:
+        port = await nursery.start(serve_http, "127.0.0.1", 0, handler)
+        request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+        assert (await exchange_raw(port, request)).startswith(b"HTTP/1.1 500 ")
+        assert (await exchange_raw(port, request)).endswith(b"fine")
+    assert [entry["event"] for entry in logs] == ["HTTP handler failed"]

@@ -14,6 +14,9 @@ from functools import partial
 import h11
 import trio
 
+from callgate.log import get_logger
+
+log = get_logger("callgate.http")
 Route = Callable[[str], tuple[int, bytes, bytes]]  # query string -> (status, content type, body)
 MAX_REQUEST_BYTES = 16384
 REQUEST_TIMEOUT = 5.0
@@ -117,7 +120,12 @@ async def _answer(handler: Handler, max_body: int, stream: trio.SocketStream) ->
                     body,
                     _peer(stream),
                 )
-                response = handler(request)
+                try:
+                    response = handler(request)
+                except Exception:
+                    # A bug answers this request only: the listener's nursery must go on serving.
+                    log.exception("HTTP handler failed", path=path)
+                    response = Response(500, b"application/json", b'{"error": "internal error"}')
             await stream.send_all(
                 connection.send(
                     h11.Response(
