@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from conftest import (
     call_request,
     exchange_raw,
     make_settings,
+    server_config,
     token_for,
 )
 
@@ -463,3 +466,41 @@ async def test_a_failing_handler_answers_500_and_the_listener_goes_on(
         assert (await exchange_raw(port, request)).startswith(b"HTTP/1.1 500 ")
         assert (await exchange_raw(port, request)).endswith(b"fine")
     assert [entry["event"] for entry in logs] == ["HTTP handler failed"]
+
+
+async def test_callgate_serve_announces_the_admin_api_from_the_environment(
+    tmp_path: Path,
+) -> None:
+    """The keys arrive as operators do it: CALLGATE_ADMIN_KEYS, a JSON object."""
+    config = server_config(tmp_path)
+    config.write_text(config.read_text() + "[admin]\nenabled = true\nport = 0\n")
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "CALLGATE_ADMIN_KEYS": json.dumps({"ops": ADMIN_KEY}),
+    }
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "callgate", "serve", "--config", str(config)],
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert process.stderr is not None
+    try:
+        buffer = b""
+        with trio.fail_after(30):
+            while b'"admin API listening"' not in buffer:
+                chunk = await process.stderr.receive_some(4096)
+                assert chunk, buffer
+                buffer += chunk
+        line = next(line for line in buffer.splitlines() if b'"admin API listening"' in line)
+        announced = json.loads(line)
+        assert announced["operators"] == ["ops"]
+        with trio.fail_after(STEP):
+            status, answer = await trio.to_thread.run_sync(
+                admin_request, announced["url"], ADMIN_KEY, "GET", "/v1/status", None
+            )
+        assert status == 200 and answer["accepting"] is True
+    finally:
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(STEP):
+            await process.wait()

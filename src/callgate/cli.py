@@ -323,6 +323,19 @@ def _serve(args: argparse.Namespace) -> int:
                 fix=f"set [{section}] {key} in the config file, or {env_variable(section, key)},"
                 f" to one of your own ({MIN_HMAC_SECRET_BYTES}+ bytes)",
             )
+        if running.admin_port is not None:
+            admin = settings.admin
+            host = f"[{admin.host}]" if ":" in admin.host else admin.host
+            log.info(
+                "admin API listening",
+                url=f"http://{host}:{running.admin_port}",
+                operators=sorted(admin.keys),
+            )
+            if not is_loopback_host(admin.host):
+                log.warning(
+                    "the admin API listens beyond loopback: only operators should reach it",
+                    host=admin.host,
+                )
         hint = _token_hint(settings, args.config, os.environ)
         if hint is not None and is_loopback_host(settings.server.host):
             log.info("get a token in another terminal", connect=running.url, **hint)
