@@ -52,10 +52,15 @@ class BadForwarding(Exception):
 
 
 def parse_address(text: str) -> IPAddress:
-    """An IP address, IPv6 possibly in brackets or with a zone. Raises: ValueError."""
+    """An IP address, IPv6 possibly in brackets or with a zone; an IPv4-mapped IPv6 address
+    (`::ffff:192.0.2.1`, from a dual-stack socket) is its IPv4 address, so one client has one
+    address for the per-address limits. Raises: ValueError."""
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
-    return ipaddress.ip_address(text)
+    address = ipaddress.ip_address(text)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 class TrustedProxies:
@@ -80,8 +85,6 @@ class TrustedProxies:
                 return False
         if not isinstance(address, ipaddress.IPv4Address | ipaddress.IPv6Address):
             return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped  # ::ffff:10.0.0.1 is 10.0.0.1 on a dual-stack socket
         return any(address in network for network in self._networks)
 
 
@@ -275,7 +278,7 @@ class ProxyHeaderParser:
         for port in (source_port, destination_port):
             if not port.isdigit() or (len(port) > 1 and port[0] == "0") or int(port) > 65535:
                 raise BadForwarding("malformed PROXY v1 port")
-        return ProxyHeader(str(addresses[0]), rest)
+        return ProxyHeader(str(parse_address(source)), rest)
 
     def _v2(self, buffer: bytes) -> ProxyHeader | None:
         if len(buffer) < V2_HEADER_BYTES:
@@ -297,5 +300,5 @@ class ProxyHeaderParser:
         if address_family == 1 and length >= 12:
             return ProxyHeader(str(ipaddress.IPv4Address(body[:4])), rest)
         if address_family == 2 and length >= 36:
-            return ProxyHeader(str(ipaddress.IPv6Address(body[:16])), rest)
+            return ProxyHeader(str(parse_address(str(ipaddress.IPv6Address(body[:16])))), rest)
         raise BadForwarding("PROXY v2 header without an IP address")
