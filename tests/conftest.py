@@ -576,6 +576,22 @@ def server_config(tmp_path: Path) -> Path:
     return config
 
 
+async def read_log_line(process: trio.Process, event: str) -> dict[str, Any]:
+    """Read a server subprocess's stderr up to the JSON log line of `event`, and parse it
+    (what comes after it in the same read is dropped)."""
+    assert process.stderr is not None
+    marker = f'"{event}"'.encode()
+    buffer = b""
+    with trio.fail_after(30):
+        while marker not in buffer:
+            chunk = await process.stderr.receive_some(4096)
+            assert chunk, buffer
+            buffer += chunk
+    line = json.loads(next(line for line in buffer.splitlines() if marker in line))
+    assert isinstance(line, dict)
+    return line
+
+
 async def start_server_process(
     config: Path, env: dict[str, str] | None = None
 ) -> tuple[trio.Process, str]:
@@ -585,14 +601,7 @@ async def start_server_process(
         stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
-    assert process.stderr is not None
-    buffer = b""
-    with trio.fail_after(30):
-        while b'"listening"' not in buffer:
-            chunk = await process.stderr.receive_some(4096)
-            assert chunk, buffer
-            buffer += chunk
-    listening = json.loads(next(line for line in buffer.splitlines() if b'"listening"' in line))
+    listening = await read_log_line(process, "listening")
     # The operator's first line says which build runs: the one this test process chose too.
     assert listening["hot_path"] == callgate.IMPLEMENTATION
     return process, listening["url"]

@@ -34,6 +34,7 @@ from conftest import (
     call_request,
     exchange_raw,
     make_settings,
+    read_log_line,
     server_config,
     token_for,
 )
@@ -484,16 +485,8 @@ async def test_callgate_serve_announces_the_admin_api_from_the_environment(
         stderr=subprocess.PIPE,
         env=env,
     )
-    assert process.stderr is not None
     try:
-        buffer = b""
-        with trio.fail_after(30):
-            while b'"admin API listening"' not in buffer:
-                chunk = await process.stderr.receive_some(4096)
-                assert chunk, buffer
-                buffer += chunk
-        line = next(line for line in buffer.splitlines() if b'"admin API listening"' in line)
-        announced = json.loads(line)
+        announced = await read_log_line(process, "admin API listening")
         assert announced["operators"] == ["ops"]
         with trio.fail_after(STEP):
             status, answer = await trio.to_thread.run_sync(
