@@ -150,6 +150,18 @@ async def connect_ws(
     return ws, stream
 
 
+async def exchange_raw(port: int, data: bytes) -> bytes:
+    """Send raw bytes to 127.0.0.1:`port`; everything the server answers before it closes."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    answer = b""
+    with trio.fail_after(STEP):
+        await stream.send_all(data)
+        while chunk := await stream.receive_some(65536):
+            answer += chunk
+    await stream.aclose()
+    return answer
+
+
 class Client:
     """A real WebSocket client with strict expectations: the next message must be the one named."""
 
@@ -570,6 +582,22 @@ def server_config(tmp_path: Path) -> Path:
     return config
 
 
+async def read_log_line(process: trio.Process, event: str) -> dict[str, Any]:
+    """Read a server subprocess's stderr up to the JSON log line of `event`, and parse it
+    (what comes after it in the same read is dropped)."""
+    assert process.stderr is not None
+    marker = f'"{event}"'.encode()
+    buffer = b""
+    with trio.fail_after(30):
+        while marker not in buffer:
+            chunk = await process.stderr.receive_some(4096)
+            assert chunk, buffer
+            buffer += chunk
+    line = json.loads(next(line for line in buffer.splitlines() if marker in line))
+    assert isinstance(line, dict)
+    return line
+
+
 async def start_server_process(
     config: Path, env: dict[str, str] | None = None
 ) -> tuple[trio.Process, str]:
@@ -579,14 +607,7 @@ async def start_server_process(
         stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
-    assert process.stderr is not None
-    buffer = b""
-    with trio.fail_after(30):
-        while b'"listening"' not in buffer:
-            chunk = await process.stderr.receive_some(4096)
-            assert chunk, buffer
-            buffer += chunk
-    listening = json.loads(next(line for line in buffer.splitlines() if b'"listening"' in line))
+    listening = await read_log_line(process, "listening")
     # The operator's first line says which build runs: the one this test process chose too.
     assert listening["hot_path"] == callgate.IMPLEMENTATION
     return process, listening["url"]

@@ -29,6 +29,8 @@ from callgate.core.events import (
     Authenticated,
     Disconnected,
     MessageReceived,
+    OperatorDisconnectedUser,
+    OperatorEndedCall,
     RevocationChanged,
     TimerFired,
     TokenRefreshed,
@@ -103,6 +105,9 @@ def sample_events() -> list[Any]:
         RevocationChanged(frozenset({"jti-1"}), {"bob": 12.0}),
         NodeDown("n2"),
         MessageReceived("n1.a", UserConnected("alice"), ref=8),  # its data is a bare string
+        OperatorEndedCall("c1", "alice"),
+        OperatorEndedCall("c1"),
+        OperatorDisconnectedUser("bob", 4010, "disconnected by operator"),
     ]
 
 

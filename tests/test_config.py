@@ -58,6 +58,9 @@ def test_every_required_key_is_in_the_shipped_file() -> None:
         "outbound_queue",
         "max_connections_per_user",
         "max_connections_per_address",
+        "trusted_proxies",
+        "proxy_header",
+        "proxy_protocol",
         "cert_file",
         "key_file",
         # the audit trail and the operator's view
@@ -67,6 +70,9 @@ def test_every_required_key_is_in_the_shipped_file() -> None:
         "checkpoint_every",
         "checkpoint_seconds",
         "enabled",
+        # the admin API
+        "keys",
+        "drain_grace",
     ):
         assert f"\n{key} = " in text, key
 

@@ -109,13 +109,15 @@ def head(
 
 def test_an_upgrade_yields_its_dialect_and_credentials() -> None:
     upgrade = read_upgrade(
-        head(b"/ws", (b"authorization", b"Bearer t.k.n"), (b"callgate-resume", b"s1")), RULES
+        head(b"/ws", (b"authorization", b"Bearer t.k.n"), (b"callgate-resume", b"s1")),
+        RULES,
+        "192.0.2.1",
     )
     assert isinstance(upgrade, Upgrade)
     assert (upgrade.dialect, upgrade.bearer, upgrade.resume) == (NATIVE, "t.k.n", "s1")
     assert upgrade.take_bearer() == "t.k.n" and upgrade.bearer is None  # not kept
     assert not upgrade.repeated_authorization
-    sio = read_upgrade(head(b"/socket.io/?EIO=4&transport=websocket"), RULES)
+    sio = read_upgrade(head(b"/socket.io/?EIO=4&transport=websocket"), RULES, "192.0.2.1")
     assert isinstance(sio, Upgrade) and sio.dialect is SOCKETIO
 
 
@@ -132,14 +134,16 @@ def test_an_upgrade_yields_its_dialect_and_credentials() -> None:
     ],
 )
 def test_what_is_refused_before_the_upgrade(request_head: RequestHead, status: int) -> None:
-    refused = read_upgrade(request_head, RULES)
+    refused = read_upgrade(request_head, RULES, "192.0.2.1")
     assert isinstance(refused, Refusal) and refused.status == status
 
 
 def test_two_authorization_headers_void_the_credentials_and_an_allowed_origin_passes() -> None:
     twice = read_upgrade(
-        head(b"/ws", (b"authorization", b"Bearer a"), (b"authorization", b"Bearer b")), RULES
+        head(b"/ws", (b"authorization", b"Bearer a"), (b"authorization", b"Bearer b")),
+        RULES,
+        "192.0.2.1",
     )
     assert isinstance(twice, Upgrade) and twice.repeated_authorization
-    allowed = read_upgrade(head(b"/ws", (b"origin", b"https://app.example")), RULES)
+    allowed = read_upgrade(head(b"/ws", (b"origin", b"https://app.example")), RULES, "192.0.2.1")
     assert isinstance(allowed, Upgrade)

@@ -206,7 +206,7 @@ def upgrade_request(
     request: RequestHead, trailing: bytes, stream: trio.abc.Stream, max_size: int
 ) -> WsprotoRequest | None:
     """The wsproto engine's request for a head the front checked (upgrade.py), or None."""
-    checked = read_upgrade(request, RULES)
+    checked = read_upgrade(request, RULES, "192.0.2.1")
     if isinstance(checked, Refusal):
         return None
     return WsprotoRequest(stream, checked.key, trailing, max_size)

@@ -72,6 +72,8 @@ AUDIT_FIELDS = frozenset(
         "dropped_messages",
         # on a summary of repeated refusals: how many refusals the record stands for
         "count",
+        # the admin API: the operator (the name of the admin key) who acted
+        "operator",
         # cluster mode: a node, and a refused log entry's stream id
         "node",
         "entry",

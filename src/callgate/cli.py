@@ -1,4 +1,4 @@
-"""`callgate serve | token | check-config`."""
+"""`callgate serve | token | check-config | revoke | audit | demo | admin`."""
 
 from __future__ import annotations
 
@@ -123,7 +123,117 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument(
         "--before", type=float, help="unix time for --user (default: now)", default=None
     )
+    _admin_parser(
+        commands.add_parser(
+            "admin",
+            help="the admin API of a running server (docs/admin.md); the key comes from"
+            f" ${ADMIN_KEY_VARIABLE}",
+        )
+    )
     return parser
+
+
+ADMIN_KEY_VARIABLE = "CALLGATE_ADMIN_KEY"
+
+
+def _admin_parser(admin: argparse.ArgumentParser) -> None:
+    admin.add_argument("--url", help="the admin API (default: from --config, else port 9465)")
+    admin.add_argument("--config", type=Path, help="TOML config file with [admin] host and port")
+    actions = admin.add_subparsers(dest="admin_command", required=True)
+    actions.add_parser("status", help="this node: accepting, ready, counts")
+    for name, states in (
+        ("connections", ["authenticated", "unauthenticated"]),
+        ("calls", ["ringing", "connected"]),
+        ("users", None),
+    ):
+        listing = actions.add_parser(name, help=f"list {name} (JSON, one page)")
+        listing.add_argument("--user", help="only this user's")
+        if states is not None:
+            listing.add_argument("--state", choices=states)
+            listing.add_argument("--min-age", type=float, help="only those older (seconds)")
+        listing.add_argument("--limit", type=int, help="page size (default 100)")
+        listing.add_argument("--cursor", help="the next_cursor of the previous page")
+    end = actions.add_parser("end-call", help="end a call: both sides get ended_by_operator")
+    end.add_argument("call_id")
+    end.add_argument("--user", help="one of its users, when several calls share the id")
+    disconnect = actions.add_parser("disconnect", help="close every device of a user (4010)")
+    disconnect.add_argument("user")
+    drain = actions.add_parser("drain", help="stop sign-ins, /readyz 503, then close with 1001")
+    drain.add_argument("--grace", type=float, help="seconds before connections are closed")
+    actions.add_parser("undrain", help="take sign-ins again")
+    actions.add_parser("reload", help="reload keys and revocations now")
+    for action in ("end-call", "disconnect", "drain", "undrain", "reload"):
+        actions.choices[action].add_argument(
+            "--reason", required=True, help="why (required; written to the audit trail)"
+        )
+
+
+def admin_request(
+    url: str, key: str, method: str, path: str, body: Mapping[str, object] | None = None
+) -> tuple[int, dict[str, object]]:
+    """One admin API request (urllib, stdlib): the status and the JSON answer.
+
+    Raises: OSError when the server cannot be reached.
+    """
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(  # noqa: S310 - http(s) to the operator's own server
+        url.rstrip("/") + path,
+        data=data,
+        method=method,
+        headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        with error:
+            try:
+                answer = json.loads(error.read())
+            except ValueError:
+                answer = {"error": error.reason}
+        return error.code, answer
+
+
+def _admin(args: argparse.Namespace) -> int:
+    import json
+    from urllib.parse import urlencode
+
+    key = os.environ.get(ADMIN_KEY_VARIABLE, "")
+    if not key:
+        raise ConfigError(f"{ADMIN_KEY_VARIABLE}: set it to your admin key (see [admin] keys)")
+    url = args.url
+    if url is None:
+        admin = load_settings(args.config).admin if args.config else None
+        host, port = (admin.host, admin.port) if admin else ("127.0.0.1", 9465)
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    command = args.admin_command
+    body: dict[str, object] | None = None
+    if command in ("status", "connections", "calls", "users"):
+        names = ("user", "state", "min_age", "limit", "cursor")
+        query = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+        method, path = "GET", f"/v1/{command}" + (f"?{urlencode(query)}" if query else "")
+    else:
+        method = "POST"
+        body = {"reason": args.reason}
+        if command == "end-call":
+            path = "/v1/calls/end"
+            body.update({"call_id": args.call_id, **({"user": args.user} if args.user else {})})
+        elif command == "disconnect":
+            path, body["user"] = "/v1/users/disconnect", args.user
+        else:
+            path = f"/v1/{command}"
+            if command == "drain" and args.grace is not None:
+                body["grace"] = args.grace
+    status, answer = admin_request(url, key, method, path, body)
+    if status != 200:
+        print(f"callgate admin: {status} {answer.get('error', answer)}", file=sys.stderr)
+        return 1
+    print(json.dumps(answer, indent=2))
+    return 0 if answer.get("ok", True) else 1
 
 
 def _with_overrides(settings: Settings, host: str | None, port: int | None) -> Settings:
@@ -257,6 +367,19 @@ def _serve(args: argparse.Namespace) -> int:
                 fix=f"set [{section}] {key} in the config file, or {env_variable(section, key)},"
                 f" to {own}",
             )
+        if running.admin_port is not None:
+            admin = settings.admin
+            host = f"[{admin.host}]" if ":" in admin.host else admin.host
+            log.info(
+                "admin API listening",
+                url=f"http://{host}:{running.admin_port}",
+                operators=sorted(admin.keys),
+            )
+            if not is_loopback_host(admin.host):
+                log.warning(
+                    "the admin API listens beyond loopback: only operators should reach it",
+                    host=admin.host,
+                )
         hint = _token_hint(settings, args.config, os.environ)
         if hint is not None and is_loopback_host(settings.server.host):
             log.info("get a token in another terminal", connect=running.url, **hint)
@@ -424,6 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "revoke": _revoke,
         "audit": _audit,
         "demo": _demo,
+        "admin": _admin,
     }
     try:
         return handlers[args.command](args)

@@ -80,6 +80,26 @@ class ServerSettings(_Section):
     # The WebSocket implementation: wsproto driven directly (the default: several times cheaper
     # per message), or trio-websocket (docs/performance.md says what each costs).
     engine: Literal["trio-websocket", "wsproto"] = "wsproto"
+    # Load balancers and reverse proxies (addresses and CIDR ranges) whose word about the
+    # client's address is taken: their forwarding header, or their PROXY protocol header.
+    # Empty (the default): the TCP peer is the client, whatever headers say.
+    trusted_proxies: tuple[str, ...] = ()
+    # The header the trusted proxies write the client's address in (only that one is read).
+    proxy_header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for"
+    # Trusted proxies open every connection with a PROXY protocol (v1 or v2) header.
+    proxy_protocol: bool = False
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{entry!r} is not an IP address or CIDR range (example: 10.0.0.0/8)"
+                ) from None
+        return value
 
 
 class AuthSettings(_Section):
@@ -316,6 +336,30 @@ class ClusterSettings(_Section):
     _key_long_enough = field_validator("key")(_hmac_key)
 
 
+class AdminSettings(_Section):
+    """The admin API (docs/admin.md): its own listener, off unless enabled, loopback by default."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(9465, ge=0, le=65535)
+    # Admin keys by operator name, each at least 32 bytes: `Authorization: Bearer <key>`; the
+    # name is who the audit trail says acted. Set them in CALLGATE_ADMIN_KEYS (a JSON object).
+    keys: dict[str, SecretStr] = Field(default_factory=dict)
+    # Seconds a drain waits after `/readyz` turns 503 before it closes connections, when the
+    # request names none.
+    drain_grace: float = Field(5.0, ge=0, le=3600)
+
+    @field_validator("keys")
+    @classmethod
+    def _strong_keys(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, key in value.items():
+            if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"{name!r}: an operator name is 1-64 letters, digits, - or _")
+            if len(key.get_secret_value().encode()) < MIN_HMAC_SECRET_BYTES:
+                raise ValueError(f"{name}: must be at least {MIN_HMAC_SECRET_BYTES} bytes")
+        return value
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -331,6 +375,7 @@ class Settings(BaseModel):
     socketio: SocketIOSettings = SocketIOSettings()
     cluster: ClusterSettings = ClusterSettings()
     webhooks: WebhookSettings = WebhookSettings()
+    admin: AdminSettings = AdminSettings()
 
     def check_coherence(self) -> None:
         """Raises: ConfigError for keys that are valid alone but not together."""
@@ -357,6 +402,15 @@ class Settings(BaseModel):
             raise ConfigError(
                 "cluster.key: required when cluster.enabled is true (it signs messages between"
                 " nodes); set it in the config file or in CALLGATE_CLUSTER_KEY"
+            )
+        if self.admin.enabled and not self.admin.keys:
+            raise ConfigError(
+                "admin.keys: required when admin.enabled is true; set CALLGATE_ADMIN_KEYS to a"
+                ' JSON object such as {"alice": "<at least 32 random bytes>"}'
+            )
+        if self.server.proxy_protocol and not self.server.trusted_proxies:
+            raise ConfigError(
+                "server.proxy_protocol: needs server.trusted_proxies (the proxies that send it)"
             )
         if cluster.node_timeout < 2 * cluster.heartbeat_interval:
             raise ConfigError("cluster.node_timeout: must be at least twice heartbeat_interval")
@@ -403,6 +457,7 @@ _LIST_FIELDS = {
     ("ice", "turn_urls"),
     ("server", "allowed_origins"),
     ("webhooks", "events"),
+    ("server", "trusted_proxies"),
 }
 
 

@@ -33,6 +33,7 @@ class CloseCode(IntEnum):
     TRY_AGAIN_LATER = 1013  # cluster mode: the node cannot reach the cluster log right now
     UNAUTHENTICATED = 4001
     FORBIDDEN = 4003
+    OPERATOR = 4010  # an operator disconnected the user (the admin API)
     RATE_LIMIT_ABUSE = 4029
 
 

@@ -28,6 +28,8 @@ from callgate.core.events import (
     Disconnected,
     Event,
     MessageReceived,
+    OperatorDisconnectedUser,
+    OperatorEndedCall,
     RevocationChanged,
     TimerFired,
     TokenRefreshed,
@@ -167,6 +169,10 @@ def _event_fields(event: ClusterEvent) -> dict[str, Any]:
             return {"k": "revoke", "tokens": sorted(tokens), "users": dict(users)}
         case NodeDown(node=node):
             return {"k": "down", "node": node}
+        case OperatorEndedCall(call_id=call_id, user=user):
+            return {"k": "op_end", "call": call_id, "user": user}
+        case OperatorDisconnectedUser(user=user, code=code, reason=reason):
+            return {"k": "op_disconnect", "user": user, "code": code, "reason": reason}
     raise TypeError(f"{type(event).__name__} is not replicated")
 
 
@@ -239,4 +245,11 @@ def _event(body: dict[str, Any], limits: FieldLimits) -> ClusterEvent:
         return RevocationChanged(frozenset(_text(t) for t in body["tokens"]), users)
     if kind == "down":
         return NodeDown(_text(body["node"]))
+    if kind == "op_end":
+        return OperatorEndedCall(_text(body["call"]), _optional_text(body["user"]))
+    if kind == "op_disconnect":
+        code = body["code"]
+        if not isinstance(code, int) or isinstance(code, bool):
+            raise TypeError("close code")
+        return OperatorDisconnectedUser(_text(body["user"]), code, _text(body["reason"]))
     raise ValueError("unknown kind")

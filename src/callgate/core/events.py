@@ -57,6 +57,25 @@ class ShuttingDown:
 
 
 @dataclass(frozen=True, slots=True)
+class OperatorEndedCall:
+    """An operator ended call `call_id` (of `user`, when several calls share the id): every
+    participant gets `call-end` with reason `ended_by_operator`."""
+
+    call_id: str
+    user: UserId | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorDisconnectedUser:
+    """An operator disconnected every device of `user`: each is closed with `code` and `reason`
+    (what the client sees), and its calls end with reason `ended_by_operator`."""
+
+    user: UserId
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class MessageReceived:
     """An authenticated connection sent a valid, rate-admitted message."""
 
@@ -87,4 +106,6 @@ Event = (
     | TimerFired
     | RevocationChanged
     | ShuttingDown
+    | OperatorEndedCall
+    | OperatorDisconnectedUser
 )

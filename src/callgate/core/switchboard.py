@@ -57,6 +57,8 @@ from callgate.core.events import (
     Disconnected,
     Event,
     MessageReceived,
+    OperatorDisconnectedUser,
+    OperatorEndedCall,
     RevocationChanged,
     ShuttingDown,
     TimerFired,
@@ -81,6 +83,9 @@ from callgate.protocol.messages import (
     UserConnected,
     UserId,
 )
+
+# The `call-end` reason (and `call.ended` reason) of a call an operator ended.
+ENDED_BY_OPERATOR = "ended_by_operator"
 
 
 class Switchboard:
@@ -111,6 +116,10 @@ class Switchboard:
     def online_connections(self) -> list[ConnId]:
         """Every online device's connection, in the order they signed in."""
         return [device.conn for device in self._devices.all() if device.hold is None]
+
+    def devices(self) -> list[Device]:
+        """Every device, online or held, in the order they signed in."""
+        return self._devices.all()
 
     def held_devices(self) -> int:
         return sum(1 for device in self._devices.all() if device.hold is not None)
@@ -204,6 +213,10 @@ class Switchboard:
                 actions = self._on_revocation(event, now)
             case ShuttingDown():
                 actions = self._on_shutdown(now)
+            case OperatorEndedCall():
+                actions = self._on_operator_end(event, now)
+            case OperatorDisconnectedUser():
+                actions = self._on_operator_disconnect(event, now)
             case _:
                 assert_never(event)
         return self._route_to_held(actions)
@@ -630,6 +643,32 @@ class Switchboard:
                 actions.append(Close(device.conn, 4003, "token revoked"))
             actions.append(Audit("session.revoked", {"conn": device.conn, "user": device.user}))
             actions += self._retire(device, "revoked", now)
+        return actions
+
+    def calls_with_id(self, call_id: str, user: UserId | None = None) -> list[Call]:
+        """The live calls named `call_id` (ids are unique per pair of users only), of `user`
+        when given."""
+        if user is not None:
+            call = self._calls.find(user, call_id)
+            return [call] if call is not None else []
+        return [call for call in self._calls if call.call_id == call_id]
+
+    def _on_operator_end(self, event: OperatorEndedCall, now: float) -> list[Action]:
+        """Nothing when the call is gone (ended meanwhile) or the id is ambiguous: the operator's
+        side checks both before it sends the event, and a race ends nothing by mistake."""
+        calls = self.calls_with_id(event.call_id, event.user)
+        if len(calls) != 1:
+            return []
+        return self._terminate(calls[0], ENDED_BY_OPERATOR, now, by=None)
+
+    def _on_operator_disconnect(self, event: OperatorDisconnectedUser, now: float) -> list[Action]:
+        actions: list[Action] = []
+        for device in self._devices.all():
+            if device.user != event.user:
+                continue
+            if device.hold is None:
+                actions.append(Close(device.conn, event.code, event.reason))
+            actions += self._retire(device, ENDED_BY_OPERATOR, now)
         return actions
 
     def _on_shutdown(self, now: float) -> list[Action]:

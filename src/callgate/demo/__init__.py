@@ -18,7 +18,7 @@ from callgate.auth import mint_token
 from callgate.config import Settings, is_loopback_host, uses_development_secret
 from callgate.errors import ConfigError
 from callgate.protocol.codec import valid_user_id
-from callgate.transport.http import Route, serve_http
+from callgate.transport.http import Route, get_routes, serve_http
 
 STATIC = {
     "/": ("index.html", b"text/html; charset=utf-8"),
@@ -84,4 +84,6 @@ async def serve_demo(
     """Serve the demo app until cancelled; `task_status` gets the bound port."""
     if not is_loopback_host(host):
         raise ConfigError("callgate demo serves its page on loopback only")
-    await serve_http(host, port, demo_routes(settings, websocket_url), task_status=task_status)
+    await serve_http(
+        host, port, get_routes(demo_routes(settings, websocket_url)), task_status=task_status
+    )

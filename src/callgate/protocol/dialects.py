@@ -43,7 +43,7 @@ INVALID_TOKEN: Final = "invalid token"  # noqa: S105 - a close reason, not a sec
 AUTHENTICATION_REQUIRED: Final = "authentication required"
 
 # Close codes after which a Socket.IO client must not reconnect by itself (contract 11).
-_NO_RECONNECT: Final = frozenset({4003, 4029, 1003, 1009})
+_NO_RECONNECT: Final = frozenset({4003, 4010, 4029, 1003, 1009})
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ a connection's life.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -121,6 +122,7 @@ class Connection:
         self.ws = ws
         self.dialect = dialect
         self.addr = addr
+        self.opened_at = time.time()  # unix time, for the admin API's ages
         self.identity: Identity | None = None
         # Its message and flood windows (set by the hub from the configured limits).
         self.limits = _NO_LIMITS

@@ -122,6 +122,9 @@ class ConnectionHub:
         self.executor = Executor(self._live, self._deadlines, audit, self.metrics)
         self._dispatch: Dispatch = LocalDispatch(board, self.executor)
         self.accepting = True
+        self._shutting_down = False
+        # The moment a drain closes every connection (`drain`), while one is under way.
+        self._drain_close: Deadline | None = None
         # True while a message is handled that has more from the same read behind it.
         self._in_burst = False
         self._all_gone = trio.Event()
@@ -200,9 +203,39 @@ class ConnectionHub:
         """The front refused an upgrade that is worth a record (an origin not allowed)."""
         self.audit("conn.refused", {"addr": addr, "code": status})
 
+    @property
+    def connections(self) -> list[Connection]:
+        """Every accepted connection of this node, signed in or not, oldest first."""
+        return list(self._all.values())
+
+    def drain(self, grace: float) -> None:
+        """Stop taking sign-ins now (`/readyz` turns 503); in `grace` seconds close every
+        connection with 1001, so the clients reconnect to other nodes. `undrain` undoes it."""
+        self.accepting = False
+        self._deadlines.cancel(self._drain_close)
+        self._drain_close = self._deadlines.call_at(
+            trio.current_time() + grace, self._close_drained
+        )
+
+    def _close_drained(self) -> None:
+        self._drain_close = None
+        for connection in list(self._all.values()):
+            connection.close(CloseCode.GOING_AWAY, "server draining")
+
+    def undrain(self) -> bool:
+        """Take sign-ins again (False while the server shuts down: that is not undone)."""
+        if self._shutting_down:
+            return False
+        self._deadlines.cancel(self._drain_close)
+        self._drain_close = None
+        self.accepting = True
+        return True
+
     async def shutdown(self) -> None:
         """End every call (a single server), close every connection with 1001, and wait up to
         `drain_timeout` for them to go."""
+        self._shutting_down = True
+        self._deadlines.cancel(self._drain_close)
         self.accepting = False
         self._dispatch.shutting_down()
         for connection in list(self._all.values()):
@@ -302,6 +335,8 @@ class ConnectionHub:
                 raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "too many connections")
             if not self._dispatch.available:
                 raise CloseConnection(CloseCode.TRY_AGAIN_LATER, "cluster unavailable")
+            if not self.accepting:  # a drain began while this client was signing in
+                raise CloseConnection(CloseCode.GOING_AWAY, "server draining")
         except CloseConnection as refused:
             if refused.close_code != CloseCode.RATE_LIMIT_ABUSE:
                 detail = refused.detail if isinstance(refused, AuthError) else refused.reason

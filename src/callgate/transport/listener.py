@@ -25,6 +25,13 @@ from callgate.log import get_logger
 from callgate.transport.connection import Engine
 from callgate.transport.engine import WsprotoRequest
 from callgate.transport.head import BadHead, HeadParser, RequestHead
+from callgate.transport.proxy import (
+    V1_PREFIX,
+    V2_SIGNATURE,
+    BadForwarding,
+    ProxyHeaderParser,
+    looks_like_proxy_header,
+)
 from callgate.transport.trio_engine import TrioWebSocketRequest
 from callgate.transport.upgrade import Refusal, Upgrade, UpgradeRules, read_upgrade
 
@@ -45,7 +52,7 @@ class Accepted:
     """What the front tells the connection handler about a new WebSocket."""
 
     request: UpgradeRequest
-    addr: str
+    addr: str  # the client's: the TCP peer, or what a trusted proxy says (upgrade.addr)
     upgrade: Upgrade
 
 
@@ -83,22 +90,55 @@ def _peer(stream: trio.abc.Stream) -> str:
     return "unknown"
 
 
-async def _read_head(stream: trio.abc.Stream) -> tuple[bytes, RequestHead, bytes] | None:
+async def _read_head(
+    stream: trio.abc.Stream, received: bytes = b""
+) -> tuple[bytes, RequestHead, bytes] | None:
     """Everything read, the request head, and the bytes after the head; None for a broken or
-    oversized head, or a client that left."""
+    oversized head, or a client that left. `received`: bytes of the request already read."""
     parser = HeadParser(MAX_HEAD_BYTES)
-    received = b""
+    data = received
     while True:
-        data = bytes(await stream.receive_some(4096))
         if not data:
-            return None
-        received += data
+            data = bytes(await stream.receive_some(4096))
+            if not data:
+                return None
+            received += data
         try:
             head = parser.feed(data)
         except BadHead:
             return None
         if head is not None:
             return received, head, parser.trailing
+        data = b""
+
+
+async def _read_proxy_header(
+    stream: trio.abc.Stream, peer: str, front: FrontSettings
+) -> tuple[str, bytes] | None:
+    """With `[server] proxy_protocol` on: the client's address and the bytes after the PROXY
+    header, which a trusted proxy must send and nobody else may; None to refuse (close)."""
+    trusted = peer in front.rules.trusted_proxies
+    parser = ProxyHeaderParser()
+    received = b""
+    while True:
+        data = bytes(await stream.receive_some(4096))
+        if not data:
+            return None
+        if not trusted:
+            received += data
+            if looks_like_proxy_header(received):
+                if len(received) < len(V2_SIGNATURE) and not received.startswith(V1_PREFIX):
+                    continue  # too few bytes to tell yet
+                log.warning("PROXY header from an untrusted peer refused", addr=peer)
+                return None
+            return peer, received
+        try:
+            header = parser.feed(data)
+        except BadForwarding as bad:
+            log.warning("PROXY header refused", addr=peer, error=str(bad))
+            return None
+        if header is not None:
+            return header.source or peer, header.rest
 
 
 async def _respond(stream: trio.abc.Stream, status: int, message: str) -> None:
@@ -118,8 +158,14 @@ class FrontSettings:
     max_message_size: int
     handshake_timeout: float
     close_timeout: float
-    # Handshakes in progress per client address; more are closed at once (slowloris).
+    # Handshakes in progress per client address; more are closed at once (slowloris). Not
+    # counted for a trusted proxy, whose clients are told apart only once their heads are read.
     max_pending_per_address: int = 256
+    # `[server] proxy_protocol`: trusted proxies open every connection with a PROXY header.
+    proxy_protocol: bool = False
+    # With PROXY protocol and TLS: the TLS context, for the handshake after the PROXY header
+    # (the listener is then plain TCP).
+    tls_after_proxy: ssl.SSLContext | None = None
 
 
 class _PendingHandshakes:
@@ -138,9 +184,9 @@ class _PendingHandshakes:
         # When each pending socket was admitted; insertion order is admission order.
         self._admitted: dict[trio.abc.Stream, float] = {}
 
-    def admit(self, addr: str, stream: trio.abc.Stream) -> bool:
+    def admit(self, addr: str, stream: trio.abc.Stream, *, capped: bool = True) -> bool:
         count = self._counts.get(addr, 0)
-        if count >= self._limit:
+        if capped and count >= self._limit:
             return False
         self._counts[addr] = count + 1
         self._admitted[stream] = trio.current_time()
@@ -180,21 +226,38 @@ def _close_under_reader(stream: trio.abc.Stream) -> None:
 
 
 async def _read_upgrade(
-    stream: trio.abc.Stream, front: FrontSettings, refused: Callable[[str, int], None], addr: str
-) -> tuple[bytes, Upgrade, bytes] | None:
-    """The head of a WebSocket upgrade: its raw bytes, what it asks for, and the bytes after it;
-    None when it was answered here (404, 400, 403) or is broken."""
-    head = await _read_head(stream)
+    stream: trio.abc.Stream, front: FrontSettings, refused: Callable[[str, int], None], peer: str
+) -> tuple[trio.abc.Stream, bytes, Upgrade, bytes] | None:
+    """The head of a WebSocket upgrade: the stream to go on with (TLS begins after a PROXY
+    header), the head's raw bytes (without a PROXY header), what it asks for (the client's
+    address included), and the bytes after it; None when it was answered here (404, 400, 403)
+    or is broken."""
+    early = b""
+    if front.proxy_protocol:
+        proxied = await _read_proxy_header(stream, peer, front)
+        if proxied is None:
+            return None
+        peer, early = proxied
+        if front.tls_after_proxy is not None:
+            # The PROXY header comes in the clear, before the TLS handshake (HAProxy's spec).
+            stream = trio.SSLStream(
+                _Replay(stream, early),
+                front.tls_after_proxy,
+                server_side=True,
+                https_compatible=True,
+            )
+            early = b""
+    head = await _read_head(stream, early)
     if head is None:
         return None
     raw, request, trailing = head
-    upgrade = read_upgrade(request, front.rules)
+    upgrade = read_upgrade(request, front.rules, peer)
     if isinstance(upgrade, Refusal):
         if upgrade.status == 403:
-            refused(addr, 403)  # audited: a browser page from an origin not allowed
+            refused(upgrade.addr, 403)  # audited: a browser page from an origin not allowed
         await _respond(stream, upgrade.status, upgrade.message)
         return None
-    return raw, upgrade, trailing
+    return stream, raw, upgrade, trailing
 
 
 async def _serve_stream(
@@ -208,26 +271,28 @@ async def _serve_stream(
         addr = _peer(stream)
     except OSError:  # gone before we could ask who it was
         addr = ""
-    if not addr or not pending.admit(addr, stream):
+    capped = addr not in front.rules.trusted_proxies
+    if not addr or not pending.admit(addr, stream, capped=capped):
         # Too many half-open handshakes from one address: a slowloris, not a browser.
         with trio.move_on_after(front.close_timeout, shield=True):
             await stream.aclose()
         return
+    accepted = stream
     try:
         try:
             # Bounded in time by `pending.expire`, which closes the socket of a late head.
             routed = await _read_upgrade(stream, front, refused, addr)
         finally:
-            pending.release(addr, stream)
+            pending.release(addr, accepted)
         if routed is None:
             return
-        raw, upgrade, trailing = routed
+        stream, raw, upgrade, trailing = routed
         del routed
         if front.engine == "wsproto":
             request = WsprotoRequest(stream, upgrade.key, trailing, front.max_message_size)
             # The request has what it needs; this frame lives as long as the connection.
             raw = trailing = b""
-            await handler(Accepted(request, addr, upgrade))
+            await handler(Accepted(request, upgrade.addr, upgrade))
             return
         async with trio.open_nursery() as nursery:
             replayed: TrioWebSocketRequest | None = None
@@ -241,7 +306,7 @@ async def _serve_stream(
                 nursery.cancel_scope.cancel()
                 return
             try:
-                await handler(Accepted(replayed, addr, upgrade))
+                await handler(Accepted(replayed, upgrade.addr, upgrade))
             finally:
                 with trio.move_on_after(front.close_timeout):
                     await replayed.aclose()
@@ -272,7 +337,7 @@ async def serve_front(
     serve = partial(_serve_stream, front, pending, handler, refused)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pending.expire)
-        if ssl_context is None:
+        if ssl_context is None or front.tls_after_proxy is not None:
             plain = await trio.open_tcp_listeners(port, host=host)
             task_status.started(plain[0].socket.getsockname()[1])
             await trio.serve_listeners(serve, plain, handler_nursery=handler_nursery)

@@ -36,9 +36,11 @@ from callgate.protocol.codec import FieldLimits
 from callgate.protocol.dialects import NativeDialect, SocketIODialect
 from callgate.ratelimit import RateLimiter
 from callgate.revocation import RevocationList, load_revocations
-from callgate.transport.http import Route, serve_http
+from callgate.transport.admin import MAX_ADMIN_BODY, AdminApi
+from callgate.transport.http import Route, get_routes, serve_http
 from callgate.transport.hub import ConnectionHub
 from callgate.transport.listener import FrontSettings, serve_front
+from callgate.transport.proxy import TrustedProxies
 from callgate.transport.upgrade import UpgradeRules
 from callgate.webhooks import WebhookSender
 
@@ -61,6 +63,7 @@ class RunningServer:
     _listener: trio.CancelScope
     metrics_port: int | None = None
     webhooks: WebhookSender | None = None
+    admin_port: int | None = None
 
     @property
     def url(self) -> str:
@@ -177,25 +180,32 @@ class _Reloader:
     def request(self) -> None:
         self._wake.set()
 
-    def reload_keys(self) -> None:
+    def reload_keys(self, *, told: bool = False) -> str | None:
+        """Reload the key files now; what went wrong, or None. `told`: the caller reports a
+        failure to an operator (the admin API), so it is logged as a warning, not an error."""
         try:
             ring = load_keyring(self._settings.auth)
         except ConfigError as exc:
-            log.error("keys not reloaded; keeping the previous ones", error=str(exc))
-            return
+            failed = log.warning if told else log.error
+            failed("keys not reloaded; keeping the previous ones", error=str(exc))
+            return str(exc)
         self._hub.verifier.ring = ring.with_remote(self._hub.verifier.ring.remote)
         log.info("keys reloaded", kids=sorted(ring.by_kid))
+        return None
 
-    def reload_revocations(self) -> None:
+    def reload_revocations(self, *, told: bool = False) -> str | None:
+        """Reload the revocation file now; what went wrong, or None (`told`: as for keys)."""
         path = self._settings.auth.revocation_file
         if path is None:
-            return
+            return None
         try:
             revocations = load_revocations(path)
         except ConfigError as exc:
-            log.error("revocations not reloaded; keeping the previous list", error=str(exc))
-            return
+            failed = log.warning if told else log.error
+            failed("revocations not reloaded; keeping the previous list", error=str(exc))
+            return str(exc)
         self._hub.apply_revocations(revocations)
+        return None
 
     async def refresh_remote(self) -> bool:
         """Fetch the JWKS URL, at most once per `jwks_min_refresh`. True if keys changed."""
@@ -353,6 +363,8 @@ async def _serve(
             if socketio.enabled
             else None,
             allowed_origins=frozenset(settings.server.allowed_origins),
+            trusted_proxies=TrustedProxies(settings.server.trusted_proxies),
+            proxy_header=settings.server.proxy_header,
         )
         front = FrontSettings(
             rules=rules,
@@ -362,6 +374,8 @@ async def _serve(
             handshake_timeout=settings.server.auth_timeout,
             close_timeout=settings.server.close_timeout,
             max_pending_per_address=settings.server.max_connections_per_address,
+            proxy_protocol=settings.server.proxy_protocol,
+            tls_after_proxy=ssl_context if settings.server.proxy_protocol else None,
         )
         server = settings.server
         with listening_on(("server.host", "server.port"), server.host, server.port):
@@ -386,7 +400,21 @@ async def _serve(
             metrics = settings.metrics
             with listening_on(("metrics.host", "metrics.port"), metrics.host, metrics.port):
                 metrics_port = await nursery.start(
-                    serve_http, metrics.host, metrics.port, _routes(hub)
+                    serve_http, metrics.host, metrics.port, get_routes(_routes(hub))
+                )
+        admin_port = None
+        if settings.admin.enabled:
+            admin = settings.admin
+            api = AdminApi(
+                settings,
+                board,
+                hub,
+                partial(reloader.reload_keys, told=True),
+                partial(reloader.reload_revocations, told=True),
+            )
+            with listening_on(("admin.host", "admin.port"), admin.host, admin.port):
+                admin_port = await nursery.start(
+                    serve_http, admin.host, admin.port, api.handle, MAX_ADMIN_BODY
                 )
         task_status.started(
             RunningServer(
@@ -400,6 +428,7 @@ async def _serve(
                 listener,
                 metrics_port,
                 webhooks,
+                admin_port,
             )
         )
 

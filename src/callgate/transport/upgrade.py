@@ -8,16 +8,19 @@ with `Upgrade.bearer` / `query_token` / `resume`.
 
 The order of the checks is the contract's (protocol doc, section 1): the route (404; Socket.IO
 long-polling and other Engine.IO versions get 400 with a JSON message), the WebSocket handshake
-headers as RFC 6455 4.2.1 and wsproto check them (400), then the `Origin` allow-list (403).
+headers as RFC 6455 4.2.1 and wsproto check them (400), then who the client is (a forwarding
+header from a trusted proxy, proxy.py: 400 when it is malformed), then the `Origin` allow-list
+(403).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
 
 from callgate.protocol.dialects import Dialect, NativeDialect, SocketIODialect
 from callgate.transport.head import RequestHead
+from callgate.transport.proxy import BadForwarding, TrustedProxies, forwarded_client
 
 SOCKETIO_PATH = "/socket.io/"
 # The header a client may resume a session with instead of the `auth` message's `resume`.
@@ -32,6 +35,9 @@ class UpgradeRules:
     native: NativeDialect
     socketio: SocketIODialect | None  # None: Socket.IO clients are not served
     allowed_origins: frozenset[str] = frozenset()
+    # `[server] trusted_proxies`, and the header they write the client's address in.
+    trusted_proxies: TrustedProxies = field(default_factory=TrustedProxies)
+    proxy_header: str = "x-forwarded-for"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +46,7 @@ class Refusal:
 
     status: int
     message: str
+    addr: str = ""  # the client's address, when it was known before the refusal
 
 
 @dataclass(slots=True)
@@ -52,6 +59,7 @@ class Upgrade:
 
     dialect: Dialect
     target: str
+    addr: str  # the client's address: the TCP peer, or what a trusted proxy says it is
     key: bytes  # Sec-WebSocket-Key, for the 101's Sec-WebSocket-Accept
     bearer: str | None  # from `Authorization: Bearer`; "" for another scheme or no token
     query_tokens: list[str]  # `?token=` (refused unless allowed: the hub decides)
@@ -72,14 +80,19 @@ def _bearer(value: bytes | None) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else ""
 
 
-def read_upgrade(head: RequestHead, rules: UpgradeRules) -> Upgrade | Refusal:
-    """Route and check an upgrade request (see the module docstring for the order)."""
+def read_upgrade(head: RequestHead, rules: UpgradeRules, peer: str) -> Upgrade | Refusal:
+    """Route and check an upgrade request (see the module docstring for the order); `peer` is
+    the address of whoever sent it (the TCP peer, or a PROXY header's source)."""
     target = urlsplit(head.target.decode("ascii", "replace"))
     first: dict[bytes, bytes] = {}  # each header's first value (names are lowercased)
     connection_upgrade = False
     authorizations = 0
+    forwarding_name = rules.proxy_header.encode()
+    forwarding: list[bytes] = []  # every line of the trusted proxies' header, in order
     for name, value in head.headers:
         first.setdefault(name, value)
+        if name == forwarding_name:
+            forwarding.append(value)
         if name == b"connection":
             connection_upgrade |= any(
                 token.strip().lower() == b"upgrade" for token in value.split(b",")
@@ -114,18 +127,24 @@ def read_upgrade(head: RequestHead, rules: UpgradeRules) -> Upgrade | Refusal:
     ):
         return Refusal(400, "not a WebSocket upgrade")
 
+    try:
+        addr = forwarded_client(peer, forwarding, rules.proxy_header, rules.trusted_proxies)
+    except BadForwarding as bad:
+        return Refusal(400, str(bad), peer)
+
     origin = first.get(b"origin")
     if (
         rules.allowed_origins
         and origin is not None
         and origin.decode("latin-1") not in rules.allowed_origins
     ):
-        return Refusal(403, "origin not allowed")
+        return Refusal(403, "origin not allowed", addr)
 
     resume = first.get(RESUME_HEADER)
     return Upgrade(
         dialect=dialect,
         target=head.target.decode("ascii", "replace"),
+        addr=addr,
         key=key,
         bearer=_bearer(first.get(b"authorization")),
         query_tokens=parse_qs(target.query).get("token", []),

@@ -11,7 +11,7 @@ const STORE = "callgate-demo";
 // Coming back after a lost connection: 0.5 s doubling to 10 s, with jitter, at most 20 tries.
 const RETRY = { first: 0.5, max: 10, attempts: 20 };
 // After these the server does not want us back (docs/protocol.md, close codes).
-const FINAL_CLOSES = new Set([1003, 1009, 4003, 4029]);
+const FINAL_CLOSES = new Set([1003, 1009, 4003, 4010, 4029]);
 
 // Why a call ended (call-end's `reason`), as the page says it.
 const REASONS = {
@@ -22,6 +22,7 @@ const REASONS = {
   peer_disconnected: "the other side lost its connection",
   revoked: "access was revoked",
   server_shutdown: "the server is restarting",
+  ended_by_operator: "an operator ended the call",
 };
 // Why a call to us was missed (missed-calls' `reason`).
 const MISSED = {
