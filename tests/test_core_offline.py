@@ -122,6 +122,9 @@ def test_a_second_device_that_signs_in_while_it_rings_rings_too() -> None:
         ("d2", "session"),
         ("d2", "call-request"),
     ]  # the caller heard "ringing" once
+    # The trail says how many ring now: the report's `devices` column is how many rang.
+    [ringing] = [a for a in actions if isinstance(a, Audit) and a.event == "call.ringing"]
+    assert ringing.fields["devices"] == 2
     answered = o.send("d2", in_call(CallAnswer, "alice"))
     assert delivered(answered) == [
         ("a1", "call-answer", None),
@@ -170,7 +173,9 @@ def test_cancel_while_pending_ends_it_and_counts_as_missed() -> None:
     assert CancelTimer(1) in actions
     assert audits(actions) == ["call.cancelled", "call.missed"]
     missed = next(a for a in actions if isinstance(a, Audit) and a.event == "call.missed")
+    cancelled = next(a for a in actions if isinstance(a, Audit) and a.event == "call.cancelled")
     assert missed.fields == {
+        "call_key": cancelled.fields["call_key"],  # the call's one identity in the trail
         "call_id": "c1",
         "caller": "alice",
         "callee": "dave",

@@ -851,3 +851,83 @@ def test_no_byte_an_attacker_writes_makes_verify_crash(built: Path, data: st.Dat
         target.write_bytes(bytes(content))
         verdict = check(trail, hmac=data.draw(st.booleans()))
         assert verdict.exit_status in (EXIT_BROKEN, EXIT_CRASHED, EXIT_INTACT)
+
+
+def _forged_trail(directory: Path) -> Path:
+    """A trail written by hand by someone with no key: its own trail id, chained by the public
+    rule (anyone can compute it), no checkpoint, one made-up call."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "forged.log"
+    records: list[dict[str, Any]] = [
+        {
+            "event": "audit.opened",
+            "reason": "start",
+            "prev": "",
+            "prev_mac": "",
+            "trail": "f00dfeedf00dfeed",
+        },
+        {
+            "event": "call.requested",
+            "call_id": "fake",
+            "call_key": "z.1",
+            "caller": "mallory",
+            "callee": "bob",
+            "media": "voice",
+        },
+        {
+            "event": "call.ended",
+            "call_id": "fake",
+            "call_key": "z.1",
+            "caller": "mallory",
+            "callee": "bob",
+            "media": "voice",
+            "reason": "hangup",
+            "by": "mallory",
+            "answered": True,
+            "duration_ms": 99000,
+        },
+    ]
+    lines = []
+    for seq, fields in enumerate(records, start=1):
+        record = {"ts": "2026-12-07T00:00:00.000000Z", **fields, "seq": seq, "mac": "0" * 64}
+        lines.append(json.dumps(record) + "\n")
+    path.write_text("".join(lines))
+    return path
+
+
+def test_a_forged_trail_in_place_of_a_deleted_one_is_not_intact(
+    trail: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The real trail deleted, a keyless forger's trail of another id given instead: the anchor
+    vouches for a trail no file was given of, and the forged one is signed by no key."""
+    forged = _forged_trail(trail / "forged")
+    for path in trail_files(trail):
+        path.unlink()
+    key, anchor = str(trail / "public.pem"), str(trail / "anchor" / "audit.anchor")
+    status, out = _cli(
+        ["audit", "verify", str(forged), "--public-key", key, "--anchor", anchor], capsys
+    )
+    assert status == EXIT_BROKEN, out
+    assert "no file of it was given" in out and "unsigned" in out
+    status, out = _cli(
+        ["audit", "report", str(forged), "--public-key", key, "--anchor", anchor], capsys
+    )
+    assert (
+        status == EXIT_BROKEN
+        and "mallory" not in out.split("callgate: no report")[0].split("NOT intact")[-1]
+    )
+
+
+def test_a_forged_trail_beside_the_real_one_is_not_intact(
+    trail: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    forged = _forged_trail(trail / "forged")
+    files = [str(p) for p in trail_files(trail)]
+    key, anchor = str(trail / "public.pem"), str(trail / "anchor" / "audit.anchor")
+    status, out = _cli(
+        ["audit", "verify", *files, str(forged), "--public-key", key, "--anchor", anchor], capsys
+    )
+    assert status == EXIT_BROKEN, out
+    assert "unsigned" in out
+    status, out = _cli(["audit", "report", *files, str(forged), "--public-key", key], capsys)
+    assert status == EXIT_BROKEN and "no report" in out and "z.1" not in out

@@ -468,3 +468,28 @@ def test_plain_http_only_to_loopback_or_when_allowed() -> None:
             },
         )
         assert settings.webhooks.url == url
+
+
+async def test_refused_sign_ins_take_at_most_a_tenth_of_the_queue(
+    harness: Harness, clock: trio.testing.MockClock
+) -> None:
+    """Strangers cause `signin.refused`: with the receiver stuck, their webhooks fill at most a
+    tenth of the queue, and a call's webhooks still find room."""
+
+    async def never(request: Received, attempt: int) -> int:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    receiver = Receiver(never)
+    events = ["signin.refused", "call.requested", "call.ringing", "call.answered", "call.ended"]
+    await start(harness, receiver, queue_size=10, workers=1, timeout=60, events=events)
+    assert harness.server is not None and harness.server.webhooks is not None
+    forged = token_for("alice", secret="another-secret-that-is-long-enough!!")
+    for _ in range(3):
+        stranger = await harness.open()
+        await stranger.send("auth", {"token": forged})
+        await stranger.expect_closed(4001)
+    assert harness.server.webhooks.queued == 1
+    assert sample(harness, "callgate_webhook_drops_total", reason="queue_full") == 2
+    await full_call(harness, "s1", "alice", "bob")
+    assert harness.server.webhooks.queued == 1 + 4  # every step of the call found room

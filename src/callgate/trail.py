@@ -514,6 +514,18 @@ def verify(
     chain.finish()
     if not files:
         verdict.add(Problem("missing_start", "-", 0, "no log file given"))
+    elif keys and verdict.records and verdict.signed_through is None:
+        # Anyone can write records and chain them; only a checkpoint signed by a given key
+        # shows the server wrote them. (A trail younger than `checkpoint_seconds` has none
+        # yet: verify it again after its first checkpoint.)
+        verdict.add(
+            Problem(
+                "unsigned",
+                files[0].name,
+                1,
+                "no record of this trail is covered by a checkpoint signed by a given key",
+            )
+        )
     verdict.trail = chain.trail_id
     return verdict
 
@@ -537,7 +549,37 @@ def verify_each(
         for group in groups.values()
     ] or [verify([], public_keys=keys, hmac_key=hmac_key, anchors=given)]
     verdicts[0].skipped = skipped
+    # A trail the anchor vouches for and no file was given of: deleted whole (perhaps with a
+    # forged trail of another id in its place). Every anchored trail must be verified.
+    missing = Verdict()
+    named = {key_id_of(key): key for key in keys}
+    for trail_id, place in _anchored_trails(given, named, missing).items():
+        if trail_id not in groups:
+            missing.add(
+                Problem(
+                    "deleted",
+                    *place,
+                    f"the anchor holds checkpoints of trail {trail_id}; no file of it was given",
+                )
+            )
+    if missing.problems:
+        missing.trail = "(anchored, no file given)"
+        verdicts.append(missing)
     return verdicts
+
+
+def _anchored_trails(
+    anchors: Iterable[Path], keys: Mapping[str, Ed25519PublicKey], verdict: Verdict
+) -> dict[str, tuple[str, int]]:
+    """The trail ids the anchors' checkpoints name, each with the place of its first line (lines
+    that do not verify are left to each trail's own verdict)."""
+    trails: dict[str, tuple[str, int]] = {}
+    for entry in _anchor_entries(anchors, keys, verdict):
+        trail_id = entry.record.get("trail")
+        if entry.record["event"] == "audit.checkpoint" and isinstance(trail_id, str):
+            trails.setdefault(trail_id, entry.place)
+    verdict.problems.clear()  # reported by the trails' own verdicts
+    return trails
 
 
 def _in_order(entries: Iterable[_Entry], verdict: Verdict) -> Iterator[_Entry]:

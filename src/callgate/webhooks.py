@@ -2,10 +2,11 @@
 
 Theory of operation
 -------------------
-Webhooks are derived from the audit records, as the metrics are (`Executor.audit` hands every
-record to `WebhookSender.observe_audit`): what an auditor reads and what the backend is told never
-disagree, and a webhook can only carry what the audit allow-list lets through, so never SDP, ICE
-candidates or tokens. `webhooks_of` is the pure mapping from a record to webhooks.
+Webhooks are derived from the audit records as the trail writes them (`AuditLog.observer` is
+`WebhookSender.observe_audit`; a burst of refusals the trail sums up in one record is one
+webhook): what an auditor reads and what the backend is told never disagree, and a webhook
+can only carry what the audit allow-list lets through, so never SDP, ICE candidates or tokens.
+`webhooks_of` is the pure mapping from a record to webhooks.
 
 Each webhook gets an id (`webhook-id`, random) when it is made, kept on every attempt: a
 receiver that has seen an id has seen that event, so repeats are safe (Standard Webhooks,
@@ -56,6 +57,9 @@ DROP_SUMMARY_INTERVAL = 60.0
 Audit = Callable[[str, Mapping[str, Any]], None]
 
 
+SIGNIN_REFUSED = "signin.refused"
+
+
 @dataclass(frozen=True, slots=True)
 class Hook:
     """One webhook: made once, sent until delivered or given up, the same bytes every time."""
@@ -70,7 +74,7 @@ def webhooks_of(event: str, fields: Mapping[str, Any]) -> list[tuple[str, str, d
     """The webhooks (type, ordering key, data) an audit record makes; most make none."""
     if event == "auth.failed":
         data = {"reason": fields.get("reason"), "user": fields.get("user")}
-        return [("signin.refused", f"conn:{fields.get('conn')}", _present(data))]
+        return [(SIGNIN_REFUSED, f"conn:{fields.get('conn')}", _present(data))]
     if not event.startswith("call."):
         return []
     key = f"call:{fields.get('caller')}:{fields.get('call_id')}"
@@ -133,6 +137,10 @@ class WebhookSender:
         self._inboxes = [send for send, _ in channels]
         self._outboxes = [receive for _, receive in channels]
         self._queued = 0  # made and not yet delivered or given up
+        # Of those, `signin.refused` ones: strangers cause them, so they get a tenth of the
+        # queue and can never crowd out a call's webhooks (`call.pending` wakes a phone).
+        self._queued_signins = 0
+        self._max_signins = max(1, settings.queue_size // 10)
         self._idle = trio.Event()
         self._idle.set()
         # Bursts of drops, by reason: [drops not yet in the audit trail, when that count began].
@@ -154,10 +162,14 @@ class WebhookSender:
                 self.enqueue(new_hook(kind, key, data, time.time()))
 
     def enqueue(self, hook: Hook) -> None:
-        if self._queued >= self._settings.queue_size:
+        signin = hook.type == SIGNIN_REFUSED
+        if self._queued >= self._settings.queue_size or (
+            signin and self._queued_signins >= self._max_signins
+        ):
             self._dropped(hook, "queue_full")
             return
         self._queued += 1
+        self._queued_signins += signin
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         worker = zlib.crc32(hook.key.encode()) % len(self._inboxes)
         self._inboxes[worker].send_nowait(hook)
@@ -193,6 +205,7 @@ class WebhookSender:
                 await self._deliver(client, hook)
             finally:
                 self._queued -= 1
+                self._queued_signins -= hook.type == SIGNIN_REFUSED
                 if self._queued == 0:
                     self._idle.set()
 

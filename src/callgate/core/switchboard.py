@@ -293,7 +293,9 @@ class Switchboard:
             if was_pending:
                 ringing = {"callId": call.call_id, "from": call.callee}
                 actions.append(Deliver(call.caller_conn, "call-ringing", ringing))
-            fields = {**_call_fields(call), "conn": call.caller_conn, "devices": 1}
+            # `devices`: how many ring now (the report's column is how many rang).
+            devices = len(call.ringing)
+            fields = {**_call_fields(call), "conn": call.caller_conn, "devices": devices}
             actions.append(Audit("call.ringing", fields))
         return actions
 
@@ -423,7 +425,7 @@ class Switchboard:
         devices = self.devices_of(callee)
         if not devices and not self._notify:
             missed = self._missed_call(
-                callee, message.call_id, user, message.media, now, "unavailable"
+                callee, message.call_id, user, message.media, now, "unavailable", call_key
             )
             decided = _decided_for_caller(conn, ref, fields, "call.unavailable", "unavailable")
             return [*decided, *missed]
@@ -684,17 +686,30 @@ class Switchboard:
 
     def _missed_call_of(self, call: Call, reason: str) -> list[Action]:
         return self._missed_call(
-            call.callee, call.call_id, call.caller, call.media, call.requested_at, reason
+            call.callee, call.call_id, call.caller, call.media, call.requested_at, reason, call.key
         )
 
     def _missed_call(
-        self, callee: UserId, call_id: str, caller: UserId, media: Media, at: float, reason: str
+        self,
+        callee: UserId,
+        call_id: str,
+        caller: UserId,
+        media: Media,
+        at: float,
+        reason: str,
+        call_key: str,
     ) -> list[Action]:
         """A call that ended unanswered, and not declined: kept for the callee's next sign-in."""
         if not self._rules.report_missed:
             return []
         self._missed.add(callee, call_id, caller, media, at, reason)
-        fields = {"call_id": call_id, "caller": caller, "callee": callee, "media": media}
+        fields = {
+            "call_key": call_key,
+            "call_id": call_id,
+            "caller": caller,
+            "callee": callee,
+            "media": media,
+        }
         return [Audit("call.missed", {**fields, "reason": reason})]
 
     def _forget_timer(self, call: Call) -> TimerId:

@@ -325,6 +325,8 @@ class Connection:
             return
         self.ping_outstanding = True
         if self.ws.try_ping_now(self._pong_arrived):
+            if self.ws.backlog:
+                self._enqueue(_FLUSH)  # the socket took one byte: the writer sends the other
             return  # most pings: a write now, the pong read by the reactor
         try:
             self.nursery.start_soon(self._ping)

@@ -66,8 +66,6 @@ class Executor:
         self.unix_clock = False
         # Told when a core timer is cancelled (a cluster node tells the cluster).
         self.timer_cancelled: Callable[[TimerId], None] = lambda timer: None
-        # Told of every audit record too, when webhooks are sent (webhooks.py).
-        self.webhooks: Callable[[str, Mapping[str, Any]], None] | None = None
 
     def _timer_due(self, timer: TimerId) -> None:
         self.timer_due(timer)
@@ -76,8 +74,6 @@ class Executor:
         """Every audit record goes through here: the trail, and the metrics derived from it."""
         self._audit_log.write(event, fields)
         self.metrics.observe_audit(event, fields)
-        if self.webhooks is not None:
-            self.webhooks(event, fields)
 
     def execute(self, actions: list[Action], *, forwarded: bool = False, own: bool = True) -> None:
         """Carry out the core's actions; `forwarded` counts deliveries a client message caused.

@@ -344,7 +344,7 @@ async def _serve(
         if settings.webhooks.url is not None:
             webhooks = WebhookSender(settings.webhooks, hub.metrics, hub.executor.audit)
             await nursery.start(webhooks.run)
-            hub.executor.webhooks = webhooks.observe_audit
+            audit.observer = webhooks.observe_audit  # the records the trail holds
         reloader = _Reloader(settings, hub)
         if settings.auth.jwks_url is not None:
             hub.refresh_remote_keys = reloader.refresh_remote
