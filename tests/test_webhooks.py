@@ -305,21 +305,29 @@ async def test_an_attempt_without_an_answer_times_out_and_is_retried(
 async def test_webhooks_of_one_call_stay_in_order_while_other_calls_go_on(
     harness: Harness, clock: trio.testing.MockClock
 ) -> None:
-    async def ringing_fails(request: Received, attempt: int) -> int:
-        # call "a"'s ringing fails three times: what follows it in call "a" waits for it.
+    """Call a's `call.ringing` is held at the receiver: what follows it in call a waits for it,
+    and calls b, c and d are told in full meanwhile, though there are only two senders."""
+    release = trio.Event()
+
+    async def hold_a(request: Received, attempt: int) -> int:
         if request.json["data"]["callId"] == "a" and request.type == "call.ringing":
-            return 503 if attempt < 3 else 204
+            await release.wait()
         return 204
 
-    receiver = Receiver(ringing_fails)
-    await start(harness, receiver, backoff=2, workers=4)
+    def steps(call_id: str) -> list[str]:
+        return [r.type for r in receiver.accepted if r.json["data"]["callId"] == call_id]
+
+    receiver = Receiver(hold_a)
+    await start(harness, receiver, workers=2, timeout=120)
     async with trio.open_nursery() as nursery:
         for n, call_id in enumerate("abcd"):
             nursery.start_soon(full_call, harness, call_id, f"caller{n}", f"callee{n}")
+    await receiver.until(lambda: all(len(steps(call_id)) == 4 for call_id in "bcd"))
+    assert steps("a") == ["call.requested"]  # its ringing is held, and the rest waits
+    release.set()
     await receiver.until(lambda: len(receiver.accepted) == 16)
     for call_id in "abcd":
-        types = [r.type for r in receiver.accepted if r.json["data"]["callId"] == call_id]
-        assert types == CALL_STEPS, (call_id, types)
+        assert steps(call_id) == CALL_STEPS, (call_id, steps(call_id))
 
 
 async def test_a_dead_receiver_slows_no_call_and_the_queue_is_bounded(

@@ -18,8 +18,9 @@ Delivery is at least once, and never slows signaling: observing a record only ap
 queue (`send_nowait` on an unbounded channel, with the bound counted here), and when
 `queue_size` webhooks are waiting or being sent, a new one is dropped, counted in
 `callgate_webhook_drops_total{reason="queue_full"}` and audited (`webhook.dropped`). `workers`
-tasks send; the webhooks of one call always go to the same worker, which sends one at a time,
-so they arrive in order. An attempt that fails (a status other than 2xx, no answer within
+tasks send: each takes a call (or connection) that has webhooks waiting and sends them one at a
+time until it has none, so a call's webhooks arrive in order, and a call whose webhook is being
+retried holds up no other call. An attempt that fails (a status other than 2xx, no answer within
 `timeout`, a connection or TLS error) is tried again after `backoff` seconds, doubling up to
 `max_backoff`, `retries` times; then the webhook is dropped (`reason="gave_up"`). Redirects are
 not followed; certificates are checked (httpx's defaults, certifi's roots).
@@ -27,9 +28,9 @@ not followed; certificates are checked (httpx's defaults, certifi's roots).
 
 from __future__ import annotations
 
+import collections
 import secrets
 import time
-import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -133,9 +134,11 @@ class WebhookSender:
         self._wanted = frozenset(settings.events)
         self._metrics = metrics
         self._audit = audit
-        channels = [trio.open_memory_channel[Hook](float("inf")) for _ in range(settings.workers)]
-        self._inboxes = [send for send, _ in channels]
-        self._outboxes = [receive for _, receive in channels]
+        # Each ordering key (a call, a connection) with webhooks to send has its own queue here,
+        # and is in `_ready` once: a free worker takes the key and sends its queue in order. A
+        # call whose webhook is being retried so holds up only itself, never other calls.
+        self._by_key: dict[str, collections.deque[Hook]] = {}
+        self._ready, self._ready_keys = trio.open_memory_channel[str](float("inf"))
         self._queued = 0  # made and not yet delivered or given up
         # Of those, `signin.refused` ones: strangers cause them, so they get a tenth of the
         # queue and can never crowd out a call's webhooks (`call.pending` wakes a phone).
@@ -171,8 +174,12 @@ class WebhookSender:
         self._queued += 1
         self._queued_signins += signin
         self._idle = trio.Event() if self._idle.is_set() else self._idle
-        worker = zlib.crc32(hook.key.encode()) % len(self._inboxes)
-        self._inboxes[worker].send_nowait(hook)
+        waiting = self._by_key.get(hook.key)
+        if waiting is None:
+            self._by_key[hook.key] = collections.deque([hook])
+            self._ready.send_nowait(hook.key)
+        else:
+            waiting.append(hook)  # after the key's others; its worker takes it in turn
         self._burst_over("queue_full")
 
     async def drain(self) -> None:
@@ -190,24 +197,30 @@ class WebhookSender:
         ) as client:
             try:
                 async with trio.open_nursery() as nursery:
-                    for outbox in self._outboxes:
-                        nursery.start_soon(self._work, client, outbox)
+                    for _ in range(settings.workers):
+                        nursery.start_soon(self._work, client)
                     task_status.started()
             finally:
                 for reason in list(self._bursts):
                     self._sum_up(reason)
 
-    async def _work(
-        self, client: httpx.AsyncClient, outbox: trio.MemoryReceiveChannel[Hook]
-    ) -> None:
-        async for hook in outbox:
+    async def _work(self, client: httpx.AsyncClient) -> None:
+        """Take a ready key, send its webhooks in order until it has none, then the next key."""
+        async for key in self._ready_keys:
+            waiting = self._by_key[key]
             try:
-                await self._deliver(client, hook)
+                while waiting:
+                    hook = waiting[0]
+                    try:
+                        await self._deliver(client, hook)
+                    finally:
+                        waiting.popleft()
+                        self._queued -= 1
+                        self._queued_signins -= hook.type == SIGNIN_REFUSED
+                        if self._queued == 0:
+                            self._idle.set()
             finally:
-                self._queued -= 1
-                self._queued_signins -= hook.type == SIGNIN_REFUSED
-                if self._queued == 0:
-                    self._idle.set()
+                del self._by_key[key]
 
     async def _deliver(self, client: httpx.AsyncClient, hook: Hook) -> None:
         settings = self._settings
