@@ -109,6 +109,13 @@ class EntryCodec:
             raise BadEntry("malformed")
         return body
 
+    def _verified(self, domain: bytes, sealed: bytes | None) -> dict[str, Any]:
+        """A value's body, or {} when it is absent or does not verify (no decision rests on it)."""
+        try:
+            return self._open_value(domain, sealed or b"")
+        except (BadEntry, ValueError):
+            return {}
+
     def seal_snapshot(self, position: bytes, state: dict[str, Any]) -> bytes:
         """A signed snapshot: the replica's state after the log entry `position`."""
         return self._seal_value(_SNAPSHOT, {"position": position.decode(), "state": state})
@@ -124,10 +131,7 @@ class EntryCodec:
 
     def open_heartbeat(self, sealed: bytes | None, node: str) -> int | None:
         """The beat number of `node`'s heartbeat value; None if it is absent or not genuine."""
-        try:
-            body = self._open_value(_HEARTBEAT, sealed or b"")
-        except (BadEntry, ValueError):
-            return None
+        body = self._verified(_HEARTBEAT, sealed)
         beat = body.get("beat")
         if body.get("node") != node or not isinstance(beat, int) or isinstance(beat, bool):
             return None
@@ -139,10 +143,7 @@ class EntryCodec:
 
     def open_lease(self, sealed: bytes | None, now: float) -> str | None:
         """The holder of a genuine, unexpired lease value; None means no lease at all."""
-        try:
-            body = self._open_value(_LEASE, sealed or b"")
-        except (BadEntry, ValueError):
-            return None
+        body = self._verified(_LEASE, sealed)
         holder, until = body.get("node"), body.get("until")
         if not isinstance(holder, str) or not isinstance(until, int | float) or until <= now:
             return None
