@@ -24,7 +24,9 @@ import trio
 from callgate import trail
 from callgate.audit import TERMINAL_CALL_EVENTS
 from callgate.cluster.entries import BadEntry, Entry, EntryCodec, NodeDown
+from callgate.cluster.link import ClusterLink
 from callgate.cluster.replica import RecordedThrottle, Replica
+from callgate.config import ClusterSettings
 from callgate.core.events import (
     Authenticated,
     Disconnected,
@@ -554,3 +556,92 @@ async def test_a_node_that_drains_hands_its_calls_to_the_others(cluster: Cluster
     await alice.send("ice-candidate", ice("ab", "bob"))
     await again.expect("ice-candidate", callId="ab")
     assert not terminal_records(cluster)  # the call never ended
+
+
+# -- liveness and leadership against a Redis client without the cluster key -------------------
+
+
+def test_heartbeat_and_lease_values_verify_only_when_genuine() -> None:
+    beat = codec().seal_heartbeat("n1", 7)
+    assert codec().open_heartbeat(beat, "n1") == 7
+    assert codec().open_heartbeat(beat, "n2") is None  # another node's beat is not n1's
+    assert codec(key=b"another key, long enough to be one").open_heartbeat(beat, "n1") is None
+    assert codec(cluster="c2").open_heartbeat(beat, "n1") is None
+    for bad in (None, b"", b"1", b"garbage", beat.replace(b"7", b"8")):
+        assert codec().open_heartbeat(bad, "n1") is None
+    lease = codec().seal_lease("n1", 100.0)
+    assert codec().open_lease(lease, 99.0) == "n1"
+    assert codec().open_lease(lease, 100.0) is None  # expired: no lease
+    assert codec().open_lease(beat, 99.0) is None  # a heartbeat is not a lease
+    assert codec().open_lease(b"n1", 99.0) is None
+    assert codec().open_snapshot(codec().seal_snapshot(b"1-0", {}))[0] == b"1-0"
+
+
+def test_a_node_dies_after_several_missed_checks_never_one() -> None:
+    settings = ClusterSettings(heartbeat_interval=0.2, node_timeout=1.0)
+    throttle = RecordedThrottle()
+    replica = Replica(Switchboard(CallRules(ring_timeout=30), throttle), throttle, codec())
+    link = ClusterLink(settings, replica, codec())
+    try:
+        assert link.misses_for_death == 5
+        link.observe({"n2": 1})
+        # Absent, garbage (None) or the same beat copied back: each a miss; a newer beat: seen.
+        for beat in (None, 1, None, 1, 2, None, 2, 2, 2):
+            link.observe({"n2": beat})
+        assert link.missed == {"n2": 4}
+        link.observe({"n2": 2})
+        assert link.missed == {"n2": 5}
+        link.observe({})
+        assert link.missed == {}
+    finally:
+        link.close()
+
+
+async def test_a_lease_taken_without_the_key_does_not_stop_leadership(
+    cluster: ClusterHarness,
+) -> None:
+    await cluster.start(make_settings(calls={"ring_timeout": 1.0}))
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    attacker = redis.Redis.from_url(cluster.redis_url)
+    try:
+        # A plain SET, no expiry: before, every node saw the lease held and none led.
+        attacker.set(f"{cluster.name}:leader", "attacker")
+        await alice.send("call-request", call_request("ab", "alice", "bob"))
+        await bob.expect("call-request", id="ab")
+        # The ring timeout is a leader's duty: it fires only if a node took the lease over.
+        await alice.expect("call-end", callId="ab", reason="timeout")
+        assert attacker.get(f"{cluster.name}:leader") != b"attacker"
+    finally:
+        attacker.close()
+
+
+async def test_a_heartbeat_deleted_or_forged_without_the_key_is_not_a_death(
+    cluster: ClusterHarness,
+) -> None:
+    await cluster.start()
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    victim = cluster.nodes[1].hub.cluster
+    assert victim is not None
+    key = f"{cluster.name}:node:{victim.link.node_id}"
+    with trio.fail_after(STEP):  # a leader past its grace after start judges liveness
+        while not any(node.hub.cluster.link.judging for node in cluster.nodes if node.hub.cluster):
+            await trio.sleep(0.01)
+    attacker = redis.Redis.from_url(cluster.redis_url)
+    try:
+        genuine = attacker.get(key)
+        assert genuine is not None
+        # Garbage, an old genuine value copied back, deleted: for half of node_timeout (1 s),
+        # i.e. fewer checks than the misses that make a death. Before, one missed check did.
+        with trio.move_on_after(0.5):
+            while True:
+                attacker.set(key, "garbage")
+                attacker.set(key, genuine)
+                attacker.delete(key)
+                await trio.sleep(0.005)
+    finally:
+        attacker.close()
+    await alice.send("call-request", call_request("ab", "alice", "bob"))
+    await bob.expect("call-request", id="ab")
+    assert not [row for row in cluster.audit.records() if row["event"] == "cluster.node_down"]

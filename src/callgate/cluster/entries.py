@@ -40,6 +40,8 @@ from callgate.protocol.codec import FieldLimits, ProtocolError, decode_object
 VERSION = 1
 _DOMAIN = b"callgate-cluster-entry-v1\x00"
 _SNAPSHOT = b"snapshot\x00"  # prefixed: a snapshot's signature is never an entry's
+_HEARTBEAT = b"heartbeat\x00"
+_LEASE = b"lease\x00"
 MAX_ENTRY_BYTES = 4 * 1024 * 1024
 # Connection ids are `<node id>.<random>`: the node part says where a device is connected.
 NODE_SEPARATOR = "."
@@ -89,24 +91,63 @@ class EntryCodec:
         message = domain + self._prefix + payload
         return hmac.new(self._key, message, hashlib.sha256).hexdigest().encode()
 
-    def seal_snapshot(self, position: bytes, state: dict[str, Any]) -> bytes:
-        """A signed snapshot: the replica's state after the log entry `position`."""
-        payload = orjson.dumps({"v": VERSION, "position": position.decode(), "state": state})
-        return orjson.dumps({"p": payload.decode(), "m": self._mac(payload, _SNAPSHOT).decode()})
+    def _seal_value(self, domain: bytes, body: dict[str, Any]) -> bytes:
+        payload = orjson.dumps({"v": VERSION, **body})
+        return orjson.dumps({"p": payload.decode(), "m": self._mac(payload, domain).decode()})
 
-    def open_snapshot(self, sealed: bytes) -> tuple[bytes, dict[str, Any]]:
+    def _open_value(self, domain: bytes, sealed: bytes) -> dict[str, Any]:
         """Raises: BadEntry("malformed" | "bad_mac")."""
         try:
             outer = orjson.loads(sealed)
             payload, mac = outer["p"].encode(), outer["m"].encode()
         except (KeyError, TypeError, AttributeError, ValueError):
             raise BadEntry("malformed") from None
-        if not hmac.compare_digest(self._mac(payload, _SNAPSHOT), mac):
+        if not hmac.compare_digest(self._mac(payload, domain), mac):
             raise BadEntry("bad_mac")
         body = orjson.loads(payload)
-        if body.get("v") != VERSION:
+        if not isinstance(body, dict) or body.get("v") != VERSION:
             raise BadEntry("malformed")
+        return body
+
+    def _verified(self, domain: bytes, sealed: bytes | None) -> dict[str, Any]:
+        """A value's body, or {} when it is absent or does not verify (no decision rests on it)."""
+        try:
+            return self._open_value(domain, sealed or b"")
+        except (BadEntry, ValueError):
+            return {}
+
+    def seal_snapshot(self, position: bytes, state: dict[str, Any]) -> bytes:
+        """A signed snapshot: the replica's state after the log entry `position`."""
+        return self._seal_value(_SNAPSHOT, {"position": position.decode(), "state": state})
+
+    def open_snapshot(self, sealed: bytes) -> tuple[bytes, dict[str, Any]]:
+        """Raises: BadEntry("malformed" | "bad_mac")."""
+        body = self._open_value(_SNAPSHOT, sealed)
         return str(body["position"]).encode(), body["state"]
+
+    def seal_heartbeat(self, node: str, beat: int) -> bytes:
+        """A node's heartbeat value: its id and a number that grows with every beat."""
+        return self._seal_value(_HEARTBEAT, {"node": node, "beat": beat})
+
+    def open_heartbeat(self, sealed: bytes | None, node: str) -> int | None:
+        """The beat number of `node`'s heartbeat value; None if it is absent or not genuine."""
+        body = self._verified(_HEARTBEAT, sealed)
+        beat = body.get("beat")
+        if body.get("node") != node or not isinstance(beat, int) or isinstance(beat, bool):
+            return None
+        return beat
+
+    def seal_lease(self, node: str, expires: float) -> bytes:
+        """The leader lease's value: who holds it and until when (unix time)."""
+        return self._seal_value(_LEASE, {"node": node, "until": expires})
+
+    def open_lease(self, sealed: bytes | None, now: float) -> str | None:
+        """The holder of a genuine, unexpired lease value; None means no lease at all."""
+        body = self._verified(_LEASE, sealed)
+        holder, until = body.get("node"), body.get("until")
+        if not isinstance(holder, str) or not isinstance(until, int | float) or until <= now:
+            return None
+        return holder
 
     def seal(self, entry: Entry) -> dict[bytes, bytes]:
         """The stream fields of an entry."""

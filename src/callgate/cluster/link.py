@@ -7,8 +7,16 @@ Redis is used through redis-py's blocking client, always from a worker thread
   they stay in the outbox and go out, in order, when it is back: nothing a node saw is lost;
 * the reader follows the log (`XREAD BLOCK`) and applies every entry to the replica, then hands
   the actions to the hub, which carries out those addressed to its own connections;
-* the keeper, once per `heartbeat_interval`, refreshes this node's heartbeat key, holds or
-  renews the leader lease, and, on the leader, declares dead the nodes whose heartbeat lapsed.
+* the keeper, once per `heartbeat_interval`, writes this node's heartbeat, holds or renews the
+  leader lease, and, on the leader, declares dead the nodes whose heartbeat lapsed.
+
+Nothing unsigned read from Redis decides anything. A heartbeat value is signed with the cluster
+key and carries a number that grows with every beat; a check "sees" a node only when its value
+verifies and its number is newer than the last one seen. A node is declared dead after
+`misses_for_death` = ceil(node_timeout / heartbeat_interval) checks in a row (at least 2)
+without seeing it, so a key deleted, overwritten or copied back by a Redis client without the
+key is a missed check, not a death. The lease value is signed too (holder and expiry): one that
+does not verify, or has expired, is no lease, and any node overwrites it (compare-and-set).
 
 The leader has two duties: appending `TimerFired` for due timers (every node arms every timer,
 so a new leader knows which are due), and `NodeDown` for silent nodes. Both are idempotent in
@@ -19,6 +27,7 @@ outcome.
 from __future__ import annotations
 
 import itertools
+import math
 import secrets
 import time
 from collections import deque
@@ -49,15 +58,12 @@ BATCH = 512
 READ_BLOCK_MS = 1000
 RETRY_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0)
 
-# Take the lease if it is free, renew it if it is ours; 1 when this node leads.
+# Replace the lease only if it still holds the value this node judged (ours, absent, or not
+# genuine); 1 when it did, and this node leads. Redis cannot check the signature: Python did.
 _LEASE = """
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-if not holder then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local current = redis.call('GET', KEYS[1])
+if (current or '') == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   return 1
 end
 return 0
@@ -113,6 +119,14 @@ class ClusterLink:
         self.is_leader = False
         self._due: set[TimerId] = set()
         self._declared_down: dict[str, float] = {}
+        # Liveness: this node's beat number; per watched node, the last genuine beat seen and
+        # the checks missed since. A death takes `misses_for_death` consecutive misses.
+        self._beat = 0
+        self._last_beat: dict[str, int] = {}
+        self._missed: dict[str, int] = {}
+        self.misses_for_death = max(
+            2, math.ceil(settings.node_timeout / settings.heartbeat_interval - 1e-9)
+        )
         # Snapshots: entries applied since the last one, when it was taken, and where.
         self._since_snapshot = 0
         self._snapshot_at = time.monotonic()
@@ -131,6 +145,17 @@ class ClusterLink:
     def pending(self) -> int:
         """Entries of this node not yet in the log."""
         return len(self._outbox)
+
+    @property
+    def judging(self) -> bool:
+        """This node leads and is past its grace after (re)connecting: it declares deaths."""
+        settings = self._settings
+        return self.is_leader and time.monotonic() - self._connected_since >= settings.node_timeout
+
+    @property
+    def missed(self) -> dict[str, int]:
+        """Per watched node, the checks in a row that did not see it."""
+        return dict(self._missed)
 
     @property
     def position(self) -> bytes:
@@ -318,7 +343,7 @@ class ClusterLink:
         while True:
             nodes = sorted(self.replica.nodes_with_devices() - {self.node_id})
             try:
-                leader, alive = await self._in_thread(self._keep, nodes)
+                leader, beats = await self._in_thread(self._keep, nodes)
             except redis.RedisError as exc:
                 if self._keeper_ok:
                     log.warning("cluster store not reachable for heartbeats", error=str(exc))
@@ -326,7 +351,8 @@ class ClusterLink:
                 self.is_leader = False
             else:
                 self._keeper_ok = True
-                self._lead(leader, dict(zip(nodes, alive, strict=True)))
+                self.observe(dict(zip(nodes, beats, strict=True)))
+                self._lead(leader)
                 if self.is_leader and self._snapshot_due():
                     await self._snapshot()
             await trio.sleep(interval)
@@ -363,27 +389,61 @@ class ClusterLink:
             pipe.xtrim(self._log_key, minid=trim_to.decode(), approximate=False)
         pipe.execute()
 
-    def _keep(self, nodes: list[str]) -> tuple[bool, list[bool]]:
-        settings = self._settings
-        pipe = self._redis.pipeline(transaction=False)
+    def _keep(self, nodes: list[str]) -> tuple[bool, list[int | None]]:
+        """Beat, hold the lease, read the watched nodes' beats (None: absent or not genuine)."""
+        settings, codec = self._settings, self._codec
         timeout_ms = int(settings.node_timeout * 1000)
-        pipe.set(self._node_prefix + self.node_id, "1", px=timeout_ms)
+        self._beat += 1
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.set(
+            self._node_prefix + self.node_id,
+            codec.seal_heartbeat(self.node_id, self._beat),
+            px=timeout_ms,
+        )
         pipe.set(self._epoch_key, secrets.token_hex(8), nx=True)
         pipe.get(self._epoch_key)
-        self._lease(keys=[self._leader_key], args=[self.node_id, timeout_ms], client=pipe)
+        pipe.get(self._leader_key)
         for node in nodes:
-            pipe.exists(self._node_prefix + node)
+            pipe.get(self._node_prefix + node)
         results = pipe.execute()
-        epoch = results[2]
+        epoch, lease = results[2], results[3]
         if self._epoch is not None and epoch != self._epoch:
             # Redis lost its data (a restart without persistence): entries not yet read when it
             # went away are gone. Heartbeats and the lease are re-created by this very call.
             log.warning("cluster store was reset (Redis restarted without its data)")
             self._connected_since = time.monotonic()
         self._epoch = epoch
-        return bool(results[3]), [bool(found) for found in results[4:]]
+        beats = [
+            codec.open_heartbeat(value, node)
+            for node, value in zip(nodes, results[4:], strict=True)
+        ]
+        # A lease value that does not verify, or has expired, is no lease: take it over.
+        now = time.time()
+        holder = codec.open_lease(lease, now)
+        leader = False
+        if holder is None or holder == self.node_id:
+            renewed = codec.seal_lease(self.node_id, now + settings.node_timeout)
+            took: Any = self._lease(
+                keys=[self._leader_key], args=[lease or b"", renewed, timeout_ms]
+            )
+            leader = bool(took)
+        return leader, beats
 
-    def _lead(self, leader: bool, alive: dict[str, bool]) -> None:
+    def observe(self, beats: dict[str, int | None]) -> None:
+        """Count, per watched node, the checks in a row without a genuine, newer beat."""
+        for node in list(self._missed):
+            if node not in beats:
+                del self._missed[node]
+                self._last_beat.pop(node, None)
+        for node, beat in beats.items():
+            last = self._last_beat.get(node)
+            if beat is not None and (last is None or beat > last):
+                self._last_beat[node] = beat
+                self._missed[node] = 0
+            else:
+                self._missed[node] = self._missed.get(node, 0) + 1
+
+    def _lead(self, leader: bool) -> None:
         became = leader and not self.is_leader
         self.is_leader = leader
         if not leader:
@@ -394,11 +454,11 @@ class ClusterLink:
                 self.submit(TimerFired(timer))
             self._due.clear()
         # After a reconnect, give every node a full timeout to heartbeat before judging it.
-        now = time.monotonic()
-        if now - self._connected_since < self._settings.node_timeout:
+        if not self.judging:
             return
-        for node, is_alive in alive.items():
-            if is_alive:
+        now = time.monotonic()
+        for node, missed in self._missed.items():
+            if missed < self.misses_for_death:
                 continue
             declared = self._declared_down.get(node)
             if declared is None or now - declared > self._settings.node_timeout:
