@@ -127,6 +127,11 @@ def valid_user_id(value: object, max_length: int) -> TypeGuard[str]:
     return not any(unicodedata.category(char) in _REFUSED_IN_IDS for char in value)
 
 
+def valid_token(value: object) -> TypeGuard[str]:
+    """What may be a token: a non-empty string of at most `MAX_TOKEN_BYTES` characters."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_TOKEN_BYTES
+
+
 def valid_call_id(value: object, max_length: int) -> TypeGuard[str]:
     if not isinstance(value, str) or not 0 < len(value) <= max_length:
         return False
@@ -253,7 +258,7 @@ def _readable_ref(envelope: object) -> Ref | None:
 
 def _decode_auth(fields: _Fields) -> Auth:
     token = fields.data.get("token")
-    if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_BYTES:
+    if not valid_token(token):
         fields.fail("'token' must be a non-empty string")
     resume = fields.data.get("resume")
     if resume is not None and (not isinstance(resume, str) or len(resume) > MAX_REF_LENGTH):

@@ -25,7 +25,6 @@ from typing import Any, Final, Protocol
 from callgate.errors import AuthError, ErrorCode
 from callgate.protocol import socketio as sio
 from callgate.protocol.codec import (
-    MAX_TOKEN_BYTES,
     FieldLimits,
     ProtocolError,
     decode,
@@ -34,6 +33,7 @@ from callgate.protocol.codec import (
     encode_error,
     parse_json,
     peek_ref,
+    valid_token,
 )
 from callgate.protocol.messages import AUTH as AUTH_EVENT
 from callgate.protocol.messages import Auth, Envelope, Ref
@@ -102,8 +102,9 @@ class Dialect(Protocol):
 
 
 def _credentials(token: object, resume: object, ref: Ref | None) -> Credentials:
-    """Raises: AuthError `invalid token` for a token that is missing, empty or not a string."""
-    if not isinstance(token, str) or not token:
+    """Raises: AuthError `invalid token` for a token that is missing, empty, too long or not a
+    string."""
+    if not valid_token(token):
         raise AuthError(INVALID_TOKEN, "malformed")
     return Credentials(token, resume if isinstance(resume, str) else None, ref)
 
@@ -119,8 +120,7 @@ def _refused_sign_in(text: str) -> AuthError:
     if not isinstance(envelope, dict) or envelope.get("event") != AUTH_EVENT:
         return AuthError(AUTHENTICATION_REQUIRED, "not_authenticated")
     data = envelope.get("data")
-    token = data.get("token") if isinstance(data, dict) else None
-    if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_BYTES:
+    if not valid_token(data.get("token") if isinstance(data, dict) else None):
         return AuthError(INVALID_TOKEN, "malformed")
     return AuthError(AUTHENTICATION_REQUIRED, "not_authenticated")
 
