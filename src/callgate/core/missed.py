@@ -78,11 +78,7 @@ class MissedCalls:
         if entries is None:
             return []
         while entries and now - entries[0].at > self._max_age:
-            entries.popleft()
-            self._count -= 1
-        if not entries:
-            del self._by_user[user]
-            return []
+            self._drop_oldest(user, entries)
         return list(entries)
 
     def dated(self, user: UserId, now: float, wall: float | None) -> list[MissedCall]:
@@ -120,14 +116,14 @@ class MissedCalls:
             entries = self._by_user[user]
             if now - entries[0].at <= self._max_age:
                 return
-            entries.popleft()
-            self._count -= 1
-            if not entries:
-                del self._by_user[user]
+            self._drop_oldest(user, entries)
 
     def _drop_first_of_least_recent(self) -> None:
         user = next(iter(self._by_user))
-        entries = self._by_user[user]
+        self._drop_oldest(user, self._by_user[user])
+
+    def _drop_oldest(self, user: UserId, entries: deque[MissedCall]) -> None:
+        """Forget the user's oldest entry, and the user once none is left."""
         entries.popleft()
         self._count -= 1
         if not entries:
