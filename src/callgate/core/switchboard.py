@@ -77,7 +77,6 @@ from callgate.protocol.messages import (
     CallRenegotiate,
     CallRequest,
     InCallMessage,
-    Media,
     MissedCallsAck,
     Ref,
     UserConnected,
@@ -389,14 +388,15 @@ class Switchboard:
             raise Refused(ErrorCode.CALL_EXISTS, "this call id is already in use; choose another")
         self._call_requests += 1
         call_key = f"{conn}.{self._call_requests}"
-        fields = {
+        # What names the call in every record of it (`_call_fields` once it exists).
+        identity = {
             "call_key": call_key,
             "call_id": message.call_id,
             "caller": user,
             "callee": callee,
             "media": message.media,
-            "conn": conn,
         }
+        fields = {**identity, "conn": conn}
         # Glare is checked before the caller's own call count: a user who is being rung by the
         # callee is "in a call" already, and must learn that the other call wins.
         if self._calls.ringing_from(callee, user) is not None:
@@ -424,9 +424,7 @@ class Switchboard:
             ]
         devices = self.devices_of(callee)
         if not devices and not self._notify:
-            missed = self._missed_call(
-                callee, message.call_id, user, message.media, now, "unavailable", call_key
-            )
+            missed = self._missed_call(identity, now, "unavailable")
             decided = _decided_for_caller(conn, ref, fields, "call.unavailable", "unavailable")
             return [*decided, *missed]
         if self._calls.count_for(callee) >= self._rules.max_calls_per_user:
@@ -685,32 +683,15 @@ class Switchboard:
             call.early.append(forwarded)
 
     def _missed_call_of(self, call: Call, reason: str) -> list[Action]:
-        return self._missed_call(
-            call.callee, call.call_id, call.caller, call.media, call.requested_at, reason, call.key
-        )
+        return self._missed_call(_call_fields(call), call.requested_at, reason)
 
-    def _missed_call(
-        self,
-        callee: UserId,
-        call_id: str,
-        caller: UserId,
-        media: Media,
-        at: float,
-        reason: str,
-        call_key: str,
-    ) -> list[Action]:
-        """A call that ended unanswered, and not declined: kept for the callee's next sign-in."""
+    def _missed_call(self, call: dict[str, Any], at: float, reason: str) -> list[Action]:
+        """A call (its `_call_fields`) that ended unanswered, and not declined: kept for the
+        callee's next sign-in."""
         if not self._rules.report_missed:
             return []
-        self._missed.add(callee, call_id, caller, media, at, reason)
-        fields = {
-            "call_key": call_key,
-            "call_id": call_id,
-            "caller": caller,
-            "callee": callee,
-            "media": media,
-        }
-        return [Audit("call.missed", {**fields, "reason": reason})]
+        self._missed.add(call["callee"], call["call_id"], call["caller"], call["media"], at, reason)
+        return [Audit("call.missed", {**call, "reason": reason})]
 
     def _forget_timer(self, call: Call) -> TimerId:
         self._ring_timers.pop(call.ring_timer, None)
