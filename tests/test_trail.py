@@ -931,3 +931,10 @@ def test_a_forged_trail_beside_the_real_one_is_not_intact(
     assert "unsigned" in out
     status, out = _cli(["audit", "report", *files, str(forged), "--public-key", key], capsys)
     assert status == EXIT_BROKEN and "no report" in out and "z.1" not in out
+
+
+def test_a_mac_with_non_ascii_characters_is_an_edit_not_a_crash(trail: Path) -> None:
+    """hmac.compare_digest refuses str with non-ASCII characters (the fuzz test found it)."""
+    rewrite(middle_file(trail), lambda lines: _set(lines, 3, mac="\u00e9" * 64))
+    verdict = check(trail)
+    assert kinds(verdict)[0] == "edited", verdict.problems
