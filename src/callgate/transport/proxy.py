@@ -78,6 +78,8 @@ class TrustedProxies:
         return bool(self._networks)
 
     def __contains__(self, address: object) -> bool:
+        if not self._networks:  # the default: no proxy trusted, nothing to parse
+            return False
         if isinstance(address, str):
             try:
                 address = parse_address(address)

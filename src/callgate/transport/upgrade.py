@@ -87,7 +87,8 @@ def read_upgrade(head: RequestHead, rules: UpgradeRules, peer: str) -> Upgrade |
     first: dict[bytes, bytes] = {}  # each header's first value (names are lowercased)
     connection_upgrade = False
     authorizations = 0
-    forwarding_name = rules.proxy_header.encode()
+    # The header is only read where a proxy is trusted at all (the default trusts none).
+    forwarding_name = rules.proxy_header.encode() if rules.trusted_proxies else None
     forwarding: list[bytes] = []  # every line of the trusted proxies' header, in order
     for name, value in head.headers:
         first.setdefault(name, value)
