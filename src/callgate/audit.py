@@ -957,9 +957,6 @@ class HttpAnchor(Anchor):
 
 
 def _anchor_failed(url: str, problem: str) -> None:
-    sys.stderr.write(
-        json.dumps(
-            {"event": "audit anchor failed", "level": "error", "url": url, "problem": problem}
-        )
-        + "\n"
-    )
+    from callgate.log import get_logger  # here: callgate.log imports this module
+
+    get_logger("callgate.audit").error("audit anchor failed", url=url, problem=problem)

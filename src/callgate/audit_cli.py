@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 
@@ -23,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from callgate import trail
 from callgate.audit import (
     Signer,
+    iso_utc,
     key_id_of,
     load_public_key,
     open_anchors,
@@ -225,7 +227,7 @@ def _retain(args: argparse.Namespace) -> int:
     if first.get("event") != "audit.opened" or not isinstance(first.get("prev"), str):
         raise ConfigError(f"{args.file}: does not start with an audit.opened record")
     record = {
-        "ts": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "ts": iso_utc(time.time_ns()),
         "event": "audit.retained",
         "seq": first["seq"],
         "prev": first["prev"],
