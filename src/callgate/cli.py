@@ -34,7 +34,7 @@ from callgate.config import (
 )
 from callgate.errors import ConfigError
 from callgate.log import configure_logging, get_logger
-from callgate.transport.server import RunningServer, listening_on, serve
+from callgate.transport.server import RunningServer, host_port, listening_on, serve
 
 log = get_logger("callgate")
 
@@ -209,7 +209,7 @@ def _admin(args: argparse.Namespace) -> int:
     if url is None:
         admin = load_settings(args.config).admin if args.config else None
         host, port = (admin.host, admin.port) if admin else ("127.0.0.1", 9465)
-        url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        url = f"http://{host_port(host, port)}"
     command = args.admin_command
     body: dict[str, object] | None = None
     if command in ("status", "connections", "calls", "users"):
@@ -369,10 +369,9 @@ def _serve(args: argparse.Namespace) -> int:
             )
         if running.admin_port is not None:
             admin = settings.admin
-            host = f"[{admin.host}]" if ":" in admin.host else admin.host
             log.info(
                 "admin API listening",
-                url=f"http://{host}:{running.admin_port}",
+                url=f"http://{host_port(admin.host, running.admin_port)}",
                 operators=sorted(admin.keys),
             )
             if not is_loopback_host(admin.host):

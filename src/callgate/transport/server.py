@@ -67,8 +67,7 @@ class RunningServer:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'wss' if self.tls else 'ws'}://{host}:{self.port}{self.path}"
+        return f"{'wss' if self.tls else 'ws'}://{host_port(self.host, self.port)}{self.path}"
 
     async def shutdown(self) -> None:
         """Stop accepting, close every connection with 1001, within `drain_timeout`."""
@@ -103,11 +102,16 @@ def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+def host_port(host: str, port: int) -> str:
+    """`host:port` as a URL or a message writes it: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def listen_problem(where: tuple[str, str], host: str, port: int, error: OSError) -> str:
     """Why `host:port` cannot be listened on, naming the setting to change: `where` names the
     settings of the host and of the port (`("metrics.host", "metrics.port")`)."""
     host_setting, port_setting = where
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    address = host_port(host, port)
     if isinstance(error, socket.gaierror):
         return f"{host_setting}: cannot resolve {host!r} ({error.strerror})"
     if error.errno == errno.EADDRINUSE:
