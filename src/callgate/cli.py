@@ -20,17 +20,15 @@ from callgate import __version__
 from callgate.audit import AuditLog, signing_key
 from callgate.auth import mint_token
 from callgate.config import (
-    DEVELOPMENT_AUDIT_KEY,
-    DEVELOPMENT_SECRET,
     HMAC_ALGORITHMS,
     MIN_HMAC_SECRET_BYTES,
     AuditSettings,
     Settings,
+    development_keys,
     env_variable,
     is_loopback_host,
     load_settings,
     uses_development_secret,
-    uses_development_signing_key,
 )
 from callgate.errors import ConfigError
 from callgate.log import configure_logging, get_logger
@@ -354,7 +352,7 @@ def _serve(args: argparse.Namespace) -> int:
                 why=NOT_COMPILED_BECAUSE[callgate.IMPLEMENTATION],
             )
         _warn_audit_gaps(settings.audit)
-        for setting, what, risk in _development_keys(settings):
+        for setting, what, risk in development_keys(settings):
             section, key = setting.split(".")
             own = (
                 "a key of your own (`callgate audit keygen`)"
@@ -399,26 +397,6 @@ def _warn_audit_gaps(audit: AuditSettings) -> None:
             "audit.anchor_path, anchor_syslog and anchor_url are not set: a cut of the newest"
             " audit records cannot be detected (docs/audit-log.md, Anchoring)"
         )
-
-
-def _development_keys(settings: Settings) -> list[tuple[str, str, str]]:
-    """Each setting that still holds a key shipped (public) in config/callgate.toml, what it is,
-    and what anyone who has read that file can do with it."""
-    keys = []
-    secret, audit_key = settings.auth.secret, settings.audit.key
-    if secret is not None and secret.get_secret_value() == DEVELOPMENT_SECRET:
-        keys.append(("auth.secret", "secret", "anyone can mint tokens this server accepts"))
-    if audit_key is not None and audit_key.get_secret_value() == DEVELOPMENT_AUDIT_KEY:
-        keys.append(("audit.key", "audit key", "anyone can forge the audit trail's MACs"))
-    if uses_development_signing_key(settings.audit):
-        keys.append(
-            (
-                "audit.signing_key",
-                "audit signing key",
-                "anyone can sign audit checkpoints (development key id ee3d7def71e1a845)",
-            )
-        )
-    return keys
 
 
 # The environment overrides `callgate token` reads to mint a token the server accepts.

@@ -573,16 +573,30 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-def uses_development_secret(settings: Settings) -> str | None:
-    """The key of a shipped, public development secret the settings use, if any."""
+def development_keys(settings: Settings) -> list[tuple[str, str, str]]:
+    """Each setting that still holds a key shipped (public) in config/callgate.toml, what it is,
+    and what anyone who has read that file can do with it."""
+    keys = []
     secret, audit_key = settings.auth.secret, settings.audit.key
     if secret is not None and secret.get_secret_value() == DEVELOPMENT_SECRET:
-        return "auth.secret"
+        keys.append(("auth.secret", "secret", "anyone can mint tokens this server accepts"))
     if audit_key is not None and audit_key.get_secret_value() == DEVELOPMENT_AUDIT_KEY:
-        return "audit.key"
+        keys.append(("audit.key", "audit key", "anyone can forge the audit trail's MACs"))
     if uses_development_signing_key(settings.audit):
-        return "audit.signing_key"
-    return None
+        keys.append(
+            (
+                "audit.signing_key",
+                "audit signing key",
+                "anyone can sign audit checkpoints (development key id ee3d7def71e1a845)",
+            )
+        )
+    return keys
+
+
+def uses_development_secret(settings: Settings) -> str | None:
+    """The setting of the first shipped, public development key the settings use, if any."""
+    keys = development_keys(settings)
+    return keys[0][0] if keys else None
 
 
 def uses_development_signing_key(audit: AuditSettings) -> bool:
