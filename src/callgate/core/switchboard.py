@@ -263,7 +263,7 @@ class Switchboard:
         self, conn: ConnId, user: UserId, wall: float | None, now: float
     ) -> list[Action]:
         """A signing-in device is shown its user's missed calls not yet acknowledged."""
-        missed = self._missed.dated(user, now, wall) if self._missed.enabled else []
+        missed = self._missed.dated(user, now, wall)  # none when missed calls are off
         if not missed:
             return []
         calls = [

@@ -116,7 +116,7 @@ async def _answer(handler: Handler, max_body: int, stream: trio.SocketStream) ->
                     event.method.decode("ascii", "replace"),
                     path,
                     query,
-                    {name.lower(): value for name, value in event.headers},
+                    dict(event.headers),  # h11 lowercases the names
                     body,
                     _peer(stream),
                 )
@@ -150,7 +150,6 @@ async def _answer(handler: Handler, max_body: int, stream: trio.SocketStream) ->
                     left -= len(data)
     except (
         h11.RemoteProtocolError,
-        ValueError,  # a Content-Length that is not a number
         trio.BrokenResourceError,
         trio.ClosedResourceError,
     ):
