@@ -312,9 +312,7 @@ async def test_engine_heartbeat_drops_a_silent_client(harness: Harness) -> None:
 
     await harness.start(make_settings(socketio={"ping_interval": 0.2, "ping_timeout": 0.2}))
     base = harness.url.removesuffix("/ws")
-    ws = await connect_websocket_url(
-        harness.nursery, base + "/socket.io/?EIO=4&transport=websocket"
-    )
+    ws, stream = await connect_ws(harness.nursery, base + "/socket.io/?EIO=4&transport=websocket")
     opened = json.loads((await ws.get_message())[1:])
     assert opened["pingInterval"] == 200 and opened["upgrades"] == []
     await ws.send_message("40" + json.dumps({"token": token_for("ghost")}))
@@ -325,7 +323,7 @@ async def test_engine_heartbeat_drops_a_silent_client(harness: Harness) -> None:
             r.get("reason") == "keepalive timeout" for r in harness.audit.records("conn.close")
         ):
             await trio.sleep(0.05)
-    await ws._stream.aclose()
+    await stream.aclose()
 
 
 async def test_refusals_before_sign_in_are_connect_errors(harness: Harness) -> None:
@@ -335,7 +333,7 @@ async def test_refusals_before_sign_in_are_connect_errors(harness: Harness) -> N
 
     await harness.start(make_settings(server={"max_connections_per_user": 1}))
     await harness.connect("alice")
-    ws = await connect_websocket_url(
+    ws, stream = await connect_ws(
         harness.nursery, harness.url.removesuffix("/ws") + "/socket.io/?EIO=4&transport=websocket"
     )
     assert str(await ws.get_message()).startswith("0{")
@@ -343,7 +341,7 @@ async def test_refusals_before_sign_in_are_connect_errors(harness: Harness) -> N
     assert await ws.get_message() == '44{"message":"too many connections"}'
     with pytest.raises(ConnectionClosed), trio.fail_after(STEP):
         await ws.get_message()
-    await ws._stream.aclose()
+    await stream.aclose()
 
 
 async def test_a_frame_over_the_rate_limit_is_not_acted_on(harness: Harness) -> None:

@@ -148,7 +148,7 @@ async def _run(directory: Path, *, crash: bool) -> None:
         await h.start(settings)
         await _outcomes(h)
         for client in h.clients:
-            await client.ws._stream.aclose()
+            await client.stream.aclose()
         nursery.cancel_scope.cancel()
     if crash:  # killed: no final checkpoint, and the line being written is cut
         sink.close()
