@@ -328,9 +328,16 @@ def start_cluster(port: int, workdir: Path, callgate: Callgate) -> list[Server]:
 
 
 def drop_cluster(port: int) -> None:
-    from callgate.cluster.link import delete_cluster_keys  # only the cluster run needs Redis
+    """Remove the throw-away cluster's keys from Redis."""
+    import redis  # only the cluster run needs Redis
 
-    delete_cluster_keys(REDIS_URL, f"bench-{port}")
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=f"bench-{port}:*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
 
 
 class Processes:

@@ -27,7 +27,6 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_st
 import callgate
 from callgate.audit import AuditLog, StreamSink, load_private_key
 from callgate.auth import mint_token
-from callgate.cluster.link import delete_cluster_keys
 from callgate.config import Settings, load_settings
 from callgate.transport.server import RunningServer, serve
 
@@ -295,6 +294,19 @@ class Harness:
         assert self.server is not None
         return self.server.url
 
+    def live_calls(self) -> int:
+        """How many calls the server holds."""
+        assert self.server is not None
+        return len(self.server.board.calls)
+
+    def armed_timers(self) -> int:
+        assert self.server is not None
+        return self.server.hub.armed_timers
+
+    def holds_devices(self) -> bool:
+        assert self.server is not None
+        return bool(self.server.board.devices())
+
     async def open(
         self, *, headers: list[tuple[bytes, bytes]] | None = None, url: str | None = None
     ) -> Client:
@@ -348,6 +360,17 @@ def cluster_settings(settings: Settings, name: str, **overrides: Any) -> Setting
         **overrides,
     }
     return Settings.model_validate({**settings.model_dump(), "cluster": cluster})
+
+
+def delete_cluster_keys(redis_url: str, name: str) -> None:
+    """Remove every key of the throw-away cluster `name`."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"{name}:*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
 
 
 class ClusterHarness(Harness):
@@ -424,6 +447,7 @@ class ClusterHarness(Harness):
                 await stopped.wait()
         delete_cluster_keys(self.redis_url, self.name)
 
+
     def node_url(self, index: int) -> str:
         return self.nodes[index].url
 
@@ -448,24 +472,61 @@ class ClusterHarness(Harness):
         return client
 
     async def in_step(self) -> None:
-        """Wait until every node has applied the same log entries and written nothing pending."""
+        """Wait until no node has a decision queued or running, an order unsent, or an inbox
+        entry unread: what one message caused anywhere in the cluster has happened."""
         with trio.fail_after(STEP):
             while True:
-                links = [
-                    node.hub.cluster.link for node in self.nodes if node.hub.cluster is not None
-                ]
-                if not all(link.available for link in links):
+                nodes = [node.hub.cluster for node in self.nodes if node.hub.cluster is not None]
+                if not all(node.available for node in nodes):
                     return  # a test of Redis going away: nothing to wait for
-                positions = {link.position for link in links}
-                if len(positions) == 1 and not any(link.pending for link in links):
+                if all(node.quiet for node in nodes) and not self._unread(nodes):
                     return
                 await trio.sleep(0.005)
 
+    def _unread(self, nodes: list[Any]) -> int:
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            return sum(int(client.xlen(f"{self.name}:in:{node.node_id}")) for node in nodes)
+        finally:
+            client.close()
+
     async def settle(self) -> None:
+        """Wait until no connection, call, device or timer is left anywhere in the cluster
+        (missed calls stay: they are kept for users who are not there, by design)."""
         with trio.fail_after(STEP):
-            for node in self.nodes:
-                while not node.board.is_idle() or node.hub.connection_count:
-                    await trio.sleep(0.01)
+            while any(node.hub.connection_count for node in self.nodes) or self.leftovers():
+                await trio.sleep(0.01)
+
+    def live_calls(self) -> int:
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            return len(list(client.scan_iter(match=f"{self.name}:c:*")))
+        finally:
+            client.close()
+
+    def armed_timers(self) -> int:
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            return int(client.zcard(f"{self.name}:timers"))
+        finally:
+            client.close()
+
+    def holds_devices(self) -> bool:
+        return any(key.startswith(f"{self.name}:u:") for key in self.leftovers())
+
+    def leftovers(self) -> list[str]:
+        """What the shared state still holds of devices, calls and timers."""
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            left = [key.decode() for key in client.scan_iter(match=f"{self.name}:c:*")]
+            left += ["timer " + m.decode() for m in client.zrange(f"{self.name}:timers", 0, -1)]
+            for key in client.scan_iter(match=f"{self.name}:u:*"):
+                raw = client.get(key)
+                if raw is not None and json.loads(raw[64:])["devices"]:
+                    left.append(key.decode())
+            return left
+        finally:
+            client.close()
 
 
 class MergedAudit:

@@ -89,7 +89,7 @@ async def test_a_call_to_an_offline_user_rings_the_device_that_signs_in_later(
         "call.answered",
         "call.ended",
     ]
-    assert harness.server is not None and harness.server.hub.armed_timers == 0
+    assert harness.armed_timers() == 0
 
 
 async def test_nobody_signs_in_before_the_ring_timeout(
@@ -108,7 +108,7 @@ async def test_nobody_signs_in_before_the_ring_timeout(
     bob = await harness.connect("bob")  # too late: nothing rings
     await bob.expect_silence()
     assert harness.server is not None
-    assert len(harness.server.board.calls) == 0 and harness.server.hub.armed_timers == 0
+    assert harness.live_calls() == 0 and harness.armed_timers() == 0
 
 
 async def test_cancel_while_pending(harness: Harness, clock: trio.testing.MockClock) -> None:
@@ -123,7 +123,7 @@ async def test_cancel_while_pending(harness: Harness, clock: trio.testing.MockCl
     cancelled = harness.audit.records("call.cancelled")
     assert [r["call_id"] for r in cancelled] == ["p1"]
     assert [r["reason"] for r in harness.audit.records("call.missed")] == ["cancelled"]
-    assert harness.server is not None and harness.server.hub.armed_timers == 0
+    assert harness.armed_timers() == 0
 
 
 async def test_a_pending_call_makes_the_callee_busy_and_wins_the_glare(

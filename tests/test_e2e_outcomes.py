@@ -74,9 +74,9 @@ async def test_ring_timeout_ends_both_sides(harness: Harness) -> None:
     await bob2.expect("call-end", callId="c1", reason="timeout")
     assert len(harness.audit.records("call.timeout")) == 1
     assert harness.server is not None
-    assert harness.server.board.is_idle() is False  # devices are still connected
-    assert len(harness.server.board.calls) == 0
-    assert harness.server.hub.armed_timers == 0
+    assert harness.holds_devices()  # devices are still connected
+    assert harness.live_calls() == 0
+    assert harness.armed_timers() == 0
 
 
 async def test_reject_on_one_device_stops_the_others(gate: Harness) -> None:
@@ -85,7 +85,7 @@ async def test_reject_on_one_device_stops_the_others(gate: Harness) -> None:
     await alice.expect("call-reject", callId="c1", reason="declined", **{"from": "bob"})
     await bob1.expect("call-end", callId="c1", reason="rejected_elsewhere")
     assert gate.audit.records("call.rejected")[0]["reason"] == "rejected"
-    assert gate.server is not None and gate.server.hub.armed_timers == 0
+    assert gate.armed_timers() == 0
 
 
 async def test_caller_cancels_before_answer(gate: Harness) -> None:
@@ -136,7 +136,7 @@ async def test_nothing_outlives_its_connections(gate: Harness) -> None:
         nursery.start_soon(alice.ws.aclose)
         nursery.start_soon(bob.ws.aclose)
     await gate.settle()
-    assert gate.server is not None and gate.server.hub.armed_timers == 0
+    assert gate.armed_timers() == 0
     requested = gate.audit.records("call.requested")
     terminal = [r for r in gate.audit.records() if r["event"] in TERMINAL_CALL_EVENTS]
     assert len(requested) == len(terminal) == 1

@@ -325,13 +325,8 @@ class ClusterSettings(_Section):
     heartbeat_interval: float = Field(1.0, gt=0, le=60)
     # A node silent for this long is declared dead; its devices are treated as disconnected.
     node_timeout: float = Field(5.0, gt=0, le=600)
-    # How long a connection waits for its sign-in to go through the cluster log.
+    # How long a sign-in or token refresh waits for the cluster to decide it.
     apply_timeout: float = Field(5.0, gt=0, le=120)
-    # The leader snapshots the shared state after this many log entries or seconds (whichever
-    # comes first), and trims the log to the previous snapshot: the log stays bounded, and a
-    # node that joins loads the snapshot instead of the whole history.
-    snapshot_every: int = Field(10000, ge=10, le=10_000_000)
-    snapshot_seconds: float = Field(60.0, gt=0, le=86400)
 
     _key_long_enough = field_validator("key")(_hmac_key)
 
@@ -415,18 +410,6 @@ class Settings(BaseModel):
         if cluster.node_timeout < 2 * cluster.heartbeat_interval:
             raise ConfigError("cluster.node_timeout: must be at least twice heartbeat_interval")
         self._check_webhooks()
-        if cluster.enabled:
-            # Pending calls, missed calls and webhooks are single-node for now (docs/cluster.md).
-            for key, used in (
-                ("calls.offline", self.calls.offline == "notify"),
-                ("calls.missed_calls", self.calls.missed_calls > 0),
-                ("webhooks.url", self.webhooks.url is not None),
-            ):
-                if used:
-                    raise ConfigError(
-                        f"{key}: not yet supported in cluster mode ([cluster] enabled = true);"
-                        " unset it, or run a single node"
-                    )
 
     def _check_webhooks(self) -> None:
         webhooks = self.webhooks

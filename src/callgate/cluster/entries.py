@@ -1,16 +1,10 @@
-"""The cluster log's entries: core events, signed by the node that saw them.
+"""Signed values that nodes exchange through Redis: heartbeats, the lease, death, deliveries.
 
-Every node of a cluster runs a replica of the same switchboard. Whatever a node's clients do
-becomes a core event; the node appends it to one shared, totally ordered log (a Redis stream),
-and every node applies every entry, in log order, to its replica. The switchboard is
-deterministic (it reads no clock and draws no randomness: `now`, session ids and rate-limit
-decisions travel in the entry), so all replicas agree on every call, and busy, glare, "first
-answer wins" and "the ring timeout fires once" hold across nodes by construction.
-
-An entry is `p` (the JSON payload) and `m` (HMAC-SHA256 over a domain tag, the cluster name and
-the payload, with the cluster key). A client of Redis without the key cannot forge one, and a
-copy of a real entry is refused because each origin node numbers its entries (`s`) and replicas
-accept only increasing numbers. This module is pure: no I/O, no clock.
+Nothing unsigned read from Redis decides anything. Each value here is signed with the cluster key
+(HMAC-SHA256 over a domain tag, the cluster name and the payload), with a domain tag per kind so
+that one is never taken for another. Deliveries (actions for another node's connections) also
+name their target node and carry their origin's number, so a copy is refused. Pure: no I/O.
+(The shared call state's records are signed in records.py.)
 """
 
 from __future__ import annotations
@@ -23,26 +17,17 @@ from typing import Any
 
 import orjson
 
-from callgate.core.events import (
-    Authenticated,
-    Disconnected,
-    Event,
-    MessageReceived,
-    OperatorDisconnectedUser,
-    OperatorEndedCall,
-    RevocationChanged,
-    TimerFired,
-    TokenRefreshed,
-)
-from callgate.core.policy import Throttled
-from callgate.protocol.codec import FieldLimits, ProtocolError, decode_object
+from callgate.core.actions import Ack, Close, Deliver, SendError
+from callgate.errors import ErrorCode
 
-VERSION = 1
-_DOMAIN = b"callgate-cluster-entry-v1\x00"
-_SNAPSHOT = b"snapshot\x00"  # prefixed: a snapshot's signature is never an entry's
+VERSION = 2
+_DOMAIN = b"callgate-cluster-v2\x00"
 _HEARTBEAT = b"heartbeat\x00"
 _LEASE = b"lease\x00"
-MAX_ENTRY_BYTES = 4 * 1024 * 1024
+_DEAD = b"dead\x00"
+_REVOCATIONS = b"revocations\x00"
+_DELIVERY = b"delivery\x00"
+MAX_DELIVERY_BYTES = 8 * 1024 * 1024
 # Connection ids are `<node id>.<random>`: the node part says where a device is connected.
 NODE_SEPARATOR = "."
 
@@ -52,29 +37,29 @@ def node_of(conn: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class NodeDown:
-    """A node stopped heartbeating: each of its online devices is disconnected."""
+class Forget:
+    """Drop this node's cached route of `user`'s call `call_id` (it changed elsewhere)."""
 
-    node: str
+    user: str
+    call_id: str
 
 
-ClusterEvent = Event | NodeDown
+# What one node asks another to do: deliveries (with the device's user, when known, so that a
+# delivery that finds no connection can follow the device), acks, errors, closes, and Forget.
+Order = Deliver | Ack | SendError | Close | Forget
 
 
 @dataclass(frozen=True, slots=True)
-class Entry:
-    """One verified log entry: who appended it, its number at that node, when, and what."""
+class Delivery:
+    """A verified batch of orders from `origin` for this node."""
 
     origin: str
     seq: int
-    now: float
-    event: ClusterEvent
-    # The ingress node's rate-limit decision for a call-request (replicas do not count again).
-    throttled: Throttled | None = None
+    orders: list[tuple[Order, str | None]]
 
 
 class BadEntry(Exception):
-    """An entry that is refused: `reason` is one word for the audit trail."""
+    """A value or delivery that is refused: `reason` is one word for the audit trail."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -82,12 +67,11 @@ class BadEntry(Exception):
 
 
 class EntryCodec:
-    def __init__(self, cluster: str, key: bytes, limits: FieldLimits) -> None:
+    def __init__(self, cluster: str, key: bytes) -> None:
         self._prefix = _DOMAIN + cluster.encode() + b"\x00"
         self._key = key
-        self._limits = limits
 
-    def _mac(self, payload: bytes, domain: bytes = b"") -> bytes:
+    def _mac(self, payload: bytes, domain: bytes) -> bytes:
         message = domain + self._prefix + payload
         return hmac.new(self._key, message, hashlib.sha256).hexdigest().encode()
 
@@ -116,15 +100,6 @@ class EntryCodec:
         except (BadEntry, ValueError):
             return {}
 
-    def seal_snapshot(self, position: bytes, state: dict[str, Any]) -> bytes:
-        """A signed snapshot: the replica's state after the log entry `position`."""
-        return self._seal_value(_SNAPSHOT, {"position": position.decode(), "state": state})
-
-    def open_snapshot(self, sealed: bytes) -> tuple[bytes, dict[str, Any]]:
-        """Raises: BadEntry("malformed" | "bad_mac")."""
-        body = self._open_value(_SNAPSHOT, sealed)
-        return str(body["position"]).encode(), body["state"]
-
     def seal_heartbeat(self, node: str, beat: int) -> bytes:
         """A node's heartbeat value: its id and a number that grows with every beat."""
         return self._seal_value(_HEARTBEAT, {"node": node, "beat": beat})
@@ -149,148 +124,86 @@ class EntryCodec:
             return None
         return holder
 
-    def seal(self, entry: Entry) -> dict[bytes, bytes]:
-        """The stream fields of an entry."""
-        body = {"v": VERSION, "o": entry.origin, "s": entry.seq, "t": entry.now}
-        body.update(_event_fields(entry.event))
-        if entry.throttled is not None:
-            body["th"] = [entry.throttled.limit, entry.throttled.retry_after]
-        payload = orjson.dumps(body)
-        return {b"p": payload, b"m": self._mac(payload)}
+    def seal_dead(self, node: str) -> bytes:
+        """The cluster's verdict that `node` is dead (it reads it, and closes what it holds)."""
+        return self._seal_value(_DEAD, {"node": node})
 
-    def open(self, fields: Mapping[bytes, bytes]) -> Entry:
-        """Raises: BadEntry("malformed" | "bad_mac")."""
+    def is_dead(self, sealed: bytes | None, node: str) -> bool:
+        return self._verified(_DEAD, sealed).get("node") == node
+
+    def seal_revocations(self, tokens: frozenset[str], users: Mapping[str, float]) -> bytes:
+        return self._seal_value(_REVOCATIONS, {"tokens": sorted(tokens), "users": dict(users)})
+
+    def open_revocations(
+        self, sealed: bytes | None
+    ) -> tuple[frozenset[str], dict[str, float]] | None:
+        """The cluster's revocation list; None when absent or not genuine."""
+        body = self._verified(_REVOCATIONS, sealed)
+        tokens, users = body.get("tokens"), body.get("users")
+        if not isinstance(tokens, list) or not isinstance(users, dict):
+            return None
+        return frozenset(str(t) for t in tokens), {
+            str(u): float(t) for u, t in users.items() if isinstance(t, int | float)
+        }
+
+    def seal_delivery(
+        self, origin: str, target: str, seq: int, orders: list[tuple[Order, str | None]]
+    ) -> dict[bytes, bytes]:
+        """The stream fields of a batch of orders for node `target`."""
+        body = {"v": VERSION, "o": origin, "t": target, "s": seq, "a": [_order(o, u) for o, u in orders]}
+        payload = orjson.dumps(body)
+        return {b"p": payload, b"m": self._mac(payload, _DELIVERY)}
+
+    def open_delivery(self, fields: Mapping[bytes, bytes], target: str) -> Delivery:
+        """Raises: BadEntry("malformed" | "bad_mac" | "misrouted")."""
         payload, mac = fields.get(b"p"), fields.get(b"m")
         if not isinstance(payload, bytes) or not isinstance(mac, bytes):
             raise BadEntry("malformed")
-        if len(payload) > MAX_ENTRY_BYTES:
+        if len(payload) > MAX_DELIVERY_BYTES:
             raise BadEntry("malformed")
-        if not hmac.compare_digest(self._mac(payload), mac):
+        if not hmac.compare_digest(self._mac(payload, _DELIVERY), mac):
             raise BadEntry("bad_mac")
         try:
             body = orjson.loads(payload)
-            return _entry(body, self._limits)
-        except (KeyError, TypeError, ValueError, ProtocolError):
+            if body["v"] != VERSION:
+                raise BadEntry("malformed")
+            if body["t"] != target:
+                raise BadEntry("misrouted")
+            orders = [_read_order(item) for item in body["a"]]
+            return Delivery(str(body["o"]), int(body["s"]), orders)
+        except (KeyError, TypeError, ValueError, IndexError):
             # Signed with our key but not understood: a newer or broken node.
             raise BadEntry("malformed") from None
 
 
-def _event_fields(event: ClusterEvent) -> dict[str, Any]:
-    match event:
-        case Authenticated():
-            return {
-                "k": "auth",
-                "conn": event.conn,
-                "user": event.user,
-                "sid": event.session_id,
-                "session": dict(event.session),
-                "resume": event.resume,
-                "jti": event.token_id,
-                "iat": event.issued_at,
-            }
-        case TokenRefreshed():
-            return {
-                "k": "refresh",
-                "conn": event.conn,
-                "sid": event.session_id,
-                "session": dict(event.session),
-                "jti": event.token_id,
-                "iat": event.issued_at,
-            }
-        case MessageReceived(conn=conn, message=message, ref=ref):
-            data = getattr(message, "data", None)
-            if data is None:  # user-connected: its data is the bare user id, as on the wire
-                data = getattr(message, "user", None)
-            return {"k": "msg", "conn": conn, "e": message.event, "d": data, "r": ref}
-        case Disconnected(conn=conn):
-            return {"k": "gone", "conn": conn}
-        case TimerFired(timer=timer):
-            return {"k": "timer", "id": timer}
-        case RevocationChanged(token_ids=tokens, users_before=users):
-            return {"k": "revoke", "tokens": sorted(tokens), "users": dict(users)}
-        case NodeDown(node=node):
-            return {"k": "down", "node": node}
-        case OperatorEndedCall(call_id=call_id, user=user):
-            return {"k": "op_end", "call": call_id, "user": user}
-        case OperatorDisconnectedUser(user=user, code=code, reason=reason):
-            return {"k": "op_disconnect", "user": user, "code": code, "reason": reason}
-    raise TypeError(f"{type(event).__name__} is not replicated")
+def _order(order: Order, user: str | None) -> list[Any]:
+    match order:
+        case Deliver(conn=conn, event=event, data=data):
+            return ["d", conn, user, event, dict(data)]
+        case Ack(conn=conn, ref=ref):
+            return ["a", conn, ref]
+        case SendError(conn=conn, code=code, message=message, ref=ref, retry_after=retry):
+            return ["e", conn, code.value, message, ref, retry]
+        case Close(conn=conn, code=code, reason=reason):
+            return ["c", conn, code, reason]
+        case Forget(user=forget_user, call_id=call_id):
+            return ["x", forget_user, call_id]
 
 
-def _text(value: object) -> str:
-    if not isinstance(value, str):
-        raise TypeError("expected a string")
-    return value
-
-
-def _optional_text(value: object) -> str | None:
-    return None if value is None else _text(value)
-
-
-def _optional_number(value: object) -> float | None:
-    if value is None:
-        return None
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise TypeError("expected a number")
-    return float(value)
-
-
-def _entry(body: dict[str, Any], limits: FieldLimits) -> Entry:
-    if body["v"] != VERSION:
-        raise ValueError("unknown version")
-    seq, now = body["s"], body["t"]
-    if not isinstance(seq, int) or not isinstance(now, int | float):
-        raise TypeError("bad header")
-    throttled = None
-    if body.get("th") is not None:
-        limit, retry = body["th"]
-        throttled = Throttled(_text(limit), int(retry))
-    return Entry(_text(body["o"]), seq, float(now), _event(body, limits), throttled)
-
-
-def _event(body: dict[str, Any], limits: FieldLimits) -> ClusterEvent:
-    kind = body["k"]
-    if kind == "auth":
-        return Authenticated(
-            _text(body["conn"]),
-            _text(body["user"]),
-            session_id=_text(body["sid"]),
-            session=dict(body["session"]),
-            resume=_optional_text(body["resume"]),
-            token_id=_optional_text(body["jti"]),
-            issued_at=_optional_number(body["iat"]),
-        )
-    if kind == "refresh":
-        return TokenRefreshed(
-            _text(body["conn"]),
-            _text(body["sid"]),
-            dict(body["session"]),
-            _optional_text(body["jti"]),
-            _optional_number(body["iat"]),
-        )
-    if kind == "msg":
-        envelope = {"event": body["e"], "data": body["d"]}
-        if body["r"] is not None:
-            envelope["ref"] = body["r"]
-        decoded = decode_object(envelope, limits)
-        return MessageReceived(_text(body["conn"]), decoded.message, decoded.ref)
-    if kind == "gone":
-        return Disconnected(_text(body["conn"]))
-    if kind == "timer":
-        timer = body["id"]
-        if not isinstance(timer, int):
-            raise TypeError("timer id")
-        return TimerFired(timer)
-    if kind == "revoke":
-        users = {_text(user): float(at) for user, at in dict(body["users"]).items()}
-        return RevocationChanged(frozenset(_text(t) for t in body["tokens"]), users)
-    if kind == "down":
-        return NodeDown(_text(body["node"]))
-    if kind == "op_end":
-        return OperatorEndedCall(_text(body["call"]), _optional_text(body["user"]))
-    if kind == "op_disconnect":
-        code = body["code"]
-        if not isinstance(code, int) or isinstance(code, bool):
-            raise TypeError("close code")
-        return OperatorDisconnectedUser(_text(body["user"]), code, _text(body["reason"]))
-    raise ValueError("unknown kind")
+def _read_order(item: list[Any]) -> tuple[Order, str | None]:
+    kind = item[0]
+    if kind == "d":
+        _, conn, user, event, data = item
+        if not isinstance(data, dict):
+            raise TypeError("delivery data")
+        return Deliver(str(conn), str(event), data), (None if user is None else str(user))
+    if kind == "a":
+        return Ack(str(item[1]), item[2]), None
+    if kind == "e":
+        _, conn, code, message, ref, retry = item
+        return SendError(str(conn), ErrorCode(code), str(message), ref, retry), None
+    if kind == "c":
+        return Close(str(item[1]), int(item[2]), str(item[3])), None
+    if kind == "x":
+        return Forget(str(item[1]), str(item[2])), None
+    raise ValueError(f"unknown order {kind!r}")

@@ -1,94 +1,296 @@
-"""A server as one node of a cluster: how its events reach the core, and the core's actions it.
+"""A server as one node of a cluster: decisions on shared state, deliveries routed to one node.
 
-The transport's seam to the cluster (`ConnectionHub.attach_cluster`). A single server hands each
-event straight to its switchboard (transport/executor.py's `LocalDispatch`); a node submits it to
-the cluster's log (link.py) instead, and carries out what concerns its own connections when the
-log applies an entry, here or on another node. Same interface, so the hub does not care which.
+The transport's seam to the cluster (`ConnectionHub.attach_cluster`), with the interface of a
+single server's `LocalDispatch`. What a node's clients do becomes a core event, decided here:
+
+1. **Decide** (`_decide`): load the records the event concerns (records.py), let the unchanged
+   switchboard decide on that slice, and commit what changed atomically (store.py); if another
+   node changed one of those records meanwhile, load again and decide again.
+2. **Carry out**: actions for this node's connections go to its executor; those for another
+   node's connections go to that node's inbox only, signed and numbered (entries.py), batched
+   per node. Audit records are written here, once: by the node that decided.
+3. **Cache what the call allows**: once a call is connected, the node of each side remembers
+   the other side's device, so an `ice-candidate` or `call-renegotiate` costs no Redis round
+   trip beyond its delivery. The route is dropped when the call ends or the other side moves
+   (a delivery that finds no connection is decided again and the sender told to forget it).
+
+Events are decided in lanes, one per hash of the user they start from, so one user's events
+are decided in the order they happened; different users' events run side by side.
+
+Other duties, each a task: the inbox reader; the timer poller (every node claims due timers
+from the shared sorted set, so a dead node's timers fire on time elsewhere; a claim expires,
+so a timer is never lost, and the commit makes its outcome happen once); the keeper
+(heartbeats, the leader lease, and, on the leader, declaring dead the nodes whose signed
+heartbeats lapsed: their devices are disconnected (held for `reconnect_grace`) and their unread
+inboxes go to the held devices' resume buffers).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+import math
+import secrets
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import trio
 from limits.errors import StorageError
 
-from callgate.cluster.entries import NODE_SEPARATOR, Entry
-from callgate.core.actions import Action
-from callgate.core.events import Event, MessageReceived, RevocationChanged
+from callgate.cluster.entries import (
+    NODE_SEPARATOR,
+    BadEntry,
+    EntryCodec,
+    Forget,
+    Order,
+    node_of,
+)
+from callgate.cluster.records import BadRecord, RecordCodec, Slice, Timer
+from callgate.cluster.store import RedisError, Store
+from callgate.config import ClusterSettings
+from callgate.core.actions import Ack, Action, Audit, CancelTimer, Close, Deliver, SendError, StartTimer
+from callgate.core.calls import CallState, Role
+from callgate.core.events import (
+    Authenticated,
+    DeliveryFailed,
+    Disconnected,
+    Event,
+    MessageReceived,
+    OperatorDisconnectedUser,
+    OperatorEndedCall,
+    RevocationChanged,
+    ShuttingDown,
+    TimerFired,
+    TokenRefreshed,
+)
+from callgate.core.policy import CallRules, Throttled
 from callgate.errors import CloseCode, CloseConnection, ErrorCode
-from callgate.protocol.messages import CallRequest
-from callgate.transport.executor import trio_deadline
+from callgate.log import get_logger
+from callgate.protocol.messages import CallRenegotiate, CallRequest, IceCandidate, UserId
 
 if TYPE_CHECKING:
-    from callgate.cluster.link import ClusterLink
     from callgate.ratelimit import RateLimiter
     from callgate.transport.connection import Connection
     from callgate.transport.executor import Executor
 
+log = get_logger("callgate.cluster")
+
+LANES = 8
+LANE_QUEUE = 4096
+ATTEMPTS = 50  # compare-and-set conflicts in a row before a decision gives up
+INBOX_BATCH = 512
+INBOX_BLOCK_MS = 1000
+TIMER_POLL = 0.1  # seconds between claims of due timers
+TIMER_CLAIM = 64
+MAX_OUTBOX = 100_000  # orders waiting for Redis; past this the oldest are dropped and counted
+RETRY_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+DEAD_VERDICT_MS = 3_600_000  # how long a node's death verdict is kept
+
+
+def new_node_id(name: str | None) -> str:
+    """`<name>-<random>`: a node that restarts is a new node (its old devices are gone)."""
+    return f"{name or 'node'}-{secrets.token_hex(3)}"
+
+
+class Unavailable(Exception):
+    """Redis cannot be reached, or a decision kept conflicting: try again later."""
+
+
+class RecordedThrottle:
+    """The core's `CallThrottle` in a cluster: the decision the caller's node already took.
+
+    Call limits are counted in Redis (`limits`), once per request, before the decision; a
+    decision retried after a conflict must not count again.
+    """
+
+    def __init__(self) -> None:
+        self.decision: Throttled | None = None
+
+    def admit_call(self, caller: UserId, callee: UserId) -> Throttled | None:
+        return self.decision
+
+
+@dataclass(slots=True)
+class Route:
+    """A connected call as one of this node's devices sees it: where the other side is."""
+
+    conn: str  # this node's device in the call
+    role: Role
+    peer: UserId
+    peer_conns: list[str]
+
+
+@dataclass(slots=True)
+class Job:
+    """One decision for a lane: `events` on the slice of `users`."""
+
+    users: list[UserId]
+    events: list[Event] | Callable[[Slice], list[Event]]
+    fired: Timer | None = None
+    throttled: Throttled | None = None
+    forwarded: bool = False
+    done: trio.Event | None = None
+    error: BaseException | None = None
+    # Deliveries that failed once are not retried again if they fail a second time.
+    retry: bool = True
+    check_devices: int | None = None  # sign-in: refuse when the user has this many online
+
+
+@dataclass(slots=True)
+class LocalDevice:
+    user: UserId
+    session_id: str
+    token_id: str | None
+    issued_at: float | None
+    calls: dict[str, UserId] = field(default_factory=dict)  # call id -> the other participant
+
 
 class ClusterNode:
-    """Events through the cluster's log; the log's entries into this node's executor."""
+    """Decisions on the shared state in Redis; deliveries to the node that holds the target."""
 
-    inline = False  # every message waits for its submission, in the connection's task
+    inline = False  # every message waits for its decision, in the connection's task
 
     def __init__(
         self,
-        link: ClusterLink,
+        settings: ClusterSettings,
+        rules: CallRules,
         executor: Executor,
+        live: Mapping[str, Connection],
         limiter: RateLimiter,
-        apply_timeout: float,
+        max_devices: int,
         adopt_revocations: Callable[[RevocationChanged], None],
         evicted: Callable[[], None],
     ) -> None:
-        self.link = link
+        if settings.key is None:  # refused by the config check; kept for the type checker
+            raise ValueError("cluster.key is required")
+        key = settings.key.get_secret_value().encode()
+        self._settings = settings
+        self._rules = rules
         self._executor = executor
+        self._live = live
         self._limiter = limiter
-        self._apply_timeout = apply_timeout
+        self._max_devices = max_devices
         self._adopt_revocations = adopt_revocations
         self._evicted = evicted
-        executor.unix_clock = True  # the cluster's core runs on the unix clock
-        executor.timer_due = link.timer_due
-        executor.timer_cancelled = link.timer_cancelled
-        link.execute = self._execute_entry
-        link.rejected = self._entry_rejected
-        link.evicted = evicted
-        link.restored = self._restored
+        self.node_id = new_node_id(settings.node_name)
+        self.store = Store(settings.redis_url, settings.name)
+        self.records = RecordCodec(settings.name, key)
+        self.codec = EntryCodec(settings.name, key)
+        self._throttle = RecordedThrottle()
+        executor.unix_clock = True
+        self._lanes: list[tuple[trio.MemorySendChannel[Job], trio.MemoryReceiveChannel[Job]]] = [
+            trio.open_memory_channel[Job](LANE_QUEUE) for _ in range(LANES)
+        ]
+        self._busy_lanes = 0
+        self._idle = trio.Event()
+        self._devices: dict[str, LocalDevice] = {}  # this node's signed-in devices
+        self._routes: dict[tuple[UserId, str], Route] = {}
+        self._outbox: dict[str, deque[tuple[Order, str | None]]] = {}
+        self._outbox_changed = trio.Event()
+        self._outbox_empty = trio.Event()
+        self._outbox_empty.set()
+        self._seq = 0
+        self._last_seq: dict[str, int] = {}
+        self._inbox_position = b"0-0"
+        # Liveness: this node's beat; per watched node the last genuine beat and checks missed.
+        self._beat = 0
+        self._last_beat: dict[str, int] = {}
+        self._missed: dict[str, int] = {}
+        self.misses_for_death = max(
+            2, math.ceil(settings.node_timeout / settings.heartbeat_interval - 1e-9)
+        )
+        self.is_leader = False
+        self._epoch: bytes | None = None
+        self._my_epoch = secrets.token_hex(8)
+        self._connected_since = time.monotonic()
+        self._store_ok = False
+        self.joined = trio.Event()
+        self._revocations: tuple[frozenset[str], dict[str, float]] | None = None
+        self._pending_revocations: bytes | None = None
+        self._buried: dict[str, float] = {}
+        self.lost_orders = 0
+
+    # -- what the hub asks -------------------------------------------------------------------
 
     @property
     def available(self) -> bool:
-        """The cluster log is reachable and caught up."""
-        return self.link.available
+        """Redis answers: new work can be decided."""
+        return self._store_ok
 
     def new_conn_id(self, token: str) -> str:
         """Connection ids name their node, so every node knows where a device lives."""
-        return self.link.node_id + NODE_SEPARATOR + token
+        return self.node_id + NODE_SEPARATOR + token
 
     def dispatch(self, event: Event, *, forwarded: bool = False) -> None:
-        self.link.submit(event)
+        match event:
+            case Disconnected(conn=conn):
+                device = self._devices.get(conn)
+                if device is not None:
+                    self._enqueue(Job([device.user], [event]))
+            case RevocationChanged():
+                self._publish_revocations(event)
+            case OperatorEndedCall(user=user) if user is not None:
+                self._enqueue(Job([user], [event]))
+            case OperatorDisconnectedUser(user=user):
+                self._enqueue(Job([user], [event]))
+            case ShuttingDown():
+                pass  # a node ends no call: its devices are held, and resume elsewhere
+            case _:
+                log.warning("event not routable in a cluster", event_name=type(event).__name__)
 
     async def dispatch_and_wait(self, event: Event) -> None:
-        """Submit, and wait (bounded) until the log has applied it here.
+        """Decide a sign-in or a token refresh, and wait (bounded) for it.
 
-        Raises: CloseConnection 1013 when the cluster log does not apply it in time.
+        Raises: CloseConnection 1013 when the cluster cannot decide it in time.
         """
-        seq = self.link.submit(event)
-        with trio.move_on_after(self._apply_timeout):
-            await self.link.wait_applied(seq)
-            return
+        match event:
+            case Authenticated(conn=conn, user=user):
+                self._devices[conn] = LocalDevice(
+                    user, event.session_id, event.token_id, event.issued_at
+                )
+                job = Job([user], [event], check_devices=self._max_devices)
+            case TokenRefreshed(conn=conn):
+                device = self._devices.get(conn)
+                if device is None:
+                    return
+                device.session_id = event.session_id
+                device.token_id, device.issued_at = event.token_id, event.issued_at
+                job = Job([device.user], [event])
+            case _:
+                self.dispatch(event)
+                return
+        job.done = trio.Event()
+        if self._enqueue(job):
+            with trio.move_on_after(self._settings.apply_timeout):
+                await job.done.wait()
+            if not job.done.is_set():
+                # It may still be decided: the hub closes the connection, and its
+                # Disconnected, queued behind it, undoes it.
+                raise CloseConnection(CloseCode.TRY_AGAIN_LATER, "cluster unavailable")
+            if job.error is None:
+                return
+        if isinstance(event, Authenticated):
+            self._devices.pop(event.conn, None)  # not decided: nothing to undo
+        if isinstance(job.error, CloseConnection):
+            raise job.error
         raise CloseConnection(CloseCode.TRY_AGAIN_LATER, "cluster unavailable")
 
     async def submit_message(self, connection: Connection, received: MessageReceived) -> None:
-        """A client message: counted against the shared limits here, once, then submitted.
-
-        Without Redis nothing can be decided for the cluster: the client is told to retry.
-        """
+        """A client message: the cached route of a connected call, or a decision."""
         unavailable = (ErrorCode.RATE_LIMITED, "cluster unavailable; try again", received.ref, 1)
-        if not self.link.available:
+        message, user = received.message, connection.user
+        assert user is not None  # only signed-in connections send messages
+        if isinstance(message, IceCandidate) and self._relay(received, user):
+            return
+        if not self.available:
             connection.send_error(*unavailable)
             return
-        message, user = received.message, connection.user
+        users = [user]
+        to = getattr(message, "to", None)
+        if isinstance(to, str) and to != user:
+            users.append(to)
         throttled = None
         # Counted only for a request the core will not refuse outright (not from yourself).
         if isinstance(message, CallRequest) and message.from_user == user != message.to:
@@ -99,40 +301,543 @@ class ClusterNode:
             except StorageError:
                 connection.send_error(*unavailable)
                 return
-        self.link.submit(received, throttled=throttled)
+        job = Job(users, [received], throttled=throttled, forwarded=True)
+        if not self._enqueue(job):
+            connection.send_error(*unavailable)
 
     def shutting_down(self) -> None:
         """A node ends no call: its devices disconnect, so their calls are held for
         `reconnect_grace` and the clients resume them on another node."""
 
     async def flush(self) -> None:
-        await self.link.flush()
+        """Decide what is queued, hand over what is left in the inbox, send every order."""
+        await self._lanes_idle()
+        try:
+            await self._take_over_inbox(self.node_id)
+        except RedisError as exc:
+            log.warning("inbox not handed over at shutdown", error=str(exc))
+        await self._lanes_idle()
+        await self._outbox_empty.wait()
+
+    async def _lanes_idle(self) -> None:
+        while self._busy_lanes or any(
+            receive.statistics().current_buffer_used for _, receive in self._lanes
+        ):
+            self._idle = trio.Event()
+            await self._idle.wait()
+
+    @property
+    def quiet(self) -> bool:
+        """Nothing queued, being decided, or waiting to be sent (tests wait for this)."""
+        return not self._busy_lanes and not any(
+            receive.statistics().current_buffer_used for _, receive in self._lanes
+        ) and not any(self._outbox.values())
 
     def live_counts(self) -> dict[str, int]:
         return {
-            "available": int(self.link.available),
-            "leader": int(self.link.is_leader),
-            "pending_entries": self.link.pending,
+            "available": int(self.available),
+            "leader": int(self.is_leader),
+            "pending_orders": sum(len(queue) for queue in self._outbox.values()),
+            "routes": len(self._routes),
+            "lost_orders": self.lost_orders,
         }
 
-    # -- the log's callbacks -------------------------------------------------------------------
+    # -- the fast path -----------------------------------------------------------------------
 
-    def _execute_entry(self, entry: Entry, actions: list[Action], own: bool) -> None:
-        """A cluster entry was applied: do what concerns this node's connections."""
-        if isinstance(entry.event, RevocationChanged):
-            self._adopt_revocations(entry.event)
-        forwarded = own and isinstance(entry.event, MessageReceived)
-        self._executor.execute(actions, forwarded=forwarded, own=own)
+    def _relay(self, received: MessageReceived, user: UserId) -> bool:
+        """An ice-candidate in a connected call, from its cached route: no decision needed."""
+        message = received.message
+        assert isinstance(message, IceCandidate)
+        route = self._routes.get((user, message.call_id))
+        if route is None or route.conn != received.conn:
+            return False
+        if message.to != route.peer:
+            return False  # decided in full: the core says `forbidden`
+        forwarded = {**message.data, "from": user}
+        actions: list[Action] = []
+        if received.ref is not None:
+            actions.append(Ack(received.conn, received.ref))
+        actions += [Deliver(conn, message.event, forwarded) for conn in route.peer_conns]
+        self._carry_out(actions, {conn: route.peer for conn in route.peer_conns}, forwarded=True)
+        return True
 
-    def _entry_rejected(self, entry_id: str, reason: str) -> None:
+    def _learn_routes(self, sliced: Slice) -> None:
+        """After a decision: the calls of this node's devices in the slice, as they are now."""
+        for loaded in sliced.calls.values():
+            conns = [loaded["caller_conn"], loaded["callee_conn"], *loaded["ringing"]]
+            for conn in conns:
+                device = self._devices.get(conn) if conn is not None else None
+                if device is not None:
+                    device.calls.pop(loaded["call_id"], None)
+                    self._routes.pop((device.user, loaded["call_id"]), None)
+        for call in sliced.board.calls:
+            for conn in call.devices():
+                device = self._devices.get(conn)
+                if device is None:
+                    continue
+                role = call.role_of(conn)
+                peer = call.peer_of(device.user)
+                device.calls[call.call_id] = peer
+                if call.state is CallState.CONNECTED and role is not Role.BYSTANDER:
+                    self._routes[(device.user, call.call_id)] = Route(
+                        conn, role, peer, call.other_side(role)
+                    )
+
+    # -- decisions ---------------------------------------------------------------------------
+
+    def _enqueue(self, job: Job) -> bool:
+        lane = zlib.crc32(job.users[0].encode()) % LANES
+        try:
+            self._lanes[lane][0].send_nowait(job)
+        except trio.WouldBlock:
+            log.warning("cluster lane full; event refused", lane=lane)
+            return False
+        return True
+
+    async def _lane(self, receive: trio.MemoryReceiveChannel[Job]) -> None:
+        async for job in receive:
+            self._busy_lanes += 1
+            try:
+                await self._run(job)
+            except Exception as exc:
+                job.error = exc
+                if not isinstance(exc, (Unavailable, CloseConnection)):
+                    log.exception("cluster decision failed")
+            finally:
+                self._busy_lanes -= 1
+                if job.done is not None:
+                    job.done.set()
+                if not self._busy_lanes:
+                    self._idle.set()
+
+    async def _run(self, job: Job) -> None:
+        try:
+            actions, sliced = await self._decide(job)
+        except Unavailable:
+            self._refuse_unavailable(job)
+            raise
+        self._after(job, actions, sliced)
+
+    async def _decide(self, job: Job) -> tuple[list[Action], Slice]:
+        """Load, decide, commit; again on a conflict. Raises: Unavailable, CloseConnection."""
+        for attempt in range(ATTEMPTS):
+            try:
+                raw = await self.store.load(job.users)
+            except RedisError as exc:
+                self._store_failed(exc)
+                raise Unavailable from exc
+            try:
+                sliced = Slice(self.records, raw, self._rules, self._throttle, self._bases())
+            except BadRecord as bad:
+                self._executor.audit(
+                    "cluster.rejected",
+                    {"node": self.node_id, "entry": bad.name, "reason": bad.reason},
+                )
+                log.error("cluster record refused", record=bad.name, reason=bad.reason)
+                raise Unavailable from bad
+            if job.check_devices is not None:
+                if len(sliced.board.devices_of(job.users[0])) >= job.check_devices:
+                    raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "too many connections")
+            events = job.events(sliced) if callable(job.events) else job.events
+            now = time.time()
+            actions: list[Action] = []
+            self._throttle.decision = job.throttled
+            try:
+                for event in events:
+                    try:
+                        actions += sliced.board.handle(event, now)
+                    except ValueError:
+                        # An event of a device the cluster let go already (its node was
+                        # declared dead, or it was taken over): nothing to decide.
+                        continue
+            finally:
+                self._throttle.decision = None
+            writes = sliced.writes(actions, job.fired)
+            if not writes.changes:
+                return actions, sliced
+            try:
+                if await self.store.commit(writes):
+                    return actions, sliced
+            except RedisError as exc:
+                self._store_failed(exc)
+                raise Unavailable from exc
+            # Another node changed what this decision read: read again, decide again.
+            await trio.sleep(secrets.randbelow(1000) / 1e6 * min(attempt + 1, 20))
+        log.error("cluster decision kept conflicting; given up", users=job.users)
+        raise Unavailable
+
+    @staticmethod
+    def _bases() -> tuple[int, int, int]:
+        """Random starts for the slice's new timer ids, call keys and missed-call ids: safe
+        integers (JSON), far apart, so two nodes never hand out the same id."""
+        return (secrets.randbits(40) << 12, secrets.randbits(40) << 12, secrets.randbits(40) << 12)
+
+    def _refuse_unavailable(self, job: Job) -> None:
+        for event in job.events if not callable(job.events) else []:
+            if isinstance(event, MessageReceived):
+                self._carry_out(
+                    [
+                        SendError(
+                            event.conn,
+                            ErrorCode.RATE_LIMITED,
+                            "cluster unavailable; try again",
+                            event.ref,
+                            1,
+                        )
+                    ],
+                    {},
+                )
+
+    def _after(self, job: Job, actions: list[Action], sliced: Slice) -> None:
+        self._learn_routes(sliced)
+        for event in job.events if not callable(job.events) else []:
+            if isinstance(event, Disconnected):
+                self._devices.pop(event.conn, None)
+        users = {
+            device.conn: device.user for device in sliced.board.devices()
+        }
+        for call in sliced.board.calls:
+            for conn in call.devices():
+                users.setdefault(conn, call.caller if conn == call.caller_conn else call.callee)
+        self._carry_out(actions, users, forwarded=job.forwarded, retry=job.retry)
+
+    # -- carrying out ------------------------------------------------------------------------
+
+    def _carry_out(
+        self,
+        actions: list[Action],
+        users: Mapping[str, UserId],
+        *,
+        forwarded: bool = False,
+        retry: bool = True,
+    ) -> None:
+        """This node's actions to its executor; other nodes' to their inboxes."""
+        local: list[Action] = []
+        for action in actions:
+            match action:
+                case StartTimer() | CancelTimer():
+                    continue  # the commit armed or disarmed it in the shared set
+                case Audit():
+                    local.append(action)
+                case Deliver(conn=conn) | Ack(conn=conn) | SendError(conn=conn) | Close(conn=conn):
+                    node = node_of(conn)
+                    if node != self.node_id:
+                        self._send(node, action, users.get(conn) if isinstance(action, Deliver) else None)
+                    elif isinstance(action, Deliver) and conn not in self._live:
+                        self._undelivered(action, users.get(conn), retry)
+                    else:
+                        local.append(action)
+                        if isinstance(action, Deliver) and action.event in _ENDS_CALL:
+                            self._forget_call(conn, action.data)
+        self._executor.execute(local, forwarded=forwarded)
+
+    def _undelivered(self, action: Deliver, user: UserId | None, retry: bool) -> None:
+        """A delivery found no open connection here: decided again, once, on the shared
+        state (the device is held: its resume buffer; it resumed elsewhere: its call's
+        device now). A device that is gone altogether left its calls: nothing to keep."""
+        if user is not None and retry:
+            failed = DeliveryFailed(action.conn, user, action.event, action.data)
+            self._enqueue(Job([user], [failed], retry=False))
+
+    def _forget_call(self, conn: str, data: Mapping[str, Any]) -> None:
+        device = self._devices.get(conn)
+        call_id = data.get("callId")
+        if device is not None and isinstance(call_id, str):
+            self._routes.pop((device.user, call_id), None)
+            device.calls.pop(call_id, None)
+
+    def _send(self, node: str, order: Order, user: str | None) -> None:
+        queue = self._outbox.setdefault(node, deque())
+        if sum(len(q) for q in self._outbox.values()) >= MAX_OUTBOX:
+            queue.popleft() if queue else None
+            self.lost_orders += 1
+        queue.append((order, user))
+        self._outbox_empty = trio.Event() if self._outbox_empty.is_set() else self._outbox_empty
+        self._outbox_changed.set()
+
+    async def _write_loop(self) -> None:
+        attempt = 0
+        while True:
+            if not any(self._outbox.values()):
+                self._outbox_empty.set()
+                self._outbox_changed = trio.Event()
+                await self._outbox_changed.wait()
+            taken = {node: list(queue) for node, queue in self._outbox.items() if queue}
+            batches = {}
+            for node, orders in taken.items():
+                self._seq += 1
+                batches[node] = [self.codec.seal_delivery(self.node_id, node, self._seq, orders)]
+            try:
+                await self.store.send(batches)
+            except RedisError as exc:
+                self._store_failed(exc)
+                await trio.sleep(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)])
+                attempt += 1
+                continue
+            attempt = 0
+            for node, orders in taken.items():
+                queue = self._outbox[node]
+                for _ in orders:
+                    queue.popleft()
+                if not queue:
+                    del self._outbox[node]
+
+    async def _read_loop(self) -> None:
+        attempt = 0
+        while True:
+            node = self.node_id
+            try:
+                entries = await self.store.read_inbox(
+                    node, self._inbox_position, INBOX_BLOCK_MS, INBOX_BATCH
+                )
+            except RedisError as exc:
+                self._store_failed(exc)
+                await trio.sleep(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)])
+                attempt += 1
+                continue
+            attempt = 0
+            if not entries:
+                continue
+            for entry_id, fields in entries:
+                self._inbox_position = entry_id
+                self._receive(entry_id.decode(), fields)
+            try:
+                await self.store.trim_inbox(node, self._inbox_position)
+            except RedisError as exc:
+                self._store_failed(exc)
+
+    def _receive(self, entry_id: str, fields: Mapping[bytes, bytes], *, to: str | None = None) -> None:
+        """Carry out a batch of orders from another node (or, `to` given, a dead node's)."""
+        target = to or self.node_id
+        try:
+            delivery = self.codec.open_delivery(fields, target)
+        except BadEntry as bad:
+            self._rejected(entry_id, bad.reason)
+            return
+        if to is None:
+            if delivery.seq <= self._last_seq.get(delivery.origin, 0):
+                self._rejected(entry_id, "replayed")
+                return
+            self._last_seq[delivery.origin] = delivery.seq
+        local: list[Action] = []
+        for order, user in delivery.orders:
+            if isinstance(order, Forget):
+                self._routes.pop((order.user, order.call_id), None)
+                continue
+            if to is not None:  # a dead node's inbox: its deliveries follow their devices
+                if isinstance(order, Deliver) and user is not None:
+                    failed = DeliveryFailed(order.conn, user, order.event, order.data)
+                    self._enqueue(Job([user], [failed], retry=False))
+                continue
+            if isinstance(order, Deliver) and order.conn not in self._live:
+                self._undelivered(order, user, True)
+                if user is not None:
+                    self._tell_sender_to_forget(delivery.origin, user, order.data)
+                continue
+            if isinstance(order, Deliver) and order.event in _ENDS_CALL:
+                self._forget_call(order.conn, order.data)
+            local.append(order)
+        self._executor.execute(local, forwarded=False)
+
+    def _tell_sender_to_forget(self, origin: str, user: UserId, data: Mapping[str, Any]) -> None:
+        sender, call_id = data.get("from"), data.get("callId")
+        if isinstance(sender, str) and isinstance(call_id, str) and origin != self.node_id:
+            self._send(origin, Forget(sender, call_id), None)
+
+    def _rejected(self, entry_id: str, reason: str) -> None:
+        log.warning("cluster delivery refused", entry=entry_id, reason=reason)
         self._executor.audit(
-            "cluster.rejected", {"node": self.link.node_id, "entry": entry_id, "reason": reason}
+            "cluster.rejected", {"node": self.node_id, "entry": entry_id, "reason": reason}
         )
 
-    def _restored(self) -> None:
-        """The replica was loaded from a snapshot: arm its timers, adopt its revocations."""
-        replica = self.link.replica
-        self._executor.timers.cancel_all()
-        for timer, deadline in replica.timers.items():
-            self._executor.timers.start(timer, trio_deadline(deadline))
-        self._adopt_revocations(replica.revocations)
+    # -- timers ------------------------------------------------------------------------------
+
+    async def _timer_loop(self) -> None:
+        hold = max(2.0, self._settings.node_timeout)
+        while True:
+            await trio.sleep(TIMER_POLL)
+            if not self._store_ok:
+                continue
+            now = time.time()
+            try:
+                due = await self.store.claim_timers(now, now + hold, TIMER_CLAIM)
+            except RedisError as exc:
+                self._store_failed(exc)
+                continue
+            for timer in due:
+                if not self._enqueue(Job([timer.user], [TimerFired(timer.timer)], fired=timer)):
+                    try:
+                        await self.store.release_timers([timer], now)
+                    except RedisError:
+                        pass  # it comes due again when the claim expires
+
+    # -- liveness ----------------------------------------------------------------------------
+
+    async def _keep_loop(self) -> None:
+        interval = self._settings.heartbeat_interval
+        while True:
+            try:
+                await self._keep()
+            except RedisError as exc:
+                self._store_failed(exc)
+                self.is_leader = False
+            await trio.sleep(interval)
+
+    async def _keep(self) -> None:
+        settings, codec = self._settings, self.codec
+        timeout_ms = int(settings.node_timeout * 1000)
+        self._beat += 1
+        watched = sorted(self._missed) if self.is_leader else []
+        if self.is_leader:
+            watched = sorted((set(watched) | set(await self.store.members())) - {self.node_id})
+        epoch, lease, beats, dead = await self.store.keep(
+            self.node_id, codec.seal_heartbeat(self.node_id, self._beat), timeout_ms, watched,
+            self._my_epoch,
+        )
+        if not self._store_ok:
+            log.info("cluster store reachable", node=self.node_id)
+            self._connected_since = time.monotonic()
+        self._store_ok = True
+        self.joined.set()
+        if codec.is_dead(dead, self.node_id):
+            self._evict()
+            return
+        if self._epoch is not None and epoch != self._epoch:
+            log.warning("cluster store was reset (Redis restarted without its data)")
+            self._epoch = epoch
+            await self._recover()
+        self._epoch = epoch
+        await self._check_revocations()
+        self.observe({node: codec.open_heartbeat(value, node) for node, value in zip(watched, beats, strict=True)})
+        now = time.time()
+        holder = codec.open_lease(lease, now)
+        if holder is None or holder == self.node_id:
+            renewed = codec.seal_lease(self.node_id, now + settings.node_timeout)
+            self.is_leader = await self.store.take_lease(lease, renewed, timeout_ms)
+        else:
+            self.is_leader = False
+        if self.is_leader and self.judging:
+            await self._judge()
+
+    @property
+    def judging(self) -> bool:
+        """This node leads and is past its grace after (re)connecting: it declares deaths."""
+        return (
+            self.is_leader
+            and time.monotonic() - self._connected_since >= self._settings.node_timeout
+        )
+
+    @property
+    def missed(self) -> dict[str, int]:
+        return dict(self._missed)
+
+    def observe(self, beats: dict[str, int | None]) -> None:
+        """Count, per watched node, the checks in a row without a genuine, newer beat."""
+        for node, beat in beats.items():
+            last = self._last_beat.get(node)
+            if beat is not None and (last is None or beat > last):
+                self._last_beat[node] = beat
+                self._missed[node] = 0
+            else:
+                self._missed[node] = self._missed.get(node, 0) + 1
+
+    async def _judge(self) -> None:
+        for node, missed in list(self._missed.items()):
+            if missed < self.misses_for_death:
+                continue
+            log.warning("node stopped heartbeating; its devices are disconnected", node=node)
+            await self._bury(node)
+            self._missed.pop(node, None)
+            self._last_beat.pop(node, None)
+
+    async def _bury(self, node: str) -> None:
+        """A dead node: its verdict, its devices disconnected, its inbox to their buffers."""
+        await self.store.declare_dead(node, self.codec.seal_dead(node), DEAD_VERDICT_MS)
+        users = await self.store.users_on(node)
+        devices = 0
+
+        def disconnect(sliced: Slice) -> list[Event]:
+            return [
+                Disconnected(device.conn)
+                for device in sliced.board.devices()
+                if node_of(device.conn) == node and device.hold is None
+            ]
+
+        for user in users:
+            job = Job([user], disconnect)
+            job.done = trio.Event()
+            if self._enqueue(job):
+                await job.done.wait()
+                devices += 1
+        await self._take_over_inbox(node)
+        await self.store.forget_node(node)
+        self._executor.audit("cluster.node_down", {"node": node, "devices": devices})
+
+    async def _take_over_inbox(self, node: str) -> None:
+        for index, fields in enumerate(await self.store.take_inbox(node)):
+            self._receive(f"{node}:{index}", fields, to=node)
+
+    def _evict(self) -> None:
+        """The cluster declared this node dead: close what it holds, and start as a new node."""
+        log.warning("this node was declared dead by the cluster; closing its connections")
+        self._routes.clear()
+        self._devices.clear()
+        self.node_id = new_node_id(self._settings.node_name)
+        self._inbox_position = b"0-0"
+        self._evicted()
+
+    async def _recover(self) -> None:
+        """Redis lost its data: every call of this node's devices ends (its state is gone),
+        and the devices sign in again, with their sessions, to the new store."""
+        self._routes.clear()
+        ends: list[Action] = []
+        for conn, device in self._devices.items():
+            for call_id, peer in device.calls.items():
+                ends.append(Deliver(conn, "call-end", {"callId": call_id, "from": peer, "reason": "state_lost"}))
+                ends.append(Audit("call.ended", {"call_id": call_id, "caller": device.user, "callee": peer, "conn": conn, "reason": "state_lost"}))
+            device.calls.clear()
+        self._executor.execute(ends)
+        for conn, device in list(self._devices.items()):
+            again = Authenticated(conn, device.user, device.session_id, {}, None, device.token_id, device.issued_at)
+            self._enqueue(Job([device.user], [again], retry=False))
+
+    def _store_failed(self, exc: Exception) -> None:
+        if self._store_ok:
+            log.warning("cluster store not reachable", error=str(exc))
+        self._store_ok = False
+
+    # -- revocations -------------------------------------------------------------------------
+
+    def _publish_revocations(self, event: RevocationChanged) -> None:
+        sealed = self.codec.seal_revocations(event.token_ids, event.users_before)
+        self._pending_revocations = sealed
+        self._adopt(event)
+
+    async def _check_revocations(self) -> None:
+        pending = self._pending_revocations
+        if pending is not None:
+            await self.store.put("revocations", pending)
+            self._pending_revocations = None
+        current = self.codec.open_revocations(await self.store.get("revocations"))
+        if current is not None and current != self._revocations:
+            self._adopt(RevocationChanged(current[0], current[1]))
+
+    def _adopt(self, event: RevocationChanged) -> None:
+        self._revocations = (event.token_ids, dict(event.users_before))
+        self._adopt_revocations(event)
+        for user in sorted({device.user for device in self._devices.values()}):
+            self._enqueue(Job([user], [event]))
+
+    # -- the tasks ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        async with self.store, trio.open_nursery() as nursery:
+            for _, receive in self._lanes:
+                nursery.start_soon(self._lane, receive)
+            nursery.start_soon(self._keep_loop)
+            nursery.start_soon(self._write_loop)
+            nursery.start_soon(self._read_loop)
+            nursery.start_soon(self._timer_loop)
+
+
+_ENDS_CALL = frozenset({"call-end", "call-reject"})

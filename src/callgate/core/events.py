@@ -98,6 +98,20 @@ class TimerFired:
     timer: TimerId
 
 
+@dataclass(frozen=True, slots=True)
+class DeliveryFailed:
+    """A delivery to device `conn` (of `user`) found no open connection where it was sent.
+
+    Cluster mode: the device dropped meanwhile (it is held: the message waits for its resume)
+    or resumed elsewhere (the message follows its call). `data` is what was to be delivered.
+    """
+
+    conn: ConnId
+    user: UserId
+    event: str
+    data: Mapping[str, Any]
+
+
 Event = (
     Authenticated
     | TokenRefreshed
@@ -108,4 +122,5 @@ Event = (
     | ShuttingDown
     | OperatorEndedCall
     | OperatorDisconnectedUser
+    | DeliveryFailed
 )

@@ -15,7 +15,9 @@ server: they do not outlive a restart.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 from callgate.protocol.messages import CallId, Media, UserId
 
@@ -108,6 +110,28 @@ class MissedCalls:
         else:
             del self._by_user[user]
         return removed
+
+    def export_state(self) -> dict[str, Any]:
+        """Every user's entries as plain data (oldest first); `restore_state` reads it back."""
+        return {
+            "next_id": self._next_id,
+            "users": {
+                user: [
+                    [e.id, e.call_id, e.caller, e.media, e.at, e.reason, e.time] for e in entries
+                ]
+                for user, entries in self._by_user.items()
+            },
+        }
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        """Replace everything with `state` (from `export_state`). Raises: KeyError, TypeError."""
+        self._by_user = {
+            user: deque(MissedCall(*entry) for entry in entries)
+            for user, entries in state["users"].items()
+            if entries
+        }
+        self._count = sum(len(entries) for entries in self._by_user.values())
+        self._next_id = int(state["next_id"])
 
     def _expire_oldest(self, now: float) -> None:
         """Age out what the least recent user holds: users who never sign in again go too."""

@@ -54,6 +54,7 @@ from callgate.core.devices import Device, DeviceRegistry, Hold
 from callgate.core.events import (
     Authenticated,
     ConnId,
+    DeliveryFailed,
     Disconnected,
     Event,
     MessageReceived,
@@ -153,6 +154,7 @@ class Switchboard:
             "devices": [_device_state(device) for device in self._devices.all()],
             "calls": [_call_state(call) for call in self._calls],
             "ring_timers": sorted(self._ring_timers),
+            "missed": self._missed.export_state(),
         }
 
     def restore_state(self, state: Mapping[str, Any]) -> None:
@@ -193,6 +195,8 @@ class Switchboard:
         self._ring_timers = {timer: by_timer[timer] for timer in state["ring_timers"]}
         self._next_timer = int(state["next_timer"])
         self._call_requests = int(state.get("call_requests", 0))
+        if "missed" in state:
+            self._missed.restore_state(state["missed"])
 
     # -- the one entry point -----------------------------------------------------------------
 
@@ -216,6 +220,8 @@ class Switchboard:
                 actions = self._on_operator_end(event, now)
             case OperatorDisconnectedUser():
                 actions = self._on_operator_disconnect(event, now)
+            case DeliveryFailed():
+                actions = self._on_delivery_failed(event)
             case _:
                 assert_never(event)
         return self._route_to_held(actions)
@@ -670,6 +676,19 @@ class Switchboard:
                 actions.append(Close(device.conn, event.code, event.reason))
             actions += self._retire(device, ENDED_BY_OPERATOR, now)
         return actions
+
+    def _on_delivery_failed(self, event: DeliveryFailed) -> list[Action]:
+        """Send again what found no connection: to the device's buffer if it is held, else
+        after its call (a resumed device has a new connection). With neither, the device left
+        and its call ended (the sender was told that): nothing is left to deliver to."""
+        if self._devices.get(event.conn) is not None:
+            return [Deliver(event.conn, event.event, event.data)]  # held: `_route_to_held`
+        call_id = event.data.get("callId")
+        call = self._calls.find(event.user, call_id) if isinstance(call_id, str) else None
+        if call is None:
+            return []
+        side = [call.caller_conn] if event.user == call.caller else call.callee_side()
+        return [Deliver(conn, event.event, event.data) for conn in side]
 
     def _on_shutdown(self, now: float) -> list[Action]:
         actions: list[Action] = []

@@ -263,7 +263,7 @@ class AdminApi:
 
     def _node(self) -> str | None:
         cluster = self._hub.cluster
-        return cluster.link.node_id if cluster is not None else None
+        return cluster.node_id if cluster is not None else None
 
     def _core_now(self) -> float:
         """The switchboard's clock: unix time in a cluster, trio's on a single server."""

@@ -36,7 +36,7 @@ import random
 import secrets
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -161,6 +161,11 @@ class ConnectionHub:
     def parked_connections(self) -> int:
         """Connections waiting for their next message in the reactor (wsproto engine)."""
         return len(self._reactor) if self._reactor is not None else 0
+
+    @property
+    def signed_in(self) -> Mapping[str, Connection]:
+        """This node's authenticated connections, by id (read-only view, kept current)."""
+        return self._live
 
     def live_counts(self) -> dict[str, dict[str, int]]:
         """Connections and calls by state, for the metrics gauges."""

@@ -22,10 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from callgate.audit import AuditLog
 from callgate.auth import TokenVerifier
-from callgate.cluster.entries import EntryCodec
-from callgate.cluster.link import ClusterLink
 from callgate.cluster.node import ClusterNode
-from callgate.cluster.replica import RecordedThrottle, Replica
 from callgate.config import Settings
 from callgate.core.policy import CallRules
 from callgate.core.switchboard import Switchboard
@@ -293,15 +290,13 @@ async def serve(
             or settings.webhooks.url is not None
         ),
     )
-    link: ClusterLink | None = None
-    if settings.cluster.enabled:
-        board, limiter, link = _cluster_parts(settings, rules)
-    else:
-        limiter = RateLimiter(settings.limits)
-        board = Switchboard(rules, limiter)
+    limiter = _cluster_limiter(settings) if settings.cluster.enabled else RateLimiter(settings.limits)
+    # A single server's switchboard. A cluster node decides on shared state (cluster/node.py);
+    # this one stays empty there.
+    board = Switchboard(rules, limiter)
     try:
         await _serve(
-            settings, audit, board, verifier, limiter, link, revocations, ssl_context, task_status
+            settings, audit, board, rules, verifier, limiter, revocations, ssl_context, task_status
         )
     finally:
         limiter.close()
@@ -311,9 +306,9 @@ async def _serve(
     settings: Settings,
     audit: AuditLog,
     board: Switchboard,
+    rules: CallRules,
     verifier: TokenVerifier,
     limiter: RateLimiter,
-    link: ClusterLink | None,
     revocations: RevocationList | None,
     ssl_context: ssl.SSLContext | None,
     task_status: trio.TaskStatus[RunningServer],
@@ -322,24 +317,25 @@ async def _serve(
         hub = ConnectionHub(settings, board, verifier, limiter, audit, nursery)
         if revocations is not None:
             hub.revocations = revocations
-        if link is not None:
-            hub.attach_cluster(
-                ClusterNode(
-                    link,
-                    hub.executor,
-                    limiter,
-                    settings.cluster.apply_timeout,
-                    hub.adopt_revocations,
-                    hub.evict_all,
-                )
+        if settings.cluster.enabled:
+            node = ClusterNode(
+                settings.cluster,
+                rules,
+                hub.executor,
+                hub.signed_in,
+                limiter,
+                settings.server.max_connections_per_user,
+                hub.adopt_revocations,
+                hub.evict_all,
             )
-            nursery.start_soon(link.run)
+            hub.attach_cluster(node)
+            nursery.start_soon(node.run)
             with trio.move_on_after(settings.cluster.apply_timeout):
-                await link.joined.wait()
-            if link.available:
-                log.info("joined the cluster", node=link.node_id)
+                await node.joined.wait()
+            if node.available:
+                log.info("joined the cluster", node=node.node_id)
             else:
-                log.warning("cluster log not reachable yet; sign-ins are refused until it is")
+                log.warning("cluster store not reachable yet; sign-ins are refused until it is")
             if revocations is not None:
                 # This node's list goes to every node (the last one written wins), and replaces
                 # whatever a snapshot brought in before it.
@@ -358,7 +354,7 @@ async def _serve(
         connections = await nursery.start(_connections_nursery)
         listener = trio.CancelScope()
         socketio = settings.socketio
-        rules = UpgradeRules(
+        upgrade_rules = UpgradeRules(
             native_path=settings.server.path,
             native=NativeDialect(),
             socketio=SocketIODialect(
@@ -371,7 +367,7 @@ async def _serve(
             proxy_header=settings.server.proxy_header,
         )
         front = FrontSettings(
-            rules=rules,
+            rules=upgrade_rules,
             engine=settings.server.engine,
             # trio-websocket counts characters; the byte limit is checked per message too.
             max_message_size=settings.server.max_message_bytes,
@@ -437,15 +433,9 @@ async def _serve(
         )
 
 
-def _cluster_parts(
-    settings: Settings, rules: CallRules
-) -> tuple[Switchboard, RateLimiter, ClusterLink]:
-    """The replica of the cluster's switchboard, limits shared in Redis, and the link."""
+def _cluster_limiter(settings: Settings) -> RateLimiter:
+    """Call limits shared by the cluster's nodes, in Redis; the rest stay per node."""
     cluster = settings.cluster
-    if cluster.key is None:  # refused by check_coherence; kept for the type checker
-        raise ConfigError("cluster.key: required when cluster.enabled is true")
-    throttle = RecordedThrottle()
-    board = Switchboard(rules, throttle)
     shared = RedisStorage(
         cluster.redis_url,
         key_prefix=f"{cluster.name}:limits",
@@ -453,10 +443,7 @@ def _cluster_parts(
         socket_timeout=2.0,
         socket_connect_timeout=1.0,
     )
-    limiter = RateLimiter(settings.limits, call_storage=shared)
-    limits = FieldLimits(**settings.validation.model_dump())
-    codec = EntryCodec(cluster.name, cluster.key.get_secret_value().encode(), limits)
-    return board, limiter, ClusterLink(cluster, Replica(board, throttle, codec), codec)
+    return RateLimiter(settings.limits, call_storage=shared)
 
 
 def _routes(hub: ConnectionHub) -> dict[str, Route]:

@@ -1,0 +1,324 @@
+"""The cluster's Redis: shared records, timers, presence, inboxes and liveness, through coredis.
+
+coredis runs on anyio, so on trio natively: no worker threads. Every decision's read and write
+is one script each (`load`, `commit`), so a decision costs two round trips; a delivery to another
+node is one `XADD` to its inbox, batched per target.
+
+Keys, all under `<cluster name>:` (docs/cluster.md, "Data layout"):
+
+| key | type | what |
+|---|---|---|
+| `u:<user>` | string | the user's record (records.py), signed |
+| `c:<call key>` | string | a live call's record, signed |
+| `timers` | sorted set | armed core timers: member `<timer id>|<user>`, score the unix deadline |
+| `n:<node>` | set | the users with an online device on that node (presence) |
+| `in:<node>` | stream | the node's inbox: signed batches of orders from other nodes |
+| `hb:<node>` | string | the node's signed heartbeat (expires after `node_timeout`) |
+| `dead:<node>` | string | the signed verdict that the node is dead |
+| `nodes` | set | the nodes that joined and were not declared dead (the leader watches them) |
+| `leader` | string | the signed leader lease |
+| `epoch` | string | a random value set once per Redis dataset: a new one means Redis lost its data |
+| `revocations` | string | the signed revocation list |
+| `limits:*` | | the shared call-rate counters (`limits`) |
+
+The scripts read keys they compute (a user's calls, their participants), so they need one Redis
+primary (or every key of a cluster in one slot); docs/cluster.md says how to size and shard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import coredis
+from coredis.exceptions import RedisError
+
+from callgate.cluster.records import CALL_PREFIX, USER_PREFIX, Timer, Writes
+
+__all__ = ["RedisError", "Store", "delete_cluster_keys"]
+
+# ARGV: prefix, then the users the event concerns. Returns [name, raw or "", ...]: those users'
+# records, the records of their calls, then the records of the other participants of those
+# calls. What it reads to find calls and participants is unsigned: it only decides what to load;
+# the node verifies every record before anything is decided on it.
+_LOAD = """
+local prefix = ARGV[1]
+local out, seen, keys, peers = {}, {}, {}, {}
+local function fields(raw)
+  local ok, rec = pcall(cjson.decode, string.sub(raw, 65))
+  if ok and type(rec) == 'table' then return rec end
+  return {}
+end
+local function get(name)
+  local raw = redis.call('GET', prefix .. name)
+  out[#out + 1] = name
+  out[#out + 1] = raw or ''
+  return raw
+end
+for i = 2, #ARGV do seen[ARGV[i]] = true end
+for i = 2, #ARGV do
+  local raw = get('u:' .. ARGV[i])
+  if raw then
+    local calls = fields(raw)['calls']
+    if type(calls) == 'table' then
+      for _, key in ipairs(calls) do
+        if type(key) == 'string' and not keys[key] then keys[key] = true; keys[#keys + 1] = key end
+      end
+    end
+  end
+end
+for _, key in ipairs(keys) do
+  local raw = get('c:' .. key)
+  if raw then
+    local rec = fields(raw)
+    for _, field in ipairs({'caller', 'callee'}) do
+      local user = rec[field]
+      if type(user) == 'string' and not seen[user] then seen[user] = true; peers[#peers + 1] = user end
+    end
+  end
+end
+for _, user in ipairs(peers) do get('u:' .. user) end
+return out
+"""
+
+# ARGV: prefix, n, then n x (name, expected raw or "", new raw / "" to delete / "=" to keep),
+# then m, then m x (op, key, member, score). Writes only if every record still holds what was
+# read: 1, else 0 (the node loads again and decides again).
+_COMMIT = """
+local prefix, n = ARGV[1], tonumber(ARGV[2])
+local i = 3
+for _ = 1, n do
+  if (redis.call('GET', prefix .. ARGV[i]) or '') ~= ARGV[i + 1] then return 0 end
+  i = i + 3
+end
+i = 3
+for _ = 1, n do
+  local new = ARGV[i + 2]
+  if new == '' then redis.call('DEL', prefix .. ARGV[i])
+  elseif new ~= '=' then redis.call('SET', prefix .. ARGV[i], new) end
+  i = i + 3
+end
+local m = tonumber(ARGV[i]); i = i + 1
+for _ = 1, m do
+  local op, key, member = ARGV[i], prefix .. ARGV[i + 1], ARGV[i + 2]
+  if op == 'zadd' then redis.call('ZADD', key, ARGV[i + 3], member)
+  elseif op == 'zrem' then redis.call('ZREM', key, member)
+  elseif op == 'sadd' then redis.call('SADD', key, member)
+  elseif op == 'srem' then redis.call('SREM', key, member) end
+  i = i + 4
+end
+return 1
+"""
+
+# KEYS: the timers set. ARGV: now, hold_until, limit. Claims due timers for this node: each is
+# pushed to `hold_until`, so another node fires it only if this one dies before its commit
+# removes it. Returns the members claimed.
+_CLAIM = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, member in ipairs(due) do redis.call('ZADD', KEYS[1], 'XX', ARGV[2], member) end
+return due
+"""
+
+# Replace the lease only if it still holds the value this node judged (ours, absent, or not
+# genuine); 1 when it did, and this node leads. Redis cannot check the signature: Python did.
+_LEASE = """
+local current = redis.call('GET', KEYS[1])
+if (current or '') == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+"""
+
+# KEYS: a dead node's inbox, and where to move it. Only the first node to call it gets the
+# entries (RENAME moves the stream atomically); they are read, then deleted.
+_TAKE_INBOX = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
+redis.call('RENAME', KEYS[1], KEYS[2])
+local entries = redis.call('XRANGE', KEYS[2], '-', '+')
+redis.call('DEL', KEYS[2])
+local out = {}
+for _, entry in ipairs(entries) do out[#out + 1] = entry[2] end
+return out
+"""
+
+
+def _client(url: str) -> coredis.Redis[bytes]:
+    return coredis.Redis.from_url(
+        url,
+        decode_responses=False,
+        connect_timeout=2.0,
+        stream_timeout=5.0,
+        verify_version=False,
+    )
+
+
+class Store:
+    def __init__(self, redis_url: str, prefix: str) -> None:
+        self._url = redis_url
+        self.prefix = prefix + ":"
+        self._redis = _client(redis_url)
+        self._load = self._redis.register_script(_LOAD)
+        self._commit = self._redis.register_script(_COMMIT)
+        self._claim = self._redis.register_script(_CLAIM)
+        self._lease = self._redis.register_script(_LEASE)
+        self._take = self._redis.register_script(_TAKE_INBOX)
+
+    def key(self, name: str) -> str:
+        return self.prefix + name
+
+    async def __aenter__(self) -> Store:
+        await self._redis.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._redis.__aexit__(None, None, None)
+
+    # -- decisions ---------------------------------------------------------------------------
+
+    async def load(self, users: Sequence[str]) -> dict[str, bytes | None]:
+        """The records an event about `users` needs (records.py, `Slice`)."""
+        reply: Any = await self._load(args=[self.prefix, *users])
+        names, values = reply[0::2], reply[1::2]
+        return {
+            (name.decode() if isinstance(name, bytes) else str(name)): (bytes(value) or None)
+            for name, value in zip(names, values, strict=True)
+        }
+
+    async def commit(self, writes: Writes) -> bool:
+        """Write `writes` if nothing it read changed meanwhile; False on a conflict."""
+        args: list[str | bytes | float] = [self.prefix, len(writes.records)]
+        for name, (old, new) in writes.records.items():
+            args += [name, old, new]
+        ops: list[tuple[str, str, str, float]] = []
+        for timer, deadline in writes.timers_started:
+            ops.append(("zadd", "timers", timer.member, deadline))
+        for timer in writes.timers_done:
+            ops.append(("zrem", "timers", timer.member, 0))
+        for node, users in writes.present.items():
+            ops += [("sadd", f"n:{node}", user, 0) for user in users]
+        for node, users in writes.absent.items():
+            ops += [("srem", f"n:{node}", user, 0) for user in users]
+        args.append(len(ops))
+        for op in ops:
+            args += list(op)
+        result: Any = await self._commit(args=args)
+        return bool(result)
+
+    async def claim_timers(self, now: float, hold_until: float, limit: int) -> list[Timer]:
+        reply: Any = await self._claim(keys=[self.key("timers")], args=[now, hold_until, limit])
+        timers = [Timer.parse(bytes(member).decode(errors="replace")) for member in reply]
+        return [timer for timer in timers if timer is not None]
+
+    async def release_timers(self, timers: Iterable[Timer], deadline: float) -> None:
+        """Give back claimed timers this node could not fire (Redis refused the commit)."""
+        members: dict[str | bytes, float] = {timer.member: deadline for timer in timers}
+        if members:
+            await self._redis.zadd(self.key("timers"), members, condition=coredis.PureToken.XX)
+
+    async def timers(self) -> dict[str, float]:
+        """Every armed timer (tests, the admin API)."""
+        reply: Any = await self._redis.zrangebyscore(
+            self.key("timers"), float("-inf"), float("inf"), withscores=True
+        )
+        return {bytes(member).decode(): float(score) for member, score in reply}
+
+    # -- presence and inboxes ----------------------------------------------------------------
+
+    async def users_on(self, node: str) -> list[str]:
+        members: Any = await self._redis.smembers(self.key(f"n:{node}"))
+        return sorted(bytes(member).decode() for member in members)
+
+    async def forget_node(self, node: str) -> None:
+        """A buried node: its presence set, heartbeat and membership go."""
+        await self._redis.delete([self.key(f"n:{node}"), self.key(f"hb:{node}")])
+        await self._redis.srem(self.key("nodes"), [node])
+
+    async def members(self) -> list[str]:
+        """The nodes that joined and were not buried (the leader watches them)."""
+        members: Any = await self._redis.smembers(self.key("nodes"))
+        return sorted(bytes(member).decode() for member in members)
+
+    async def send(self, batches: Mapping[str, list[dict[bytes, bytes]]]) -> None:
+        """Append batches to the inboxes of their target nodes (one round trip)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for node, entries in batches.items():
+                for fields in entries:
+                    pipe.xadd(self.key(f"in:{node}"), fields)  # type: ignore[arg-type]
+
+    async def read_inbox(
+        self, node: str, after: bytes, block_ms: int | None, count: int
+    ) -> list[tuple[bytes, Mapping[bytes, bytes]]]:
+        reply: Any = await self._redis.xread(
+            {self.key(f"in:{node}"): after}, count=count, block=block_ms
+        )
+        if not reply:
+            return []
+        entries = next(iter(reply.values()))
+        return [(bytes(entry.identifier), entry.field_values) for entry in entries]
+
+    async def trim_inbox(self, node: str, upto: bytes) -> None:
+        """Forget the inbox entries up to `upto` (read and carried out)."""
+        ms, _, seq = upto.partition(b"-")
+        following = f"{int(ms)}-{int(seq or 0) + 1}"
+        await self._redis.xtrim(
+            self.key(f"in:{node}"), coredis.PureToken.MINID, following
+        )
+
+    async def take_inbox(self, node: str) -> list[Mapping[bytes, bytes]]:
+        """A dead node's unread inbox, moved out of its reach (only one caller gets it)."""
+        reply: Any = await self._take(
+            keys=[self.key(f"in:{node}"), self.key(f"in:{node}:taken")], args=[]
+        )
+        out: list[Mapping[bytes, bytes]] = []
+        for flat in reply:
+            out.append({bytes(flat[i]): bytes(flat[i + 1]) for i in range(0, len(flat), 2)})
+        return out
+
+    # -- liveness ----------------------------------------------------------------------------
+
+    async def keep(
+        self, node: str, heartbeat: bytes, timeout_ms: int, watched: Sequence[str], epoch: str
+    ) -> tuple[bytes | None, bytes | None, list[bytes | None], bytes | None]:
+        """Beat; read the epoch, the lease, the watched nodes' beats and this node's verdict."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.set(self.key(f"hb:{node}"), heartbeat, px=timeout_ms)
+            pipe.sadd(self.key("nodes"), [node])
+            pipe.set(self.key("epoch"), epoch, condition=coredis.PureToken.NX)
+            got_epoch = pipe.get(self.key("epoch"))
+            got_lease = pipe.get(self.key("leader"))
+            got_dead = pipe.get(self.key(f"dead:{node}"))
+            got_beats = [pipe.get(self.key(f"hb:{other}")) for other in watched]
+        beats = [await beat for beat in got_beats]
+        return await got_epoch, await got_lease, beats, await got_dead
+
+    async def take_lease(self, judged: bytes | None, renewed: bytes, timeout_ms: int) -> bool:
+        took: Any = await self._lease(
+            keys=[self.key("leader")], args=[judged or b"", renewed, timeout_ms]
+        )
+        return bool(took)
+
+    async def declare_dead(self, node: str, verdict: bytes, keep_ms: int) -> None:
+        await self._redis.set(self.key(f"dead:{node}"), verdict, px=keep_ms)
+
+    async def nodes(self) -> list[str]:
+        """Nodes with a heartbeat key (genuine or not: the caller verifies)."""
+        found: list[str] = []
+        async for key in self._redis.scan_iter(match=self.key("hb:*")):
+            found.append(bytes(key).decode()[len(self.key("hb:")) :])
+        return found
+
+    async def get(self, name: str) -> bytes | None:
+        value: Any = await self._redis.get(self.key(name))
+        return None if value is None else bytes(value)
+
+    async def put(self, name: str, value: bytes) -> None:
+        await self._redis.set(self.key(name), value)
+
+
+async def delete_cluster_keys(redis_url: str, name: str) -> None:
+    """Remove every key of cluster `name` (tests and benchmarks with throw-away clusters)."""
+    async with _client(redis_url) as client:
+        keys = [key async for key in client.scan_iter(match=f"{name}:*")]
+        if keys:
+            await client.delete(keys)
