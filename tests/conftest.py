@@ -447,7 +447,6 @@ class ClusterHarness(Harness):
                 await stopped.wait()
         delete_cluster_keys(self.redis_url, self.name)
 
-
     def node_url(self, index: int) -> str:
         return self.nodes[index].url
 
@@ -519,7 +518,8 @@ class ClusterHarness(Harness):
         client = redis.Redis.from_url(self.redis_url)
         try:
             left = [key.decode() for key in client.scan_iter(match=f"{self.name}:c:*")]
-            left += ["timer " + m.decode() for m in client.zrange(f"{self.name}:timers", 0, -1)]
+            timers: Any = client.zrange(f"{self.name}:timers", 0, -1)
+            left += [f"timer {member.decode()}" for member in timers]
             for key in client.scan_iter(match=f"{self.name}:u:*"):
                 raw = client.get(key)
                 if raw is not None and json.loads(raw[64:])["devices"]:

@@ -44,9 +44,10 @@ class _LiveGauges(Collector):
         cluster = live.get("cluster")
         if cluster is not None:  # cluster mode: is this node useful, leading, keeping up?
             for name, help_text in (
-                ("available", "1 while the cluster log is reachable and caught up"),
+                ("available", "1 while the cluster's Redis is reachable"),
                 ("leader", "1 while this node holds the leader lease"),
-                ("pending_entries", "This node's entries not yet written to the cluster log"),
+                ("pending_orders", "Orders for other nodes not yet written to their inboxes"),
+                ("routes", "Connected calls of this node's devices with a cached route"),
             ):
                 gauge = GaugeMetricFamily(f"callgate_cluster_{name}", help_text)
                 gauge.add_metric([], cluster[name])

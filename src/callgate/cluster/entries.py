@@ -44,9 +44,17 @@ class Forget:
     call_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class NodeGone:
+    """Node `node` was declared dead: send nothing more to it, and forget routes through it."""
+
+    node: str
+
+
 # What one node asks another to do: deliveries (with the device's user, when known, so that a
-# delivery that finds no connection can follow the device), acks, errors, closes, and Forget.
-Order = Deliver | Ack | SendError | Close | Forget
+# delivery that finds no connection can follow the device), acks, errors, closes, Forget and
+# NodeGone.
+Order = Deliver | Ack | SendError | Close | Forget | NodeGone
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +158,13 @@ class EntryCodec:
         self, origin: str, target: str, seq: int, orders: list[tuple[Order, str | None]]
     ) -> dict[bytes, bytes]:
         """The stream fields of a batch of orders for node `target`."""
-        body = {"v": VERSION, "o": origin, "t": target, "s": seq, "a": [_order(o, u) for o, u in orders]}
+        body = {
+            "v": VERSION,
+            "o": origin,
+            "t": target,
+            "s": seq,
+            "a": [_order(o, u) for o, u in orders],
+        }
         payload = orjson.dumps(body)
         return {b"p": payload, b"m": self._mac(payload, _DELIVERY)}
 
@@ -188,6 +202,8 @@ def _order(order: Order, user: str | None) -> list[Any]:
             return ["c", conn, code, reason]
         case Forget(user=forget_user, call_id=call_id):
             return ["x", forget_user, call_id]
+        case NodeGone(node=node):
+            return ["g", node]
 
 
 def _read_order(item: list[Any]) -> tuple[Order, str | None]:
@@ -206,4 +222,6 @@ def _read_order(item: list[Any]) -> tuple[Order, str | None]:
         return Close(str(item[1]), int(item[2]), str(item[3])), None
     if kind == "x":
         return Forget(str(item[1]), str(item[2])), None
+    if kind == "g":
+        return NodeGone(str(item[1])), None
     raise ValueError(f"unknown order {kind!r}")

@@ -27,12 +27,14 @@ inboxes go to the held devices' resume buffers).
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import secrets
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -44,14 +46,24 @@ from callgate.cluster.entries import (
     BadEntry,
     EntryCodec,
     Forget,
+    NodeGone,
     Order,
     node_of,
 )
 from callgate.cluster.records import BadRecord, RecordCodec, Slice, Timer
 from callgate.cluster.store import RedisError, Store
 from callgate.config import ClusterSettings
-from callgate.core.actions import Ack, Action, Audit, CancelTimer, Close, Deliver, SendError, StartTimer
-from callgate.core.calls import CallState, Role
+from callgate.core.actions import (
+    Ack,
+    Action,
+    Audit,
+    CancelTimer,
+    Close,
+    Deliver,
+    SendError,
+    StartTimer,
+)
+from callgate.core.calls import Call, CallState, Role
 from callgate.core.events import (
     Authenticated,
     DeliveryFailed,
@@ -66,9 +78,10 @@ from callgate.core.events import (
     TokenRefreshed,
 )
 from callgate.core.policy import CallRules, Throttled
+from callgate.core.switchboard import ended_record
 from callgate.errors import CloseCode, CloseConnection, ErrorCode
 from callgate.log import get_logger
-from callgate.protocol.messages import CallRenegotiate, CallRequest, IceCandidate, UserId
+from callgate.protocol.messages import CallRequest, IceCandidate, UserId
 
 if TYPE_CHECKING:
     from callgate.ratelimit import RateLimiter
@@ -87,6 +100,9 @@ TIMER_CLAIM = 64
 MAX_OUTBOX = 100_000  # orders waiting for Redis; past this the oldest are dropped and counted
 RETRY_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 DEAD_VERDICT_MS = 3_600_000  # how long a node's death verdict is kept
+# The `call-end` reason when Redis lost a call's state (restarted without its data).
+STATE_LOST = "state_lost"
+BURIED_SWEEP = 30.0  # seconds the burying node keeps emptying a dead node's inbox
 
 
 def new_node_id(name: str | None) -> str:
@@ -136,6 +152,8 @@ class Job:
     # Deliveries that failed once are not retried again if they fail a second time.
     retry: bool = True
     check_devices: int | None = None  # sign-in: refuse when the user has this many online
+    # A device registered again after Redis lost its data: its client has its session already.
+    again: bool = False
 
 
 @dataclass(slots=True)
@@ -144,7 +162,48 @@ class LocalDevice:
     session_id: str
     token_id: str | None
     issued_at: float | None
-    calls: dict[str, UserId] = field(default_factory=dict)  # call id -> the other participant
+    # The calls this device takes part in, as of the last decision here about them.
+    calls: dict[str, Call] = field(default_factory=dict)
+
+
+class Watch:
+    """The leader's view of the other nodes' heartbeats. Pure.
+
+    A check "sees" a node only when its heartbeat value verifies and carries a newer beat
+    number than the last one seen; a node is dead after `misses_for_death` =
+    ceil(node_timeout / heartbeat_interval) checks in a row (at least 2) that did not see it,
+    so a key deleted, overwritten or copied back by a Redis client without the key is a missed
+    check, never a death by itself.
+    """
+
+    def __init__(self, settings: ClusterSettings) -> None:
+        self.misses_for_death = max(
+            2, math.ceil(settings.node_timeout / settings.heartbeat_interval - 1e-9)
+        )
+        self._last_beat: dict[str, int] = {}
+        self._missed: dict[str, int] = {}
+
+    @property
+    def missed(self) -> dict[str, int]:
+        """Per watched node, the checks in a row that did not see it."""
+        return dict(self._missed)
+
+    def observe(self, beats: Mapping[str, int | None]) -> None:
+        """One check: each watched node's verified beat number (None: absent or not genuine)."""
+        for node, beat in beats.items():
+            last = self._last_beat.get(node)
+            if beat is not None and (last is None or beat > last):
+                self._last_beat[node] = beat
+                self._missed[node] = 0
+            else:
+                self._missed[node] = self._missed.get(node, 0) + 1
+
+    def dead(self) -> list[str]:
+        return sorted(n for n, missed in self._missed.items() if missed >= self.misses_for_death)
+
+    def forget(self, node: str) -> None:
+        self._missed.pop(node, None)
+        self._last_beat.pop(node, None)
 
 
 class ClusterNode:
@@ -194,23 +253,23 @@ class ClusterNode:
         self._seq = 0
         self._last_seq: dict[str, int] = {}
         self._inbox_position = b"0-0"
-        # Liveness: this node's beat; per watched node the last genuine beat and checks missed.
         self._beat = 0
-        self._last_beat: dict[str, int] = {}
-        self._missed: dict[str, int] = {}
-        self.misses_for_death = max(
-            2, math.ceil(settings.node_timeout / settings.heartbeat_interval - 1e-9)
-        )
+        self.watch = Watch(settings)
         self.is_leader = False
         self._epoch: bytes | None = None
-        self._my_epoch = secrets.token_hex(8)
         self._connected_since = time.monotonic()
         self._store_ok = False
         self.joined = trio.Event()
         self._revocations: tuple[frozenset[str], dict[str, float]] | None = None
         self._pending_revocations: bytes | None = None
-        self._buried: dict[str, float] = {}
         self.lost_orders = 0
+        # Nodes declared dead: nothing is sent to them (their deliveries are decided again),
+        # and a leader that buried one takes what still lands in its inbox for a while.
+        self._gone: set[str] = set()
+        self._buried: dict[str, float] = {}
+        # Counted for tests and `live_counts`: decisions taken here, batches received.
+        self.decisions = 0
+        self.received = 0
 
     # -- what the hub asks -------------------------------------------------------------------
 
@@ -281,7 +340,8 @@ class ClusterNode:
         """A client message: the cached route of a connected call, or a decision."""
         unavailable = (ErrorCode.RATE_LIMITED, "cluster unavailable; try again", received.ref, 1)
         message, user = received.message, connection.user
-        assert user is not None  # only signed-in connections send messages
+        if user is None:  # only signed-in connections send messages
+            return
         if isinstance(message, IceCandidate) and self._relay(received, user):
             return
         if not self.available:
@@ -329,9 +389,11 @@ class ClusterNode:
     @property
     def quiet(self) -> bool:
         """Nothing queued, being decided, or waiting to be sent (tests wait for this)."""
-        return not self._busy_lanes and not any(
-            receive.statistics().current_buffer_used for _, receive in self._lanes
-        ) and not any(self._outbox.values())
+        return (
+            not self._busy_lanes
+            and not any(receive.statistics().current_buffer_used for _, receive in self._lanes)
+            and not any(self._outbox.values())
+        )
 
     def live_counts(self) -> dict[str, int]:
         return {
@@ -340,6 +402,8 @@ class ClusterNode:
             "pending_orders": sum(len(queue) for queue in self._outbox.values()),
             "routes": len(self._routes),
             "lost_orders": self.lost_orders,
+            "decisions": self.decisions,
+            "received": self.received,
         }
 
     # -- the fast path -----------------------------------------------------------------------
@@ -347,7 +411,8 @@ class ClusterNode:
     def _relay(self, received: MessageReceived, user: UserId) -> bool:
         """An ice-candidate in a connected call, from its cached route: no decision needed."""
         message = received.message
-        assert isinstance(message, IceCandidate)
+        if not isinstance(message, IceCandidate):
+            return False
         route = self._routes.get((user, message.call_id))
         if route is None or route.conn != received.conn:
             return False
@@ -377,11 +442,28 @@ class ClusterNode:
                     continue
                 role = call.role_of(conn)
                 peer = call.peer_of(device.user)
-                device.calls[call.call_id] = peer
+                device.calls[call.call_id] = copy.copy(call)
                 if call.state is CallState.CONNECTED and role is not Role.BYSTANDER:
                     self._routes[(device.user, call.call_id)] = Route(
                         conn, role, peer, call.other_side(role)
                     )
+
+    def _forget_moved_routes(self, sliced: Slice) -> None:
+        """A call whose devices changed here (a device resumed on a new connection): the
+        other nodes in it drop the route they cached, and ask again on their next message."""
+        for call in sliced.board.calls:
+            loaded = sliced.calls.get(call.key)
+            if loaded is None:
+                continue
+            before = {loaded["caller_conn"], loaded["callee_conn"], *loaded["ringing"]}
+            now = set(call.devices())
+            if before - {None} == now:
+                continue
+            for conn in now:
+                node = node_of(conn)
+                if node != self.node_id:
+                    user = call.caller if conn == call.caller_conn else call.callee
+                    self._send(node, Forget(user, call.call_id), None)
 
     # -- decisions ---------------------------------------------------------------------------
 
@@ -411,6 +493,7 @@ class ClusterNode:
                     self._idle.set()
 
     async def _run(self, job: Job) -> None:
+        self.decisions += 1
         try:
             actions, sliced = await self._decide(job)
         except Unavailable:
@@ -435,9 +518,9 @@ class ClusterNode:
                 )
                 log.error("cluster record refused", record=bad.name, reason=bad.reason)
                 raise Unavailable from bad
-            if job.check_devices is not None:
-                if len(sliced.board.devices_of(job.users[0])) >= job.check_devices:
-                    raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "too many connections")
+            limit = job.check_devices
+            if limit is not None and len(sliced.board.devices_of(job.users[0])) >= limit:
+                raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "too many connections")
             events = job.events(sliced) if callable(job.events) else job.events
             now = time.time()
             actions: list[Action] = []
@@ -489,13 +572,14 @@ class ClusterNode:
                 )
 
     def _after(self, job: Job, actions: list[Action], sliced: Slice) -> None:
+        if job.again:
+            actions = [a for a in actions if not (isinstance(a, Deliver) and a.event == "session")]
         self._learn_routes(sliced)
+        self._forget_moved_routes(sliced)
         for event in job.events if not callable(job.events) else []:
             if isinstance(event, Disconnected):
                 self._devices.pop(event.conn, None)
-        users = {
-            device.conn: device.user for device in sliced.board.devices()
-        }
+        users = {device.conn: device.user for device in sliced.board.devices()}
         for call in sliced.board.calls:
             for conn in call.devices():
                 users.setdefault(conn, call.caller if conn == call.caller_conn else call.callee)
@@ -522,13 +606,15 @@ class ClusterNode:
                 case Deliver(conn=conn) | Ack(conn=conn) | SendError(conn=conn) | Close(conn=conn):
                     node = node_of(conn)
                     if node != self.node_id:
-                        self._send(node, action, users.get(conn) if isinstance(action, Deliver) else None)
+                        self._send(
+                            node, action, users.get(conn) if isinstance(action, Deliver) else None
+                        )
                     elif isinstance(action, Deliver) and conn not in self._live:
                         self._undelivered(action, users.get(conn), retry)
                     else:
                         local.append(action)
-                        if isinstance(action, Deliver) and action.event in _ENDS_CALL:
-                            self._forget_call(conn, action.data)
+                        if isinstance(action, Deliver):
+                            self._heard(conn, action.event, action.data)
         self._executor.execute(local, forwarded=forwarded)
 
     def _undelivered(self, action: Deliver, user: UserId | None, retry: bool) -> None:
@@ -539,6 +625,17 @@ class ClusterNode:
             failed = DeliveryFailed(action.conn, user, action.event, action.data)
             self._enqueue(Job([user], [failed], retry=False))
 
+    def _heard(self, conn: str, event: str, data: Mapping[str, Any]) -> None:
+        """What this node's device is told about its calls keeps its copy of them current
+        (after a Redis reset it says how each call stood): answered, or ended."""
+        if event in _ENDS_CALL:
+            self._forget_call(conn, data)
+        elif event == "call-answer":
+            device = self._devices.get(conn)
+            call = device.calls.get(str(data.get("callId"))) if device is not None else None
+            if call is not None and call.answered_at is None:
+                call.state, call.answered_at = CallState.CONNECTED, time.time()
+
     def _forget_call(self, conn: str, data: Mapping[str, Any]) -> None:
         device = self._devices.get(conn)
         call_id = data.get("callId")
@@ -547,6 +644,10 @@ class ClusterNode:
             device.calls.pop(call_id, None)
 
     def _send(self, node: str, order: Order, user: str | None) -> None:
+        if node in self._gone:  # its inbox is read by nobody: decide the delivery again
+            if isinstance(order, Deliver):
+                self._undelivered(order, user, True)
+            return
         queue = self._outbox.setdefault(node, deque())
         if sum(len(q) for q in self._outbox.values()) >= MAX_OUTBOX:
             queue.popleft() if queue else None
@@ -606,7 +707,9 @@ class ClusterNode:
             except RedisError as exc:
                 self._store_failed(exc)
 
-    def _receive(self, entry_id: str, fields: Mapping[bytes, bytes], *, to: str | None = None) -> None:
+    def _receive(
+        self, entry_id: str, fields: Mapping[bytes, bytes], *, to: str | None = None
+    ) -> None:
         """Carry out a batch of orders from another node (or, `to` given, a dead node's)."""
         target = to or self.node_id
         try:
@@ -615,6 +718,7 @@ class ClusterNode:
             self._rejected(entry_id, bad.reason)
             return
         if to is None:
+            self.received += 1
             if delivery.seq <= self._last_seq.get(delivery.origin, 0):
                 self._rejected(entry_id, "replayed")
                 return
@@ -623,6 +727,9 @@ class ClusterNode:
         for order, user in delivery.orders:
             if isinstance(order, Forget):
                 self._routes.pop((order.user, order.call_id), None)
+                continue
+            if isinstance(order, NodeGone):
+                self._node_gone(order.node)
                 continue
             if to is not None:  # a dead node's inbox: its deliveries follow their devices
                 if isinstance(order, Deliver) and user is not None:
@@ -634,8 +741,8 @@ class ClusterNode:
                 if user is not None:
                     self._tell_sender_to_forget(delivery.origin, user, order.data)
                 continue
-            if isinstance(order, Deliver) and order.event in _ENDS_CALL:
-                self._forget_call(order.conn, order.data)
+            if isinstance(order, Deliver):
+                self._heard(order.conn, order.event, order.data)
             local.append(order)
         self._executor.execute(local, forwarded=False)
 
@@ -666,10 +773,8 @@ class ClusterNode:
                 continue
             for timer in due:
                 if not self._enqueue(Job([timer.user], [TimerFired(timer.timer)], fired=timer)):
-                    try:
+                    with contextlib.suppress(RedisError):  # else due when the claim expires
                         await self.store.release_timers([timer], now)
-                    except RedisError:
-                        pass  # it comes due again when the claim expires
 
     # -- liveness ----------------------------------------------------------------------------
 
@@ -687,12 +792,17 @@ class ClusterNode:
         settings, codec = self._settings, self.codec
         timeout_ms = int(settings.node_timeout * 1000)
         self._beat += 1
-        watched = sorted(self._missed) if self.is_leader else []
+        watched = []
         if self.is_leader:
-            watched = sorted((set(watched) | set(await self.store.members())) - {self.node_id})
+            watched = sorted(
+                (set(self.watch.missed) | set(await self.store.members())) - {self.node_id}
+            )
         epoch, lease, beats, dead = await self.store.keep(
-            self.node_id, codec.seal_heartbeat(self.node_id, self._beat), timeout_ms, watched,
-            self._my_epoch,
+            self.node_id,
+            codec.seal_heartbeat(self.node_id, self._beat),
+            timeout_ms,
+            watched,
+            secrets.token_hex(8),  # set only if absent: a Redis that lost its data
         )
         if not self._store_ok:
             log.info("cluster store reachable", node=self.node_id)
@@ -708,7 +818,12 @@ class ClusterNode:
             await self._recover()
         self._epoch = epoch
         await self._check_revocations()
-        self.observe({node: codec.open_heartbeat(value, node) for node, value in zip(watched, beats, strict=True)})
+        self.watch.observe(
+            {
+                node: codec.open_heartbeat(value, node)
+                for node, value in zip(watched, beats, strict=True)
+            }
+        )
         now = time.time()
         holder = codec.open_lease(lease, now)
         if holder is None or holder == self.node_id:
@@ -718,6 +833,7 @@ class ClusterNode:
             self.is_leader = False
         if self.is_leader and self.judging:
             await self._judge()
+        await self._sweep_buried()
 
     @property
     def judging(self) -> bool:
@@ -727,51 +843,56 @@ class ClusterNode:
             and time.monotonic() - self._connected_since >= self._settings.node_timeout
         )
 
-    @property
-    def missed(self) -> dict[str, int]:
-        return dict(self._missed)
-
-    def observe(self, beats: dict[str, int | None]) -> None:
-        """Count, per watched node, the checks in a row without a genuine, newer beat."""
-        for node, beat in beats.items():
-            last = self._last_beat.get(node)
-            if beat is not None and (last is None or beat > last):
-                self._last_beat[node] = beat
-                self._missed[node] = 0
+    async def _sweep_buried(self) -> None:
+        """What landed in a buried node's inbox before every node heard of its death."""
+        horizon = time.monotonic() - BURIED_SWEEP
+        for node, buried_at in list(self._buried.items()):
+            if buried_at < horizon:
+                del self._buried[node]
             else:
-                self._missed[node] = self._missed.get(node, 0) + 1
+                await self._take_over_inbox(node)
 
     async def _judge(self) -> None:
-        for node, missed in list(self._missed.items()):
-            if missed < self.misses_for_death:
-                continue
+        for node in self.watch.dead():
             log.warning("node stopped heartbeating; its devices are disconnected", node=node)
             await self._bury(node)
-            self._missed.pop(node, None)
-            self._last_beat.pop(node, None)
+            self.watch.forget(node)
 
     async def _bury(self, node: str) -> None:
         """A dead node: its verdict, its devices disconnected, its inbox to their buffers."""
         await self.store.declare_dead(node, self.codec.seal_dead(node), DEAD_VERDICT_MS)
         users = await self.store.users_on(node)
-        devices = 0
+        disconnected: list[Event] = []
 
         def disconnect(sliced: Slice) -> list[Event]:
-            return [
+            events: list[Event] = [
                 Disconnected(device.conn)
                 for device in sliced.board.devices()
                 if node_of(device.conn) == node and device.hold is None
             ]
+            disconnected.extend(events)
+            return events
 
         for user in users:
             job = Job([user], disconnect)
             job.done = trio.Event()
             if self._enqueue(job):
                 await job.done.wait()
-                devices += 1
+        devices = len({event.conn for event in disconnected if isinstance(event, Disconnected)})
+        self._node_gone(node)
+        for other in await self.store.members():
+            if other not in (node, self.node_id):
+                self._send(other, NodeGone(node), None)
         await self._take_over_inbox(node)
+        self._buried[node] = time.monotonic()
         await self.store.forget_node(node)
         self._executor.audit("cluster.node_down", {"node": node, "devices": devices})
+
+    def _node_gone(self, node: str) -> None:
+        self._gone.add(node)
+        for key, route in list(self._routes.items()):
+            if any(node_of(conn) == node for conn in route.peer_conns):
+                del self._routes[key]
 
     async def _take_over_inbox(self, node: str) -> None:
         for index, fields in enumerate(await self.store.take_inbox(node)):
@@ -791,15 +912,21 @@ class ClusterNode:
         and the devices sign in again, with their sessions, to the new store."""
         self._routes.clear()
         ends: list[Action] = []
+        now = time.time()
         for conn, device in self._devices.items():
-            for call_id, peer in device.calls.items():
-                ends.append(Deliver(conn, "call-end", {"callId": call_id, "from": peer, "reason": "state_lost"}))
-                ends.append(Audit("call.ended", {"call_id": call_id, "caller": device.user, "callee": peer, "conn": conn, "reason": "state_lost"}))
+            for call_id, call in device.calls.items():
+                peer = call.peer_of(device.user)
+                lost = {"callId": call_id, "from": peer, "reason": STATE_LOST}
+                ends.append(Deliver(conn, "call-end", lost))
+                if conn == call.caller_conn:  # one terminal record: the caller's node writes it
+                    ends.append(ended_record(call, now, reason=STATE_LOST, by=None))
             device.calls.clear()
         self._executor.execute(ends)
         for conn, device in list(self._devices.items()):
-            again = Authenticated(conn, device.user, device.session_id, {}, None, device.token_id, device.issued_at)
-            self._enqueue(Job([device.user], [again], retry=False))
+            again = Authenticated(
+                conn, device.user, device.session_id, {}, None, device.token_id, device.issued_at
+            )
+            self._enqueue(Job([device.user], [again], again=True))
 
     def _store_failed(self, exc: Exception) -> None:
         if self._store_ok:

@@ -35,9 +35,9 @@ import orjson
 
 from callgate.cluster.entries import node_of
 from callgate.core.actions import Action, CancelTimer, StartTimer
+from callgate.core.events import TimerId
 from callgate.core.policy import CallRules, CallThrottle
 from callgate.core.switchboard import Switchboard
-from callgate.core.events import TimerId
 from callgate.protocol.messages import UserId
 
 _DOMAIN = b"callgate-cluster-record-v1\x00"
@@ -244,7 +244,9 @@ class Slice:
         owners = {**self._timer_users, **self._timers_of(self.users_after(devices, missed), calls)}
         for action in actions:
             if isinstance(action, StartTimer) and action.timer in owners:
-                writes.timers_started.append((Timer(action.timer, owners[action.timer]), action.deadline))
+                writes.timers_started.append(
+                    (Timer(action.timer, owners[action.timer]), action.deadline)
+                )
             elif isinstance(action, CancelTimer) and action.timer in owners:
                 writes.timers_done.append(Timer(action.timer, owners[action.timer]))
         if fired is not None:  # claimed from the shared set: done, whatever it found

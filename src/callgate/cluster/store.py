@@ -17,7 +17,7 @@ Keys, all under `<cluster name>:` (docs/cluster.md, "Data layout"):
 | `dead:<node>` | string | the signed verdict that the node is dead |
 | `nodes` | set | the nodes that joined and were not declared dead (the leader watches them) |
 | `leader` | string | the signed leader lease |
-| `epoch` | string | a random value set once per Redis dataset: a new one means Redis lost its data |
+| `epoch` | string | random, set once per Redis dataset: a new one means Redis lost its data |
 | `revocations` | string | the signed revocation list |
 | `limits:*` | | the shared call-rate counters (`limits`) |
 
@@ -33,7 +33,7 @@ from typing import Any
 import coredis
 from coredis.exceptions import RedisError
 
-from callgate.cluster.records import CALL_PREFIX, USER_PREFIX, Timer, Writes
+from callgate.cluster.records import Timer, Writes
 
 __all__ = ["RedisError", "Store", "delete_cluster_keys"]
 
@@ -73,7 +73,10 @@ for _, key in ipairs(keys) do
     local rec = fields(raw)
     for _, field in ipairs({'caller', 'callee'}) do
       local user = rec[field]
-      if type(user) == 'string' and not seen[user] then seen[user] = true; peers[#peers + 1] = user end
+      if type(user) == 'string' and not seen[user] then
+        seen[user] = true
+        peers[#peers + 1] = user
+      end
     end
   end
 end
@@ -244,7 +247,7 @@ class Store:
         async with self._redis.pipeline(transaction=False) as pipe:
             for node, entries in batches.items():
                 for fields in entries:
-                    pipe.xadd(self.key(f"in:{node}"), fields)  # type: ignore[arg-type]
+                    pipe.xadd(self.key(f"in:{node}"), fields)
 
     async def read_inbox(
         self, node: str, after: bytes, block_ms: int | None, count: int
@@ -260,10 +263,8 @@ class Store:
     async def trim_inbox(self, node: str, upto: bytes) -> None:
         """Forget the inbox entries up to `upto` (read and carried out)."""
         ms, _, seq = upto.partition(b"-")
-        following = f"{int(ms)}-{int(seq or 0) + 1}"
-        await self._redis.xtrim(
-            self.key(f"in:{node}"), coredis.PureToken.MINID, following
-        )
+        following: Any = f"{int(ms)}-{int(seq or 0) + 1}"  # a stream id; coredis types it int
+        await self._redis.xtrim(self.key(f"in:{node}"), coredis.PureToken.MINID, following)
 
     async def take_inbox(self, node: str) -> list[Mapping[bytes, bytes]]:
         """A dead node's unread inbox, moved out of its reach (only one caller gets it)."""

@@ -553,7 +553,7 @@ class Switchboard:
                     [
                         *(Deliver(d, CALL_END, forwarded) for d in targets),
                         *self._finish(call),
-                        _ended(call, now, reason="hangup", by=user),
+                        ended_record(call, now, reason="hangup", by=user),
                     ],
                 )
             case _:
@@ -599,7 +599,7 @@ class Switchboard:
                 sender = call.callee if conn == call.caller_conn else call.caller
                 actions += _call_end_to([conn], call, sender, reason)
         actions += self._finish(call)
-        actions.append(_ended(call, now, reason=reason, by=by.user if by else None))
+        actions.append(ended_record(call, now, reason=reason, by=by.user if by else None))
         if call.answered_at is None and reason == "peer_disconnected":
             actions += self._missed_call_of(call, reason)
         return actions
@@ -801,7 +801,7 @@ def _call_fields(call: Call) -> dict[str, Any]:
     }
 
 
-def _ended(call: Call, now: float, *, reason: str, by: UserId | None) -> Audit:
+def ended_record(call: Call, now: float, *, reason: str, by: UserId | None) -> Audit:
     """The one canonical `call.ended` line; `duration_ms` counts from the answer (0 if none)."""
     duration = 0 if call.answered_at is None else round((now - call.answered_at) * 1000)
     return Audit(

@@ -29,7 +29,6 @@ from callgate.core.switchboard import Switchboard
 from callgate.errors import ConfigError
 from callgate.keys import MAX_JWKS_BYTES, load_keyring, parse_jwks
 from callgate.log import get_logger
-from callgate.protocol.codec import FieldLimits
 from callgate.protocol.dialects import NativeDialect, SocketIODialect
 from callgate.ratelimit import RateLimiter
 from callgate.revocation import RevocationList, load_revocations
@@ -290,7 +289,9 @@ async def serve(
             or settings.webhooks.url is not None
         ),
     )
-    limiter = _cluster_limiter(settings) if settings.cluster.enabled else RateLimiter(settings.limits)
+    limiter = (
+        _cluster_limiter(settings) if settings.cluster.enabled else RateLimiter(settings.limits)
+    )
     # A single server's switchboard. A cluster node decides on shared state (cluster/node.py);
     # this one stays empty there.
     board = Switchboard(rules, limiter)
