@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 import redis
 import trio
@@ -31,7 +30,7 @@ from callgate.cluster.entries import BadEntry, EntryCodec, Forget
 from callgate.cluster.node import RecordedThrottle, Watch
 from callgate.cluster.records import KEEP, BadRecord, RecordCodec, Slice, Timer
 from callgate.config import ClusterSettings
-from callgate.core.actions import Ack, Close, Deliver, SendError, StartTimer
+from callgate.core.actions import Ack, Close, Deliver, SendError
 from callgate.core.events import Authenticated, MessageReceived
 from callgate.core.policy import CallRules
 from callgate.errors import ErrorCode
@@ -345,6 +344,124 @@ async def test_a_node_killed_mid_call(
         ended, unavailable = terminal_records(cluster)
         assert (ended["reason"], ended["answered"]) == ("peer_disconnected", True)
         assert unavailable["event"] == "call.unavailable"
+
+
+async def test_a_node_killed_mid_ring_its_timers_still_fire_on_time(
+    cluster: ClusterHarness, tmp_path: Path
+) -> None:
+    """The caller's node dies while bob's phone rings: the ring timeout, armed by the dead
+    node, fires on a survivor, once, and the caller hears of it when it resumes."""
+    await cluster.start(make_settings(calls={"reconnect_grace": 10, "ring_timeout": 2.0}))
+    env = {**_cluster_env(cluster, 10), "CALLGATE_CALLS_RING_TIMEOUT": "2.0"}
+    process, url = await start_server_process(server_config(tmp_path), env)
+    try:
+        alice = await signed_in(cluster.nursery, url, token_for("alice"))
+        cluster.clients.append(alice)
+        bob = await cluster.connect("bob", node=0)
+        await alice.send("call-request", call_request("ab", "alice", "bob"))
+        await bob.expect("call-request", id="ab")
+        requested_at = trio.current_time()
+        process.kill()
+        await process.wait()
+        await bob.expect("call-end", callId="ab", reason="timeout")
+        # On time: the deadline, plus the timer poll and a slow machine's slack, never a
+        # second ring timeout.
+        assert trio.current_time() - requested_at < 2.0 + STEP
+        again = await sign_in(cluster, "bob", node=2)  # anyone can still call bob
+        await again.expect("session")
+        await _until(lambda: bool(cluster.audit.records("session.held")))
+        resumed = await sign_in(cluster, "alice", node=1, resume=alice.session["sessionId"])
+        await resumed.expect("session", resumed=True)
+        await resumed.expect("call-end", callId="ab", reason="timeout")
+        assert [row["event"] for row in terminal_records(cluster)] == ["call.timeout"]
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_a_frozen_node_loses_no_message(cluster: ClusterHarness, tmp_path: Path) -> None:
+    """SIGSTOP the node that holds bob: what alice sends meanwhile waits in his resume buffer,
+    wherever he resumes; the node, woken, learns it was declared dead and lets go."""
+    await cluster.start(make_settings(calls={"reconnect_grace": 10}))
+    process, url = await start_server_process(server_config(tmp_path), _cluster_env(cluster, 10))
+    try:
+        alice = await cluster.connect("alice", node=0)
+        bob = await signed_in(cluster.nursery, url, token_for("bob"))
+        cluster.clients.append(bob)
+        await connected_call(alice, bob)
+        process.send_signal(signal.SIGSTOP)
+        for index in range(3):  # before and after the cluster declares the node dead
+            await alice.send("ice-candidate", {**ice("ab", "bob"), "n": index}, ref=index)
+            assert (await alice.expect("ack"))["ref"] == index
+            await trio.sleep(0.5)
+        await _until(lambda: bool(cluster.audit.records("cluster.node_down")))
+        again = await sign_in(cluster, "bob", node=1, resume=bob.session["sessionId"])
+        await again.expect("session", resumed=True)
+        for index in range(3):
+            await again.expect("ice-candidate", callId="ab", n=index)
+        process.send_signal(signal.SIGCONT)
+        # The woken node finds its death verdict and closes what it held.
+        await bob.expect_closed(1001, "node left the cluster")
+        await again.send("call-end", {"callId": "ab", "to": "alice"})
+        await alice.expect("call-end", callId="ab")
+        assert [row["reason"] for row in terminal_records(cluster)] == ["hangup"]
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_glare_from_two_nodes_at_once(cluster: ClusterHarness) -> None:
+    await cluster.start()
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    async with trio.open_nursery() as nursery:  # both frames leave before either is decided
+        nursery.start_soon(alice.send, "call-request", call_request("a-b", "alice", "bob"))
+        nursery.start_soon(bob.send, "call-request", call_request("b-a", "bob", "alice"))
+    await _until(lambda: bool(cluster.audit.records("call.busy")))
+    [busy] = cluster.audit.records("call.busy")
+    # Whichever was decided first rings; the other is told glare, and rings for the first.
+    loser, winner = (alice, bob) if busy["caller"] == "alice" else (bob, alice)
+    got = sorted([(await loser.recv())["event"], (await loser.recv())["event"]])
+    assert got == ["call-reject", "call-request"]
+    await winner.expect_silence()
+
+    assert busy["reason"] == "glare"
+    assert len(cluster.audit.records("call.ringing")) == 1
+
+
+async def test_pending_and_missed_calls_across_nodes(cluster: ClusterHarness) -> None:
+    """ "notify" mode in a cluster: a pending call rings the device that signs in on another
+    node; a missed call is shown once, at the next sign-in, on any node."""
+    settings = make_settings(calls={"offline": "notify", "ring_timeout": 1.0, "missed_calls": 5})
+    await cluster.start(settings)
+    alice = await cluster.connect("alice", node=0)
+    await alice.send("call-request", call_request("p1", "alice", "bob"))
+    await alice.expect("call-pending", callId="p1")
+    bob = await cluster.connect("bob", node=2)
+    await bob.expect("call-request", id="p1")
+    await alice.expect("call-ringing", callId="p1")
+    await bob.send("call-answer", answer("p1", "alice"))
+    await alice.expect("call-answer", callId="p1")
+    await alice.send("ice-candidate", ice("p1", "bob"))
+    await bob.expect("ice-candidate", callId="p1")
+    await bob.send("call-end", {"callId": "p1", "to": "alice"})
+    await alice.expect("call-end", callId="p1")
+    # Nobody of carol's comes within the ring timeout: unavailable, and a missed call.
+    await alice.send("call-request", call_request("p2", "alice", "carol"))
+    await alice.expect("call-pending", callId="p2")
+    await alice.expect("call-reject", callId="p2", reason="unavailable")
+    carol = await cluster.connect("carol", node=1)
+    missed = await carol.expect("missed-calls")
+    [entry] = missed["data"]["calls"]
+    assert (entry["callId"], entry["from"], entry["reason"]) == ("p2", "alice", "unavailable")
+    await carol.send("missed-calls-ack", {"ids": [entry["id"]]}, ref=1)
+    assert (await carol.expect("ack"))["ref"] == 1
+    later = await cluster.connect("carol", node=2)
+    await later.expect_silence()
+    assert [r["event"] for r in terminal_records(cluster)] == ["call.ended", "call.unavailable"]
+    assert len(cluster.audit.records("call.missed")) == 1
 
 
 # -- Redis restarted mid-call (a private redis-server, so the shared one is left alone) ------

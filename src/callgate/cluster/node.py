@@ -100,6 +100,8 @@ TIMER_CLAIM = 64
 MAX_OUTBOX = 100_000  # orders waiting for Redis; past this the oldest are dropped and counted
 RETRY_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 DEAD_VERDICT_MS = 3_600_000  # how long a node's death verdict is kept
+# The close reason of a connection whose device the cluster no longer holds.
+LET_GO = "node left the cluster"
 # The `call-end` reason when Redis lost a call's state (restarted without its data).
 STATE_LOST = "state_lost"
 BURIED_SWEEP = 30.0  # seconds the burying node keeps emptying a dead node's inbox
@@ -258,6 +260,7 @@ class ClusterNode:
         self.is_leader = False
         self._epoch: bytes | None = None
         self._connected_since = time.monotonic()
+        self._kept_at = time.monotonic()  # when the last heartbeat went through
         self._store_ok = False
         self.joined = trio.Event()
         self._revocations: tuple[frozenset[str], dict[str, float]] | None = None
@@ -531,7 +534,11 @@ class ClusterNode:
                         actions += sliced.board.handle(event, now)
                     except ValueError:
                         # An event of a device the cluster let go already (its node was
-                        # declared dead, or it was taken over): nothing to decide.
+                        # declared dead, or it was taken over): nothing to decide; a client
+                        # still talking on it is closed, so it resumes and learns what happened.
+                        conn = getattr(event, "conn", None)
+                        if isinstance(event, MessageReceived | TokenRefreshed) and conn:
+                            actions.append(Close(conn, CloseCode.GOING_AWAY, LET_GO))
                         continue
             finally:
                 self._throttle.decision = None
@@ -699,6 +706,13 @@ class ClusterNode:
             attempt = 0
             if not entries:
                 continue
+            if time.monotonic() - self._kept_at > self._settings.node_timeout:
+                # Back from a freeze (or a long stall): this node may have been declared dead
+                # meanwhile, and its inbox handed to others. Ask before delivering anything.
+                with contextlib.suppress(RedisError):
+                    await self._keep()
+                if node != self.node_id:
+                    continue  # evicted: what it read went to the held devices' buffers
             for entry_id, fields in entries:
                 self._inbox_position = entry_id
                 self._receive(entry_id.decode(), fields)
@@ -808,6 +822,7 @@ class ClusterNode:
             log.info("cluster store reachable", node=self.node_id)
             self._connected_since = time.monotonic()
         self._store_ok = True
+        self._kept_at = time.monotonic()
         self.joined.set()
         if codec.is_dead(dead, self.node_id):
             self._evict()
