@@ -78,7 +78,7 @@ from callgate.core.events import (
     TokenRefreshed,
 )
 from callgate.core.policy import CallRules, Throttled
-from callgate.core.switchboard import ended_record
+from callgate.core.switchboard import Switchboard, ended_record
 from callgate.errors import CloseCode, CloseConnection, ErrorCode
 from callgate.log import get_logger
 from callgate.protocol.messages import CallRequest, IceCandidate, UserId
@@ -408,6 +408,21 @@ class ClusterNode:
             "decisions": self.decisions,
             "received": self.received,
         }
+
+    async def cluster_view(self) -> Switchboard:
+        """Every user and call of the cluster in one switchboard, to read (the admin API).
+        Reads the whole shared state: meant for operators, not for every request. A record
+        that does not verify is left out (and audited)."""
+        raw = await self.store.all_records()
+        while True:
+            try:
+                return Slice(self.records, raw, self._rules, self._throttle, (0, 0, 0)).board
+            except BadRecord as bad:
+                self._executor.audit(
+                    "cluster.rejected",
+                    {"node": self.node_id, "entry": bad.name, "reason": bad.reason},
+                )
+                raw.pop(bad.name, None)
 
     # -- the fast path -----------------------------------------------------------------------
 

@@ -309,6 +309,21 @@ class Store:
             found.append(bytes(key).decode()[len(self.key("hb:")) :])
         return found
 
+    async def all_records(self) -> dict[str, bytes | None]:
+        """Every user and call record (for operators: it scans the keyspace)."""
+        names: list[str] = []
+        for pattern in ("u:*", "c:*"):
+            async for key in self._redis.scan_iter(match=self.key(pattern), count=1000):
+                names.append(bytes(key).decode()[len(self.prefix) :])
+        found: dict[str, bytes | None] = {}
+        for start in range(0, len(names), 500):
+            chunk = names[start : start + 500]
+            values: Any = await self._redis.mget([self.key(name) for name in chunk])
+            for name, value in zip(chunk, values, strict=True):
+                if value is not None:
+                    found[name] = bytes(value)
+        return found
+
     async def get(self, name: str) -> bytes | None:
         value: Any = await self._redis.get(self.key(name))
         return None if value is None else bytes(value)

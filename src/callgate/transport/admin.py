@@ -3,11 +3,12 @@
 It runs on its own listener (`[admin]`, off by default, loopback by default), served by the same
 small h11 endpoint as the metrics (http.py). Every request carries an admin key
 (`Authorization: Bearer <key>`, one of `[admin] keys`, named by operator); a client's token is
-never one. What it reads is this node's (connections) or the switchboard's (users, calls: in
-cluster mode the whole cluster's, as every node holds a replica). What it changes goes the way
-every other change goes: an event into the core (`OperatorEndedCall`,
-`OperatorDisconnectedUser`), whose actions the executor carries out, so in cluster mode the
-event travels through the cluster log and the node that holds each device closes it or tells it.
+never one. What it reads is this node's (connections) or the switchboard's (users, calls); in
+cluster mode that is the cluster's shared state, read from Redis before each request
+(`prepare`). What it changes goes the way every other change goes: an event into the core
+(`OperatorEndedCall`, `OperatorDisconnectedUser`), whose actions the executor carries out, so in
+cluster mode it is decided on the shared state and the node that holds each device closes it or
+tells it.
 Draining and reloading are this node's own. Every action writes one `admin.*` audit record with
 the operator and the `reason` the request must give, before it acts.
 
@@ -83,6 +84,13 @@ class AdminApi:
         self._max_call_id = settings.validation.max_call_id_length
 
     # -- the one entry point -------------------------------------------------------------------
+
+    async def prepare(self, request: Request) -> None:
+        """Cluster mode: read the cluster's users and calls for this request (its handler
+        runs right after, without waiting, so it sees this view)."""
+        cluster = self._hub.cluster
+        if cluster is not None and request.path in ROUTES and self._keys:
+            self._board = await cluster.cluster_view()
 
     def handle(self, request: Request) -> Response:
         methods = ROUTES.get(request.path)

@@ -7,7 +7,7 @@ head by h11's `max_incomplete_event_size`, the body by `max_body`, the whole req
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -43,6 +43,8 @@ class Response:
 
 
 Handler = Callable[[Request], Response]
+# Awaited before the handler, for what it must read first (the admin API in a cluster).
+Prepare = Callable[[Request], Awaitable[None]]
 
 
 def get_routes(routes: dict[str, Route]) -> Handler:
@@ -97,7 +99,9 @@ def _peer(stream: trio.SocketStream) -> str:
         return ""
 
 
-async def _answer(handler: Handler, max_body: int, stream: trio.SocketStream) -> None:
+async def _answer(
+    handler: Handler, max_body: int, prepare: Prepare | None, stream: trio.SocketStream
+) -> None:
     connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
     try:
         with trio.move_on_after(REQUEST_TIMEOUT):
@@ -121,6 +125,8 @@ async def _answer(handler: Handler, max_body: int, stream: trio.SocketStream) ->
                     _peer(stream),
                 )
                 try:
+                    if prepare is not None:
+                        await prepare(request)
                     response = handler(request)
                 except Exception:
                     # A bug answers this request only: the listener's nursery must go on serving.
@@ -163,10 +169,12 @@ async def serve_http(
     port: int,
     handler: Handler,
     max_body: int = 0,
+    prepare: Prepare | None = None,
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `handler` until cancelled; bodies over `max_body` bytes get 413."""
+    """Serve `handler` until cancelled; bodies over `max_body` bytes get 413. `prepare`, if
+    given, is awaited before the handler (the handler itself never waits)."""
     listeners = await trio.open_tcp_listeners(port, host=host)
     task_status.started(listeners[0].socket.getsockname()[1])
-    await trio.serve_listeners(partial(_answer, handler, max_body), listeners)
+    await trio.serve_listeners(partial(_answer, handler, max_body, prepare), listeners)

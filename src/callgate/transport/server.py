@@ -415,7 +415,7 @@ async def _serve(
             )
             with listening_on(("admin.host", "admin.port"), admin.host, admin.port):
                 admin_port = await nursery.start(
-                    serve_http, admin.host, admin.port, api.handle, MAX_ADMIN_BODY
+                    serve_http, admin.host, admin.port, api.handle, MAX_ADMIN_BODY, api.prepare
                 )
         task_status.started(
             RunningServer(
