@@ -763,3 +763,21 @@ async def test_a_heartbeat_deleted_or_forged_without_the_key_is_not_a_death(
     await alice.send("call-request", call_request("ab", "alice", "bob"))
     await bob.expect("call-request", id="ab")
     assert not [row for row in cluster.audit.records() if row["event"] == "cluster.node_down"]
+
+
+async def test_a_candidate_never_overtakes_the_renegotiation_before_it(
+    cluster: ClusterHarness,
+) -> None:
+    """A renegotiation is decided in full (Redis round trips); the candidates that follow it
+    could take the cached route and arrive first. They wait their turn."""
+    await cluster.start()
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    await connected_call(alice, bob)
+    offer = {"type": "offer", "sdp": "v=0 restart"}
+    restart = {"callId": "ab", "to": "bob", "description": offer}
+    for round_ in range(3):
+        await alice.send("call-renegotiate", restart)
+        await alice.send("ice-candidate", {**ice("ab", "bob"), "n": round_})
+        await bob.expect("call-renegotiate", callId="ab")
+        await bob.expect("ice-candidate", callId="ab", n=round_)

@@ -248,6 +248,10 @@ class ClusterNode:
         self._idle = trio.Event()
         self._devices: dict[str, LocalDevice] = {}  # this node's signed-in devices
         self._routes: dict[tuple[UserId, str], Route] = {}
+        # Per connection, its messages queued for a decision: an ice-candidate behind one of
+        # them waits its turn instead of taking the cached route (it must not overtake a
+        # renegotiation or a hang-up).
+        self._undecided: dict[str, int] = {}
         self._outbox: dict[str, deque[tuple[Order, str | None]]] = {}
         self._outbox_changed = trio.Event()
         self._outbox_empty = trio.Event()
@@ -345,8 +349,12 @@ class ClusterNode:
         message, user = received.message, connection.user
         if user is None:  # only signed-in connections send messages
             return
-        if isinstance(message, IceCandidate) and self._relay(received, user):
-            return
+        if (
+            isinstance(message, IceCandidate)
+            and not self._undecided.get(received.conn)
+            and self._relay(received, user)
+        ):
+            return  # (behind an undecided message of the same device, it waits its turn)
         if not self.available:
             connection.send_error(*unavailable)
             return
@@ -367,6 +375,8 @@ class ClusterNode:
         job = Job(users, [received], throttled=throttled, forwarded=True)
         if not self._enqueue(job):
             connection.send_error(*unavailable)
+            return
+        self._undecided[received.conn] = self._undecided.get(received.conn, 0) + 1
 
     def shutting_down(self) -> None:
         """A node ends no call: its devices disconnect, so their calls are held for
@@ -517,6 +527,12 @@ class ClusterNode:
         except Unavailable:
             self._refuse_unavailable(job)
             raise
+        finally:
+            for event in job.events if not callable(job.events) else []:
+                if isinstance(event, MessageReceived):
+                    left = self._undecided.pop(event.conn, 1) - 1
+                    if left:
+                        self._undecided[event.conn] = left
         self._after(job, actions, sliced)
 
     async def _decide(self, job: Job) -> tuple[list[Action], Slice]:
