@@ -50,6 +50,7 @@ from conftest import (
     start_server_process,
     token_for,
 )
+from test_webhooks import CALL_STEPS, WEBHOOK_SECRET, Receiver
 
 KEY = CLUSTER_KEY.encode()
 
@@ -781,3 +782,57 @@ async def test_a_candidate_never_overtakes_the_renegotiation_before_it(
         await alice.send("ice-candidate", {**ice("ab", "bob"), "n": round_})
         await bob.expect("call-renegotiate", callId="ab")
         await bob.expect("ice-candidate", callId="ab", n=round_)
+
+
+# -- webhooks in a cluster: each sent once, by the node that decided ---------------------------
+
+
+def _hooks(receiver: Receiver) -> dict[str, Any]:
+    return {"url": receiver.url, "secret": WEBHOOK_SECRET}
+
+
+async def test_each_webhook_is_sent_once_by_the_node_that_decided(cluster: ClusterHarness) -> None:
+    receiver = Receiver()
+    await cluster.nursery.start(receiver.serve)
+    await cluster.start(make_settings(webhooks=_hooks(receiver)))
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    await connected_call(alice, bob)
+    await bob.send("call-end", {"callId": "ab", "to": "alice"})
+    await alice.expect("call-end")
+    await receiver.until(lambda: len(receiver.accepted) >= 4)
+    await cluster.in_step()
+    assert [r.type for r in receiver.applied] == CALL_STEPS
+    assert len(receiver.requests) == 4  # one node each, none twice
+    # Requested and ringing were decided by alice's node, answered and ended by bob's.
+    assert {r.type for r in receiver.requests} == set(CALL_STEPS)
+
+
+async def test_a_dead_nodes_calls_get_their_terminal_webhook_from_a_survivor(
+    cluster: ClusterHarness, tmp_path: Path
+) -> None:
+    receiver = Receiver()
+    await cluster.nursery.start(receiver.serve)
+    await cluster.start(make_settings(webhooks=_hooks(receiver)))
+    env = {
+        **_cluster_env(cluster, 0),
+        "CALLGATE_WEBHOOKS_URL": receiver.url,
+        "CALLGATE_WEBHOOKS_SECRET": WEBHOOK_SECRET,
+    }
+    process, url = await start_server_process(server_config(tmp_path), env)
+    try:
+        alice = await cluster.connect("alice", node=0)
+        bob = await signed_in(cluster.nursery, url, token_for("bob"))
+        cluster.clients.append(bob)
+        await connected_call(alice, bob)  # answered: decided (and told) by the doomed node
+        await receiver.until(lambda: len(receiver.accepted) >= 3)
+        process.kill()
+        await process.wait()
+        await alice.expect("call-end", callId="ab", reason="peer_disconnected")
+        await receiver.until(lambda: any(r.type == "call.ended" for r in receiver.accepted))
+        [ended] = receiver.delivered("call.ended")
+        assert (ended["reason"], ended["answered"]) == ("peer_disconnected", True)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
