@@ -489,19 +489,17 @@ def private_redis(tmp_path: Path) -> Iterator[tuple[int, list[subprocess.Popen[b
         process.wait()
 
 
-def _start_redis(port: int, processes: list[subprocess.Popen[bytes]], tmp: Path) -> None:
+def _start_redis(
+    port: int, processes: list[subprocess.Popen[bytes]], tmp: Path, *, persist: bool = False
+) -> None:
+    """A private redis-server in `tmp`: without persistence, or with an append-only file that
+    is written at every command (a restart then keeps everything)."""
     server = shutil.which("redis-server") or "redis-server"
-    command = [
-        server,
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-    ]
+    command = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    if persist:
+        command += ["--appendonly", "yes", "--appendfsync", "always"]
+    else:
+        command += ["--appendonly", "no"]
     processes.append(
         subprocess.Popen(command, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     )
@@ -565,6 +563,37 @@ async def test_redis_restarted_without_its_data_mid_call(
         # The devices registered again: a new call across nodes works, and rings.
         await alice.send("call-request", call_request("ef", "alice", "bob"))
         await bob.expect("call-request", id="ef")
+
+
+async def test_a_device_that_leaves_while_redis_is_away_is_gone_when_it_returns(
+    nursery: trio.Nursery,
+    private_redis: tuple[int, list[subprocess.Popen[bytes]]],
+    tmp_path: Path,
+) -> None:
+    """Redis restarts with its data: bob hung up his connection meanwhile; his node decides
+    that once Redis is back, in order, so nobody rings a device that is gone."""
+    port, processes = private_redis
+    _start_redis(port, processes, tmp_path, persist=True)
+    await _wait_for_redis(port)
+    h = ClusterHarness(nursery, redis_url=f"redis://127.0.0.1:{port}/0")
+    async with checked(h):
+        await h.start()
+        alice = await h.connect("alice", node=0)
+        bob = await h.connect("bob", node=1)
+        await alice.send("call-request", call_request("ab", "alice", "bob"))
+        await bob.expect("call-request", id="ab")
+        processes[0].kill()
+        processes[0].wait()
+        await _until(lambda: not any(node.hub.ready for node in h.nodes))
+        await bob.ws.aclose()
+        await bob.stream.aclose()
+        _start_redis(port, processes, tmp_path, persist=True)
+        await _wait_for_redis(port)
+        # bob's leaving ends the ringing call (no grace), once Redis is back.
+        await alice.expect("call-end", callId="ab", reason="peer_disconnected")
+        await _until(lambda: all(node.hub.ready for node in h.nodes))
+        await alice.send("call-request", call_request("ab2", "alice", "bob"))
+        await alice.expect("call-reject", callId="ab2", reason="unavailable")
 
 
 async def test_a_node_outside_a_call_spends_nothing_on_it(cluster: ClusterHarness) -> None:

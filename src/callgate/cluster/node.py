@@ -153,6 +153,9 @@ class Job:
     error: BaseException | None = None
     # Deliveries that failed once are not retried again if they fail a second time.
     retry: bool = True
+    # Must happen even if Redis is away for a while (a device that left, a dead node's devices,
+    # a message for a resume buffer): tried again until it is decided.
+    durable: bool = False
     check_devices: int | None = None  # sign-in: refuse when the user has this many online
     # A device registered again after Redis lost its data: its client has its session already.
     again: bool = False
@@ -294,7 +297,7 @@ class ClusterNode:
             case Disconnected(conn=conn):
                 device = self._devices.get(conn)
                 if device is not None:
-                    self._enqueue(Job([device.user], [event]))
+                    self._enqueue(Job([device.user], [event], durable=True))
             case RevocationChanged():
                 self._publish_revocations(event)
             case OperatorEndedCall(user=user) if user is not None:
@@ -508,7 +511,18 @@ class ClusterNode:
         async for job in receive:
             self._busy_lanes += 1
             try:
-                await self._run(job)
+                attempt = 0
+                while True:
+                    try:
+                        await self._run(job)
+                        break
+                    except Unavailable:
+                        if not job.durable:
+                            raise
+                    # Redis is away: the lane waits with it (its other events could not be
+                    # decided either), then decides this one, in its order.
+                    await trio.sleep(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)])
+                    attempt += 1
             except Exception as exc:
                 job.error = exc
                 if not isinstance(exc, (Unavailable, CloseConnection)):
@@ -543,6 +557,7 @@ class ClusterNode:
             except RedisError as exc:
                 self._store_failed(exc)
                 raise Unavailable from exc
+            self._store_ok = True  # it answered (the keeper may not have noticed yet)
             try:
                 sliced = Slice(self.records, raw, self._rules, self._throttle, self._bases())
             except BadRecord as bad:
@@ -661,7 +676,7 @@ class ClusterNode:
         device now). A device that is gone altogether left its calls: nothing to keep."""
         if user is not None and retry:
             failed = DeliveryFailed(action.conn, user, action.event, action.data)
-            self._enqueue(Job([user], [failed], retry=False))
+            self._enqueue(Job([user], [failed], retry=False, durable=True))
 
     def _heard(self, conn: str, event: str, data: Mapping[str, Any]) -> None:
         """What this node's device is told about its calls keeps its copy of them current
@@ -735,6 +750,7 @@ class ClusterNode:
                 attempt += 1
                 continue
             attempt = 0
+            self._store_ok = True
             if not entries:
                 continue
             if time.monotonic() - self._kept_at > self._settings.node_timeout:
@@ -779,7 +795,7 @@ class ClusterNode:
             if to is not None:  # a dead node's inbox: its deliveries follow their devices
                 if isinstance(order, Deliver) and user is not None:
                     failed = DeliveryFailed(order.conn, user, order.event, order.data)
-                    self._enqueue(Job([user], [failed], retry=False))
+                    self._enqueue(Job([user], [failed], retry=False, durable=True))
                 continue
             if isinstance(order, Deliver) and order.conn not in self._live:
                 self._undelivered(order, user, True)
@@ -920,7 +936,7 @@ class ClusterNode:
             return events
 
         for user in users:
-            job = Job([user], disconnect)
+            job = Job([user], disconnect, durable=True)
             job.done = trio.Event()
             if self._enqueue(job):
                 await job.done.wait()
