@@ -585,8 +585,12 @@ async def test_a_device_that_leaves_while_redis_is_away_is_gone_when_it_returns(
         processes[0].kill()
         processes[0].wait()
         await _until(lambda: not any(node.hub.ready for node in h.nodes))
+        bobs_node = h.nodes[1].hub.cluster
+        assert bobs_node is not None
+        tried = bobs_node.unavailable
         await bob.ws.aclose()
         await bob.stream.aclose()
+        await _until(lambda: bobs_node.unavailable > tried)  # bob's leaving could not be decided
         _start_redis(port, processes, tmp_path, persist=True)
         await _wait_for_redis(port)
         # bob's leaving ends the ringing call (no grace), once Redis is back.

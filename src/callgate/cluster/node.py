@@ -280,6 +280,7 @@ class ClusterNode:
         # Counted for tests and `live_counts`: decisions taken here, batches received.
         self.decisions = 0
         self.received = 0
+        self.unavailable = 0  # decisions that Redis could not take (each attempt)
 
     # -- what the hub asks -------------------------------------------------------------------
 
@@ -420,6 +421,7 @@ class ClusterNode:
             "lost_orders": self.lost_orders,
             "decisions": self.decisions,
             "received": self.received,
+            "unavailable": self.unavailable,
         }
 
     async def cluster_view(self) -> Switchboard:
@@ -539,6 +541,7 @@ class ClusterNode:
         try:
             actions, sliced = await self._decide(job)
         except Unavailable:
+            self.unavailable += 1
             self._refuse_unavailable(job)
             raise
         finally:
