@@ -703,9 +703,13 @@ async def test_a_node_that_drains_hands_its_calls_to_the_others(cluster: Cluster
     async with trio.open_nursery() as nursery:
         nursery.start_soon(cluster.nodes[1].shutdown)
         await bob.expect_closed(1001, "server shutting down")
+        # Sent while bob's node drains: to his connection that is closing, to the node's
+        # inbox, or to his resume buffer; whichever, it reaches him where he resumes.
+        await alice.send("ice-candidate", {**ice("ab", "bob"), "n": 1})
     await _until(lambda: bool(cluster.audit.records("session.held")))
     again = await sign_in(cluster, "bob", node=2, resume=bob.session["sessionId"])
     await again.expect("session", resumed=True)
+    await again.expect("ice-candidate", callId="ab", n=1)
     await alice.send("ice-candidate", ice("ab", "bob"))
     await again.expect("ice-candidate", callId="ab")
     assert not terminal_records(cluster)  # the call never ended

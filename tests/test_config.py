@@ -119,6 +119,12 @@ def test_environment_overrides(tmp_path: Path) -> None:
             {"CALLGATE_AUTH_SECRET": "y" * 40},
             "cluster.node_timeout",
         ),
+        # The replicated log's settings went with it (docs/cluster.md, Configuration).
+        (
+            "[cluster]\nsnapshot_every = 10000\n",
+            {"CALLGATE_AUTH_SECRET": "y" * 40},
+            "cluster.snapshot_every",
+        ),
     ],
 )
 def test_bad_config_names_the_key(

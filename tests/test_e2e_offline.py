@@ -7,7 +7,6 @@ and a ring timeout take trio time, not real time.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 from unittest.mock import ANY
 
@@ -15,7 +14,6 @@ import pytest
 import trio
 import trio.testing
 
-from callgate.cli import main
 from callgate.client import (
     CallEnded,
     CallPending,
@@ -175,28 +173,6 @@ async def test_missed_calls_are_shown_once_at_the_next_sign_in(
     await again.send("missed-calls-ack", {"ids": "m1"}, ref=4)
     await again.expect_error("invalid_message", ref=4)
     assert [r["callee"] for r in harness.audit.records("call.missed")] == ["bob"]
-
-
-def test_cluster_mode_refuses_what_it_does_not_support_yet(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
-    cluster = "[cluster]\nenabled = true\nkey = 'cluster-key-for-tests-only-32-bytes-long!'\n"
-    auth = "[auth]\nsecret = 'test-secret-that-is-long-enough-for-hs256!'\n"
-    for setting, named in (
-        ("[calls]\noffline = 'notify'\n", "calls.offline"),
-        ("[calls]\nmissed_calls = 5\n", "calls.missed_calls"),
-        (
-            "[webhooks]\nurl = 'https://hooks.example.com/callgate'\n"
-            "secret = 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw'\n",
-            "webhooks.url",
-        ),
-    ):
-        config = tmp_path / "cluster.toml"
-        config.write_text(auth + cluster + setting)
-        assert main(["check-config", str(config)]) == 2
-        error = capsys.readouterr().err
-        assert error.count("\n") == 1, error
-        assert named in error and "not yet supported in cluster mode" in error
 
 
 async def test_the_python_client_reads_pending_and_missed_calls(
