@@ -362,6 +362,11 @@ def cluster_settings(settings: Settings, name: str, **overrides: Any) -> Setting
     return Settings.model_validate({**settings.model_dump(), "cluster": cluster})
 
 
+def _stream_id(value: bytes) -> tuple[int, int]:
+    milliseconds, _, sequence = value.partition(b"-")
+    return int(milliseconds), int(sequence or 0)
+
+
 def delete_cluster_keys(redis_url: str, name: str) -> None:
     """Remove every key of the throw-away cluster `name`."""
     client = redis.Redis.from_url(redis_url)
@@ -483,9 +488,15 @@ class ClusterHarness(Harness):
                 await trio.sleep(0.005)
 
     def _unread(self, nodes: list[Any]) -> int:
+        """Inboxes with an entry after what their node has read."""
         client = redis.Redis.from_url(self.redis_url)
         try:
-            return sum(int(client.xlen(f"{self.name}:in:{node.node_id}")) for node in nodes)
+            unread = 0
+            for node in nodes:
+                newest: Any = client.xrevrange(f"{self.name}:in:{node.node_id}", count=1)
+                if newest and _stream_id(newest[0][0]) > _stream_id(node.inbox_position):
+                    unread += 1
+            return unread
         finally:
             client.close()
 

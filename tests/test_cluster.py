@@ -719,8 +719,9 @@ async def test_a_node_that_drains_hands_its_calls_to_the_others(cluster: Cluster
 
 
 def test_heartbeat_and_lease_values_verify_only_when_genuine() -> None:
-    beat = codec().seal_heartbeat("n1", 7)
+    beat = codec().seal_heartbeat("n1", 7, "12-3")
     assert codec().open_heartbeat(beat, "n1") == 7
+    assert codec().read_heartbeat(beat, "n1") == (7, "12-3")
     assert codec().open_heartbeat(beat, "n2") is None  # another node's beat is not n1's
     assert codec(key=b"another key, long enough to be one").open_heartbeat(beat, "n1") is None
     assert codec(cluster="c2").open_heartbeat(beat, "n1") is None

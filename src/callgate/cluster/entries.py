@@ -108,17 +108,23 @@ class EntryCodec:
         except (BadEntry, ValueError):
             return {}
 
-    def seal_heartbeat(self, node: str, beat: int) -> bytes:
-        """A node's heartbeat value: its id and a number that grows with every beat."""
-        return self._seal_value(_HEARTBEAT, {"node": node, "beat": beat})
+    def seal_heartbeat(self, node: str, beat: int, read_up_to: str = "0-0") -> bytes:
+        """A node's heartbeat value: its id, a number that grows with every beat, and how far
+        it has read its inbox (what a node burying it need not hand over again)."""
+        return self._seal_value(_HEARTBEAT, {"node": node, "beat": beat, "read": read_up_to})
 
     def open_heartbeat(self, sealed: bytes | None, node: str) -> int | None:
         """The beat number of `node`'s heartbeat value; None if it is absent or not genuine."""
+        beat = self.read_heartbeat(sealed, node)
+        return None if beat is None else beat[0]
+
+    def read_heartbeat(self, sealed: bytes | None, node: str) -> tuple[int, str] | None:
+        """`node`'s beat number and inbox position; None if absent or not genuine."""
         body = self._verified(_HEARTBEAT, sealed)
-        beat = body.get("beat")
+        beat, read = body.get("beat"), body.get("read", "0-0")
         if body.get("node") != node or not isinstance(beat, int) or isinstance(beat, bool):
             return None
-        return beat
+        return beat, str(read)
 
     def seal_lease(self, node: str, expires: float) -> bytes:
         """The leader lease's value: who holds it and until when (unix time)."""

@@ -203,6 +203,10 @@ class Watch:
             else:
                 self._missed[node] = self._missed.get(node, 0) + 1
 
+    def is_newer(self, node: str, beat: int) -> bool:
+        last = self._last_beat.get(node)
+        return last is None or beat > last
+
     def dead(self) -> list[str]:
         return sorted(n for n, missed in self._missed.items() if missed >= self.misses_for_death)
 
@@ -264,6 +268,8 @@ class ClusterNode:
         self._inbox_position = b"0-0"
         self._beat = 0
         self.watch = Watch(settings)
+        # Per watched node, how far it had read its inbox at its last genuine heartbeat.
+        self._read_up_to: dict[str, str] = {}
         self.is_leader = False
         self._epoch: bytes | None = None
         self._connected_since = time.monotonic()
@@ -402,6 +408,11 @@ class ClusterNode:
         ):
             self._idle = trio.Event()
             await self._idle.wait()
+
+    @property
+    def inbox_position(self) -> bytes:
+        """The id of the last inbox entry this node has read."""
+        return self._inbox_position
 
     @property
     def quiet(self) -> bool:
@@ -766,10 +777,8 @@ class ClusterNode:
             for entry_id, fields in entries:
                 self._inbox_position = entry_id
                 self._receive(entry_id.decode(), fields)
-            try:
-                await self.store.trim_inbox(node, self._inbox_position)
-            except RedisError as exc:
-                self._store_failed(exc)
+            # Trimmed by the next read; the heartbeat also tells the cluster how far this node
+            # has read (a node burying it hands over only what comes after).
 
     def _receive(
         self, entry_id: str, fields: Mapping[bytes, bytes], *, to: str | None = None
@@ -861,12 +870,14 @@ class ClusterNode:
             watched = sorted(
                 (set(self.watch.missed) | set(await self.store.members())) - {self.node_id}
             )
+        read_up_to = self._inbox_position
         epoch, lease, beats, dead = await self.store.keep(
             self.node_id,
-            codec.seal_heartbeat(self.node_id, self._beat),
+            codec.seal_heartbeat(self.node_id, self._beat, read_up_to.decode()),
             timeout_ms,
             watched,
             secrets.token_hex(8),  # set only if absent: a Redis that lost its data
+            read_up_to,
         )
         if not self._store_ok:
             log.info("cluster store reachable", node=self.node_id)
@@ -883,12 +894,13 @@ class ClusterNode:
             await self._recover()
         self._epoch = epoch
         await self._check_revocations()
-        self.watch.observe(
-            {
-                node: codec.open_heartbeat(value, node)
-                for node, value in zip(watched, beats, strict=True)
-            }
-        )
+        seen: dict[str, int | None] = {}
+        for node, value in zip(watched, beats, strict=True):
+            heartbeat = codec.read_heartbeat(value, node)
+            seen[node] = None if heartbeat is None else heartbeat[0]
+            if heartbeat is not None and self.watch.is_newer(node, heartbeat[0]):
+                self._read_up_to[node] = heartbeat[1]
+        self.watch.observe(seen)
         now = time.time()
         holder = codec.open_lease(lease, now)
         if holder is None or holder == self.node_id:
@@ -922,6 +934,7 @@ class ClusterNode:
             log.warning("node stopped heartbeating; its devices are disconnected", node=node)
             await self._bury(node)
             self.watch.forget(node)
+            self._read_up_to.pop(node, None)
 
     async def _bury(self, node: str) -> None:
         """A dead node: its verdict, its devices disconnected, its inbox to their buffers."""
@@ -960,8 +973,15 @@ class ClusterNode:
                 del self._routes[key]
 
     async def _take_over_inbox(self, node: str) -> None:
-        for index, fields in enumerate(await self.store.take_inbox(node)):
-            self._receive(f"{node}:{index}", fields, to=node)
+        """What `node` had not read of its inbox (per its last genuine heartbeat; what it read
+        after that beat is handed over again: at least once) goes to its devices' buffers."""
+        if node == self.node_id:  # this node, leaving: what it has not read
+            read = _stream_id(self._inbox_position)
+        else:
+            read = _stream_id(self._read_up_to.get(node, "0-0").encode())
+        for entry_id, fields in await self.store.take_inbox(node):
+            if _stream_id(entry_id) > read:
+                self._receive(entry_id.decode(), fields, to=node)
 
     def _evict(self) -> None:
         """The cluster declared this node dead: close what it holds, and start as a new node."""
@@ -1033,3 +1053,11 @@ class ClusterNode:
 
 
 _ENDS_CALL = frozenset({"call-end", "call-reject"})
+
+
+def _stream_id(value: bytes) -> tuple[int, int]:
+    try:
+        milliseconds, _, sequence = value.partition(b"-")
+        return int(milliseconds), int(sequence or 0)
+    except ValueError:
+        return (0, 0)

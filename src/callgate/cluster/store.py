@@ -12,7 +12,7 @@ Keys, all under `<cluster name>:` (docs/cluster.md, "Data layout"):
 | `c:<call key>` | string | a live call's record, signed |
 | `timers` | sorted set | armed core timers: member `<timer id>|<user>`, score the unix deadline |
 | `n:<node>` | set | the users with an online device on that node (presence) |
-| `in:<node>` | stream | the node's inbox: signed batches of orders from other nodes |
+| `in:<node>` | stream | the node's inbox: signed batches of orders (trimmed at each beat) |
 | `hb:<node>` | string | the node's signed heartbeat (expires after `node_timeout`) |
 | `dead:<node>` | string | the signed verdict that the node is dead |
 | `nodes` | set | the nodes that joined and were not declared dead (the leader watches them) |
@@ -141,7 +141,10 @@ redis.call('RENAME', KEYS[1], KEYS[2])
 local entries = redis.call('XRANGE', KEYS[2], '-', '+')
 redis.call('DEL', KEYS[2])
 local out = {}
-for _, entry in ipairs(entries) do out[#out + 1] = entry[2] end
+for _, entry in ipairs(entries) do
+  out[#out + 1] = entry[1]
+  out[#out + 1] = entry[2]
+end
 return out
 """
 
@@ -252,38 +255,46 @@ class Store:
     async def read_inbox(
         self, node: str, after: bytes, block_ms: int | None, count: int
     ) -> list[tuple[bytes, Mapping[bytes, bytes]]]:
-        reply: Any = await self._redis.xread(
-            {self.key(f"in:{node}"): after}, count=count, block=block_ms
-        )
+        """Forget the entries up to `after` (read and carried out) and wait for the next ones,
+        in one round trip: the inbox holds only what its node has not finished."""
+        inbox = self.key(f"in:{node}")
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xtrim(inbox, coredis.PureToken.MINID, _following(after))
+            read = pipe.xread({inbox: after}, count=count, block=block_ms)
+        reply: Any = await read
         if not reply:
             return []
         entries = next(iter(reply.values()))
         return [(bytes(entry.identifier), entry.field_values) for entry in entries]
 
-    async def trim_inbox(self, node: str, upto: bytes) -> None:
-        """Forget the inbox entries up to `upto` (read and carried out)."""
-        ms, _, seq = upto.partition(b"-")
-        following: Any = f"{int(ms)}-{int(seq or 0) + 1}"  # a stream id; coredis types it int
-        await self._redis.xtrim(self.key(f"in:{node}"), coredis.PureToken.MINID, following)
-
-    async def take_inbox(self, node: str) -> list[Mapping[bytes, bytes]]:
-        """A dead node's unread inbox, moved out of its reach (only one caller gets it)."""
+    async def take_inbox(self, node: str) -> list[tuple[bytes, Mapping[bytes, bytes]]]:
+        """A dead node's inbox, moved out of its reach (only one caller gets it): entry ids
+        and fields, oldest first."""
         reply: Any = await self._take(
             keys=[self.key(f"in:{node}"), self.key(f"in:{node}:taken")], args=[]
         )
-        out: list[Mapping[bytes, bytes]] = []
-        for flat in reply:
-            out.append({bytes(flat[i]): bytes(flat[i + 1]) for i in range(0, len(flat), 2)})
+        out: list[tuple[bytes, Mapping[bytes, bytes]]] = []
+        for entry_id, flat in zip(reply[0::2], reply[1::2], strict=True):
+            fields = {bytes(flat[i]): bytes(flat[i + 1]) for i in range(0, len(flat), 2)}
+            out.append((bytes(entry_id), fields))
         return out
 
     # -- liveness ----------------------------------------------------------------------------
 
     async def keep(
-        self, node: str, heartbeat: bytes, timeout_ms: int, watched: Sequence[str], epoch: str
+        self,
+        node: str,
+        heartbeat: bytes,
+        timeout_ms: int,
+        watched: Sequence[str],
+        epoch: str,
+        read_up_to: bytes,
     ) -> tuple[bytes | None, bytes | None, list[bytes | None], bytes | None]:
-        """Beat; read the epoch, the lease, the watched nodes' beats and this node's verdict."""
+        """Beat; forget the inbox entries read (up to `read_up_to`); read the epoch, the lease,
+        the watched nodes' beats and this node's verdict. One round trip."""
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.set(self.key(f"hb:{node}"), heartbeat, px=timeout_ms)
+            pipe.xtrim(self.key(f"in:{node}"), coredis.PureToken.MINID, _following(read_up_to))
             pipe.sadd(self.key("nodes"), [node])
             pipe.set(self.key("epoch"), epoch, condition=coredis.PureToken.NX)
             got_epoch = pipe.get(self.key("epoch"))
@@ -330,6 +341,13 @@ class Store:
 
     async def put(self, name: str, value: bytes) -> None:
         await self._redis.set(self.key(name), value)
+
+
+def _following(entry_id: bytes) -> Any:
+    """The stream id right after `entry_id` (what `XTRIM MINID` keeps from); coredis types
+    the threshold as an int, Redis takes an id."""
+    ms, _, seq = entry_id.partition(b"-")
+    return f"{int(ms)}-{int(seq or 0) + 1}"
 
 
 async def delete_cluster_keys(redis_url: str, name: str) -> None:
