@@ -610,15 +610,23 @@ async def test_a_node_outside_a_call_spends_nothing_on_it(cluster: ClusterHarnes
     assert bystander is not None
     before = (bystander.decisions, bystander.received)
     await connected_call(alice, bob)
+    sender = cluster.nodes[0].hub.cluster
+    assert sender is not None
+    await alice.send("ice-candidate", ice("ab", "bob"))  # the first one learns the route
+    await bob.expect("ice-candidate")
+    decided = sender.decisions
     for _ in range(20):
         await alice.send("ice-candidate", ice("ab", "bob"))
         await bob.expect("ice-candidate")
+    offer = {"type": "offer", "sdp": "v=0 restart"}
+    await alice.send("call-renegotiate", {"callId": "ab", "to": "bob", "description": offer})
+    await bob.expect("call-renegotiate", callId="ab")
+    # The connected call's messages took the cached route: no decision, no Redis read.
+    assert sender.decisions == decided
+    assert len(cluster.audit.records("call.renegotiated")) == 1
     await bob.send("call-end", {"callId": "ab", "to": "alice"})
     await alice.expect("call-end")
     assert (bystander.decisions, bystander.received) == before
-    # And the ICE of the connected call took the cached route: no decision per candidate.
-    sender = cluster.nodes[0].hub.cluster
-    assert sender is not None and sender.decisions < 10
 
 
 async def test_the_report_joins_a_call_from_the_trails_of_several_nodes(

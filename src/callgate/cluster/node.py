@@ -78,10 +78,10 @@ from callgate.core.events import (
     TokenRefreshed,
 )
 from callgate.core.policy import CallRules, Throttled
-from callgate.core.switchboard import Switchboard, ended_record
+from callgate.core.switchboard import Switchboard, ended_record, renegotiated_record
 from callgate.errors import CloseCode, CloseConnection, ErrorCode
 from callgate.log import get_logger
-from callgate.protocol.messages import CallRequest, IceCandidate, UserId
+from callgate.protocol.messages import CallRenegotiate, CallRequest, IceCandidate, UserId
 
 if TYPE_CHECKING:
     from callgate.ratelimit import RateLimiter
@@ -360,7 +360,7 @@ class ClusterNode:
         if user is None:  # only signed-in connections send messages
             return
         if (
-            isinstance(message, IceCandidate)
+            isinstance(message, IceCandidate | CallRenegotiate)
             and not self._undecided.get(received.conn)
             and self._relay(received, user)
         ):
@@ -453,9 +453,11 @@ class ClusterNode:
     # -- the fast path -----------------------------------------------------------------------
 
     def _relay(self, received: MessageReceived, user: UserId) -> bool:
-        """An ice-candidate in a connected call, from its cached route: no decision needed."""
+        """An ice-candidate or a renegotiation in a connected call, by its cached route: the
+        core's RELAY and RENEGOTIATE steps, which change nothing shared (renegotiations are
+        not counted in the shared record in a cluster)."""
         message = received.message
-        if not isinstance(message, IceCandidate):
+        if not isinstance(message, IceCandidate | CallRenegotiate):
             return False
         route = self._routes.get((user, message.call_id))
         if route is None or route.conn != received.conn:
@@ -467,6 +469,12 @@ class ClusterNode:
         if received.ref is not None:
             actions.append(Ack(received.conn, received.ref))
         actions += [Deliver(conn, message.event, forwarded) for conn in route.peer_conns]
+        if isinstance(message, CallRenegotiate):
+            device = self._devices.get(route.conn)
+            call = device.calls.get(message.call_id) if device is not None else None
+            if call is None:
+                return False
+            actions.append(renegotiated_record(call, received.conn, user))
         self._carry_out(actions, {conn: route.peer for conn in route.peer_conns}, forwarded=True)
         return True
 
@@ -645,7 +653,10 @@ class ClusterNode:
         self._forget_moved_routes(sliced)
         for event in job.events if not callable(job.events) else []:
             if isinstance(event, Disconnected):
-                self._devices.pop(event.conn, None)
+                gone = self._devices.pop(event.conn, None)
+                if gone is not None:
+                    for call_id in gone.calls:
+                        self._routes.pop((gone.user, call_id), None)
         users = {device.conn: device.user for device in sliced.board.devices()}
         for call in sliced.board.calls:
             for conn in call.devices():

@@ -502,7 +502,7 @@ class Switchboard:
                     ref,
                     [
                         *(Deliver(d, message.event, forwarded) for d in call.other_side(role)),
-                        Audit("call.renegotiated", {**fields, "conn": conn, "by": user}),
+                        renegotiated_record(call, conn, user),
                     ],
                 )
             case Step.ANSWER:
@@ -799,6 +799,11 @@ def _call_fields(call: Call) -> dict[str, Any]:
         "callee": call.callee,
         "media": call.media,
     }
+
+
+def renegotiated_record(call: Call, conn: ConnId, by: UserId) -> Audit:
+    """The `call.renegotiated` line: one per renegotiation (an ICE restart, voice to video)."""
+    return Audit("call.renegotiated", {**_call_fields(call), "conn": conn, "by": by})
 
 
 def ended_record(call: Call, now: float, *, reason: str, by: UserId | None) -> Audit:
