@@ -95,11 +95,12 @@ function sourceAddress(index) {
   return `127.0.${n >> 8}.${n & 255 || 1}`;
 }
 
-// Cluster runs (bench/run --cluster) name every node in `urls`: idle clients go round all of them,
-// and the traffic's pairs round the first `traffic_nodes`, pair i's caller on node i and its callee
-// on the next one, so that every callee is on another node than its caller (with one node, both
-// are on it). Without `urls` everything goes to `url`.
+// Cluster runs (bench/run --cluster) name every node in `urls`: idle clients go round the first
+// `idle_nodes` of them, and the traffic's pairs round the first `traffic_nodes`, pair i's caller on
+// node i and its callee on the next one, so that every callee is on another node than its caller
+// (with one node, both are on it). Without `urls` everything goes to `url`.
 const URLS = config.urls || [config.url];
+const IDLE_URLS = URLS.slice(0, config.idle_nodes || URLS.length);
 const TRAFFIC_URLS = URLS.slice(0, config.traffic_nodes || URLS.length);
 const trafficUrl = (index) => TRAFFIC_URLS[index % TRAFFIC_URLS.length];
 
@@ -211,7 +212,7 @@ async function w2() {
 async function w5() {
   // The scaling curve: W2's sparse forwarding while `idle` other clients are connected.
   const idle = await openAll(
-    Array.from({ length: config.idle }, (_, i) => `w5idle${i}`), 500, (i) => URLS[i % URLS.length]);
+    Array.from({ length: config.idle }, (_, i) => `w5idle${i}`), 500, (i) => IDLE_URLS[i % IDLE_URLS.length]);
   // A cluster node may still be taking in the other nodes' sign-ins: settle_ms lets it finish.
   await sleep(config.settle_ms || 0);
   emitLine({ phase: "idle", clients: idle.length }); // the runner reads memory now
