@@ -33,6 +33,7 @@ import secrets
 import shlex
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -181,6 +182,14 @@ def big_storm_size() -> int:
     return 50_000 if hard == resource.RLIM_INFINITY else min(50_000, hard - 1_000)
 
 
+def free_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on now: runs of the bench (the test suite's smoke
+    run among them, in other trees) share the machine, so no fixed range is safe."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def pinned(core: str | None, command: list[str]) -> list[str]:
     """`command` on one core (None: wherever the scheduler puts it)."""
     return ["taskset", "-c", core, *command] if core and shutil.which("taskset") else command
@@ -231,7 +240,8 @@ class Callgate:
             **self.overlay,
             "CALLGATE_AUTH_SECRET": SECRET,  # the load generator signs its tokens with it
             "CALLGATE_AUDIT_KEY": AUDIT_KEY,
-            "CALLGATE_AUDIT_PATH": str(workdir / f"audit-{port}.log"),
+            # A file of its own: a port may come back later in the run, a trail must not.
+            "CALLGATE_AUDIT_PATH": str(workdir / f"audit-{port}-{secrets.token_hex(4)}.log"),
             # Metrics stay on; on a port of their own per server, not the shipped 9464 that any
             # other callgate on the machine may hold.
             "CALLGATE_METRICS_PORT": "0",
@@ -452,13 +462,14 @@ def serves_workers(callgate: Callgate) -> bool:
     return "--workers" in run.stdout
 
 
-def start_cluster(layout: Layout, port: int, workdir: Path, callgate: Callgate) -> Cluster:
+def start_cluster(layout: Layout, workdir: Path, callgate: Callgate) -> Cluster:
     """The layout's processes, started side by side; the nodes of a cluster on the Redis at
     REDIS_URL under a fresh name, configured only through the shipped config's [cluster] keys
     (enabled, redis_url, name, key) as environment overrides. Pinned to no core: four nodes of
     the replicated design need more than one core at the cluster run's load, and the workers of
     `--workers` are there to use several."""
-    name = f"bench-{port}-{secrets.token_hex(4)}"  # in no other name, not even a later run's
+    ports = [free_port() for _ in range(layout.nodes)]
+    name = f"bench-{ports[0]}-{secrets.token_hex(4)}"  # in no other name, not even a later run's
     env = (
         {
             "CALLGATE_CLUSTER_ENABLED": "true",
@@ -476,7 +487,7 @@ def start_cluster(layout: Layout, port: int, workdir: Path, callgate: Callgate) 
             servers.append(
                 Server(
                     layout.target,
-                    port + index,
+                    ports[index],
                     workdir,
                     callgate,
                     env,
@@ -978,10 +989,9 @@ def main() -> int:
     if args.trio_websocket:
         targets = (*targets, TRIO_WEBSOCKET)
     rows: list[dict[str, Any]] = []
-    port = 18700
     with tempfile.TemporaryDirectory() as workdir:
         try:  # the build and the config first, before minutes of workloads: one start
-            Server("callgate", port, Path(workdir), callgate).stop()
+            Server("callgate", free_port(), Path(workdir), callgate).stop()
         except BenchError as error:
             print(f"bench/run: FAILED: {error}", file=sys.stderr)
             return 2
@@ -994,9 +1004,8 @@ def main() -> int:
             for target in targets
         ]
         for workload, target in runs:
-            port += 2
             try:
-                server = Server(target, port, Path(workdir), callgate)
+                server = Server(target, free_port(), Path(workdir), callgate)
             except BenchError as error:
                 print(f"bench/run: FAILED: {error}", file=sys.stderr)
                 return 2
@@ -1065,19 +1074,17 @@ def run_cluster(args: argparse.Namespace, callgate: Callgate) -> int:
             " is the kernel's choice."
         )
     rows: list[Row] = []
-    port = 18700
     with tempfile.TemporaryDirectory() as workdir:
         try:  # the build and the config first, before minutes of workloads: one start
-            Server("callgate", port, Path(workdir), callgate).stop()
+            Server("callgate", free_port(), Path(workdir), callgate).stop()
         except BenchError as error:
             print(f"bench/run: FAILED: {error}", file=sys.stderr)
             return 2
         # Rounds alternate the layouts, so a noisy moment of a shared machine is spread over
         # all of them instead of falling on one.
         for layout in [layout for _ in range(args.repeat) for layout in layouts]:
-            port += 10
             try:
-                cluster = start_cluster(layout, port, Path(workdir), callgate)
+                cluster = start_cluster(layout, Path(workdir), callgate)
             except BenchError as error:
                 print(f"bench/run: FAILED: {error}", file=sys.stderr)
                 return 2

@@ -101,15 +101,14 @@ def test_bench_cluster_smoke_run(tmp_path: Path) -> None:
             assert result["processes"] == int(target.removeprefix("cluster-")), row
     outside = rows["idle-node"]["result"]
     assert outside["processes"] == 3
-    assert "idle_share" in outside
-    assert "idle_memory_share" in outside
+    assert "idle_share" in outside  # (its memory share needs more clients than a smoke run's)
     table = (tmp_path / "cluster-smoke.md").read_text()
     assert (
         "| metric | one node, cluster off | cluster, 1 node | cluster, 2 nodes | cluster, 4 nodes"
         " | cluster, 3 nodes, traffic on 2 |"
     ) in table
-    verdicts = [line for line in table.splitlines() if re.search(r"\| (PASS|FAIL) \|", line)]
-    assert len(verdicts) == 6, table
+    verdicts = r"\| (PASS|FAIL|not measured) \|"
+    assert len([line for line in table.splitlines() if re.search(verdicts, line)]) == 6, table
     if "workers-2" not in rows:
         assert "workers-2 skipped: this callgate's `serve --help` has no --workers" in table
 
