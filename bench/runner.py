@@ -1100,7 +1100,8 @@ def run_cluster(args: argparse.Namespace, callgate: Callgate) -> int:
         f"One load for every column: {rate} msg/s of `ice-candidate` over"
         f" {workload.config['pairs']} pairs in a call, each callee on another node than its"
         f" caller (with one node, on it), while {idle:,} idle clients are spread evenly over"
-        " the nodes (none in the idle-node column: its third node holds no client at all)."
+        " the nodes (in the idle-node column over its two traffic nodes: the third holds no"
+        " client at all)."
         " CPU and memory from /proc per node process.",
     )
     where = f"no process pinned to a core (nodes, load generator, Redis at {redact(REDIS_URL)})"
