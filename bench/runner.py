@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import platform
@@ -1018,7 +1019,13 @@ def main() -> int:
     return write_results(args, name, callgate, rows, table(medians(rows)))
 
 
-def record(workload: Workload, target: str, result: dict[str, Any], server: Server) -> Row:
+def record(
+    workload: Workload,
+    target: str,
+    result: dict[str, Any],
+    server: Server,
+    layout: Layout | None = None,
+) -> Row:
     """One run's row of the results file, printed as it is taken."""
     row: Row = {
         "workload": workload.name,
@@ -1027,6 +1034,8 @@ def record(workload: Workload, target: str, result: dict[str, Any], server: Serv
         "config": workload.config,
         "result": result,
     }
+    if layout is not None:  # where the clients were
+        row["layout"] = dataclasses.asdict(layout) | {"idle_nodes": layout.idle_nodes}
     if server.hot_path is not None:
         row["hot_path"] = server.hot_path
     print(json.dumps(row), flush=True)
@@ -1092,7 +1101,7 @@ def run_cluster(args: argparse.Namespace, callgate: Callgate) -> int:
                 result = run_workload(cluster.servers, workload, layout)
             finally:
                 cluster.stop()
-            rows.append(record(workload, layout.target, result, cluster.servers[0]))
+            rows.append(record(workload, layout.target, result, cluster.servers[0], layout))
     rate = f"{workload.config['rate']:,}"
     idle = workload.config["idle"]
     notes.insert(

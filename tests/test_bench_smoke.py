@@ -99,6 +99,7 @@ def test_bench_cluster_smoke_run(tmp_path: Path) -> None:
         assert len(result["node_rss_mib"]) == result["processes"], row
         if target.startswith("cluster-"):
             assert result["processes"] == int(target.removeprefix("cluster-")), row
+    assert rows["idle-node"]["layout"]["idle_nodes"] == 2
     outside = rows["idle-node"]["result"]
     assert outside["processes"] == 3
     assert "idle_share" in outside  # (its memory share needs more clients than a smoke run's)
