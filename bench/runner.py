@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import json
 import os
@@ -377,7 +378,8 @@ class Server:
             self.process.wait()
         for pid, when in children:
             if when is not None and started(pid) == when:
-                os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+                    os.kill(pid, signal.SIGKILL)
         self.drain.join(5)  # the pipe is at its end once the processes are gone
         assert self.process.stdout is not None
         self.process.stdout.close()
