@@ -12,18 +12,30 @@ to another (`taskset -c 0`), both on loopback. The server's CPU time (user + sys
 /proc/PID/stat) is sampled when the generator starts and ends its measured phase; its memory
 (VmRSS) before the storm and once every client is connected and idle. Results go to
 bench/results/latest.jsonl (one line per server and workload) and bench/results/latest.md.
+
+--cluster instead measures scale-out under one fixed load (cluster_plan): one node with cluster
+mode off, clusters of --nodes nodes on Redis with every callee on another node than its caller,
+three nodes with one of them outside the traffic, and `serve --workers N`; nodes are configured
+only through the shipped config's [cluster] keys, and no process is pinned. Per node: CPU per
+message, memory with idle clients spread over the nodes; then the targets as ratios, PASS/FAIL.
+Results go to bench/results/cluster.{jsonl,md}.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import dataclasses
 import json
 import os
 import platform
 import resource
+import secrets
 import shlex
 import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +43,7 @@ import tempfile
 import threading
 import time
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,9 +66,18 @@ COLUMNS = {
     "callgate": ("callgate (wsproto, as shipped)", "ratio"),
     TRIO_WEBSOCKET: ("callgate (trio-websocket)", "ratio trio-websocket"),
 }
-# --cluster: one node against two cluster nodes on Redis, every callee on the other node.
-CLUSTER_TARGETS = ("callgate", "cluster-2-nodes")
+# --cluster: one node with cluster mode off, then clusters of --nodes nodes on Redis (every callee
+# on another node than its caller), a cluster with a node outside the traffic, and --workers;
+# K idle clients spread over the nodes.
+CLUSTER_NODES = "1,2,4"
+CLUSTER_IDLE = 4_000
+# A run where the machine was this busy (every process on every core) measured nodes that waited
+# for a core: they read more per wake-up, so their CPU per message is lower than it would be.
+SATURATED = 90  # percent
 REDIS_URL = os.environ.get("CALLGATE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+Row = dict[str, Any]  # one run of one workload on one server (or cluster): a line of NAME.jsonl
 
 
 class BenchError(Exception):
@@ -89,20 +111,16 @@ def scaling(smoke: bool) -> list[Workload]:
     ]
 
 
-def cluster_plan(smoke: bool) -> list[Workload]:
-    """Cross-node forwarding: W1 and W2 with the sender on one node and the receiver on another."""
+def cluster_plan(smoke: bool) -> Workload:
+    """The cluster run's one fixed load: W2's sparse forwarding at 2,000 msg/s, every callee on
+    another node than its caller, while K idle clients are spread evenly over the nodes (W5's
+    shape). Each run ends once every message sent has arrived (at most drain_s later)."""
     if smoke:
-        return [
-            Workload("W1", "cross-node smoke", {"pairs": 2, "window": 4, "seconds": 0.5}),
-            Workload("W2", "cross-node smoke", {"pairs": 2, "rate": 200, "seconds": 0.5}),
-        ]
-    return [
-        Workload(
-            "W1", "saturated, 50 pairs x 32 in flight", {"pairs": 50, "window": 32, "seconds": 5}
-        ),
-        Workload("W2", "sparse, 2,000 msg/s", {"pairs": 50, "rate": 2000, "seconds": 5}),
-        Workload("W2", "sparse, 10,000 msg/s", {"pairs": 50, "rate": 10000, "seconds": 5}),
-    ]
+        config = {"pairs": 4, "rate": 200, "seconds": 0.5, "idle": 24, "settle_ms": 100}
+        return Workload("W5", "cross-node smoke", config | {"drain_s": 2})
+    config = {"pairs": 50, "rate": 2000, "seconds": 10, "idle": CLUSTER_IDLE, "settle_ms": 1000}
+    label = f"2,000 msg/s cross-node, {CLUSTER_IDLE:,} idle clients"
+    return Workload("W5", label, config | {"drain_s": 10})
 
 
 def plan(smoke: bool, big: bool) -> list[Workload]:
@@ -140,6 +158,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
 
 
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of all the machine's cores since boot, whoever used them."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle, iowait = fields[3], fields[4]  # user nice system idle iowait irq softirq steal
+    return sum(fields) - idle - iowait, sum(fields)
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -159,8 +184,17 @@ def big_storm_size() -> int:
     return 50_000 if hard == resource.RLIM_INFINITY else min(50_000, hard - 1_000)
 
 
-def pinned(core: str, command: list[str]) -> list[str]:
-    return ["taskset", "-c", core, *command] if shutil.which("taskset") else command
+def free_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on now: runs of the bench (the test suite's smoke
+    run among them, in other trees) share the machine, so no fixed range is safe."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def pinned(core: str | None, command: list[str]) -> list[str]:
+    """`command` on one core (None: wherever the scheduler puts it)."""
+    return ["taskset", "-c", core, *command] if core and shutil.which("taskset") else command
 
 
 def overrides(path: Path = RAISED_LIMITS) -> dict[str, str]:
@@ -208,7 +242,8 @@ class Callgate:
             **self.overlay,
             "CALLGATE_AUTH_SECRET": SECRET,  # the load generator signs its tokens with it
             "CALLGATE_AUDIT_KEY": AUDIT_KEY,
-            "CALLGATE_AUDIT_PATH": str(workdir / f"audit-{port}.log"),
+            # A file of its own: a port may come back later in the run, a trail must not.
+            "CALLGATE_AUDIT_PATH": str(workdir / f"audit-{port}-{secrets.token_hex(4)}.log"),
             # Metrics stay on; on a port of their own per server, not the shipped 9464 that any
             # other callgate on the machine may hold.
             "CALLGATE_METRICS_PORT": "0",
@@ -216,6 +251,14 @@ class Callgate:
 
 
 class Server:
+    """One server process (a callgate node, or the reference), started and listening.
+
+    `serve_args` go after `callgate serve ...` (`--workers 2`); `listeners` is how many listening
+    lines to wait for (one per worker process); `core` the core it is pinned to (None: none).
+    `wait=False` returns at once: call `wait_until_listening()` before use (start_cluster starts
+    its nodes side by side).
+    """
+
     def __init__(
         self,
         target: str,
@@ -223,14 +266,21 @@ class Server:
         workdir: Path,
         callgate: Callgate,
         extra_env: dict[str, str] | None = None,
+        *,
+        serve_args: tuple[str, ...] = (),
+        listeners: int = 1,
+        core: str | None = SERVER_CORE,
+        wait: bool = True,
     ) -> None:
         self.target = target
         self.port = port
         self.hot_path: str | None = None
+        self.expected_hot_path = callgate.hot_path
+        self.listeners = listeners
         if target == "reference":
             command = ["node", str(BENCH / "reference" / "server.mjs"), str(port)]
             env = dict(os.environ)
-            ready = "listening"
+            self.ready = "listening"
         else:
             command = [
                 *callgate.command,
@@ -239,56 +289,76 @@ class Server:
                 str(SHIPPED_CONFIG),
                 "--port",
                 str(port),
+                *serve_args,
             ]
             env = callgate.environment(port, workdir) | (extra_env or {})
             if target == TRIO_WEBSOCKET:
                 env["CALLGATE_SERVER_ENGINE"] = "trio-websocket"
-            ready = '"listening"'
+            self.ready = '"listening"'
+        self.output: collections.deque[str] = collections.deque(maxlen=50)
+        self.listening: list[str] = []
+        self.ended = False
+        self.changed = threading.Condition()
         self.process = subprocess.Popen(  # noqa: S603 - our own commands
-            pinned(SERVER_CORE, command),
+            pinned(core, command),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,
             text=True,
             preexec_fn=_raise_fd_limit,
         )
-        self.output: collections.deque[str] = collections.deque(maxlen=50)
-        self.drain: threading.Thread | None = None
+        # Read what the server logs from the start, so a full pipe never blocks it mid-run and a
+        # silent server cannot block the wait below.
+        self.drain = threading.Thread(target=self._drain, daemon=True)
+        self.drain.start()
+        if wait:
+            self.wait_until_listening()
+
+    def wait_until_listening(self) -> None:
+        """Raises BenchError (after stopping the server) unless it listens within 30 s with the
+        hot path it must report."""
         try:
-            self._wait_until_listening(ready, callgate.hot_path)
+            self._wait_until_listening()
         except BaseException:
             self.stop()
             raise
-        # Keep reading what the server logs, so a full pipe never blocks it mid-run.
-        self.drain = threading.Thread(target=self._drain, daemon=True)
-        self.drain.start()
 
-    def _wait_until_listening(self, ready: str, hot_path: str | None) -> None:
-        assert self.process.stdout is not None
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            line = self.process.stdout.readline()
-            self.output.append(line)
-            if not line:
-                raise BenchError(f"{self.target} exited before listening: {self.log()}")
-            if ready not in line:
-                continue
-            if self.target == "reference":
-                return
-            self.hot_path = json.loads(line).get("hot_path")
-            if hot_path is not None and self.hot_path != hot_path:
-                raise BenchError(
-                    f"{self.target} runs the hot path {self.hot_path!r}, not {hot_path!r}: this"
-                    " is not the build the bench measures. bench/run installs it with"
-                    f" bench/install.py; its listening line: {line.strip()}"
-                )
+    def _wait_until_listening(self) -> None:
+        with self.changed:
+            self.changed.wait_for(lambda: self.listening or self.ended, timeout=30)
+            if not self.listening:
+                if self.ended:
+                    raise BenchError(f"{self.target} exited before listening: {self.log()}")
+                raise BenchError(f"{self.target} did not listen within 30 s: {self.log()}")
+            # Worker processes each say they listen; a few seconds for the others.
+            self.changed.wait_for(
+                lambda: len(self.listening) >= self.listeners or self.ended, timeout=10
+            )
+            if self.ended:
+                raise BenchError(f"{self.target} exited after it listened: {self.log()}")
+            line = self.listening[0]
+        if self.target == "reference":
             return
-        raise BenchError(f"{self.target} did not listen within 30 s: {self.log()}")
+        self.hot_path = json.loads(line).get("hot_path")
+        hot_path = self.expected_hot_path
+        if hot_path is not None and self.hot_path != hot_path:
+            raise BenchError(
+                f"{self.target} runs the hot path {self.hot_path!r}, not {hot_path!r}: this"
+                " is not the build the bench measures. bench/run installs it with"
+                f" bench/install.py; its listening line: {line.strip()}"
+            )
 
     def _drain(self) -> None:
         assert self.process.stdout is not None
         for line in self.process.stdout:
-            self.output.append(line)
+            with self.changed:
+                self.output.append(line)
+                if self.ready in line:
+                    self.listening.append(line)
+                    self.changed.notify_all()
+        with self.changed:
+            self.ended = True
+            self.changed.notify_all()
 
     def log(self) -> str:
         return "".join(self.output)[-3000:]
@@ -298,74 +368,223 @@ class Server:
         return f"ws://127.0.0.1:{self.port}" + ("" if self.target == "reference" else "/ws")
 
     def stop(self) -> None:
+        # Worker processes of `--workers` end with their parent; any left after it are killed.
+        children = [(pid, started(pid)) for pid in process_tree(self.process.pid)[1:]]
         self.process.terminate()
         try:
             self.process.wait(10)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        if self.drain is not None:
-            self.drain.join(5)  # the pipe is at its end once the process is gone
+        for pid, when in children:
+            if when is not None and started(pid) == when:
+                with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+                    os.kill(pid, signal.SIGKILL)
+        self.drain.join(5)  # the pipe is at its end once the processes are gone
         assert self.process.stdout is not None
         self.process.stdout.close()
 
 
-def start_cluster(port: int, workdir: Path, callgate: Callgate) -> list[Server]:
-    """Two nodes of a fresh cluster on the Redis at REDIS_URL, both on the server core."""
-    name = f"bench-{port}"
-    env = {
-        "CALLGATE_CLUSTER_ENABLED": "true",
-        "CALLGATE_CLUSTER_REDIS_URL": REDIS_URL,
-        "CALLGATE_CLUSTER_NAME": name,
-        "CALLGATE_CLUSTER_KEY": SECRET,
-    }
-    first = Server("cluster-2-nodes", port, workdir, callgate, env)
+def started(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot), or None if it is gone: with the pid, it
+    names one process (a pid is reused)."""
     try:
-        return [first, Server("cluster-2-nodes", port + 1, workdir, callgate, env)]
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and every process under it (a server of `--workers` processes), root first."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        children.setdefault(parent, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        tree.append(pid)
+        todo.extend(sorted(children.get(pid, [])))
+    return tree
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One column of the cluster run: the processes, and where the load generator's clients go."""
+
+    target: str  # the rows' name for it
+    title: str  # its column in the table
+    nodes: int  # node processes started (1 without cluster mode)
+    cluster: bool  # [cluster] enabled
+    traffic_nodes: int  # the traffic's pairs go round the first this many nodes
+    workers: int = 1  # `callgate serve --workers N` (one process started, N listening)
+
+    @property
+    def idle_nodes(self) -> int:
+        """The workload's idle clients go round the first this many nodes: every node, but in
+        a cluster with a node outside the traffic only the traffic's (the others hold none)."""
+        return self.traffic_nodes
+
+
+ONE_NODE = "one-node"
+IDLE_NODE = "idle-node"
+
+
+def cluster_layouts(nodes: list[int], workers: int) -> list[Layout]:
+    """One node with cluster mode off, then a cluster of each size in `nodes`, then three nodes
+    with the traffic on two (the idle-node share), then `--workers` if asked for (0: not)."""
+    layouts = [Layout(ONE_NODE, "one node, cluster off", 1, False, 1)]
+    layouts += [
+        Layout(f"cluster-{n}", f"cluster, {n} node{'s' if n > 1 else ''}", n, True, n)
+        for n in nodes
+    ]
+    # The node with no client in the traffic holds no client at all: its CPU is what the
+    # traffic of the others costs it (and its own heartbeats), not pings to idle clients, and its
+    # memory what it keeps for the other nodes' clients.
+    layouts.append(Layout(IDLE_NODE, "cluster, 3 nodes, traffic on 2", 3, True, 2))
+    if workers > 1:
+        title = f"`serve --workers {workers}`"
+        layouts.append(Layout(f"workers-{workers}", title, 1, True, 1, workers=workers))
+    return layouts
+
+
+def serves_workers(callgate: Callgate) -> bool:
+    """Whether this callgate's `serve` has --workers (its `--help` says so)."""
+    run = subprocess.run(  # noqa: S603 - our own command
+        [*callgate.command, "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return "--workers" in run.stdout
+
+
+def start_cluster(layout: Layout, workdir: Path, callgate: Callgate) -> Cluster:
+    """The layout's processes, started side by side; the nodes of a cluster on the Redis at
+    REDIS_URL under a fresh name, configured only through the shipped config's [cluster] keys
+    (enabled, redis_url, name, key) as environment overrides. Pinned to no core: four nodes of
+    the replicated design need more than one core at the cluster run's load, and the workers of
+    `--workers` are there to use several."""
+    ports = [free_port() for _ in range(layout.nodes)]
+    name = f"bench-{ports[0]}-{secrets.token_hex(4)}"  # in no other name, not even a later run's
+    env = (
+        {
+            "CALLGATE_CLUSTER_ENABLED": "true",
+            "CALLGATE_CLUSTER_REDIS_URL": REDIS_URL,
+            "CALLGATE_CLUSTER_NAME": name,
+            "CALLGATE_CLUSTER_KEY": SECRET,
+        }
+        if layout.cluster
+        else {}
+    )
+    extra = ("--workers", str(layout.workers)) if layout.workers > 1 else ()
+    servers: list[Server] = []
+    try:
+        for index in range(layout.nodes):
+            servers.append(
+                Server(
+                    layout.target,
+                    ports[index],
+                    workdir,
+                    callgate,
+                    env,
+                    serve_args=extra,
+                    listeners=layout.workers,
+                    core=None,
+                    wait=False,
+                )
+            )
+        for server in servers:
+            server.wait_until_listening()
     except BaseException:
-        first.stop()
+        for server in servers:
+            server.stop()
+        if layout.cluster:
+            drop_cluster(name)
         raise
+    return Cluster(layout, servers, name if layout.cluster else None)
 
 
-def drop_cluster(port: int) -> None:
-    """Remove the throw-away cluster's keys from Redis."""
+@dataclass(frozen=True)
+class Cluster:
+    layout: Layout
+    servers: list[Server]
+    name: str | None  # of the cluster in Redis; None with cluster mode off
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+        if self.name is not None:
+            drop_cluster(self.name)
+
+
+def drop_cluster(name: str) -> None:
+    """Delete every Redis key of the throw-away cluster `name`.
+
+    Self-contained on purpose (redis-py's SCAN and DEL, nothing of callgate.cluster): the
+    cluster's code and its key layout change, while its name stays in every key, as a prefix
+    `name:` or a hash tag `{name}`. The bench's names end in a random part, so no other
+    cluster's key matches `*name*`.
+    """
     import redis  # only the cluster run needs Redis
 
+    pattern = "*" + "".join(f"\\{c}" if c in "*?[]\\" else c for c in name) + "*"
     client = redis.Redis.from_url(REDIS_URL)
     try:
-        keys = list(client.scan_iter(match=f"bench-{port}:*"))
-        if keys:
-            client.delete(*keys)
+        batch: list[bytes] = []
+        for key in client.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                client.delete(*batch)
+                batch.clear()
+        if batch:
+            client.delete(*batch)
     finally:
         client.close()
 
 
 class Processes:
-    """The CPU time and memory of one server, or the sum over a cluster's nodes."""
+    """The CPU time and memory of each process of a server, or of each node of a cluster."""
 
     def __init__(self, servers: list[Server]) -> None:
-        self.pids = [server.process.pid for server in servers]
+        self.pids = [pid for server in servers for pid in process_tree(server.process.pid)]
 
-    def cpu(self) -> float:
-        return sum(cpu_seconds(pid) for pid in self.pids)
+    def cpu(self) -> list[float]:
+        return [cpu_seconds(pid) for pid in self.pids]
 
-    def rss(self) -> int:
-        return sum(rss_kib(pid) for pid in self.pids)
+    def rss(self) -> list[int]:
+        return [rss_kib(pid) for pid in self.pids]
 
 
-def run_workload(servers: list[Server], workload: Workload) -> dict[str, Any]:
+def run_workload(
+    servers: list[Server], workload: Workload, layout: Layout | None = None
+) -> dict[str, Any]:
+    """One run of the load generator against `servers`; with a cluster `layout`, its clients go
+    where the layout says and the result has per-node figures too."""
     server = servers[0]
     config = {
         "target": "reference" if server.target == "reference" else "callgate",
         "url": server.url,
-        "peer_url": servers[-1].url,
         "secret": SECRET,
         "workload": workload.name,
         **workload.config,
     }
+    if layout is not None:
+        config["urls"] = [s.url for s in servers]
+        config["traffic_nodes"] = layout.traffic_nodes
+        config["idle_nodes"] = layout.idle_nodes
     measure = Processes(servers)
     generator = subprocess.Popen(  # noqa: S603
-        pinned(LOADGEN_CORE, ["node", str(BENCH / "loadgen" / "loadgen.mjs"), json.dumps(config)]),
+        pinned(
+            None if layout else LOADGEN_CORE,
+            ["node", str(BENCH / "loadgen" / "loadgen.mjs"), json.dumps(config)],
+        ),
         stdout=subprocess.PIPE,
         text=True,
         preexec_fn=_raise_fd_limit,
@@ -378,8 +597,10 @@ def run_workload(servers: list[Server], workload: Workload) -> dict[str, Any]:
         phase = message.get("phase")
         if phase == "start":
             measured["cpu_start"], measured["rss_start"] = measure.cpu(), measure.rss()
+            measured["wall_start"], measured["machine_start"] = time.monotonic(), machine_ticks()
         elif phase == "end":
             measured["cpu_end"] = measure.cpu()
+            measured["wall_end"], measured["machine_end"] = time.monotonic(), machine_ticks()
         elif phase == "idle":
             measured["rss_idle"] = measure.rss()
         elif "result" in message or "error" in message:
@@ -388,19 +609,59 @@ def run_workload(servers: list[Server], workload: Workload) -> dict[str, Any]:
     result: dict[str, Any] = dict(measured.get("result") or {})
     if "error" in measured:
         result["error"] = measured["error"]
-    cpu = measured.get("cpu_end", 0.0) - measured.get("cpu_start", 0.0)
+    starts, ends = measured.get("cpu_start"), measured.get("cpu_end")
+    node_cpu = [e - s for s, e in zip(starts, ends, strict=True)] if starts and ends else []
+    cpu = sum(node_cpu)
     result["server_cpu_s"] = round(cpu, 4)
     units = result.get("messages") or result.get("connections") or result.get("calls")
     if units:
         per = "conn" if "connections" in result else "call" if "calls" in result else "msg"
         result[f"cpu_us_per_{per}"] = round(cpu * 1e6 / units, 2)
-    if "rss_idle" in measured and result.get("connections"):
-        grown = measured["rss_idle"] - measured.get("rss_start", rss_before)
+    rss_idle = measured.get("rss_idle")
+    if rss_idle and result.get("connections"):
+        grown = sum(rss_idle) - sum(measured.get("rss_start", rss_before))
         result["kib_per_idle_conn"] = round(grown / result["connections"], 2)
-        result["server_rss_kib"] = measured["rss_idle"]
-    if "rss_idle" in measured and "idle" in result:
-        result["server_rss_mib"] = round(measured["rss_idle"] / 1024, 1)
+        result["server_rss_kib"] = sum(rss_idle)
+    if rss_idle and "idle" in result:
+        result["server_rss_mib"] = round(sum(rss_idle) / 1024, 1)
+    if layout is not None:
+        result["processes"] = len(measure.pids)
+        if "wall_end" in measured:
+            result["server_cores"] = round(cpu / (measured["wall_end"] - measured["wall_start"]), 2)
+            # Everything on the machine (the generator, Redis, anyone else's work): near 100%,
+            # the nodes wait for a core, take more per read and so spend less per message.
+            (busy_start, total_start), (busy_end, total_end) = (
+                measured["machine_start"],
+                measured["machine_end"],
+            )
+            if total_end > total_start:
+                busy = (busy_end - busy_start) / (total_end - total_start)
+                result["machine_busy_pct"] = round(100 * busy, 1)
+        if units and node_cpu:
+            result["node_cpu_us_per_msg"] = [round(c * 1e6 / units, 2) for c in node_cpu]
+            if share := outsider_share(node_cpu, layout):
+                result["idle_share"] = share
+        if rss_idle:
+            result["node_rss_mib"] = [round(kib / 1024, 1) for kib in rss_idle]
+            grown = [after - before for before, after in zip(rss_before, rss_idle, strict=True)]
+            if result.get("idle") and layout.idle_nodes == layout.nodes:
+                # Every node's growth over the clients of the whole cluster: a node that holds
+                # only its own connections grows by K/N of them, so this stays flat in N; a node
+                # that holds every user grows by K, and this grows with N.
+                result["kib_per_client"] = round(sum(grown) / result["idle"], 2)
+            if result.get("idle") and (share := outsider_share(grown, layout)):
+                # What a node keeps for the other nodes' clients, against a node that holds them.
+                result["idle_memory_share"] = share
     return result
+
+
+def outsider_share(figures: Sequence[float], layout: Layout) -> float | None:
+    """The most any node outside the traffic (and holding no client) spent, as a fraction of the
+    mean of the traffic's nodes; None unless the layout has such a node."""
+    busy, outside = figures[: layout.traffic_nodes], figures[layout.traffic_nodes :]
+    if not outside or layout.workers > 1 or sum(busy) <= 0:
+        return None
+    return round(max(0, max(outside)) / (sum(busy) / len(busy)), 4)
 
 
 METRICS = [
@@ -457,6 +718,9 @@ def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             values = [r[key] for r in results if isinstance(r.get(key), int | float)]
             if values:
                 result[key] = statistics.median(values)
+            lists = [r[key] for r in results if isinstance(r.get(key), list)]
+            if lists and len({len(v) for v in lists}) == 1:  # per node: node by node
+                result[key] = [statistics.median(v) for v in zip(*lists, strict=True)]
         errors = [r["error"] for r in results if "error" in r]
         if errors:
             result["error"] = errors[0]
@@ -464,26 +728,133 @@ def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return merged
 
 
-def cluster_table(rows: list[dict[str, Any]]) -> str:
-    """One node against two cluster nodes (sender and receiver on different nodes)."""
-    by_key: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
-    for row in rows:
-        by_key.setdefault((row["workload"], row["label"]), {})[row["target"]] = row["result"]
-    lines = [
-        "| workload | metric | one node | two nodes, cross-node | ratio |",
-        "|---|---|---:|---:|---:|",
+# The cluster run's table: (result key, row title); per-node keys hold one figure per node.
+CLUSTER_METRICS = [
+    ("processes", "node processes"),
+    ("delivered", "messages delivered / sent"),
+    ("cpu_us_per_msg", "server CPU µs/msg, all nodes together"),
+    ("server_cores", "cores busy with the nodes during the traffic"),
+    ("machine_busy_pct", "machine busy %, all processes and cores (saturated from 90)"),
+    ("node_cpu_us_per_msg", "server CPU µs/msg, per node"),
+    ("idle_share", "CPU of the node with no client in the traffic / a busy node's"),
+    ("p50_ms", "p50 ms"),
+    ("p99_ms", "p99 ms"),
+    ("max_ms", "max ms"),
+    ("node_rss_mib", "memory per node MiB, idle clients spread over the nodes"),
+    ("kib_per_client", "memory KiB per idle client, all nodes together"),
+    ("idle_memory_share", "memory grown on the node with no client / on a node with half"),
+]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A target of the cluster run: the ratio of one figure of one column to another's."""
+
+    what: str
+    key: str
+    ours: str  # target (column) measured
+    theirs: str | None  # the column it is divided by; None: the figure is a ratio already
+    limit: float
+    traffic: bool = True  # measured during the traffic (a saturated machine distorts it)
+
+
+def cluster_targets(rate: str) -> list[Target]:
+    """docs/performance.md, "Across nodes": what the routing design must show, all in one run."""
+    return [
+        Target(
+            "total CPU per cross-node message, 4 nodes / 2 nodes",
+            "cpu_us_per_msg",
+            "cluster-4",
+            "cluster-2",
+            1.15,
+        ),
+        Target(
+            "CPU of a node with no client in the traffic / a busy node's",
+            "idle_share",
+            IDLE_NODE,
+            None,
+            0.10,
+        ),
+        Target(
+            f"cross-node CPU per message at {rate} msg/s, 2 nodes / one node with cluster off",
+            "cpu_us_per_msg",
+            "cluster-2",
+            ONE_NODE,
+            2.0,
+        ),
+        Target(
+            f"cross-node p99 at {rate} msg/s, 2 nodes / one node with cluster off",
+            "p99_ms",
+            "cluster-2",
+            ONE_NODE,
+            2.0,
+        ),
+        # Memory grows with a node's own connections, not the cluster's. Per client, all nodes
+        # together: c + N r with c a node's cost per own connection and r what every node keeps
+        # per user of the cluster, so 4 nodes / 2 = (c + 4r) / (c + 2r): 1 when r = 0, and 1.05
+        # lets r be 2.5% of c. RSS is steady here (the replicated design measured 1.10-1.11 in
+        # five runs).
+        Target(
+            "memory per idle client, all nodes together, 4 nodes / 2 nodes",
+            "kib_per_client",
+            "cluster-4",
+            "cluster-2",
+            1.05,
+            traffic=False,
+        ),
+        # The same seen directly: K clients on two nodes, memory grown on the third (K r) over
+        # that of one of the two (K c / 2 + K r).
+        Target(
+            "memory grown on a node with no client / on a node with half of them",
+            "idle_memory_share",
+            IDLE_NODE,
+            None,
+            0.05,
+            traffic=False,
+        ),
     ]
-    for (name, label), results in by_key.items():
-        single, cluster = results.get("callgate", {}), results.get("cluster-2-nodes", {})
-        for key, title in METRICS:
-            if key in single or key in cluster:
-                a, b = cluster.get(key), single.get(key)
-                lines.append(
-                    f"| {name} {label} | {title} | {_fmt(b)} | {_fmt(a)} | {_ratio(a, b)} |"
-                )
-        for target, result in results.items():
-            if "error" in result:
-                lines.append(f"| {name} {label} | error ({target}) | {result['error']} | | |")
+
+
+def cluster_table(rows: list[dict[str, Any]], layouts: list[Layout], rate: str) -> str:
+    """Every layout side by side (medians of `rows`), then the targets as ratios with PASS/FAIL."""
+    results = {row["target"]: row["result"] for row in rows}
+    for result in results.values():
+        if "messages" in result and "sent" in result:
+            result["delivered"] = f"{_fmt(result['messages'])} / {_fmt(result['sent'])}"
+    columns = [layout for layout in layouts if layout.target in results]
+    lines = [
+        "| metric | " + " | ".join(layout.title for layout in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for key, title in CLUSTER_METRICS:
+        cells = [results[layout.target].get(key) for layout in columns]
+        if any(cell is not None for cell in cells):
+            lines.append(f"| {title} | " + " | ".join(_fmt(cell) for cell in cells) + " |")
+    for layout in columns:
+        if "error" in results[layout.target]:
+            lines.append(f"| error ({layout.title}) | {results[layout.target]['error']} |")
+    lines += ["", "| target | measured | limit | result | caveat |", "|---|---:|---:|---|---|"]
+    titles = {layout.target: layout.title for layout in columns}
+    for target in cluster_targets(rate):
+        ours = results.get(target.ours, {}).get(target.key)
+        theirs = 1 if target.theirs is None else results.get(target.theirs, {}).get(target.key)
+        numbers = isinstance(ours, int | float) and isinstance(theirs, int | float) and theirs
+        if numbers:
+            ratio = ours / theirs
+            verdict = "PASS" if ratio <= target.limit else "FAIL"
+            measured = f"{ratio:.2f}x" if target.theirs else f"{ratio:.2f}"
+        else:
+            verdict, measured = "not measured", "-"
+        limit = f"<= {target.limit:.2f}" + ("x" if target.theirs else "")
+        saturated = [
+            titles[column]
+            for column in (target.ours, target.theirs)
+            if target.traffic
+            and column in titles
+            and results[column].get("machine_busy_pct", 0) >= SATURATED
+        ]
+        caveat = f"machine saturated in: {'; '.join(saturated)}" if saturated else ""
+        lines.append(f"| {target.what} | {measured} | {limit} | {verdict} | {caveat} |")
     return "\n".join(lines)
 
 
@@ -495,6 +866,8 @@ def _ratio(ours: Any, theirs: Any) -> str:
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, list):
+        return ", ".join(_fmt(v) for v in value)
     if isinstance(value, float):
         return f"{value:,.2f}" if value < 1000 else f"{value:,.0f}"
     return f"{value:,}" if isinstance(value, int) else str(value)
@@ -527,6 +900,17 @@ def describe_build(callgate: Callgate, rows: list[dict[str, Any]]) -> str:
     )
 
 
+def node_counts(text: str) -> list[int]:
+    """--nodes: cluster sizes, comma-separated ("1,2,4")."""
+    try:
+        counts = sorted({int(part) for part in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of node counts: {text!r}") from None
+    if not counts or counts[0] < 1 or counts[-1] > 8:
+        raise argparse.ArgumentTypeError(f"node counts go from 1 to 8: {text!r}")
+    return counts
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny counts: seconds, for CI")
@@ -545,7 +929,21 @@ def main() -> int:
     parser.add_argument(
         "--cluster",
         action="store_true",
-        help="instead: one node against two cluster nodes on Redis (sender and receiver apart)",
+        help="instead: cross-node forwarding on clusters of --nodes nodes on Redis, one node"
+        " with cluster mode off, a node outside the traffic, and --workers, side by side",
+    )
+    parser.add_argument(
+        "--nodes",
+        type=node_counts,
+        default=node_counts(CLUSTER_NODES),
+        help=f"--cluster: the cluster sizes measured (default {CLUSTER_NODES})",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="--cluster: also `callgate serve --workers N` (default 2; 0: not), skipped with a"
+        " note when this callgate's serve has no --workers",
     )
     parser.add_argument(
         "--repeat",
@@ -580,24 +978,23 @@ def main() -> int:
     if not args.callgate.strip() or not shutil.which(callgate.command[0]):
         print(f"bench/run: no callgate command {args.callgate!r} (bench/run installs one)")
         return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.cluster:
+        return run_cluster(args, callgate)
     workloads = plan(args.smoke, args.big)
     if args.scaling or args.only == "W5":
         workloads += scaling(args.smoke)
-    if args.cluster:
-        workloads = cluster_plan(args.smoke)
     workloads = [w for w in workloads if not args.only or w.name == args.only]
     if not workloads:
         print(f"bench/run: no workload named {args.only!r} in this plan")
         return 2
-    targets: tuple[str, ...] = CLUSTER_TARGETS if args.cluster else TARGETS
-    if args.trio_websocket and not args.cluster:
+    targets: tuple[str, ...] = TARGETS
+    if args.trio_websocket:
         targets = (*targets, TRIO_WEBSOCKET)
-    args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    port = 18700
     with tempfile.TemporaryDirectory() as workdir:
         try:  # the build and the config first, before minutes of workloads: one start
-            Server("callgate", port, Path(workdir), callgate).stop()
+            Server("callgate", free_port(), Path(workdir), callgate).stop()
         except BenchError as error:
             print(f"bench/run: FAILED: {error}", file=sys.stderr)
             return 2
@@ -610,46 +1007,131 @@ def main() -> int:
             for target in targets
         ]
         for workload, target in runs:
-            port += 2
             try:
-                if target == "cluster-2-nodes":
-                    servers = start_cluster(port, Path(workdir), callgate)
-                else:
-                    servers = [Server(target, port, Path(workdir), callgate)]
+                server = Server(target, free_port(), Path(workdir), callgate)
             except BenchError as error:
                 print(f"bench/run: FAILED: {error}", file=sys.stderr)
                 return 2
             try:
-                result = run_workload(servers, workload)
+                result = run_workload([server], workload)
             finally:
-                for server in servers:
-                    server.stop()
-                if target == "cluster-2-nodes":
-                    drop_cluster(port)
-            row = {
-                "workload": workload.name,
-                "label": workload.label,
-                "target": target,
-                "config": workload.config,
-                "result": result,
-            }
-            if servers[0].hot_path is not None:
-                row["hot_path"] = servers[0].hot_path
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+                server.stop()
+            rows.append(record(workload, target, result, server))
+    name = args.name or ("smoke" if args.smoke else "latest")
+    return write_results(args, name, callgate, rows, table(medians(rows)))
+
+
+def record(
+    workload: Workload,
+    target: str,
+    result: dict[str, Any],
+    server: Server,
+    layout: Layout | None = None,
+) -> Row:
+    """One run's row of the results file, printed as it is taken."""
+    row: Row = {
+        "workload": workload.name,
+        "label": workload.label,
+        "target": target,
+        "config": workload.config,
+        "result": result,
+    }
+    if layout is not None:  # where the clients were
+        row["layout"] = dataclasses.asdict(layout) | {"idle_nodes": layout.idle_nodes}
+    if server.hot_path is not None:
+        row["hot_path"] = server.hot_path
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def write_results(
+    args: argparse.Namespace,
+    name: str,
+    callgate: Callgate,
+    rows: list[Row],
+    tables: str,
+    notes: str = "",
+    where: str = f"server on core {SERVER_CORE}, load generator on core {LOADGEN_CORE}",
+) -> int:
+    """NAME.jsonl (every run) and NAME.md (the tables) under --out; 1 if a run failed."""
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    name = args.name or ("smoke" if args.smoke else "cluster" if args.cluster else "latest")
     (args.out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     repeats = f"; medians of {args.repeat} runs each, taken in turn" if args.repeat > 1 else ""
+    notes = f"{notes}\n" if notes else ""
     markdown = (
-        f"Run {when} on {machine}; server on core {SERVER_CORE}, load generator on core"
-        f" {LOADGEN_CORE}{repeats}.\n{describe_build(callgate, rows)}\n\n"
-        f"{cluster_table(medians(rows)) if args.cluster else table(medians(rows))}\n"
+        f"Run {when} on {machine}; {where}{repeats}.\n{describe_build(callgate, rows)}\n"
+        f"{notes}\n{tables}\n"
     )
     (args.out / f"{name}.md").write_text(markdown)
     print(markdown)
     return 1 if any("error" in r["result"] for r in rows) else 0
+
+
+def run_cluster(args: argparse.Namespace, callgate: Callgate) -> int:
+    """--cluster: every layout (cluster_layouts) under the one load of cluster_plan, in turn."""
+    workload = cluster_plan(args.smoke)
+    layouts = cluster_layouts(args.nodes, args.workers)
+    notes = []
+    if args.workers > 1 and not serves_workers(callgate):
+        note = f"workers-{args.workers} skipped: this callgate's `serve --help` has no --workers."
+        print(f"bench/run: {note}", flush=True)
+        notes.append(note)
+        layouts = [layout for layout in layouts if layout.workers == 1]
+    elif args.workers > 1:
+        notes.append(
+            f"`serve --workers {args.workers}` counts every process under the command (the"
+            " parent too); its clients all go to its one port, so which worker holds a callee"
+            " is the kernel's choice."
+        )
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as workdir:
+        try:  # the build and the config first, before minutes of workloads: one start
+            Server("callgate", free_port(), Path(workdir), callgate).stop()
+        except BenchError as error:
+            print(f"bench/run: FAILED: {error}", file=sys.stderr)
+            return 2
+        # Rounds alternate the layouts, so a noisy moment of a shared machine is spread over
+        # all of them instead of falling on one.
+        for layout in [layout for _ in range(args.repeat) for layout in layouts]:
+            try:
+                cluster = start_cluster(layout, Path(workdir), callgate)
+            except BenchError as error:
+                print(f"bench/run: FAILED: {error}", file=sys.stderr)
+                return 2
+            try:
+                result = run_workload(cluster.servers, workload, layout)
+            finally:
+                cluster.stop()
+            rows.append(record(workload, layout.target, result, cluster.servers[0], layout))
+    rate = f"{workload.config['rate']:,}"
+    idle = workload.config["idle"]
+    notes.insert(
+        0,
+        f"One load for every column: {rate} msg/s of `ice-candidate` over"
+        f" {workload.config['pairs']} pairs in a call, each callee on another node than its"
+        f" caller (with one node, on it), while {idle:,} idle clients are spread evenly over"
+        " the nodes (in the idle-node column over its two traffic nodes: the third holds no"
+        " client at all)."
+        " CPU and memory from /proc per node process.",
+    )
+    where = f"no process pinned to a core (nodes, load generator, Redis at {redact(REDIS_URL)})"
+    name = args.name or ("smoke" if args.smoke else "cluster")
+    return write_results(
+        args,
+        name,
+        callgate,
+        rows,
+        cluster_table(medians(rows), layouts, rate),
+        " ".join(notes),
+        where,
+    )
+
+
+def redact(url: str) -> str:
+    """A Redis URL without its password."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.rpartition('@')[2]}"
 
 
 if __name__ == "__main__":

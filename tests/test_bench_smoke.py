@@ -8,17 +8,21 @@ not: --any-hot-path), with the same shipped config and raised limits.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 ROOT = Path(__file__).parent.parent
 CALLGATE = shlex.join([sys.executable, "-m", "callgate"])
@@ -75,16 +79,71 @@ def test_bench_smoke_run(tmp_path: Path) -> None:
     not READY, reason="Node or the bench's npm packages missing (scripts/test installs them)"
 )
 def test_bench_cluster_smoke_run(tmp_path: Path) -> None:
-    """The cross-node run: two cluster nodes on the test Redis against one node."""
+    """The cluster run on the test Redis: one node with cluster mode off, clusters of 1, 2 and 4
+    nodes, three nodes with one outside the traffic (and `serve --workers 2` once serve has it),
+    with per-node figures and a verdict for every target."""
     run_bench("--cluster", "--out", str(tmp_path), "--name", "cluster-smoke")
     lines = (tmp_path / "cluster-smoke.jsonl").read_text().splitlines()
-    rows = [json.loads(line) for line in lines]
-    assert {(r["workload"], r["target"]) for r in rows} == {
-        (w, t) for w in ("W1", "W2") for t in ("callgate", "cluster-2-nodes")
+    rows = {json.loads(line)["target"]: json.loads(line) for line in lines}
+    assert set(rows) - {"workers-2"} == {
+        "one-node",
+        "cluster-1",
+        "cluster-2",
+        "cluster-4",
+        "idle-node",
     }
-    for row in rows:
-        assert "error" not in row["result"], row
-    assert "| one node | two nodes, cross-node |" in (tmp_path / "cluster-smoke.md").read_text()
+    for target, row in rows.items():
+        result = row["result"]
+        assert "error" not in result, row
+        assert len(result["node_cpu_us_per_msg"]) == result["processes"], row
+        assert len(result["node_rss_mib"]) == result["processes"], row
+        if target.startswith("cluster-"):
+            assert result["processes"] == int(target.removeprefix("cluster-")), row
+    assert rows["idle-node"]["layout"]["idle_nodes"] == 2
+    outside = rows["idle-node"]["result"]
+    assert outside["processes"] == 3
+    assert "idle_share" in outside  # (its memory share needs more clients than a smoke run's)
+    table = (tmp_path / "cluster-smoke.md").read_text()
+    assert (
+        "| metric | one node, cluster off | cluster, 1 node | cluster, 2 nodes | cluster, 4 nodes"
+        " | cluster, 3 nodes, traffic on 2 |"
+    ) in table
+    verdicts = r"\| (PASS|FAIL|not measured) \|"
+    assert len([line for line in table.splitlines() if re.search(verdicts, line)]) == 6, table
+    if "workers-2" not in rows:
+        assert "workers-2 skipped: this callgate's `serve --help` has no --workers" in table
+
+
+def test_bench_drops_every_key_of_its_cluster_and_no_other() -> None:
+    """The bench cleans up its throw-away clusters by their name alone, as a prefix or as a hash
+    tag anywhere in a key, without the cluster's code (which changes under it)."""
+    runner = load_runner()
+    name = f"bench-1-{uuid.uuid4().hex[:8]}*?"  # glob characters stand for themselves
+    client = redis.Redis.from_url(runner.REDIS_URL)
+    ours = [f"{name}:leader", f"{{{name}}}:presence:alice", f"x:{{{name}}}:y"]
+    theirs = [name.replace("*?", "x?:leader"), f"bench-1-{uuid.uuid4().hex[:8]}:leader"]
+    try:
+        for key in ours + theirs:
+            client.set(key, "1")
+        runner.drop_cluster(name)
+        assert [client.exists(key) for key in ours + theirs] == [0, 0, 0, 1, 1]
+    finally:
+        client.delete(*ours, *theirs)
+        client.close()
+
+
+def test_the_bench_imports_nothing_of_the_cluster_backend() -> None:
+    """The cluster backend is rewritten apart from the bench: the bench drives nodes only through
+    their config and cleans up Redis on its own."""
+    for path in (ROOT / "bench").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            assert not [n for n in names if n.startswith("callgate.cluster")], (path, names)
 
 
 def load_runner() -> Any:

@@ -95,13 +95,22 @@ function sourceAddress(index) {
   return `127.0.${n >> 8}.${n & 255 || 1}`;
 }
 
-async function openAll(users, concurrency = 200, url = config.url) {
+// Cluster runs (bench/run --cluster) name every node in `urls`: idle clients go round the first
+// `idle_nodes` of them, and the traffic's pairs round the first `traffic_nodes`, pair i's caller on
+// node i and its callee on the next one, so that every callee is on another node than its caller
+// (with one node, both are on it). Without `urls` everything goes to `url`.
+const URLS = config.urls || [config.url];
+const IDLE_URLS = URLS.slice(0, config.idle_nodes || URLS.length);
+const TRAFFIC_URLS = URLS.slice(0, config.traffic_nodes || URLS.length);
+const trafficUrl = (index) => TRAFFIC_URLS[index % TRAFFIC_URLS.length];
+
+async function openAll(users, concurrency = 200, urlOf = () => config.url) {
   const clients = new Array(users.length);
   let next = 0;
   async function worker() {
     while (next < users.length) {
       const index = next++;
-      clients[index] = await new Client(users[index], sourceAddress(index), url).open();
+      clients[index] = await new Client(users[index], sourceAddress(index), urlOf(index)).open();
     }
   }
   await Promise.all(Array.from({ length: Math.min(concurrency, users.length) }, worker));
@@ -110,10 +119,9 @@ async function openAll(users, concurrency = 200, url = config.url) {
 
 // Pairs in a call (callgate needs one for ice-candidate to be allowed; the reference does not care).
 async function pairs(count, prefix) {
-  const callers = await openAll(Array.from({ length: count }, (_, i) => `${prefix}a${i}`));
-  // Cluster runs put every callee on another node than its caller (`peer_url`).
+  const callers = await openAll(Array.from({ length: count }, (_, i) => `${prefix}a${i}`), 200, trafficUrl);
   const callees = await openAll(
-    Array.from({ length: count }, (_, i) => `${prefix}b${i}`), 200, config.peer_url || config.url);
+    Array.from({ length: count }, (_, i) => `${prefix}b${i}`), 200, (i) => trafficUrl(i + 1));
   const ids = [];
   await Promise.all(callers.map((caller, i) => new Promise((resolve) => {
     const callee = callees[i];
@@ -185,7 +193,13 @@ async function w2() {
     }
     await sleep(1);
   }
-  await sleep(500);
+  if (config.drain_s === undefined) await sleep(500);
+  else {
+    // Until every message sent has arrived (a queue behind a busy server is part of its cost),
+    // for at most drain_s.
+    const until = performance.now() + config.drain_s * 1000;
+    while (latencies.length < sent && performance.now() < until) await sleep(5);
+  }
   emitLine({ phase: "end" });
   latencies.sort((a, b) => a - b);
   all.flat().forEach((c) => c.close());
@@ -197,7 +211,10 @@ async function w2() {
 
 async function w5() {
   // The scaling curve: W2's sparse forwarding while `idle` other clients are connected.
-  const idle = await openAll(Array.from({ length: config.idle }, (_, i) => `w5idle${i}`), 500);
+  const idle = await openAll(
+    Array.from({ length: config.idle }, (_, i) => `w5idle${i}`), 500, (i) => IDLE_URLS[i % IDLE_URLS.length]);
+  // A cluster node may still be taking in the other nodes' sign-ins: settle_ms lets it finish.
+  await sleep(config.settle_ms || 0);
   emitLine({ phase: "idle", clients: idle.length }); // the runner reads memory now
   const result = await w2();
   idle.forEach((c) => c.close());
