@@ -679,9 +679,15 @@ async def start_server_process(
         stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
-    listening = await read_log_line(process, "listening")
-    # The operator's first line says which build runs: the one this test process chose too.
-    assert listening["hot_path"] == callgate.IMPLEMENTATION
+    try:
+        listening = await read_log_line(process, "listening")
+        # The operator's first line says which build runs: the one this test process chose too.
+        assert listening["hot_path"] == callgate.IMPLEMENTATION
+    except BaseException:
+        process.kill()  # a server that did not come up as expected is not left running
+        with trio.CancelScope(shield=True):
+            await process.wait()
+        raise
     return process, listening["url"]
 
 
