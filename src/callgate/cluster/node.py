@@ -33,7 +33,6 @@ import math
 import secrets
 import time
 import zlib
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -50,6 +49,7 @@ from callgate.cluster.entries import (
     Order,
     node_of,
 )
+from callgate.cluster.line import RETRY_DELAYS, DeliveryLine, Entries
 from callgate.cluster.records import BadRecord, RecordCodec, Slice, Timer
 from callgate.cluster.store import RedisError, Store
 from callgate.config import ClusterSettings
@@ -93,12 +93,9 @@ log = get_logger("callgate.cluster")
 LANES = 8
 LANE_QUEUE = 4096
 ATTEMPTS = 50  # compare-and-set conflicts in a row before a decision gives up
-INBOX_BATCH = 512
-INBOX_BLOCK_MS = 1000
 TIMER_POLL = 0.1  # seconds between claims of due timers
 TIMER_CLAIM = 64
 MAX_OUTBOX = 100_000  # orders waiting for Redis; past this the oldest are dropped and counted
-RETRY_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 DEAD_VERDICT_MS = 3_600_000  # how long a node's death verdict is kept
 # The close reason of a connection whose device the cluster no longer holds.
 LET_GO = "node left the cluster"
@@ -259,11 +256,11 @@ class ClusterNode:
         # them waits its turn instead of taking the cached route (it must not overtake a
         # renegotiation or a hang-up).
         self._undecided: dict[str, int] = {}
-        self._outbox: dict[str, deque[tuple[Order, str | None]]] = {}
-        self._outbox_changed = trio.Event()
-        self._outbox_empty = trio.Event()
-        self._outbox_empty.set()
-        self._seq = 0
+        # Deliveries to and from other nodes (line.py: redis-py in two threads).
+        self.line = DeliveryLine(settings.redis_url, settings.name, self.codec)
+        self.line.node_id = self.node_id
+        self._inbox: list[tuple[str, Entries]] = []  # batches read, not yet carried out
+        self._inbox_changed = trio.Event()
         self._last_seq: dict[str, int] = {}
         self._inbox_position = b"0-0"
         self._beat = 0
@@ -400,7 +397,11 @@ class ClusterNode:
         except RedisError as exc:
             log.warning("inbox not handed over at shutdown", error=str(exc))
         await self._lanes_idle()
-        await self._outbox_empty.wait()
+        # The writer thread says when it has appended everything (the caller bounds the wait).
+        while not await trio.to_thread.run_sync(
+            self.line.wait_drained, 1.0, abandon_on_cancel=True
+        ):
+            pass
 
     async def _lanes_idle(self) -> None:
         while self._busy_lanes or any(
@@ -420,14 +421,15 @@ class ClusterNode:
         return (
             not self._busy_lanes
             and not any(receive.statistics().current_buffer_used for _, receive in self._lanes)
-            and not any(self._outbox.values())
+            and not self.line.pending
+            and not self._inbox
         )
 
     def live_counts(self) -> dict[str, int]:
         return {
             "available": int(self.available),
             "leader": int(self.is_leader),
-            "pending_orders": sum(len(queue) for queue in self._outbox.values()),
+            "pending_orders": self.line.pending,
             "routes": len(self._routes),
             "lost_orders": self.lost_orders,
             "decisions": self.decisions,
@@ -726,70 +728,40 @@ class ClusterNode:
             if isinstance(order, Deliver):
                 self._undelivered(order, user, True)
             return
-        queue = self._outbox.setdefault(node, deque())
-        if sum(len(q) for q in self._outbox.values()) >= MAX_OUTBOX:
-            queue.popleft() if queue else None
+        if self.line.pending >= MAX_OUTBOX:  # Redis has been away for long: say so, once
             self.lost_orders += 1
-        queue.append((order, user))
-        self._outbox_empty = trio.Event() if self._outbox_empty.is_set() else self._outbox_empty
-        self._outbox_changed.set()
+            if self.lost_orders == 1 or self.lost_orders % 10_000 == 0:
+                log.error("cluster deliveries dropped: Redis away", dropped=self.lost_orders)
+            return
+        self.line.send(node, order, user)
 
-    async def _write_loop(self) -> None:
-        attempt = 0
-        while True:
-            if not any(self._outbox.values()):
-                self._outbox_empty.set()
-                self._outbox_changed = trio.Event()
-                await self._outbox_changed.wait()
-            taken = {node: list(queue) for node, queue in self._outbox.items() if queue}
-            batches = {}
-            for node, orders in taken.items():
-                self._seq += 1
-                batches[node] = [self.codec.seal_delivery(self.node_id, node, self._seq, orders)]
-            try:
-                await self.store.send(batches)
-            except RedisError as exc:
-                self._store_failed(exc)
-                await trio.sleep(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)])
-                attempt += 1
-                continue
-            attempt = 0
-            for node, orders in taken.items():
-                queue = self._outbox[node]
-                for _ in orders:
-                    queue.popleft()
-                if not queue:
-                    del self._outbox[node]
+    def _inbox_received(self, node: str, entries: Entries) -> None:
+        """From the reader thread (on trio's thread, between tasks): queue the batch."""
+        self._inbox.append((node, entries))
+        self._inbox_changed.set()
 
-    async def _read_loop(self) -> None:
-        attempt = 0
+    async def _inbox_loop(self) -> None:
         while True:
-            node = self.node_id
-            try:
-                entries = await self.store.read_inbox(
-                    node, self._inbox_position, INBOX_BLOCK_MS, INBOX_BATCH
-                )
-            except RedisError as exc:
-                self._store_failed(exc)
-                await trio.sleep(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)])
-                attempt += 1
-                continue
-            attempt = 0
-            self._store_ok = True
-            if not entries:
-                continue
+            if not self._inbox:
+                self._inbox_changed = trio.Event()
+                await self._inbox_changed.wait()
+            self._store_ok = True  # the reader got an answer from Redis
             if time.monotonic() - self._kept_at > self._settings.node_timeout:
                 # Back from a freeze (or a long stall): this node may have been declared dead
                 # meanwhile, and its inbox handed to others. Ask before delivering anything.
                 with contextlib.suppress(RedisError):
                     await self._keep()
+            batches, self._inbox = self._inbox, []
+            for node, entries in batches:
                 if node != self.node_id:
-                    continue  # evicted: what it read went to the held devices' buffers
-            for entry_id, fields in entries:
-                self._inbox_position = entry_id
-                self._receive(entry_id.decode(), fields)
-            # Trimmed by the next read; the heartbeat also tells the cluster how far this node
-            # has read (a node burying it hands over only what comes after).
+                    continue  # evicted meanwhile: what it read went to the held devices' buffers
+                for entry_id, fields in entries:
+                    self._inbox_position = entry_id
+                    self._receive(entry_id.decode(), fields)
+                # The reader trims what is finished with its next read; the heartbeat tells
+                # the cluster how far this node has read (a node burying it hands over the
+                # rest).
+                self.line.finished(self._inbox_position)
 
     def _receive(
         self, entry_id: str, fields: Mapping[bytes, bytes], *, to: str | None = None
@@ -888,7 +860,6 @@ class ClusterNode:
             timeout_ms,
             watched,
             secrets.token_hex(8),  # set only if absent: a Redis that lost its data
-            read_up_to,
         )
         if not self._store_ok:
             log.info("cluster store reachable", node=self.node_id)
@@ -1001,6 +972,7 @@ class ClusterNode:
         self._devices.clear()
         self.node_id = new_node_id(self._settings.node_name)
         self._inbox_position = b"0-0"
+        self.line.node_id, self.line.finished_up_to = self.node_id, b"0-0"
         self._evicted()
 
     async def _recover(self) -> None:
@@ -1054,12 +1026,18 @@ class ClusterNode:
     # -- the tasks ---------------------------------------------------------------------------
 
     async def run(self) -> None:
+        try:
+            await self._run_tasks()
+        finally:
+            self.line.stop()
+
+    async def _run_tasks(self) -> None:
         async with self.store, trio.open_nursery() as nursery:
             for _, receive in self._lanes:
                 nursery.start_soon(self._lane, receive)
             nursery.start_soon(self._keep_loop)
-            nursery.start_soon(self._write_loop)
-            nursery.start_soon(self._read_loop)
+            nursery.start_soon(self._inbox_loop)
+            self.line.start(self._inbox_received)
             nursery.start_soon(self._timer_loop)
 
 

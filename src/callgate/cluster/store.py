@@ -1,8 +1,8 @@
 """The cluster's Redis: shared records, timers, presence, inboxes and liveness, through coredis.
 
 coredis runs on anyio, so on trio natively: no worker threads. Every decision's read and write
-is one script each (`load`, `commit`), so a decision costs two round trips; a delivery to another
-node is one `XADD` to its inbox, batched per target.
+is one script each (`load`, `commit`), so a decision costs two round trips. Deliveries between
+nodes (the per-message path) go through line.py instead, and a dead node's inbox through here.
 
 Keys, all under `<cluster name>:` (docs/cluster.md, "Data layout"):
 
@@ -245,28 +245,6 @@ class Store:
         members: Any = await self._redis.smembers(self.key("nodes"))
         return sorted(bytes(member).decode() for member in members)
 
-    async def send(self, batches: Mapping[str, list[dict[bytes, bytes]]]) -> None:
-        """Append batches to the inboxes of their target nodes (one round trip)."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for node, entries in batches.items():
-                for fields in entries:
-                    pipe.xadd(self.key(f"in:{node}"), fields)
-
-    async def read_inbox(
-        self, node: str, after: bytes, block_ms: int | None, count: int
-    ) -> list[tuple[bytes, Mapping[bytes, bytes]]]:
-        """Forget the entries up to `after` (read and carried out) and wait for the next ones,
-        in one round trip: the inbox holds only what its node has not finished."""
-        inbox = self.key(f"in:{node}")
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.xtrim(inbox, coredis.PureToken.MINID, _following(after))
-            read = pipe.xread({inbox: after}, count=count, block=block_ms)
-        reply: Any = await read
-        if not reply:
-            return []
-        entries = next(iter(reply.values()))
-        return [(bytes(entry.identifier), entry.field_values) for entry in entries]
-
     async def take_inbox(self, node: str) -> list[tuple[bytes, Mapping[bytes, bytes]]]:
         """A dead node's inbox, moved out of its reach (only one caller gets it): entry ids
         and fields, oldest first."""
@@ -288,13 +266,11 @@ class Store:
         timeout_ms: int,
         watched: Sequence[str],
         epoch: str,
-        read_up_to: bytes,
     ) -> tuple[bytes | None, bytes | None, list[bytes | None], bytes | None]:
-        """Beat; forget the inbox entries read (up to `read_up_to`); read the epoch, the lease,
-        the watched nodes' beats and this node's verdict. One round trip."""
+        """Beat; read the epoch, the lease, the watched nodes' beats and this node's verdict.
+        One round trip."""
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.set(self.key(f"hb:{node}"), heartbeat, px=timeout_ms)
-            pipe.xtrim(self.key(f"in:{node}"), coredis.PureToken.MINID, _following(read_up_to))
             pipe.sadd(self.key("nodes"), [node])
             pipe.set(self.key("epoch"), epoch, condition=coredis.PureToken.NX)
             got_epoch = pipe.get(self.key("epoch"))
@@ -341,13 +317,6 @@ class Store:
 
     async def put(self, name: str, value: bytes) -> None:
         await self._redis.set(self.key(name), value)
-
-
-def _following(entry_id: bytes) -> Any:
-    """The stream id right after `entry_id` (what `XTRIM MINID` keeps from); coredis types
-    the threshold as an int, Redis takes an id."""
-    ms, _, seq = entry_id.partition(b"-")
-    return f"{int(ms)}-{int(seq or 0) + 1}"
 
 
 async def delete_cluster_keys(redis_url: str, name: str) -> None:

@@ -1,0 +1,200 @@
+"""The delivery line: node-to-node orders on Redis streams, through two long-lived threads.
+
+Why threads, when the rest of the cluster uses coredis on trio: deliveries are the one per-message
+path. Measured here (docs/cluster.md, "Why two Redis clients"), a coredis command costs about
+215 µs of CPU on trio (a reader task, a writer task and memory streams per connection: four task
+switches per command), against about 27 µs for the same round trip on a bare trio socket; redis-py
+(with hiredis) in a thread of its own does it at close to the socket's cost. So each node runs:
+
+* a **writer** thread: it takes every order queued since its last round trip, seals one batch
+  per target node (entries.py: signed, numbered, naming the target) and appends them with one
+  pipeline. Orders pile up while a round trip is in flight, so batches grow with the load and the
+  cost per message falls;
+* a **reader** thread: `XREAD BLOCK` on this node's inbox, each batch read handed to trio
+  (`TrioToken.run_sync_soon`). What trio has carried out is trimmed by the writer's next round
+  trip, so the inbox holds only what its node has not finished.
+
+Hand-offs are a `queue.SimpleQueue` one way and `run_sync_soon` the other: no thread waits on
+trio, and trio never waits on a thread. What the threads share with trio is said at each field.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import redis
+import trio
+
+from callgate.cluster.entries import EntryCodec, Order
+from callgate.log import get_logger
+
+log = get_logger("callgate.cluster")
+
+READ_BLOCK_MS = 1000
+READ_COUNT = 512
+RETRY_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+# (target node, order, the delivered device's user or None)
+Outgoing = tuple[str, Order, str | None]
+# Queued by trio after it carried out a batch: the writer trims the inbox in its next round trip.
+TRIM = "trim"
+# Queued by `stop`.
+STOP = "stop"
+Entries = list[tuple[bytes, Mapping[bytes, bytes]]]
+
+
+def _following(entry_id: bytes) -> str:
+    """The stream id right after `entry_id` (what `XTRIM MINID` keeps from)."""
+    ms, _, seq = entry_id.partition(b"-")
+    return f"{int(ms)}-{int(seq or 0) + 1}"
+
+
+class DeliveryLine:
+    def __init__(self, redis_url: str, prefix: str, codec: EntryCodec) -> None:
+        self._url = redis_url
+        self._prefix = prefix + ":in:"
+        self._codec = codec
+        self._outgoing: queue.SimpleQueue[Outgoing | str] = queue.SimpleQueue()
+        # Written by trio, read by the threads (single attribute reads and writes: atomic).
+        self.node_id = ""
+        self.finished_up_to = b"0-0"  # the last inbox entry trio has carried out
+        self._stopped = threading.Event()
+        # Written by the writer thread, read by trio.
+        self.pending = 0  # orders queued and not yet appended (trio adds, the writer subtracts)
+        self.writable = True
+        self.readable = True
+        self._pending_lock = threading.Lock()
+        self._drained = threading.Event()
+        self._drained.set()
+        self._seq = itertools.count(1)
+
+    # -- trio's side -------------------------------------------------------------------------
+
+    def send(self, node: str, order: Order, user: str | None) -> None:
+        with self._pending_lock:
+            self.pending += 1
+            self._drained.clear()
+        self._outgoing.put((node, order, user))
+
+    def finished(self, entry_id: bytes) -> None:
+        """Trio carried out the inbox up to `entry_id`: trimmed by the writer's next round
+        trip (so a node that dies leaves only what it had not finished)."""
+        self.finished_up_to = entry_id
+        self._outgoing.put(TRIM)
+
+    def wait_drained(self, timeout: float) -> bool:
+        """Block (in a worker thread) until every order sent is appended; False on timeout."""
+        return self._drained.wait(timeout)
+
+    def start(self, received: Callable[[str, Entries], None]) -> None:
+        """Start both threads; each batch read is handed to `received(node_id, entries)` on
+        trio's thread."""
+        token = trio.lowlevel.current_trio_token()
+        for name, target in (
+            ("writer", self._write_forever),
+            ("reader", lambda: self._read_forever(token, received)),
+        ):
+            threading.Thread(target=target, name=f"callgate-line-{name}", daemon=True).start()
+
+    def stop(self) -> None:
+        """The threads end within a read's block time; what is still queued is not sent."""
+        self._stopped.set()
+        self._outgoing.put(STOP)
+
+    # -- the writer thread -------------------------------------------------------------------
+
+    def _client(self) -> redis.Redis:
+        return redis.Redis.from_url(self._url, socket_connect_timeout=2.0, socket_timeout=5.0)
+
+    def _write_forever(self) -> None:
+        client = self._client()
+        attempt = 0
+        taken: list[Outgoing] = []
+        trimmed = b"0-0"
+        try:
+            while not self._stopped.is_set():
+                if not taken:
+                    item = self._outgoing.get()
+                    while True:  # everything queued meanwhile goes in the same round trip
+                        if item == STOP:
+                            return
+                        if item != TRIM:
+                            taken.append(item)  # type: ignore[arg-type]
+                        try:
+                            item = self._outgoing.get_nowait()
+                        except queue.Empty:
+                            break
+                finished = self.finished_up_to
+                try:
+                    self._append(client, taken, None if finished == trimmed else finished)
+                except redis.RedisError as exc:
+                    if self.writable:
+                        log.warning("cluster deliveries not writable; kept", error=str(exc))
+                    self.writable = False
+                    self._stopped.wait(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)])
+                    attempt += 1
+                    continue
+                attempt = 0
+                self.writable = True
+                trimmed = finished
+                with self._pending_lock:
+                    self.pending -= len(taken)
+                    if not self.pending:
+                        self._drained.set()
+                taken = []
+        finally:
+            client.close()
+
+    def _append(self, client: redis.Redis, taken: list[Outgoing], trim: bytes | None) -> None:
+        by_node: dict[str, list[tuple[Order, str | None]]] = {}
+        for node, order, user in taken:
+            by_node.setdefault(node, []).append((order, user))
+        pipe = client.pipeline(transaction=False)
+        origin = self.node_id
+        if trim is not None:
+            pipe.xtrim(self._prefix + origin, minid=_following(trim), approximate=False)
+        for node, orders in by_node.items():
+            fields: Any = self._codec.seal_delivery(origin, node, next(self._seq), orders)
+            pipe.xadd(self._prefix + node, fields)
+        pipe.execute()
+
+    # -- the reader thread -------------------------------------------------------------------
+
+    def _read_forever(
+        self, token: trio.lowlevel.TrioToken, received: Callable[[str, Entries], None]
+    ) -> None:
+        client = self._client()
+        attempt = 0
+        position = b"0-0"
+        inbox = ""
+        try:
+            while not self._stopped.is_set():
+                node = self.node_id
+                if self._prefix + node != inbox:  # a new node id (an evicted node's restart)
+                    inbox, position = self._prefix + node, b"0-0"
+                try:
+                    reply: Any = client.xread(
+                        {inbox: position}, count=READ_COUNT, block=READ_BLOCK_MS
+                    )
+                except redis.RedisError as exc:
+                    if self.readable:
+                        log.warning("cluster inbox not readable; retrying", error=str(exc))
+                    self.readable = False
+                    self._stopped.wait(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)])
+                    attempt += 1
+                    continue
+                attempt = 0
+                self.readable = True
+                if not reply:
+                    continue
+                entries: Entries = [(bytes(i), f) for i, f in reply[0][1]]
+                position = entries[-1][0]
+                try:
+                    token.run_sync_soon(received, node, entries)
+                except trio.RunFinishedError:
+                    return
+        finally:
+            client.close()
