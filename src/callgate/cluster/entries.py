@@ -45,6 +45,18 @@ class Forget:
 
 
 @dataclass(frozen=True, slots=True)
+class Learn:
+    """`user`'s device `conn` on this node is in connected call `call_id`: its messages go to
+    `peer`'s devices `peer_conns` (the route, told by the node that connected or moved it)."""
+
+    user: str
+    call_id: str
+    conn: str
+    peer: str
+    peer_conns: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class NodeGone:
     """Node `node` was declared dead: send nothing more to it, and forget routes through it."""
 
@@ -52,9 +64,9 @@ class NodeGone:
 
 
 # What one node asks another to do: deliveries (with the device's user, when known, so that a
-# delivery that finds no connection can follow the device), acks, errors, closes, Forget and
-# NodeGone.
-Order = Deliver | Ack | SendError | Close | Forget | NodeGone
+# delivery that finds no connection can follow the device), acks, errors, closes, and the routes
+# of connected calls (Learn, Forget, NodeGone).
+Order = Deliver | Ack | SendError | Close | Forget | Learn | NodeGone
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +220,8 @@ def _order(order: Order, user: str | None) -> list[Any]:
             return ["c", conn, code, reason]
         case Forget(user=forget_user, call_id=call_id):
             return ["x", forget_user, call_id]
+        case Learn(user=learn_user, call_id=call_id, conn=conn, peer=peer, peer_conns=conns):
+            return ["l", learn_user, call_id, conn, peer, list(conns)]
         case NodeGone(node=node):
             return ["g", node]
 
@@ -230,4 +244,8 @@ def _read_order(item: list[Any]) -> tuple[Order, str | None]:
         return Forget(str(item[1]), str(item[2])), None
     if kind == "g":
         return NodeGone(str(item[1])), None
+    if kind == "l":
+        _, user, call_id, conn, peer, conns = item
+        learned = Learn(str(user), str(call_id), str(conn), str(peer), tuple(map(str, conns)))
+        return learned, None
     raise ValueError(f"unknown order {kind!r}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -62,21 +63,24 @@ class DeliveryLine:
         self.node_id = ""
         self.finished_up_to = b"0-0"  # the last inbox entry trio has carried out
         self._stopped = threading.Event()
-        # Written by the writer thread, read by trio.
-        self.pending = 0  # orders queued and not yet appended (trio adds, the writer subtracts)
+        # Each counter is written by one thread only, so no lock (a lock on trio's side would
+        # hand the GIL to a busy thread for a switch interval): trio counts what it queued, the
+        # writer what it appended.
+        self._queued = 0
+        self._appended = 0
         self.writable = True
         self.readable = True
-        self._pending_lock = threading.Lock()
-        self._drained = threading.Event()
-        self._drained.set()
         self._seq = itertools.count(1)
 
     # -- trio's side -------------------------------------------------------------------------
 
+    @property
+    def pending(self) -> int:
+        """Orders queued and not yet appended."""
+        return self._queued - self._appended
+
     def send(self, node: str, order: Order, user: str | None) -> None:
-        with self._pending_lock:
-            self.pending += 1
-            self._drained.clear()
+        self._queued += 1
         self._outgoing.put((node, order, user))
 
     def finished(self, entry_id: bytes) -> None:
@@ -87,7 +91,10 @@ class DeliveryLine:
 
     def wait_drained(self, timeout: float) -> bool:
         """Block (in a worker thread) until every order sent is appended; False on timeout."""
-        return self._drained.wait(timeout)
+        deadline = time.monotonic() + timeout
+        while self.pending and time.monotonic() < deadline:
+            self._stopped.wait(0.005)
+        return not self.pending
 
     def start(self, received: Callable[[str, Entries], None]) -> None:
         """Start both threads; each batch read is handed to `received(node_id, entries)` on
@@ -140,10 +147,7 @@ class DeliveryLine:
                 attempt = 0
                 self.writable = True
                 trimmed = finished
-                with self._pending_lock:
-                    self.pending -= len(taken)
-                    if not self.pending:
-                        self._drained.set()
+                self._appended += len(taken)
                 taken = []
         finally:
             client.close()

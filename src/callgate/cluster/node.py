@@ -45,6 +45,7 @@ from callgate.cluster.entries import (
     BadEntry,
     EntryCodec,
     Forget,
+    Learn,
     NodeGone,
     Order,
     node_of,
@@ -132,7 +133,6 @@ class Route:
     """A connected call as one of this node's devices sees it: where the other side is."""
 
     conn: str  # this node's device in the call
-    role: Role
     peer: UserId
     peer_conns: list[str]
 
@@ -499,24 +499,35 @@ class ClusterNode:
                 device.calls[call.call_id] = copy.copy(call)
                 if call.state is CallState.CONNECTED and role is not Role.BYSTANDER:
                     self._routes[(device.user, call.call_id)] = Route(
-                        conn, role, peer, call.other_side(role)
+                        conn, peer, call.other_side(role)
                     )
 
-    def _forget_moved_routes(self, sliced: Slice) -> None:
-        """A call whose devices changed here (a device resumed on a new connection): the
-        other nodes in it drop the route they cached, and ask again on their next message."""
+    def _share_routes(self, sliced: Slice) -> None:
+        """A call this decision connected, or whose devices it moved (a resume): the other
+        nodes in it learn the new route at once (their next message needs no decision); a
+        call not connected whose devices moved: they forget theirs."""
         for call in sliced.board.calls:
             loaded = sliced.calls.get(call.key)
-            if loaded is None:
+            before = (
+                set()
+                if loaded is None
+                else {loaded["caller_conn"], loaded["callee_conn"], *loaded["ringing"]} - {None}
+            )
+            connected = call.state is CallState.CONNECTED
+            was_connected = loaded is not None and loaded["state"] == CallState.CONNECTED.name
+            if set(call.devices()) == before and connected == was_connected:
                 continue
-            before = {loaded["caller_conn"], loaded["callee_conn"], *loaded["ringing"]}
-            now = set(call.devices())
-            if before - {None} == now:
-                continue
-            for conn in now:
+            for conn in call.devices():
                 node = node_of(conn)
-                if node != self.node_id:
-                    user = call.caller if conn == call.caller_conn else call.callee
+                if node == self.node_id:
+                    continue
+                role = call.role_of(conn)
+                user = call.caller if role is Role.CALLER else call.callee
+                if connected and role is not Role.BYSTANDER:
+                    peer_conns = tuple(call.other_side(role))
+                    learned = Learn(user, call.call_id, conn, call.peer_of(user), peer_conns)
+                    self._send(node, learned, None)
+                else:
                     self._send(node, Forget(user, call.call_id), None)
 
     # -- decisions ---------------------------------------------------------------------------
@@ -652,7 +663,7 @@ class ClusterNode:
         if job.again:
             actions = [a for a in actions if not (isinstance(a, Deliver) and a.event == "session")]
         self._learn_routes(sliced)
-        self._forget_moved_routes(sliced)
+        self._share_routes(sliced)
         for event in job.events if not callable(job.events) else []:
             if isinstance(event, Disconnected):
                 gone = self._devices.pop(event.conn, None)
@@ -783,6 +794,11 @@ class ClusterNode:
         for order, user in delivery.orders:
             if isinstance(order, Forget):
                 self._routes.pop((order.user, order.call_id), None)
+                continue
+            if isinstance(order, Learn):
+                if order.conn in self._devices:
+                    route = Route(order.conn, order.peer, list(order.peer_conns))
+                    self._routes[(order.user, order.call_id)] = route
                 continue
             if isinstance(order, NodeGone):
                 self._node_gone(order.node)
