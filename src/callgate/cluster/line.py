@@ -11,8 +11,8 @@ switches per command), against about 27 µs for the same round trip on a bare tr
   pipeline. Orders pile up while a round trip is in flight, so batches grow with the load and the
   cost per message falls;
 * a **reader** thread: `XREAD BLOCK` on this node's inbox, each batch read handed to trio
-  (`TrioToken.run_sync_soon`). What trio has carried out is trimmed by the writer's next round
-  trip, so the inbox holds only what its node has not finished.
+  (`TrioToken.run_sync_soon`); once trio has carried it out, the next read trims it in the same
+  round trip, so the inbox holds only what its node has not finished.
 
 Hand-offs are a `queue.SimpleQueue` one way and `run_sync_soon` the other: no thread waits on
 trio, and trio never waits on a thread. What the threads share with trio is said at each field.
@@ -40,8 +40,6 @@ READ_COUNT = 512
 RETRY_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 # (target node, order, the delivered device's user or None)
 Outgoing = tuple[str, Order, str | None]
-# Queued by trio after it carried out a batch: the writer trims the inbox in its next round trip.
-TRIM = "trim"
 # Queued by `stop`.
 STOP = "stop"
 Entries = list[tuple[bytes, Mapping[bytes, bytes]]]
@@ -63,6 +61,7 @@ class DeliveryLine:
         self.node_id = ""
         self.finished_up_to = b"0-0"  # the last inbox entry trio has carried out
         self._stopped = threading.Event()
+        self._finished = threading.Event()  # trio carried out the batch the reader handed it
         # Each counter is written by one thread only, so no lock (a lock on trio's side would
         # hand the GIL to a busy thread for a switch interval): trio counts what it queued, the
         # writer what it appended.
@@ -84,10 +83,10 @@ class DeliveryLine:
         self._outgoing.put((node, order, user))
 
     def finished(self, entry_id: bytes) -> None:
-        """Trio carried out the inbox up to `entry_id`: trimmed by the writer's next round
-        trip (so a node that dies leaves only what it had not finished)."""
+        """Trio carried out the inbox up to `entry_id`: the reader trims it with its next read
+        (so a node that dies leaves only what it had not finished)."""
         self.finished_up_to = entry_id
-        self._outgoing.put(TRIM)
+        self._finished.set()
 
     def wait_drained(self, timeout: float) -> bool:
         """Block (in a worker thread) until every order sent is appended; False on timeout."""
@@ -120,7 +119,6 @@ class DeliveryLine:
         client = self._client()
         attempt = 0
         taken: list[Outgoing] = []
-        trimmed = b"0-0"
         try:
             while not self._stopped.is_set():
                 if not taken:
@@ -128,15 +126,13 @@ class DeliveryLine:
                     while True:  # everything queued meanwhile goes in the same round trip
                         if item == STOP:
                             return
-                        if item != TRIM:
-                            taken.append(item)  # type: ignore[arg-type]
+                        taken.append(item)  # type: ignore[arg-type]
                         try:
                             item = self._outgoing.get_nowait()
                         except queue.Empty:
                             break
-                finished = self.finished_up_to
                 try:
-                    self._append(client, taken, None if finished == trimmed else finished)
+                    self._append(client, taken)
                 except redis.RedisError as exc:
                     if self.writable:
                         log.warning("cluster deliveries not writable; kept", error=str(exc))
@@ -146,23 +142,26 @@ class DeliveryLine:
                     continue
                 attempt = 0
                 self.writable = True
-                trimmed = finished
                 self._appended += len(taken)
                 taken = []
         finally:
             client.close()
 
-    def _append(self, client: redis.Redis, taken: list[Outgoing], trim: bytes | None) -> None:
+    def _append(self, client: redis.Redis, taken: list[Outgoing]) -> None:
         by_node: dict[str, list[tuple[Order, str | None]]] = {}
         for node, order, user in taken:
             by_node.setdefault(node, []).append((order, user))
-        pipe = client.pipeline(transaction=False)
         origin = self.node_id
-        if trim is not None:
-            pipe.xtrim(self._prefix + origin, minid=_following(trim), approximate=False)
+        commands: list[tuple[Any, ...]] = []
         for node, orders in by_node.items():
-            fields: Any = self._codec.seal_delivery(origin, node, next(self._seq), orders)
-            pipe.xadd(self._prefix + node, fields)
+            fields = self._codec.seal_delivery(origin, node, next(self._seq), orders)
+            commands.append(("XADD", self._prefix + node, "*", *itertools.chain(*fields.items())))
+        if len(commands) == 1:  # the usual case: one command, without a pipeline's objects
+            client.execute_command(*commands[0])  # type: ignore[no-untyped-call]
+            return
+        pipe = client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)  # type: ignore[no-untyped-call]
         pipe.execute()
 
     # -- the reader thread -------------------------------------------------------------------
@@ -172,17 +171,25 @@ class DeliveryLine:
     ) -> None:
         client = self._client()
         attempt = 0
-        position = b"0-0"
+        position = trimmed = b"0-0"
         inbox = ""
         try:
             while not self._stopped.is_set():
                 node = self.node_id
                 if self._prefix + node != inbox:  # a new node id (an evicted node's restart)
-                    inbox, position = self._prefix + node, b"0-0"
+                    inbox, position, trimmed = self._prefix + node, b"0-0", b"0-0"
+                finished = self.finished_up_to
                 try:
-                    reply: Any = client.xread(
-                        {inbox: position}, count=READ_COUNT, block=READ_BLOCK_MS
-                    )
+                    if finished != trimmed:  # trim what trio finished, in the same round trip
+                        pipe = client.pipeline(transaction=False)
+                        pipe.xtrim(inbox, minid=_following(finished), approximate=False)
+                        pipe.xread({inbox: position}, count=READ_COUNT, block=READ_BLOCK_MS)
+                        reply: Any = pipe.execute()[-1]
+                        trimmed = finished
+                    else:
+                        reply = client.xread(
+                            {inbox: position}, count=READ_COUNT, block=READ_BLOCK_MS
+                        )
                 except redis.RedisError as exc:
                     if self.readable:
                         log.warning("cluster inbox not readable; retrying", error=str(exc))
@@ -196,9 +203,13 @@ class DeliveryLine:
                     continue
                 entries: Entries = [(bytes(i), f) for i, f in reply[0][1]]
                 position = entries[-1][0]
+                self._finished.clear()
                 try:
                     token.run_sync_soon(received, node, entries)
                 except trio.RunFinishedError:
                     return
+                # Read on once trio has carried the batch out (bounded: a stalled trio must
+                # not stop the reading), so the next read trims it.
+                self._finished.wait(1.0)
         finally:
             client.close()

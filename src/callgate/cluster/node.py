@@ -359,7 +359,7 @@ class ClusterNode:
         if (
             isinstance(message, IceCandidate | CallRenegotiate)
             and not self._undecided.get(received.conn)
-            and self._relay(received, user)
+            and self._relay(connection, received, user)
         ):
             return  # (behind an undecided message of the same device, it waits its turn)
         if not self.available:
@@ -454,7 +454,7 @@ class ClusterNode:
 
     # -- the fast path -----------------------------------------------------------------------
 
-    def _relay(self, received: MessageReceived, user: UserId) -> bool:
+    def _relay(self, connection: Connection, received: MessageReceived, user: UserId) -> bool:
         """An ice-candidate or a renegotiation in a connected call, by its cached route: the
         core's RELAY and RENEGOTIATE steps, which change nothing shared (renegotiations are
         not counted in the shared record in a cluster)."""
@@ -467,17 +467,23 @@ class ClusterNode:
         if message.to != route.peer:
             return False  # decided in full: the core says `forbidden`
         forwarded = {**message.data, "from": user}
-        actions: list[Action] = []
-        if received.ref is not None:
-            actions.append(Ack(received.conn, received.ref))
-        actions += [Deliver(conn, message.event, forwarded) for conn in route.peer_conns]
         if isinstance(message, CallRenegotiate):
             device = self._devices.get(route.conn)
             call = device.calls.get(message.call_id) if device is not None else None
             if call is None:
                 return False
-            actions.append(renegotiated_record(call, received.conn, user))
-        self._carry_out(actions, {conn: route.peer for conn in route.peer_conns}, forwarded=True)
+            self._executor.audit(*_fields(renegotiated_record(call, received.conn, user)))
+        if received.ref is not None:
+            connection.send_ack(received.ref)
+        metrics = self._executor.metrics
+        for conn in route.peer_conns:
+            delivery = Deliver(conn, message.event, forwarded)
+            node = node_of(conn)
+            if node == self.node_id:
+                self._carry_out([delivery], {conn: route.peer}, forwarded=True)
+            else:
+                self._send(node, delivery, route.peer)
+                metrics.count_forwarded(message.event)
         return True
 
     def _learn_routes(self, sliced: Slice) -> None:
@@ -1058,6 +1064,10 @@ class ClusterNode:
 
 
 _ENDS_CALL = frozenset({"call-end", "call-reject"})
+
+
+def _fields(record: Audit) -> tuple[str, Mapping[str, Any]]:
+    return record.event, record.fields
 
 
 def _stream_id(value: bytes) -> tuple[int, int]:
