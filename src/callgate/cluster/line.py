@@ -11,8 +11,8 @@ switches per command), against about 27 µs for the same round trip on a bare tr
   pipeline. Orders pile up while a round trip is in flight, so batches grow with the load and the
   cost per message falls;
 * a **reader** thread: `XREAD BLOCK` on this node's inbox, each batch read handed to trio
-  (`TrioToken.run_sync_soon`); once trio has carried it out, the next read trims it in the same
-  round trip, so the inbox holds only what its node has not finished.
+  (`TrioToken.run_sync_soon`). What trio has carried out is trimmed by whichever thread makes
+  the next round trip, in that round trip: no wake-up of its own.
 
 Hand-offs are a `queue.SimpleQueue` one way and `run_sync_soon` the other: no thread waits on
 trio, and trio never waits on a thread. What the threads share with trio is said at each field.
@@ -36,6 +36,7 @@ from callgate.log import get_logger
 log = get_logger("callgate.cluster")
 
 READ_BLOCK_MS = 1000
+COALESCE = 0.002  # seconds the writer waits for more orders before a round trip
 READ_COUNT = 512
 RETRY_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 # (target node, order, the delivered device's user or None)
@@ -43,6 +44,11 @@ Outgoing = tuple[str, Order, str | None]
 # Queued by `stop`.
 STOP = "stop"
 Entries = list[tuple[bytes, Mapping[bytes, bytes]]]
+
+
+def _stream_key(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
 
 
 def _following(entry_id: bytes) -> str:
@@ -60,8 +66,9 @@ class DeliveryLine:
         # Written by trio, read by the threads (single attribute reads and writes: atomic).
         self.node_id = ""
         self.finished_up_to = b"0-0"  # the last inbox entry trio has carried out
+        # What either thread last trimmed (a plain attribute: at worst both trim once).
+        self._trimmed = b"0-0"
         self._stopped = threading.Event()
-        self._finished = threading.Event()  # trio carried out the batch the reader handed it
         # Each counter is written by one thread only, so no lock (a lock on trio's side would
         # hand the GIL to a busy thread for a switch interval): trio counts what it queued, the
         # writer what it appended.
@@ -83,10 +90,10 @@ class DeliveryLine:
         self._outgoing.put((node, order, user))
 
     def finished(self, entry_id: bytes) -> None:
-        """Trio carried out the inbox up to `entry_id`: the reader trims it with its next read
-        (so a node that dies leaves only what it had not finished)."""
+        """Trio carried out the inbox up to `entry_id`: trimmed by the next round trip of
+        either thread (the reader's next read, or the writer's next append), so a node that
+        dies leaves little it had finished; the heartbeat also says how far it got."""
         self.finished_up_to = entry_id
-        self._finished.set()
 
     def wait_drained(self, timeout: float) -> bool:
         """Block (in a worker thread) until every order sent is appended; False on timeout."""
@@ -123,6 +130,9 @@ class DeliveryLine:
             while not self._stopped.is_set():
                 if not taken:
                     item = self._outgoing.get()
+                    # Let what comes within COALESCE join this round trip: a round trip and the
+                    # wake-ups around it cost the same for one order as for a hundred.
+                    self._stopped.wait(COALESCE)
                     while True:  # everything queued meanwhile goes in the same round trip
                         if item == STOP:
                             return
@@ -131,8 +141,9 @@ class DeliveryLine:
                             item = self._outgoing.get_nowait()
                         except queue.Empty:
                             break
+                finished = self.finished_up_to
                 try:
-                    self._append(client, taken)
+                    self._append(client, taken, None if finished == self._trimmed else finished)
                 except redis.RedisError as exc:
                     if self.writable:
                         log.warning("cluster deliveries not writable; kept", error=str(exc))
@@ -143,16 +154,19 @@ class DeliveryLine:
                 attempt = 0
                 self.writable = True
                 self._appended += len(taken)
+                self._trimmed = max(self._trimmed, finished, key=_stream_key)
                 taken = []
         finally:
             client.close()
 
-    def _append(self, client: redis.Redis, taken: list[Outgoing]) -> None:
+    def _append(self, client: redis.Redis, taken: list[Outgoing], trim: bytes | None) -> None:
         by_node: dict[str, list[tuple[Order, str | None]]] = {}
         for node, order, user in taken:
             by_node.setdefault(node, []).append((order, user))
         origin = self.node_id
         commands: list[tuple[Any, ...]] = []
+        if trim is not None:  # what trio finished, while this round trip goes anyway
+            commands.append(("XTRIM", self._prefix + origin, "MINID", _following(trim)))
         for node, orders in by_node.items():
             fields = self._codec.seal_delivery(origin, node, next(self._seq), orders)
             commands.append(("XADD", self._prefix + node, "*", *itertools.chain(*fields.items())))
@@ -171,21 +185,21 @@ class DeliveryLine:
     ) -> None:
         client = self._client()
         attempt = 0
-        position = trimmed = b"0-0"
+        position = b"0-0"
         inbox = ""
         try:
             while not self._stopped.is_set():
                 node = self.node_id
                 if self._prefix + node != inbox:  # a new node id (an evicted node's restart)
-                    inbox, position, trimmed = self._prefix + node, b"0-0", b"0-0"
+                    inbox, position, self._trimmed = self._prefix + node, b"0-0", b"0-0"
                 finished = self.finished_up_to
                 try:
-                    if finished != trimmed:  # trim what trio finished, in the same round trip
+                    if finished != self._trimmed:  # trim what trio finished, in this round trip
                         pipe = client.pipeline(transaction=False)
                         pipe.xtrim(inbox, minid=_following(finished), approximate=False)
                         pipe.xread({inbox: position}, count=READ_COUNT, block=READ_BLOCK_MS)
                         reply: Any = pipe.execute()[-1]
-                        trimmed = finished
+                        self._trimmed = max(self._trimmed, finished, key=_stream_key)
                     else:
                         reply = client.xread(
                             {inbox: position}, count=READ_COUNT, block=READ_BLOCK_MS
@@ -203,13 +217,9 @@ class DeliveryLine:
                     continue
                 entries: Entries = [(bytes(i), f) for i, f in reply[0][1]]
                 position = entries[-1][0]
-                self._finished.clear()
                 try:
                     token.run_sync_soon(received, node, entries)
                 except trio.RunFinishedError:
                     return
-                # Read on once trio has carried the batch out (bounded: a stalled trio must
-                # not stop the reading), so the next read trims it.
-                self._finished.wait(1.0)
         finally:
             client.close()
