@@ -154,6 +154,7 @@ class Job:
     # a message for a resume buffer): tried again until it is decided.
     durable: bool = False
     check_devices: int | None = None  # sign-in: refuse when the user has this many online
+    count_call: bool = False  # a call-request: counted against the shared call limits first
     # A device registered again after Redis lost its data: its client has its session already.
     again: bool = False
 
@@ -214,8 +215,6 @@ class Watch:
 
 class ClusterNode:
     """Decisions on the shared state in Redis; deliveries to the node that holds the target."""
-
-    inline = False  # every message waits for its decision, in the connection's task
 
     def __init__(
         self,
@@ -308,6 +307,8 @@ class ClusterNode:
                 self._enqueue(Job([user], [event]))
             case OperatorDisconnectedUser(user=user):
                 self._enqueue(Job([user], [event]))
+            case MessageReceived():
+                self._take_message(event)
             case ShuttingDown():
                 pass  # a node ends no call: its devices are held, and resume elsewhere
             case _:
@@ -350,12 +351,14 @@ class ClusterNode:
             raise job.error
         raise CloseConnection(CloseCode.TRY_AGAIN_LATER, "cluster unavailable")
 
-    async def submit_message(self, connection: Connection, received: MessageReceived) -> None:
-        """A client message: the cached route of a connected call, or a decision."""
-        unavailable = (ErrorCode.RATE_LIMITED, "cluster unavailable; try again", received.ref, 1)
-        message, user = received.message, connection.user
-        if user is None:  # only signed-in connections send messages
-            return
+    def _take_message(self, received: MessageReceived) -> None:
+        """A client message, where it was read (the hub calls this inline, without waking the
+        connection's task): the cached route of a connected call, or a decision queued."""
+        connection = self._live.get(received.conn)
+        device = self._devices.get(received.conn)
+        if connection is None or device is None:
+            return  # it left meanwhile
+        message, user = received.message, device.user
         if (
             isinstance(message, IceCandidate | CallRenegotiate)
             and not self._undecided.get(received.conn)
@@ -363,25 +366,18 @@ class ClusterNode:
         ):
             return  # (behind an undecided message of the same device, it waits its turn)
         if not self.available:
-            connection.send_error(*unavailable)
+            connection.send_error(*_unavailable(received))
             return
         users = [user]
         to = getattr(message, "to", None)
         if isinstance(to, str) and to != user:
             users.append(to)
-        throttled = None
-        # Counted only for a request the core will not refuse outright (not from yourself).
-        if isinstance(message, CallRequest) and message.from_user == user != message.to:
-            try:
-                throttled = await trio.to_thread.run_sync(
-                    self._limiter.admit_call, user, message.to, abandon_on_cancel=True
-                )
-            except StorageError:
-                connection.send_error(*unavailable)
-                return
-        job = Job(users, [received], throttled=throttled, forwarded=True)
+        # Counted (in the lane, before the decision) only for a request the core will not
+        # refuse outright (not from yourself).
+        count_call = isinstance(message, CallRequest) and message.from_user == user != message.to
+        job = Job(users, [received], forwarded=True, count_call=count_call)
         if not self._enqueue(job):
-            connection.send_error(*unavailable)
+            connection.send_error(*_unavailable(received))
             return
         self._undecided[received.conn] = self._undecided.get(received.conn, 0) + 1
 
@@ -577,6 +573,8 @@ class ClusterNode:
     async def _run(self, job: Job) -> None:
         self.decisions += 1
         try:
+            if job.count_call and not await self._count_call(job):
+                return
             actions, sliced = await self._decide(job)
         except Unavailable:
             self.unavailable += 1
@@ -589,6 +587,25 @@ class ClusterNode:
                     if left:
                         self._undecided[event.conn] = left
         self._after(job, actions, sliced)
+
+    async def _count_call(self, job: Job) -> bool:
+        """A call-request against the shared call limits (in Redis, through `limits`, from a
+        worker thread); False when they cannot be reached (the client is told to retry)."""
+        [received] = job.events if not callable(job.events) else [None]
+        if not isinstance(received, MessageReceived) or not isinstance(
+            received.message, CallRequest
+        ):
+            return True
+        message = received.message
+        try:
+            job.throttled = await trio.to_thread.run_sync(
+                self._limiter.admit_call, message.from_user, message.to, abandon_on_cancel=True
+            )
+        except StorageError:
+            self._carry_out([SendError(received.conn, *_unavailable(received))], {})
+            return False
+        job.count_call = False  # a retried decision does not count again
+        return True
 
     async def _decide(self, job: Job) -> tuple[list[Action], Slice]:
         """Load, decide, commit; again on a conflict. Raises: Unavailable, CloseConnection."""
@@ -653,15 +670,7 @@ class ClusterNode:
         for event in job.events if not callable(job.events) else []:
             if isinstance(event, MessageReceived):
                 self._carry_out(
-                    [
-                        SendError(
-                            event.conn,
-                            ErrorCode.RATE_LIMITED,
-                            "cluster unavailable; try again",
-                            event.ref,
-                            1,
-                        )
-                    ],
+                    [SendError(event.conn, *_unavailable(event))],
                     {},
                 )
 
@@ -1064,6 +1073,11 @@ class ClusterNode:
 
 
 _ENDS_CALL = frozenset({"call-end", "call-reject"})
+
+
+def _unavailable(received: MessageReceived) -> tuple[ErrorCode, str, Any, int]:
+    """The `error` for a message the cluster cannot decide now: retry in a second."""
+    return ErrorCode.RATE_LIMITED, "cluster unavailable; try again", received.ref, 1
 
 
 def _fields(record: Audit) -> tuple[str, Mapping[str, Any]]:

@@ -131,11 +131,6 @@ class Dispatch(Protocol):
     """Where the hub's events go: `LocalDispatch` here, or a cluster (cluster/node.py)."""
 
     @property
-    def inline(self) -> bool:
-        """A client message is handled where it was read (else it waits for a submission)."""
-        ...
-
-    @property
     def available(self) -> bool: ...
 
     def dispatch(self, event: Event, *, forwarded: bool = False) -> None: ...
@@ -152,7 +147,6 @@ class Dispatch(Protocol):
 class LocalDispatch:
     """A single server's events go straight into its switchboard, on trio's clock."""
 
-    inline = True  # a message is handled in the task (or reactor) that read it
     available = True
 
     def __init__(self, board: Switchboard, executor: Executor) -> None:

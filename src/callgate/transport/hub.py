@@ -144,7 +144,7 @@ class ConnectionHub:
 
     @property
     def ready(self) -> bool:
-        """Accepting, and (in cluster mode) the cluster log is reachable and caught up."""
+        """Accepting, and (in cluster mode) the cluster's Redis is reachable."""
         return self.accepting and self._dispatch.available
 
     # -- inspection (tests, metrics) -----------------------------------------------------------
@@ -450,7 +450,7 @@ class ConnectionHub:
     # -- reading -------------------------------------------------------------------------------
 
     async def _read_loop(self, connection: Connection) -> None:
-        if self._reactor is not None and self._dispatch.inline:
+        if self._reactor is not None:
             # While it waits, the connection waits in the reactor, which hands each message
             # to `_take_inline` without waking this task (see reactor.py); an engine that
             # cannot park keeps waiting here.
@@ -483,8 +483,7 @@ class ConnectionHub:
     def _take(self, connection: Connection, text: str, arrived: float) -> Envelope | None:
         """Everything of one message that needs no waiting: its size, the rate limit, decoding
         (in that order: a Socket.IO frame's decoding may answer or end the connection), and
-        its dispatch. Returns the message the caller must still `_finish`: a token refresh,
-        or any message in cluster mode.
+        its dispatch. Returns the message the caller must still `_finish`: a token refresh.
 
         Raises: CloseConnection (too big; flooding), PeerGone (the client said goodbye).
         """
@@ -498,7 +497,7 @@ class ConnectionHub:
             return None
         if envelope is None:
             return None
-        if isinstance(envelope.message, Auth) or not self._dispatch.inline:
+        if isinstance(envelope.message, Auth):
             return envelope
         received = MessageReceived(connection.id, envelope.message, envelope.ref)
         self._in_burst = connection.ws.has_more
@@ -510,12 +509,9 @@ class ConnectionHub:
         return None
 
     async def _finish(self, connection: Connection, envelope: Envelope) -> None:
-        """The part of a message that waits: a token refresh, or a cluster submission."""
+        """The part of a message that waits: a token refresh."""
         if isinstance(envelope.message, Auth):
             await self._refresh(connection, envelope.message, envelope.ref)
-        elif self.cluster is not None:
-            received = MessageReceived(connection.id, envelope.message, envelope.ref)
-            await self.cluster.submit_message(connection, received)
 
     def _admit(self, connection: Connection, text: str) -> bool:
         """Count a message against the connection's rate; over it, say so and drop it.
