@@ -29,7 +29,6 @@ import redis
 import trio
 
 from callgate.cli import main as cli_main
-from callgate.cluster.link import delete_cluster_keys
 from callgate.config import Settings
 from callgate.errors import ConfigError
 from callgate.trail import verify_each
@@ -44,6 +43,7 @@ from conftest import (
     Client,
     Harness,
     call_request,
+    delete_cluster_keys,
     make_settings,
     server_config,
     signed_in,
