@@ -77,6 +77,7 @@ LAYERS: list[tuple[str, ...]] = [
         "callgate.demo",
         "callgate.client",
         "callgate.cli",
+        "callgate.workers",
         "callgate.audit_cli",
         "callgate.accelerate",
         "callgate.__main__",

@@ -33,6 +33,15 @@ from callgate.config import (
 from callgate.errors import ConfigError
 from callgate.log import configure_logging, get_logger
 from callgate.transport.server import RunningServer, host_port, listening_on, serve
+from callgate.workers import (
+    MAX_WORKERS,
+    Supervisor,
+    WorkerReady,
+    check_workers,
+    report_ready,
+    reserve_port,
+    worker_settings,
+)
 
 log = get_logger("callgate")
 
@@ -47,6 +56,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--host", help="override server.host")
     run.add_argument("--port", type=int, help="override server.port")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument(
+        "--workers",
+        type=_worker_count,
+        default=1,
+        help="node processes sharing the port (SO_REUSEPORT, Linux), joined through the"
+        " configured [cluster]; default 1 (docs/cluster.md)",
+    )
+    # Set by `--workers` on the processes it starts: the worker's index, and its end of the
+    # socket pair to its supervisor (callgate/workers.py).
+    run.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)
 
     token = commands.add_parser("token", help="mint a development token with the HS secret")
     token.add_argument("sub", help="the user id the token is for")
@@ -129,6 +149,16 @@ def _parser() -> argparse.ArgumentParser:
         )
     )
     return parser
+
+
+def _worker_count(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"{value!r}: a number of workers from 1 to {MAX_WORKERS}")
+    return count
 
 
 ADMIN_KEY_VARIABLE = "CALLGATE_ADMIN_KEY"
@@ -334,11 +364,16 @@ NOT_COMPILED_BECAUSE = {
 
 
 def _serve(args: argparse.Namespace) -> int:
-    configure_logging(level=args.log_level)
+    worker: int | None = args.worker
+    configure_logging(level=args.log_level, tags=None if worker is None else {"worker": worker})
     settings = _with_overrides(load_settings(args.config), args.host, args.port)
     _refuse_development_secret_off_loopback(settings)
+    if worker is None and args.workers > 1:
+        return _supervise(args, settings)
+    if worker is not None:
+        settings = worker_settings(settings, worker)
 
-    async def announce(running: RunningServer, _: trio.Nursery) -> None:
+    async def announce(running: RunningServer, nursery: trio.Nursery) -> None:
         # Which build runs: "compiled", or why not (callgate/_accel.py).
         log.info(
             "listening",
@@ -346,6 +381,10 @@ def _serve(args: argparse.Namespace) -> int:
             audit=settings.audit.path,
             hot_path=callgate.IMPLEMENTATION,
         )
+        if worker is not None and args.worker_fd is not None:
+            await report_ready(args.worker_fd, _worker_ready(worker, settings, running), nursery)
+        if worker:
+            return  # the advice below is worker 0's to give, once
         if callgate.IMPLEMENTATION != "compiled":
             log.warning(
                 "hot path not compiled: running as pure Python (slower)",
@@ -382,6 +421,52 @@ def _serve(args: argparse.Namespace) -> int:
             log.info("get a token in another terminal", connect=running.url, **hint)
 
     return _run_until_signalled(settings, announce)
+
+
+def _worker_ready(worker: int, settings: Settings, running: RunningServer) -> WorkerReady:
+    metrics, admin = settings.metrics, settings.admin
+    return WorkerReady(
+        worker=worker,
+        pid=os.getpid(),
+        node=settings.cluster.node_name or "",
+        url=running.url,
+        metrics=None
+        if running.metrics_port is None
+        else f"http://{host_port(metrics.host, running.metrics_port)}",
+        admin=None
+        if running.admin_port is None
+        else f"http://{host_port(admin.host, running.admin_port)}",
+    )
+
+
+def _supervise(args: argparse.Namespace, settings: Settings) -> int:
+    """`serve --workers N` (callgate/workers.py): N workers on one port, supervised."""
+    check_workers(settings, args.workers)
+    server = settings.server
+    reserved = None
+    port = server.port
+    if port == 0:
+        # Each worker would pick a port of its own: the parent picks one for all of them.
+        with listening_on(("server.host", "server.port"), server.host, port):
+            reserved = reserve_port(server.host)
+        port = reserved.getsockname()[1]
+        check_workers(_with_overrides(settings, None, port), args.workers)
+
+    def command(index: int, fd: int) -> list[str]:
+        argv = [sys.executable, "-m", "callgate", "serve", "--log-level", args.log_level]
+        if args.config is not None:
+            argv += ["--config", str(args.config)]
+        return [
+            *argv,
+            *("--host", server.host, "--port", str(port)),
+            *("--worker", str(index), "--worker-fd", str(fd)),
+        ]
+
+    try:
+        return Supervisor(args.workers, command, server.drain_timeout).run()
+    finally:
+        if reserved is not None:
+            reserved.close()
 
 
 def _warn_audit_gaps(audit: AuditSettings) -> None:
@@ -526,20 +611,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demo": _demo,
         "admin": _admin,
     }
+    # A worker of `serve --workers` says which one failed.
+    said = "callgate" if getattr(args, "worker", None) is None else f"callgate worker {args.worker}"
     try:
         return handlers[args.command](args)
     except ConfigError as exc:
-        print(f"callgate: {exc}", file=sys.stderr)
+        print(f"{said}: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"callgate: {exc}", file=sys.stderr)
+        print(f"{said}: {exc}", file=sys.stderr)
         return 1
     except BaseExceptionGroup as group:
         # A start-up failure raised inside trio.run arrives wrapped by each nursery on its way.
         failure = _start_up_failure(group)
         if failure is None:
             raise
-        print(f"callgate: {failure}", file=sys.stderr)
+        print(f"{said}: {failure}", file=sys.stderr)
         return 2
 
 

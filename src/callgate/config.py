@@ -13,6 +13,8 @@ import binascii
 import ipaddress
 import json
 import os
+import socket
+import sys
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,6 +43,20 @@ SUPPORTED_ALGORITHMS = HMAC_ALGORITHMS | PUBLIC_KEY_ALGORITHMS
 MIN_HMAC_SECRET_BYTES = 32
 
 ENV_PREFIX = "CALLGATE_"
+
+
+def reuse_port_supported() -> bool:
+    """True where processes can share a listening port and the kernel spreads new connections
+    over them: Linux's SO_REUSEPORT (3.9 and later). BSD and macOS have an option of that name
+    that does not spread connections (the newest socket, or the first, takes them), and Windows
+    has none."""
+    return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+
+
+REUSE_PORT_UNSUPPORTED = (
+    "needs Linux's SO_REUSEPORT (processes sharing a port, the kernel spreading connections);"
+    f" not available on {sys.platform}"
+)
 
 
 def _hmac_key(value: SecretStr | None) -> SecretStr | None:
@@ -88,6 +104,16 @@ class ServerSettings(_Section):
     proxy_header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for"
     # Trusted proxies open every connection with a PROXY protocol (v1 or v2) header.
     proxy_protocol: bool = False
+    # Bind with SO_REUSEPORT: several processes listen on the same port and the kernel spreads
+    # new connections over them (what `callgate serve --workers N` sets for its workers). Linux.
+    reuse_port: bool = False
+
+    @field_validator("reuse_port")
+    @classmethod
+    def _reuse_port_here(cls, value: bool) -> bool:
+        if value and not reuse_port_supported():
+            raise ValueError(REUSE_PORT_UNSUPPORTED)
+        return value
 
     @field_validator("trusted_proxies")
     @classmethod

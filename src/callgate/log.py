@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
+from functools import partial
 from typing import Any
 
 import structlog
@@ -22,7 +23,21 @@ def _redact(_: Any, __: str, record: MutableMapping[str, Any]) -> MutableMapping
     return record
 
 
-def configure_logging(*, level: str = "info", json_output: bool | None = None) -> None:
+def _tag(
+    tags: Mapping[str, object], _: Any, __: str, record: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    for key, value in tags.items():
+        record.setdefault(key, value)
+    return record
+
+
+def configure_logging(
+    *,
+    level: str = "info",
+    json_output: bool | None = None,
+    tags: Mapping[str, object] | None = None,
+) -> None:
+    """`tags`: fields every line carries (a worker's index under `callgate serve --workers`)."""
     if json_output is None:
         json_output = not sys.stderr.isatty()
     renderer: Any
@@ -43,6 +58,7 @@ def configure_logging(*, level: str = "info", json_output: bool | None = None) -
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *([partial(_tag, dict(tags))] if tags else []),
             _redact,
             *exceptions,
             renderer,
@@ -50,7 +66,10 @@ def configure_logging(*, level: str = "info", json_output: bool | None = None) -
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        # One write per line (PrintLogger writes the newline apart when stderr is unbuffered,
+        # PYTHONUNBUFFERED=1): the workers of `serve --workers` share one stderr, and their
+        # lines must not interleave.
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )
 

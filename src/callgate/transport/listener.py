@@ -10,7 +10,9 @@ replayed into trio-websocket's public `wrap_server_stream`, which parses them ag
 
 from __future__ import annotations
 
+import errno
 import json
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -329,15 +331,26 @@ async def serve_front(
     handler_nursery: trio.Nursery,
     refused: Callable[[str, int], None],
     *,
+    reuse_port: bool = False,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen until cancelled; connections run in `handler_nursery`, so they outlive the listener
-    (a graceful shutdown stops accepting first, then drains)."""
+    (a graceful shutdown stops accepting first, then drains). `reuse_port`: share the port with
+    other processes (`[server] reuse_port`, `callgate serve --workers`)."""
     pending = _PendingHandshakes(front.max_pending_per_address, front.handshake_timeout)
     serve = partial(_serve_stream, front, pending, handler, refused)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pending.expire)
-        if ssl_context is None or front.tls_after_proxy is not None:
+        if reuse_port:
+            sockets = await open_reuse_port_listeners(port, host=host)
+            task_status.started(sockets[0].socket.getsockname()[1])
+            listeners: list[trio.abc.Listener[trio.abc.Stream]] = list(sockets)
+            if ssl_context is not None and front.tls_after_proxy is None:
+                listeners = [
+                    trio.SSLListener(plain, ssl_context, https_compatible=True) for plain in sockets
+                ]
+            await trio.serve_listeners(serve, listeners, handler_nursery=handler_nursery)
+        elif ssl_context is None or front.tls_after_proxy is not None:
             plain = await trio.open_tcp_listeners(port, host=host)
             task_status.started(plain[0].socket.getsockname()[1])
             await trio.serve_listeners(serve, plain, handler_nursery=handler_nursery)
@@ -350,3 +363,52 @@ async def serve_front(
                 raise TypeError(f"unexpected listener {inner!r}")
             task_status.started(inner.socket.getsockname()[1])
             await trio.serve_listeners(serve, secure, handler_nursery=handler_nursery)
+
+
+# What trio.open_tcp_listeners asks of listen(): the largest backlog, which the kernel caps at
+# net.core.somaxconn.
+_BACKLOG = 0xFFFF
+
+
+async def open_reuse_port_listeners(port: int, *, host: str) -> list[trio.SocketListener]:
+    """What `trio.open_tcp_listeners` opens, each socket bound with `SO_REUSEPORT` as well, so
+    that other processes (callgate's workers) listen on the same port and the kernel spreads
+    new connections over them.
+
+    trio's public API has no way to set a socket option before `bind` (python-trio/trio#281,
+    open): this repeats its few lines (one listener per address of `host`, `SO_REUSEADDR`,
+    IPv6 sockets v6-only) on trio's public socket layer.
+
+    Raises: OSError, as `trio.open_tcp_listeners` does (the port is taken by a socket without
+    `SO_REUSEPORT`, or by another user's).
+    """
+    addresses = await trio.socket.getaddrinfo(
+        host, port, type=trio.socket.SOCK_STREAM, flags=trio.socket.AI_PASSIVE
+    )
+    listeners: list[trio.SocketListener] = []
+    try:
+        for family, kind, proto, _, address in addresses:
+            try:
+                sock = trio.socket.socket(family, kind, proto)
+            except OSError as exc:
+                if exc.errno == errno.EAFNOSUPPORT:
+                    continue  # an IPv6 address on a host without IPv6, as trio skips it
+                raise
+            try:
+                sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+                sock.setsockopt(trio.socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == trio.socket.AF_INET6:
+                    sock.setsockopt(trio.socket.IPPROTO_IPV6, trio.socket.IPV6_V6ONLY, 1)
+                await sock.bind(address)
+                sock.listen(_BACKLOG)
+            except BaseException:
+                sock.close()
+                raise
+            listeners.append(trio.SocketListener(sock))
+    except BaseException:
+        for listener in listeners:
+            listener.socket.close()
+        raise
+    if not listeners:
+        raise OSError(errno.EAFNOSUPPORT, f"no address family of {host!r} is supported here")
+    return listeners

@@ -393,6 +393,7 @@ async def _serve(
                         hub.handle,
                         connections,
                         hub.refused_upgrade,
+                        reuse_port=server.reuse_port,
                     ),
                 )
             )
