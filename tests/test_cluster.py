@@ -882,3 +882,28 @@ async def test_a_dead_nodes_calls_get_their_terminal_webhook_from_a_survivor(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_an_epoch_overwritten_without_the_key_ends_no_call(cluster: ClusterHarness) -> None:
+    """The epoch marks a Redis dataset; a new one prompts a check of the signed records, and
+    only records that are really gone end calls (`state_lost`)."""
+    await cluster.start()
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    await connected_call(alice, bob)
+    attacker = redis.Redis.from_url(cluster.redis_url)
+    try:
+        attacker.set(f"{cluster.name}:epoch", "forged")
+        await _until(lambda: attacker.get(f"{cluster.name}:epoch") == b"forged")
+        for node in cluster.nodes:  # every node has looked at the forged epoch
+            kept = node.hub.cluster
+            assert kept is not None
+            beat = kept.beats
+            await _until(lambda kept=kept, beat=beat: kept.beats > beat + 1)
+    finally:
+        attacker.close()
+    await alice.send("ice-candidate", ice("ab", "bob"))
+    await bob.expect("ice-candidate", callId="ab")
+    await bob.send("call-end", {"callId": "ab", "to": "alice"})
+    await alice.expect("call-end", callId="ab", reason=None)
+    assert [row["reason"] for row in terminal_records(cluster)] == ["hangup"]

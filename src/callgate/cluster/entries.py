@@ -25,6 +25,7 @@ _DOMAIN = b"callgate-cluster-v2\x00"
 _HEARTBEAT = b"heartbeat\x00"
 _LEASE = b"lease\x00"
 _DEAD = b"dead\x00"
+_EPOCH = b"epoch\x00"
 _REVOCATIONS = b"revocations\x00"
 _DELIVERY = b"delivery\x00"
 MAX_DELIVERY_BYTES = 8 * 1024 * 1024
@@ -149,6 +150,10 @@ class EntryCodec:
         if not isinstance(holder, str) or not isinstance(until, int | float) or until <= now:
             return None
         return holder
+
+    def seal_epoch(self, token: str) -> bytes:
+        """The value that marks one Redis dataset (a new one after a restart without data)."""
+        return self._seal_value(_EPOCH, {"epoch": token})
 
     def seal_dead(self, node: str) -> bytes:
         """The cluster's verdict that `node` is dead (it reads it, and closes what it holds)."""

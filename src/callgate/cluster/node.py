@@ -407,6 +407,11 @@ class ClusterNode:
             await self._idle.wait()
 
     @property
+    def beats(self) -> int:
+        """Heartbeats begun so far (tests wait for one to have gone by)."""
+        return self._beat
+
+    @property
     def inbox_position(self) -> bytes:
         """The id of the last inbox entry this node has read."""
         return self._inbox_position
@@ -890,7 +895,7 @@ class ClusterNode:
             codec.seal_heartbeat(self.node_id, self._beat, read_up_to.decode()),
             timeout_ms,
             watched,
-            secrets.token_hex(8),  # set only if absent: a Redis that lost its data
+            codec.seal_epoch(secrets.token_hex(8)),  # set only if absent
         )
         if not self._store_ok:
             log.info("cluster store reachable", node=self.node_id)
@@ -902,9 +907,14 @@ class ClusterNode:
             self._evict()
             return
         if self._epoch is not None and epoch != self._epoch:
-            log.warning("cluster store was reset (Redis restarted without its data)")
+            # A new epoch value, or one that does not verify: Redis may have lost its data.
+            # Decided on signed records, not on that value: are this node's devices still there?
             self._epoch = epoch
-            await self._recover()
+            if await self._records_lost():
+                log.warning("cluster store was reset (Redis restarted without its data)")
+                await self._recover()
+            else:
+                log.warning("cluster epoch changed but the shared records are intact: ignored")
         self._epoch = epoch
         await self._check_revocations()
         seen: dict[str, int | None] = {}
@@ -1005,6 +1015,19 @@ class ClusterNode:
         self._inbox_position = b"0-0"
         self.line.node_id, self.line.finished_up_to = self.node_id, b"0-0"
         self._evicted()
+
+    async def _records_lost(self) -> bool:
+        """Whether the shared records of this node's devices are gone (a few are checked)."""
+        sample = list(self._devices.items())[:3]
+        if not sample:
+            return False  # nothing of this node's to recover
+        raw = await self.store.load(sorted({device.user for _, device in sample}))
+        try:
+            sliced = Slice(self.records, raw, self._rules, self._throttle, (0, 0, 0))
+        except BadRecord:
+            return True
+        present = {device.conn for device in sliced.board.devices()}
+        return not any(conn in present for conn, _ in sample)
 
     async def _recover(self) -> None:
         """Redis lost its data: every call of this node's devices ends (its state is gone),

@@ -17,7 +17,7 @@ Keys, all under `<cluster name>:` (docs/cluster.md, "Data layout"):
 | `dead:<node>` | string | the signed verdict that the node is dead |
 | `nodes` | set | the nodes that joined and were not declared dead (the leader watches them) |
 | `leader` | string | the signed leader lease |
-| `epoch` | string | random, set once per Redis dataset: a new one means Redis lost its data |
+| `epoch` | string | signed random, set once per Redis dataset: a change prompts a check |
 | `revocations` | string | the signed revocation list |
 | `limits:*` | | the shared call-rate counters (`limits`) |
 
@@ -265,7 +265,7 @@ class Store:
         heartbeat: bytes,
         timeout_ms: int,
         watched: Sequence[str],
-        epoch: str,
+        epoch: bytes,
     ) -> tuple[bytes | None, bytes | None, list[bytes | None], bytes | None]:
         """Beat; read the epoch, the lease, the watched nodes' beats and this node's verdict.
         One round trip."""
