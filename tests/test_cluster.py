@@ -505,6 +505,20 @@ def _start_redis(
     )
 
 
+async def _cluster_on_private_redis(
+    nursery: trio.Nursery,
+    port: int,
+    processes: list[subprocess.Popen[bytes]],
+    tmp: Path,
+    *,
+    persist: bool,
+) -> ClusterHarness:
+    """A test cluster (not started) on a private redis-server the test may stop and restart."""
+    _start_redis(port, processes, tmp, persist=persist)
+    await _wait_for_redis(port)
+    return ClusterHarness(nursery, redis_url=f"redis://127.0.0.1:{port}/0")
+
+
 async def _wait_for_redis(port: int) -> None:
     client = redis.Redis(port=port, socket_connect_timeout=0.2)
     try:
@@ -533,9 +547,7 @@ async def test_redis_restarted_without_its_data_mid_call(
     """While Redis is away, what needs it is refused clearly; when it comes back empty, the
     call whose state it lost ends for both sides with a reason, and calling works again."""
     port, processes = private_redis
-    _start_redis(port, processes, tmp_path)
-    await _wait_for_redis(port)
-    h = ClusterHarness(nursery, redis_url=f"redis://127.0.0.1:{port}/0")
+    h = await _cluster_on_private_redis(nursery, port, processes, tmp_path, persist=False)
     async with checked(h):
         await h.start()
         alice = await h.connect("alice", node=0)
@@ -573,9 +585,7 @@ async def test_a_device_that_leaves_while_redis_is_away_is_gone_when_it_returns(
     """Redis restarts with its data: bob hung up his connection meanwhile; his node decides
     that once Redis is back, in order, so nobody rings a device that is gone."""
     port, processes = private_redis
-    _start_redis(port, processes, tmp_path, persist=True)
-    await _wait_for_redis(port)
-    h = ClusterHarness(nursery, redis_url=f"redis://127.0.0.1:{port}/0")
+    h = await _cluster_on_private_redis(nursery, port, processes, tmp_path, persist=True)
     async with checked(h):
         await h.start()
         alice = await h.connect("alice", node=0)

@@ -119,6 +119,11 @@ class DeliveryLine:
 
     # -- the writer thread -------------------------------------------------------------------
 
+    def _back_off(self, attempt: int) -> int:
+        """Wait before the next attempt (Redis is away), unless stopped; the next count."""
+        self._stopped.wait(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)])
+        return attempt + 1
+
     def _client(self) -> redis.Redis:
         return redis.Redis.from_url(self._url, socket_connect_timeout=2.0, socket_timeout=5.0)
 
@@ -148,8 +153,7 @@ class DeliveryLine:
                     if self.writable:
                         log.warning("cluster deliveries not writable; kept", error=str(exc))
                     self.writable = False
-                    self._stopped.wait(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)])
-                    attempt += 1
+                    attempt = self._back_off(attempt)
                     continue
                 attempt = 0
                 self.writable = True
@@ -208,8 +212,7 @@ class DeliveryLine:
                     if self.readable:
                         log.warning("cluster inbox not readable; retrying", error=str(exc))
                     self.readable = False
-                    self._stopped.wait(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)])
-                    attempt += 1
+                    attempt = self._back_off(attempt)
                     continue
                 attempt = 0
                 self.readable = True
