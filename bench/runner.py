@@ -639,7 +639,8 @@ def run_workload(
                 result["machine_busy_pct"] = round(100 * busy, 1)
         if units and node_cpu:
             result["node_cpu_us_per_msg"] = [round(c * 1e6 / units, 2) for c in node_cpu]
-            if share := outsider_share(node_cpu, layout):
+            share = outsider_share(node_cpu, layout)
+            if share is not None:  # 0.0 too: a node outside the traffic may spend nothing
                 result["idle_share"] = share
         if rss_idle:
             result["node_rss_mib"] = [round(kib / 1024, 1) for kib in rss_idle]
