@@ -30,7 +30,7 @@ class CloseCode(IntEnum):
     POLICY_VIOLATION = 1008  # extension: the client stopped reading (outbound queue full)
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
-    TRY_AGAIN_LATER = 1013  # cluster mode: the node cannot reach the cluster log right now
+    TRY_AGAIN_LATER = 1013  # cluster mode: the node cannot reach the cluster (Redis) right now
     UNAUTHENTICATED = 4001
     FORBIDDEN = 4003
     OPERATOR = 4010  # an operator disconnected the user (the admin API)

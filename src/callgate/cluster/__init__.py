@@ -1,6 +1,8 @@
-"""Cluster mode: several nodes share one switchboard through a signed, ordered log on Redis.
+"""Cluster mode: several nodes route each message to the node that holds its target, and decide
+on call state shared, signed and atomic, in Redis.
 
-entries.py (pure): the log's entries and their signatures; replica.py (pure): applying them to
-this node's switchboard; link.py: Redis, from worker threads. docs/cluster.md is the operator's
-guide.
+records.py (pure): the shared state as signed records, and one event's slice of it as a
+switchboard; entries.py (pure): signed heartbeats, lease, verdicts and deliveries; store.py:
+Redis through coredis (the scripts and keys); line.py: deliveries between nodes, through redis-py
+in two threads; node.py: a node. docs/cluster.md is the operator's guide.
 """

@@ -456,8 +456,8 @@ def _routes(hub: ConnectionHub) -> dict[str, Route]:
         return 200, b"text/plain", b"ok\n"
 
     def readyz(_: str) -> tuple[int, bytes, bytes]:
-        # Ready only while accepting: a draining node, or a cluster node that cannot reach the
-        # cluster log, leaves the load balancer's rotation.
+        # Ready only while accepting: a draining node, or a cluster node that cannot reach
+        # Redis, leaves the load balancer's rotation.
         if hub.ready:
             return 200, b"text/plain", b"ready\n"
         return 503, b"text/plain", b"draining\n" if not hub.accepting else b"cluster unavailable\n"
