@@ -524,6 +524,16 @@ class Cluster:
             drop_cluster(self.name)
 
 
+def starts(callgate: Callgate, workdir: Path) -> bool:
+    """The build and the config, tried with one start before minutes of workloads."""
+    try:
+        Server("callgate", free_port(), workdir, callgate).stop()
+    except BenchError as error:
+        print(f"bench/run: FAILED: {error}", file=sys.stderr)
+        return False
+    return True
+
+
 def drop_cluster(name: str) -> None:
     """Delete every Redis key of the throw-away cluster `name`.
 
@@ -994,10 +1004,7 @@ def main() -> int:
         targets = (*targets, TRIO_WEBSOCKET)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as workdir:
-        try:  # the build and the config first, before minutes of workloads: one start
-            Server("callgate", free_port(), Path(workdir), callgate).stop()
-        except BenchError as error:
-            print(f"bench/run: FAILED: {error}", file=sys.stderr)
+        if not starts(callgate, Path(workdir)):
             return 2
         runs = [
             (workload, target)
@@ -1087,10 +1094,7 @@ def run_cluster(args: argparse.Namespace, callgate: Callgate) -> int:
         )
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as workdir:
-        try:  # the build and the config first, before minutes of workloads: one start
-            Server("callgate", free_port(), Path(workdir), callgate).stop()
-        except BenchError as error:
-            print(f"bench/run: FAILED: {error}", file=sys.stderr)
+        if not starts(callgate, Path(workdir)):
             return 2
         # Rounds alternate the layouts, so a noisy moment of a shared machine is spread over
         # all of them instead of falling on one.

@@ -96,7 +96,7 @@ LANE_QUEUE = 4096
 ATTEMPTS = 50  # compare-and-set conflicts in a row before a decision gives up
 TIMER_POLL = 0.1  # seconds between claims of due timers
 TIMER_CLAIM = 64
-MAX_OUTBOX = 100_000  # orders waiting for Redis; past this the oldest are dropped and counted
+MAX_OUTBOX = 100_000  # orders waiting for Redis; past this new ones are refused, counted, logged
 DEAD_VERDICT_MS = 3_600_000  # how long a node's death verdict is kept
 # The close reason of a connection whose device the cluster no longer holds.
 LET_GO = "node left the cluster"

@@ -172,28 +172,8 @@ class Slice:
                 },
             }
         )
-        self._timer_users = self._timers_of(self.users, self.calls)
-
-    @staticmethod
-    def _timers_of(
-        users: Mapping[UserId, Mapping[str, Any]], calls: Mapping[str, Mapping[str, Any]]
-    ) -> dict[TimerId, UserId]:
-        """Which user's record holds each armed timer (what loads it when it fires)."""
-        owners: dict[TimerId, UserId] = {}
-        for call in calls.values():
-            if call["state"] != "CONNECTED":
-                owners[int(call["ring_timer"])] = call["caller"]
-        for user, record in users.items():
-            for device in record["devices"]:
-                if device["hold"] is not None:
-                    owners[int(device["hold"]["timer"])] = user
-        return owners
-
-    def user_of(self, conn: str) -> UserId | None:
-        for user, record in self.users.items():
-            if any(device["conn"] == conn for device in record["devices"]):
-                return user
-        return None
+        devices = [d for record in self.users.values() for d in record["devices"]]
+        self._timer_users = _timers_of(devices, self.calls)
 
     def writes(self, actions: list[Action], fired: Timer | None = None) -> Writes:
         """Compare the board after `handle` with what was read: what to write back."""
@@ -241,7 +221,7 @@ class Slice:
                 writes.present.setdefault(node, set()).add(user)
             for node in online_before - online_after:
                 writes.absent.setdefault(node, set()).add(user)
-        owners = {**self._timer_users, **self._timers_of(self.users_after(devices, missed), calls)}
+        owners = {**self._timer_users, **_timers_of(state["devices"], calls)}
         for action in actions:
             if isinstance(action, StartTimer) and action.timer in owners:
                 writes.timers_started.append(
@@ -253,13 +233,20 @@ class Slice:
             writes.timers_done.append(fired)
         return writes
 
-    def users_after(
-        self, devices: Mapping[UserId, list[dict[str, Any]]], missed: Mapping[UserId, Any]
-    ) -> dict[UserId, dict[str, Any]]:
-        return {
-            user: {"devices": devices.get(user, []), "missed": missed.get(user, []), "calls": []}
-            for user in set(self.users) | set(devices)
-        }
+
+def _timers_of(
+    devices: Iterable[Mapping[str, Any]], calls: Mapping[str, Mapping[str, Any]]
+) -> dict[TimerId, UserId]:
+    """Which user's record holds each armed timer (what loads it when it fires): a call's
+    ring timer is its caller's, a held device's grace timer its user's."""
+    owners: dict[TimerId, UserId] = {}
+    for call in calls.values():
+        if call["state"] != "CONNECTED":
+            owners[int(call["ring_timer"])] = call["caller"]
+    for device in devices:
+        if device["hold"] is not None:
+            owners[int(device["hold"]["timer"])] = device["user"]
+    return owners
 
 
 def _online_nodes(devices: Iterable[Mapping[str, Any]]) -> set[str]:

@@ -222,13 +222,6 @@ class Store:
         if members:
             await self._redis.zadd(self.key("timers"), members, condition=coredis.PureToken.XX)
 
-    async def timers(self) -> dict[str, float]:
-        """Every armed timer (tests, the admin API)."""
-        reply: Any = await self._redis.zrangebyscore(
-            self.key("timers"), float("-inf"), float("inf"), withscores=True
-        )
-        return {bytes(member).decode(): float(score) for member, score in reply}
-
     # -- presence and inboxes ----------------------------------------------------------------
 
     async def users_on(self, node: str) -> list[str]:
