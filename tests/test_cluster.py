@@ -29,6 +29,8 @@ from callgate.audit import TERMINAL_CALL_EVENTS
 from callgate.cluster.entries import BadEntry, EntryCodec, Forget
 from callgate.cluster.node import RecordedThrottle, Watch
 from callgate.cluster.records import KEEP, BadRecord, RecordCodec, Slice, Timer
+from callgate.cluster.store import Store
+from callgate.cluster.store import delete_cluster_keys as delete_cluster_keys_async
 from callgate.config import ClusterSettings
 from callgate.core.actions import Ack, Close, Deliver, SendError
 from callgate.core.events import Authenticated, MessageReceived
@@ -39,6 +41,7 @@ from callgate.revocation import RevocationList
 from conftest import (
     CANDIDATE,
     CLUSTER_KEY,
+    REDIS_URL,
     STEP,
     Client,
     ClusterHarness,
@@ -413,6 +416,50 @@ async def test_a_frozen_node_loses_no_message(cluster: ClusterHarness, tmp_path:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_of_two_decisions_on_the_same_records_only_the_first_commits() -> None:
+    """Glare with no luck in the timing: both nodes read the same records and decide, each its
+    own call; the store's compare-and-set lets one commit, and the other must decide again
+    (and then finds the first call: glare)."""
+    name = f"test-{os.urandom(4).hex()}"
+    seal = records(cluster=name).seal
+    async with Store(REDIS_URL, name) as store:
+        try:
+            for user, conn in (("alice", "n1.a"), ("bob", "n2.b")):
+                record = {"devices": [device(conn, user)], "missed": [], "calls": []}
+                await store.put(f"u:{user}", seal(f"u:{user}", record))
+            raw = await store.load(["alice", "bob"])
+            decided = []
+            for conn, caller, callee, call_id in (
+                ("n1.a", "alice", "bob", "a-b"),
+                ("n2.b", "bob", "alice", "b-a"),
+            ):
+                request = CallRequest(
+                    call_id, caller, callee, "video", call_request(call_id, caller, callee)
+                )
+                sliced = Slice(records(cluster=name), raw, RULES, RecordedThrottle(), (9, 9, 9))
+                actions = sliced.board.handle(MessageReceived(conn, request), 1.0)
+                decided.append(sliced.writes(actions))
+            assert [await store.commit(writes) for writes in decided] == [True, False]
+            # Decided again on what is there now: the second request meets the first call.
+            again = Slice(
+                records(cluster=name),
+                await store.load(["bob", "alice"]),
+                RULES,
+                RecordedThrottle(),
+                (7, 7, 7),
+            )
+            request = CallRequest(
+                "b-a", "bob", "alice", "video", call_request("b-a", "bob", "alice")
+            )
+            actions = again.board.handle(MessageReceived("n2.b", request), 2.0)
+            assert any(
+                isinstance(a, Deliver) and a.event == "call-reject" and a.data["reason"] == "glare"
+                for a in actions
+            )
+        finally:
+            await delete_cluster_keys_async(REDIS_URL, name)
 
 
 async def test_glare_from_two_nodes_at_once(cluster: ClusterHarness) -> None:
