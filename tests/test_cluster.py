@@ -659,6 +659,32 @@ async def test_a_device_that_leaves_while_redis_is_away_is_gone_when_it_returns(
         await alice.expect("call-reject", callId="ab2", reason="unavailable")
 
 
+async def test_a_connected_calls_candidates_wait_for_redis_and_arrive(
+    nursery: trio.Nursery,
+    private_redis: tuple[int, list[subprocess.Popen[bytes]]],
+    tmp_path: Path,
+) -> None:
+    """A candidate in a connected call needs no decision: while Redis is away it is acked
+    (not refused), and delivered once Redis is back."""
+    port, processes = private_redis
+    h = await _cluster_on_private_redis(nursery, port, processes, tmp_path, persist=True)
+    async with checked(h):
+        await h.start()
+        alice = await h.connect("alice", node=0)
+        bob = await h.connect("bob", node=1)
+        await connected_call(alice, bob)
+        await alice.send("ice-candidate", ice("ab", "bob"))  # the route is in use
+        await bob.expect("ice-candidate", callId="ab")
+        processes[0].kill()
+        processes[0].wait()
+        await _until(lambda: not any(node.hub.ready for node in h.nodes))
+        await alice.send("ice-candidate", {**ice("ab", "bob"), "n": 7}, ref=1)
+        assert (await alice.expect("ack"))["ref"] == 1
+        _start_redis(port, processes, tmp_path, persist=True)
+        await _wait_for_redis(port)
+        await bob.expect("ice-candidate", callId="ab", n=7)
+
+
 async def test_a_node_outside_a_call_spends_nothing_on_it(cluster: ClusterHarness) -> None:
     """Routing, not replication: node 2 holds nobody in the call, and decides nothing for it,
     receives nothing for it, and keeps nothing of it."""
