@@ -22,7 +22,15 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from limits import parse_many
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from callgate.errors import ConfigError
 
@@ -353,8 +361,31 @@ class ClusterSettings(_Section):
     node_timeout: float = Field(5.0, gt=0, le=600)
     # How long a sign-in or token refresh waits for the cluster to decide it.
     apply_timeout: float = Field(5.0, gt=0, le=120)
+    # Direct links between nodes (docs/cluster.md, "Links"): deliveries go node to node over
+    # TCP, each node's Redis inbox behind them. Off: every delivery takes the inbox.
+    links: bool = True
+    # Where this node's link listener binds (port 0: any free port), and the host other nodes
+    # dial (default: link_host; required when link_host is a wildcard address).
+    link_host: str = "127.0.0.1"
+    link_port: int = Field(0, ge=0, le=65535)
+    link_advertise: str | None = None
 
     _key_long_enough = field_validator("key")(_hmac_key)
+
+    @model_validator(mode="after")
+    def _dialable_links(self) -> ClusterSettings:
+        wildcard = ("0.0.0.0", "::", "")  # noqa: S104 (refused below without link_advertise)
+        if self.links and self.link_host in wildcard and not self.link_advertise:
+            raise ValueError(
+                f"link_host {self.link_host!r} listens on every address: set link_advertise to"
+                " the address other nodes dial to reach this one"
+            )
+        return self
+
+    @property
+    def ack_timeout(self) -> float:
+        """Seconds a link may leave a batch unacknowledged before its inbox takes over."""
+        return min(2.0, self.node_timeout / 2)
 
 
 class AdminSettings(_Section):

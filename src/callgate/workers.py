@@ -79,12 +79,15 @@ def worker_audit_path(path: str, index: int) -> str:
 
 def worker_settings(settings: Settings, index: int) -> Settings:
     """What worker `index` runs: `settings` bound with SO_REUSEPORT, its own node name and
-    audit trail, and its metrics and admin ports at base + index (any free one for port 0)."""
+    audit trail, and its metrics, admin and cluster link ports at base + index (any free one
+    for port 0)."""
     dumped = settings.model_dump()
     dumped["server"] = {**dumped["server"], "reuse_port": True}
+    link_port = settings.cluster.link_port
     dumped["cluster"] = {
         **dumped["cluster"],
         "node_name": worker_node_name(settings.cluster.node_name, index),
+        "link_port": link_port + index if link_port else 0,
     }
     dumped["audit"] = {**dumped["audit"], "path": worker_audit_path(settings.audit.path, index)}
     for section in ("metrics", "admin"):

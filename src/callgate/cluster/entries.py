@@ -28,6 +28,8 @@ _DEAD = b"dead\x00"
 _EPOCH = b"epoch\x00"
 _REVOCATIONS = b"revocations\x00"
 _DELIVERY = b"delivery\x00"
+_LINK = b"link\x00"
+MAC_BYTES = 64  # hex of HMAC-SHA256
 MAX_DELIVERY_BYTES = 8 * 1024 * 1024
 # Connection ids are `<node id>.<random>`: the node part says where a device is connected.
 NODE_SEPARATOR = "."
@@ -121,10 +123,23 @@ class EntryCodec:
         except (BadEntry, ValueError):
             return {}
 
-    def seal_heartbeat(self, node: str, beat: int, read_up_to: str = "0-0") -> bytes:
-        """A node's heartbeat value: its id, a number that grows with every beat, and how far
-        it has read its inbox (what a node burying it need not hand over again)."""
-        return self._seal_value(_HEARTBEAT, {"node": node, "beat": beat, "read": read_up_to})
+    def seal_heartbeat(
+        self, node: str, beat: int, read_up_to: str = "0-0", link: str = ""
+    ) -> bytes:
+        """A node's heartbeat value: its id, a number that grows with every beat, how far it
+        has read its inbox (what a node burying it need not hand over again), and the
+        `host:port` its direct links listen on ("" = none; links.py)."""
+        body = {"node": node, "beat": beat, "read": read_up_to, "link": link}
+        return self._seal_value(_HEARTBEAT, body)
+
+    def link_of(self, sealed: bytes | None, node: str) -> str | None:
+        """Where `node`'s direct links listen, from its genuine heartbeat; None if it has no
+        link, or the value is absent or not genuine (then deliveries take its inbox)."""
+        body = self._verified(_HEARTBEAT, sealed)
+        link = body.get("link")
+        if body.get("node") != node or not isinstance(link, str) or not link:
+            return None
+        return link
 
     def open_heartbeat(self, sealed: bytes | None, node: str) -> int | None:
         """The beat number of `node`'s heartbeat value; None if it is absent or not genuine."""
@@ -176,6 +191,24 @@ class EntryCodec:
         return frozenset(str(t) for t in tokens), {
             str(u): float(t) for u, t in users.items() if isinstance(t, int | float)
         }
+
+    def seal_link(self, kind: str, body: dict[str, Any]) -> bytes:
+        """A direct link's control frame (hello, welcome, ack): its MAC, then its payload."""
+        payload = orjson.dumps({"v": VERSION, "k": kind, **body})
+        return self._mac(payload, _LINK) + payload
+
+    def open_link(self, frame: bytes, kind: str) -> dict[str, Any]:
+        """Raises: BadEntry("malformed" | "bad_mac")."""
+        mac, payload = frame[:MAC_BYTES], frame[MAC_BYTES:]
+        if not hmac.compare_digest(self._mac(payload, _LINK), mac):
+            raise BadEntry("bad_mac")
+        try:
+            body = orjson.loads(payload)
+        except ValueError:
+            raise BadEntry("malformed") from None
+        if not isinstance(body, dict) or body.get("v") != VERSION or body.get("k") != kind:
+            raise BadEntry("malformed")
+        return body
 
     def seal_delivery(
         self, origin: str, target: str, seq: int, orders: list[tuple[Order, str | None]]

@@ -1,4 +1,4 @@
-"""The delivery line: node-to-node orders on Redis streams, through two long-lived threads.
+"""The delivery line: node-to-node batches on Redis streams, through two long-lived threads.
 
 Why threads, when the rest of the cluster uses coredis on trio: deliveries are the one per-message
 path. Measured here (docs/cluster.md, "Why two Redis clients"), a coredis command costs about
@@ -6,10 +6,9 @@ path. Measured here (docs/cluster.md, "Why two Redis clients"), a coredis comman
 switches per command), against about 27 µs for the same round trip on a bare trio socket; redis-py
 (with hiredis) in a thread of its own does it at close to the socket's cost. So each node runs:
 
-* a **writer** thread: it takes every order queued since its last round trip, seals one batch
-  per target node (entries.py: signed, numbered, naming the target) and appends them with one
-  pipeline. Orders pile up while a round trip is in flight, so batches grow with the load and the
-  cost per message falls;
+* a **writer** thread: it takes every batch queued since its last round trip (sealed on trio's
+  side by links.py: signed, numbered, naming the target) and appends them with one pipeline.
+  Batches pile up while a round trip is in flight, so the cost per message falls with the load;
 * a **reader** thread: `XREAD BLOCK` on this node's inbox, each batch read handed to trio
   (`TrioToken.run_sync_soon`). What trio has carried out is trimmed by whichever thread makes
   the next round trip, in that round trip: no wake-up of its own.
@@ -30,7 +29,6 @@ from typing import Any
 import redis
 import trio
 
-from callgate.cluster.entries import EntryCodec, Order
 from callgate.log import get_logger
 
 log = get_logger("callgate.cluster")
@@ -39,8 +37,8 @@ READ_BLOCK_MS = 1000
 COALESCE = 0.002  # seconds the writer waits for more orders before a round trip
 READ_COUNT = 512
 RETRY_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
-# (target node, order, the delivered device's user or None)
-Outgoing = tuple[str, Order, str | None]
+# (target node, the batch's stream fields, how many orders it holds)
+Outgoing = tuple[str, Mapping[bytes, bytes], int]
 # Queued by `stop`.
 STOP = "stop"
 Entries = list[tuple[bytes, Mapping[bytes, bytes]]]
@@ -58,10 +56,9 @@ def _following(entry_id: bytes) -> str:
 
 
 class DeliveryLine:
-    def __init__(self, redis_url: str, prefix: str, codec: EntryCodec) -> None:
+    def __init__(self, redis_url: str, prefix: str) -> None:
         self._url = redis_url
         self._prefix = prefix + ":in:"
-        self._codec = codec
         self._outgoing: queue.SimpleQueue[Outgoing | str] = queue.SimpleQueue()
         # Written by trio, read by the threads (single attribute reads and writes: atomic).
         self.node_id = ""
@@ -76,7 +73,6 @@ class DeliveryLine:
         self._appended = 0
         self.writable = True
         self.readable = True
-        self._seq = itertools.count(1)
 
     # -- trio's side -------------------------------------------------------------------------
 
@@ -85,9 +81,10 @@ class DeliveryLine:
         """Orders queued and not yet appended."""
         return self._queued - self._appended
 
-    def send(self, node: str, order: Order, user: str | None) -> None:
-        self._queued += 1
-        self._outgoing.put((node, order, user))
+    def send(self, node: str, fields: Mapping[bytes, bytes], orders: int) -> None:
+        """Append a sealed batch of `orders` orders to `node`'s inbox."""
+        self._queued += orders
+        self._outgoing.put((node, fields, orders))
 
     def finished(self, entry_id: bytes) -> None:
         """Trio carried out the inbox up to `entry_id`: trimmed by the next round trip of
@@ -157,22 +154,17 @@ class DeliveryLine:
                     continue
                 attempt = 0
                 self.writable = True
-                self._appended += len(taken)
+                self._appended += sum(orders for _, _, orders in taken)
                 self._trimmed = max(self._trimmed, finished, key=_stream_key)
                 taken = []
         finally:
             client.close()
 
     def _append(self, client: redis.Redis, taken: list[Outgoing], trim: bytes | None) -> None:
-        by_node: dict[str, list[tuple[Order, str | None]]] = {}
-        for node, order, user in taken:
-            by_node.setdefault(node, []).append((order, user))
-        origin = self.node_id
         commands: list[tuple[Any, ...]] = []
         if trim is not None:  # what trio finished, while this round trip goes anyway
-            commands.append(("XTRIM", self._prefix + origin, "MINID", _following(trim)))
-        for node, orders in by_node.items():
-            fields = self._codec.seal_delivery(origin, node, next(self._seq), orders)
+            commands.append(("XTRIM", self._prefix + self.node_id, "MINID", _following(trim)))
+        for node, fields, _ in taken:
             commands.append(("XADD", self._prefix + node, "*", *itertools.chain(*fields.items())))
         if len(commands) == 1:  # the usual case: one command, without a pipeline's objects
             client.execute_command(*commands[0])  # type: ignore[no-untyped-call]

@@ -51,6 +51,7 @@ from callgate.cluster.entries import (
     node_of,
 )
 from callgate.cluster.line import RETRY_DELAYS, DeliveryLine, Entries
+from callgate.cluster.links import Links, RecentPaths
 from callgate.cluster.records import BadRecord, RecordCodec, Slice, Timer
 from callgate.cluster.store import RedisError, Store
 from callgate.config import ClusterSettings
@@ -255,12 +256,29 @@ class ClusterNode:
         # them waits its turn instead of taking the cached route (it must not overtake a
         # renegotiation or a hang-up).
         self._undecided: dict[str, int] = {}
-        # Deliveries to and from other nodes (line.py: redis-py in two threads).
-        self.line = DeliveryLine(settings.redis_url, settings.name, self.codec)
+        # Deliveries to and from other nodes: direct links (links.py), with each node's
+        # inbox behind them (line.py: redis-py in two threads).
+        self.line = DeliveryLine(settings.redis_url, settings.name)
         self.line.node_id = self.node_id
+        self.links = Links(
+            self.codec,
+            self.line,
+            node_id=lambda: self.node_id,
+            address_of=self._link_address,
+            carried_out=lambda origin: self._last_seq.get(origin, 0),
+            receive=self._link_received,
+            before_receiving=self._still_member,
+            ack_timeout=settings.ack_timeout,
+            enabled=settings.links,
+        )
         self._inbox: list[tuple[str, Entries]] = []  # batches read, not yet carried out
         self._inbox_changed = trio.Event()
+        # Per origin node: the last batch number carried out, and by which path the recent
+        # ones came ("link" or "inbox"): a batch a link failed to ack is copied to the inbox,
+        # and that copy is not a replay.
         self._last_seq: dict[str, int] = {}
+        self._paths: dict[str, RecentPaths] = {}
+        self.duplicates = 0
         self._inbox_position = b"0-0"
         self._beat = 0
         self.watch = Watch(settings)
@@ -388,11 +406,17 @@ class ClusterNode:
     async def flush(self) -> None:
         """Decide what is queued, hand over what is left in the inbox, send every order."""
         await self._lanes_idle()
+        # Links carry out nothing more: their senders copy what was not acked to the inbox.
+        self.links.close_inbound()
         try:
             await self._take_over_inbox(self.node_id)
         except RedisError as exc:
             log.warning("inbox not handed over at shutdown", error=str(exc))
         await self._lanes_idle()
+        # Acked on their links, or copied to the inboxes (a poll: at shutdown only, and the
+        # caller bounds the wait).
+        while self.links.pending:  # noqa: ASYNC110
+            await trio.sleep(0.01)
         # The writer thread says when it has appended everything (the caller bounds the wait).
         while not await trio.to_thread.run_sync(
             self.line.wait_drained, 1.0, abandon_on_cancel=True
@@ -423,6 +447,7 @@ class ClusterNode:
             not self._busy_lanes
             and not any(receive.statistics().current_buffer_used for _, receive in self._lanes)
             and not self.line.pending
+            and not self.links.pending
             and not self._inbox
         )
 
@@ -430,7 +455,12 @@ class ClusterNode:
         return {
             "available": int(self.available),
             "leader": int(self.is_leader),
-            "pending_orders": self.line.pending,
+            "pending_orders": self.line.pending + self.links.queued,
+            "unacked_batches": self.links.unacked,
+            "batches_linked": self.links.batches_linked,
+            "batches_inboxed": self.links.batches_inboxed,
+            "link_fallbacks": self.links.fallbacks,
+            "duplicates": self.duplicates,
             "routes": len(self._routes),
             "lost_orders": self.lost_orders,
             "decisions": self.decisions,
@@ -759,12 +789,32 @@ class ClusterNode:
             if isinstance(order, Deliver):
                 self._undelivered(order, user, True)
             return
-        if self.line.pending >= MAX_OUTBOX:  # Redis has been away for long: say so, once
+        if self.line.pending + self.links.pending >= MAX_OUTBOX:  # Redis away long: say so
             self.lost_orders += 1
             if self.lost_orders == 1 or self.lost_orders % 10_000 == 0:
                 log.error("cluster deliveries dropped: Redis away", dropped=self.lost_orders)
             return
-        self.line.send(node, order, user)
+        self.links.send(node, order, user)
+
+    async def _link_address(self, node: str) -> str | None:
+        """Where `node`'s links listen, from its signed heartbeat (None: use its inbox)."""
+        try:
+            return self.codec.link_of(await self.store.get(f"hb:{node}"), node)
+        except RedisError:
+            return None
+
+    def _link_received(self, origin: str, fields: Mapping[bytes, bytes]) -> None:
+        self._receive(f"link:{origin}", fields, origin=origin)
+
+    async def _still_member(self) -> bool:
+        """Before carrying out what a link brought: back from a freeze (or a long stall),
+        this node may have been declared dead, and its deliveries handed to others. False
+        when it was (it is a new node now, and what the link brought is not its own)."""
+        node = self.node_id
+        if time.monotonic() - self._kept_at > self._settings.node_timeout:
+            with contextlib.suppress(RedisError):
+                await self._keep()
+        return self.node_id == node
 
     def _inbox_received(self, node: str, entries: Entries) -> None:
         """From the reader thread (on trio's thread, between tasks): queue the batch."""
@@ -795,21 +845,42 @@ class ClusterNode:
                 self.line.finished(self._inbox_position)
 
     def _receive(
-        self, entry_id: str, fields: Mapping[bytes, bytes], *, to: str | None = None
+        self,
+        entry_id: str,
+        fields: Mapping[bytes, bytes],
+        *,
+        to: str | None = None,
+        origin: str | None = None,
     ) -> None:
-        """Carry out a batch of orders from another node (or, `to` given, a dead node's)."""
+        """Carry out a batch of orders from another node: from this node's inbox, from a
+        link with `origin` (the node that opened it), or, `to` given, from a dead node's
+        inbox. Each origin's batches are carried out once each, in the order of their
+        numbers (links.py says why that order holds on both paths)."""
         target = to or self.node_id
         try:
             delivery = self.codec.open_delivery(fields, target)
         except BadEntry as bad:
             self._rejected(entry_id, bad.reason)
             return
+        if origin is not None and delivery.origin != origin:
+            self._rejected(entry_id, "misrouted")  # another node's batch, on this link
+            return
         if to is None:
             self.received += 1
+            linked = origin is not None
+            paths = self._paths.get(delivery.origin)
+            if paths is None:
+                paths = self._paths[delivery.origin] = RecentPaths()
             if delivery.seq <= self._last_seq.get(delivery.origin, 0):
-                self._rejected(entry_id, "replayed")
+                came_by_link = paths.came_by_link(delivery.seq)
+                if came_by_link is not None and came_by_link != linked:
+                    self.duplicates += 1  # the other path's copy of a batch carried out
+                else:
+                    self._rejected(entry_id, "replayed")
                 return
             self._last_seq[delivery.origin] = delivery.seq
+            paths.add(delivery.seq, linked)
+            self.links.carried_out_more()
         local: list[Action] = []
         for order, user in delivery.orders:
             if isinstance(order, Forget):
@@ -892,7 +963,7 @@ class ClusterNode:
         read_up_to = self._inbox_position
         epoch, lease, beats, dead = await self.store.keep(
             self.node_id,
-            codec.seal_heartbeat(self.node_id, self._beat, read_up_to.decode()),
+            codec.seal_heartbeat(self.node_id, self._beat, read_up_to.decode(), self.links.address),
             timeout_ms,
             watched,
             codec.seal_epoch(secrets.token_hex(8)),  # set only if absent
@@ -991,6 +1062,10 @@ class ClusterNode:
 
     def _node_gone(self, node: str) -> None:
         self._gone.add(node)
+        # What its link never acked, or was still to send, is decided again (its buffers).
+        for order, user in self.links.forget(node):
+            if isinstance(order, Deliver):
+                self._undelivered(order, user, True)
         for key, route in list(self._routes.items()):
             if any(node_of(conn) == node for conn in route.peer_conns):
                 del self._routes[key]
@@ -1011,6 +1086,7 @@ class ClusterNode:
         log.warning("this node was declared dead by the cluster; closing its connections")
         self._routes.clear()
         self._devices.clear()
+        self.links.reset()
         self.node_id = new_node_id(self._settings.node_name)
         self._inbox_position = b"0-0"
         self.line.node_id, self.line.finished_up_to = self.node_id, b"0-0"
@@ -1086,7 +1162,12 @@ class ClusterNode:
             self.line.stop()
 
     async def _run_tasks(self) -> None:
+        settings = self._settings
         async with self.store, trio.open_nursery() as nursery:
+            # Listening before the first heartbeat, which says where.
+            await nursery.start(
+                self.links.run, settings.link_host, settings.link_port, settings.link_advertise
+            )
             for _, receive in self._lanes:
                 nursery.start_soon(self._lane, receive)
             nursery.start_soon(self._keep_loop)

@@ -1,0 +1,511 @@
+"""Direct links between nodes: the fast path of deliveries, with each node's inbox behind it.
+
+Every order for another node's connections (node.py) is queued here, per target node. Each
+target has one **peer** task that seals what is queued into one batch (entries.py: signed,
+numbered, naming its origin and target) and sends it one of two ways:
+
+* on a **link**: a TCP connection this node opened to the target's link listener. One batch is
+  one frame; the target carries it out and answers with an ack (one per burst of frames). No
+  Redis, no thread: one `send` here, one `recv` there. This is what makes a cross-node message
+  cost about what a local one does;
+* into the target's **inbox** (line.py: a Redis stream), which outlives the target's process:
+  the leader hands a dead node's unread inbox to its devices' resume buffers.
+
+The inbox is the fallback, and the rule that keeps the two paths from losing or reordering
+anything is simple:
+
+1. A batch sent on a link is kept until its ack arrives. If the link fails (an error, the
+   target gone, or no ack within `ack_timeout`: a frozen or unreachable target), every batch
+   not acked is appended to the target's inbox, in order, with its own number, and from then
+   on that target's batches take the inbox.
+2. A link is (re)opened only when the target says, in the handshake, that it has carried out
+   every batch this node put in its inbox (`last` >= the highest number sent that way). So at
+   any time a target gets a given origin's batches in order; what it may get twice is a batch
+   sent on a link and then copied to the inbox. node.py carries out each number once and
+   tells such a copy (the other path) from a replay (the same path, or too old): only a
+   replay is audited.
+
+A link's handshake proves both ends hold the cluster key: the opener's hello names origin,
+target and a fresh nonce; the target's welcome and every ack are signed over that nonce (so a
+listener without the key cannot ack batches away), and batches are signed on their own
+(a recorded batch is a replay, refused by its number). Frames are authenticated, not
+encrypted: like the Redis connection without TLS, links belong on a private network
+(docs/cluster.md). Where to dial a node comes from its signed heartbeat.
+
+Wire format of a frame: 4-byte big-endian length of what follows, one byte of kind, the body.
+Bodies: hello, welcome, ack: MAC then JSON (entries.py `seal_link`); batch: MAC then payload
+(`seal_delivery`).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import secrets
+import struct
+import time
+from array import array
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from callgate.cluster.entries import MAC_BYTES, MAX_DELIVERY_BYTES, BadEntry, EntryCodec, Order
+from callgate.cluster.line import DeliveryLine
+from callgate.log import get_logger
+
+log = get_logger("callgate.cluster")
+
+HELLO, WELCOME, ACK, BATCH = b"H", b"W", b"A", b"B"
+_KINDS = {HELLO: "hello", WELCOME: "welcome", ACK: "ack"}
+_HEADER = struct.Struct(">I")
+MAX_FRAME = MAX_DELIVERY_BYTES + MAC_BYTES + 1
+HANDSHAKE_TIMEOUT = 2.0  # seconds a hello or welcome may take
+RECEIVE_SIZE = 256 * 1024
+# Seconds before a target without a link is tried again, by the attempts in a row that failed.
+RETRY_DELAYS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+NO_LINK_RETRY = 5.0  # seconds before a node that advertised no link is asked again
+
+# (order, the delivered device's user or None)
+Queued = tuple[Order, str | None]
+
+
+class RecentPaths:
+    """The last `size` batch numbers carried out from one origin, each with the path it came
+    by, in a fixed 8 bytes each (a number on a link is kept as itself, from the inbox negated).
+    Looked up only for a batch whose number was already carried out: was it the other path's
+    copy (expected after a link failed), or a replay?"""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._ring = array("q", bytes(8 * size))
+        self._next = 0
+
+    def add(self, seq: int, linked: bool) -> None:
+        self._ring[self._next] = seq if linked else -seq
+        self._next = (self._next + 1) % len(self._ring)
+
+    def came_by_link(self, seq: int) -> bool | None:
+        """True: by a link; False: by the inbox; None: not among the recent ones."""
+        if seq in self._ring:
+            return True
+        if -seq in self._ring:
+            return False
+        return None
+
+
+class LinkClosed(Exception):
+    """The other end closed the link, or sent what a link never carries."""
+
+
+class FrameReader:
+    """Frames off one stream: `next` waits for one; `ready` returns those already read."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+        self._buffer = bytearray()
+
+    def ready(self) -> list[tuple[bytes, bytes]]:
+        frames: list[tuple[bytes, bytes]] = []
+        buffer = self._buffer
+        start = 0
+        while len(buffer) - start >= _HEADER.size:
+            (length,) = _HEADER.unpack_from(buffer, start)
+            if length < 1 or length > MAX_FRAME:
+                raise LinkClosed("frame too large")
+            end = start + _HEADER.size + length
+            if len(buffer) < end:
+                break
+            body_start = start + _HEADER.size
+            frames.append(
+                (bytes(buffer[body_start : body_start + 1]), bytes(buffer[body_start + 1 : end]))
+            )
+            start = end
+        if start:
+            del buffer[:start]
+        return frames
+
+    async def burst(self) -> list[tuple[bytes, bytes]]:
+        """At least one frame: every whole frame that has arrived."""
+        while True:
+            frames = self.ready()
+            if frames:
+                return frames
+            data = await self._stream.receive_some(RECEIVE_SIZE)
+            if not data:
+                raise LinkClosed("closed by the other end")
+            self._buffer += data
+
+    async def next(self) -> tuple[bytes, bytes]:
+        frames = await self.burst()
+        if len(frames) != 1:  # a handshake step is one frame, and nothing follows it unasked
+            raise LinkClosed("unexpected frames")
+        return frames[0]
+
+
+def frame(kind: bytes, body: bytes) -> bytes:
+    return _HEADER.pack(len(body) + 1) + kind + body
+
+
+@dataclass(eq=False)
+class Sent:
+    seq: int
+    fields: dict[bytes, bytes]
+    orders: list[Queued]
+    at: float
+
+
+@dataclass(eq=False)
+class Peer:
+    """What this node sends to one other node, and by which path."""
+
+    node: str
+    queue: list[Queued] = field(default_factory=list)
+    wake: trio.Event = field(default_factory=trio.Event)
+    stream: trio.SocketStream | None = None  # the open link, or None: the inbox
+    nonce: str = ""
+    unacked: deque[Sent] = field(default_factory=deque)
+    inbox_high: int = 0  # the highest number this node put in the target's inbox
+    attempts: int = 0
+    next_try: float = 0.0
+    connecting: bool = False
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+class Links:
+    """Outgoing: one peer per target node. Incoming: the link listener (`serve`).
+
+    node.py supplies what a link needs to know of the node: its current id (it changes when
+    the cluster evicts it), where another node's link listens (its signed heartbeat), how far
+    an origin's batches were carried out here, and what to do with a batch that arrived."""
+
+    def __init__(
+        self,
+        codec: EntryCodec,
+        line: DeliveryLine,
+        *,
+        node_id: Callable[[], str],
+        address_of: Callable[[str], Awaitable[str | None]],
+        carried_out: Callable[[str], int],
+        receive: Callable[[str, dict[bytes, bytes]], None],
+        before_receiving: Callable[[], Awaitable[bool]],
+        ack_timeout: float,
+        enabled: bool = True,
+    ) -> None:
+        self._codec = codec
+        self._line = line
+        self._node_id = node_id
+        self._address_of = address_of
+        self._carried_out = carried_out
+        self._receive = receive
+        self._before_receiving = before_receiving
+        self.ack_timeout = ack_timeout
+        self.enabled = enabled
+        self._peers: dict[str, Peer] = {}
+        self._seq = itertools.count(1)
+        self._nursery: trio.Nursery | None = None
+        self._closing_inbound = False
+        self._catching_up = 0  # handshakes waiting for their origin's inbox to be carried out
+        self._progress = trio.Event()
+        self._inbound: set[trio.SocketStream] = set()
+        self.address = ""  # host:port other nodes dial ("" until listening, or links off)
+        self.queued = 0  # orders queued and not yet sealed
+        # Counted for `live_counts` and tests.
+        self.batches_linked = 0
+        self.batches_inboxed = 0
+        self.fallbacks = 0
+
+    # -- what node.py asks -------------------------------------------------------------------
+
+    def send(self, node: str, order: Order, user: str | None) -> None:
+        peer = self._peers.get(node)
+        if peer is None:
+            peer = self._peers[node] = Peer(node)
+            if self._nursery is not None:
+                self._nursery.start_soon(self._peer_loop, peer)
+        peer.queue.append((order, user))
+        self.queued += 1
+        peer.wake.set()
+
+    @property
+    def unacked(self) -> int:
+        return sum(len(peer.unacked) for peer in self._peers.values())
+
+    @property
+    def pending(self) -> int:
+        """Orders not yet sealed, and batches sent on a link and not yet acked."""
+        return self.queued + self.unacked
+
+    def linked(self, node: str) -> bool:
+        peer = self._peers.get(node)
+        return peer is not None and peer.stream is not None
+
+    def forget(self, node: str) -> list[Queued]:
+        """`node` is dead: stop sending to it. Returns what it was sent and never acked, and
+        what was queued for it (node.py decides those deliveries again)."""
+        peer = self._peers.pop(node, None)
+        if peer is None:
+            return []
+        peer.scope.cancel()
+        left = [queued for sent in peer.unacked for queued in sent.orders] + peer.queue
+        self.queued -= len(peer.queue)
+        peer.queue, peer.unacked = [], deque()
+        self._close(peer)
+        return left
+
+    def reset(self) -> None:
+        """This node was evicted and starts under a new id: no link of the old one stays."""
+        for node in list(self._peers):
+            self.forget(node)
+        for stream in list(self._inbound):
+            _abort(stream)
+
+    def close_inbound(self) -> None:
+        """Shutting down: carry out no more batches from links; their senders fall back to
+        this node's inbox, which the shutdown hands over."""
+        self._closing_inbound = True
+        for stream in list(self._inbound):
+            _abort(stream)
+
+    async def run(
+        self,
+        host: str,
+        port: int,
+        advertise: str | None,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The peers' tasks, and the link listener when links are enabled (started: listening)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for peer in self._peers.values():
+                    nursery.start_soon(self._peer_loop, peer)
+                if self.enabled:
+                    serve = functools.partial(trio.serve_tcp, self._serve, port, host=host)
+                    listeners = await nursery.start(serve)
+                    bound = listeners[0].socket.getsockname()
+                    self.address = f"{advertise or host}:{bound[1]}"
+                    log.info("cluster links listening", address=self.address)
+                task_status.started()
+                await trio.sleep_forever()  # peers' tasks start here as they are needed
+        finally:
+            for peer in self._peers.values():
+                self._close(peer)
+
+    @property
+    def _tasks(self) -> trio.Nursery:
+        if self._nursery is None:  # peers' tasks start in `run`, never before
+            raise RuntimeError("links not running")
+        return self._nursery
+
+    def carried_out_more(self) -> None:
+        """node.py carried out another batch (a handshake may be waiting for it)."""
+        if self._catching_up:
+            self._progress.set()
+            self._progress = trio.Event()
+
+    # -- sending -----------------------------------------------------------------------------
+
+    async def _peer_loop(self, peer: Peer) -> None:
+        with peer.scope:
+            while True:
+                if not peer.queue or peer.connecting:
+                    peer.wake = trio.Event()
+                    # Wake to check acks while some are due.
+                    with trio.move_on_after(self.ack_timeout / 2 if peer.unacked else math.inf):
+                        await peer.wake.wait()
+                if peer.queue and peer.stream is None and self._should_try(peer):
+                    # What is queued waits for the handshake (bounded): sent to the inbox
+                    # meanwhile, it would have to be carried out before the link may be used.
+                    peer.connecting = True
+                    self._tasks.start_soon(self._connect, peer)
+                if peer.queue and not peer.connecting:
+                    await self._send_batch(peer)
+                if peer.unacked and time.monotonic() - peer.unacked[0].at > self.ack_timeout:
+                    self._fall_back(peer, "no ack in time")
+
+    def _should_try(self, peer: Peer) -> bool:
+        """Links are tried only for traffic: a target nobody sends to costs nothing."""
+        return self.enabled and not peer.connecting and time.monotonic() >= peer.next_try
+
+    async def _send_batch(self, peer: Peer) -> None:
+        orders, peer.queue = peer.queue, []
+        self.queued -= len(orders)
+        seq = next(self._seq)
+        fields = self._codec.seal_delivery(self._node_id(), peer.node, seq, orders)
+        stream = peer.stream
+        if stream is None:
+            self._to_inbox(peer, seq, fields, len(orders))
+            return
+        peer.unacked.append(Sent(seq, fields, orders, time.monotonic()))
+        self.batches_linked += 1
+        try:
+            with trio.fail_after(self.ack_timeout):
+                await stream.send_all(frame(BATCH, fields[b"m"] + fields[b"p"]))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, trio.TooSlowError):
+            if peer.stream is stream:
+                self._fall_back(peer, "send failed")
+
+    def _to_inbox(self, peer: Peer, seq: int, fields: dict[bytes, bytes], orders: int) -> None:
+        self._line.send(peer.node, fields, orders)
+        peer.inbox_high = max(peer.inbox_high, seq)
+        self.batches_inboxed += 1
+
+    def _fall_back(self, peer: Peer, why: str) -> None:
+        """The link failed: what it did not ack goes to the target's inbox, in order."""
+        log.info("cluster link lost; using the inbox", node=peer.node, why=why)
+        self.fallbacks += 1
+        self._close(peer)
+        while peer.unacked:
+            sent = peer.unacked.popleft()
+            self._to_inbox(peer, sent.seq, sent.fields, len(sent.orders))
+        self._retry_later(peer)
+
+    def _retry_later(self, peer: Peer, delay: float | None = None) -> None:
+        if delay is None:
+            delay = RETRY_DELAYS[min(peer.attempts, len(RETRY_DELAYS) - 1)]
+            peer.attempts += 1
+        peer.next_try = time.monotonic() + delay
+        peer.wake.set()
+
+    def _close(self, peer: Peer) -> None:
+        if peer.stream is not None:
+            _abort(peer.stream)
+            peer.stream = None
+
+    async def _connect(self, peer: Peer) -> None:
+        """Open a link to `peer.node`; it carries batches once the target has carried out
+        everything this node put in its inbox."""
+        stream: trio.SocketStream | None = None
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                address = await self._address_of(peer.node)
+            if address is None:  # it has no link (or no genuine heartbeat yet): the inbox
+                self._retry_later(peer, NO_LINK_RETRY)
+                return
+            host, _, port = address.rpartition(":")
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                stream = await trio.open_tcp_stream(host, int(port))
+                nonce = secrets.token_hex(16)
+                origin = self._node_id()
+                # `high`: the target answers once it has carried out this node's inbox that far.
+                hello = {"o": origin, "t": peer.node, "n": nonce, "high": peer.inbox_high}
+                await stream.send_all(frame(HELLO, self._codec.seal_link("hello", hello)))
+                reader = FrameReader(stream)
+                kind, body = await reader.next()
+            welcome = self._codec.open_link(body, "welcome") if kind == WELCOME else {}
+            if (welcome.get("o"), welcome.get("t"), welcome.get("n")) != (
+                peer.node,
+                origin,
+                nonce,
+            ):
+                raise LinkClosed("not the node dialled")
+            last = welcome.get("last")
+            if not isinstance(last, int) or last < peer.inbox_high:
+                raise LinkClosed("its inbox is not carried out yet")
+            if peer.node not in self._peers or self._node_id() != origin:
+                raise LinkClosed("no longer wanted")
+            peer.stream, peer.nonce, peer.attempts = stream, nonce, 0
+            stream = None
+            self._tasks.start_soon(self._read_acks, peer, peer.stream, reader)
+            peer.wake.set()
+        except (
+            OSError,
+            ValueError,
+            LinkClosed,
+            BadEntry,
+            trio.TooSlowError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+        ) as exc:
+            if stream is not None:
+                _abort(stream)
+            log.debug("cluster link not opened", node=peer.node, error=str(exc))
+            self._retry_later(peer)
+        finally:
+            peer.connecting = False
+            if stream is not None and peer.stream is not stream:
+                _abort(stream)
+
+    async def _read_acks(self, peer: Peer, stream: trio.SocketStream, reader: FrameReader) -> None:
+        try:
+            while peer.stream is stream:
+                for kind, body in await reader.burst():
+                    ack = self._codec.open_link(body, "ack") if kind == ACK else {}
+                    seq = ack.get("s")
+                    if ack.get("n") != peer.nonce or not isinstance(seq, int):
+                        raise LinkClosed("not an ack")
+                    while peer.unacked and peer.unacked[0].seq <= seq:
+                        peer.unacked.popleft()
+        except (
+            LinkClosed,
+            BadEntry,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            OSError,
+        ) as exc:
+            if peer.stream is stream:
+                self._fall_back(peer, str(exc) or type(exc).__name__)
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        if self._closing_inbound:
+            await stream.aclose()
+            return
+        self._inbound.add(stream)
+        try:
+            await self._serve_link(stream)
+        except (
+            LinkClosed,
+            BadEntry,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            trio.TooSlowError,
+            OSError,
+        ) as exc:
+            log.debug("cluster link closed", error=str(exc) or type(exc).__name__)
+        finally:
+            self._inbound.discard(stream)
+            _abort(stream)
+
+    async def _serve_link(self, stream: trio.SocketStream) -> None:
+        reader = FrameReader(stream)
+        with trio.fail_after(HANDSHAKE_TIMEOUT / 2):
+            kind, body = await reader.next()
+        if kind != HELLO:
+            raise LinkClosed("no hello")
+        hello = self._codec.open_link(body, "hello")
+        target, origin, nonce = self._node_id(), hello.get("o"), hello.get("n")
+        if hello.get("t") != target or not isinstance(origin, str) or not isinstance(nonce, str):
+            raise LinkClosed("not for this node")
+        high = hello.get("high")
+        if isinstance(high, int):  # what the origin put in the inbox is carried out first
+            self._catching_up += 1
+            try:
+                with trio.move_on_after(HANDSHAKE_TIMEOUT / 2):
+                    while self._carried_out(origin) < high:
+                        await self._progress.wait()
+            finally:
+                self._catching_up -= 1
+        welcome = {"o": target, "t": origin, "n": nonce, "last": self._carried_out(origin)}
+        await stream.send_all(frame(WELCOME, self._codec.seal_link("welcome", welcome)))
+        while True:
+            frames = await reader.burst()
+            if self._closing_inbound or self._node_id() != target:
+                return  # nothing more carried out: the sender falls back to the inbox
+            if not await self._before_receiving():
+                return  # evicted meanwhile (back from a freeze)
+            for kind, body in frames:
+                if kind != BATCH:
+                    raise LinkClosed("not a batch")
+                self._receive(origin, {b"m": body[:MAC_BYTES], b"p": body[MAC_BYTES:]})
+            ack = {"n": nonce, "s": self._carried_out(origin)}
+            await stream.send_all(frame(ACK, self._codec.seal_link("ack", ack)))
+
+
+def _abort(stream: trio.SocketStream) -> None:
+    """Close at once, without waiting (a frozen peer must not hold this node)."""
+    stream.socket.close()
