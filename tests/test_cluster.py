@@ -992,3 +992,21 @@ async def test_an_epoch_overwritten_without_the_key_ends_no_call(cluster: Cluste
     await bob.send("call-end", {"callId": "ab", "to": "alice"})
     await alice.expect("call-end", callId="ab", reason=None)
     assert [row["reason"] for row in terminal_records(cluster)] == ["hangup"]
+
+
+async def test_a_connected_calls_messages_take_the_direct_link(cluster: ClusterHarness) -> None:
+    """Links: once a link is open, a call's messages go node to node, not through Redis."""
+    await cluster.start()
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    await connected_call(alice, bob)
+    sender = cluster.nodes[0].hub.cluster
+    assert sender is not None
+    await alice.send("ice-candidate", ice("ab", "bob"))
+    await bob.expect("ice-candidate")
+    linked, inboxed = sender.links.batches_linked, sender.links.batches_inboxed
+    for _ in range(20):
+        await alice.send("ice-candidate", ice("ab", "bob"))
+        await bob.expect("ice-candidate")
+    assert sender.links.batches_inboxed == inboxed
+    assert sender.links.batches_linked >= linked + 20

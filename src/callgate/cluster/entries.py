@@ -9,7 +9,6 @@ name their target node and carry their origin's number, so a copy is refused. Pu
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -96,7 +95,7 @@ class EntryCodec:
 
     def _mac(self, payload: bytes, domain: bytes) -> bytes:
         message = domain + self._prefix + payload
-        return hmac.new(self._key, message, hashlib.sha256).hexdigest().encode()
+        return hmac.digest(self._key, message, "sha256").hex().encode()  # one-shot: C fast path
 
     def _seal_value(self, domain: bytes, body: dict[str, Any]) -> bytes:
         payload = orjson.dumps({"v": VERSION, **body})

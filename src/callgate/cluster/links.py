@@ -39,9 +39,9 @@ Bodies: hello, welcome, ack: MAC then JSON (entries.py `seal_link`); batch: MAC 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
-import math
 import secrets
 import struct
 import time
@@ -66,6 +66,7 @@ HANDSHAKE_TIMEOUT = 2.0  # seconds a hello or welcome may take
 RECEIVE_SIZE = 256 * 1024
 # Seconds before a target without a link is tried again, by the attempts in a row that failed.
 RETRY_DELAYS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+ACK_INTERVAL = 0.05  # seconds between a link's acks, at most one per interval
 NO_LINK_RETRY = 5.0  # seconds before a node that advertised no link is asked again
 
 # (order, the delivered device's user or None)
@@ -282,6 +283,7 @@ class Links:
                 self._nursery = nursery
                 for peer in self._peers.values():
                     nursery.start_soon(self._peer_loop, peer)
+                nursery.start_soon(self._watch)
                 if self.enabled:
                     serve = functools.partial(trio.serve_tcp, self._serve, port, host=host)
                     listeners = await nursery.start(serve)
@@ -309,13 +311,13 @@ class Links:
     # -- sending -----------------------------------------------------------------------------
 
     async def _peer_loop(self, peer: Peer) -> None:
+        # No timeout per batch (a cancel scope costs as much as the send): `_watch` fails a
+        # link whose acks are late, which also ends a send blocked on a frozen target.
         with peer.scope:
             while True:
                 if not peer.queue or peer.connecting:
                     peer.wake = trio.Event()
-                    # Wake to check acks while some are due.
-                    with trio.move_on_after(self.ack_timeout / 2 if peer.unacked else math.inf):
-                        await peer.wake.wait()
+                    await peer.wake.wait()
                 if peer.queue and peer.stream is None and self._should_try(peer):
                     # What is queued waits for the handshake (bounded): sent to the inbox
                     # meanwhile, it would have to be carried out before the link may be used.
@@ -323,7 +325,14 @@ class Links:
                     self._tasks.start_soon(self._connect, peer)
                 if peer.queue and not peer.connecting:
                     await self._send_batch(peer)
-                if peer.unacked and time.monotonic() - peer.unacked[0].at > self.ack_timeout:
+
+    async def _watch(self) -> None:
+        """Every link whose oldest unacked batch is older than `ack_timeout` fails over."""
+        while True:
+            await trio.sleep(self.ack_timeout / 4)
+            late = time.monotonic() - self.ack_timeout
+            for peer in list(self._peers.values()):
+                if peer.unacked and peer.unacked[0].at < late:
                     self._fall_back(peer, "no ack in time")
 
     def _should_try(self, peer: Peer) -> bool:
@@ -342,9 +351,8 @@ class Links:
         peer.unacked.append(Sent(seq, fields, orders, time.monotonic()))
         self.batches_linked += 1
         try:
-            with trio.fail_after(self.ack_timeout):
-                await stream.send_all(frame(BATCH, fields[b"m"] + fields[b"p"]))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, trio.TooSlowError):
+            await stream.send_all(frame(BATCH, fields[b"m"] + fields[b"p"]))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             if peer.stream is stream:
                 self._fall_back(peer, "send failed")
 
@@ -492,18 +500,41 @@ class Links:
                 self._catching_up -= 1
         welcome = {"o": target, "t": origin, "n": nonce, "last": self._carried_out(origin)}
         await stream.send_all(frame(WELCOME, self._codec.seal_link("welcome", welcome)))
-        while True:
-            frames = await reader.burst()
-            if self._closing_inbound or self._node_id() != target:
-                return  # nothing more carried out: the sender falls back to the inbox
-            if not await self._before_receiving():
-                return  # evicted meanwhile (back from a freeze)
-            for kind, body in frames:
-                if kind != BATCH:
-                    raise LinkClosed("not a batch")
-                self._receive(origin, {b"m": body[:MAC_BYTES], b"p": body[MAC_BYTES:]})
-            ack = {"n": nonce, "s": self._carried_out(origin)}
-            await stream.send_all(frame(ACK, self._codec.seal_link("ack", ack)))
+        ack_due = trio.Event()
+        acks = trio.CancelScope()
+        self._tasks.start_soon(self._ack_loop, acks, stream, origin, nonce, lambda: ack_due)
+        try:
+            while True:
+                frames = await reader.burst()
+                if self._closing_inbound or self._node_id() != target:
+                    return  # nothing more carried out: the sender falls back to the inbox
+                if not await self._before_receiving():
+                    return  # evicted meanwhile (back from a freeze)
+                for kind, body in frames:
+                    if kind != BATCH:
+                        raise LinkClosed("not a batch")
+                    self._receive(origin, {b"m": body[:MAC_BYTES], b"p": body[MAC_BYTES:]})
+                ack_due.set()
+                ack_due = trio.Event()  # the ack loop took the one it waited on, if it did
+        finally:
+            acks.cancel()
+
+    async def _ack_loop(
+        self,
+        scope: trio.CancelScope,
+        stream: trio.SocketStream,
+        origin: str,
+        nonce: str,
+        due: Callable[[], trio.Event],
+    ) -> None:
+        """Acks go once per ACK_INTERVAL at most (they only free the sender's copies): a
+        busy link costs one ack per interval, not one per batch."""
+        with scope, contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while True:
+                await due().wait()
+                await trio.sleep(ACK_INTERVAL)
+                ack = {"n": nonce, "s": self._carried_out(origin)}
+                await stream.send_all(frame(ACK, self._codec.seal_link("ack", ack)))
 
 
 def _abort(stream: trio.SocketStream) -> None:

@@ -25,7 +25,6 @@ an older genuine value of the same key, but never make one up. Pure: no I/O, no 
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -64,7 +63,7 @@ class RecordCodec:
 
     def _mac(self, name: str, payload: bytes) -> bytes:
         message = b"%s%s\x00%s\x00%s" % (_DOMAIN, self._cluster, name.encode(), payload)
-        return hmac.new(self._key, message, hashlib.sha256).hexdigest().encode()
+        return hmac.digest(self._key, message, "sha256").hex().encode()  # one-shot: C fast path
 
     def seal(self, name: str, payload: Mapping[str, Any]) -> bytes:
         body = orjson.dumps(payload)
