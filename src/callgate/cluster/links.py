@@ -114,7 +114,7 @@ class FrameReader:
         while len(buffer) - start >= _HEADER.size:
             (length,) = _HEADER.unpack_from(buffer, start)
             if length < 1 or length > MAX_FRAME:
-                raise LinkClosed("frame too large")
+                raise BadEntry("malformed")
             end = start + _HEADER.size + length
             if len(buffer) < end:
                 break
@@ -191,6 +191,7 @@ class Links:
         carried_out: Callable[[str], int],
         receive: Callable[[str, dict[bytes, bytes]], None],
         before_receiving: Callable[[], Awaitable[bool]],
+        rejected: Callable[[str, str], None],
         ack_timeout: float,
         enabled: bool = True,
     ) -> None:
@@ -201,6 +202,7 @@ class Links:
         self._carried_out = carried_out
         self._receive = receive
         self._before_receiving = before_receiving
+        self._rejected = rejected
         self.ack_timeout = ack_timeout
         self.enabled = enabled
         self._peers: dict[str, Peer] = {}
@@ -466,9 +468,10 @@ class Links:
         self._inbound.add(stream)
         try:
             await self._serve_link(stream)
+        except BadEntry as bad:  # a hello that does not verify: not a node of this cluster
+            self._rejected(f"link:{_peer_name(stream)}", bad.reason)
         except (
             LinkClosed,
-            BadEntry,
             trio.BrokenResourceError,
             trio.ClosedResourceError,
             trio.TooSlowError,
@@ -484,11 +487,11 @@ class Links:
         with trio.fail_after(HANDSHAKE_TIMEOUT / 2):
             kind, body = await reader.next()
         if kind != HELLO:
-            raise LinkClosed("no hello")
+            raise BadEntry("malformed")
         hello = self._codec.open_link(body, "hello")
         target, origin, nonce = self._node_id(), hello.get("o"), hello.get("n")
         if hello.get("t") != target or not isinstance(origin, str) or not isinstance(nonce, str):
-            raise LinkClosed("not for this node")
+            raise BadEntry("misrouted")
         high = hello.get("high")
         if isinstance(high, int):  # what the origin put in the inbox is carried out first
             self._catching_up += 1
@@ -512,7 +515,7 @@ class Links:
                     return  # evicted meanwhile (back from a freeze)
                 for kind, body in frames:
                     if kind != BATCH:
-                        raise LinkClosed("not a batch")
+                        raise BadEntry("malformed")
                     self._receive(origin, {b"m": body[:MAC_BYTES], b"p": body[MAC_BYTES:]})
                 ack_due.set()
                 ack_due = trio.Event()  # the ack loop took the one it waited on, if it did
@@ -535,6 +538,14 @@ class Links:
                 await trio.sleep(ACK_INTERVAL)
                 ack = {"n": nonce, "s": self._carried_out(origin)}
                 await stream.send_all(frame(ACK, self._codec.seal_link("ack", ack)))
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return "?"
+    return f"{host}:{port}"
 
 
 def _abort(stream: trio.SocketStream) -> None:

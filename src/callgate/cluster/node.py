@@ -268,6 +268,7 @@ class ClusterNode:
             carried_out=lambda origin: self._last_seq.get(origin, 0),
             receive=self._link_received,
             before_receiving=self._still_member,
+            rejected=self._rejected,
             ack_timeout=settings.ack_timeout,
             enabled=settings.links,
         )
