@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import os
 import secrets
 import struct
 import time
@@ -49,12 +50,16 @@ from array import array
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 
 from callgate.cluster.entries import MAC_BYTES, MAX_DELIVERY_BYTES, BadEntry, EntryCodec, Order
 from callgate.cluster.line import DeliveryLine
 from callgate.log import get_logger
+
+if TYPE_CHECKING:
+    from callgate.transport.reactor import Reactor
 
 log = get_logger("callgate.cluster")
 
@@ -127,16 +132,23 @@ class FrameReader:
             del buffer[:start]
         return frames
 
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
     async def burst(self) -> list[tuple[bytes, bytes]]:
         """At least one frame: every whole frame that has arrived."""
         while True:
             frames = self.ready()
             if frames:
                 return frames
-            data = await self._stream.receive_some(RECEIVE_SIZE)
-            if not data:
-                raise LinkClosed("closed by the other end")
-            self._buffer += data
+            self._buffer += await self.receive()
+
+    async def receive(self) -> bytes:
+        """Raises: LinkClosed when the other end closed the link."""
+        data = await self._stream.receive_some(RECEIVE_SIZE)
+        if not data:
+            raise LinkClosed("closed by the other end")
+        return data
 
     async def next(self) -> tuple[bytes, bytes]:
         frames = await self.burst()
@@ -172,6 +184,11 @@ class Peer:
     next_try: float = 0.0
     connecting: bool = False
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    # Bytes of a frame a direct write could not finish: the peer's task sends them, and
+    # nothing else is written to the link before they are.
+    rest: bytes = b""
+    sending: bool = False  # the peer's task is in a send
+    in_turn: bool = False  # queued during the reactor's turn: flushed at its end
 
 
 class Links:
@@ -191,9 +208,11 @@ class Links:
         carried_out: Callable[[str], int],
         receive: Callable[[str, dict[bytes, bytes]], None],
         before_receiving: Callable[[], Awaitable[bool]],
+        may_be_stale: Callable[[], bool],
         rejected: Callable[[str, str], None],
         ack_timeout: float,
         enabled: bool = True,
+        reactor: Reactor | None = None,
     ) -> None:
         self._codec = codec
         self._line = line
@@ -202,7 +221,12 @@ class Links:
         self._carried_out = carried_out
         self._receive = receive
         self._before_receiving = before_receiving
+        self._may_be_stale = may_be_stale
         self._rejected = rejected
+        self._reactor = reactor
+        self._turn_peers: list[Peer] = []
+        if reactor is not None:
+            reactor.after_turn(self._end_turn)
         self.ack_timeout = ack_timeout
         self.enabled = enabled
         self._peers: dict[str, Peer] = {}
@@ -229,7 +253,37 @@ class Links:
                 self._nursery.start_soon(self._peer_loop, peer)
         peer.queue.append((order, user))
         self.queued += 1
-        peer.wake.set()
+        reactor = self._reactor
+        if reactor is not None and reactor.turning:
+            # A message the reactor is handling: everything its turn queues for this node
+            # goes in one batch, written at the turn's end without waking a task.
+            if not peer.in_turn:
+                peer.in_turn = True
+                self._turn_peers.append(peer)
+        else:
+            peer.wake.set()
+
+    def _end_turn(self) -> None:
+        """The reactor's turn ended: write each batch it queued straight to its link."""
+        peers, self._turn_peers = self._turn_peers, []
+        for peer in peers:
+            peer.in_turn = False
+            if not peer.queue:
+                continue
+            if peer.stream is None or peer.connecting or peer.sending or peer.rest:
+                peer.wake.set()  # the peer's task takes it (the inbox, or after its send)
+                continue
+            data = self._linked_batch(peer, peer.stream)
+            try:
+                written = os.write(peer.stream.socket.fileno(), data)
+            except BlockingIOError:
+                written = 0
+            except OSError:
+                self._fall_back(peer, "send failed")
+                continue
+            if written < len(data):
+                peer.rest = data[written:]
+                peer.wake.set()
 
     @property
     def unacked(self) -> int:
@@ -261,14 +315,19 @@ class Links:
         """This node was evicted and starts under a new id: no link of the old one stays."""
         for node in list(self._peers):
             self.forget(node)
-        for stream in list(self._inbound):
-            _abort(stream)
+        self._drop_inbound()
 
     def close_inbound(self) -> None:
         """Shutting down: carry out no more batches from links; their senders fall back to
         this node's inbox, which the shutdown hands over."""
         self._closing_inbound = True
+        self._drop_inbound()
+
+    def _drop_inbound(self) -> None:
         for stream in list(self._inbound):
+            fd = stream.socket.fileno()
+            if self._reactor is not None and self._reactor.holds(fd):
+                self._reactor.wake(fd, b"")  # out of the reactor's set before it closes
             _abort(stream)
 
     async def run(
@@ -317,9 +376,12 @@ class Links:
         # link whose acks are late, which also ends a send blocked on a frozen target.
         with peer.scope:
             while True:
-                if not peer.queue or peer.connecting:
+                if not (peer.queue or peer.rest) or peer.connecting:
                     peer.wake = trio.Event()
                     await peer.wake.wait()
+                if peer.rest and peer.stream is not None:
+                    await self._send_frame(peer, peer.stream, peer.rest)
+                    peer.rest = b""
                 if peer.queue and peer.stream is None and self._should_try(peer):
                     # What is queued waits for the handshake (bounded): sent to the inbox
                     # meanwhile, it would have to be carried out before the link may be used.
@@ -341,22 +403,36 @@ class Links:
         """Links are tried only for traffic: a target nobody sends to costs nothing."""
         return self.enabled and not peer.connecting and time.monotonic() >= peer.next_try
 
-    async def _send_batch(self, peer: Peer) -> None:
+    def _seal(self, peer: Peer) -> tuple[int, dict[bytes, bytes], list[Queued]]:
         orders, peer.queue = peer.queue, []
         self.queued -= len(orders)
         seq = next(self._seq)
-        fields = self._codec.seal_delivery(self._node_id(), peer.node, seq, orders)
-        stream = peer.stream
-        if stream is None:
-            self._to_inbox(peer, seq, fields, len(orders))
-            return
+        return seq, self._codec.seal_delivery(self._node_id(), peer.node, seq, orders), orders
+
+    def _linked_batch(self, peer: Peer, stream: trio.SocketStream) -> bytes:
+        """What is queued for `peer` as one batch frame, kept until acked."""
+        seq, fields, orders = self._seal(peer)
         peer.unacked.append(Sent(seq, fields, orders, time.monotonic()))
         self.batches_linked += 1
+        return frame(BATCH, fields[b"m"] + fields[b"p"])
+
+    async def _send_batch(self, peer: Peer) -> None:
+        stream = peer.stream
+        if stream is None:
+            seq, fields, orders = self._seal(peer)
+            self._to_inbox(peer, seq, fields, len(orders))
+            return
+        await self._send_frame(peer, stream, self._linked_batch(peer, stream))
+
+    async def _send_frame(self, peer: Peer, stream: trio.SocketStream, data: bytes) -> None:
+        peer.sending = True
         try:
-            await stream.send_all(frame(BATCH, fields[b"m"] + fields[b"p"]))
+            await stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             if peer.stream is stream:
                 self._fall_back(peer, "send failed")
+        finally:
+            peer.sending = False
 
     def _to_inbox(self, peer: Peer, seq: int, fields: dict[bytes, bytes], orders: int) -> None:
         self._line.send(peer.node, fields, orders)
@@ -368,6 +444,7 @@ class Links:
         log.info("cluster link lost; using the inbox", node=peer.node, why=why)
         self.fallbacks += 1
         self._close(peer)
+        peer.rest = b""  # part of a batch that is in `unacked`, copied below
         while peer.unacked:
             sent = peer.unacked.popleft()
             self._to_inbox(peer, sent.seq, sent.fields, len(sent.orders))
@@ -503,41 +580,100 @@ class Links:
                 self._catching_up -= 1
         welcome = {"o": target, "t": origin, "n": nonce, "last": self._carried_out(origin)}
         await stream.send_all(frame(WELCOME, self._codec.seal_link("welcome", welcome)))
-        ack_due = trio.Event()
+        inbound = Inbound(self, stream, reader, origin, target)
         acks = trio.CancelScope()
-        self._tasks.start_soon(self._ack_loop, acks, stream, origin, nonce, lambda: ack_due)
+        self._tasks.start_soon(self._ack_loop, acks, inbound, nonce)
+        reactor = self._reactor
         try:
             while True:
-                frames = await reader.burst()
-                if self._closing_inbound or self._node_id() != target:
+                if reactor is not None and reactor.running:
+                    # Parked: the reactor reads and carries out batches in its own turn
+                    # (`Inbound.on_readable`); this task wakes only to check or to end.
+                    woke = await reactor.park(stream.socket.fileno(), inbound)
+                    if woke == b"":
+                        if inbound.refused is not None:
+                            raise inbound.refused
+                        return  # closed by the other end
+                    if woke is None:
+                        reactor = None  # the reactor stops: read here from now on
+                else:
+                    reader.feed(await reader.receive())
+                if not self._still_wanted(target):
                     return  # nothing more carried out: the sender falls back to the inbox
-                if not await self._before_receiving():
+                if self._may_be_stale() and not await self._before_receiving():
                     return  # evicted meanwhile (back from a freeze)
-                for kind, body in frames:
-                    if kind != BATCH:
-                        raise BadEntry("malformed")
-                    self._receive(origin, {b"m": body[:MAC_BYTES], b"p": body[MAC_BYTES:]})
-                ack_due.set()
-                ack_due = trio.Event()  # the ack loop took the one it waited on, if it did
+                inbound.carry_out(reader.ready())
         finally:
             acks.cancel()
 
-    async def _ack_loop(
-        self,
-        scope: trio.CancelScope,
-        stream: trio.SocketStream,
-        origin: str,
-        nonce: str,
-        due: Callable[[], trio.Event],
-    ) -> None:
+    def _still_wanted(self, target: str) -> bool:
+        return not self._closing_inbound and self._node_id() == target
+
+    async def _ack_loop(self, scope: trio.CancelScope, inbound: Inbound, nonce: str) -> None:
         """Acks go once per ACK_INTERVAL at most (they only free the sender's copies): a
         busy link costs one ack per interval, not one per batch."""
         with scope, contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             while True:
-                await due().wait()
+                await inbound.ack_due.wait()
+                inbound.ack_due = trio.Event()
                 await trio.sleep(ACK_INTERVAL)
-                ack = {"n": nonce, "s": self._carried_out(origin)}
-                await stream.send_all(frame(ACK, self._codec.seal_link("ack", ack)))
+                ack = {"n": nonce, "s": self._carried_out(inbound.origin)}
+                await inbound.stream.send_all(frame(ACK, self._codec.seal_link("ack", ack)))
+
+
+class Inbound:
+    """One link this node accepted, after its handshake: batches from `origin`."""
+
+    def __init__(
+        self,
+        links: Links,
+        stream: trio.SocketStream,
+        reader: FrameReader,
+        origin: str,
+        target: str,
+    ) -> None:
+        self._links = links
+        self.stream = stream
+        self.reader = reader
+        self.origin = origin
+        self.target = target
+        self.ack_due = trio.Event()
+        self.refused: BadEntry | None = None
+
+    def carry_out(self, frames: list[tuple[bytes, bytes]]) -> None:
+        """Raises: BadEntry("malformed") for a frame that is not a batch."""
+        for kind, body in frames:
+            if kind != BATCH:
+                raise BadEntry("malformed")
+            self._links._receive(self.origin, {b"m": body[:MAC_BYTES], b"p": body[MAC_BYTES:]})
+        if frames:
+            self.ack_due.set()
+
+    def on_readable(self) -> None:
+        """In the reactor's turn: read what arrived, and carry it out unless something needs
+        this link's task (its end, a refusal, or a check after a freeze)."""
+        links, fd = self._links, self.stream.socket.fileno()
+        reactor = links._reactor
+        if reactor is None:
+            return
+        try:
+            data = os.read(fd, RECEIVE_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            reactor.wake(fd, b"")
+            return
+        self.reader.feed(data)
+        if not links._still_wanted(self.target) or links._may_be_stale():
+            reactor.wake(fd, b"check")
+            return
+        try:
+            self.carry_out(self.reader.ready())
+        except BadEntry as bad:
+            self.refused = bad
+            reactor.wake(fd, b"")
 
 
 def _peer_name(stream: trio.SocketStream) -> str:

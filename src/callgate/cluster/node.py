@@ -89,6 +89,7 @@ if TYPE_CHECKING:
     from callgate.ratelimit import RateLimiter
     from callgate.transport.connection import Connection
     from callgate.transport.executor import Executor
+    from callgate.transport.reactor import Reactor
 
 log = get_logger("callgate.cluster")
 
@@ -227,6 +228,7 @@ class ClusterNode:
         max_devices: int,
         adopt_revocations: Callable[[RevocationChanged], None],
         evicted: Callable[[], None],
+        reactor: Reactor | None = None,
     ) -> None:
         if settings.key is None:  # refused by the config check; kept for the type checker
             raise ValueError("cluster.key is required")
@@ -268,7 +270,9 @@ class ClusterNode:
             carried_out=lambda origin: self._last_seq.get(origin, 0),
             receive=self._link_received,
             before_receiving=self._still_member,
+            may_be_stale=self._may_be_stale,
             rejected=self._rejected,
+            reactor=reactor,
             ack_timeout=settings.ack_timeout,
             enabled=settings.links,
         )
@@ -289,6 +293,7 @@ class ClusterNode:
         self._epoch: bytes | None = None
         self._connected_since = time.monotonic()
         self._kept_at = time.monotonic()  # when the last heartbeat went through
+        self._checked_at = 0.0  # when a link last asked whether this node is still a member
         self._store_ok = False
         self.joined = trio.Event()
         self._revocations: tuple[frozenset[str], dict[str, float]] | None = None
@@ -807,13 +812,24 @@ class ClusterNode:
     def _link_received(self, origin: str, fields: Mapping[bytes, bytes]) -> None:
         self._receive(f"link:{origin}", fields, origin=origin)
 
+    def _may_be_stale(self) -> bool:
+        """No heartbeat went through for `node_timeout`, nor was membership checked for a
+        heartbeat interval: back from a freeze, this node may have been declared dead."""
+        now = time.monotonic()
+        return (
+            now - self._kept_at > self._settings.node_timeout
+            and now - self._checked_at > self._settings.heartbeat_interval
+        )
+
     async def _still_member(self) -> bool:
-        """Before carrying out what a link brought: back from a freeze (or a long stall),
-        this node may have been declared dead, and its deliveries handed to others. False
-        when it was (it is a new node now, and what the link brought is not its own)."""
+        """Before carrying out what a link brought, when `_may_be_stale`: this node may have
+        been declared dead, and its deliveries handed to others. False when it was (it is a
+        new node now, and what the link brought is not its own). While Redis is away this
+        asks once per heartbeat interval, for at most a second, and carries on."""
         node = self.node_id
-        if time.monotonic() - self._kept_at > self._settings.node_timeout:
-            with contextlib.suppress(RedisError):
+        if self._may_be_stale():
+            self._checked_at = time.monotonic()
+            with trio.move_on_after(1.0), contextlib.suppress(RedisError):
                 await self._keep()
         return self.node_id == node
 

@@ -133,6 +133,11 @@ class ConnectionHub:
         # Cluster mode (`attach_cluster`): events go through the cluster, not straight in.
         self.cluster: ClusterNode | None = None
 
+    @property
+    def reactor(self) -> Reactor | None:
+        """Where idle connections wait (reactor.py); None on the trio-websocket engine."""
+        return self._reactor
+
     def attach_cluster(self, node: ClusterNode) -> None:
         """From now on every core event goes through the cluster (cluster/node.py, made by
         server.py with this hub's executor: the cluster sits above the transport)."""

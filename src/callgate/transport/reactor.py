@@ -52,6 +52,10 @@ class Reactor:
         self._epoll: select.epoll | None = None
         # fd -> (the connection, its parked task)
         self._parked: dict[int, tuple[Parked, trio.lowlevel.Task]] = {}
+        # Called after each turn, in the reactor's task: what the turn's messages queued for
+        # elsewhere goes out in one write per destination (the cluster's links).
+        self._after_turn: list[Callable[[], None]] = []
+        self.turning = False  # inside a turn: `after_turn` callbacks will run at its end
 
     @staticmethod
     def supported() -> bool:
@@ -75,19 +79,34 @@ class Reactor:
                 # through trio's scheduler, no epoll_ctl to re-arm its wait), for up to
                 # _TURN_SECONDS: trio's other tasks (writers, timers, accepts) wait no longer.
                 turn_ends = time.perf_counter() + _TURN_SECONDS
-                while True:
-                    events = epoll.poll(0, _BATCH)
-                    if not events:
-                        break
-                    self._serve(events)
-                    if time.perf_counter() >= turn_ends:
-                        break
+                self.turning = True
+                try:
+                    while True:
+                        events = epoll.poll(0, _BATCH)
+                        if not events:
+                            break
+                        self._serve(events)
+                        if time.perf_counter() >= turn_ends:
+                            break
+                finally:
+                    self.turning = False
+                    self._end_turn()
         finally:
             self._epoll = None
             for fd in list(self._parked):
                 self.wake(fd, None)
             trio.lowlevel.notify_closing(epoll)
             epoll.close()
+
+    def after_turn(self, callback: Callable[[], None]) -> None:
+        self._after_turn.append(callback)
+
+    def _end_turn(self) -> None:
+        for callback in self._after_turn:
+            try:
+                callback()
+            except Exception:
+                log.exception("after a reactor turn")
 
     def _serve(self, events: list[tuple[int, int]]) -> None:
         for fd, _ in events:

@@ -328,6 +328,7 @@ async def _serve(
                 settings.server.max_connections_per_user,
                 hub.adopt_revocations,
                 hub.evict_all,
+                hub.reactor,
             )
             hub.attach_cluster(node)
             nursery.start_soon(node.run)
