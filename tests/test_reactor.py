@@ -286,3 +286,27 @@ async def test_a_busy_reactor_still_lets_other_tasks_run(
     # Three turns of two, in three of trio's scheduling rounds: the other task ran in between
     # (in which order trio runs a round's tasks is its own choice, so not necessarily twice).
     assert len(set(seen)) >= 2, seen
+
+
+async def test_after_turn_runs_once_a_turn_after_its_messages_and_outside_it(
+    reactor: Reactor, nursery: trio.Nursery
+) -> None:
+    """What a turn's messages queue for elsewhere goes out at its end (the cluster's links):
+    each callback runs after the turn's handlers, with `turning` already False."""
+    events: list[str] = []
+
+    def inline(text: str) -> bool:
+        events.append(f"{text}:{'turning' if reactor.turning else 'outside'}")
+        return True
+
+    reactor.after_turn(lambda: events.append(f"end:{'turning' if reactor.turning else 'outside'}"))
+    pair = Pair(reactor, inline)
+
+    async def task() -> None:
+        await pair.engine.get_message()
+
+    nursery.start_soon(task)
+    await _until(lambda: len(reactor) == 1)
+    await pair.send(TextMessage(data="one"), TextMessage(data="two"))
+    await _until(lambda: "end:outside" in events)
+    assert events[:3] == ["one:turning", "two:turning", "end:outside"]

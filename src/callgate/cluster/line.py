@@ -1,10 +1,13 @@
-"""The delivery line: node-to-node batches on Redis streams, through two long-lived threads.
+"""The inboxes: node-to-node batches on Redis streams, through two long-lived threads.
 
-Why threads, when the rest of the cluster uses coredis on trio: deliveries are the one per-message
-path. Measured here (docs/cluster.md, "Why two Redis clients"), a coredis command costs about
-215 µs of CPU on trio (a reader task, a writer task and memory streams per connection: four task
-switches per command), against about 27 µs for the same round trip on a bare trio socket; redis-py
-(with hiredis) in a thread of its own does it at close to the socket's cost. So each node runs:
+A node's inbox is where its batches go while no link to it is up, or with links off (links.py),
+and what the leader hands to a dead node's devices' resume buffers. Why threads, when the rest
+of the cluster uses coredis on trio: with links off, deliveries are the one per-message path
+through Redis. Measured here (docs/cluster.md, "Why two Redis clients"), a coredis command
+costs about 215 µs of CPU on trio (a reader task, a writer task and memory streams per
+connection: four task switches per command), against about 27 µs for the same round trip on a
+bare trio socket; redis-py (with hiredis) in a thread of its own does it at close to the
+socket's cost. So each node runs:
 
 * a **writer** thread: it takes every batch queued since its last round trip (sealed on trio's
   side by links.py: signed, numbered, naming the target) and appends them with one pipeline.

@@ -7,8 +7,9 @@ single server's `LocalDispatch`. What a node's clients do becomes a core event, 
    switchboard decide on that slice, and commit what changed atomically (store.py); if another
    node changed one of those records meanwhile, load again and decide again.
 2. **Carry out**: actions for this node's connections go to its executor; those for another
-   node's connections go to that node's inbox only, signed and numbered (entries.py), batched
-   per node. Audit records are written here, once: by the node that decided.
+   node's connections go to that node only, signed and numbered (entries.py), batched per node:
+   over a direct link, with its Redis inbox behind it (links.py). Audit records are written
+   here, once: by the node that decided.
 3. **Cache what the call allows**: once a call is connected, the node of each side remembers
    the other side's device, so an `ice-candidate` or `call-renegotiate` costs no Redis round
    trip beyond its delivery. The route is dropped when the call ends or the other side moves
