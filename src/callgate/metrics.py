@@ -29,7 +29,7 @@ class _LiveGauges(Collector):
     def __init__(self, read: Callable[[], Mapping[str, Mapping[str, int]]]) -> None:
         self._read = read
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterable[Metric]:
         live = self._read()
         connections = GaugeMetricFamily(
             "callgate_connections", "Open connections by state", labels=["state"]
@@ -46,12 +46,19 @@ class _LiveGauges(Collector):
             for name, help_text in (
                 ("available", "1 while the cluster's Redis is reachable"),
                 ("leader", "1 while this node holds the leader lease"),
-                ("pending_orders", "Orders for other nodes not yet written to their inboxes"),
+                ("pending_orders", "Orders for other nodes not yet sent on a link or appended"),
+                ("unacked_batches", "Batches sent on links to other nodes and not yet acked"),
                 ("routes", "Connected calls of this node's devices with a cached route"),
             ):
                 gauge = GaugeMetricFamily(f"callgate_cluster_{name}", help_text)
                 gauge.add_metric([], cluster[name])
                 yield gauge
+            fallbacks = CounterMetricFamily(
+                "callgate_cluster_link_fallbacks",
+                "Links to other nodes that failed, their unacked batches copied to the inbox",
+            )
+            fallbacks.add_metric([], cluster["link_fallbacks"])
+            yield fallbacks
 
 
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)

@@ -312,9 +312,16 @@ class Links:
         return left
 
     def reset(self) -> None:
-        """This node was evicted and starts under a new id: no link of the old one stays."""
-        for node in list(self._peers):
-            self.forget(node)
+        """This node was evicted and starts under a new id (called before the id changes): no
+        link of the old one stays. What it had decided and not yet delivered elsewhere still
+        goes, under the old id, through the targets' inboxes."""
+        for node, peer in list(self._peers.items()):
+            self._fall_back(peer, "this node was evicted")
+            if peer.queue:
+                seq, fields, orders = self._seal(peer)
+                self._to_inbox(peer, seq, fields, len(orders))
+            peer.scope.cancel()
+            del self._peers[node]
         self._drop_inbound()
 
     def close_inbound(self) -> None:
