@@ -48,9 +48,9 @@ import struct
 import time
 from array import array
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -191,38 +191,49 @@ class Peer:
     in_turn: bool = False  # queued during the reactor's turn: flushed at its end
 
 
-class Links:
-    """Outgoing: one peer per target node. Incoming: the link listener (`serve`).
+class LinkHost(Protocol):
+    """What links need of their node (node.py's ClusterNode)."""
 
-    node.py supplies what a link needs to know of the node: its current id (it changes when
-    the cluster evicts it), where another node's link listens (its signed heartbeat), how far
-    an origin's batches were carried out here, and what to do with a batch that arrived."""
+    @property
+    def node_id(self) -> str:
+        """Its current id (a new one after the cluster evicted it)."""
+
+    async def link_address(self, node: str) -> str | None:
+        """Where `node`'s links listen (its signed heartbeat); None: use its inbox."""
+
+    def carried_out(self, origin: str) -> int:
+        """The last batch number from `origin` carried out here."""
+
+    def link_received(self, origin: str, fields: Mapping[bytes, bytes]) -> None:
+        """Carry out a batch that came on a link `origin` opened (checks it first)."""
+
+    def may_be_stale(self) -> bool:
+        """Back from a freeze, it may have been declared dead (ask `still_member`)."""
+
+    async def still_member(self) -> bool:
+        """False: it was declared dead meanwhile (what a link brought is not its own)."""
+
+    def rejected(self, entry: str, reason: str) -> None:
+        """Audit something refused (`cluster.rejected`)."""
+
+
+class Links:
+    """Outgoing: one peer per target node. Incoming: the link listener (`run`); what links
+    need of their node is `LinkHost`."""
 
     def __init__(
         self,
         codec: EntryCodec,
         line: DeliveryLine,
+        node: LinkHost,
         *,
-        node_id: Callable[[], str],
-        address_of: Callable[[str], Awaitable[str | None]],
-        carried_out: Callable[[str], int],
-        receive: Callable[[str, dict[bytes, bytes]], None],
-        before_receiving: Callable[[], Awaitable[bool]],
-        may_be_stale: Callable[[], bool],
-        rejected: Callable[[str, str], None],
         ack_timeout: float,
         enabled: bool = True,
         reactor: Reactor | None = None,
     ) -> None:
         self._codec = codec
         self._line = line
-        self._node_id = node_id
-        self._address_of = address_of
-        self._carried_out = carried_out
-        self._receive = receive
-        self._before_receiving = before_receiving
-        self._may_be_stale = may_be_stale
-        self._rejected = rejected
+        self._node = node
         self._reactor = reactor
         self._turn_peers: list[Peer] = []
         if reactor is not None:
@@ -414,7 +425,7 @@ class Links:
         orders, peer.queue = peer.queue, []
         self.queued -= len(orders)
         seq = next(self._seq)
-        return seq, self._codec.seal_delivery(self._node_id(), peer.node, seq, orders), orders
+        return seq, self._codec.seal_delivery(self._node.node_id, peer.node, seq, orders), orders
 
     def _linked_batch(self, peer: Peer, stream: trio.SocketStream) -> bytes:
         """What is queued for `peer` as one batch frame, kept until acked."""
@@ -475,7 +486,7 @@ class Links:
         stream: trio.SocketStream | None = None
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
-                address = await self._address_of(peer.node)
+                address = await self._node.link_address(peer.node)
             if address is None:  # it has no link (or no genuine heartbeat yet): the inbox
                 self._retry_later(peer, NO_LINK_RETRY)
                 return
@@ -483,7 +494,7 @@ class Links:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 stream = await trio.open_tcp_stream(host, int(port))
                 nonce = secrets.token_hex(16)
-                origin = self._node_id()
+                origin = self._node.node_id
                 # `high`: the target answers once it has carried out this node's inbox that far.
                 hello = {"o": origin, "t": peer.node, "n": nonce, "high": peer.inbox_high}
                 await stream.send_all(frame(HELLO, self._codec.seal_link("hello", hello)))
@@ -499,7 +510,7 @@ class Links:
             last = welcome.get("last")
             if not isinstance(last, int) or last < peer.inbox_high:
                 raise LinkClosed("its inbox is not carried out yet")
-            if peer.node not in self._peers or self._node_id() != origin:
+            if peer.node not in self._peers or self._node.node_id != origin:
                 raise LinkClosed("no longer wanted")
             peer.stream, peer.nonce, peer.attempts = stream, nonce, 0
             stream = None
@@ -553,7 +564,7 @@ class Links:
         try:
             await self._serve_link(stream)
         except BadEntry as bad:  # a hello that does not verify: not a node of this cluster
-            self._rejected(f"link:{_peer_name(stream)}", bad.reason)
+            self._node.rejected(f"link:{_peer_name(stream)}", bad.reason)
         except (
             LinkClosed,
             trio.BrokenResourceError,
@@ -573,7 +584,7 @@ class Links:
         if kind != HELLO:
             raise BadEntry("malformed")
         hello = self._codec.open_link(body, "hello")
-        target, origin, nonce = self._node_id(), hello.get("o"), hello.get("n")
+        target, origin, nonce = self._node.node_id, hello.get("o"), hello.get("n")
         if hello.get("t") != target or not isinstance(origin, str) or not isinstance(nonce, str):
             raise BadEntry("misrouted")
         high = hello.get("high")
@@ -581,11 +592,11 @@ class Links:
             self._catching_up += 1
             try:
                 with trio.move_on_after(HANDSHAKE_TIMEOUT / 2):
-                    while self._carried_out(origin) < high:
+                    while self._node.carried_out(origin) < high:
                         await self._progress.wait()
             finally:
                 self._catching_up -= 1
-        welcome = {"o": target, "t": origin, "n": nonce, "last": self._carried_out(origin)}
+        welcome = {"o": target, "t": origin, "n": nonce, "last": self._node.carried_out(origin)}
         await stream.send_all(frame(WELCOME, self._codec.seal_link("welcome", welcome)))
         inbound = Inbound(self, stream, reader, origin, target)
         acks = trio.CancelScope()
@@ -607,14 +618,14 @@ class Links:
                     reader.feed(await reader.receive())
                 if not self._still_wanted(target):
                     return  # nothing more carried out: the sender falls back to the inbox
-                if self._may_be_stale() and not await self._before_receiving():
+                if self._node.may_be_stale() and not await self._node.still_member():
                     return  # evicted meanwhile (back from a freeze)
                 inbound.carry_out(reader.ready())
         finally:
             acks.cancel()
 
     def _still_wanted(self, target: str) -> bool:
-        return not self._closing_inbound and self._node_id() == target
+        return not self._closing_inbound and self._node.node_id == target
 
     async def _ack_loop(self, scope: trio.CancelScope, inbound: Inbound, nonce: str) -> None:
         """Acks go once per ACK_INTERVAL at most (they only free the sender's copies): a
@@ -624,7 +635,7 @@ class Links:
                 await inbound.ack_due.wait()
                 inbound.ack_due = trio.Event()
                 await trio.sleep(ACK_INTERVAL)
-                ack = {"n": nonce, "s": self._carried_out(inbound.origin)}
+                ack = {"n": nonce, "s": self._node.carried_out(inbound.origin)}
                 await inbound.stream.send_all(frame(ACK, self._codec.seal_link("ack", ack)))
 
 
@@ -652,7 +663,9 @@ class Inbound:
         for kind, body in frames:
             if kind != BATCH:
                 raise BadEntry("malformed")
-            self._links._receive(self.origin, {b"m": body[:MAC_BYTES], b"p": body[MAC_BYTES:]})
+            self._links._node.link_received(
+                self.origin, {b"m": body[:MAC_BYTES], b"p": body[MAC_BYTES:]}
+            )
         if frames:
             self.ack_due.set()
 
@@ -673,7 +686,7 @@ class Inbound:
             reactor.wake(fd, b"")
             return
         self.reader.feed(data)
-        if not links._still_wanted(self.target) or links._may_be_stale():
+        if not links._still_wanted(self.target) or links._node.may_be_stale():
             reactor.wake(fd, b"check")
             return
         try:

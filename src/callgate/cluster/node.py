@@ -266,16 +266,10 @@ class ClusterNode:
         self.links = Links(
             self.codec,
             self.line,
-            node_id=lambda: self.node_id,
-            address_of=self._link_address,
-            carried_out=lambda origin: self._last_seq.get(origin, 0),
-            receive=self._link_received,
-            before_receiving=self._still_member,
-            may_be_stale=self._may_be_stale,
-            rejected=self._rejected,
-            reactor=reactor,
+            self,
             ack_timeout=settings.ack_timeout,
             enabled=settings.links,
+            reactor=reactor,
         )
         self._inbox: list[tuple[str, Entries]] = []  # batches read, not yet carried out
         self._inbox_changed = trio.Event()
@@ -803,17 +797,22 @@ class ClusterNode:
             return
         self.links.send(node, order, user)
 
-    async def _link_address(self, node: str) -> str | None:
+    # -- what links.py needs of this node (LinkHost) ------------------------------------------
+
+    def carried_out(self, origin: str) -> int:
+        return self._last_seq.get(origin, 0)
+
+    async def link_address(self, node: str) -> str | None:
         """Where `node`'s links listen, from its signed heartbeat (None: use its inbox)."""
         try:
             return self.codec.link_of(await self.store.get(f"hb:{node}"), node)
         except RedisError:
             return None
 
-    def _link_received(self, origin: str, fields: Mapping[bytes, bytes]) -> None:
+    def link_received(self, origin: str, fields: Mapping[bytes, bytes]) -> None:
         self._receive(f"link:{origin}", fields, origin=origin)
 
-    def _may_be_stale(self) -> bool:
+    def may_be_stale(self) -> bool:
         """No heartbeat went through for `node_timeout`, nor was membership checked for a
         heartbeat interval: back from a freeze, this node may have been declared dead."""
         now = time.monotonic()
@@ -822,13 +821,13 @@ class ClusterNode:
             and now - self._checked_at > self._settings.heartbeat_interval
         )
 
-    async def _still_member(self) -> bool:
-        """Before carrying out what a link brought, when `_may_be_stale`: this node may have
+    async def still_member(self) -> bool:
+        """Before carrying out what a link brought, when `may_be_stale`: this node may have
         been declared dead, and its deliveries handed to others. False when it was (it is a
         new node now, and what the link brought is not its own). While Redis is away this
         asks once per heartbeat interval, for at most a second, and carries on."""
         node = self.node_id
-        if self._may_be_stale():
+        if self.may_be_stale():
             self._checked_at = time.monotonic()
             with trio.move_on_after(1.0), contextlib.suppress(RedisError):
                 await self._keep()
@@ -878,10 +877,10 @@ class ClusterNode:
         try:
             delivery = self.codec.open_delivery(fields, target)
         except BadEntry as bad:
-            self._rejected(entry_id, bad.reason)
+            self.rejected(entry_id, bad.reason)
             return
         if origin is not None and delivery.origin != origin:
-            self._rejected(entry_id, "misrouted")  # another node's batch, on this link
+            self.rejected(entry_id, "misrouted")  # another node's batch, on this link
             return
         if to is None:
             self.received += 1
@@ -894,7 +893,7 @@ class ClusterNode:
                 if came_by_link is not None and came_by_link != linked:
                     self.duplicates += 1  # the other path's copy of a batch carried out
                 else:
-                    self._rejected(entry_id, "replayed")
+                    self.rejected(entry_id, "replayed")
                 return
             self._last_seq[delivery.origin] = delivery.seq
             paths.add(delivery.seq, linked)
@@ -932,7 +931,7 @@ class ClusterNode:
         if isinstance(sender, str) and isinstance(call_id, str) and origin != self.node_id:
             self._send(origin, Forget(sender, call_id), None)
 
-    def _rejected(self, entry_id: str, reason: str) -> None:
+    def rejected(self, entry_id: str, reason: str) -> None:
         log.warning("cluster delivery refused", entry=entry_id, reason=reason)
         self._executor.audit(
             "cluster.rejected", {"node": self.node_id, "entry": entry_id, "reason": reason}
