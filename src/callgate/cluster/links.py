@@ -25,16 +25,19 @@ anything is simple:
    tells such a copy (the other path) from a replay (the same path, or too old): only a
    replay is audited.
 
-A link's handshake proves both ends hold the cluster key: the opener's hello names origin,
-target and a fresh nonce; the target's welcome and every ack are signed over that nonce (so a
-listener without the key cannot ack batches away), and batches are signed on their own
-(a recorded batch is a replay, refused by its number). Frames are authenticated, not
+A link's handshake proves both ends hold the cluster key, each over the other's fresh nonce:
+the opener's hello names origin, target and its nonce; the target's welcome (with how far it
+has carried out the opener's batches, and a nonce of its own) and every ack are signed over the
+opener's nonce, so a listener without the key cannot ack batches away; the opener's
+confirmation is signed over the target's nonce, so a handshake recorded off the network and
+played again opens nothing. Batches are signed on their own (a recorded batch is a replay,
+refused by its number). So only a node holding the key sends on a link. Frames are authenticated, not
 encrypted: like the Redis connection without TLS, links belong on a private network
 (docs/cluster.md). Where to dial a node comes from its signed heartbeat.
 
 Wire format of a frame: 4-byte big-endian length of what follows, one byte of kind, the body.
-Bodies: hello, welcome, ack: MAC then JSON (entries.py `seal_link`); batch: MAC then payload
-(`seal_delivery`).
+Bodies: hello, welcome, confirm, ack: MAC then JSON (entries.py `seal_link`); batch: MAC then
+payload (`seal_delivery`).
 """
 
 from __future__ import annotations
@@ -63,8 +66,7 @@ if TYPE_CHECKING:
 
 log = get_logger("callgate.cluster")
 
-HELLO, WELCOME, ACK, BATCH = b"H", b"W", b"A", b"B"
-_KINDS = {HELLO: "hello", WELCOME: "welcome", ACK: "ack"}
+HELLO, WELCOME, CONFIRM, ACK, BATCH = b"H", b"W", b"C", b"A", b"B"
 _HEADER = struct.Struct(">I")
 MAX_FRAME = MAX_DELIVERY_BYTES + MAC_BYTES + 1
 HANDSHAKE_TIMEOUT = 2.0  # seconds a hello or welcome may take
@@ -112,11 +114,14 @@ class FrameReader:
         self._stream = stream
         self._buffer = bytearray()
 
-    def ready(self) -> list[tuple[bytes, bytes]]:
+    def ready(self, most: int = 0) -> list[tuple[bytes, bytes]]:
+        """The whole frames read so far (at most `most` of them, if given); the rest stays.
+
+        Raises: BadEntry("malformed") for a length no frame has."""
         frames: list[tuple[bytes, bytes]] = []
         buffer = self._buffer
         start = 0
-        while len(buffer) - start >= _HEADER.size:
+        while len(buffer) - start >= _HEADER.size and not (most and len(frames) >= most):
             (length,) = _HEADER.unpack_from(buffer, start)
             if length < 1 or length > MAX_FRAME:
                 raise BadEntry("malformed")
@@ -151,10 +156,12 @@ class FrameReader:
         return data
 
     async def next(self) -> tuple[bytes, bytes]:
-        frames = await self.burst()
-        if len(frames) != 1:  # a handshake step is one frame, and nothing follows it unasked
-            raise LinkClosed("unexpected frames")
-        return frames[0]
+        """One frame (a handshake step); what came after it stays for `ready` and `burst`."""
+        while True:
+            frames = self.ready(1)
+            if frames:
+                return frames[0]
+            self._buffer += await self.receive()
 
 
 def frame(kind: bytes, body: bytes) -> bytes:
@@ -507,11 +514,13 @@ class Links:
                 nonce,
             ):
                 raise LinkClosed("not the node dialled")
-            last = welcome.get("last")
+            last, challenge = welcome.get("last"), welcome.get("m")
             if not isinstance(last, int) or last < peer.inbox_high:
                 raise LinkClosed("its inbox is not carried out yet")
             if peer.node not in self._peers or self._node.node_id != origin:
                 raise LinkClosed("no longer wanted")
+            confirm = {"o": origin, "t": peer.node, "m": challenge}
+            await stream.send_all(frame(CONFIRM, self._codec.seal_link("confirm", confirm)))
             peer.stream, peer.nonce, peer.attempts = stream, nonce, 0
             stream = None
             self._tasks.start_soon(self._read_acks, peer, peer.stream, reader)
@@ -596,13 +605,23 @@ class Links:
                         await self._progress.wait()
             finally:
                 self._catching_up -= 1
-        welcome = {"o": target, "t": origin, "n": nonce, "last": self._node.carried_out(origin)}
+        # Its own nonce, `m`, which the opener signs back: a hello recorded off the network
+        # and played again opens nothing.
+        challenge = secrets.token_hex(16)
+        last = self._node.carried_out(origin)
+        welcome = {"o": target, "t": origin, "n": nonce, "m": challenge, "last": last}
         await stream.send_all(frame(WELCOME, self._codec.seal_link("welcome", welcome)))
+        with trio.fail_after(HANDSHAKE_TIMEOUT / 2):
+            kind, body = await reader.next()
+        confirm = self._codec.open_link(body, "confirm") if kind == CONFIRM else {}
+        if (confirm.get("o"), confirm.get("t"), confirm.get("m")) != (origin, target, challenge):
+            raise BadEntry("malformed" if kind != CONFIRM else "replayed")
         inbound = Inbound(self, stream, reader, origin, target)
         acks = trio.CancelScope()
         self._tasks.start_soon(self._ack_loop, acks, inbound, nonce)
         reactor = self._reactor
         try:
+            inbound.carry_out(reader.ready())  # batches that came with the confirmation
             while True:
                 if reactor is not None and reactor.running:
                     # Parked: the reactor reads and carries out batches in its own turn
