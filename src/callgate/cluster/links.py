@@ -1,29 +1,31 @@
 """Direct links between nodes: the fast path of deliveries, with each node's inbox behind it.
 
-Every order for another node's connections (node.py) is queued here, per target node. Each
-target has one **peer** task that seals what is queued into one batch (entries.py: signed,
-numbered, naming its origin and target) and sends it one of two ways:
+Every order for another node's connections (node.py) is queued here, per target node, and
+leaves as a batch (entries.py: signed, numbered, naming its origin and target; at most
+MAX_BATCH_ORDERS orders and about MAX_BATCH_BYTES) by one of two paths:
 
 * on a **link**: a TCP connection this node opened to the target's link listener. One batch is
-  one frame; the target carries it out and answers with an ack (one per burst of frames). No
-  Redis, no thread: one `send` here, one `recv` there. This is what makes a cross-node message
-  cost about what a local one does;
+  one frame. What the reactor's turn queued for a target is written at the end of the turn, in
+  one `os.write`, without waking a task (`Links._end_turn`); anything else (a decision's
+  deliveries, the rest of a write the socket did not take) goes through that target's **peer**
+  task. The target reads its links in the reactor's turn too (`Inbound.on_readable`) and acks
+  at most every ACK_INTERVAL. No Redis and no thread per message;
 * into the target's **inbox** (line.py: a Redis stream), which outlives the target's process:
   the leader hands a dead node's unread inbox to its devices' resume buffers.
 
-The inbox is the fallback, and the rule that keeps the two paths from losing or reordering
-anything is simple:
+The inbox is the fallback, and two rules keep the two paths from losing or reordering anything:
 
 1. A batch sent on a link is kept until its ack arrives. If the link fails (an error, the
-   target gone, or no ack within `ack_timeout`: a frozen or unreachable target), every batch
-   not acked is appended to the target's inbox, in order, with its own number, and from then
-   on that target's batches take the inbox.
+   target gone, no ack within `ack_timeout`: a frozen or unreachable target, or MAX_UNACKED
+   batches waiting), every batch not acked is appended to the target's inbox, in order, with
+   its own number, and from then on that target's batches take the inbox.
 2. A link is (re)opened only when the target says, in the handshake, that it has carried out
-   every batch this node put in its inbox (`last` >= the highest number sent that way). So at
-   any time a target gets a given origin's batches in order; what it may get twice is a batch
-   sent on a link and then copied to the inbox. node.py carries out each number once and
-   tells such a copy (the other path) from a replay (the same path, or too old): only a
-   replay is audited.
+   every batch this node put in its inbox (`last` >= the highest number sent that way; what is
+   queued meanwhile waits for the handshake, which HANDSHAKE_TIMEOUT bounds). So a target gets
+   each origin's batches in order; what it may get twice is a batch sent on a link and then
+   copied to the inbox. node.py carries out each number once and tells such a copy (the other
+   path, once) from a replay (the same path, a second copy, or too old): only a replay is
+   audited.
 
 A link's handshake proves both ends hold the cluster key, each over the other's fresh nonce:
 the opener's hello names origin, target and its nonce; the target's welcome (with how far it
@@ -31,9 +33,12 @@ has carried out the opener's batches, and a nonce of its own) and every ack are 
 opener's nonce, so a listener without the key cannot ack batches away; the opener's
 confirmation is signed over the target's nonce, so a handshake recorded off the network and
 played again opens nothing. Batches are signed on their own (a recorded batch is a replay,
-refused by its number). So only a node holding the key sends on a link. Frames are authenticated, not
-encrypted: like the Redis connection without TLS, links belong on a private network
-(docs/cluster.md). Where to dial a node comes from its signed heartbeat.
+refused by its number). So only a node holding the key sends on a link. Before that is proven
+a frame may be HANDSHAKE_FRAME bytes at most, MAX_HANDSHAKES connections may be in their
+handshake, and refusals are audited once per address and reason per REFUSAL_WINDOW (with a
+count). Frames are authenticated, not encrypted: like the Redis connection without TLS, links
+belong on a private network (docs/cluster.md). Where to dial a node comes from its signed
+heartbeat.
 
 Wire format of a frame: 4-byte big-endian length of what follows, one byte of kind, the body.
 Bodies: hello, welcome, confirm, ack: MAC then JSON (entries.py `seal_link`); batch: MAC then
@@ -69,10 +74,18 @@ log = get_logger("callgate.cluster")
 HELLO, WELCOME, CONFIRM, ACK, BATCH = b"H", b"W", b"C", b"A", b"B"
 _HEADER = struct.Struct(">I")
 MAX_FRAME = MAX_DELIVERY_BYTES + MAC_BYTES + 1
+HANDSHAKE_FRAME = 4096  # a hello or a confirmation is a few hundred bytes
+MAX_HANDSHAKES = 64  # connections still in their handshake; more are closed at once
+MAX_BATCH_ORDERS = 256  # orders in one batch (and below MAX_BATCH_BYTES)
+MAX_BATCH_BYTES = 1024 * 1024
+MAX_UNACKED = 2048  # batches a link may leave unacked before its inbox takes over
+REFUSAL_WINDOW = 60.0  # seconds: one audit record per refusing address, the rest counted
 HANDSHAKE_TIMEOUT = 2.0  # seconds a hello or welcome may take
 RECEIVE_SIZE = 256 * 1024
 # Seconds before a target without a link is tried again, by the attempts in a row that failed.
-RETRY_DELAYS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+# Long after repeated failures: a handshake holds what is queued for up to HANDSHAKE_TIMEOUT.
+RETRY_DELAYS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 15.0, 60.0)
+WARN_AFTER = 6  # failed attempts in a row before a warning (the link may be misconfigured)
 ACK_INTERVAL = 0.05  # seconds between a link's acks, at most one per interval
 NO_LINK_RETRY = 5.0  # seconds before a node that advertised no link is asked again
 
@@ -102,6 +115,14 @@ class RecentPaths:
             return False
         return None
 
+    def copy_seen(self, seq: int) -> None:
+        """The other path's copy of `seq` came: a third arrival is a replay, whatever its path."""
+        for value in (seq, -seq):
+            try:
+                self._ring[self._ring.index(value)] = 0
+            except ValueError:
+                continue
+
 
 class LinkClosed(Exception):
     """The other end closed the link, or sent what a link never carries."""
@@ -110,9 +131,10 @@ class LinkClosed(Exception):
 class FrameReader:
     """Frames off one stream: `next` waits for one; `ready` returns those already read."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.SocketStream, most: int = MAX_FRAME) -> None:
         self._stream = stream
         self._buffer = bytearray()
+        self.most = most  # the longest frame taken
 
     def ready(self, most: int = 0) -> list[tuple[bytes, bytes]]:
         """The whole frames read so far (at most `most` of them, if given); the rest stays.
@@ -123,7 +145,7 @@ class FrameReader:
         start = 0
         while len(buffer) - start >= _HEADER.size and not (most and len(frames) >= most):
             (length,) = _HEADER.unpack_from(buffer, start)
-            if length < 1 or length > MAX_FRAME:
+            if length < 1 or length > self.most:
                 raise BadEntry("malformed")
             end = start + _HEADER.size + length
             if len(buffer) < end:
@@ -220,8 +242,8 @@ class LinkHost(Protocol):
     async def still_member(self) -> bool:
         """False: it was declared dead meanwhile (what a link brought is not its own)."""
 
-    def rejected(self, entry: str, reason: str) -> None:
-        """Audit something refused (`cluster.rejected`)."""
+    def rejected(self, entry: str, reason: str, count: int = 1) -> None:
+        """Audit something refused (`cluster.rejected`; `count` of them since the last)."""
 
 
 class Links:
@@ -253,7 +275,10 @@ class Links:
         self._closing_inbound = False
         self._catching_up = 0  # handshakes waiting for their origin's inbox to be carried out
         self._progress = trio.Event()
-        self._inbound: set[trio.SocketStream] = set()
+        # Accepted links, with the origin each proved ("" while in its handshake).
+        self._inbound: dict[trio.SocketStream, str] = {}
+        self._handshakes = 0
+        self._refusals: dict[tuple[str, str], tuple[float, int]] = {}
         self.address = ""  # host:port other nodes dial ("" until listening, or links off)
         self.queued = 0  # orders queued and not yet sealed
         # Counted for `live_counts` and tests.
@@ -286,6 +311,7 @@ class Links:
         peers, self._turn_peers = self._turn_peers, []
         for peer in peers:
             peer.in_turn = False
+        for peer in peers:
             if not peer.queue:
                 continue
             if peer.stream is None or peer.connecting or peer.sending or peer.rest:
@@ -302,6 +328,10 @@ class Links:
             if written < len(data):
                 peer.rest = data[written:]
                 peer.wake.set()
+            else:
+                self._check_unacked(peer)
+            if peer.queue:
+                peer.wake.set()  # more than one batch's worth: the peer's task sends the rest
 
     @property
     def unacked(self) -> int:
@@ -319,6 +349,7 @@ class Links:
     def forget(self, node: str) -> list[Queued]:
         """`node` is dead: stop sending to it. Returns what it was sent and never acked, and
         what was queued for it (node.py decides those deliveries again)."""
+        self._drop_inbound(node)  # a crashed host leaves no half-open link behind
         peer = self._peers.pop(node, None)
         if peer is None:
             return []
@@ -334,8 +365,9 @@ class Links:
         link of the old one stays. What it had decided and not yet delivered elsewhere still
         goes, under the old id, through the targets' inboxes."""
         for node, peer in list(self._peers.items()):
-            self._fall_back(peer, "this node was evicted")
-            if peer.queue:
+            if peer.stream is not None or peer.unacked:
+                self._fall_back(peer, "this node was evicted")
+            while peer.queue:
                 seq, fields, orders = self._seal(peer)
                 self._to_inbox(peer, seq, fields, len(orders))
             peer.scope.cancel()
@@ -348,8 +380,11 @@ class Links:
         self._closing_inbound = True
         self._drop_inbound()
 
-    def _drop_inbound(self) -> None:
-        for stream in list(self._inbound):
+    def _drop_inbound(self, origin: str | None = None) -> None:
+        """Close accepted links (only `origin`'s, if given)."""
+        for stream, came_from in list(self._inbound.items()):
+            if origin is not None and came_from != origin:
+                continue
             fd = stream.socket.fileno()
             if self._reactor is not None and self._reactor.holds(fd):
                 self._reactor.wake(fd, b"")  # out of the reactor's set before it closes
@@ -379,6 +414,7 @@ class Links:
                 task_status.started()
                 await trio.sleep_forever()  # peers' tasks start here as they are needed
         finally:
+            self._nursery = None
             for peer in self._peers.values():
                 self._close(peer)
 
@@ -429,10 +465,18 @@ class Links:
         return self.enabled and not peer.connecting and time.monotonic() >= peer.next_try
 
     def _seal(self, peer: Peer) -> tuple[int, dict[bytes, bytes], list[Queued]]:
-        orders, peer.queue = peer.queue, []
-        self.queued -= len(orders)
-        seq = next(self._seq)
-        return seq, self._codec.seal_delivery(self._node.node_id, peer.node, seq, orders), orders
+        """The next batch of what is queued for `peer` (the rest stays queued): at most
+        MAX_BATCH_ORDERS orders, and halved until it is under MAX_BATCH_BYTES."""
+        take = min(len(peer.queue), MAX_BATCH_ORDERS)
+        while True:  # (a number a halved batch does not use is skipped: targets need order only)
+            orders, seq = peer.queue[:take], next(self._seq)
+            fields = self._codec.seal_delivery(self._node.node_id, peer.node, seq, orders)
+            if take == 1 or len(fields[b"p"]) <= MAX_BATCH_BYTES:
+                break
+            take //= 2
+        del peer.queue[:take]
+        self.queued -= take
+        return seq, fields, orders
 
     def _linked_batch(self, peer: Peer, stream: trio.SocketStream) -> bytes:
         """What is queued for `peer` as one batch frame, kept until acked."""
@@ -441,6 +485,12 @@ class Links:
         self.batches_linked += 1
         return frame(BATCH, fields[b"m"] + fields[b"p"])
 
+    def _check_unacked(self, peer: Peer) -> None:
+        """Far more unacked than acks every ACK_INTERVAL allow: a target that does not keep
+        up goes by its inbox (and it remembers each batch's path longer than this)."""
+        if len(peer.unacked) >= MAX_UNACKED:
+            self._fall_back(peer, "too many unacked")
+
     async def _send_batch(self, peer: Peer) -> None:
         stream = peer.stream
         if stream is None:
@@ -448,6 +498,8 @@ class Links:
             self._to_inbox(peer, seq, fields, len(orders))
             return
         await self._send_frame(peer, stream, self._linked_batch(peer, stream))
+        if peer.stream is stream:
+            self._check_unacked(peer)
 
     async def _send_frame(self, peer: Peer, stream: trio.SocketStream, data: bytes) -> None:
         peer.sending = True
@@ -498,6 +550,7 @@ class Links:
                 self._retry_later(peer, NO_LINK_RETRY)
                 return
             host, _, port = address.rpartition(":")
+            host = host.strip("[]")  # an IPv6 address, written [::1]:port
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 stream = await trio.open_tcp_stream(host, int(port))
                 nonce = secrets.token_hex(16)
@@ -537,6 +590,12 @@ class Links:
             if stream is not None:
                 _abort(stream)
             log.debug("cluster link not opened", node=peer.node, error=str(exc))
+            if peer.attempts + 1 == WARN_AFTER:
+                log.warning(
+                    "cluster link does not open; the node's inbox carries its deliveries",
+                    node=peer.node,
+                    error=str(exc) or type(exc).__name__,
+                )
             self._retry_later(peer)
         finally:
             peer.connecting = False
@@ -566,15 +625,17 @@ class Links:
     # -- receiving ---------------------------------------------------------------------------
 
     async def _serve(self, stream: trio.SocketStream) -> None:
-        if self._closing_inbound:
-            await stream.aclose()
+        if self._closing_inbound or self._handshakes >= MAX_HANDSHAKES:
+            _abort(stream)
             return
-        self._inbound.add(stream)
+        self._handshakes += 1
+        self._inbound[stream] = ""  # its origin once the handshake proves it
         try:
             await self._serve_link(stream)
         except BadEntry as bad:  # a hello that does not verify: not a node of this cluster
-            self._node.rejected(f"link:{_peer_name(stream)}", bad.reason)
+            self._refused(stream, bad.reason)
         except (
+            ValueError,  # a socket closed under the task (never expected; contained)
             LinkClosed,
             trio.BrokenResourceError,
             trio.ClosedResourceError,
@@ -583,19 +644,40 @@ class Links:
         ) as exc:
             log.debug("cluster link closed", error=str(exc) or type(exc).__name__)
         finally:
-            self._inbound.discard(stream)
+            if self._inbound.pop(stream, None) == "":
+                self._handshakes -= 1
             _abort(stream)
 
+    def _refused(self, stream: trio.SocketStream, reason: str) -> None:
+        """Audit a refused link: once per address and reason per REFUSAL_WINDOW, with how
+        many were refused since (anyone who reaches the port could otherwise fill the trail)."""
+        host = _peer_name(stream).rpartition(":")[0] or "?"
+        now = time.monotonic()
+        key = (host, reason)
+        window = self._refusals.get(key)
+        if window is not None and now < window[0]:
+            self._refusals[key] = (window[0], window[1] + 1)
+            return
+        count = window[1] if window is not None else 0
+        if len(self._refusals) >= 1024:
+            self._refusals.clear()
+        self._refusals[key] = (now + REFUSAL_WINDOW, 0)
+        self._node.rejected(f"link:{host}", reason, count + 1)
+
     async def _serve_link(self, stream: trio.SocketStream) -> None:
-        reader = FrameReader(stream)
+        reader = FrameReader(stream, HANDSHAKE_FRAME)  # nothing big before the key is proven
         with trio.fail_after(HANDSHAKE_TIMEOUT / 2):
             kind, body = await reader.next()
         if kind != HELLO:
             raise BadEntry("malformed")
         hello = self._codec.open_link(body, "hello")
         target, origin, nonce = self._node.node_id, hello.get("o"), hello.get("n")
-        if hello.get("t") != target or not isinstance(origin, str) or not isinstance(nonce, str):
-            raise BadEntry("misrouted")
+        if not isinstance(origin, str) or not isinstance(nonce, str):
+            raise BadEntry("malformed")
+        if hello.get("t") != target:
+            # Genuine, for an id this node no longer has (it was evicted, or a worker came
+            # back on the same port): the opener hears of it soon. Not an attack: no record.
+            raise LinkClosed("for another node id")
         high = hello.get("high")
         if isinstance(high, int):  # what the origin put in the inbox is carried out first
             self._catching_up += 1
@@ -616,14 +698,19 @@ class Links:
         confirm = self._codec.open_link(body, "confirm") if kind == CONFIRM else {}
         if (confirm.get("o"), confirm.get("t"), confirm.get("m")) != (origin, target, challenge):
             raise BadEntry("malformed" if kind != CONFIRM else "replayed")
+        reader.most = MAX_FRAME
+        self._inbound[stream] = origin
+        self._handshakes -= 1
         inbound = Inbound(self, stream, reader, origin, target)
         acks = trio.CancelScope()
         self._tasks.start_soon(self._ack_loop, acks, inbound, nonce)
         reactor = self._reactor
+        buffered = True  # batches may have come with the confirmation
         try:
-            inbound.carry_out(reader.ready())  # batches that came with the confirmation
             while True:
-                if reactor is not None and reactor.running:
+                if buffered:
+                    buffered = False
+                elif reactor is not None and reactor.running:
                     # Parked: the reactor reads and carries out batches in its own turn
                     # (`Inbound.on_readable`); this task wakes only to check or to end.
                     woke = await reactor.park(stream.socket.fileno(), inbound)
@@ -635,10 +722,10 @@ class Links:
                         reactor = None  # the reactor stops: read here from now on
                 else:
                     reader.feed(await reader.receive())
-                if not self._still_wanted(target):
-                    return  # nothing more carried out: the sender falls back to the inbox
                 if self._node.may_be_stale() and not await self._node.still_member():
                     return  # evicted meanwhile (back from a freeze)
+                if not self._still_wanted(target) or stream.socket.fileno() < 0:
+                    return  # nothing more carried out: the sender falls back to the inbox
                 inbound.carry_out(reader.ready())
         finally:
             acks.cancel()

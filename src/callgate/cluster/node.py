@@ -824,13 +824,17 @@ class ClusterNode:
     async def still_member(self) -> bool:
         """Before carrying out what a link brought, when `may_be_stale`: this node may have
         been declared dead, and its deliveries handed to others. False when it was (it is a
-        new node now, and what the link brought is not its own). While Redis is away this
-        asks once per heartbeat interval, for at most a second, and carries on."""
+        new node now, and what the link brought is not its own). It reads the verdict only
+        (the heartbeat is the keeper's, and is never cut short); while Redis is away it asks
+        once per heartbeat interval, for at most a second, and carries on."""
         node = self.node_id
         if self.may_be_stale():
             self._checked_at = time.monotonic()
+            verdict = None
             with trio.move_on_after(1.0), contextlib.suppress(RedisError):
-                await self._keep()
+                verdict = await self.store.get(f"dead:{node}")
+            if self.codec.is_dead(verdict, node) and self.node_id == node:
+                self._evict()
         return self.node_id == node
 
     def _inbox_received(self, node: str, entries: Entries) -> None:
@@ -891,7 +895,11 @@ class ClusterNode:
             if delivery.seq <= self._last_seq.get(delivery.origin, 0):
                 came_by_link = paths.came_by_link(delivery.seq)
                 if came_by_link is not None and came_by_link != linked:
-                    self.duplicates += 1  # the other path's copy of a batch carried out
+                    # The other path's copy of a batch carried out (a link failed before its
+                    # ack): expected once. Only a node with the key sends on a link, and only
+                    # copies of link batches are in an inbox, so a replay gets no further.
+                    self.duplicates += 1
+                    paths.copy_seen(delivery.seq)
                 else:
                     self.rejected(entry_id, "replayed")
                 return
@@ -931,11 +939,12 @@ class ClusterNode:
         if isinstance(sender, str) and isinstance(call_id, str) and origin != self.node_id:
             self._send(origin, Forget(sender, call_id), None)
 
-    def rejected(self, entry_id: str, reason: str) -> None:
+    def rejected(self, entry_id: str, reason: str, count: int = 1) -> None:
         log.warning("cluster delivery refused", entry=entry_id, reason=reason)
-        self._executor.audit(
-            "cluster.rejected", {"node": self.node_id, "entry": entry_id, "reason": reason}
-        )
+        fields: dict[str, Any] = {"node": self.node_id, "entry": entry_id, "reason": reason}
+        if count > 1:  # links refused from one address, audited once a window (links.py)
+            fields["count"] = count
+        self._executor.audit("cluster.rejected", fields)
 
     # -- timers ------------------------------------------------------------------------------
 
@@ -1079,6 +1088,7 @@ class ClusterNode:
 
     def _node_gone(self, node: str) -> None:
         self._gone.add(node)
+        self._paths.pop(node, None)
         # What its link never acked, or was still to send, is decided again (its buffers).
         for order, user in self.links.forget(node):
             if isinstance(order, Deliver):
