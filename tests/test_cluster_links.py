@@ -563,6 +563,20 @@ async def test_frames_come_whole_whatever_bytes_each_read_brings() -> None:
     assert await read_all(fed([frame(*big) + data])) == [big, *frames]
 
 
+def test_frames_fed_by_the_reactor_come_whole_at_any_cut() -> None:
+    """The reactor reads a parked link itself and `feed`s the reader; `ready` then has every
+    whole frame, and keeps the rest for the next read."""
+    frames = _frames()
+    data = b"".join(frame(kind, body) for kind, body in frames)
+    for cut in range(1, len(data)):
+        reader = FrameReader(cast(trio.SocketStream, None))  # never read from: fed
+        got = []
+        for chunk in cuts(data, [cut]):
+            reader.feed(chunk)
+            got += reader.ready()
+        assert got == frames, cut
+
+
 async def test_a_frame_reader_refuses_a_length_no_frame_has() -> None:
     for length in (MAX_FRAME + 1, 2**32 - 1, 0):
         # Refused on the header alone: nothing of such a body is waited for.
