@@ -34,6 +34,7 @@ from callgate.cluster.links import (
     ACK,
     BATCH,
     CONFIRM,
+    HANDSHAKE_FRAME,
     HELLO,
     MAX_FRAME,
     RECEIVE_SIZE,
@@ -90,9 +91,10 @@ def batch(fields: dict[bytes, bytes]) -> bytes:
 
 
 def local_entry(stream: trio.SocketStream) -> str:
-    """The audit entry a node writes for a link this end opened: `link:<host:port>`."""
-    host, port = stream.socket.getsockname()[:2]
-    return f"link:{host}:{port}"
+    """The audit entry a node writes for a refused link this end opened: `link:<address>`
+    (the host: refusals are audited once per address and reason a while)."""
+    host = stream.socket.getsockname()[0]
+    return f"link:{host}"
 
 
 async def closed_without_a_word(stream: trio.SocketStream) -> None:
@@ -264,7 +266,8 @@ def _another_target(h: ClusterHarness, bob: Client, nonce: str) -> bytes:
 
 
 def _oversized(h: ClusterHarness, bob: Client, nonce: str) -> bytes:
-    return struct.pack(">I", MAX_FRAME + 1) + HELLO
+    """A length a batch may have, not a handshake frame: nothing big before the key is proven."""
+    return struct.pack(">I", HANDSHAKE_FRAME + 1) + HELLO
 
 
 def _batch_without_hello(h: ClusterHarness, bob: Client, nonce: str) -> bytes:
@@ -275,9 +278,12 @@ def _batch_without_hello(h: ClusterHarness, bob: Client, nonce: str) -> bytes:
     return batch(genuine.seal_delivery(origin, target, 10**9, [ring_bob(bob, 99)]))
 
 
-PROBES: dict[str, tuple[Callable[[ClusterHarness, Client, str], bytes], str]] = {
+# What each probe sends, and the reason it is audited with (None: refused, not audited).
+PROBES: dict[str, tuple[Callable[[ClusterHarness, Client, str], bytes], str | None]] = {
     "wrong key": (_wrong_key, "bad_mac"),
-    "another target": (_another_target, "misrouted"),
+    # Genuine, for an id the node does not have: taken for an opener that has not heard yet
+    # that the node's id changed (evicted, or a restart on the same port), not for an attack.
+    "another target": (_another_target, None),
     "oversized frame": (_oversized, "malformed"),
     "batch without hello": (_batch_without_hello, "malformed"),
 }
@@ -287,6 +293,8 @@ PROBES: dict[str, tuple[Callable[[ClusterHarness, Client, str], bytes], str]] = 
 async def test_a_link_that_does_not_verify_is_refused_and_audited(
     cluster: ClusterHarness, probe: str
 ) -> None:
+    """Closed without a welcome, nothing carried out, audited (unless the probe is a genuine
+    hello for another node id), and the cluster's own link works on."""
     await cluster.start()
     alice = await cluster.connect("alice", node=0)
     bob = await cluster.connect("bob", node=1)
@@ -301,15 +309,16 @@ async def test_a_link_that_does_not_verify_is_refused_and_audited(
         entry = local_entry(stream)
     finally:
         await stream.aclose()
-    await _until(lambda: bool(rejected(cluster)))
-    [row] = rejected(cluster)
-    assert (row["node"], row["entry"], row["reason"]) == (target.node_id, entry, reason)
+    expected = [] if reason is None else [(target.node_id, entry, reason)]
+    if expected:
+        await _until(lambda: bool(rejected(cluster)))
     assert target.received == received  # no batch was carried out
     await bob.expect_silence()
     numbers = itertools.count()
     await candidates(alice, bob, numbers, 2)  # the cluster, and its link, work on
     assert member(cluster, 0).links.linked(target.node_id)
-    assert len(rejected(cluster)) == 1
+    rows = rejected(cluster)
+    assert [(row["node"], row["entry"], row["reason"]) for row in rows] == expected
 
 
 async def test_a_forged_hello_followed_at_once_by_a_batch_is_audited(
@@ -373,12 +382,43 @@ async def test_a_replayed_batch_on_a_fresh_link_is_refused_and_audited(
     assert len(rejected(cluster)) == 2
 
 
+@pytest.mark.parametrize("other", ["origin", "target"])
+async def test_a_batch_on_a_link_that_is_not_the_links_is_refused_and_audited(
+    cluster: ClusterHarness, other: str
+) -> None:
+    """On a link node 0 opened to node 1, a genuinely signed, new batch from node 2, or for
+    node 2: misrouted, audited, not carried out."""
+    await cluster.start()
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    await connected_call(alice, bob)
+    sender, receiver, third = member(cluster, 0), member(cluster, 1), member(cluster, 2)
+    genuine = codec(cluster=cluster.name)
+    origin = third.node_id if other == "origin" else sender.node_id
+    target = third.node_id if other == "target" else receiver.node_id
+    stream, reader, nonce, welcome = await open_link(genuine, receiver, sender.node_id)
+    try:
+        fields = genuine.seal_delivery(origin, target, 10**9, [ring_bob(bob, 99)])
+        await stream.send_all(batch(fields))
+        await _until(lambda: bool(rejected(cluster)))
+        assert set(await acks(genuine, reader, nonce)) == {welcome["last"]}
+    finally:
+        await stream.aclose()
+    rows = rejected(cluster)
+    assert [(row["node"], row["entry"], row["reason"]) for row in rows] == [
+        (receiver.node_id, f"link:{sender.node_id}", "misrouted")
+    ]
+    await bob.expect_silence()
+    await candidates(alice, bob, itertools.count(), 2)  # node 0's numbers are untouched
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="node.py _receive (`came_by_link is not None and came_by_link != linked`) counts"
     " a batch whose number came by the inbox and comes again on a link as the other path's"
-    " copy (duplicates), not as a replay; links.py only ever copies link to inbox, never"
-    " inbox to link",
+    " copy (duplicates), not as a replay, though links.py only ever copies link to inbox;"
+    " reachable by a key holder, or by frames injected into an established link (batches"
+    " are not bound to the link's nonces)",
 )
 async def test_a_batch_from_the_inbox_replayed_on_a_link_is_audited(
     cluster: ClusterHarness,
@@ -515,7 +555,7 @@ def _frames() -> list[tuple[bytes, bytes]]:
     ]
 
 
-def fed(chunks: list[bytes]) -> FrameReader:
+def fed(chunks: list[bytes], most: int = MAX_FRAME) -> FrameReader:
     """A reader whose stream hands over one chunk per receive, then the end of the stream
     (FrameReader only calls `receive_some`)."""
     stream = trio.testing.MemoryReceiveStream()
@@ -529,7 +569,7 @@ def fed(chunks: list[bytes]) -> FrameReader:
             stream.put_data(chunk)
 
     stream.receive_some_hook = one_chunk
-    return FrameReader(cast(trio.SocketStream, stream))
+    return FrameReader(cast(trio.SocketStream, stream), most)
 
 
 async def read_all(reader: FrameReader) -> list[tuple[bytes, bytes]]:
@@ -588,6 +628,13 @@ async def test_a_frame_reader_refuses_a_length_no_frame_has() -> None:
         await fed([struct.pack(">I", MAX_FRAME) + BATCH + b"partial"]).burst()
 
 
+async def test_a_frame_reader_for_handshakes_takes_small_frames_only() -> None:
+    largest = frame(HELLO, b"x" * (HANDSHAKE_FRAME - 1))  # a kind and a body: the most
+    assert await fed([largest], HANDSHAKE_FRAME).next() == (HELLO, b"x" * (HANDSHAKE_FRAME - 1))
+    with pytest.raises(BadEntry, match="malformed"):  # on its header alone
+        await fed([frame(HELLO, b"x" * HANDSHAKE_FRAME)[:4]], HANDSHAKE_FRAME).next()
+
+
 async def test_a_frame_cut_off_by_the_end_of_the_stream_closes_the_link() -> None:
     data = frame(ACK, b"ok")
     for at in range(1, len(data)):
@@ -639,6 +686,17 @@ def test_recent_paths_say_which_way_a_batch_came() -> None:
     paths.add(2, linked=False)
     paths.add(5, linked=True)
     assert [paths.came_by_link(seq) for seq in (1, 2, 3, 5)] == [True, False, None, True]
+
+
+def test_recent_paths_take_the_other_paths_copy_once() -> None:
+    paths = RecentPaths()
+    paths.add(3, linked=True)
+    paths.add(4, linked=False)
+    for seq in (3, 4):
+        paths.copy_seen(seq)  # the copy came: a third arrival is a replay, whatever its path
+        assert paths.came_by_link(seq) is None
+    paths.copy_seen(9)  # never carried out: nothing to forget
+    assert paths.came_by_link(9) is None
 
 
 def test_recent_paths_forget_the_oldest_beyond_their_size() -> None:
