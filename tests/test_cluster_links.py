@@ -2,9 +2,11 @@
 
 On three real nodes, a real Redis and real sockets: a link broken mid-call loses, repeats and
 reorders nothing (its inbox takes over, then the link comes back); a connection to a link port
-that does not verify (another key, another target, a frame that is not one, a handshake played
-again) is refused and audited; a genuinely signed batch with an old number, sent over a fresh
-link, is refused and audited as a replay; a link's first batch is acked however soon it comes.
+that does not verify (another key, a frame that is not one, a handshake played again) is
+refused and audited, a genuine hello for another node id refused without a record; on a link,
+a genuinely signed batch with an old number is refused and audited as a replay, one from
+another origin or for another target as misrouted; a link's first batch is acked however soon
+it comes.
 Without nodes: the frame reader on streams cut at every byte, and the ring that tells the other
 path's copy of a batch from a replay. And the one link setting the configuration refuses.
 
