@@ -56,6 +56,15 @@ from test_cluster import _until, codec, connected_call, ice
 FORGER_KEY = b"a guessed key that is long enough!!"
 
 
+async def call_across_nodes(cluster: ClusterHarness) -> tuple[Client, Client]:
+    """The cluster started, alice on node 0 in a connected call with bob on node 1."""
+    await cluster.start()
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    await connected_call(alice, bob)
+    return alice, bob
+
+
 def member(h: ClusterHarness, index: int) -> ClusterNode:
     node = h.nodes[index].hub.cluster
     assert node is not None
@@ -210,10 +219,7 @@ BREAKS: dict[str, Callable[[ClusterNode, trio.SocketStream], None]] = {
 async def test_a_link_broken_mid_call_loses_nothing_and_comes_back(
     cluster: ClusterHarness, end: str
 ) -> None:
-    await cluster.start()
-    alice = await cluster.connect("alice", node=0)
-    bob = await cluster.connect("bob", node=1)
-    await connected_call(alice, bob)
+    alice, bob = await call_across_nodes(cluster)
     sender, receiver = member(cluster, 0), member(cluster, 1)
     numbers = itertools.count()
     await candidates(alice, bob, numbers, 3)
@@ -297,10 +303,7 @@ async def test_a_link_that_does_not_verify_is_refused_and_audited(
 ) -> None:
     """Closed without a welcome, nothing carried out, audited (unless the probe is a genuine
     hello for another node id), and the cluster's own link works on."""
-    await cluster.start()
-    alice = await cluster.connect("alice", node=0)
-    bob = await cluster.connect("bob", node=1)
-    await connected_call(alice, bob)
+    alice, bob = await call_across_nodes(cluster)
     target = member(cluster, 1)
     received = target.received
     make, reason = PROBES[probe]
@@ -326,10 +329,7 @@ async def test_a_link_that_does_not_verify_is_refused_and_audited(
 async def test_a_forged_hello_followed_at_once_by_a_batch_is_audited(
     cluster: ClusterHarness,
 ) -> None:
-    await cluster.start()
-    alice = await cluster.connect("alice", node=0)
-    bob = await cluster.connect("bob", node=1)
-    await connected_call(alice, bob)
+    _alice, bob = await call_across_nodes(cluster)
     forger = codec(key=FORGER_KEY, cluster=cluster.name)
     origin, target = member(cluster, 0), member(cluster, 1)
     forged = forger.seal_delivery(origin.node_id, target.node_id, 10**9, [ring_bob(bob, 99)])
@@ -352,10 +352,7 @@ async def test_a_forged_hello_followed_at_once_by_a_batch_is_audited(
 async def test_a_replayed_batch_on_a_fresh_link_is_refused_and_audited(
     cluster: ClusterHarness,
 ) -> None:
-    await cluster.start()
-    alice = await cluster.connect("alice", node=0)
-    bob = await cluster.connect("bob", node=1)
-    await connected_call(alice, bob)
+    alice, bob = await call_across_nodes(cluster)
     numbers = itertools.count()
     await candidates(alice, bob, numbers, 3)
     sender, receiver = member(cluster, 0), member(cluster, 1)
@@ -390,10 +387,7 @@ async def test_a_batch_on_a_link_that_is_not_the_links_is_refused_and_audited(
 ) -> None:
     """On a link node 0 opened to node 1, a genuinely signed, new batch from node 2, or for
     node 2: misrouted, audited, not carried out."""
-    await cluster.start()
-    alice = await cluster.connect("alice", node=0)
-    bob = await cluster.connect("bob", node=1)
-    await connected_call(alice, bob)
+    alice, bob = await call_across_nodes(cluster)
     sender, receiver, third = member(cluster, 0), member(cluster, 1), member(cluster, 2)
     genuine = codec(cluster=cluster.name)
     origin = third.node_id if other == "origin" else sender.node_id
@@ -420,10 +414,7 @@ async def test_a_batch_from_the_inbox_sent_again_on_a_link_counts_once_then_is_a
     """A number carried out from the inbox that comes on a link: the link's own, late (its
     target was frozen, and read the sender's inbox copy first), so it is counted as the other
     path's copy, once. Again after that, it is a replay, and audited. Never carried out twice."""
-    await cluster.start()
-    alice = await cluster.connect("alice", node=0)
-    bob = await cluster.connect("bob", node=1)
-    await connected_call(alice, bob)
+    _alice, bob = await call_across_nodes(cluster)
     receiver = member(cluster, 1)
     genuine = codec(cluster=cluster.name)
     origin = "ghost"  # an origin of its own: its numbers do not collide with node 0's
@@ -486,10 +477,7 @@ async def test_a_handshake_played_again_opens_nothing(cluster: ClusterHarness) -
     """A link's hello and confirmation, recorded off the network and played on a new
     connection: the target's welcome asks for a new nonce signed back, so it is refused and
     audited, and what follows is not carried out."""
-    await cluster.start()
-    alice = await cluster.connect("alice", node=0)
-    bob = await cluster.connect("bob", node=1)
-    await connected_call(alice, bob)
+    alice, bob = await call_across_nodes(cluster)
     receiver = member(cluster, 1)
     genuine = codec(cluster=cluster.name)
     origin, nonce = "ghost", secrets.token_hex(16)
