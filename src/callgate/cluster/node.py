@@ -315,6 +315,9 @@ class ClusterNode:
         return self.node_id + NODE_SEPARATOR + token
 
     def dispatch(self, event: Event, *, forwarded: bool = False) -> None:
+        if type(event) is MessageReceived:  # the per-message case, before the match's tests
+            self._take_message(event)
+            return
         match event:
             case Disconnected(conn=conn):
                 device = self._devices.get(conn)
@@ -379,7 +382,7 @@ class ClusterNode:
             return  # it left meanwhile
         message, user = received.message, device.user
         if (
-            isinstance(message, IceCandidate | CallRenegotiate)
+            isinstance(message, _RELAYED)
             and not self._undecided.get(received.conn)
             and self._relay(connection, received, user)
         ):
@@ -491,7 +494,7 @@ class ClusterNode:
         core's RELAY and RENEGOTIATE steps, which change nothing shared (renegotiations are
         not counted in the shared record in a cluster)."""
         message = received.message
-        if not isinstance(message, IceCandidate | CallRenegotiate):
+        if not isinstance(message, _RELAYED):
             return False
         route = self._routes.get((user, message.call_id))
         if route is None or route.conn != received.conn:
@@ -507,15 +510,17 @@ class ClusterNode:
             self._executor.audit(*_fields(renegotiated_record(call, received.conn, user)))
         if received.ref is not None:
             connection.send_ack(received.ref)
-        metrics = self._executor.metrics
+        metrics, here = self._executor.metrics, self.node_id
         for conn in route.peer_conns:
             delivery = Deliver(conn, message.event, forwarded)
             node = node_of(conn)
-            if node == self.node_id:
-                self._carry_out([delivery], {conn: route.peer}, forwarded=True)
-            else:
+            if node != here:
                 self._send(node, delivery, route.peer)
                 metrics.count_forwarded(message.event)
+            elif conn in self._live:  # (what a relay delivers changes no call: nothing heard)
+                self._executor.execute([delivery], forwarded=True)
+            else:
+                self._undelivered(delivery, route.peer, True)
         return True
 
     def _learn_routes(self, sliced: Slice) -> None:
@@ -790,7 +795,8 @@ class ClusterNode:
             if isinstance(order, Deliver):
                 self._undelivered(order, user, True)
             return
-        if self.line.pending + self.links.pending >= MAX_OUTBOX:  # Redis away long: say so
+        # (links' unacked batches are bounded on their own: MAX_UNACKED per link)
+        if self.line.pending + self.links.queued >= MAX_OUTBOX:  # Redis away long: say so
             self.lost_orders += 1
             if self.lost_orders == 1 or self.lost_orders % 10_000 == 0:
                 log.error("cluster deliveries dropped: Redis away", dropped=self.lost_orders)
@@ -1204,6 +1210,7 @@ class ClusterNode:
 
 
 _ENDS_CALL = frozenset({"call-end", "call-reject"})
+_RELAYED = (IceCandidate, CallRenegotiate)  # what a connected call's cached route carries
 
 
 def _unavailable(received: MessageReceived) -> tuple[ErrorCode, str, Any, int]:
