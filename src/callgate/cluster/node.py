@@ -510,17 +510,10 @@ class ClusterNode:
             self._executor.audit(*_fields(renegotiated_record(call, received.conn, user)))
         if received.ref is not None:
             connection.send_ack(received.ref)
-        metrics, here = self._executor.metrics, self.node_id
-        for conn in route.peer_conns:
-            delivery = Deliver(conn, message.event, forwarded)
-            node = node_of(conn)
-            if node != here:
-                self._send(node, delivery, route.peer)
-                metrics.count_forwarded(message.event)
-            elif conn in self._live:  # (what a relay delivers changes no call: nothing heard)
-                self._executor.execute([delivery], forwarded=True)
-            else:
-                self._undelivered(delivery, route.peer, True)
+        deliveries: list[Action] = [
+            Deliver(conn, message.event, forwarded) for conn in route.peer_conns
+        ]
+        self._carry_out(deliveries, {conn: route.peer for conn in route.peer_conns}, forwarded=True)
         return True
 
     def _learn_routes(self, sliced: Slice) -> None:
@@ -742,7 +735,9 @@ class ClusterNode:
         forwarded: bool = False,
         retry: bool = True,
     ) -> None:
-        """This node's actions to its executor; other nodes' to their inboxes."""
+        """This node's actions to its executor; other nodes' to those nodes (links.py). A
+        delivery a client message caused (`forwarded`) is counted where it was decided, here,
+        wherever it goes."""
         local: list[Action] = []
         for action in actions:
             match action:
@@ -753,9 +748,12 @@ class ClusterNode:
                 case Deliver(conn=conn) | Ack(conn=conn) | SendError(conn=conn) | Close(conn=conn):
                     node = node_of(conn)
                     if node != self.node_id:
-                        self._send(
-                            node, action, users.get(conn) if isinstance(action, Deliver) else None
-                        )
+                        if isinstance(action, Deliver):
+                            self._send(node, action, users.get(conn))
+                            if forwarded:
+                                self._executor.metrics.count_forwarded(action.event)
+                        else:
+                            self._send(node, action, None)
                     elif isinstance(action, Deliver) and conn not in self._live:
                         self._undelivered(action, users.get(conn), retry)
                     else:

@@ -75,12 +75,11 @@ class Executor:
         self._audit_log.write(event, fields)
         self.metrics.observe_audit(event, fields)
 
-    def execute(self, actions: list[Action], *, forwarded: bool = False, own: bool = True) -> None:
+    def execute(self, actions: list[Action], *, forwarded: bool = False) -> None:
         """Carry out the core's actions; `forwarded` counts deliveries a client message caused.
 
-        In cluster mode every node executes every entry's actions: each sends only to its own
-        connections, and only the entry's origin (`own`) writes the audit records, so each
-        record is written once in the cluster.
+        In cluster mode a node executes only its own connections' actions and the audit
+        records of what it decided (cluster/node.py sends the rest to the nodes that hold them).
         """
         for action in actions:
             match action:
@@ -101,8 +100,7 @@ class Executor:
                     if code is ErrorCode.RATE_LIMITED:
                         self._count_strike(conn)
                 case Audit(event=event, fields=fields):
-                    if own:
-                        self.audit(event, fields)
+                    self.audit(event, fields)
                 case Close(conn=conn, code=code, reason=reason):
                     if (connection := self._live.get(conn)) is not None:
                         connection.close(code, reason)
