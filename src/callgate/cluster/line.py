@@ -119,8 +119,12 @@ class DeliveryLine:
 
     # -- the writer thread -------------------------------------------------------------------
 
-    def _back_off(self, attempt: int) -> int:
-        """Wait before the next attempt (Redis is away), unless stopped; the next count."""
+    def _back_off(self, side: str, what: str, exc: redis.RedisError, attempt: int) -> int:
+        """Redis is away for `side` ("writable" or "readable"): say so once, then wait before
+        the next attempt, unless stopped; the next attempt's count."""
+        if getattr(self, side):
+            log.warning(what, error=str(exc))
+        setattr(self, side, False)
         self._stopped.wait(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)])
         return attempt + 1
 
@@ -150,10 +154,8 @@ class DeliveryLine:
                 try:
                     self._append(client, taken, None if finished == self._trimmed else finished)
                 except redis.RedisError as exc:
-                    if self.writable:
-                        log.warning("cluster deliveries not writable; kept", error=str(exc))
-                    self.writable = False
-                    attempt = self._back_off(attempt)
+                    what = "cluster deliveries not writable; kept"
+                    attempt = self._back_off("writable", what, exc, attempt)
                     continue
                 attempt = 0
                 self.writable = True
@@ -204,10 +206,8 @@ class DeliveryLine:
                             {inbox: position}, count=READ_COUNT, block=READ_BLOCK_MS
                         )
                 except redis.RedisError as exc:
-                    if self.readable:
-                        log.warning("cluster inbox not readable; retrying", error=str(exc))
-                    self.readable = False
-                    attempt = self._back_off(attempt)
+                    what = "cluster inbox not readable; retrying"
+                    attempt = self._back_off("readable", what, exc, attempt)
                     continue
                 attempt = 0
                 self.readable = True
