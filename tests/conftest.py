@@ -348,6 +348,17 @@ REDIS_URL = os.environ.get("CALLGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"
 CLUSTER_KEY = "cluster-key-for-tests-only-32-bytes-long!"
 
 
+def require_redis(url: str) -> None:
+    """Fail (not skip) the test when no Redis answers at `url`: the cluster tests need one."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        pytest.fail(f"no Redis at {url}: scripts/test starts one on 127.0.0.1:6379")
+    finally:
+        client.close()
+
+
 def cluster_settings(settings: Settings, name: str, **overrides: Any) -> Settings:
     """`settings` as a node of the test cluster `name`: short heartbeats, quick failure checks."""
     cluster = {
@@ -401,13 +412,7 @@ class ClusterHarness(Harness):
     async def start(
         self, settings: Settings | None = None, **cluster_overrides: Any
     ) -> RunningServer:
-        client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2)
-        try:
-            client.ping()
-        except redis.ConnectionError:
-            pytest.fail(f"no Redis at {self.redis_url}: scripts/test starts one on 127.0.0.1:6379")
-        finally:
-            client.close()
+        require_redis(self.redis_url)
         self.settings = cluster_settings(
             settings or make_settings(), self.name, redis_url=self.redis_url, **cluster_overrides
         )

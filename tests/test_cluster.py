@@ -73,6 +73,15 @@ async def connected_call(alice: Client, bob: Client, call_id: str = "ab") -> Non
     await alice.expect("call-answer")
 
 
+async def call_across_nodes(h: ClusterHarness) -> tuple[Client, Client]:
+    """The cluster started, alice on node 0 in a connected call with bob on node 1."""
+    await h.start()
+    alice = await h.connect("alice", node=0)
+    bob = await h.connect("bob", node=1)
+    await connected_call(alice, bob)
+    return alice, bob
+
+
 async def sign_in(h: ClusterHarness, user: str, node: int, resume: str | None = None) -> Client:
     """A connection of `user` to node `node` with a bearer token (and a resume id); the test
     reads what comes back."""
@@ -221,10 +230,7 @@ async def test_call_limits_are_counted_across_nodes(cluster: ClusterHarness) -> 
 
 
 async def test_revocation_on_one_node_reaches_every_node(cluster: ClusterHarness) -> None:
-    await cluster.start()
-    alice = await cluster.connect("alice", node=0)
-    bob = await cluster.connect("bob", node=1)
-    await connected_call(alice, bob)
+    alice, bob = await call_across_nodes(cluster)
     cluster.nodes[0].hub.apply_revocations(RevocationList(users={"bob": 2**40}))
     await bob.expect_closed(4003, "token revoked")
     await alice.expect("call-end", reason="revoked")
@@ -598,10 +604,7 @@ async def test_redis_restarted_without_its_data_mid_call(
     port, processes = private_redis
     h = await _cluster_on_private_redis(nursery, port, processes, tmp_path, persist=False)
     async with checked(h):
-        await h.start()
-        alice = await h.connect("alice", node=0)
-        bob = await h.connect("bob", node=1)
-        await connected_call(alice, bob)
+        alice, bob = await call_across_nodes(h)
         processes[0].kill()
         processes[0].wait()
         await _until(lambda: not any(node.hub.ready for node in h.nodes))
@@ -669,10 +672,7 @@ async def test_a_connected_calls_candidates_wait_for_redis_and_arrive(
     port, processes = private_redis
     h = await _cluster_on_private_redis(nursery, port, processes, tmp_path, persist=True)
     async with checked(h):
-        await h.start()
-        alice = await h.connect("alice", node=0)
-        bob = await h.connect("bob", node=1)
-        await connected_call(alice, bob)
+        alice, bob = await call_across_nodes(h)
         await alice.send("ice-candidate", ice("ab", "bob"))  # the route is in use
         await bob.expect("ice-candidate", callId="ab")
         processes[0].kill()
@@ -717,10 +717,7 @@ async def test_a_node_outside_a_call_spends_nothing_on_it(cluster: ClusterHarnes
 async def test_the_report_joins_a_call_from_the_trails_of_several_nodes(
     cluster: ClusterHarness, tmp_path: Path
 ) -> None:
-    await cluster.start()
-    alice = await cluster.connect("alice", node=0)
-    bob = await cluster.connect("bob", node=1)
-    await connected_call(alice, bob)
+    alice, bob = await call_across_nodes(cluster)
     await bob.send("call-end", {"callId": "ab", "to": "alice"})
     await alice.expect("call-end")
     files = []
@@ -902,10 +899,7 @@ async def test_a_candidate_never_overtakes_the_renegotiation_before_it(
 ) -> None:
     """A renegotiation is decided in full (Redis round trips); the candidates that follow it
     could take the cached route and arrive first. They wait their turn."""
-    await cluster.start()
-    alice = await cluster.connect("alice", node=0)
-    bob = await cluster.connect("bob", node=1)
-    await connected_call(alice, bob)
+    alice, bob = await call_across_nodes(cluster)
     offer = {"type": "offer", "sdp": "v=0 restart"}
     restart = {"callId": "ab", "to": "bob", "description": offer}
     for round_ in range(3):
@@ -972,10 +966,7 @@ async def test_a_dead_nodes_calls_get_their_terminal_webhook_from_a_survivor(
 async def test_an_epoch_overwritten_without_the_key_ends_no_call(cluster: ClusterHarness) -> None:
     """The epoch marks a Redis dataset; a new one prompts a check of the signed records, and
     only records that are really gone end calls (`state_lost`)."""
-    await cluster.start()
-    alice = await cluster.connect("alice", node=0)
-    bob = await cluster.connect("bob", node=1)
-    await connected_call(alice, bob)
+    alice, bob = await call_across_nodes(cluster)
     attacker = redis.Redis.from_url(cluster.redis_url)
     try:
         attacker.set(f"{cluster.name}:epoch", "forged")
@@ -996,10 +987,7 @@ async def test_an_epoch_overwritten_without_the_key_ends_no_call(cluster: Cluste
 
 async def test_a_connected_calls_messages_take_the_direct_link(cluster: ClusterHarness) -> None:
     """Links: once a link is open, a call's messages go node to node, not through Redis."""
-    await cluster.start()
-    alice = await cluster.connect("alice", node=0)
-    bob = await cluster.connect("bob", node=1)
-    await connected_call(alice, bob)
+    alice, bob = await call_across_nodes(cluster)
     sender = cluster.nodes[0].hub.cluster
     assert sender is not None
     await alice.send("ice-candidate", ice("ab", "bob"))

@@ -51,18 +51,9 @@ from callgate.config import load_settings
 from callgate.core.actions import Deliver
 from callgate.errors import ConfigError
 from conftest import STEP, Client, ClusterHarness
-from test_cluster import _until, codec, connected_call, ice
+from test_cluster import _until, call_across_nodes, codec, connected_call, ice
 
 FORGER_KEY = b"a guessed key that is long enough!!"
-
-
-async def call_across_nodes(cluster: ClusterHarness) -> tuple[Client, Client]:
-    """The cluster started, alice on node 0 in a connected call with bob on node 1."""
-    await cluster.start()
-    alice = await cluster.connect("alice", node=0)
-    bob = await cluster.connect("bob", node=1)
-    await connected_call(alice, bob)
-    return alice, bob
 
 
 def member(h: ClusterHarness, index: int) -> ClusterNode:

@@ -25,7 +25,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-import redis
 import trio
 
 from callgate.cli import main as cli_main
@@ -45,6 +44,7 @@ from conftest import (
     call_request,
     delete_cluster_keys,
     make_settings,
+    require_redis,
     server_config,
     signed_in,
     token_for,
@@ -235,13 +235,7 @@ async def serve_workers(
 ) -> AsyncIterator[tuple[trio.Process, Output, dict[str, Any]]]:
     """`callgate serve --workers 2` on port 0, in a cluster of its own; the process, its
     output, and the parent's `workers listening` line. Its Redis keys are removed after."""
-    probe = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        probe.ping()
-    except redis.ConnectionError:
-        pytest.fail(f"no Redis at {REDIS_URL}: scripts/test starts one on 127.0.0.1:6379")
-    finally:
-        probe.close()
+    require_redis(REDIS_URL)
     name = f"test-{secrets.token_hex(4)}"
     env = {
         **os.environ,
