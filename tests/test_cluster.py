@@ -662,17 +662,23 @@ async def test_a_device_that_leaves_while_redis_is_away_is_gone_when_it_returns(
         await alice.expect("call-reject", callId="ab2", reason="unavailable")
 
 
-async def test_a_connected_calls_candidates_wait_for_redis_and_arrive(
+@pytest.mark.parametrize("links", [True, False], ids=["links", "inboxes"])
+async def test_a_connected_calls_candidates_are_acked_and_arrive_while_redis_is_away(
     nursery: trio.Nursery,
     private_redis: tuple[int, list[subprocess.Popen[bytes]]],
     tmp_path: Path,
+    links: bool,
 ) -> None:
     """A candidate in a connected call needs no decision: while Redis is away it is acked
-    (not refused), and delivered once Redis is back."""
+    (not refused), and delivered: at once over the nodes' link, or once Redis is back when
+    every delivery takes the inboxes (docs/protocol.md, section 4)."""
     port, processes = private_redis
     h = await _cluster_on_private_redis(nursery, port, processes, tmp_path, persist=True)
     async with checked(h):
-        alice, bob = await call_across_nodes(h)
+        await h.start(links=links)
+        alice = await h.connect("alice", node=0)
+        bob = await h.connect("bob", node=1)
+        await connected_call(alice, bob)
         await alice.send("ice-candidate", ice("ab", "bob"))  # the route is in use
         await bob.expect("ice-candidate", callId="ab")
         processes[0].kill()
@@ -680,9 +686,14 @@ async def test_a_connected_calls_candidates_wait_for_redis_and_arrive(
         await _until(lambda: not any(node.hub.ready for node in h.nodes))
         await alice.send("ice-candidate", {**ice("ab", "bob"), "n": 7}, ref=1)
         assert (await alice.expect("ack"))["ref"] == 1
+        if links:
+            await bob.expect("ice-candidate", callId="ab", n=7)  # Redis still away
         _start_redis(port, processes, tmp_path, persist=True)
         await _wait_for_redis(port)
-        await bob.expect("ice-candidate", callId="ab", n=7)
+        if not links:
+            await bob.expect("ice-candidate", callId="ab", n=7)
+        await _until(lambda: all(node.hub.ready for node in h.nodes))
+        await bob.expect_silence()  # once, either way
 
 
 async def test_a_node_outside_a_call_spends_nothing_on_it(cluster: ClusterHarness) -> None:
