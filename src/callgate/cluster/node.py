@@ -138,6 +138,11 @@ class Route:
     conn: str  # this node's device in the call
     peer: UserId
     peer_conns: list[str]
+    # Each of the other side's devices, with its user: what `_carry_out` needs to know.
+    users: dict[str, UserId] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.users = dict.fromkeys(self.peer_conns, self.peer)
 
 
 @dataclass(slots=True)
@@ -513,7 +518,7 @@ class ClusterNode:
         deliveries: list[Action] = [
             Deliver(conn, message.event, forwarded) for conn in route.peer_conns
         ]
-        self._carry_out(deliveries, {conn: route.peer for conn in route.peer_conns}, forwarded=True)
+        self._carry_out(deliveries, route.users, forwarded=True)
         return True
 
     def _learn_routes(self, sliced: Slice) -> None:
@@ -739,27 +744,32 @@ class ClusterNode:
         delivery a client message caused (`forwarded`) is counted where it was decided, here,
         wherever it goes."""
         local: list[Action] = []
+        here = self.node_id
         for action in actions:
+            if type(action) is Deliver:  # most actions, and every relay's: before the match
+                conn = action.conn
+                node = node_of(conn)
+                if node != here:
+                    self._send(node, action, users.get(conn))
+                    if forwarded:
+                        self._executor.metrics.count_forwarded(action.event)
+                elif conn not in self._live:
+                    self._undelivered(action, users.get(conn), retry)
+                else:
+                    local.append(action)
+                    self._heard(conn, action.event, action.data)
+                continue
             match action:
                 case StartTimer() | CancelTimer():
                     continue  # the commit armed or disarmed it in the shared set
                 case Audit():
                     local.append(action)
-                case Deliver(conn=conn) | Ack(conn=conn) | SendError(conn=conn) | Close(conn=conn):
+                case Ack(conn=conn) | SendError(conn=conn) | Close(conn=conn):
                     node = node_of(conn)
-                    if node != self.node_id:
-                        if isinstance(action, Deliver):
-                            self._send(node, action, users.get(conn))
-                            if forwarded:
-                                self._executor.metrics.count_forwarded(action.event)
-                        else:
-                            self._send(node, action, None)
-                    elif isinstance(action, Deliver) and conn not in self._live:
-                        self._undelivered(action, users.get(conn), retry)
+                    if node != here:
+                        self._send(node, action, None)
                     else:
                         local.append(action)
-                        if isinstance(action, Deliver):
-                            self._heard(conn, action.event, action.data)
         self._executor.execute(local, forwarded=forwarded)
 
     def _undelivered(self, action: Deliver, user: UserId | None, retry: bool) -> None:
