@@ -573,10 +573,15 @@ class Processes:
 
 
 def run_workload(
-    servers: list[Server], workload: Workload, layout: Layout | None = None
+    servers: list[Server],
+    workload: Workload,
+    layout: Layout | None = None,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     """One run of the load generator against `servers`; with a cluster `layout`, its clients go
-    where the layout says and the result has per-node figures too."""
+    where the layout says and the result has per-node figures too. With `profile`, py-spy
+    samples each server process during the measured traffic only (not the sign-ins before it),
+    into raw flame-graph files there."""
     server = servers[0]
     config = {
         "target": "reference" if server.target == "reference" else "callgate",
@@ -601,11 +606,14 @@ def run_workload(
     )
     assert generator.stdout is not None
     measured: dict[str, Any] = {}
+    profilers: list[subprocess.Popen[bytes]] = []
     rss_before = measure.rss()
     for line in generator.stdout:
         message = json.loads(line)
         phase = message.get("phase")
         if phase == "start":
+            if profile is not None:
+                profilers = start_profilers(measure.pids, workload, profile, layout)
             measured["cpu_start"], measured["rss_start"] = measure.cpu(), measure.rss()
             measured["wall_start"], measured["machine_start"] = time.monotonic(), machine_ticks()
         elif phase == "end":
@@ -616,6 +624,8 @@ def run_workload(
         elif "result" in message or "error" in message:
             measured.update(message)
     generator.wait(30)
+    for profiler in profilers:
+        profiler.wait(30)
     result: dict[str, Any] = dict(measured.get("result") or {})
     if "error" in measured:
         result["error"] = measured["error"]
@@ -664,6 +674,41 @@ def run_workload(
                 # What a node keeps for the other nodes' clients, against a node that holds them.
                 result["idle_memory_share"] = share
     return result
+
+
+def start_profilers(
+    pids: list[int], workload: Workload, folder: Path, layout: Layout | None
+) -> list[subprocess.Popen[bytes]]:
+    """py-spy on each process for the traffic's seconds (`--gil`: only what holds the GIL, so
+    waiting for the network is left out); `pip install py-spy` first, it is not a dependency."""
+    spy = shutil.which("py-spy")
+    if spy is None:
+        raise BenchError("--profile needs py-spy on PATH (pip install py-spy)")
+    folder.mkdir(parents=True, exist_ok=True)
+    seconds = max(1, int(workload.config.get("seconds", 10)) - 1)
+    name = layout.target if layout is not None else workload.name
+    return [
+        subprocess.Popen(  # noqa: S603
+            [
+                spy,
+                "record",
+                "--pid",
+                str(pid),
+                "--duration",
+                str(seconds),
+                "--gil",
+                "--rate",
+                "400",
+                "--format",
+                "raw",
+                "--output",
+                str(folder / f"{name}-{index}-{int(time.time())}.raw"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for index, pid in enumerate(pids)
+    ]
 
 
 def outsider_share(figures: Sequence[float], layout: Layout) -> float | None:
@@ -973,6 +1018,12 @@ def main() -> int:
         action="store_true",
         help="accept a callgate that does not run the compiled hot path (the suite's smoke run)",
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="--cluster: py-spy (not a dependency: pip install it) samples every node during"
+        " the measured traffic into raw flame-graph files in this folder",
+    )
     parser.add_argument("--out", type=Path, default=BENCH / "results")
     parser.add_argument("--name", help="results file name (default: latest, or smoke)")
     args = parser.parse_args()
@@ -1105,7 +1156,7 @@ def run_cluster(args: argparse.Namespace, callgate: Callgate) -> int:
                 print(f"bench/run: FAILED: {error}", file=sys.stderr)
                 return 2
             try:
-                result = run_workload(cluster.servers, workload, layout)
+                result = run_workload(cluster.servers, workload, layout, args.profile)
             finally:
                 cluster.stop()
             rows.append(record(workload, layout.target, result, cluster.servers[0], layout))
