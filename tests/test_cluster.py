@@ -26,6 +26,7 @@ import trio
 
 from callgate import trail
 from callgate.audit import TERMINAL_CALL_EVENTS
+from callgate.cluster import node as cluster_node
 from callgate.cluster.entries import BadEntry, EntryCodec, Forget
 from callgate.cluster.node import RecordedThrottle, Watch
 from callgate.cluster.records import KEEP, BadRecord, RecordCodec, Slice, Timer
@@ -872,6 +873,22 @@ async def test_a_lease_taken_without_the_key_does_not_stop_leadership(
         await _until(lambda: any(n.hub.cluster and n.hub.cluster.is_leader for n in cluster.nodes))
     finally:
         attacker.close()
+
+
+async def test_a_node_fires_the_timers_it_armed_at_their_deadline_without_a_sweep(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ring timeout is claimed when it is due on the node whose decision armed it: with the
+    sweep of the shared set pushed out of the test's reach, it still fires."""
+    monkeypatch.setattr(cluster_node, "TIMER_SWEEP", 3600.0)
+    await cluster.start(make_settings(calls={"ring_timeout": 1.0}))
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    await alice.send("call-request", call_request("ab", "alice", "bob"))
+    await bob.expect("call-request", id="ab")
+    await alice.expect("call-end", callId="ab", reason="timeout")
+    await bob.expect("call-end", callId="ab", reason="timeout")
+    assert [row["event"] for row in terminal_records(cluster)] == ["call.timeout"]
 
 
 async def test_a_heartbeat_deleted_or_forged_without_the_key_is_not_a_death(

@@ -18,9 +18,10 @@ single server's `LocalDispatch`. What a node's clients do becomes a core event, 
 Events are decided in lanes, one per hash of the user they start from, so one user's events
 are decided in the order they happened; different users' events run side by side.
 
-Other duties, each a task: the inbox reader; the timer poller (every node claims due timers
-from the shared sorted set, so a dead node's timers fire on time elsewhere; a claim expires,
-so a timer is never lost, and the commit makes its outcome happen once); the keeper
+Other duties, each a task: the inbox reader; the timer loop (a node claims due timers from the
+shared sorted set at the deadline of each timer it armed, and sweeps the set every
+TIMER_SWEEP, so a dead node's timers fire elsewhere; a claim expires, so a timer is never
+lost, and the commit makes its outcome happen once); the keeper
 (heartbeats, the leader lease, and, on the leader, declaring dead the nodes whose signed
 heartbeats lapsed: their devices are disconnected (held for `reconnect_grace`) and their unread
 inboxes go to the held devices' resume buffers).
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import heapq
 import math
 import secrets
 import time
@@ -97,7 +99,9 @@ log = get_logger("callgate.cluster")
 LANES = 8
 LANE_QUEUE = 4096
 ATTEMPTS = 50  # compare-and-set conflicts in a row before a decision gives up
-TIMER_POLL = 0.1  # seconds between claims of due timers
+# A node claims due timers when one it armed is due, and every TIMER_SWEEP seconds anyway:
+# the sweep fires what a dead node armed, and what a node that died after claiming held.
+TIMER_SWEEP = 0.5
 TIMER_CLAIM = 64
 MAX_OUTBOX = 100_000  # orders waiting for Redis; past this new ones are refused, counted, logged
 DEAD_VERDICT_MS = 3_600_000  # how long a node's death verdict is kept
@@ -303,6 +307,9 @@ class ClusterNode:
         # and a leader that buried one takes what still lands in its inbox for a while.
         self._gone: set[str] = set()
         self._buried: dict[str, float] = {}
+        # Unix deadlines of the timers this node armed (a heap), and the timer loop's sleep.
+        self._timer_deadlines: list[float] = []
+        self._timer_wait: trio.CancelScope | None = None
         # Counted for tests and `live_counts`: decisions taken here, batches received.
         self.decisions = 0
         self.received = 0
@@ -690,6 +697,8 @@ class ClusterNode:
                 return actions, sliced
             try:
                 if await self.store.commit(writes):
+                    for _, deadline in writes.timers_started:
+                        self._timer_due(deadline)
                     return actions, sliced
             except RedisError as exc:
                 self._store_failed(exc)
@@ -962,18 +971,39 @@ class ClusterNode:
 
     # -- timers ------------------------------------------------------------------------------
 
+    def _timer_due(self, deadline: float) -> None:
+        """A timer this node armed (unix `deadline`): the timer loop claims at that moment."""
+        heapq.heappush(self._timer_deadlines, deadline)
+        wait = self._timer_wait
+        if wait is not None:
+            wait.deadline = min(wait.deadline, trio.current_time() + deadline - time.time())
+
     async def _timer_loop(self) -> None:
+        """Claims the due timers of the whole cluster (each fires once, wherever claimed): at
+        the deadline of each timer this node armed, so its own fire on time without polling
+        Redis, and every TIMER_SWEEP seconds, so a dead node's fire on another node."""
         hold = max(2.0, self._settings.node_timeout)
+        deadlines = self._timer_deadlines
+        swept = time.time()
         while True:
-            await trio.sleep(TIMER_POLL)
+            now = time.time()
+            wake = min(deadlines[0] if deadlines else math.inf, swept + TIMER_SWEEP)
+            with trio.CancelScope(deadline=trio.current_time() + wake - now) as self._timer_wait:
+                await trio.sleep_forever()
+            self._timer_wait = None
+            now = time.time()
+            while deadlines and deadlines[0] <= now:
+                heapq.heappop(deadlines)
+            swept = now  # a claim takes every due timer, whoever armed it
             if not self._store_ok:
                 continue
-            now = time.time()
             try:
                 due = await self.store.claim_timers(now, now + hold, TIMER_CLAIM)
             except RedisError as exc:
                 self._store_failed(exc)
                 continue
+            if len(due) == TIMER_CLAIM:
+                self._timer_due(now)  # more may be due: claim again at once
             for timer in due:
                 if not self._enqueue(Job([timer.user], [TimerFired(timer.timer)], fired=timer)):
                     with contextlib.suppress(RedisError):  # else due when the claim expires
