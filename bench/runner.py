@@ -158,6 +158,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
 
 
+def system_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[12]) / TICK  # stime: in the kernel on the process's behalf
+
+
+def wakeups(pid: int) -> int:
+    """How often the process's main thread (its event loop) went to sleep and was woken."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    return 0
+
+
 def machine_ticks() -> tuple[int, int]:
     """(busy, total) clock ticks of all the machine's cores since boot, whoever used them."""
     fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
@@ -571,6 +584,10 @@ class Processes:
     def rss(self) -> list[int]:
         return [rss_kib(pid) for pid in self.pids]
 
+    def kernel(self) -> tuple[float, int]:
+        """Seconds in the kernel and wake-ups, all processes together."""
+        return sum(system_seconds(p) for p in self.pids), sum(wakeups(p) for p in self.pids)
+
 
 def run_workload(
     servers: list[Server],
@@ -615,9 +632,11 @@ def run_workload(
             if profile is not None:
                 profilers = start_profilers(measure.pids, workload, profile, layout)
             measured["cpu_start"], measured["rss_start"] = measure.cpu(), measure.rss()
+            measured["kernel_start"] = measure.kernel()
             measured["wall_start"], measured["machine_start"] = time.monotonic(), machine_ticks()
         elif phase == "end":
             measured["cpu_end"] = measure.cpu()
+            measured["kernel_end"] = measure.kernel()
             measured["wall_end"], measured["machine_end"] = time.monotonic(), machine_ticks()
         elif phase == "idle":
             measured["rss_idle"] = measure.rss()
@@ -637,6 +656,13 @@ def run_workload(
     if units:
         per = "conn" if "connections" in result else "call" if "calls" in result else "msg"
         result[f"cpu_us_per_{per}"] = round(cpu * 1e6 / units, 2)
+        if "kernel_end" in measured and cpu > 0:
+            (sys_start, woke_start), (sys_end, woke_end) = (
+                measured["kernel_start"],
+                measured["kernel_end"],
+            )
+            result["kernel_share"] = round((sys_end - sys_start) / cpu, 3)
+            result[f"wakeups_per_{per}"] = round((woke_end - woke_start) / units, 2)
     rss_idle = measured.get("rss_idle")
     if rss_idle and result.get("connections"):
         grown = sum(rss_idle) - sum(measured.get("rss_start", rss_before))
@@ -792,6 +818,8 @@ CLUSTER_METRICS = [
     ("server_cores", "cores busy with the nodes during the traffic"),
     ("machine_busy_pct", "machine busy %, all processes and cores (saturated from 90)"),
     ("node_cpu_us_per_msg", "server CPU µs/msg, per node"),
+    ("kernel_share", "share of that CPU spent in the kernel"),
+    ("wakeups_per_msg", "event-loop wake-ups per message, all nodes together"),
     ("idle_share", "CPU of the node with no client in the traffic / a busy node's"),
     ("p50_ms", "p50 ms"),
     ("p99_ms", "p99 ms"),
