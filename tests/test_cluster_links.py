@@ -31,9 +31,11 @@ import redis
 import trio
 import trio.testing
 
+from callgate.cluster import links as links_module
 from callgate.cluster.entries import BadEntry, EntryCodec, Order
 from callgate.cluster.links import (
     ACK,
+    ACK_AFTER,
     BATCH,
     CONFIRM,
     HANDSHAKE_FRAME,
@@ -185,7 +187,7 @@ async def in_flight(
     alice: Client, bob: Client, sender: ClusterNode, receiver: ClusterNode, n: int, unread: bool
 ) -> bool:
     """alice sends candidate `n`: True while its batch is on the link, not acked (the target
-    acks 50 ms after a burst) and, if `unread`, not read by the target yet. False when the
+    acks `ack_interval` after a burst) and, if `unread`, not read by the target yet. False when the
     target read it in the same tick (trio's order within a tick goes both ways): then it has
     been delivered, and another one may be caught."""
     received = receiver.received
@@ -461,6 +463,30 @@ async def test_a_links_first_batch_is_acked_however_soon_it_comes(
                 assert await acks(genuine, reader, nonce) == [seq]
         finally:
             await stream.aclose()
+    assert not rejected(cluster)
+
+
+async def test_a_busy_link_is_acked_after_so_many_batches_without_waiting_for_the_interval(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Acks come once an interval, or as soon as ACK_AFTER batches came since the last: with
+    the interval pushed out of the test's reach, the ACK_AFTER-th batch is acked."""
+    await cluster.start()
+    receiver = member(cluster, 1)
+    monkeypatch.setattr(links_module, "ACK_INTERVAL", 3600.0)
+    monkeypatch.setattr(receiver.links, "ack_timeout", 8 * 3600.0)
+    genuine = codec(cluster=cluster.name)
+    origin = "ghost"
+    stream, reader, nonce, _ = await open_link(genuine, receiver, origin)
+    try:
+        frames = [
+            batch(genuine.seal_delivery(origin, receiver.node_id, seq, []))
+            for seq in range(1, ACK_AFTER + 1)
+        ]
+        await stream.send_all(b"".join(frames))
+        assert await acks(genuine, reader, nonce) == [ACK_AFTER]
+    finally:
+        await stream.aclose()
     assert not rejected(cluster)
 
 

@@ -9,7 +9,8 @@ MAX_BATCH_ORDERS orders and about MAX_BATCH_BYTES) by one of two paths:
   one `os.write`, without waking a task (`Links._end_turn`); anything else (a decision's
   deliveries, the rest of a write the socket did not take) goes through that target's **peer**
   task. The target reads its links in the reactor's turn too (`Inbound.on_readable`) and acks
-  at most every ACK_INTERVAL. No Redis and no thread per message;
+  at most every `ack_interval` (an eighth of `ack_timeout`, at most 0.25 s). No Redis and no
+  thread per message;
 * into the target's **inbox** (line.py: a Redis stream), which outlives the target's process:
   the leader hands a dead node's unread inbox to its devices' resume buffers.
 
@@ -86,7 +87,10 @@ RECEIVE_SIZE = 256 * 1024
 # Long after repeated failures: a handshake holds what is queued for up to HANDSHAKE_TIMEOUT.
 RETRY_DELAYS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 15.0, 60.0)
 WARN_AFTER = 6  # failed attempts in a row before a warning (the link may be misconfigured)
-ACK_INTERVAL = 0.05  # seconds between a link's acks, at most one per interval
+# A link's acks: at most one per interval, an eighth of `ack_timeout` up to ACK_INTERVAL
+# (0.25 s by default: 4 a second, whatever the traffic), sooner once ACK_AFTER batches came.
+ACK_INTERVAL = 0.25
+ACK_AFTER = 256
 NO_LINK_RETRY = 5.0  # seconds before a node that advertised no link is asked again
 
 # (order, the delivered device's user or None)
@@ -733,14 +737,21 @@ class Links:
     def _still_wanted(self, target: str) -> bool:
         return not self._closing_inbound and self._node.node_id == target
 
+    @property
+    def ack_interval(self) -> float:
+        return min(ACK_INTERVAL, self.ack_timeout / 8)
+
     async def _ack_loop(self, scope: trio.CancelScope, inbound: Inbound, nonce: str) -> None:
-        """Acks go once per ACK_INTERVAL at most (they only free the sender's copies): a
-        busy link costs one ack per interval, not one per batch."""
+        """Acks only free the sender's copies: a busy link costs one ack per `ack_interval`,
+        not one per batch (each wakes a task at both ends), and one per ACK_AFTER batches at
+        most, so the sender's unacked copies stay far below MAX_UNACKED."""
         with scope, contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             while True:
                 await inbound.ack_due.wait()
-                inbound.ack_due = trio.Event()
-                await trio.sleep(ACK_INTERVAL)
+                with trio.move_on_after(self.ack_interval):
+                    await inbound.ack_now.wait()
+                inbound.ack_due, inbound.ack_now = trio.Event(), trio.Event()
+                inbound.unacked = 0
                 ack = {"n": nonce, "s": self._node.carried_out(inbound.origin)}
                 await inbound.stream.send_all(frame(ACK, self._codec.seal_link("ack", ack)))
 
@@ -761,7 +772,9 @@ class Inbound:
         self.reader = reader
         self.origin = origin
         self.target = target
-        self.ack_due = trio.Event()
+        self.ack_due = trio.Event()  # a batch came since the last ack
+        self.ack_now = trio.Event()  # ACK_AFTER batches came: ack without waiting
+        self.unacked = 0
         self.refused: BadEntry | None = None
 
     def carry_out(self, frames: list[tuple[bytes, bytes]]) -> None:
@@ -774,6 +787,9 @@ class Inbound:
             )
         if frames:
             self.ack_due.set()
+            self.unacked += len(frames)
+            if self.unacked >= ACK_AFTER:
+                self.ack_now.set()
 
     def on_readable(self) -> None:
         """In the reactor's turn: read what arrived, and carry it out unless something needs
