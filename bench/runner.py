@@ -71,6 +71,7 @@ COLUMNS = {
 # K idle clients spread over the nodes.
 CLUSTER_NODES = "1,2,4"
 CLUSTER_IDLE = 4_000
+CLUSTER_RATE = 2_000
 # A run where the machine was this busy (every process on every core) measured nodes that waited
 # for a core: they read more per wake-up, so their CPU per message is lower than it would be.
 SATURATED = 90  # percent
@@ -111,15 +112,16 @@ def scaling(smoke: bool) -> list[Workload]:
     ]
 
 
-def cluster_plan(smoke: bool) -> Workload:
-    """The cluster run's one fixed load: W2's sparse forwarding at 2,000 msg/s, every callee on
-    another node than its caller, while K idle clients are spread evenly over the nodes (W5's
-    shape). Each run ends once every message sent has arrived (at most drain_s later)."""
+def cluster_plan(smoke: bool, rate: int = CLUSTER_RATE) -> Workload:
+    """The cluster run's one fixed load: W2's sparse forwarding at `rate` (the targets' 2,000
+    msg/s unless asked), every callee on another node than its caller, while K idle clients are
+    spread evenly over the nodes (W5's shape). Each run ends once every message sent has
+    arrived (at most drain_s later)."""
     if smoke:
         config = {"pairs": 4, "rate": 200, "seconds": 0.5, "idle": 24, "settle_ms": 100}
         return Workload("W5", "cross-node smoke", config | {"drain_s": 2})
-    config = {"pairs": 50, "rate": 2000, "seconds": 10, "idle": CLUSTER_IDLE, "settle_ms": 1000}
-    label = f"2,000 msg/s cross-node, {CLUSTER_IDLE:,} idle clients"
+    config = {"pairs": 50, "rate": rate, "seconds": 10, "idle": CLUSTER_IDLE, "settle_ms": 1000}
+    label = f"{rate:,} msg/s cross-node, {CLUSTER_IDLE:,} idle clients"
     return Workload("W5", label, config | {"drain_s": 10})
 
 
@@ -1030,6 +1032,13 @@ def main() -> int:
         " note when this callgate's serve has no --workers",
     )
     parser.add_argument(
+        "--rate",
+        type=int,
+        default=CLUSTER_RATE,
+        help=f"--cluster: the load's messages a second (default {CLUSTER_RATE:,}, the one the"
+        " targets are set at; another rate shows how the ratios move with load)",
+    )
+    parser.add_argument(
         "--repeat",
         type=int,
         default=1,
@@ -1157,7 +1166,7 @@ def write_results(
 
 def run_cluster(args: argparse.Namespace, callgate: Callgate) -> int:
     """--cluster: every layout (cluster_layouts) under the one load of cluster_plan, in turn."""
-    workload = cluster_plan(args.smoke)
+    workload = cluster_plan(args.smoke, args.rate)
     layouts = cluster_layouts(args.nodes, args.workers)
     notes = []
     if args.workers > 1 and not serves_workers(callgate):
