@@ -646,7 +646,10 @@ def run_workload(
             measured.update(message)
     generator.wait(30)
     for profiler in profilers:
-        profiler.wait(30)
+        try:
+            profiler.wait(30)
+        except subprocess.TimeoutExpired:
+            profiler.kill()  # a profile is a side product: never left running
     result: dict[str, Any] = dict(measured.get("result") or {})
     if "error" in measured:
         result["error"] = measured["error"]

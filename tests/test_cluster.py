@@ -891,6 +891,37 @@ async def test_a_node_fires_the_timers_it_armed_at_their_deadline_without_a_swee
     assert [row["event"] for row in terminal_records(cluster)] == ["call.timeout"]
 
 
+async def test_a_timer_disarmed_where_it_was_armed_costs_no_claim(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """alice's first call ends before its ring timeout, on the node that armed it: that node
+    claims nothing at its deadline, only at the second call's (which does time out)."""
+    monkeypatch.setattr(cluster_node, "TIMER_SWEEP", 3600.0)
+    await cluster.start(make_settings(calls={"ring_timeout": 1.0}))
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    armer = cluster.nodes[0].hub.cluster
+    assert armer is not None
+    claims = 0
+    claim_timers = armer.store.claim_timers
+
+    async def counted(now: float, hold_until: float, limit: int) -> list[Timer]:
+        nonlocal claims
+        claims += 1
+        return await claim_timers(now, hold_until, limit)
+
+    monkeypatch.setattr(armer.store, "claim_timers", counted)
+    await alice.send("call-request", call_request("first", "alice", "bob"))
+    await bob.expect("call-request", id="first")
+    await alice.send("call-end", {"callId": "first", "to": "bob"})
+    await bob.expect("call-end", callId="first")
+    await trio.sleep(2 * cluster_node.TIMER_GRAIN)  # the second deadline in a later grain
+    await alice.send("call-request", call_request("second", "alice", "bob"))
+    await bob.expect("call-request", id="second")
+    await alice.expect("call-end", callId="second", reason="timeout")
+    assert claims == 1
+
+
 async def test_a_heartbeat_deleted_or_forged_without_the_key_is_not_a_death(
     cluster: ClusterHarness,
 ) -> None:

@@ -85,8 +85,17 @@ async def dial(node: ClusterNode) -> trio.SocketStream:
         return await trio.open_tcp_stream(host, int(port))
 
 
-def hello(sealer: EntryCodec, origin: str, target: str, nonce: str, high: int = 0) -> bytes:
-    body = {"o": origin, "t": target, "n": nonce, "high": high}
+def hello(
+    sealer: EntryCodec,
+    origin: str,
+    target: str,
+    nonce: str,
+    high: int = 0,
+    ack_timeout: float | None = None,
+) -> bytes:
+    body: dict[str, Any] = {"o": origin, "t": target, "n": nonce, "high": high}
+    if ack_timeout is not None:
+        body["ack"] = ack_timeout
     return frame(HELLO, sealer.seal_link("hello", body))
 
 
@@ -131,13 +140,19 @@ async def welcomed(
 
 
 async def open_link(
-    sealer: EntryCodec, node: ClusterNode, origin: str, high: int = 0, first: bytes = b""
+    sealer: EntryCodec,
+    node: ClusterNode,
+    origin: str,
+    high: int = 0,
+    first: bytes = b"",
+    ack_timeout: float | None = None,
 ) -> tuple[trio.SocketStream, FrameReader, str, dict[str, Any]]:
     """A link to `node` as `origin`, handshake done (`first`: frames sent in the same write
-    as the confirmation): the stream, its reader, the nonce, and the node's welcome."""
+    as the confirmation; `ack_timeout`: the opener's, in its hello): the stream, its reader,
+    the nonce, and the node's welcome."""
     stream = await dial(node)
     nonce = secrets.token_hex(16)
-    await stream.send_all(hello(sealer, origin, node.node_id, nonce, high))
+    await stream.send_all(hello(sealer, origin, node.node_id, nonce, high, ack_timeout))
     reader, welcome = await welcomed(stream, sealer, node, origin, nonce)
     await stream.send_all(confirm(sealer, origin, node.node_id, welcome["m"]) + first)
     return stream, reader, nonce, welcome
@@ -488,6 +503,51 @@ async def test_a_busy_link_is_acked_after_so_many_batches_without_waiting_for_th
     finally:
         await stream.aclose()
     assert not rejected(cluster)
+
+
+async def test_a_link_is_acked_in_time_for_an_opener_that_waits_less(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The opener's hello says how long it waits for acks (its `node_timeout` may be lower
+    than the target's during a rolling change): the target acks in time for it, even with
+    its own interval an hour."""
+    await cluster.start()
+    receiver = member(cluster, 1)
+    monkeypatch.setattr(links_module, "ACK_INTERVAL", 3600.0)
+    monkeypatch.setattr(receiver.links, "ack_timeout", 8 * 3600.0)
+    genuine = codec(cluster=cluster.name)
+    origin = "ghost"
+    stream, reader, nonce, _ = await open_link(genuine, receiver, origin, ack_timeout=0.5)
+    try:
+        await stream.send_all(batch(genuine.seal_delivery(origin, receiver.node_id, 1, [])))
+        assert await acks(genuine, reader, nonce) == [1]
+    finally:
+        await stream.aclose()
+
+
+async def test_a_draining_node_acks_its_links_before_it_closes_them(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At shutdown a node closes its links after one last ack: what it carried out is not
+    copied to its inbox (whose handover would put it in a resume buffer a second time)."""
+    monkeypatch.setattr(links_module, "ACK_INTERVAL", 3600.0)
+    await cluster.start()
+    sender, receiver = member(cluster, 0), member(cluster, 1)
+    for node in (sender, receiver):  # acks only when asked, and no link failed for it
+        monkeypatch.setattr(node.links, "ack_timeout", 8 * 3600.0)
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    for client in (alice, bob):  # (the harness's wait for a quiet cluster waits for acks)
+        client.after_receive = trio.lowlevel.checkpoint
+    await connected_call(alice, bob)
+    await candidates(alice, bob, itertools.count(), 3)
+    assert sender.links.linked(receiver.node_id)
+    assert sender.links.unacked > 0  # carried out, not acked: the interval is an hour
+    inboxed = sender.links.batches_inboxed
+    receiver.links.close_inbound()
+    await _until(lambda: not sender.links.linked(receiver.node_id))
+    assert sender.links.unacked == 0
+    assert sender.links.batches_inboxed == inboxed
 
 
 async def test_a_handshake_played_again_opens_nothing(cluster: ClusterHarness) -> None:

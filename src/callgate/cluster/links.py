@@ -87,10 +87,11 @@ RECEIVE_SIZE = 256 * 1024
 # Long after repeated failures: a handshake holds what is queued for up to HANDSHAKE_TIMEOUT.
 RETRY_DELAYS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 15.0, 60.0)
 WARN_AFTER = 6  # failed attempts in a row before a warning (the link may be misconfigured)
-# A link's acks: at most one per interval, an eighth of `ack_timeout` up to ACK_INTERVAL
-# (0.25 s by default: 4 a second, whatever the traffic), sooner once ACK_AFTER batches came.
+# A link's acks: one per interval at most, an eighth of `ack_timeout` (of the opener's, if
+# shorter) up to ACK_INTERVAL (0.25 s by default), and sooner once ACK_AFTER batches came.
 ACK_INTERVAL = 0.25
 ACK_AFTER = 256
+MIN_ACK_INTERVAL = 0.005  # however short an opener's ack timeout
 NO_LINK_RETRY = 5.0  # seconds before a node that advertised no link is asked again
 
 # (order, the delivered device's user or None)
@@ -279,8 +280,10 @@ class Links:
         self._closing_inbound = False
         self._catching_up = 0  # handshakes waiting for their origin's inbox to be carried out
         self._progress = trio.Event()
-        # Accepted links, with the origin each proved ("" while in its handshake).
+        # Accepted links, with the origin each proved ("" while in its handshake), and those
+        # past it, each with what its acks need.
         self._inbound: dict[trio.SocketStream, str] = {}
+        self._acking: dict[trio.SocketStream, Inbound] = {}
         self._handshakes = 0
         self._refusals: dict[tuple[str, str], tuple[float, int]] = {}
         self.address = ""  # host:port other nodes dial ("" until listening, or links off)
@@ -380,8 +383,13 @@ class Links:
 
     def close_inbound(self) -> None:
         """Shutting down: carry out no more batches from links; their senders fall back to
-        this node's inbox, which the shutdown hands over."""
+        this node's inbox, which the shutdown hands over. Each link is acked first, as far as
+        it was carried out (one write that does not wait): its sender copies to the inbox only
+        what was not, and the handover does not put in a resume buffer what a device got."""
         self._closing_inbound = True
+        for stream, inbound in list(self._acking.items()):
+            with contextlib.suppress(OSError):  # (a full socket: the sender copies, as before)
+                os.write(stream.socket.fileno(), self._ack_frame(inbound))
         self._drop_inbound()
 
     def _drop_inbound(self, origin: str | None = None) -> None:
@@ -560,7 +568,14 @@ class Links:
                 nonce = secrets.token_hex(16)
                 origin = self._node.node_id
                 # `high`: the target answers once it has carried out this node's inbox that far.
-                hello = {"o": origin, "t": peer.node, "n": nonce, "high": peer.inbox_high}
+                # `ack`: its ack timeout; the target acks often enough for it.
+                hello = {
+                    "o": origin,
+                    "t": peer.node,
+                    "n": nonce,
+                    "high": peer.inbox_high,
+                    "ack": self.ack_timeout,
+                }
                 await stream.send_all(frame(HELLO, self._codec.seal_link("hello", hello)))
                 reader = FrameReader(stream)
                 kind, body = await reader.next()
@@ -648,6 +663,7 @@ class Links:
         ) as exc:
             log.debug("cluster link closed", error=str(exc) or type(exc).__name__)
         finally:
+            self._acking.pop(stream, None)
             if self._inbound.pop(stream, None) == "":
                 self._handshakes -= 1
             _abort(stream)
@@ -705,9 +721,11 @@ class Links:
         reader.most = MAX_FRAME
         self._inbound[stream] = origin
         self._handshakes -= 1
-        inbound = Inbound(self, stream, reader, origin, target)
+        inbound = Inbound(self, stream, reader, origin, target, nonce)
+        inbound.ack_interval = self._ack_interval_for(hello.get("ack"))
+        self._acking[stream] = inbound
         acks = trio.CancelScope()
-        self._tasks.start_soon(self._ack_loop, acks, inbound, nonce)
+        self._tasks.start_soon(self._ack_loop, acks, inbound)
         reactor = self._reactor
         buffered = True  # batches may have come with the confirmation
         try:
@@ -741,19 +759,29 @@ class Links:
     def ack_interval(self) -> float:
         return min(ACK_INTERVAL, self.ack_timeout / 8)
 
-    async def _ack_loop(self, scope: trio.CancelScope, inbound: Inbound, nonce: str) -> None:
+    def _ack_interval_for(self, opener_timeout: object) -> float:
+        """A link's ack interval: this node's, or shorter for an opener whose hello says it
+        waits less for acks (`node_timeout` set lower there, during a rolling change)."""
+        if isinstance(opener_timeout, int | float) and not isinstance(opener_timeout, bool):
+            return max(MIN_ACK_INTERVAL, min(self.ack_interval, opener_timeout / 8))
+        return self.ack_interval
+
+    def _ack_frame(self, inbound: Inbound) -> bytes:
+        ack = {"n": inbound.nonce, "s": self._node.carried_out(inbound.origin)}
+        return frame(ACK, self._codec.seal_link("ack", ack))
+
+    async def _ack_loop(self, scope: trio.CancelScope, inbound: Inbound) -> None:
         """Acks only free the sender's copies: a busy link costs one ack per `ack_interval`,
         not one per batch (each wakes a task at both ends), and one per ACK_AFTER batches at
         most, so the sender's unacked copies stay far below MAX_UNACKED."""
         with scope, contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             while True:
                 await inbound.ack_due.wait()
-                with trio.move_on_after(self.ack_interval):
+                with trio.move_on_after(inbound.ack_interval):
                     await inbound.ack_now.wait()
                 inbound.ack_due, inbound.ack_now = trio.Event(), trio.Event()
                 inbound.unacked = 0
-                ack = {"n": nonce, "s": self._node.carried_out(inbound.origin)}
-                await inbound.stream.send_all(frame(ACK, self._codec.seal_link("ack", ack)))
+                await inbound.stream.send_all(self._ack_frame(inbound))
 
 
 class Inbound:
@@ -766,12 +794,15 @@ class Inbound:
         reader: FrameReader,
         origin: str,
         target: str,
+        nonce: str,
     ) -> None:
         self._links = links
         self.stream = stream
         self.reader = reader
         self.origin = origin
         self.target = target
+        self.nonce = nonce  # the opener's, which its acks carry
+        self.ack_interval = ACK_INTERVAL
         self.ack_due = trio.Event()  # a batch came since the last ack
         self.ack_now = trio.Event()  # ACK_AFTER batches came: ack without waiting
         self.unacked = 0

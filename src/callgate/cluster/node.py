@@ -102,6 +102,7 @@ ATTEMPTS = 50  # compare-and-set conflicts in a row before a decision gives up
 # A node claims due timers when one it armed is due, and every TIMER_SWEEP seconds anyway:
 # the sweep fires what a dead node armed, and what a node that died after claiming held.
 TIMER_SWEEP = 0.5
+TIMER_GRAIN = 0.1  # seconds: its own timers due within one grain cost a node one claim
 TIMER_CLAIM = 64
 MAX_OUTBOX = 100_000  # orders waiting for Redis; past this new ones are refused, counted, logged
 DEAD_VERDICT_MS = 3_600_000  # how long a node's death verdict is kept
@@ -307,9 +308,14 @@ class ClusterNode:
         # and a leader that buried one takes what still lands in its inbox for a while.
         self._gone: set[str] = set()
         self._buried: dict[str, float] = {}
-        # Unix deadlines of the timers this node armed (a heap), and the timer loop's sleep.
-        self._timer_deadlines: list[float] = []
+        # The timers this node armed and has not seen disarmed (member -> unix deadline, rounded
+        # up to TIMER_GRAIN), a heap of (deadline, member) over them (with stale entries,
+        # skipped), and the timer loop's sleep.
+        self._timers_armed: dict[str, float] = {}
+        self._timer_deadlines: list[tuple[float, str]] = []
         self._timer_wait: trio.CancelScope | None = None
+        self._next_sweep = math.inf  # (unix time; set when the loop starts)
+        self._claim_again = False  # the last claim took a full TIMER_CLAIM: there may be more
         # Counted for tests and `live_counts`: decisions taken here, batches received.
         self.decisions = 0
         self.received = 0
@@ -697,8 +703,8 @@ class ClusterNode:
                 return actions, sliced
             try:
                 if await self.store.commit(writes):
-                    for _, deadline in writes.timers_started:
-                        self._timer_due(deadline)
+                    if writes.timers_started or writes.timers_done:
+                        self._timers_committed(writes.timers_started, writes.timers_done)
                     return actions, sliced
             except RedisError as exc:
                 self._store_failed(exc)
@@ -971,30 +977,53 @@ class ClusterNode:
 
     # -- timers ------------------------------------------------------------------------------
 
-    def _timer_due(self, deadline: float) -> None:
-        """A timer this node armed (unix `deadline`): the timer loop claims at that moment."""
-        heapq.heappush(self._timer_deadlines, deadline)
+    def _timers_committed(self, started: list[tuple[Timer, float]], done: list[Timer]) -> None:
+        """A commit armed `started` (with their unix deadlines) and disarmed `done`: the timer
+        loop claims when the ones this node armed and has not seen disarmed are due. Deadlines
+        are rounded up to TIMER_GRAIN, so timers due together cost one claim."""
+        armed = self._timers_armed
+        for timer in done:
+            armed.pop(timer.member, None)
+        for timer, deadline in started:
+            due = math.ceil(deadline / TIMER_GRAIN) * TIMER_GRAIN
+            armed[timer.member] = due
+            heapq.heappush(self._timer_deadlines, (due, timer.member))
         wait = self._timer_wait
-        if wait is not None:
-            wait.deadline = min(wait.deadline, trio.current_time() + deadline - time.time())
+        if wait is not None:  # sleeping: until the new next claim, earlier or later
+            wait.deadline = trio.current_time() + self._next_claim() - time.time()
+
+    def _next_claim(self) -> float:
+        """When the timer loop claims next (unix time): at once after a full claim, else when
+        the earliest timer this node armed, still armed, is due, or at the next sweep."""
+        if self._claim_again:
+            return time.time()
+        deadlines, armed = self._timer_deadlines, self._timers_armed
+        while deadlines and armed.get(deadlines[0][1]) != deadlines[0][0]:
+            heapq.heappop(deadlines)  # disarmed, or armed again for another time
+        return min(deadlines[0][0] if deadlines else math.inf, self._next_sweep)
 
     async def _timer_loop(self) -> None:
-        """Claims the due timers of the whole cluster (each fires once, wherever claimed): at
-        the deadline of each timer this node armed, so its own fire on time without polling
-        Redis, and every TIMER_SWEEP seconds, so a dead node's fire on another node."""
+        """Claims the due timers of the whole cluster (each fires once, wherever claimed): when
+        a timer this node armed is due, so its own fire on time without polling Redis, and
+        every TIMER_SWEEP seconds, so a dead or stopped node's fire on another node, and so do
+        timers whose claim lapsed or that were due while Redis was away."""
         hold = max(2.0, self._settings.node_timeout)
-        deadlines = self._timer_deadlines
-        swept = time.time()
+        deadlines, armed = self._timer_deadlines, self._timers_armed
+        self._next_sweep = time.time() + TIMER_SWEEP
         while True:
-            now = time.time()
-            wake = min(deadlines[0] if deadlines else math.inf, swept + TIMER_SWEEP)
-            with trio.CancelScope(deadline=trio.current_time() + wake - now) as self._timer_wait:
+            wake = self._next_claim()
+            with trio.CancelScope(
+                deadline=trio.current_time() + wake - time.time()
+            ) as self._timer_wait:
                 await trio.sleep_forever()
             self._timer_wait = None
             now = time.time()
-            while deadlines and deadlines[0] <= now:
-                heapq.heappop(deadlines)
-            swept = now  # a claim takes every due timer, whoever armed it
+            while deadlines and deadlines[0][0] <= now:
+                _, member = heapq.heappop(deadlines)
+                if armed.get(member, math.inf) <= now:
+                    del armed[member]  # due: this claim takes it
+            # A claim takes every due timer, whoever armed it.
+            self._next_sweep, self._claim_again = now + TIMER_SWEEP, False
             if not self._store_ok:
                 continue
             try:
@@ -1002,12 +1031,16 @@ class ClusterNode:
             except RedisError as exc:
                 self._store_failed(exc)
                 continue
-            if len(due) == TIMER_CLAIM:
-                self._timer_due(now)  # more may be due: claim again at once
-            for timer in due:
-                if not self._enqueue(Job([timer.user], [TimerFired(timer.timer)], fired=timer)):
-                    with contextlib.suppress(RedisError):  # else due when the claim expires
-                        await self.store.release_timers([timer], now)
+            refused = [
+                timer
+                for timer in due
+                if not self._enqueue(Job([timer.user], [TimerFired(timer.timer)], fired=timer))
+            ]
+            if refused:  # the lanes are full: due again at the next sweep, not at once
+                with contextlib.suppress(RedisError):  # (else when the claim lapses)
+                    await self.store.release_timers(refused, now)
+            else:
+                self._claim_again = len(due) == TIMER_CLAIM
 
     # -- liveness ----------------------------------------------------------------------------
 
