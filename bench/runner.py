@@ -1067,6 +1067,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=BENCH / "results")
     parser.add_argument("--name", help="results file name (default: latest, or smoke)")
     args = parser.parse_args()
+    if not args.cluster and (args.profile is not None or args.rate != CLUSTER_RATE):
+        parser.error("--profile and --rate go with --cluster")
     # CALLGATE_PURE=1 measures the same installed build interpreted; otherwise it must be compiled.
     expected = "forced-pure" if os.environ.get("CALLGATE_PURE") == "1" else "compiled"
     try:
