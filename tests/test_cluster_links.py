@@ -481,15 +481,22 @@ async def test_a_links_first_batch_is_acked_however_soon_it_comes(
     assert not rejected(cluster)
 
 
+async def acking_hourly(cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch) -> ClusterNode:
+    """The cluster started, and node 1, which acks the links it accepts once an hour (unless
+    something asks for sooner)."""
+    await cluster.start()
+    receiver = member(cluster, 1)
+    monkeypatch.setattr(links_module, "ACK_INTERVAL", 3600.0)
+    monkeypatch.setattr(receiver.links, "ack_timeout", 8 * 3600.0)
+    return receiver
+
+
 async def test_a_busy_link_is_acked_after_so_many_batches_without_waiting_for_the_interval(
     cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Acks come once an interval, or as soon as ACK_AFTER batches came since the last: with
     the interval pushed out of the test's reach, the ACK_AFTER-th batch is acked."""
-    await cluster.start()
-    receiver = member(cluster, 1)
-    monkeypatch.setattr(links_module, "ACK_INTERVAL", 3600.0)
-    monkeypatch.setattr(receiver.links, "ack_timeout", 8 * 3600.0)
+    receiver = await acking_hourly(cluster, monkeypatch)
     genuine = codec(cluster=cluster.name)
     origin = "ghost"
     stream, reader, nonce, _ = await open_link(genuine, receiver, origin)
@@ -511,10 +518,7 @@ async def test_a_link_is_acked_in_time_for_an_opener_that_waits_less(
     """The opener's hello says how long it waits for acks (its `node_timeout` may be lower
     than the target's during a rolling change): the target acks in time for it, even with
     its own interval an hour."""
-    await cluster.start()
-    receiver = member(cluster, 1)
-    monkeypatch.setattr(links_module, "ACK_INTERVAL", 3600.0)
-    monkeypatch.setattr(receiver.links, "ack_timeout", 8 * 3600.0)
+    receiver = await acking_hourly(cluster, monkeypatch)
     genuine = codec(cluster=cluster.name)
     origin = "ghost"
     stream, reader, nonce, _ = await open_link(genuine, receiver, origin, ack_timeout=0.5)
