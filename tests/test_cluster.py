@@ -922,6 +922,45 @@ async def test_a_timer_disarmed_where_it_was_armed_costs_no_claim(
     assert claims == 1
 
 
+async def test_due_timers_the_lanes_refuse_wait_for_the_sweep(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node whose lanes are full hands claimed timers back and claims again at its next
+    sweep, not at once: claiming again at once would claim and hand back the same timers for as
+    long as the lanes stay full. (A claim of one timer is a full claim here.)"""
+    monkeypatch.setattr(cluster_node, "TIMER_CLAIM", 1)
+    await cluster.start(make_settings(calls={"ring_timeout": 0.5}))
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    armer = cluster.nodes[0].hub.cluster
+    assert armer is not None
+    claims = 0
+    claim_timers, enqueue = armer.store.claim_timers, armer._enqueue
+    full_until: float | None = None  # the lanes refuse timers for 0.3 s from the first refusal
+
+    async def counted(now: float, hold_until: float, limit: int) -> list[Timer]:
+        nonlocal claims
+        claims += 1
+        return await claim_timers(now, hold_until, limit)
+
+    def lanes_full_for_timers(job: Any) -> bool:
+        nonlocal full_until
+        if job.fired is None:
+            return enqueue(job)
+        if full_until is None:
+            full_until = trio.current_time() + 0.3
+        return trio.current_time() >= full_until and enqueue(job)
+
+    monkeypatch.setattr(armer.store, "claim_timers", counted)
+    monkeypatch.setattr(armer, "_enqueue", lanes_full_for_timers)
+    await alice.send("call-request", call_request("ab", "alice", "bob"))
+    await bob.expect("call-request", id="ab")
+    await alice.expect("call-end", callId="ab", reason="timeout")
+    assert full_until is not None  # the lanes did refuse it once
+    assert claims <= 3
+    assert [row["event"] for row in terminal_records(cluster)] == ["call.timeout"]
+
+
 async def test_a_heartbeat_deleted_or_forged_without_the_key_is_not_a_death(
     cluster: ClusterHarness,
 ) -> None:
