@@ -28,7 +28,7 @@ from callgate import trail
 from callgate.audit import TERMINAL_CALL_EVENTS
 from callgate.cluster import node as cluster_node
 from callgate.cluster.entries import BadEntry, EntryCodec, Forget
-from callgate.cluster.node import RecordedThrottle, Watch
+from callgate.cluster.node import ClusterNode, RecordedThrottle, Watch
 from callgate.cluster.records import KEEP, BadRecord, RecordCodec, Slice, Timer
 from callgate.cluster.store import Store
 from callgate.cluster.store import delete_cluster_keys as delete_cluster_keys_async
@@ -891,26 +891,39 @@ async def test_a_node_fires_the_timers_it_armed_at_their_deadline_without_a_swee
     assert [row["event"] for row in terminal_records(cluster)] == ["call.timeout"]
 
 
+class Claims:
+    """How many timer claims a node made (its store's `claim_timers`, counted)."""
+
+    def __init__(self, node: ClusterNode, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        claim_timers = node.store.claim_timers
+
+        async def counted(now: float, hold_until: float, limit: int) -> list[Timer]:
+            self.count += 1
+            return await claim_timers(now, hold_until, limit)
+
+        monkeypatch.setattr(node.store, "claim_timers", counted)
+
+
+async def claims_counted(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch, ring_timeout: float
+) -> tuple[Client, Client, ClusterNode, Claims]:
+    """alice on node 0 (which arms her calls' ring timers, its claims counted), bob on node 1."""
+    await cluster.start(make_settings(calls={"ring_timeout": ring_timeout}))
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    armer = cluster.nodes[0].hub.cluster
+    assert armer is not None
+    return alice, bob, armer, Claims(armer, monkeypatch)
+
+
 async def test_a_timer_disarmed_where_it_was_armed_costs_no_claim(
     cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """alice's first call ends before its ring timeout, on the node that armed it: that node
     claims nothing at its deadline, only at the second call's (which does time out)."""
     monkeypatch.setattr(cluster_node, "TIMER_SWEEP", 3600.0)
-    await cluster.start(make_settings(calls={"ring_timeout": 1.0}))
-    alice = await cluster.connect("alice", node=0)
-    bob = await cluster.connect("bob", node=1)
-    armer = cluster.nodes[0].hub.cluster
-    assert armer is not None
-    claims = 0
-    claim_timers = armer.store.claim_timers
-
-    async def counted(now: float, hold_until: float, limit: int) -> list[Timer]:
-        nonlocal claims
-        claims += 1
-        return await claim_timers(now, hold_until, limit)
-
-    monkeypatch.setattr(armer.store, "claim_timers", counted)
+    alice, bob, _, claims = await claims_counted(cluster, monkeypatch, ring_timeout=1.0)
     await alice.send("call-request", call_request("first", "alice", "bob"))
     await bob.expect("call-request", id="first")
     await alice.send("call-end", {"callId": "first", "to": "bob"})
@@ -919,7 +932,7 @@ async def test_a_timer_disarmed_where_it_was_armed_costs_no_claim(
     await alice.send("call-request", call_request("second", "alice", "bob"))
     await bob.expect("call-request", id="second")
     await alice.expect("call-end", callId="second", reason="timeout")
-    assert claims == 1
+    assert claims.count == 1
 
 
 async def test_due_timers_the_lanes_refuse_wait_for_the_sweep(
@@ -929,19 +942,9 @@ async def test_due_timers_the_lanes_refuse_wait_for_the_sweep(
     sweep, not at once: claiming again at once would claim and hand back the same timers for as
     long as the lanes stay full. (A claim of one timer is a full claim here.)"""
     monkeypatch.setattr(cluster_node, "TIMER_CLAIM", 1)
-    await cluster.start(make_settings(calls={"ring_timeout": 0.5}))
-    alice = await cluster.connect("alice", node=0)
-    bob = await cluster.connect("bob", node=1)
-    armer = cluster.nodes[0].hub.cluster
-    assert armer is not None
-    claims = 0
-    claim_timers, enqueue = armer.store.claim_timers, armer._enqueue
+    alice, bob, armer, claims = await claims_counted(cluster, monkeypatch, ring_timeout=0.5)
+    enqueue = armer._enqueue
     full_until: float | None = None  # the lanes refuse timers for 0.3 s from the first refusal
-
-    async def counted(now: float, hold_until: float, limit: int) -> list[Timer]:
-        nonlocal claims
-        claims += 1
-        return await claim_timers(now, hold_until, limit)
 
     def lanes_full_for_timers(job: Any) -> bool:
         nonlocal full_until
@@ -951,13 +954,12 @@ async def test_due_timers_the_lanes_refuse_wait_for_the_sweep(
             full_until = trio.current_time() + 0.3
         return trio.current_time() >= full_until and enqueue(job)
 
-    monkeypatch.setattr(armer.store, "claim_timers", counted)
     monkeypatch.setattr(armer, "_enqueue", lanes_full_for_timers)
     await alice.send("call-request", call_request("ab", "alice", "bob"))
     await bob.expect("call-request", id="ab")
     await alice.expect("call-end", callId="ab", reason="timeout")
     assert full_until is not None  # the lanes did refuse it once
-    assert claims <= 3
+    assert claims.count <= 3
     assert [row["event"] for row in terminal_records(cluster)] == ["call.timeout"]
 
 
