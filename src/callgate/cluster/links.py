@@ -280,10 +280,9 @@ class Links:
         self._closing_inbound = False
         self._catching_up = 0  # handshakes waiting for their origin's inbox to be carried out
         self._progress = trio.Event()
-        # Accepted links, with the origin each proved ("" while in its handshake), and those
-        # past it, each with what its acks need.
-        self._inbound: dict[trio.SocketStream, str] = {}
-        self._acking: dict[trio.SocketStream, Inbound] = {}
+        # Accepted links: each with its Inbound once its handshake proved its origin (None
+        # while in the handshake).
+        self._inbound: dict[trio.SocketStream, Inbound | None] = {}
         self._handshakes = 0
         self._refusals: dict[tuple[str, str], tuple[float, int]] = {}
         self.address = ""  # host:port other nodes dial ("" until listening, or links off)
@@ -387,15 +386,16 @@ class Links:
         it was carried out (one write that does not wait): its sender copies to the inbox only
         what was not, and the handover does not put in a resume buffer what a device got."""
         self._closing_inbound = True
-        for stream, inbound in list(self._acking.items()):
-            with contextlib.suppress(OSError):  # (a full socket: the sender copies, as before)
-                os.write(stream.socket.fileno(), self._ack_frame(inbound))
+        for stream, inbound in list(self._inbound.items()):
+            if inbound is not None:
+                with contextlib.suppress(OSError):  # (a full socket: the sender copies)
+                    os.write(stream.socket.fileno(), self._ack_frame(inbound))
         self._drop_inbound()
 
     def _drop_inbound(self, origin: str | None = None) -> None:
         """Close accepted links (only `origin`'s, if given)."""
-        for stream, came_from in list(self._inbound.items()):
-            if origin is not None and came_from != origin:
+        for stream, inbound in list(self._inbound.items()):
+            if origin is not None and (inbound is None or inbound.origin != origin):
                 continue
             fd = stream.socket.fileno()
             if self._reactor is not None and self._reactor.holds(fd):
@@ -648,7 +648,7 @@ class Links:
             _abort(stream)
             return
         self._handshakes += 1
-        self._inbound[stream] = ""  # its origin once the handshake proves it
+        self._inbound[stream] = None  # its Inbound once the handshake proves its origin
         try:
             await self._serve_link(stream)
         except BadEntry as bad:  # a hello that does not verify: not a node of this cluster
@@ -663,9 +663,8 @@ class Links:
         ) as exc:
             log.debug("cluster link closed", error=str(exc) or type(exc).__name__)
         finally:
-            self._acking.pop(stream, None)
-            if self._inbound.pop(stream, None) == "":
-                self._handshakes -= 1
+            if stream in self._inbound and self._inbound.pop(stream) is None:
+                self._handshakes -= 1  # it ended in its handshake
             _abort(stream)
 
     def _refused(self, stream: trio.SocketStream, reason: str) -> None:
@@ -719,11 +718,11 @@ class Links:
         if (confirm.get("o"), confirm.get("t"), confirm.get("m")) != (origin, target, challenge):
             raise BadEntry("malformed" if kind != CONFIRM else "replayed")
         reader.most = MAX_FRAME
-        self._inbound[stream] = origin
+        inbound = Inbound(
+            self, stream, reader, origin, target, nonce, self._ack_interval_for(hello.get("ack"))
+        )
+        self._inbound[stream] = inbound
         self._handshakes -= 1
-        inbound = Inbound(self, stream, reader, origin, target, nonce)
-        inbound.ack_interval = self._ack_interval_for(hello.get("ack"))
-        self._acking[stream] = inbound
         acks = trio.CancelScope()
         self._tasks.start_soon(self._ack_loop, acks, inbound)
         reactor = self._reactor
@@ -795,6 +794,7 @@ class Inbound:
         origin: str,
         target: str,
         nonce: str,
+        ack_interval: float,
     ) -> None:
         self._links = links
         self.stream = stream
@@ -802,7 +802,7 @@ class Inbound:
         self.origin = origin
         self.target = target
         self.nonce = nonce  # the opener's, which its acks carry
-        self.ack_interval = ACK_INTERVAL
+        self.ack_interval = ack_interval
         self.ack_due = trio.Event()  # a batch came since the last ack
         self.ack_now = trio.Event()  # ACK_AFTER batches came: ack without waiting
         self.unacked = 0
