@@ -155,14 +155,15 @@ def plan(smoke: bool, big: bool) -> list[Workload]:
     return workloads
 
 
+def cpu_times(pid: int) -> tuple[float, float]:
+    """Seconds of CPU (user + system), and of them in the kernel (system)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    user, system = int(fields[11]), int(fields[12])  # utime, stime
+    return (user + system) / TICK, system / TICK
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
-
-
-def system_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[12]) / TICK  # stime: in the kernel on the process's behalf
+    return cpu_times(pid)[0]
 
 
 def wakeups(pid: int) -> int:
@@ -588,7 +589,7 @@ class Processes:
 
     def kernel(self) -> tuple[float, int]:
         """Seconds in the kernel and wake-ups, all processes together."""
-        return sum(system_seconds(p) for p in self.pids), sum(wakeups(p) for p in self.pids)
+        return sum(cpu_times(p)[1] for p in self.pids), sum(wakeups(p) for p in self.pids)
 
 
 def run_workload(
@@ -712,9 +713,7 @@ def start_profilers(
 ) -> list[subprocess.Popen[bytes]]:
     """py-spy on each process for the traffic's seconds (`--gil`: only what holds the GIL, so
     waiting for the network is left out); `pip install py-spy` first, it is not a dependency."""
-    spy = shutil.which("py-spy")
-    if spy is None:
-        raise BenchError("--profile needs py-spy on PATH (pip install py-spy)")
+    spy = shutil.which("py-spy") or "py-spy"  # (main checked that it is there)
     folder.mkdir(parents=True, exist_ok=True)
     seconds = max(1, int(workload.config.get("seconds", 10)) - 1)
     name = layout.target if layout is not None else workload.name
@@ -1069,6 +1068,8 @@ def main() -> int:
     args = parser.parse_args()
     if not args.cluster and (args.profile is not None or args.rate != CLUSTER_RATE):
         parser.error("--profile and --rate go with --cluster")
+    if args.profile is not None and shutil.which("py-spy") is None:
+        parser.error("--profile needs py-spy on PATH (pip install py-spy; not a dependency)")
     # CALLGATE_PURE=1 measures the same installed build interpreted; otherwise it must be compiled.
     expected = "forced-pure" if os.environ.get("CALLGATE_PURE") == "1" else "compiled"
     try:
