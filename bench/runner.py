@@ -904,8 +904,14 @@ def cluster_targets(rate: str) -> list[Target]:
 
 
 def cluster_table(rows: list[dict[str, Any]], layouts: list[Layout], rate: str) -> str:
-    """Every layout side by side (medians of `rows`), then the targets as ratios with PASS/FAIL."""
-    results = {row["target"]: row["result"] for row in rows}
+    """Every layout side by side (medians of the runs in `rows`), then the targets as ratios
+    of those medians with PASS/FAIL, and, when the run was repeated, each round's own ratio:
+    this machine moves between runs by about as much as the targets' margins, so a reader
+    sees the spread, not only its middle."""
+    rounds: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:  # in the order run: a column's k-th row is from round k
+        rounds.setdefault(row["target"], []).append(row["result"])
+    results = {row["target"]: row["result"] for row in medians(rows)}
     for result in results.values():
         if "messages" in result and "sent" in result:
             result["delivered"] = f"{_fmt(result['messages'])} / {_fmt(result['sent'])}"
@@ -921,7 +927,11 @@ def cluster_table(rows: list[dict[str, Any]], layouts: list[Layout], rate: str) 
     for layout in columns:
         if "error" in results[layout.target]:
             lines.append(f"| error ({layout.title}) | {results[layout.target]['error']} |")
-    lines += ["", "| target | measured | limit | result | caveat |", "|---|---:|---:|---|---|"]
+    lines += [
+        "",
+        "| target | measured | each round | limit | result | caveat |",
+        "|---|---:|---:|---:|---|---|",
+    ]
     titles = {layout.target: layout.title for layout in columns}
     for target in cluster_targets(rate):
         ours = results.get(target.ours, {}).get(target.key)
@@ -933,6 +943,7 @@ def cluster_table(rows: list[dict[str, Any]], layouts: list[Layout], rate: str) 
             measured = f"{ratio:.2f}x" if target.theirs else f"{ratio:.2f}"
         else:
             verdict, measured = "not measured", "-"
+        each = ", ".join(f"{ratio:.2f}" for ratio in round_ratios(rounds, target))
         limit = f"<= {target.limit:.2f}" + ("x" if target.theirs else "")
         saturated = [
             titles[column]
@@ -942,8 +953,25 @@ def cluster_table(rows: list[dict[str, Any]], layouts: list[Layout], rate: str) 
             and results[column].get("machine_busy_pct", 0) >= SATURATED
         ]
         caveat = f"machine saturated in: {'; '.join(saturated)}" if saturated else ""
-        lines.append(f"| {target.what} | {measured} | {limit} | {verdict} | {caveat} |")
+        lines.append(
+            f"| {target.what} | {measured} | {each or '-'} | {limit} | {verdict} | {caveat} |"
+        )
     return "\n".join(lines)
+
+
+def round_ratios(rounds: dict[str, list[dict[str, Any]]], target: Target) -> list[float]:
+    """`target`'s ratio in each round of a repeated run (none for a single run, or a round
+    where either figure is missing)."""
+    ours = rounds.get(target.ours, [])
+    theirs = rounds.get(target.theirs, []) if target.theirs is not None else [{}] * len(ours)
+    if min(len(ours), len(theirs)) < 2:
+        return []
+    ratios = []
+    for mine, other in zip(ours, theirs, strict=False):
+        a, b = mine.get(target.key), 1 if target.theirs is None else other.get(target.key)
+        if isinstance(a, int | float) and isinstance(b, int | float) and b:
+            ratios.append(a / b)
+    return ratios
 
 
 def _ratio(ours: Any, theirs: Any) -> str:
@@ -1221,7 +1249,7 @@ def run_cluster(args: argparse.Namespace, callgate: Callgate) -> int:
         name,
         callgate,
         rows,
-        cluster_table(medians(rows), layouts, rate),
+        cluster_table(rows, layouts, rate),
         " ".join(notes),
         where,
     )

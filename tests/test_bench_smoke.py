@@ -182,3 +182,33 @@ def test_raised_limits_only_raise_shipped_limits(tmp_path: Path) -> None:
     misspelt.write_text('[limits]\nmesages = "1000000/second"\n')
     with pytest.raises(runner.BenchError, match=r"\[limits\] mesages is not a key"):
         runner.overrides(misspelt)
+
+
+def test_cluster_targets_show_each_rounds_ratio_beside_the_median_one() -> None:
+    """A repeated cluster run gives each target's ratio of the medians and, beside it, the ratio
+    in each round (this machine moves by about the targets' margins between runs)."""
+    runner = load_runner()
+    layouts = [
+        runner.Layout("one-node", "one node, cluster off", 1, False, 1),
+        runner.Layout("cluster-2", "cluster, 2 nodes", 2, True, 2),
+    ]
+
+    def row(target: str, cpu: float, p99: float) -> dict[str, Any]:
+        result = {"cpu_us_per_msg": cpu, "p99_ms": p99, "machine_busy_pct": 20}
+        return {"workload": "W5", "label": "x", "target": target, "result": result}
+
+    rounds = [(50, 0.5, 120, 1.0), (60, 0.5, 150, 1.5), (70, 1.0, 130, 1.0)]
+    rows = [
+        r
+        for one, p1, two, p2 in rounds
+        for r in (row("one-node", one, p1), row("cluster-2", two, p2))
+    ]
+    table = runner.cluster_table(rows, layouts, "2,000")
+    cpu = next(line for line in table.splitlines() if line.startswith("| cross-node CPU"))
+    # medians 130 / 60; rounds 120/50, 150/60, 130/70
+    assert cpu.split(" | ")[1:5] == ["2.17x", "2.40, 2.50, 1.86", "<= 2.00x", "FAIL"], cpu
+    p99 = next(line for line in table.splitlines() if line.startswith("| cross-node p99"))
+    assert p99.split(" | ")[1:5] == ["2.00x", "2.00, 3.00, 1.00", "<= 2.00x", "PASS"], p99
+    single = runner.cluster_table(rows[:2], layouts, "2,000")
+    cpu = next(line for line in single.splitlines() if line.startswith("| cross-node CPU"))
+    assert cpu.split(" | ")[1:3] == ["2.40x", "-"], cpu
