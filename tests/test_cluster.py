@@ -630,6 +630,71 @@ async def test_redis_restarted_without_its_data_mid_call(
         await bob.expect("call-request", id="ef")
 
 
+async def test_a_redis_that_stops_answering_is_unavailable_not_a_crash(
+    nursery: trio.Nursery,
+    private_redis: tuple[int, list[subprocess.Popen[bytes]]],
+    tmp_path: Path,
+) -> None:
+    """A frozen Redis (no refusal, no answer: a stalled or partitioned server) is one that is
+    away: the client library's own timeout ends each wait, every node stays up with its
+    connections, what needs the cluster is refused clearly, and all goes on once it answers."""
+    port, processes = private_redis
+    h = await _cluster_on_private_redis(nursery, port, processes, tmp_path, persist=True)
+    async with checked(h):
+        alice, bob = await call_across_nodes(h)
+        processes[0].send_signal(signal.SIGSTOP)
+        try:
+            with trio.fail_after(6 * STEP):  # the library waits 5 s for an answer, and retries
+                while any(node.hub.ready for node in h.nodes):
+                    await trio.sleep(0.05)
+            await alice.send("call-request", call_request("cd", "alice", "carol"), ref=2)
+            error = await alice.expect_error("rate_limited", ref=2)
+            assert "cluster unavailable" in error["data"]["message"]
+        finally:
+            processes[0].send_signal(signal.SIGCONT)
+        with trio.fail_after(6 * STEP):
+            while not all(node.hub.ready for node in h.nodes):
+                await trio.sleep(0.05)
+        await alice.send("ice-candidate", ice("ab", "bob"))
+        await bob.expect("ice-candidate", callId="ab")
+        await bob.send("call-end", {"callId": "ab", "to": "alice"})  # decided on Redis again
+        await alice.expect("call-end", callId="ab", reason=None)
+
+
+async def test_a_decision_whose_redis_call_times_out_is_refused_and_a_disconnect_retried(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis not answering a decision in time (the client library's TimeoutError) is Redis
+    away: the sender is told `rate_limited` with its ref, and a disconnect is decided later,
+    not dropped (its device would stay online for good, and calls would ring it)."""
+    await cluster.start()
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    timeouts = 0
+    for node in (cluster.nodes[0], cluster.nodes[1]):
+        kept = node.hub.cluster
+        assert kept is not None
+        real_load = kept.store.load
+
+        async def load_once_late(users: list[str], real_load: Any = real_load) -> Any:
+            nonlocal timeouts
+            if timeouts < 2:  # one decision on each node
+                timeouts += 1
+                raise TimeoutError("EVALSHA timed out after 5.0 seconds")
+            return await real_load(users)
+
+        monkeypatch.setattr(kept.store, "load", load_once_late)
+    await alice.send("call-request", call_request("cd", "alice", "carol"), ref=5)
+    error = await alice.expect_error("rate_limited", ref=5)
+    assert "cluster unavailable" in error["data"]["message"]
+    await bob.ws.aclose()  # its node's first try to decide this times out
+    await _until(lambda: timeouts == 2)
+    # Each node is available again with its next heartbeat (or the retried disconnect).
+    await _until(lambda: all(n.hub.cluster and n.hub.cluster.available for n in cluster.nodes))
+    await alice.send("call-request", call_request("ab", "alice", "bob"))
+    await alice.expect("call-reject", callId="ab", reason="unavailable")
+
+
 async def test_a_device_that_leaves_while_redis_is_away_is_gone_when_it_returns(
     nursery: trio.Nursery,
     private_redis: tuple[int, list[subprocess.Popen[bytes]]],
@@ -898,7 +963,7 @@ class Claims:
         self.count = 0
         claim_timers = node.store.claim_timers
 
-        async def counted(now: float, hold_until: float, limit: int) -> list[Timer]:
+        async def counted(now: float, hold_until: float, limit: int) -> tuple[list[Timer], int]:
             self.count += 1
             return await claim_timers(now, hold_until, limit)
 

@@ -56,7 +56,7 @@ from callgate.cluster.entries import (
 from callgate.cluster.line import RETRY_DELAYS, DeliveryLine, Entries
 from callgate.cluster.links import Links, RecentPaths
 from callgate.cluster.records import BadRecord, RecordCodec, Slice, Timer
-from callgate.cluster.store import RedisError, Store
+from callgate.cluster.store import STORE_ERRORS, Store
 from callgate.config import ClusterSettings
 from callgate.core.actions import (
     Ack,
@@ -432,7 +432,7 @@ class ClusterNode:
         self.links.close_inbound()
         try:
             await self._take_over_inbox(self.node_id)
-        except RedisError as exc:
+        except STORE_ERRORS as exc:
             log.warning("inbox not handed over at shutdown", error=str(exc))
         await self._lanes_idle()
         # Acked on their links, or copied to the inboxes (a poll: at shutdown only, and the
@@ -664,7 +664,7 @@ class ClusterNode:
         for attempt in range(ATTEMPTS):
             try:
                 raw = await self.store.load(job.users)
-            except RedisError as exc:
+            except STORE_ERRORS as exc:
                 self._store_failed(exc)
                 raise Unavailable from exc
             self._store_ok = True  # it answered (the keeper may not have noticed yet)
@@ -706,7 +706,7 @@ class ClusterNode:
                     if writes.timers_started or writes.timers_done:
                         self._timers_committed(writes.timers_started, writes.timers_done)
                     return actions, sliced
-            except RedisError as exc:
+            except STORE_ERRORS as exc:
                 self._store_failed(exc)
                 raise Unavailable from exc
             # Another node changed what this decision read: read again, decide again.
@@ -835,7 +835,7 @@ class ClusterNode:
         """Where `node`'s links listen, from its signed heartbeat (None: use its inbox)."""
         try:
             return self.codec.link_of(await self.store.get(f"hb:{node}"), node)
-        except RedisError:
+        except STORE_ERRORS:
             return None
 
     def link_received(self, origin: str, fields: Mapping[bytes, bytes]) -> None:
@@ -860,7 +860,7 @@ class ClusterNode:
         if self.may_be_stale():
             self._checked_at = time.monotonic()
             verdict = None
-            with trio.move_on_after(1.0), contextlib.suppress(RedisError):
+            with trio.move_on_after(1.0), contextlib.suppress(*STORE_ERRORS):
                 verdict = await self.store.get(f"dead:{node}")
             if self.codec.is_dead(verdict, node) and self.node_id == node:
                 self._evict()
@@ -880,7 +880,7 @@ class ClusterNode:
             if time.monotonic() - self._kept_at > self._settings.node_timeout:
                 # Back from a freeze (or a long stall): this node may have been declared dead
                 # meanwhile, and its inbox handed to others. Ask before delivering anything.
-                with contextlib.suppress(RedisError):
+                with contextlib.suppress(*STORE_ERRORS):
                     await self._keep()
             batches, self._inbox = self._inbox, []
             for node, entries in batches:
@@ -1027,20 +1027,22 @@ class ClusterNode:
             if not self._store_ok:
                 continue
             try:
-                due = await self.store.claim_timers(now, now + hold, TIMER_CLAIM)
-            except RedisError as exc:
+                due, malformed = await self.store.claim_timers(now, now + hold, TIMER_CLAIM)
+            except STORE_ERRORS as exc:
                 self._store_failed(exc)
                 continue
+            if malformed:  # written by a Redis client without the key: dropped, and said
+                self.rejected("timers", "malformed", malformed)
             refused = [
                 timer
                 for timer in due
                 if not self._enqueue(Job([timer.user], [TimerFired(timer.timer)], fired=timer))
             ]
             if refused:  # the lanes are full: due again at the next sweep, not at once
-                with contextlib.suppress(RedisError):  # (else when the claim lapses)
+                with contextlib.suppress(*STORE_ERRORS):  # (else when the claim lapses)
                     await self.store.release_timers(refused, now)
             else:
-                self._claim_again = len(due) == TIMER_CLAIM
+                self._claim_again = len(due) + malformed == TIMER_CLAIM
 
     # -- liveness ----------------------------------------------------------------------------
 
@@ -1049,8 +1051,13 @@ class ClusterNode:
         while True:
             try:
                 await self._keep()
-            except RedisError as exc:
+            except STORE_ERRORS as exc:
                 self._store_failed(exc)
+                self.is_leader = False
+            except Exception:
+                # A bug, or a value in Redis nothing foresaw: this beat is lost, never the
+                # node with every connection it holds.
+                log.exception("cluster heartbeat failed")
                 self.is_leader = False
             await trio.sleep(interval)
 

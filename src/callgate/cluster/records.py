@@ -45,6 +45,9 @@ USER_PREFIX = "u:"
 CALL_PREFIX = "c:"
 # A field of a compare-and-set that keeps the record as read (store.py's commit script).
 KEEP = b"="
+# Longest member of the shared timer set a node writes: a 20-digit id, "|", a user id (user
+# ids are bounded far below this by `[server] max_user_id_length`).
+MAX_TIMER_MEMBER = 1024
 
 
 class BadRecord(Exception):
@@ -100,8 +103,13 @@ class Timer:
 
     @staticmethod
     def parse(member: str) -> Timer | None:
+        """A member of the shared timer set, or None for one no node wrote (the set is
+        unsigned: anything may be in it). ASCII digits only: `isdigit` alone also takes
+        digits `int` refuses, such as "²"."""
         timer, sep, user = member.partition("|")
-        if not sep or not timer.isdigit() or not user:
+        if not sep or not user or len(member) > MAX_TIMER_MEMBER:
+            return None
+        if not (timer.isascii() and timer.isdigit()) or len(timer) > 20:
             return None
         return Timer(int(timer), user)
 

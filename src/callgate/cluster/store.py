@@ -35,7 +35,13 @@ from coredis.exceptions import RedisError
 
 from callgate.cluster.records import Timer, Writes
 
-__all__ = ["RedisError", "Store", "delete_cluster_keys"]
+__all__ = ["STORE_ERRORS", "RedisError", "Store", "delete_cluster_keys"]
+
+# What a failed store call raises: coredis's errors (refused connection, dropped connection, an
+# error reply), and the builtin TimeoutError it raises when Redis does not answer within the
+# stream timeout (a frozen or partitioned Redis), which is not a RedisError. Every caller
+# catches both: a silent Redis is an unavailable one, never a crash.
+STORE_ERRORS = (RedisError, TimeoutError)
 
 # ARGV: prefix, then the users the event concerns. Returns [name, raw or "", ...]: those users'
 # records, the records of their calls, then the records of the other participants of those
@@ -211,10 +217,22 @@ class Store:
         result: Any = await self._commit(args=args)
         return bool(result)
 
-    async def claim_timers(self, now: float, hold_until: float, limit: int) -> list[Timer]:
+    async def claim_timers(
+        self, now: float, hold_until: float, limit: int
+    ) -> tuple[list[Timer], int]:
+        """The due timers, claimed until `hold_until`; and how many due members no node wrote
+        (the set is unsigned), which are removed, so that no node claims them again."""
         reply: Any = await self._claim(keys=[self.key("timers")], args=[now, hold_until, limit])
-        timers = [Timer.parse(bytes(member).decode(errors="replace")) for member in reply]
-        return [timer for timer in timers if timer is not None]
+        timers, malformed = [], []
+        for member in reply:
+            timer = Timer.parse(bytes(member).decode(errors="replace"))
+            if timer is None:
+                malformed.append(member)
+            else:
+                timers.append(timer)
+        if malformed:
+            await self._redis.zrem(self.key("timers"), malformed)
+        return timers, len(malformed)
 
     async def release_timers(self, timers: Iterable[Timer], deadline: float) -> None:
         """Give back claimed timers this node could not fire (Redis refused the commit)."""
