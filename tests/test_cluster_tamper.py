@@ -11,7 +11,16 @@ from __future__ import annotations
 import redis
 
 from conftest import ClusterHarness, call_request, make_settings
-from test_cluster import _until, terminal_records
+from test_cluster import _until, connected_call, ice, terminal_records
+
+
+async def beats(cluster: ClusterHarness, count: int = 2) -> None:
+    """Every node has gone through `count` more heartbeats (and the checks they make)."""
+    for node in cluster.nodes:
+        kept = node.hub.cluster
+        assert kept is not None
+        beat = kept.beats
+        await _until(lambda kept=kept, beat=beat: kept.beats > beat + count)
 
 
 async def test_a_timer_member_no_node_wrote_is_dropped_and_crashes_nothing(
@@ -39,3 +48,29 @@ async def test_a_timer_member_no_node_wrote_is_dropped_and_crashes_nothing(
     assert sum(row.get("count", 1) for row in refused if row["entry"] == "timers") == 3
     for node in cluster.nodes:  # every node still runs
         assert node.hub.cluster is not None and node.hub.cluster.available
+
+
+async def test_one_spoiled_record_and_a_forged_epoch_end_no_call(cluster: ClusterHarness) -> None:
+    """A new epoch makes a node check whether Redis lost its records; a record that is there
+    but does not verify is tampering (audited), not loss, so no call ends on one side only."""
+    await cluster.start()
+    await cluster.connect("zed", node=1)  # in no call: its record is the one spoiled
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    await connected_call(alice, bob, "ab")
+    attacker = redis.Redis.from_url(cluster.redis_url)
+    try:
+        raw = attacker.get(f"{cluster.name}:u:zed")
+        assert raw is not None
+        attacker.set(f"{cluster.name}:u:zed", raw[:-2] + b" }")  # its MAC no longer verifies
+        attacker.set(f"{cluster.name}:epoch", "forged")
+        await beats(cluster)
+    finally:
+        attacker.close()
+    await alice.send("ice-candidate", ice("ab", "bob"))
+    await bob.expect("ice-candidate", callId="ab")  # (no call-end before it)
+    await bob.send("ice-candidate", ice("ab", "alice"))
+    await alice.expect("ice-candidate", callId="ab")
+    assert terminal_records(cluster) == []
+    refused = [row for row in cluster.audit.records() if row["event"] == "cluster.rejected"]
+    assert {(row["entry"], row["reason"]) for row in refused} == {("u:zed", "bad_mac")}

@@ -55,7 +55,7 @@ from callgate.cluster.entries import (
 )
 from callgate.cluster.line import RETRY_DELAYS, DeliveryLine, Entries
 from callgate.cluster.links import Links, RecentPaths
-from callgate.cluster.records import BadRecord, RecordCodec, Slice, Timer
+from callgate.cluster.records import USER_PREFIX, BadRecord, RecordCodec, Slice, Timer
 from callgate.cluster.store import STORE_ERRORS, Store
 from callgate.config import ClusterSettings
 from callgate.core.actions import (
@@ -104,6 +104,10 @@ ATTEMPTS = 50  # compare-and-set conflicts in a row before a decision gives up
 TIMER_SWEEP = 0.5
 TIMER_GRAIN = 0.1  # seconds: its own timers due within one grain cost a node one claim
 TIMER_CLAIM = 64
+# How many of its devices' records a node checks when the epoch changed (Redis lost its data?),
+# chosen at random so that a client of Redis without the key cannot know which to delete.
+RECOVERY_SAMPLE = 16
+_chance = secrets.SystemRandom()
 MAX_OUTBOX = 100_000  # orders waiting for Redis; past this new ones are refused, counted, logged
 DEAD_VERDICT_MS = 3_600_000  # how long a node's death verdict is kept
 # The close reason of a connection whose device the cluster no longer holds.
@@ -1204,15 +1208,24 @@ class ClusterNode:
         self._evicted()
 
     async def _records_lost(self) -> bool:
-        """Whether the shared records of this node's devices are gone (a few are checked)."""
-        sample = list(self._devices.items())[:3]
-        if not sample:
-            return False  # nothing of this node's to recover
+        """Whether the shared records of this node's devices are gone: none of a random
+        sample of them is there. A record that is there and does not verify is tampering,
+        not loss: it is audited and left out of the sample (a client of Redis without the key
+        cannot make a node end its calls by spoiling one record and the epoch)."""
+        devices = list(self._devices.items())
+        sample = _chance.sample(devices, min(len(devices), RECOVERY_SAMPLE))
         raw = await self.store.load(sorted({device.user for _, device in sample}))
-        try:
-            sliced = Slice(self.records, raw, self._rules, self._throttle, (0, 0, 0))
-        except BadRecord:
-            return True
+        while sample:
+            try:
+                sliced = Slice(self.records, raw, self._rules, self._throttle, (0, 0, 0))
+                break
+            except BadRecord as bad:
+                self.rejected(bad.name, bad.reason)
+                raw.pop(bad.name, None)
+                user = bad.name.removeprefix(USER_PREFIX)
+                sample = [(conn, device) for conn, device in sample if device.user != user]
+        else:
+            return False  # nothing of this node's to recover, or no evidence either way
         present = {device.conn for device in sliced.board.devices()}
         return not any(conn in present for conn, _ in sample)
 
