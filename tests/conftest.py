@@ -485,7 +485,11 @@ class ClusterHarness(Harness):
         entry unread: what one message caused anywhere in the cluster has happened."""
         with trio.fail_after(STEP):
             while True:
-                nodes = [node.hub.cluster for node in self.nodes if node.hub.cluster is not None]
+                nodes = [  # the running nodes (a test may have stopped one: it waits for none)
+                    node.hub.cluster
+                    for node, (_, stopped) in zip(self.nodes, self._running, strict=False)
+                    if node.hub.cluster is not None and not stopped.is_set()
+                ]
                 if not all(node.available for node in nodes):
                     return  # a test of Redis going away: nothing to wait for
                 if all(node.quiet for node in nodes) and not self._unread(nodes):

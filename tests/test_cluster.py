@@ -919,6 +919,41 @@ def test_a_node_dies_after_several_missed_checks_never_one() -> None:
     assert watch.missed == {}
 
 
+async def test_burying_a_node_of_many_users_stops_no_heartbeat(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The leader buries a dead node (a decision per user) in a task of its own, with the
+    users' decisions spread over the lanes: however long that takes, the leader's heartbeats
+    go on, so it is never declared dead itself, and the dead node is buried once."""
+    await cluster.start()
+    nodes = [running.hub.cluster for running in cluster.nodes]
+    await _until(lambda: any(node is not None and node.judging for node in nodes))
+    leader = next(i for i, node in enumerate(nodes) if node is not None and node.judging)
+    victim, other = (leader + 1) % 3, (leader + 2) % 3
+    for n in range(60):
+        await cluster.connect(f"u{n}", node=victim)
+    watcher = await cluster.connect("watcher", node=leader)
+    leader_node, victim_id = nodes[leader], node_id(cluster, victim)
+    assert leader_node is not None
+    leader_id = leader_node.node_id
+    # Each decision slowed: the 60 of the burial take 30 s one after another, 4 s on 8 lanes.
+    for index in (leader, other):
+        kept = nodes[index]
+        assert kept is not None
+
+        async def slow_load(users: list[str], real_load: Any = kept.store.load) -> Any:
+            await trio.sleep(0.5)
+            return await real_load(users)
+
+        monkeypatch.setattr(kept.store, "load", slow_load)
+    cluster._running[victim][0].cancel()  # the victim stops heartbeating, its devices held
+    await _until(lambda: cluster.audit.records("cluster.node_down"))
+    [down] = cluster.audit.records("cluster.node_down")
+    assert (down["node"], down["devices"]) == (victim_id, 60)
+    assert leader_node.node_id == leader_id  # never declared dead, never evicted
+    await watcher.expect_silence()
+
+
 async def test_a_lease_taken_without_the_key_does_not_stop_leadership(
     cluster: ClusterHarness,
 ) -> None:

@@ -312,6 +312,10 @@ class ClusterNode:
         # and a leader that buried one takes what still lands in its inbox for a while.
         self._gone: set[str] = set()
         self._buried: dict[str, float] = {}
+        # The leader's heartbeat asks for dead nodes to be buried; a task of their own buries
+        # them, so that a long burial (a node of many users) never stops this node's beats.
+        self._judge_wanted = trio.Event()
+        self._keeping = trio.Lock()  # one heartbeat at a time (the inbox loop may ask for one)
         # The timers this node armed and has not seen disarmed (member -> unix deadline, rounded
         # up to TIMER_GRAIN), a heap of (deadline, member) over them (with stale entries,
         # skipped), and the timer loop's sleep.
@@ -590,8 +594,12 @@ class ClusterNode:
 
     # -- decisions ---------------------------------------------------------------------------
 
+    @staticmethod
+    def _lane_of(job: Job) -> int:
+        return zlib.crc32(job.users[0].encode()) % LANES
+
     def _enqueue(self, job: Job) -> bool:
-        lane = zlib.crc32(job.users[0].encode()) % LANES
+        lane = self._lane_of(job)
         try:
             self._lanes[lane][0].send_nowait(job)
         except trio.WouldBlock:
@@ -1066,6 +1074,10 @@ class ClusterNode:
             await trio.sleep(interval)
 
     async def _keep(self) -> None:
+        async with self._keeping:
+            await self._keep_once()
+
+    async def _keep_once(self) -> None:
         settings, codec = self._settings, self.codec
         timeout_ms = int(settings.node_timeout * 1000)
         self._beat += 1
@@ -1116,8 +1128,8 @@ class ClusterNode:
             self.is_leader = await self.store.take_lease(lease, renewed, timeout_ms)
         else:
             self.is_leader = False
-        if self.is_leader and self.judging:
-            await self._judge()
+        if self.is_leader and self.judging and self.watch.dead():
+            self._judge_wanted.set()
         await self._sweep_buried()
 
     @property
@@ -1137,8 +1149,21 @@ class ClusterNode:
             else:
                 await self._take_over_inbox(node)
 
+    async def _judge_loop(self) -> None:
+        while True:
+            await self._judge_wanted.wait()
+            self._judge_wanted = trio.Event()
+            try:
+                await self._judge()
+            except STORE_ERRORS as exc:
+                self._store_failed(exc)  # the next heartbeat asks again
+            except Exception:
+                log.exception("burying a dead node failed")
+
     async def _judge(self) -> None:
         for node in self.watch.dead():
+            if not self.judging:
+                return  # no longer the leader: the one that is buries it
             log.warning("node stopped heartbeating; its devices are disconnected", node=node)
             await self._bury(node)
             self.watch.forget(node)
@@ -1159,11 +1184,16 @@ class ClusterNode:
             disconnected.extend(events)
             return events
 
+        # Every user's disconnect queued at once, spread over the lanes, then waited for: a
+        # node of many users is buried as fast as the lanes decide, not one decision at a time.
+        decided = []
         for user in users:
             job = Job([user], disconnect, durable=True)
             job.done = trio.Event()
-            if self._enqueue(job):
-                await job.done.wait()
+            decided.append(job.done)
+            await self._lanes[self._lane_of(job)][0].send(job)  # (a full lane: wait for room)
+        for done in decided:
+            await done.wait()
         devices = len({event.conn for event in disconnected if isinstance(event, Disconnected)})
         self._node_gone(node)
         for other in await self.store.members():
@@ -1295,6 +1325,7 @@ class ClusterNode:
             for _, receive in self._lanes:
                 nursery.start_soon(self._lane, receive)
             nursery.start_soon(self._keep_loop)
+            nursery.start_soon(self._judge_loop)
             nursery.start_soon(self._inbox_loop)
             self.line.start(self._inbox_received)
             nursery.start_soon(self._timer_loop)
