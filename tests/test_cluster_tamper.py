@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import redis
 
+from callgate.revocation import RevocationList
 from conftest import ClusterHarness, call_request, make_settings
-from test_cluster import _until, connected_call, ice, terminal_records
+from test_cluster import _until, connected_call, ice, sign_in, terminal_records
 
 
 async def beats(cluster: ClusterHarness, count: int = 2) -> None:
@@ -74,3 +75,28 @@ async def test_one_spoiled_record_and_a_forged_epoch_end_no_call(cluster: Cluste
     assert terminal_records(cluster) == []
     refused = [row for row in cluster.audit.records() if row["event"] == "cluster.rejected"]
     assert {(row["entry"], row["reason"]) for row in refused} == {("u:zed", "bad_mac")}
+
+
+async def test_an_older_revocation_list_put_back_revives_no_token(cluster: ClusterHarness) -> None:
+    """The revocation list carries a version that only grows: an older genuine list written
+    back is not taken by any node, and the nodes write the newer one back over it."""
+    await cluster.start()
+    key = f"{cluster.name}:revocations"
+    attacker = redis.Redis.from_url(cluster.redis_url)
+    try:
+        cluster.nodes[0].hub.apply_revocations(RevocationList(users={"carol": 2**40}))
+        await _until(lambda: attacker.get(key) is not None)
+        older = attacker.get(key)  # kept by the attacker
+        cluster.nodes[0].hub.apply_revocations(RevocationList(users={"carol": 2**40, "bob": 2**40}))
+        await _until(lambda: attacker.get(key) != older)
+        newer = attacker.get(key)
+        await beats(cluster)  # every node has the newer list
+        attacker.set(key, older)
+        await beats(cluster)
+        await _until(lambda: attacker.get(key) == newer)  # written back by the nodes
+    finally:
+        attacker.close()
+    for index in range(3):
+        assert "bob" in cluster.nodes[index].hub.revocations.users
+        refused = await sign_in(cluster, "bob", node=index)
+        await refused.expect_closed(4003, "token revoked")

@@ -80,6 +80,21 @@ class Delivery:
     orders: list[tuple[Order, str | None]]
 
 
+# A revocation list's version: its generation (unix milliseconds when written, and always past
+# the one it replaced), then the id of the node that wrote it (orders two written at once).
+RevocationVersion = tuple[int, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Revocations:
+    """A verified revocation list of the cluster: tokens by `jti`, users' tokens issued before a
+    time, and its version."""
+
+    token_ids: frozenset[str]
+    users_before: dict[str, float]
+    version: RevocationVersion
+
+
 class BadEntry(Exception):
     """A value or delivery that is refused: `reason` is one word for the audit trail."""
 
@@ -176,20 +191,30 @@ class EntryCodec:
     def is_dead(self, sealed: bytes | None, node: str) -> bool:
         return self._verified(_DEAD, sealed).get("node") == node
 
-    def seal_revocations(self, tokens: frozenset[str], users: Mapping[str, float]) -> bytes:
-        return self._seal_value(_REVOCATIONS, {"tokens": sorted(tokens), "users": dict(users)})
+    def seal_revocations(
+        self, tokens: frozenset[str], users: Mapping[str, float], version: RevocationVersion
+    ) -> bytes:
+        """The cluster's revocation list, with its version: (a number that only grows, the
+        node that wrote it). Nodes take a list only if it is newer than theirs, so an older
+        genuine value put back by a Redis client without the key un-revokes nothing."""
+        generation, node = version
+        body = {"tokens": sorted(tokens), "users": dict(users), "gen": generation, "by": node}
+        return self._seal_value(_REVOCATIONS, body)
 
-    def open_revocations(
-        self, sealed: bytes | None
-    ) -> tuple[frozenset[str], dict[str, float]] | None:
-        """The cluster's revocation list; None when absent or not genuine."""
+    def open_revocations(self, sealed: bytes | None) -> Revocations | None:
+        """The cluster's revocation list and its version; None when absent or not genuine."""
         body = self._verified(_REVOCATIONS, sealed)
         tokens, users = body.get("tokens"), body.get("users")
+        generation, node = body.get("gen", 0), body.get("by", "")
         if not isinstance(tokens, list) or not isinstance(users, dict):
             return None
-        return frozenset(str(t) for t in tokens), {
-            str(u): float(t) for u, t in users.items() if isinstance(t, int | float)
-        }
+        if type(generation) is not int or not isinstance(node, str):
+            return None
+        return Revocations(
+            frozenset(str(t) for t in tokens),
+            {str(u): float(t) for u, t in users.items() if isinstance(t, int | float)},
+            (generation, node),
+        )
 
     def seal_link(self, kind: str, body: dict[str, Any]) -> bytes:
         """A direct link's control frame (hello, welcome, ack): its MAC, then its payload."""

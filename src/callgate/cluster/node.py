@@ -51,6 +51,7 @@ from callgate.cluster.entries import (
     Learn,
     NodeGone,
     Order,
+    RevocationVersion,
     node_of,
 )
 from callgate.cluster.line import RETRY_DELAYS, DeliveryLine, Entries
@@ -305,7 +306,10 @@ class ClusterNode:
         self._checked_at = 0.0  # when a link last asked whether this node is still a member
         self._store_ok = False
         self.joined = trio.Event()
-        self._revocations: tuple[frozenset[str], dict[str, float]] | None = None
+        # The revocation list this node holds: its version, and its sealed value (written
+        # again whenever Redis holds an older or no genuine one).
+        self._revocation_version: RevocationVersion = (-1, "")  # none: any genuine list is newer
+        self._revocations_sealed: bytes | None = None
         self._pending_revocations: bytes | None = None
         self.lost_orders = 0
         # Nodes declared dead: nothing is sent to them (their deliveries are decided again),
@@ -1288,21 +1292,36 @@ class ClusterNode:
     # -- revocations -------------------------------------------------------------------------
 
     def _publish_revocations(self, event: RevocationChanged) -> None:
-        sealed = self.codec.seal_revocations(event.token_ids, event.users_before)
+        """This node's file was (re)loaded: the cluster's list from now on, under a version
+        newer than any this node has seen."""
+        generation = max(int(time.time() * 1000), self._revocation_version[0] + 1)
+        version = (generation, self.node_id)
+        sealed = self.codec.seal_revocations(event.token_ids, event.users_before, version)
         self._pending_revocations = sealed
-        self._adopt(event)
+        self._adopt(event, version, sealed)
 
     async def _check_revocations(self) -> None:
+        """With each heartbeat: take the cluster's list if it is newer than this node's; write
+        this node's back if Redis holds an older one (put back by a client without the key),
+        or none that is genuine."""
         pending = self._pending_revocations
         if pending is not None:
             await self.store.put("revocations", pending)
             self._pending_revocations = None
-        current = self.codec.open_revocations(await self.store.get("revocations"))
-        if current is not None and current != self._revocations:
-            self._adopt(RevocationChanged(current[0], current[1]))
+        raw = await self.store.get("revocations")
+        current = self.codec.open_revocations(raw)
+        if current is not None and current.version > self._revocation_version:
+            event = RevocationChanged(current.token_ids, current.users_before)
+            self._adopt(event, current.version, raw)
+        elif self._revocations_sealed is not None and (
+            current is None or current.version < self._revocation_version
+        ):
+            self._pending_revocations = self._revocations_sealed  # written with the next beat
 
-    def _adopt(self, event: RevocationChanged) -> None:
-        self._revocations = (event.token_ids, dict(event.users_before))
+    def _adopt(
+        self, event: RevocationChanged, version: RevocationVersion, sealed: bytes | None
+    ) -> None:
+        self._revocation_version, self._revocations_sealed = version, sealed
         self._adopt_revocations(event)
         for user in sorted({device.user for device in self._devices.values()}):
             self._enqueue(Job([user], [event]))
