@@ -87,6 +87,7 @@ async def test_an_older_revocation_list_put_back_revives_no_token(cluster: Clust
         cluster.nodes[0].hub.apply_revocations(RevocationList(users={"carol": 2**40}))
         await _until(lambda: attacker.get(key) is not None)
         older = attacker.get(key)  # kept by the attacker
+        assert isinstance(older, bytes)
         cluster.nodes[0].hub.apply_revocations(RevocationList(users={"carol": 2**40, "bob": 2**40}))
         await _until(lambda: attacker.get(key) != older)
         newer = attacker.get(key)
