@@ -448,6 +448,7 @@ async def test_of_two_decisions_on_the_same_records_only_the_first_commits() -> 
                 sliced = Slice(records(cluster=name), raw, RULES, RecordedThrottle(), (9, 9, 9))
                 actions = sliced.board.handle(MessageReceived(conn, request), 1.0)
                 decided.append(sliced.writes(actions))
+                decided[-1].sign_timers(codec().seal_timer_due)
             assert [await store.commit(writes) for writes in decided] == [True, False]
             # Decided again on what is there now: the second request meets the first call.
             again = Slice(
@@ -998,7 +999,9 @@ class Claims:
         self.count = 0
         claim_timers = node.store.claim_timers
 
-        async def counted(now: float, hold_until: float, limit: int) -> tuple[list[Timer], int]:
+        async def counted(
+            now: float, hold_until: float, limit: int
+        ) -> tuple[list[tuple[Timer, bytes | None]], int]:
             self.count += 1
             return await claim_timers(now, hold_until, limit)
 

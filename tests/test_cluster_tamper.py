@@ -8,6 +8,8 @@ replayed deliveries.)
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis
 
 from callgate.revocation import RevocationList
@@ -101,3 +103,36 @@ async def test_an_older_revocation_list_put_back_revives_no_token(cluster: Clust
         assert "bob" in cluster.nodes[index].hub.revocations.users
         refused = await sign_in(cluster, "bob", node=index)
         await refused.expect_closed(4003, "token revoked")
+
+
+async def test_a_timer_score_lowered_fires_nothing_early(cluster: ClusterHarness) -> None:
+    """The timer set's scores are unsigned; each timer's deadline is also kept signed, and a
+    node fires a claimed timer only once that deadline has come. A score lowered to "now" is
+    put back (audited `early`), a member no node armed is dropped (audited `bad_mac`), and
+    the ring timeout fires once, at its time."""
+    await cluster.start(make_settings(calls={"ring_timeout": 3.0}))
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    await alice.send("call-request", call_request("ab", "alice", "bob"))
+    await bob.expect("call-request", id="ab")
+    timers = f"{cluster.name}:timers"
+    attacker = redis.Redis.from_url(cluster.redis_url)
+    try:
+        scored: Any = attacker.zrange(timers, 0, -1, withscores=True)
+        [(member, deadline)] = scored
+        timer_id = bytes(member).partition(b"|")[0]
+        attacker.zadd(timers, {member: 0, timer_id + b"|bob": 0})  # "due now", twice
+
+        def refused() -> set[str]:
+            rows = cluster.audit.records("cluster.rejected")
+            return {row["reason"] for row in rows if row["entry"] == "timers"}
+
+        await _until(lambda: refused() == {"early", "bad_mac"})
+        assert attacker.zscore(timers, member) == deadline  # due again at its own time
+        assert attacker.zscore(timers, timer_id + b"|bob") is None
+    finally:
+        attacker.close()
+    assert terminal_records(cluster) == []  # nothing fired early
+    await alice.expect("call-end", callId="ab", reason="timeout")
+    await bob.expect("call-end", callId="ab", reason="timeout")
+    assert [row["event"] for row in terminal_records(cluster)] == ["call.timeout"]

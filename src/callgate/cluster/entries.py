@@ -28,6 +28,7 @@ _EPOCH = b"epoch\x00"
 _REVOCATIONS = b"revocations\x00"
 _DELIVERY = b"delivery\x00"
 _LINK = b"link\x00"
+_TIMER_DUE = b"timer-due\x00"
 MAC_BYTES = 64  # hex of HMAC-SHA256
 MAX_DELIVERY_BYTES = 8 * 1024 * 1024
 # Connection ids are `<node id>.<random>`: the node part says where a device is connected.
@@ -215,6 +216,19 @@ class EntryCodec:
             {str(u): float(t) for u, t in users.items() if isinstance(t, int | float)},
             (generation, node),
         )
+
+    def seal_timer_due(self, member: str, deadline: float) -> bytes:
+        """When the shared timer `member` is due (unix seconds): the timer set's scores are
+        unsigned, so a node fires a claimed timer only once this says it is due."""
+        return self._seal_value(_TIMER_DUE, {"timer": member, "due": deadline})
+
+    def open_timer_due(self, sealed: bytes | None, member: str) -> float | None:
+        """`member`'s genuine deadline; None when absent or not genuine."""
+        body = self._verified(_TIMER_DUE, sealed)
+        due = body.get("due")
+        if body.get("timer") != member or not isinstance(due, int | float):
+            return None
+        return float(due)
 
     def seal_link(self, kind: str, body: dict[str, Any]) -> bytes:
         """A direct link's control frame (hello, welcome, ack): its MAC, then its payload."""

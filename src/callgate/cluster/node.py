@@ -717,6 +717,7 @@ class ClusterNode:
             writes = sliced.writes(actions, job.fired)
             if not writes.changes:
                 return actions, sliced
+            writes.sign_timers(self.codec.seal_timer_due)
             try:
                 if await self.store.commit(writes):
                     if writes.timers_started or writes.timers_done:
@@ -1043,12 +1044,13 @@ class ClusterNode:
             if not self._store_ok:
                 continue
             try:
-                due, malformed = await self.store.claim_timers(now, now + hold, TIMER_CLAIM)
+                claimed, malformed = await self.store.claim_timers(now, now + hold, TIMER_CLAIM)
             except STORE_ERRORS as exc:
                 self._store_failed(exc)
                 continue
             if malformed:  # written by a Redis client without the key: dropped, and said
                 self.rejected("timers", "malformed", malformed)
+            due = await self._due_only(claimed, now)
             refused = [
                 timer
                 for timer in due
@@ -1058,7 +1060,29 @@ class ClusterNode:
                 with contextlib.suppress(*STORE_ERRORS):  # (else when the claim lapses)
                     await self.store.release_timers(refused, now)
             else:
-                self._claim_again = len(due) + malformed == TIMER_CLAIM
+                self._claim_again = len(claimed) + malformed == TIMER_CLAIM
+
+    async def _due_only(self, claimed: list[tuple[Timer, bytes | None]], now: float) -> list[Timer]:
+        """Of the claimed timers, those whose signed deadline has come. The set's scores are
+        unsigned: one without a genuine deadline no node armed (dropped), and one claimed
+        early had its score lowered (due again at its deadline); both are audited."""
+        due, forged, early = [], [], {}
+        for timer, sealed in claimed:
+            deadline = self.codec.open_timer_due(sealed, timer.member)
+            if deadline is None:
+                forged.append(timer.member)
+            elif deadline > now + TIMER_GRAIN:
+                early[timer.member] = deadline
+            else:
+                due.append(timer)
+        with contextlib.suppress(*STORE_ERRORS):  # (else when the claim lapses)
+            if forged:
+                await self.store.drop_timers(forged)
+                self.rejected("timers", "bad_mac", len(forged))
+            if early:
+                await self.store.reschedule_timers(early)
+                self.rejected("timers", "early", len(early))
+        return due
 
     # -- liveness ----------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ an older genuine value of the same key, but never make one up. Pure: no I/O, no 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,9 +122,18 @@ class Writes:
     records: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
     timers_started: list[tuple[Timer, float]] = field(default_factory=list)
     timers_done: list[Timer] = field(default_factory=list)
+    # each started timer's signed deadline (EntryCodec.seal_timer_due), by member: the node
+    # adds them before the commit
+    timer_deadlines: dict[str, bytes] = field(default_factory=dict)
     # per node: users that now have an online device there, and users that no longer do
     present: dict[str, set[UserId]] = field(default_factory=dict)
     absent: dict[str, set[UserId]] = field(default_factory=dict)
+
+    def sign_timers(self, seal: Callable[[str, float], bytes]) -> None:
+        """Each started timer's deadline, signed (`EntryCodec.seal_timer_due`): the commit
+        writes it beside the unsigned score."""
+        for timer, deadline in self.timers_started:
+            self.timer_deadlines[timer.member] = seal(timer.member, deadline)
 
     @property
     def changes(self) -> bool:

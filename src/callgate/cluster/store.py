@@ -112,6 +112,8 @@ for _ = 1, m do
   local op, key, member = ARGV[i], prefix .. ARGV[i + 1], ARGV[i + 2]
   if op == 'zadd' then redis.call('ZADD', key, ARGV[i + 3], member)
   elseif op == 'zrem' then redis.call('ZREM', key, member)
+  elseif op == 'hset' then redis.call('HSET', key, member, ARGV[i + 3])
+  elseif op == 'hdel' then redis.call('HDEL', key, member)
   elseif op == 'sadd' then redis.call('SADD', key, member)
   elseif op == 'srem' then redis.call('SREM', key, member) end
   i = i + 4
@@ -119,13 +121,19 @@ end
 return 1
 """
 
-# KEYS: the timers set. ARGV: now, hold_until, limit. Claims due timers for this node: each is
-# pushed to `hold_until`, so another node fires it only if this one dies before its commit
-# removes it. Returns the members claimed.
+# KEYS: the timers set, their signed deadlines. ARGV: now, hold_until, limit. Claims due timers
+# for this node: each is pushed to `hold_until`, so another node fires it only if this one dies
+# before its commit removes it. Returns [member, signed deadline or false, ...]: the scores are
+# unsigned, so the node fires a timer only once its signed deadline says it is due.
 _CLAIM = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
-for _, member in ipairs(due) do redis.call('ZADD', KEYS[1], 'XX', ARGV[2], member) end
-return due
+local out = {}
+for _, member in ipairs(due) do
+  redis.call('ZADD', KEYS[1], 'XX', ARGV[2], member)
+  out[#out + 1] = member
+  out[#out + 1] = redis.call('HGET', KEYS[2], member)
+end
+return out
 """
 
 # Replace the lease only if it still holds the value this node judged (ours, absent, or not
@@ -202,11 +210,13 @@ class Store:
         args: list[str | bytes | float] = [self.prefix, len(writes.records)]
         for name, (old, new) in writes.records.items():
             args += [name, old, new]
-        ops: list[tuple[str, str, str, float]] = []
+        ops: list[tuple[str, str, str, float | bytes]] = []
         for timer, deadline in writes.timers_started:
             ops.append(("zadd", "timers", timer.member, deadline))
+            ops.append(("hset", "timer-due", timer.member, writes.timer_deadlines[timer.member]))
         for timer in writes.timers_done:
             ops.append(("zrem", "timers", timer.member, 0))
+            ops.append(("hdel", "timer-due", timer.member, 0))
         for node, users in writes.present.items():
             ops += [("sadd", f"n:{node}", user, 0) for user in users]
         for node, users in writes.absent.items():
@@ -219,24 +229,35 @@ class Store:
 
     async def claim_timers(
         self, now: float, hold_until: float, limit: int
-    ) -> tuple[list[Timer], int]:
-        """The due timers, claimed until `hold_until`; and how many due members no node wrote
-        (the set is unsigned), which are removed, so that no node claims them again."""
-        reply: Any = await self._claim(keys=[self.key("timers")], args=[now, hold_until, limit])
+    ) -> tuple[list[tuple[Timer, bytes | None]], int]:
+        """The due timers, claimed until `hold_until`, each with its signed deadline (None if
+        it has none); and how many due members are not even a timer (the set is unsigned),
+        which are removed, so that no node claims them again."""
+        keys = [self.key("timers"), self.key("timer-due")]
+        reply: Any = await self._claim(keys=keys, args=[now, hold_until, limit])
         timers, malformed = [], []
-        for member in reply:
+        for member, sealed in zip(reply[0::2], reply[1::2], strict=True):
             timer = Timer.parse(bytes(member).decode(errors="replace"))
             if timer is None:
-                malformed.append(member)
+                malformed.append(bytes(member).decode(errors="replace"))
             else:
-                timers.append(timer)
+                timers.append((timer, bytes(sealed) if sealed else None))
         if malformed:
-            await self._redis.zrem(self.key("timers"), malformed)
+            await self.drop_timers(malformed)
         return timers, len(malformed)
+
+    async def drop_timers(self, members: Sequence[str]) -> None:
+        """Members of the timer set that no node armed (or no longer genuine): removed."""
+        await self._redis.zrem(self.key("timers"), list(members))
+        await self._redis.hdel(self.key("timer-due"), list(members))
 
     async def release_timers(self, timers: Iterable[Timer], deadline: float) -> None:
         """Give back claimed timers this node could not fire (Redis refused the commit)."""
-        members: dict[str | bytes, float] = {timer.member: deadline for timer in timers}
+        await self.reschedule_timers({timer.member: deadline for timer in timers})
+
+    async def reschedule_timers(self, due: Mapping[str, float]) -> None:
+        """Claimed timers due again at these times (those still in the set)."""
+        members: dict[str | bytes, float] = {member: score for member, score in due.items()}
         if members:
             await self._redis.zadd(self.key("timers"), members, condition=coredis.PureToken.XX)
 
