@@ -8,13 +8,23 @@ replayed deliveries.)
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
 from typing import Any
 
 import redis
 
 from callgate.revocation import RevocationList
-from conftest import ClusterHarness, call_request, make_settings
-from test_cluster import _until, connected_call, ice, sign_in, terminal_records
+from conftest import (
+    ClusterHarness,
+    call_request,
+    make_settings,
+    server_config,
+    signed_in,
+    start_server_process,
+    token_for,
+)
+from test_cluster import _cluster_env, _until, connected_call, ice, sign_in, terminal_records
 
 
 async def beats(cluster: ClusterHarness, count: int = 2) -> None:
@@ -136,3 +146,63 @@ async def test_a_timer_score_lowered_fires_nothing_early(cluster: ClusterHarness
     await alice.expect("call-end", callId="ab", reason="timeout")
     await bob.expect("call-end", callId="ab", reason="timeout")
     assert [row["event"] for row in terminal_records(cluster)] == ["call.timeout"]
+
+
+async def test_batches_appended_again_to_a_dead_nodes_inbox_reach_nobody(
+    cluster: ClusterHarness, tmp_path: Path
+) -> None:
+    """A dead node's inbox is handed over to its devices' buffers. What that node had carried
+    out (its last heartbeat says how far, signed) is not handed over again, and a batch
+    appended twice is handed over once: genuine batches recorded by a Redis client without
+    the key and appended again after the death reach nobody."""
+    await cluster.start(make_settings(calls={"reconnect_grace": 10}), links=False)
+    env = {**_cluster_env(cluster, 10), "CALLGATE_CLUSTER_LINKS": "false"}
+    process, url = await start_server_process(server_config(tmp_path), env)
+    attacker = redis.Redis.from_url(cluster.redis_url)
+    captured: list[dict[bytes, bytes]] = []
+    stop = threading.Event()
+    try:
+        alice = await cluster.connect("alice", node=0)
+        bob = await signed_in(cluster.nursery, url, token_for("bob"))
+        cluster.clients.append(bob)
+        doomed = bob.session["connectionId"].partition(".")[0]
+        inbox = f"{cluster.name}:in:{doomed}"
+
+        def sniff() -> None:  # the attacker records what reaches the doomed node's inbox
+            spy = redis.Redis.from_url(cluster.redis_url)
+            position: Any = "0-0"
+            while not stop.is_set():
+                reply: Any = spy.xread({inbox: position}, block=100)
+                for _, entries in reply or []:
+                    for entry_id, fields in entries:
+                        captured.append(fields)
+                        position = entry_id
+            spy.close()
+
+        threading.Thread(target=sniff, daemon=True).start()
+        await connected_call(alice, bob)
+        await alice.send("ice-candidate", {**ice("ab", "bob"), "n": "original"})
+        assert (await bob.expect("ice-candidate", callId="ab"))["data"]["n"] == "original"
+        await _until(lambda: any(b"original" in fields[b"p"] for fields in captured))
+        [batch] = [fields for fields in captured if b"original" in fields[b"p"]]
+        beat = attacker.get(f"{cluster.name}:hb:{doomed}")
+        for _ in range(2):  # two heartbeats since: the latest says the batch was carried out
+            await _until(lambda beat=beat: attacker.get(f"{cluster.name}:hb:{doomed}") != beat)
+            beat = attacker.get(f"{cluster.name}:hb:{doomed}")
+        process.kill()
+        await process.wait()
+        await _until(lambda: bool(cluster.audit.records("cluster.node_down")))
+        again = await sign_in(cluster, "bob", node=1, resume=bob.session["sessionId"])
+        again.session = (await again.expect("session", resumed=True))["data"]
+        for _ in range(3):  # within the 30 s the leader keeps emptying the dead inbox
+            attacker.xadd(inbox, batch)  # type: ignore[arg-type]
+        await _until(lambda: not attacker.exists(inbox))  # taken and handed over
+        await again.expect_silence()  # neither the hand-over nor the copies gave it again
+        await alice.send("ice-candidate", {**ice("ab", "bob"), "n": "after"})
+        assert (await again.expect("ice-candidate", callId="ab"))["data"]["n"] == "after"
+    finally:
+        stop.set()
+        attacker.close()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

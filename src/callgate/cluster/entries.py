@@ -139,13 +139,29 @@ class EntryCodec:
             return {}
 
     def seal_heartbeat(
-        self, node: str, beat: int, read_up_to: str = "0-0", link: str = ""
+        self,
+        node: str,
+        beat: int,
+        read_up_to: str = "0-0",
+        link: str = "",
+        done: Mapping[str, int] | None = None,
     ) -> bytes:
         """A node's heartbeat value: its id, a number that grows with every beat, how far it
-        has read its inbox (what a node burying it need not hand over again), and the
-        `host:port` its direct links listen on ("" = none; links.py)."""
+        has read its inbox and, per origin, the number of the last batch it carried out (what
+        a node burying it need not hand over again), and the `host:port` its direct links
+        listen on ("" = none; links.py)."""
         body = {"node": node, "beat": beat, "read": read_up_to, "link": link}
+        body["done"] = dict(done or {})
         return self._seal_value(_HEARTBEAT, body)
+
+    def carried_out_by(self, sealed: bytes | None, node: str) -> dict[str, int]:
+        """Per origin, the last batch `node` had carried out at this genuine heartbeat ({} if
+        it is absent or not genuine)."""
+        body = self._verified(_HEARTBEAT, sealed)
+        done = body.get("done")
+        if body.get("node") != node or not isinstance(done, dict):
+            return {}
+        return {str(k): v for k, v in done.items() if type(v) is int}
 
     def link_of(self, sealed: bytes | None, node: str) -> str | None:
         """Where `node`'s direct links listen, from its genuine heartbeat; None if it has no

@@ -299,6 +299,11 @@ class ClusterNode:
         self.watch = Watch(settings)
         # Per watched node, how far it had read its inbox at its last genuine heartbeat.
         self._read_up_to: dict[str, str] = {}
+        # Per watched node, per origin, the last batch it had carried out at its last genuine
+        # heartbeat; and per buried node (and this one, leaving), the batches its inbox has
+        # handed over: a batch appended there again is handed over once.
+        self._done_of: dict[str, dict[str, int]] = {}
+        self._handed_over: dict[str, set[tuple[str, int]]] = {}
         self.is_leader = False
         self._epoch: bytes | None = None
         self._connected_since = time.monotonic()
@@ -918,6 +923,7 @@ class ClusterNode:
         *,
         to: str | None = None,
         origin: str | None = None,
+        handover: tuple[Mapping[str, int], set[tuple[str, int]]] | None = None,
     ) -> None:
         """Carry out a batch of orders from another node: from this node's inbox, from a
         link with `origin` (the node that opened it), or, `to` given, from a dead node's
@@ -932,6 +938,16 @@ class ClusterNode:
         if origin is not None and delivery.origin != origin:
             self.rejected(entry_id, "misrouted")  # another node's batch, on this link
             return
+        if handover is not None:  # a dead or leaving node's inbox, handed over
+            done, handed = handover
+            if delivery.seq <= done.get(delivery.origin, 0):
+                # Carried out by that node already: the copy of a link batch its sender made
+                # when the link failed (expected), or a replay. Either way nothing to do.
+                return
+            if (delivery.origin, delivery.seq) in handed:
+                self.rejected(entry_id, "replayed")  # appended again after its hand-over
+                return
+            handed.add((delivery.origin, delivery.seq))
         if to is None:
             self.received += 1
             linked = origin is not None
@@ -1117,7 +1133,9 @@ class ClusterNode:
         read_up_to = self._inbox_position
         epoch, lease, beats, dead = await self.store.keep(
             self.node_id,
-            codec.seal_heartbeat(self.node_id, self._beat, read_up_to.decode(), self.links.address),
+            codec.seal_heartbeat(
+                self.node_id, self._beat, read_up_to.decode(), self.links.address, self._last_seq
+            ),
             timeout_ms,
             watched,
             codec.seal_epoch(secrets.token_hex(8)),  # set only if absent
@@ -1148,6 +1166,7 @@ class ClusterNode:
             seen[node] = None if heartbeat is None else heartbeat[0]
             if heartbeat is not None and self.watch.is_newer(node, heartbeat[0]):
                 self._read_up_to[node] = heartbeat[1]
+                self._done_of[node] = codec.carried_out_by(value, node)
         self.watch.observe(seen)
         now = time.time()
         holder = codec.open_lease(lease, now)
@@ -1174,6 +1193,8 @@ class ClusterNode:
         for node, buried_at in list(self._buried.items()):
             if buried_at < horizon:
                 del self._buried[node]
+                self._handed_over.pop(node, None)  # (kept while its inbox is still emptied)
+                self._done_of.pop(node, None)
             else:
                 await self._take_over_inbox(node)
 
@@ -1247,12 +1268,14 @@ class ClusterNode:
         """What `node` had not read of its inbox (per its last genuine heartbeat; what it read
         after that beat is handed over again: at least once) goes to its devices' buffers."""
         if node == self.node_id:  # this node, leaving: what it has not read
-            read = _stream_id(self._inbox_position)
+            read, done = _stream_id(self._inbox_position), self._last_seq  # (as it grows)
         else:
             read = _stream_id(self._read_up_to.get(node, "0-0").encode())
+            done = self._done_of.get(node, {})
+        handed = self._handed_over.setdefault(node, set())
         for entry_id, fields in await self.store.take_inbox(node):
             if _stream_id(entry_id) > read:
-                self._receive(entry_id.decode(), fields, to=node)
+                self._receive(entry_id.decode(), fields, to=node, handover=(done, handed))
 
     def _evict(self) -> None:
         """The cluster declared this node dead: close what it holds, and start as a new node."""
