@@ -696,6 +696,38 @@ async def test_a_decision_whose_redis_call_times_out_is_refused_and_a_disconnect
     await alice.expect("call-reject", callId="ab", reason="unavailable")
 
 
+async def test_a_decision_whose_commit_reply_is_lost_is_carried_out_if_redis_ran_it(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis ran a commit, and the connection dropped before its reply: the node asks whether
+    the commit took effect, and it did, so the decision is carried out. A ring timeout whose
+    commit removed the call and its timer still reaches both sides, with its one record."""
+    from coredis.exceptions import ConnectionError as RedisConnectionError
+
+    await cluster.start(make_settings(calls={"ring_timeout": 1.0}))
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    lost: list[str] = []
+    for running in cluster.nodes:
+        node = running.hub.cluster
+        assert node is not None
+
+        async def commit(writes: Any, node: Any = node, real: Any = node.store.commit) -> bool:
+            applied = bool(await real(writes))
+            if applied and writes.timers_done and not writes.timers_started and not lost:
+                lost.append(node.node_id)  # the timer's firing: run, then its reply lost
+                raise RedisConnectionError("Connection lost while receiving response")
+            return applied
+
+        monkeypatch.setattr(node.store, "commit", commit)
+    await alice.send("call-request", call_request("ab", "alice", "bob"))
+    await bob.expect("call-request", id="ab")
+    await alice.expect("call-end", callId="ab", reason="timeout")
+    await bob.expect("call-end", callId="ab", reason="timeout")
+    assert lost
+    assert [row["event"] for row in terminal_records(cluster)] == ["call.timeout"]
+
+
 async def test_a_device_that_leaves_while_redis_is_away_is_gone_when_it_returns(
     nursery: trio.Nursery,
     private_redis: tuple[int, list[subprocess.Popen[bytes]]],

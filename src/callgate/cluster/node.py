@@ -56,7 +56,7 @@ from callgate.cluster.entries import (
 )
 from callgate.cluster.line import RETRY_DELAYS, DeliveryLine, Entries
 from callgate.cluster.links import Links, RecentPaths
-from callgate.cluster.records import USER_PREFIX, BadRecord, RecordCodec, Slice, Timer
+from callgate.cluster.records import USER_PREFIX, BadRecord, RecordCodec, Slice, Timer, Writes
 from callgate.cluster.store import STORE_ERRORS, Store
 from callgate.config import ClusterSettings
 from callgate.core.actions import (
@@ -724,17 +724,33 @@ class ClusterNode:
                 return actions, sliced
             writes.sign_timers(self.codec.seal_timer_due)
             try:
-                if await self.store.commit(writes):
-                    if writes.timers_started or writes.timers_done:
-                        self._timers_committed(writes.timers_started, writes.timers_done)
-                    return actions, sliced
+                committed = await self.store.commit(writes)
             except STORE_ERRORS as exc:
-                self._store_failed(exc)
-                raise Unavailable from exc
+                # Refused, or lost on the way back: Redis may have run it. Asked once; when
+                # it did, the decision stands and is carried out (a fired timer is gone from
+                # the set: its outcome would otherwise reach nobody).
+                committed = await self._committed_anyway(writes)
+                if not committed:
+                    self._store_failed(exc)
+                    raise Unavailable from exc
+            if committed:
+                if writes.timers_started or writes.timers_done:
+                    self._timers_committed(writes.timers_started, writes.timers_done)
+                return actions, sliced
             # Another node changed what this decision read: read again, decide again.
             await trio.sleep(secrets.randbelow(1000) / 1e6 * min(attempt + 1, 20))
         log.error("cluster decision kept conflicting; given up", users=job.users)
         raise Unavailable
+
+    async def _committed_anyway(self, writes: Writes) -> bool:
+        """After a commit that raised: whether it took effect all the same (False when that
+        cannot be told now; the decision is then not carried out, as before)."""
+        with trio.move_on_after(self._settings.apply_timeout):
+            try:
+                return await self.store.committed(writes)
+            except STORE_ERRORS:
+                return False
+        return False
 
     @staticmethod
     def _bases() -> tuple[int, int, int]:

@@ -33,7 +33,7 @@ from typing import Any
 import coredis
 from coredis.exceptions import RedisError
 
-from callgate.cluster.records import Timer, Writes
+from callgate.cluster.records import KEEP, Timer, Writes
 
 __all__ = ["STORE_ERRORS", "RedisError", "Store", "delete_cluster_keys"]
 
@@ -346,6 +346,19 @@ class Store:
     async def get(self, name: str) -> bytes | None:
         value: Any = await self._redis.get(self.key(name))
         return None if value is None else bytes(value)
+
+    async def committed(self, writes: Writes) -> bool:
+        """Whether `writes` took effect after all (its commit's reply was lost): every record
+        it wrote holds what it wrote, and every one it deleted is gone. New values are unique
+        (signed, with the slice's random bases), so no other decision wrote the same."""
+        written = [(name, new) for name, (_, new) in writes.records.items() if new != KEEP]
+        if not written:
+            return False
+        values: Any = await self._redis.mget([self.key(name) for name, _ in written])
+        return all(
+            (value is None and new == b"") or (value is not None and bytes(value) == new)
+            for (_, new), value in zip(written, values, strict=True)
+        )
 
     async def put(self, name: str, value: bytes) -> None:
         await self._redis.set(self.key(name), value)
