@@ -206,3 +206,28 @@ async def test_batches_appended_again_to_a_dead_nodes_inbox_reach_nobody(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_garbage_appended_to_an_inbox_is_audited_once_a_window(
+    cluster: ClusterHarness,
+) -> None:
+    """An inbox is open to any Redis client: what it refuses is audited once per reason a
+    minute (with how many in the next record), not once per entry, and the node goes on."""
+    await cluster.start()
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    target = bob.session["connectionId"].partition(".")[0]
+    attacker = redis.Redis.from_url(cluster.redis_url)
+    try:
+        pipe = attacker.pipeline(transaction=False)
+        for _ in range(200):
+            pipe.xadd(f"{cluster.name}:in:{target}", {b"p": b"x", b"m": b"y"})
+        pipe.execute()
+        await _until(lambda: attacker.xlen(f"{cluster.name}:in:{target}") == 0)  # all read
+    finally:
+        attacker.close()
+    refused = cluster.audit.records("cluster.rejected")
+    assert [(row["reason"], row.get("count", 1)) for row in refused] == [("bad_mac", 1)]
+    await connected_call(alice, bob, "ab")
+    await alice.send("ice-candidate", ice("ab", "bob"))
+    await bob.expect("ice-candidate", callId="ab")

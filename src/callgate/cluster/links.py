@@ -129,6 +129,30 @@ class RecentPaths:
                 continue
 
 
+class Refusals:
+    """Refusals audited once per source and reason per REFUSAL_WINDOW, with how many there
+    were: whoever can reach the link port, or write to Redis, could otherwise fill the audit
+    trail at their own speed."""
+
+    def __init__(self, most: int = 1024) -> None:
+        self._windows: dict[tuple[str, str], tuple[float, int]] = {}
+        self._most = most
+
+    def admit(self, source: str, reason: str) -> int | None:
+        """The count to audit now (this refusal, and those kept quiet since the last record),
+        or None to keep this one quiet."""
+        now = time.monotonic()
+        key = (source, reason)
+        window = self._windows.get(key)
+        if window is not None and now < window[0]:
+            self._windows[key] = (window[0], window[1] + 1)
+            return None
+        if len(self._windows) >= self._most:
+            self._windows.clear()
+        self._windows[key] = (now + REFUSAL_WINDOW, 0)
+        return (window[1] if window is not None else 0) + 1
+
+
 class LinkClosed(Exception):
     """The other end closed the link, or sent what a link never carries."""
 
@@ -284,7 +308,7 @@ class Links:
         # while in the handshake).
         self._inbound: dict[trio.SocketStream, Inbound | None] = {}
         self._handshakes = 0
-        self._refusals: dict[tuple[str, str], tuple[float, int]] = {}
+        self._refusals = Refusals()
         self.address = ""  # host:port other nodes dial ("" until listening, or links off)
         self.queued = 0  # orders queued and not yet sealed
         # Counted for `live_counts` and tests.
@@ -671,17 +695,9 @@ class Links:
         """Audit a refused link: once per address and reason per REFUSAL_WINDOW, with how
         many were refused since (anyone who reaches the port could otherwise fill the trail)."""
         host = _peer_name(stream).rpartition(":")[0] or "?"
-        now = time.monotonic()
-        key = (host, reason)
-        window = self._refusals.get(key)
-        if window is not None and now < window[0]:
-            self._refusals[key] = (window[0], window[1] + 1)
-            return
-        count = window[1] if window is not None else 0
-        if len(self._refusals) >= 1024:
-            self._refusals.clear()
-        self._refusals[key] = (now + REFUSAL_WINDOW, 0)
-        self._node.rejected(f"link:{host}", reason, count + 1)
+        count = self._refusals.admit(host, reason)
+        if count is not None:
+            self._node.rejected(f"link:{host}", reason, count)
 
     async def _serve_link(self, stream: trio.SocketStream) -> None:
         reader = FrameReader(stream, HANDSHAKE_FRAME)  # nothing big before the key is proven

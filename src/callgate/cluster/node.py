@@ -55,7 +55,7 @@ from callgate.cluster.entries import (
     node_of,
 )
 from callgate.cluster.line import RETRY_DELAYS, DeliveryLine, Entries
-from callgate.cluster.links import Links, RecentPaths
+from callgate.cluster.links import Links, RecentPaths, Refusals
 from callgate.cluster.records import USER_PREFIX, BadRecord, RecordCodec, Slice, Timer, Writes
 from callgate.cluster.store import STORE_ERRORS, Store
 from callgate.config import ClusterSettings
@@ -304,6 +304,7 @@ class ClusterNode:
         # handed over: a batch appended there again is handed over once.
         self._done_of: dict[str, dict[str, int]] = {}
         self._handed_over: dict[str, set[tuple[str, int]]] = {}
+        self._inbox_refusals = Refusals()
         self.is_leader = False
         self._epoch: bytes | None = None
         self._connected_since = time.monotonic()
@@ -946,13 +947,16 @@ class ClusterNode:
         inbox. Each origin's batches are carried out once each, in the order of their
         numbers (links.py says why that order holds on both paths)."""
         target = to or self.node_id
+        # An inbox is open to any Redis client: its refusals are summed up (a link's are not:
+        # only a node with the key gets to send on one).
+        refuse = self.rejected if origin is not None else self._entry_rejected
         try:
             delivery = self.codec.open_delivery(fields, target)
         except BadEntry as bad:
-            self.rejected(entry_id, bad.reason)
+            refuse(entry_id, bad.reason)
             return
         if origin is not None and delivery.origin != origin:
-            self.rejected(entry_id, "misrouted")  # another node's batch, on this link
+            refuse(entry_id, "misrouted")  # another node's batch, on this link
             return
         if handover is not None:  # a dead or leaving node's inbox, handed over
             done, handed = handover
@@ -961,7 +965,7 @@ class ClusterNode:
                 # when the link failed (expected), or a replay. Either way nothing to do.
                 return
             if (delivery.origin, delivery.seq) in handed:
-                self.rejected(entry_id, "replayed")  # appended again after its hand-over
+                refuse(entry_id, "replayed")  # appended again after its hand-over
                 return
             handed.add((delivery.origin, delivery.seq))
         if to is None:
@@ -979,7 +983,7 @@ class ClusterNode:
                     self.duplicates += 1
                     paths.copy_seen(delivery.seq)
                 else:
-                    self.rejected(entry_id, "replayed")
+                    refuse(entry_id, "replayed")
                 return
             self._last_seq[delivery.origin] = delivery.seq
             paths.add(delivery.seq, linked)
@@ -1016,6 +1020,13 @@ class ClusterNode:
         sender, call_id = data.get("from"), data.get("callId")
         if isinstance(sender, str) and isinstance(call_id, str) and origin != self.node_id:
             self._send(origin, Forget(sender, call_id), None)
+
+    def _entry_rejected(self, entry_id: str, reason: str) -> None:
+        """An inbox entry refused: audited once per reason per REFUSAL_WINDOW, with how many
+        (a client of Redis without the key can append garbage as fast as Redis takes it)."""
+        count = self._inbox_refusals.admit("inbox", reason)
+        if count is not None:
+            self.rejected(entry_id, reason, count)
 
     def rejected(self, entry_id: str, reason: str, count: int = 1) -> None:
         log.warning("cluster delivery refused", entry=entry_id, reason=reason)
