@@ -41,6 +41,7 @@ from callgate.cluster.links import (
     HANDSHAKE_FRAME,
     HELLO,
     MAX_FRAME,
+    MAX_HANDSHAKES,
     RECEIVE_SIZE,
     WELCOME,
     FrameReader,
@@ -795,3 +796,48 @@ def test_a_wildcard_link_host_without_an_advertised_address_is_refused(
         path.write_text(f"[cluster]\nlink_host = '{host}'\n{extra}")
         settings = load_settings(path, environ=env)
         assert settings.cluster.link_host == host
+
+
+async def test_idle_connections_from_one_address_keep_no_link_shut(
+    cluster: ClusterHarness,
+) -> None:
+    """Anyone who reaches the link port can hold connections open in their handshake; those
+    from one address take at most MAX_HANDSHAKES_PER_ADDRESS slots, so the nodes (from
+    another address) still open their links."""
+    await cluster.start()
+    target = cluster.nodes[1].hub.cluster
+    assert target is not None
+    host, port = target.links.address.rsplit(":", 1)
+    held: list[trio.socket.SocketType] = []
+
+    async def hold_slots() -> None:  # from 127.0.0.2, kept full: reopened as they are closed
+        while True:
+            for sock in [s for s in held if s.fileno() == -1]:
+                held.remove(sock)
+            while len(held) < MAX_HANDSHAKES + 6:
+                sock = trio.socket.socket()
+                await sock.bind(("127.0.0.2", 0))
+                try:
+                    await sock.connect((host, int(port)))
+                except OSError:
+                    sock.close()
+                    break
+                held.append(sock)
+            await trio.sleep(0.05)
+
+    async with trio.open_nursery() as attack:
+        attack.start_soon(hold_slots)
+        await trio.sleep(0.3)
+        alice = await cluster.connect("alice", node=0)
+        bob = await cluster.connect("bob", node=1)
+        await connected_call(alice, bob)
+        sender = cluster.nodes[0].hub.cluster
+        assert sender is not None
+        await _until(lambda: sender.links.linked(target.node_id))
+        linked = sender.links.batches_linked
+        await alice.send("ice-candidate", ice("ab", "bob"))
+        await bob.expect("ice-candidate")
+        assert sender.links.batches_linked == linked + 1
+        attack.cancel_scope.cancel()
+    for sock in held:
+        sock.close()

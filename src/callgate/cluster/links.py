@@ -36,7 +36,7 @@ confirmation is signed over the target's nonce, so a handshake recorded off the 
 played again opens nothing. Batches are signed on their own (a recorded batch is a replay,
 refused by its number). So only a node holding the key sends on a link. Before that is proven
 a frame may be HANDSHAKE_FRAME bytes at most, MAX_HANDSHAKES connections may be in their
-handshake, and refusals are audited once per address and reason per REFUSAL_WINDOW (with a
+handshake (MAX_HANDSHAKES_PER_ADDRESS from one address), and refusals are audited once per address and reason per REFUSAL_WINDOW (with a
 count). Frames are authenticated, not encrypted: like the Redis connection without TLS, links
 belong on a private network (docs/cluster.md). Where to dial a node comes from its signed
 heartbeat.
@@ -77,6 +77,10 @@ _HEADER = struct.Struct(">I")
 MAX_FRAME = MAX_DELIVERY_BYTES + MAC_BYTES + 1
 HANDSHAKE_FRAME = 4096  # a hello or a confirmation is a few hundred bytes
 MAX_HANDSHAKES = 64  # connections still in their handshake; more are closed at once
+# ... of them from one address (a node opens one link to each other node, and retries after a
+# failure; every worker of `serve --workers` dials from the same address): one host holding
+# idle connections cannot take every slot and keep the links shut.
+MAX_HANDSHAKES_PER_ADDRESS = 16
 MAX_BATCH_ORDERS = 256  # orders in one batch (and below MAX_BATCH_BYTES)
 MAX_BATCH_BYTES = 1024 * 1024
 MAX_UNACKED = 2048  # batches a link may leave unacked before its inbox takes over
@@ -307,7 +311,7 @@ class Links:
         # Accepted links: each with its Inbound once its handshake proved its origin (None
         # while in the handshake).
         self._inbound: dict[trio.SocketStream, Inbound | None] = {}
-        self._handshakes = 0
+        self._handshaking: dict[trio.SocketStream, str] = {}  # accepted, in their handshake: host
         self._refusals = Refusals()
         self.address = ""  # host:port other nodes dial ("" until listening, or links off)
         self.queued = 0  # orders queued and not yet sealed
@@ -668,10 +672,16 @@ class Links:
     # -- receiving ---------------------------------------------------------------------------
 
     async def _serve(self, stream: trio.SocketStream) -> None:
-        if self._closing_inbound or self._handshakes >= MAX_HANDSHAKES:
+        host = _peer_name(stream).rpartition(":")[0] or "?"
+        busy = self._handshaking.values()
+        if (
+            self._closing_inbound
+            or len(busy) >= MAX_HANDSHAKES
+            or sum(1 for other in busy if other == host) >= MAX_HANDSHAKES_PER_ADDRESS
+        ):
             _abort(stream)
             return
-        self._handshakes += 1
+        self._handshaking[stream] = host
         self._inbound[stream] = None  # its Inbound once the handshake proves its origin
         try:
             await self._serve_link(stream)
@@ -687,8 +697,8 @@ class Links:
         ) as exc:
             log.debug("cluster link closed", error=str(exc) or type(exc).__name__)
         finally:
-            if stream in self._inbound and self._inbound.pop(stream) is None:
-                self._handshakes -= 1  # it ended in its handshake
+            self._inbound.pop(stream, None)
+            self._handshaking.pop(stream, None)  # (if it ended in its handshake)
             _abort(stream)
 
     def _refused(self, stream: trio.SocketStream, reason: str) -> None:
@@ -738,7 +748,7 @@ class Links:
             self, stream, reader, origin, target, nonce, self._ack_interval_for(hello.get("ack"))
         )
         self._inbound[stream] = inbound
-        self._handshakes -= 1
+        self._handshaking.pop(stream, None)
         acks = trio.CancelScope()
         self._tasks.start_soon(self._ack_loop, acks, inbound)
         reactor = self._reactor
