@@ -728,6 +728,39 @@ async def test_a_decision_whose_commit_reply_is_lost_is_carried_out_if_redis_ran
     assert [row["event"] for row in terminal_records(cluster)] == ["call.timeout"]
 
 
+async def test_a_disconnect_that_finds_its_lane_full_waits_and_is_decided(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full lane refuses a message (its sender is told to retry) but never drops a
+    disconnect, which nobody would retry: it waits for room, and its device is let go."""
+    monkeypatch.setattr(cluster_node, "LANES", 1)  # every user in one lane ...
+    monkeypatch.setattr(cluster_node, "LANE_QUEUE", 1)  # ... of one job
+    await cluster.start()
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    carol = await cluster.connect("carol", node=1)
+    node = cluster.nodes[1].hub.cluster
+    assert node is not None
+    slow = trio.Event()
+
+    async def held_load(users: list[str], real_load: Any = node.store.load) -> Any:
+        await slow.wait()
+        return await real_load(users)
+
+    monkeypatch.setattr(node.store, "load", held_load)
+    room = node._waiting_room
+    assert room is not None
+    waiting = len(room.child_tasks)
+    await carol.send("user-connected", "carol", ref=1)  # decided first: it holds the lane
+    await carol.send("user-connected", "carol", ref=2)  # queued: the lane is full now
+    await bob.ws.aclose()  # its disconnect finds the lane full, and waits for room
+    await _until(lambda: len(room.child_tasks) == waiting + 1)
+    slow.set()
+    assert [(await carol.expect("ack"))["ref"] for _ in range(2)] == [1, 2]
+    await alice.send("call-request", call_request("ab", "alice", "bob"))
+    await alice.expect("call-reject", callId="ab", reason="unavailable")
+
+
 async def test_a_device_that_leaves_while_redis_is_away_is_gone_when_it_returns(
     nursery: trio.Nursery,
     private_redis: tuple[int, list[subprocess.Popen[bytes]]],

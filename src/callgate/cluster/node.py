@@ -305,6 +305,7 @@ class ClusterNode:
         self._done_of: dict[str, dict[str, int]] = {}
         self._handed_over: dict[str, set[tuple[str, int]]] = {}
         self._inbox_refusals = Refusals()
+        self._waiting_room: trio.Nursery | None = None  # durable jobs a full lane made wait
         self.is_leader = False
         self._epoch: bytes | None = None
         self._connected_since = time.monotonic()
@@ -609,10 +610,18 @@ class ClusterNode:
         return zlib.crc32(job.users[0].encode()) % LANES
 
     def _enqueue(self, job: Job) -> bool:
+        """Queue `job` in its users' lane. A full lane refuses it (False: the sender is told
+        to retry), unless it is durable (a disconnect, a delivery that found no connection, a
+        burial's, a registration again): that one waits for room in a task of its own, since
+        nobody would retry it."""
         lane = self._lane_of(job)
         try:
             self._lanes[lane][0].send_nowait(job)
         except trio.WouldBlock:
+            if job.durable and self._waiting_room is not None:
+                log.warning("cluster lane full; durable event waits for room", lane=lane)
+                self._waiting_room.start_soon(self._lanes[lane][0].send, job)
+                return True
             log.warning("cluster lane full; event refused", lane=lane)
             return False
         return True
@@ -1415,6 +1424,7 @@ class ClusterNode:
             await nursery.start(
                 self.links.run, settings.link_host, settings.link_port, settings.link_advertise
             )
+            self._waiting_room = nursery
             for _, receive in self._lanes:
                 nursery.start_soon(self._lane, receive)
             nursery.start_soon(self._keep_loop)
