@@ -761,6 +761,24 @@ async def test_a_disconnect_that_finds_its_lane_full_waits_and_is_decided(
     await alice.expect("call-reject", callId="ab", reason="unavailable")
 
 
+async def test_a_candidate_that_cannot_be_sent_on_is_refused_not_acked(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past MAX_OUTBOX orders waiting (Redis away long, links down) a candidate for another
+    node could not be sent: its sender gets `rate_limited`, never an `ack` for a message that
+    is then dropped."""
+    alice, bob = await call_across_nodes(cluster)
+    monkeypatch.setattr(cluster_node, "MAX_OUTBOX", 0)  # as if that many were waiting
+    await alice.send("ice-candidate", ice("ab", "bob"), ref=7)
+    error = await alice.expect_error("rate_limited", ref=7)
+    assert "cluster unavailable" in error["data"]["message"]
+    await bob.expect_silence()
+    monkeypatch.setattr(cluster_node, "MAX_OUTBOX", 100_000)
+    await alice.send("ice-candidate", ice("ab", "bob"), ref=8)
+    assert (await alice.expect("ack"))["ref"] == 8
+    await bob.expect("ice-candidate", callId="ab")
+
+
 async def test_a_device_that_leaves_while_redis_is_away_is_gone_when_it_returns(
     nursery: trio.Nursery,
     private_redis: tuple[int, list[subprocess.Popen[bytes]]],

@@ -36,10 +36,10 @@ confirmation is signed over the target's nonce, so a handshake recorded off the 
 played again opens nothing. Batches are signed on their own (a recorded batch is a replay,
 refused by its number). So only a node holding the key sends on a link. Before that is proven
 a frame may be HANDSHAKE_FRAME bytes at most, MAX_HANDSHAKES connections may be in their
-handshake (MAX_HANDSHAKES_PER_ADDRESS from one address), and refusals are audited once per address and reason per REFUSAL_WINDOW (with a
-count). Frames are authenticated, not encrypted: like the Redis connection without TLS, links
-belong on a private network (docs/cluster.md). Where to dial a node comes from its signed
-heartbeat.
+handshake (MAX_HANDSHAKES_PER_ADDRESS from one address), and refusals are audited once per
+address and reason per REFUSAL_WINDOW (with a count). Frames are authenticated, not encrypted:
+like the Redis connection without TLS, links belong on a private network (docs/cluster.md).
+Where to dial a node comes from its signed heartbeat.
 
 Wire format of a frame: 4-byte big-endian length of what follows, one byte of kind, the body.
 Bodies: hello, welcome, confirm, ack: MAC then JSON (entries.py `seal_link`); batch: MAC then

@@ -545,6 +545,10 @@ class ClusterNode:
             if call is None:
                 return False
             self._executor.audit(*_fields(renegotiated_record(call, received.conn, user)))
+        if self._outbox_full and any(node_of(c) != self.node_id for c in route.peer_conns):
+            # Redis away long and the links down: it could not be sent, so it is not acked.
+            connection.send_error(*_unavailable(received))
+            return True
         if received.ref is not None:
             connection.send_ack(received.ref)
         deliveries: list[Action] = [
@@ -861,13 +865,17 @@ class ClusterNode:
             self._routes.pop((device.user, call_id), None)
             device.calls.pop(call_id, None)
 
+    @property
+    def _outbox_full(self) -> bool:
+        return self.line.pending + self.links.queued >= MAX_OUTBOX
+
     def _send(self, node: str, order: Order, user: str | None) -> None:
         if node in self._gone:  # its inbox is read by nobody: decide the delivery again
             if isinstance(order, Deliver):
                 self._undelivered(order, user, True)
             return
         # (links' unacked batches are bounded on their own: MAX_UNACKED per link)
-        if self.line.pending + self.links.queued >= MAX_OUTBOX:  # Redis away long: say so
+        if self._outbox_full:  # Redis away long: say so
             self.lost_orders += 1
             if self.lost_orders == 1 or self.lost_orders % 10_000 == 0:
                 log.error("cluster deliveries dropped: Redis away", dropped=self.lost_orders)
