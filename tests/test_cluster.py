@@ -590,6 +590,15 @@ async def _wait_for_redis(port: int) -> None:
         client.close()
 
 
+async def beats(cluster: ClusterHarness, count: int = 2) -> None:
+    """Every node has gone through `count` more heartbeats (and the checks they make)."""
+    for node in cluster.nodes:
+        kept = node.hub.cluster
+        assert kept is not None
+        beat = kept.beats
+        await _until(lambda kept=kept, beat=beat: kept.beats > beat + count)
+
+
 async def _until(predicate: Any) -> None:
     with trio.fail_after(STEP):
         while not predicate():
@@ -772,7 +781,11 @@ async def test_a_candidate_that_cannot_be_sent_on_is_refused_not_acked(
     await alice.send("ice-candidate", ice("ab", "bob"), ref=7)
     error = await alice.expect_error("rate_limited", ref=7)
     assert "cluster unavailable" in error["data"]["message"]
+    offer = {"type": "offer", "sdp": "v=0 restart"}
+    await alice.send("call-renegotiate", {"callId": "ab", "to": "bob", "description": offer}, ref=9)
+    await alice.expect_error("rate_limited", ref=9)
     await bob.expect_silence()
+    assert cluster.audit.records("call.renegotiated") == []  # not sent, so not audited as sent
     monkeypatch.setattr(cluster_node, "MAX_OUTBOX", 100_000)
     await alice.send("ice-candidate", ice("ab", "bob"), ref=8)
     assert (await alice.expect("ack"))["ref"] == 8
@@ -929,6 +942,23 @@ async def test_two_devices_answering_at_once_on_two_nodes_one_wins(cluster: Clus
     assert sorted(outcomes) == ["lost", "won"]
     assert len(cluster.audit.records("call.answered")) == 1
     await alice.expect_silence()
+
+
+async def test_the_same_revocation_list_again_costs_no_decision(cluster: ClusterHarness) -> None:
+    """A node that starts (or reloads) with the list the cluster holds already publishes it
+    under a newer version; no node decides anything again for its users."""
+    await cluster.start()
+    for index in range(3):
+        await cluster.connect(f"u{index}", node=index)
+    revoked = RevocationList(users={"mallory": 2**40})
+    cluster.nodes[0].hub.apply_revocations(revoked)
+    await _until(lambda: all("mallory" in n.hub.revocations.users for n in cluster.nodes))
+    await beats(cluster)
+    nodes = [node.hub.cluster for node in cluster.nodes]
+    decided = [node.decisions for node in nodes if node is not None]
+    cluster.nodes[1].hub.apply_revocations(revoked)  # the same list, from another node
+    await beats(cluster, 3)
+    assert [node.decisions for node in nodes if node is not None] == decided
 
 
 async def test_a_joining_node_brings_its_revocation_list_to_every_node(

@@ -142,19 +142,19 @@ class Refusals:
         self._windows: dict[tuple[str, str], tuple[float, int]] = {}
         self._most = most
 
-    def admit(self, source: str, reason: str) -> int | None:
-        """The count to audit now (this refusal, and those kept quiet since the last record),
-        or None to keep this one quiet."""
+    def admit(self, source: str, reason: str, count: int = 1) -> int | None:
+        """The count to audit now (these `count` refusals, and those kept quiet since the last
+        record), or None to keep these quiet."""
         now = time.monotonic()
         key = (source, reason)
         window = self._windows.get(key)
         if window is not None and now < window[0]:
-            self._windows[key] = (window[0], window[1] + 1)
+            self._windows[key] = (window[0], window[1] + count)
             return None
         if len(self._windows) >= self._most:
             self._windows.clear()
         self._windows[key] = (now + REFUSAL_WINDOW, 0)
-        return (window[1] if window is not None else 0) + 1
+        return (window[1] if window is not None else 0) + count
 
 
 class LinkClosed(Exception):

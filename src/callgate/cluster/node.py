@@ -115,6 +115,7 @@ DEAD_VERDICT_MS = 3_600_000  # how long a node's death verdict is kept
 LET_GO = "node left the cluster"
 # The `call-end` reason when Redis lost a call's state (restarted without its data).
 STATE_LOST = "state_lost"
+BURIAL_IN_FLIGHT = 64  # a dead node's users decided at once while it is buried (8 per lane)
 BURIED_SWEEP = 30.0  # seconds the burying node keeps emptying a dead node's inbox
 
 
@@ -304,7 +305,7 @@ class ClusterNode:
         # handed over: a batch appended there again is handed over once.
         self._done_of: dict[str, dict[str, int]] = {}
         self._handed_over: dict[str, set[tuple[str, int]]] = {}
-        self._inbox_refusals = Refusals()
+        self._unsigned_refusals = Refusals()
         self._waiting_room: trio.Nursery | None = None  # durable jobs a full lane made wait
         self.is_leader = False
         self._epoch: bytes | None = None
@@ -317,6 +318,7 @@ class ClusterNode:
         # again whenever Redis holds an older or no genuine one).
         self._revocation_version: RevocationVersion = (-1, "")  # none: any genuine list is newer
         self._revocations_sealed: bytes | None = None
+        self._revocation_content: tuple[frozenset[str], dict[str, float]] | None = None
         self._pending_revocations: bytes | None = None
         self.lost_orders = 0
         # Nodes declared dead: nothing is sent to them (their deliveries are decided again),
@@ -539,16 +541,19 @@ class ClusterNode:
         if message.to != route.peer:
             return False  # decided in full: the core says `forbidden`
         forwarded = {**message.data, "from": user}
+        call = None
         if isinstance(message, CallRenegotiate):
             device = self._devices.get(route.conn)
             call = device.calls.get(message.call_id) if device is not None else None
             if call is None:
                 return False
-            self._executor.audit(*_fields(renegotiated_record(call, received.conn, user)))
         if self._outbox_full and any(node_of(c) != self.node_id for c in route.peer_conns):
-            # Redis away long and the links down: it could not be sent, so it is not acked.
+            # Redis away long and the links down: it could not be sent, so it is not acked
+            # (nor audited as sent).
             connection.send_error(*_unavailable(received))
             return True
+        if call is not None:
+            self._executor.audit(*_fields(renegotiated_record(call, received.conn, user)))
         if received.ref is not None:
             connection.send_ack(received.ref)
         deliveries: list[Action] = [
@@ -615,9 +620,8 @@ class ClusterNode:
 
     def _enqueue(self, job: Job) -> bool:
         """Queue `job` in its users' lane. A full lane refuses it (False: the sender is told
-        to retry), unless it is durable (a disconnect, a delivery that found no connection, a
-        burial's, a registration again): that one waits for room in a task of its own, since
-        nobody would retry it."""
+        to retry), unless it is durable (a disconnect, a delivery that found no connection):
+        that one waits for room in a task of its own, since nobody would retry it."""
         lane = self._lane_of(job)
         try:
             self._lanes[lane][0].send_nowait(job)
@@ -1038,12 +1042,15 @@ class ClusterNode:
         if isinstance(sender, str) and isinstance(call_id, str) and origin != self.node_id:
             self._send(origin, Forget(sender, call_id), None)
 
-    def _entry_rejected(self, entry_id: str, reason: str) -> None:
-        """An inbox entry refused: audited once per reason per REFUSAL_WINDOW, with how many
-        (a client of Redis without the key can append garbage as fast as Redis takes it)."""
-        count = self._inbox_refusals.admit("inbox", reason)
-        if count is not None:
-            self.rejected(entry_id, reason, count)
+    def _entry_rejected(
+        self, entry_id: str, reason: str, count: int = 1, source: str = "inbox"
+    ) -> None:
+        """Refused what any Redis client can write (inbox entries, timer-set members): audited
+        once per source and reason per REFUSAL_WINDOW, with how many (a client without the
+        key can write garbage as fast as Redis takes it)."""
+        total = self._unsigned_refusals.admit(source, reason, count)
+        if total is not None:
+            self.rejected(entry_id, reason, total)
 
     def rejected(self, entry_id: str, reason: str, count: int = 1) -> None:
         log.warning("cluster delivery refused", entry=entry_id, reason=reason)
@@ -1109,7 +1116,7 @@ class ClusterNode:
                 self._store_failed(exc)
                 continue
             if malformed:  # written by a Redis client without the key: dropped, and said
-                self.rejected("timers", "malformed", malformed)
+                self._entry_rejected("timers", "malformed", malformed, source="timers")
             due = await self._due_only(claimed, now)
             refused = [
                 timer
@@ -1124,25 +1131,32 @@ class ClusterNode:
 
     async def _due_only(self, claimed: list[tuple[Timer, bytes | None]], now: float) -> list[Timer]:
         """Of the claimed timers, those whose signed deadline has come. The set's scores are
-        unsigned: one without a genuine deadline no node armed (dropped), and one claimed
-        early had its score lowered (due again at its deadline); both are audited."""
-        due, forged, early = [], [], {}
+        unsigned: one claimed early had its score lowered (due again at its deadline, and
+        audited). One with no genuine deadline was armed by a release before signed deadlines
+        (a rolling upgrade), or added by a Redis client without the key: it is given one now,
+        as late as any timer can be (the longest of `ring_timeout` and `reconnect_grace` from
+        now), which is never before its own deadline, since it was armed before it was seen."""
+        due, early, adopted = [], {}, {}
         for timer, sealed in claimed:
             deadline = self.codec.open_timer_due(sealed, timer.member)
             if deadline is None:
-                forged.append(timer.member)
+                adopted[timer.member] = now + self._longest_timer
             elif deadline > now + TIMER_GRAIN:
                 early[timer.member] = deadline
             else:
                 due.append(timer)
         with contextlib.suppress(*STORE_ERRORS):  # (else when the claim lapses)
-            if forged:
-                await self.store.drop_timers(forged)
-                self.rejected("timers", "bad_mac", len(forged))
+            if adopted:
+                signed = {m: self.codec.seal_timer_due(m, d) for m, d in adopted.items()}
+                await self.store.adopt_timers(adopted, signed)
             if early:
                 await self.store.reschedule_timers(early)
-                self.rejected("timers", "early", len(early))
+                self._entry_rejected("timers", "early", len(early), source="timers")
         return due
+
+    @property
+    def _longest_timer(self) -> float:
+        return max(self._rules.ring_timeout, self._rules.reconnect_grace)
 
     # -- liveness ----------------------------------------------------------------------------
 
@@ -1257,6 +1271,9 @@ class ClusterNode:
         for node in self.watch.dead():
             if not self.judging:
                 return  # no longer the leader: the one that is buries it
+            if node in self._gone:  # buried already (a beat read before that saw it again)
+                self.watch.forget(node)
+                continue
             log.warning("node stopped heartbeating; its devices are disconnected", node=node)
             await self._bury(node)
             self.watch.forget(node)
@@ -1265,6 +1282,12 @@ class ClusterNode:
     async def _bury(self, node: str) -> None:
         """A dead node: its verdict, its devices disconnected, its inbox to their buffers."""
         await self.store.declare_dead(node, self.codec.seal_dead(node), DEAD_VERDICT_MS)
+        if node not in self._done_of:  # its beats were read by another leader (or itself)
+            last = await self.store.get(f"last:{node}")
+            heartbeat = self.codec.read_heartbeat(last, node)
+            if heartbeat is not None:
+                self._read_up_to[node] = heartbeat[1]
+                self._done_of[node] = self.codec.carried_out_by(last, node)
         users = await self.store.users_on(node)
         disconnected: list[Event] = []
 
@@ -1277,16 +1300,18 @@ class ClusterNode:
             disconnected.extend(events)
             return events
 
-        # Every user's disconnect queued at once, spread over the lanes, then waited for: a
-        # node of many users is buried as fast as the lanes decide, not one decision at a time.
-        decided = []
-        for user in users:
-            job = Job([user], disconnect, durable=True)
-            job.done = trio.Event()
-            decided.append(job.done)
-            await self._lanes[self._lane_of(job)][0].send(job)  # (a full lane: wait for room)
-        for done in decided:
-            await done.wait()
+        # The users' disconnects go BURIAL_IN_FLIGHT at a time, spread over the lanes: a node
+        # of many users is buried as fast as the lanes decide, not one decision at a time,
+        # and the lanes keep room for this node's own clients meanwhile.
+        for start in range(0, len(users), BURIAL_IN_FLIGHT):
+            decided = []
+            for user in users[start : start + BURIAL_IN_FLIGHT]:
+                job = Job([user], disconnect, durable=True)
+                job.done = trio.Event()
+                decided.append(job.done)
+                await self._lanes[self._lane_of(job)][0].send(job)  # (full: wait for room)
+            for done in decided:
+                await done.wait()
         devices = len({event.conn for event in disconnected if isinstance(event, Disconnected)})
         self._node_gone(node)
         for other in await self.store.members():
@@ -1413,6 +1438,9 @@ class ClusterNode:
         self, event: RevocationChanged, version: RevocationVersion, sealed: bytes | None
     ) -> None:
         self._revocation_version, self._revocations_sealed = version, sealed
+        if (event.token_ids, dict(event.users_before)) == self._revocation_content:
+            return  # the same list again (a node started with the same file): nothing to do
+        self._revocation_content = (event.token_ids, dict(event.users_before))
         self._adopt_revocations(event)
         for user in sorted({device.user for device in self._devices.values()}):
             self._enqueue(Job([user], [event]))

@@ -43,6 +43,8 @@ __all__ = ["STORE_ERRORS", "RedisError", "Store", "delete_cluster_keys"]
 # catches both: a silent Redis is an unavailable one, never a crash.
 STORE_ERRORS = (RedisError, TimeoutError)
 
+LAST_BEAT_MS = 3_600_000  # how long a node's last heartbeat is kept after it (`last:<node>`)
+
 # ARGV: prefix, then the users the event concerns. Returns [name, raw or "", ...]: those users'
 # records, the records of their calls, then the records of the other participants of those
 # calls. What it reads to find calls and participants is unsigned: it only decides what to load;
@@ -247,9 +249,16 @@ class Store:
         return timers, len(malformed)
 
     async def drop_timers(self, members: Sequence[str]) -> None:
-        """Members of the timer set that no node armed (or no longer genuine): removed."""
+        """Members of the timer set that are not even a timer: removed."""
         await self._redis.zrem(self.key("timers"), list(members))
-        await self._redis.hdel(self.key("timer-due"), list(members))
+
+    async def adopt_timers(self, due: Mapping[str, float], sealed: Mapping[str, bytes]) -> None:
+        """Claimed timers that had no signed deadline: given one (unless one was written
+        meanwhile), and due again then."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for member, deadline in due.items():
+                pipe.hsetnx(self.key("timer-due"), member, sealed[member])
+                pipe.zadd(self.key("timers"), {member: deadline}, condition=coredis.PureToken.XX)
 
     async def release_timers(self, timers: Iterable[Timer], deadline: float) -> None:
         """Give back claimed timers this node could not fire (Redis refused the commit)."""
@@ -268,7 +277,8 @@ class Store:
         return sorted(bytes(member).decode() for member in members)
 
     async def forget_node(self, node: str) -> None:
-        """A buried node: its presence set, heartbeat and membership go."""
+        """A buried node: its presence set, heartbeat and membership go (its last heartbeat
+        stays, expiring: a second burial, or a sweep, still needs it)."""
         await self._redis.delete([self.key(f"n:{node}"), self.key(f"hb:{node}")])
         await self._redis.srem(self.key("nodes"), [node])
 
@@ -303,6 +313,9 @@ class Store:
         One round trip."""
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.set(self.key(f"hb:{node}"), heartbeat, px=timeout_ms)
+            # The same value, kept as long as a death verdict: whichever node buries this one
+            # (a leader that never read its beats, when it led itself) learns how far it got.
+            pipe.set(self.key(f"last:{node}"), heartbeat, px=LAST_BEAT_MS)
             pipe.sadd(self.key("nodes"), [node])
             pipe.set(self.key("epoch"), epoch, condition=coredis.PureToken.NX)
             got_epoch = pipe.get(self.key("epoch"))
