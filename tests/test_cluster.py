@@ -1151,6 +1151,22 @@ async def test_a_timer_disarmed_where_it_was_armed_costs_no_claim(
     assert claims.count == 1
 
 
+async def test_timer_firings_in_flight_are_capped(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node queues at most TIMERS_IN_FLIGHT timer firings at once (a flood of timers leaves
+    its lanes room for its clients); a due timer past that waits for a later claim."""
+    monkeypatch.setattr(cluster_node, "TIMERS_IN_FLIGHT", 0)  # no room at all
+    alice, bob, _, claims = await claims_counted(cluster, monkeypatch, ring_timeout=0.5)
+    await alice.send("call-request", call_request("ab", "alice", "bob"))
+    await bob.expect("call-request", id="ab")
+    await _until(lambda: claims.count >= 3)  # claimed at its deadline, and by sweeps since
+    await alice.expect_silence()  # not fired
+    monkeypatch.setattr(cluster_node, "TIMERS_IN_FLIGHT", 256)
+    await alice.expect("call-end", callId="ab", reason="timeout")
+    assert [row["event"] for row in terminal_records(cluster)] == ["call.timeout"]
+
+
 async def test_due_timers_the_lanes_refuse_wait_for_the_sweep(
     cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:

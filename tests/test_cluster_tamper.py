@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import redis
 
+from callgate.cluster import node as cluster_node
 from callgate.revocation import RevocationList
 from conftest import (
     ClusterHarness,
@@ -39,26 +40,29 @@ from test_cluster import (
 async def test_a_timer_member_no_node_wrote_is_dropped_and_crashes_nothing(
     cluster: ClusterHarness,
 ) -> None:
-    """The shared timer set is unsigned: a member that is not `<digits>|<user>` (here a digit
-    `int` refuses) is removed and audited, and the timers beside it still fire."""
+    """The shared timer set is unsigned: a member that is not `<digits>|<user>` as a node
+    writes it (a digit `int` refuses, leading zeros) is removed and audited, and the timers
+    beside it still fire."""
     await cluster.start(make_settings(calls={"ring_timeout": 1.0}))
     alice = await cluster.connect("alice", node=0)
     bob = await cluster.connect("bob", node=1)
     timers = f"{cluster.name}:timers"
     attacker = redis.Redis.from_url(cluster.redis_url)
     try:
-        attacker.zadd(timers, {"\u00b2|alice": 0, "12x|bob": 0, "7|": 0})
+        attacker.zadd(timers, {"\u00b2|alice": 0, "12x|bob": 0, "7|": 0, "007|alice": 0})
         await alice.send("call-request", call_request("ab", "alice", "bob"))
         await bob.expect("call-request", id="ab")
         await alice.expect("call-end", callId="ab", reason="timeout")
         await bob.expect("call-end", callId="ab", reason="timeout")
         assert attacker.zscore(timers, "\u00b2|alice") is None
+        assert attacker.zscore(timers, "007|alice") is None
     finally:
         attacker.close()
     assert [row["event"] for row in terminal_records(cluster)] == ["call.timeout"]
     refused = [row for row in cluster.audit.records() if row["event"] == "cluster.rejected"]
     await _until(lambda: any(row.get("entry") == "timers" for row in refused))
-    assert sum(row.get("count", 1) for row in refused if row["entry"] == "timers") == 3
+    malformed = [row for row in refused if (row["entry"], row["reason"]) == ("timers", "malformed")]
+    assert sum(row.get("count", 1) for row in malformed) == 4
     for node in cluster.nodes:  # every node still runs
         assert node.hub.cluster is not None and node.hub.cluster.available
 
@@ -119,7 +123,8 @@ async def test_a_timer_score_lowered_fires_nothing_early(cluster: ClusterHarness
     """The timer set's scores are unsigned; each timer's deadline is also kept signed, and a
     node fires a claimed timer only once that deadline has come. A score lowered to "now" is
     put back (audited `early`); a member with no signed deadline (one no node armed) is given
-    the latest deadline any timer could have; the ring timeout fires once, at its time."""
+    the latest deadline any timer could have (audited `unsigned`); the ring timeout fires
+    once, at its time."""
     await cluster.start(make_settings(calls={"ring_timeout": 3.0}))
     alice = await cluster.connect("alice", node=0)
     bob = await cluster.connect("bob", node=1)
@@ -137,7 +142,7 @@ async def test_a_timer_score_lowered_fires_nothing_early(cluster: ClusterHarness
             rows = cluster.audit.records("cluster.rejected")
             return {row["reason"] for row in rows if row["entry"] == "timers"}
 
-        await _until(lambda: refused() == {"early"})
+        await _until(lambda: refused() == {"early", "unsigned"})
         assert attacker.zscore(timers, member) == deadline  # due again at its own time
         await _until(lambda: (attacker.zscore(timers, forged) or 0) >= deadline)  # not before
     finally:
@@ -257,3 +262,28 @@ async def test_garbage_appended_to_an_inbox_is_audited_once_a_window(
     await connected_call(alice, bob, "ab")
     await alice.send("ice-candidate", ice("ab", "bob"))
     await bob.expect("ice-candidate", callId="ab")
+
+
+async def test_a_spoiled_record_holds_no_lane(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record that does not verify stops the decision that needs it (audited), and that
+    decision is not tried again, even a disconnect's: it would never verify, and would hold
+    its lane, and every user behind it, for good."""
+    monkeypatch.setattr(cluster_node, "LANES", 1)  # every user of a node in one lane
+    await cluster.start()
+    bob = await cluster.connect("bob", node=1)
+    carol = await cluster.connect("carol", node=1)
+    attacker = redis.Redis.from_url(cluster.redis_url)
+    try:
+        raw = attacker.get(f"{cluster.name}:u:bob")
+        assert isinstance(raw, bytes)
+        attacker.set(f"{cluster.name}:u:bob", raw[:-2] + b" }")  # its MAC no longer verifies
+    finally:
+        attacker.close()
+    await bob.ws.aclose()  # its disconnect cannot be decided
+    await _until(lambda: cluster.audit.records("cluster.rejected"))
+    await carol.send("user-connected", "carol", ref=1)  # behind it in the one lane
+    assert (await carol.expect("ack"))["ref"] == 1
+    refused = cluster.audit.records("cluster.rejected")
+    assert [(row["entry"], row["reason"]) for row in refused] == [("u:bob", "bad_mac")]

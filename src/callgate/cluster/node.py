@@ -115,6 +115,7 @@ DEAD_VERDICT_MS = 3_600_000  # how long a node's death verdict is kept
 LET_GO = "node left the cluster"
 # The `call-end` reason when Redis lost a call's state (restarted without its data).
 STATE_LOST = "state_lost"
+TIMERS_IN_FLIGHT = 256  # timer firings queued at once (the rest wait for the next sweep)
 BURIAL_IN_FLIGHT = 64  # a dead node's users decided at once while it is buried (8 per lane)
 BURIED_SWEEP = 30.0  # seconds the burying node keeps emptying a dead node's inbox
 
@@ -126,6 +127,12 @@ def new_node_id(name: str | None) -> str:
 
 class Unavailable(Exception):
     """Redis cannot be reached, or a decision kept conflicting: try again later."""
+
+
+class Tampered(Unavailable):
+    """A record the decision needs does not verify (written without the key): refused like
+    an unavailable cluster, but never tried again, durable or not (it would not verify the
+    next time either, and would hold its lane for good)."""
 
 
 class RecordedThrottle:
@@ -307,6 +314,7 @@ class ClusterNode:
         self._handed_over: dict[str, set[tuple[str, int]]] = {}
         self._unsigned_refusals = Refusals()
         self._waiting_room: trio.Nursery | None = None  # durable jobs a full lane made wait
+        self._timers_in_flight = 0  # timer firings queued or being decided
         self.is_leader = False
         self._epoch: bytes | None = None
         self._connected_since = time.monotonic()
@@ -643,8 +651,8 @@ class ClusterNode:
                     try:
                         await self._run(job)
                         break
-                    except Unavailable:
-                        if not job.durable:
+                    except Unavailable as unavailable:
+                        if not job.durable or isinstance(unavailable, Tampered):
                             raise
                     # Redis is away: the lane waits with it (its other events could not be
                     # decided either), then decides this one, in its order.
@@ -656,6 +664,8 @@ class ClusterNode:
                     log.exception("cluster decision failed")
             finally:
                 self._busy_lanes -= 1
+                if job.fired is not None:
+                    self._timers_in_flight -= 1
                 if job.done is not None:
                     job.done.set()
                 if not self._busy_lanes:
@@ -714,8 +724,8 @@ class ClusterNode:
                     "cluster.rejected",
                     {"node": self.node_id, "entry": bad.name, "reason": bad.reason},
                 )
-                log.error("cluster record refused", record=bad.name, reason=bad.reason)
-                raise Unavailable from bad
+                log.warning("cluster record refused", record=bad.name, reason=bad.reason)
+                raise Tampered from bad
             limit = job.check_devices
             if limit is not None and len(sliced.board.devices_of(job.users[0])) >= limit:
                 raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "too many connections")
@@ -1118,11 +1128,16 @@ class ClusterNode:
             if malformed:  # written by a Redis client without the key: dropped, and said
                 self._entry_rejected("timers", "malformed", malformed, source="timers")
             due = await self._due_only(claimed, now)
-            refused = [
-                timer
-                for timer in due
-                if not self._enqueue(Job([timer.user], [TimerFired(timer.timer)], fired=timer))
-            ]
+            # At most TIMERS_IN_FLIGHT firings queued at once: a flood of timers (thousands
+            # due together, or members a Redis client without the key added) leaves the lanes
+            # room for this node's clients; the rest wait for the next sweep.
+            room = max(0, TIMERS_IN_FLIGHT - self._timers_in_flight)
+            refused = due[room:]
+            for timer in due[:room]:
+                if self._enqueue(Job([timer.user], [TimerFired(timer.timer)], fired=timer)):
+                    self._timers_in_flight += 1
+                else:
+                    refused.append(timer)
             if refused:  # the lanes are full: due again at the next sweep, not at once
                 with contextlib.suppress(*STORE_ERRORS):  # (else when the claim lapses)
                     await self.store.release_timers(refused, now)
@@ -1146,9 +1161,10 @@ class ClusterNode:
             else:
                 due.append(timer)
         with contextlib.suppress(*STORE_ERRORS):  # (else when the claim lapses)
-            if adopted:
+            if adopted:  # (audited, summed: an earlier release's, or a forgery)
                 signed = {m: self.codec.seal_timer_due(m, d) for m, d in adopted.items()}
                 await self.store.adopt_timers(adopted, signed)
+                self._entry_rejected("timers", "unsigned", len(adopted), source="timers")
             if early:
                 await self.store.reschedule_timers(early)
                 self._entry_rejected("timers", "early", len(early), source="timers")
@@ -1271,7 +1287,7 @@ class ClusterNode:
         for node in self.watch.dead():
             if not self.judging:
                 return  # no longer the leader: the one that is buries it
-            if node in self._gone:  # buried already (a beat read before that saw it again)
+            if node in self._buried:  # buried already (a beat read before that saw it again)
                 self.watch.forget(node)
                 continue
             log.warning("node stopped heartbeating; its devices are disconnected", node=node)
@@ -1282,12 +1298,14 @@ class ClusterNode:
     async def _bury(self, node: str) -> None:
         """A dead node: its verdict, its devices disconnected, its inbox to their buffers."""
         await self.store.declare_dead(node, self.codec.seal_dead(node), DEAD_VERDICT_MS)
-        if node not in self._done_of:  # its beats were read by another leader (or itself)
-            last = await self.store.get(f"last:{node}")
-            heartbeat = self.codec.read_heartbeat(last, node)
-            if heartbeat is not None:
-                self._read_up_to[node] = heartbeat[1]
-                self._done_of[node] = self.codec.carried_out_by(last, node)
+        # How far it got: from its beats this node read as leader, and from its last beat as
+        # kept in Redis (the newer of the two for each origin: another leader may have read
+        # its later beats, or it led itself).
+        last = await self.store.get(f"last:{node}")
+        if self.codec.read_heartbeat(last, node) is not None:
+            marks = self._done_of.setdefault(node, {})
+            for origin, seq in self.codec.carried_out_by(last, node).items():
+                marks[origin] = max(marks.get(origin, 0), seq)
         users = await self.store.users_on(node)
         disconnected: list[Event] = []
 
@@ -1310,8 +1328,8 @@ class ClusterNode:
                 job.done = trio.Event()
                 decided.append(job.done)
                 await self._lanes[self._lane_of(job)][0].send(job)  # (full: wait for room)
-            for done in decided:
-                await done.wait()
+            for finished in decided:
+                await finished.wait()
         devices = len({event.conn for event in disconnected if isinstance(event, Disconnected)})
         self._node_gone(node)
         for other in await self.store.members():

@@ -239,9 +239,10 @@ class Store:
         reply: Any = await self._claim(keys=keys, args=[now, hold_until, limit])
         timers, malformed = [], []
         for member, sealed in zip(reply[0::2], reply[1::2], strict=True):
-            timer = Timer.parse(bytes(member).decode(errors="replace"))
-            if timer is None:
-                malformed.append(bytes(member).decode(errors="replace"))
+            raw = bytes(member).decode(errors="replace")
+            timer = Timer.parse(raw)
+            if timer is None or timer.member != raw:  # (not as a node writes it: "0123|a")
+                malformed.append(raw)
             else:
                 timers.append((timer, bytes(sealed) if sealed else None))
         if malformed:
