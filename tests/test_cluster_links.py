@@ -842,3 +842,26 @@ async def test_idle_connections_from_one_address_keep_no_link_shut(
         attack.cancel_scope.cancel()
     for sock in held:
         sock.close()
+
+
+async def test_refused_links_are_summed_and_the_sum_is_audited_when_the_window_ends(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused links are audited once per address and reason a window (a minute; here
+    shortened): the first at once, and those after it, with their count, once it has ended,
+    without waiting for a next refusal."""
+    monkeypatch.setattr(links_module, "REFUSAL_WINDOW", 0.5)
+    await cluster.start()
+    forger = codec(key=FORGER_KEY, cluster=cluster.name)
+    origin, target = member(cluster, 0), member(cluster, 1)
+    for _ in range(3):
+        stream = await dial(target)
+        try:
+            await stream.send_all(hello(forger, origin.node_id, target.node_id, "n"))
+            await closed_without_a_word(stream)
+            entry = local_entry(stream)
+        finally:
+            await stream.aclose()
+    await _until(lambda: len(rejected(cluster)) == 2)
+    summary = [(row["entry"], row["reason"], row.get("count", 1)) for row in rejected(cluster)]
+    assert summary == [(entry, "bad_mac", 1), (entry, "bad_mac", 2)]

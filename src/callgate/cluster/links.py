@@ -156,6 +156,18 @@ class Refusals:
         self._windows[key] = (now + REFUSAL_WINDOW, 0)
         return (window[1] if window is not None else 0) + count
 
+    def overdue(self) -> list[tuple[str, str, int]]:
+        """(source, reason, count) of the windows that ended with refusals not yet audited
+        (their count would otherwise wait for the next refusal, maybe for ever); those
+        windows are closed."""
+        now = time.monotonic()
+        ended = [
+            (key, kept) for key, (until, kept) in self._windows.items() if until <= now and kept > 0
+        ]
+        for key, _ in ended:
+            del self._windows[key]
+        return [(source, reason, kept) for (source, reason), kept in ended]
+
 
 class LinkClosed(Exception):
     """The other end closed the link, or sent what a link never carries."""
@@ -700,6 +712,12 @@ class Links:
             self._inbound.pop(stream, None)
             self._handshaking.pop(stream, None)  # (if it ended in its handshake)
             _abort(stream)
+
+    def audit_overdue(self) -> None:
+        """Audit the refusals of links whose window ended since the last record (node.py
+        calls this with each heartbeat)."""
+        for host, reason, count in self._refusals.overdue():
+            self._node.rejected(f"link:{host}", reason, count)
 
     def _refused(self, stream: trio.SocketStream, reason: str) -> None:
         """Audit a refused link: once per address and reason per REFUSAL_WINDOW, with how

@@ -1233,6 +1233,10 @@ class ClusterNode:
             else:
                 log.warning("cluster epoch changed but the shared records are intact: ignored")
         self._epoch = epoch
+        # Refusals kept quiet in a window that has ended: their count, audited now.
+        for source, reason, count in self._unsigned_refusals.overdue():
+            self.rejected(source, reason, count)
+        self.links.audit_overdue()
         await self._check_revocations()
         seen: dict[str, int | None] = {}
         for node, value in zip(watched, beats, strict=True):
