@@ -12,7 +12,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -79,6 +79,15 @@ class Delivery:
     origin: str
     seq: int
     orders: list[tuple[Order, str | None]]
+
+
+class Heartbeat(NamedTuple):
+    """A node's genuine heartbeat: its beat number, how far it had read its inbox, and per
+    origin the number of the last batch it had carried out."""
+
+    beat: int
+    read: str
+    done: dict[str, int]
 
 
 # A revocation list's version: its generation (unix milliseconds when written, and always past
@@ -154,15 +163,6 @@ class EntryCodec:
         body["done"] = dict(done or {})
         return self._seal_value(_HEARTBEAT, body)
 
-    def carried_out_by(self, sealed: bytes | None, node: str) -> dict[str, int]:
-        """Per origin, the last batch `node` had carried out at this genuine heartbeat ({} if
-        it is absent or not genuine)."""
-        body = self._verified(_HEARTBEAT, sealed)
-        done = body.get("done")
-        if body.get("node") != node or not isinstance(done, dict):
-            return {}
-        return {str(k): v for k, v in done.items() if type(v) is int}
-
     def link_of(self, sealed: bytes | None, node: str) -> str | None:
         """Where `node`'s direct links listen, from its genuine heartbeat; None if it has no
         link, or the value is absent or not genuine (then deliveries take its inbox)."""
@@ -179,11 +179,19 @@ class EntryCodec:
 
     def read_heartbeat(self, sealed: bytes | None, node: str) -> tuple[int, str] | None:
         """`node`'s beat number and inbox position; None if absent or not genuine."""
+        heartbeat = self.heartbeat(sealed, node)
+        return None if heartbeat is None else (heartbeat.beat, heartbeat.read)
+
+    def heartbeat(self, sealed: bytes | None, node: str) -> Heartbeat | None:
+        """`node`'s genuine heartbeat, verified once; None if absent or not genuine."""
         body = self._verified(_HEARTBEAT, sealed)
-        beat, read = body.get("beat"), body.get("read", "0-0")
+        beat, read, done = body.get("beat"), body.get("read", "0-0"), body.get("done")
         if body.get("node") != node or not isinstance(beat, int) or isinstance(beat, bool):
             return None
-        return beat, str(read)
+        marks = (
+            {str(k): v for k, v in done.items() if type(v) is int} if isinstance(done, dict) else {}
+        )
+        return Heartbeat(beat, str(read), marks)
 
     def seal_lease(self, node: str, expires: float) -> bytes:
         """The leader lease's value: who holds it and until when (unix time)."""

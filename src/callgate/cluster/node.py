@@ -1240,11 +1240,10 @@ class ClusterNode:
         await self._check_revocations()
         seen: dict[str, int | None] = {}
         for node, value in zip(watched, beats, strict=True):
-            heartbeat = codec.read_heartbeat(value, node)
-            seen[node] = None if heartbeat is None else heartbeat[0]
-            if heartbeat is not None and self.watch.is_newer(node, heartbeat[0]):
-                self._read_up_to[node] = heartbeat[1]
-                self._done_of[node] = codec.carried_out_by(value, node)
+            heartbeat = codec.heartbeat(value, node)
+            seen[node] = None if heartbeat is None else heartbeat.beat
+            if heartbeat is not None and self.watch.is_newer(node, heartbeat.beat):
+                self._read_up_to[node], self._done_of[node] = heartbeat.read, heartbeat.done
         self.watch.observe(seen)
         now = time.time()
         holder = codec.open_lease(lease, now)
@@ -1305,10 +1304,10 @@ class ClusterNode:
         # How far it got: from its beats this node read as leader, and from its last beat as
         # kept in Redis (the newer of the two for each origin: another leader may have read
         # its later beats, or it led itself).
-        last = await self.store.get(f"last:{node}")
-        if self.codec.read_heartbeat(last, node) is not None:
+        last = self.codec.heartbeat(await self.store.get(f"last:{node}"), node)
+        if last is not None:
             marks = self._done_of.setdefault(node, {})
-            for origin, seq in self.codec.carried_out_by(last, node).items():
+            for origin, seq in last.done.items():
                 marks[origin] = max(marks.get(origin, 0), seq)
         users = await self.store.users_on(node)
         disconnected: list[Event] = []

@@ -104,14 +104,16 @@ class Timer:
     @staticmethod
     def parse(member: str) -> Timer | None:
         """A member of the shared timer set, or None for one no node wrote (the set is
-        unsigned: anything may be in it). ASCII digits only: `isdigit` alone also takes
-        digits `int` refuses, such as "²"."""
+        unsigned: anything may be in it): only the form `member` gives, ASCII digits without
+        leading zeros (`isdigit` alone also takes digits `int` refuses, such as "²"; "0123|a"
+        would name timer 123 under another member)."""
         timer, sep, user = member.partition("|")
         if not sep or not user or len(member) > MAX_TIMER_MEMBER:
             return None
         if not (timer.isascii() and timer.isdigit()) or len(timer) > 20:
             return None
-        return Timer(int(timer), user)
+        parsed = Timer(int(timer), user)
+        return parsed if parsed.member == member else None
 
 
 @dataclass(slots=True)

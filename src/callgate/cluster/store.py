@@ -241,17 +241,13 @@ class Store:
         for member, sealed in zip(reply[0::2], reply[1::2], strict=True):
             raw = bytes(member).decode(errors="replace")
             timer = Timer.parse(raw)
-            if timer is None or timer.member != raw:  # (not as a node writes it: "0123|a")
+            if timer is None:
                 malformed.append(raw)
             else:
                 timers.append((timer, bytes(sealed) if sealed else None))
         if malformed:
-            await self.drop_timers(malformed)
+            await self._redis.zrem(self.key("timers"), malformed)
         return timers, len(malformed)
-
-    async def drop_timers(self, members: Sequence[str]) -> None:
-        """Members of the timer set that are not even a timer: removed."""
-        await self._redis.zrem(self.key("timers"), list(members))
 
     async def adopt_timers(self, due: Mapping[str, float], sealed: Mapping[str, bytes]) -> None:
         """Claimed timers that had no signed deadline: given one (unless one was written
