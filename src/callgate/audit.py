@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from callgate.errors import ConfigError
+from callgate.hmac_sha256 import HmacSha256
 
 if TYPE_CHECKING:
     from callgate.config import AuditSettings
@@ -497,9 +498,9 @@ class AuditLog:
         self._refusals = RefusalDigest(refusal_window)
         self._sink = sink
         self._key = key
-        # The HMAC with the key already mixed in: each record's MAC copies it (chain_mac's
-        # result, without setting the key up again per record).
-        self._keyed = hmac.new(key, digestmod=hashlib.sha256) if key is not None else None
+        # The HMAC with the key already mixed in (chain_mac's result, without setting the key
+        # up again per record).
+        self._keyed = HmacSha256(key) if key is not None else None
         self._signer = signer
         self._anchors = list(anchors)
         self._strict = strict
@@ -650,9 +651,7 @@ class AuditLog:
         body = _canonical(record, plain)
         self._digest = chain_digest(self._digest, body)
         if self._keyed is not None:
-            mac = self._keyed.copy()
-            mac.update(self._mac.encode() + b"\n" + body)
-            self._mac = mac.hexdigest()
+            self._mac = self._keyed.hexdigest(self._mac.encode() + b"\n" + body)
             record["mac"] = self._mac
         return _line(record, plain)
 

@@ -18,6 +18,7 @@ import orjson
 
 from callgate.core.actions import Ack, Close, Deliver, SendError
 from callgate.errors import ErrorCode
+from callgate.hmac_sha256 import HmacSha256
 
 VERSION = 2
 _DOMAIN = b"callgate-cluster-v2\x00"
@@ -116,11 +117,10 @@ class BadEntry(Exception):
 class EntryCodec:
     def __init__(self, cluster: str, key: bytes) -> None:
         self._prefix = _DOMAIN + cluster.encode() + b"\x00"
-        self._key = key
+        self._hmac = HmacSha256(key)
 
     def _mac(self, payload: bytes, domain: bytes) -> bytes:
-        message = domain + self._prefix + payload
-        return hmac.digest(self._key, message, "sha256").hex().encode()  # one-shot: C fast path
+        return self._hmac.digest(domain + self._prefix + payload).hex().encode()
 
     def _seal_value(self, domain: bytes, body: dict[str, Any]) -> bytes:
         payload = orjson.dumps({"v": VERSION, **body})

@@ -37,6 +37,7 @@ from callgate.core.actions import Action, CancelTimer, StartTimer
 from callgate.core.events import TimerId
 from callgate.core.policy import CallRules, CallThrottle
 from callgate.core.switchboard import Switchboard
+from callgate.hmac_sha256 import HmacSha256
 from callgate.protocol.messages import UserId
 
 _DOMAIN = b"callgate-cluster-record-v1\x00"
@@ -62,11 +63,11 @@ class BadRecord(Exception):
 class RecordCodec:
     def __init__(self, cluster: str, key: bytes) -> None:
         self._cluster = cluster.encode()
-        self._key = key
+        self._hmac = HmacSha256(key)
 
     def _mac(self, name: str, payload: bytes) -> bytes:
         message = b"%s%s\x00%s\x00%s" % (_DOMAIN, self._cluster, name.encode(), payload)
-        return hmac.digest(self._key, message, "sha256").hex().encode()  # one-shot: C fast path
+        return self._hmac.digest(message).hex().encode()
 
     def seal(self, name: str, payload: Mapping[str, Any]) -> bytes:
         body = orjson.dumps(payload)
