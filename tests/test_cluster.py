@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,12 @@ import trio
 from callgate import trail
 from callgate.audit import TERMINAL_CALL_EVENTS
 from callgate.cluster import node as cluster_node
-from callgate.cluster.entries import BadEntry, EntryCodec, Forget
+from callgate.cluster.entries import (
+    BadEntry,
+    EntryCodec,
+    Forget,
+    is_stale,
+)
 from callgate.cluster.node import ClusterNode, RecordedThrottle, Watch
 from callgate.cluster.records import KEEP, BadRecord, RecordCodec, Slice, Timer
 from callgate.cluster.store import Store
@@ -103,6 +109,11 @@ def node_id(h: ClusterHarness, index: int) -> str:
 
 
 # -- records, deliveries and the slice, without Redis -----------------------------------------
+
+
+def now_ms() -> int:
+    """Now, as a batch's seal time (unix milliseconds)."""
+    return int(time.time() * 1000)
 
 
 def codec(key: bytes = KEY, cluster: str = "c1") -> EntryCodec:
@@ -199,7 +210,7 @@ def test_delivery_batches_are_signed_for_one_node() -> None:
         (Close("n2.b", 4003, "token revoked"), None),
         (Forget("alice", "c1"), None),
     ]
-    fields = codec().seal_delivery("n1", "n2", 5, orders)
+    fields = codec().seal_delivery("n1", "n2", 5, orders, at=now_ms())
     delivery = codec().open_delivery(fields, "n2")
     assert (delivery.origin, delivery.seq, delivery.orders) == ("n1", 5, orders)
     for reader, target, edited, reason in (
@@ -212,6 +223,34 @@ def test_delivery_batches_are_signed_for_one_node() -> None:
         with pytest.raises(BadEntry) as refused:
             reader.open_delivery(edited, target)
         assert refused.value.reason == reason
+
+
+def test_a_batch_says_when_it_was_sealed_and_one_kept_too_long_is_stale() -> None:
+    """A batch carries, signed, when its origin sealed it: past MAX_BATCH_AGE it is stale,
+    whoever kept it. The time cannot be taken out of a genuine batch (the MAC covers it), and
+    a batch of the previous release, which has none, is never stale."""
+    ring: Any = [
+        (Deliver("n2.b", "ice-candidate", {"callId": "c1"}), "bob"),
+        (Ack("n2.b", 1), None),
+    ]
+    sealed_at = 1_700_000_000_000  # unix ms
+    fields = codec().seal_delivery("n1", "n2", 5, ring, at=sealed_at)
+    delivery = codec().open_delivery(fields, "n2")
+    assert (delivery.at, delivery.messages) == (sealed_at, 1)
+    hour = 3600.0
+    assert not is_stale(delivery, sealed_at / 1000 + hour, hour)
+    assert is_stale(delivery, sealed_at / 1000 + hour + 0.01, hour)
+    assert not is_stale(delivery, sealed_at / 1000 - 30, hour)  # a clock behind the origin's
+    undated = codec().open_delivery(codec().seal_delivery("n1", "n2", 5, ring, at=None), "n2")
+    assert undated.at is None and not is_stale(undated, sealed_at / 1000 + 100 * hour, hour)
+    stripped = {**fields, b"p": fields[b"p"].replace(b',"at":%d' % sealed_at, b"")}
+    assert stripped[b"p"] != fields[b"p"]
+    with pytest.raises(BadEntry) as refused:
+        codec().open_delivery(stripped, "n2")
+    assert refused.value.reason == "bad_mac"
+    with pytest.raises(BadEntry) as refused:  # signed, but not a time: a broken node
+        codec().open_delivery(codec().seal_delivery("n1", "n2", 5, ring, at=True), "n2")
+    assert refused.value.reason == "malformed"
 
 
 # -- three nodes on Redis ----------------------------------------------------------------------
@@ -263,6 +302,33 @@ async def test_a_device_resumes_its_call_on_another_node(cluster: ClusterHarness
     assert (ended["event"], ended["reason"]) == ("call.ended", "hangup")
 
 
+async def test_a_batch_held_longer_than_max_batch_age_is_refused_as_stale(
+    cluster: ClusterHarness,
+) -> None:
+    """A genuine batch sealed more than MAX_BATCH_AGE (an hour) ago, as a writer would hold it
+    through a Redis outage that long, is carried out in no way: refused as stale, and audited
+    with the messages for devices it held (none reaches a buffer: it could be a replay)."""
+    await cluster.start(links=False)
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    await connected_call(alice, bob)
+    sender, target = node_id(cluster, 0), node_id(cluster, 1)
+    late: Any = [(Deliver(bob.conn, "ice-candidate", ice("ab", "bob")), "bob")] * 2
+    hours_ago = now_ms() - int(cluster_node.MAX_BATCH_AGE * 1000) - 60_000
+    held = codec(cluster=cluster.name).seal_delivery(sender, target, 10**9, late, at=hours_ago)
+    client = redis.Redis.from_url(cluster.redis_url)
+    try:
+        client.xadd(f"{cluster.name}:in:{target}", held)  # type: ignore[arg-type]
+    finally:
+        client.close()
+    await _until(lambda: bool(cluster.audit.records("cluster.rejected")))
+    await bob.expect_silence()
+    [row] = cluster.audit.records("cluster.rejected")
+    assert (row["node"], row["reason"], row["dropped_messages"]) == (target, "stale", 2)
+    await alice.send("ice-candidate", ice("ab", "bob"))  # node 0's next batch: carried out
+    await bob.expect("ice-candidate", callId="ab")
+
+
 async def test_forged_replayed_and_misrouted_deliveries_are_refused_and_audited(
     cluster: ClusterHarness,
 ) -> None:
@@ -278,11 +344,11 @@ async def test_forged_replayed_and_misrouted_deliveries_are_refused_and_audited(
         inbox = f"{cluster.name}:in:{target}"
         # Someone with access to Redis but not the cluster key "rings" bob as alice,
         forged = codec(key=b"a guessed key that is long enough!!", cluster=cluster.name)
-        client.xadd(inbox, forged.seal_delivery(sender, target, 10**9, [ring]))  # type: ignore[arg-type]
+        client.xadd(inbox, forged.seal_delivery(sender, target, 10**9, [ring], at=now_ms()))  # type: ignore[arg-type]
         # replays a genuine batch (numbered 1: node 0 sent that one long ago),
-        client.xadd(inbox, genuine.seal_delivery(sender, target, 1, [ring]))  # type: ignore[arg-type]
+        client.xadd(inbox, genuine.seal_delivery(sender, target, 1, [ring], at=now_ms()))  # type: ignore[arg-type]
         # and copies a genuine batch meant for node 2 into node 1's inbox.
-        other = genuine.seal_delivery(sender, node_id(cluster, 2), 10**9, [ring])
+        other = genuine.seal_delivery(sender, node_id(cluster, 2), 10**9, [ring], at=now_ms())
         client.xadd(inbox, other)  # type: ignore[arg-type]
     finally:
         client.close()

@@ -54,7 +54,7 @@ from callgate.config import load_settings
 from callgate.core.actions import Deliver
 from callgate.errors import ConfigError
 from conftest import STEP, Client, ClusterHarness
-from test_cluster import _until, call_across_nodes, codec, connected_call, ice
+from test_cluster import _until, call_across_nodes, codec, connected_call, ice, now_ms
 
 FORGER_KEY = b"a guessed key that is long enough!!"
 
@@ -292,7 +292,7 @@ def _batch_without_hello(h: ClusterHarness, bob: Client, nonce: str) -> bytes:
     make every later batch of node 0 look like a replay)."""
     genuine = codec(cluster=h.name)
     origin, target = member(h, 0).node_id, member(h, 1).node_id
-    return batch(genuine.seal_delivery(origin, target, 10**9, [ring_bob(bob, 99)]))
+    return batch(genuine.seal_delivery(origin, target, 10**9, [ring_bob(bob, 99)], at=now_ms()))
 
 
 # What each probe sends, and the reason it is audited with (None: refused, not audited).
@@ -341,7 +341,9 @@ async def test_a_forged_hello_followed_at_once_by_a_batch_is_audited(
     _alice, bob = await call_across_nodes(cluster)
     forger = codec(key=FORGER_KEY, cluster=cluster.name)
     origin, target = member(cluster, 0), member(cluster, 1)
-    forged = forger.seal_delivery(origin.node_id, target.node_id, 10**9, [ring_bob(bob, 99)])
+    forged = forger.seal_delivery(
+        origin.node_id, target.node_id, 10**9, [ring_bob(bob, 99)], at=now_ms()
+    )
     stream = await dial(target)
     try:
         nonce = secrets.token_hex(16)
@@ -373,7 +375,9 @@ async def test_a_replayed_batch_on_a_fresh_link_is_refused_and_audited(
         assert isinstance(last, int) and last >= 1
         for count, seq in enumerate((last, 1), 1):  # the last one again, and the first one
             orders = [ring_bob(bob, 99)]
-            fields = genuine.seal_delivery(sender.node_id, receiver.node_id, seq, orders)
+            fields = genuine.seal_delivery(
+                sender.node_id, receiver.node_id, seq, orders, at=now_ms()
+            )
             await stream.send_all(batch(fields))
             await _until(lambda count=count: len(rejected(cluster)) == count)
         # Acked (nothing more was carried out), not closed: a replay is dropped, not the link.
@@ -403,7 +407,7 @@ async def test_a_batch_on_a_link_that_is_not_the_links_is_refused_and_audited(
     target = third.node_id if other == "target" else receiver.node_id
     stream, reader, nonce, welcome = await open_link(genuine, receiver, sender.node_id)
     try:
-        fields = genuine.seal_delivery(origin, target, 10**9, [ring_bob(bob, 99)])
+        fields = genuine.seal_delivery(origin, target, 10**9, [ring_bob(bob, 99)], at=now_ms())
         await stream.send_all(batch(fields))
         await _until(lambda: bool(rejected(cluster)))
         assert set(await acks(genuine, reader, nonce)) == {welcome["last"]}
@@ -427,7 +431,7 @@ async def test_a_batch_from_the_inbox_sent_again_on_a_link_counts_once_then_is_a
     receiver = member(cluster, 1)
     genuine = codec(cluster=cluster.name)
     origin = "ghost"  # an origin of its own: its numbers do not collide with node 0's
-    fields = genuine.seal_delivery(origin, receiver.node_id, 1, [ring_bob(bob, 50)])
+    fields = genuine.seal_delivery(origin, receiver.node_id, 1, [ring_bob(bob, 50)], at=now_ms())
     client = redis.Redis.from_url(cluster.redis_url)
     try:
         client.xadd(f"{cluster.name}:in:{receiver.node_id}", fields)  # type: ignore[arg-type]
@@ -465,7 +469,7 @@ async def test_a_links_first_batch_is_acked_however_soon_it_comes(
     origin = "ghost"  # numbers of its own
 
     def first(seq: int) -> bytes:
-        return batch(genuine.seal_delivery(origin, receiver.node_id, seq, []))
+        return batch(genuine.seal_delivery(origin, receiver.node_id, seq, [], at=now_ms()))
 
     for seq in range(1, 11):
         together = seq % 2 == 1
@@ -503,7 +507,7 @@ async def test_a_busy_link_is_acked_after_so_many_batches_without_waiting_for_th
     stream, reader, nonce, _ = await open_link(genuine, receiver, origin)
     try:
         frames = [
-            batch(genuine.seal_delivery(origin, receiver.node_id, seq, []))
+            batch(genuine.seal_delivery(origin, receiver.node_id, seq, [], at=now_ms()))
             for seq in range(1, ACK_AFTER + 1)
         ]
         await stream.send_all(b"".join(frames))
@@ -524,7 +528,9 @@ async def test_a_link_is_acked_in_time_for_an_opener_that_waits_less(
     origin = "ghost"
     stream, reader, nonce, _ = await open_link(genuine, receiver, origin, ack_timeout=0.5)
     try:
-        await stream.send_all(batch(genuine.seal_delivery(origin, receiver.node_id, 1, [])))
+        await stream.send_all(
+            batch(genuine.seal_delivery(origin, receiver.node_id, 1, [], at=now_ms()))
+        )
         assert await acks(genuine, reader, nonce) == [1]
     finally:
         await stream.aclose()
@@ -574,7 +580,9 @@ async def test_a_handshake_played_again_opens_nothing(cluster: ClusterHarness) -
         await first.aclose()
     received = receiver.received
     # Signed with the key, numbered as new: carried out on any link that opened.
-    fresh = batch(genuine.seal_delivery(origin, receiver.node_id, 1, [ring_bob(bob, 99)]))
+    fresh = batch(
+        genuine.seal_delivery(origin, receiver.node_id, 1, [ring_bob(bob, 99)], at=now_ms())
+    )
     again = await dial(receiver)
     try:
         await again.send_all(recorded_hello)
@@ -614,7 +622,7 @@ async def test_links_on_a_wildcard_address_are_dialled_at_the_advertised_one(
 
 def _frames() -> list[tuple[bytes, bytes]]:
     sealer = codec()
-    fields = sealer.seal_delivery("n1", "n2", 7, [])
+    fields = sealer.seal_delivery("n1", "n2", 7, [], at=now_ms())
     return [
         (HELLO, sealer.seal_link("hello", {"o": "n1", "t": "n2", "n": "x", "high": 0})),
         (BATCH, fields[b"m"] + fields[b"p"]),

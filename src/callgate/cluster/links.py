@@ -135,38 +135,45 @@ class RecentPaths:
 
 class Refusals:
     """Refusals audited once per source and reason per REFUSAL_WINDOW, with how many there
-    were: whoever can reach the link port, or write to Redis, could otherwise fill the audit
-    trail at their own speed."""
+    were (and how many messages for devices they held, `lost`: stale batches): whoever can
+    reach the link port, or write to Redis, could otherwise fill the audit trail at their own
+    speed."""
 
     def __init__(self, most: int = 1024) -> None:
-        self._windows: dict[tuple[str, str], tuple[float, int]] = {}
+        self._windows: dict[tuple[str, str], tuple[float, int, int]] = {}
         self._most = most
 
-    def admit(self, source: str, reason: str, count: int = 1) -> int | None:
-        """The count to audit now (these `count` refusals, and those kept quiet since the last
-        record), or None to keep these quiet."""
+    def admit(
+        self, source: str, reason: str, count: int = 1, lost: int = 0
+    ) -> tuple[int, int] | None:
+        """The count and the messages lost to audit now (these `count` refusals, and those
+        kept quiet since the last record), or None to keep these quiet."""
         now = time.monotonic()
         key = (source, reason)
         window = self._windows.get(key)
         if window is not None and now < window[0]:
-            self._windows[key] = (window[0], window[1] + count)
+            self._windows[key] = (window[0], window[1] + count, window[2] + lost)
             return None
         if len(self._windows) >= self._most:
             self._windows.clear()
-        self._windows[key] = (now + REFUSAL_WINDOW, 0)
-        return (window[1] if window is not None else 0) + count
+        self._windows[key] = (now + REFUSAL_WINDOW, 0, 0)
+        if window is None:
+            return count, lost
+        return window[1] + count, window[2] + lost
 
-    def overdue(self) -> list[tuple[str, str, int]]:
-        """(source, reason, count) of the windows that ended with refusals not yet audited
-        (their count would otherwise wait for the next refusal, maybe for ever); those
-        windows are closed."""
+    def overdue(self) -> list[tuple[str, str, int, int]]:
+        """(source, reason, count, lost) of the windows that ended with refusals not yet
+        audited (their count would otherwise wait for the next refusal, maybe for ever);
+        those windows are closed."""
         now = time.monotonic()
         ended = [
-            (key, kept) for key, (until, kept) in self._windows.items() if until <= now and kept > 0
+            (key, kept, lost)
+            for key, (until, kept, lost) in self._windows.items()
+            if until <= now and kept > 0
         ]
-        for key, _ in ended:
+        for key, _, _ in ended:
             del self._windows[key]
-        return [(source, reason, kept) for (source, reason), kept in ended]
+        return [(source, reason, kept, lost) for (source, reason), kept, lost in ended]
 
 
 class LinkClosed(Exception):
@@ -287,8 +294,11 @@ class LinkHost(Protocol):
     async def still_member(self) -> bool:
         """False: it was declared dead meanwhile (what a link brought is not its own)."""
 
-    def rejected(self, entry: str, reason: str, count: int = 1) -> None:
-        """Audit something refused (`cluster.rejected`; `count` of them since the last)."""
+    def rejected(
+        self, entry: str, reason: str, count: int = 1, *, messages: int | None = None
+    ) -> None:
+        """Audit something refused (`cluster.rejected`; `count` of them since the last;
+        `messages`, the messages for devices a refused batch held)."""
 
 
 class Links:
@@ -520,9 +530,10 @@ class Links:
         """The next batch of what is queued for `peer` (the rest stays queued): at most
         MAX_BATCH_ORDERS orders, and halved until it is under MAX_BATCH_BYTES."""
         take = min(len(peer.queue), MAX_BATCH_ORDERS)
+        at = int(time.time() * 1000)  # when it was sealed: a batch kept too long is stale
         while True:  # (a number a halved batch does not use is skipped: targets need order only)
             orders, seq = peer.queue[:take], next(self._seq)
-            fields = self._codec.seal_delivery(self._node.node_id, peer.node, seq, orders)
+            fields = self._codec.seal_delivery(self._node.node_id, peer.node, seq, orders, at=at)
             if take == 1 or len(fields[b"p"]) <= MAX_BATCH_BYTES:
                 break
             take //= 2
@@ -716,16 +727,16 @@ class Links:
     def audit_overdue(self) -> None:
         """Audit the refusals of links whose window ended since the last record (node.py
         calls this with each heartbeat)."""
-        for host, reason, count in self._refusals.overdue():
+        for host, reason, count, _ in self._refusals.overdue():
             self._node.rejected(f"link:{host}", reason, count)
 
     def _refused(self, stream: trio.SocketStream, reason: str) -> None:
         """Audit a refused link: once per address and reason per REFUSAL_WINDOW, with how
         many were refused since (anyone who reaches the port could otherwise fill the trail)."""
         host = _peer_name(stream).rpartition(":")[0] or "?"
-        count = self._refusals.admit(host, reason)
-        if count is not None:
-            self._node.rejected(f"link:{host}", reason, count)
+        admitted = self._refusals.admit(host, reason)
+        if admitted is not None:
+            self._node.rejected(f"link:{host}", reason, admitted[0])
 
     async def _serve_link(self, stream: trio.SocketStream) -> None:
         reader = FrameReader(stream, HANDSHAKE_FRAME)  # nothing big before the key is proven

@@ -52,6 +52,7 @@ from callgate.cluster.entries import (
     NodeGone,
     Order,
     RevocationVersion,
+    is_stale,
     node_of,
 )
 from callgate.cluster.line import RETRY_DELAYS, DeliveryLine, Entries
@@ -111,6 +112,10 @@ RECOVERY_SAMPLE = 16
 _chance = secrets.SystemRandom()
 MAX_OUTBOX = 100_000  # orders waiting for Redis; past this new ones are refused, counted, logged
 DEAD_VERDICT_MS = 3_600_000  # how long a node's death verdict is kept
+# Seconds after its origin sealed it that a batch is refused (`stale`): far longer than any
+# link, inbox, handover or ack delay, and than the nodes' clocks differ.
+MAX_BATCH_AGE = 3600.0
+STALE = "stale"
 # The close reason of a connection whose device the cluster no longer holds.
 LET_GO = "node left the cluster"
 # The `call-end` reason when Redis lost a call's state (restarted without its data).
@@ -286,6 +291,7 @@ class ClusterNode:
         # inbox behind them (line.py: redis-py in two threads).
         self.line = DeliveryLine(settings.redis_url, settings.name)
         self.line.node_id = self.node_id
+        self.max_batch_age = MAX_BATCH_AGE  # (read when the node is made: tests shorten it)
         self.links = Links(
             self.codec,
             self.line,
@@ -989,6 +995,15 @@ class ClusterNode:
         if origin is not None and delivery.origin != origin:
             refuse(entry_id, "misrouted")  # another node's batch, on this link
             return
+        now = time.time()
+        if is_stale(delivery, now, self.max_batch_age):
+            # Sealed too long ago: held that long (Redis away for longer), or recorded and
+            # appended again, which cannot be told apart once the origin's number is
+            # forgotten. Carried out in no way (handing its deliveries to buffers would be the
+            # replay itself); an hour-old message is of no use to a call. Audited, with how
+            # many messages for devices it held.
+            refuse(entry_id, STALE, messages=delivery.messages)
+            return
         if handover is not None:  # a dead or leaving node's inbox, handed over
             done, handed = handover
             if delivery.seq <= done.get(delivery.origin, 0):
@@ -1053,20 +1068,34 @@ class ClusterNode:
             self._send(origin, Forget(sender, call_id), None)
 
     def _entry_rejected(
-        self, entry_id: str, reason: str, count: int = 1, source: str = "inbox"
+        self,
+        entry_id: str,
+        reason: str,
+        count: int = 1,
+        source: str = "inbox",
+        *,
+        messages: int | None = None,
     ) -> None:
         """Refused what any Redis client can write (inbox entries, timer-set members): audited
         once per source and reason per REFUSAL_WINDOW, with how many (a client without the
-        key can write garbage as fast as Redis takes it)."""
-        total = self._unsigned_refusals.admit(source, reason, count)
+        key can write garbage as fast as Redis takes it), and with how many messages for
+        devices they held (`messages`, for stale batches)."""
+        total = self._unsigned_refusals.admit(source, reason, count, messages or 0)
         if total is not None:
-            self.rejected(entry_id, reason, total)
+            refused, lost = total
+            self.rejected(entry_id, reason, refused, messages=None if messages is None else lost)
 
-    def rejected(self, entry_id: str, reason: str, count: int = 1) -> None:
-        log.warning("cluster delivery refused", entry=entry_id, reason=reason)
+    def rejected(
+        self, entry_id: str, reason: str, count: int = 1, *, messages: int | None = None
+    ) -> None:
+        log.warning(
+            "cluster delivery refused", entry=entry_id, reason=reason, dropped_messages=messages
+        )
         fields: dict[str, Any] = {"node": self.node_id, "entry": entry_id, "reason": reason}
         if count > 1:  # links refused from one address, audited once a window (links.py)
             fields["count"] = count
+        if messages is not None:  # a stale batch: the messages for devices it held, dropped
+            fields["dropped_messages"] = messages
         self._executor.audit("cluster.rejected", fields)
 
     # -- timers ------------------------------------------------------------------------------
@@ -1234,8 +1263,8 @@ class ClusterNode:
                 log.warning("cluster epoch changed but the shared records are intact: ignored")
         self._epoch = epoch
         # Refusals kept quiet in a window that has ended: their count, audited now.
-        for source, reason, count in self._unsigned_refusals.overdue():
-            self.rejected(source, reason, count)
+        for source, reason, count, lost in self._unsigned_refusals.overdue():
+            self.rejected(source, reason, count, messages=lost if reason == STALE else None)
         self.links.audit_overdue()
         await self._check_revocations()
         seen: dict[str, int | None] = {}
