@@ -32,6 +32,8 @@ from callgate.cluster.entries import (
     BadEntry,
     EntryCodec,
     Forget,
+    forget_after,
+    forgettable,
     is_stale,
 )
 from callgate.cluster.node import ClusterNode, RecordedThrottle, Watch
@@ -251,6 +253,24 @@ def test_a_batch_says_when_it_was_sealed_and_one_kept_too_long_is_stale() -> Non
     with pytest.raises(BadEntry) as refused:  # signed, but not a time: a broken node
         codec().open_delivery(codec().seal_delivery("n1", "n2", 5, ring, at=True), "n2")
     assert refused.value.reason == "malformed"
+
+
+def test_an_origin_is_forgotten_only_once_a_copy_of_its_batches_would_be_stale() -> None:
+    """A node forgets an origin's number once it carried out no batch of it for twice the
+    batch age (a margin as long again for the clocks): any batch it did carry out, sealed
+    before that, is stale by then, so a recorded one appended again is still refused."""
+    hour = 3600.0
+    heard = {"n1": 10_000.0, "n2": 10_000.0 + hour, "n3": 10_000.0 + 2 * hour}
+    assert forget_after(hour) == 2 * hour
+    assert forgettable(heard, 10_000.0 + 2 * hour, hour) == []
+    assert forgettable(heard, 10_000.0 + 2 * hour + 1, hour) == ["n1"]
+    assert forgettable(heard, 10_000.0 + 3 * hour + 1, hour) == ["n1", "n2"]
+    # The last batch carried out from n1, sealed then on a clock up to an hour ahead of this
+    # node's: stale when n1 is forgotten.
+    for skew in (0.0, 600.0, hour - 1):
+        last = codec().seal_delivery("n1", "n2", 9, [], at=int((10_000.0 + skew) * 1000))
+        delivery = codec().open_delivery(last, "n2")
+        assert is_stale(delivery, 10_000.0 + 2 * hour + 1, hour)
 
 
 # -- three nodes on Redis ----------------------------------------------------------------------
@@ -669,6 +689,83 @@ async def _until(predicate: Any) -> None:
     with trio.fail_after(STEP):
         while not predicate():
             await trio.sleep(0.02)
+
+
+def marks(cluster: ClusterHarness, node: str) -> dict[str, int]:
+    """Per origin, the last batch `node` carried out, as its heartbeat in Redis says (signed)."""
+    reader = redis.Redis.from_url(cluster.redis_url)
+    try:
+        raw: Any = reader.get(f"{cluster.name}:hb:{node}")
+        beat = codec(cluster=cluster.name).heartbeat(raw, node)
+    finally:
+        reader.close()
+    return {} if beat is None else beat.done
+
+
+async def test_a_heartbeat_names_no_node_long_dead(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Node ids are new with every process, and a heartbeat says, per origin, the last batch
+    the node carried out. Nodes come and go (here three, each with a call to bob's node, each
+    stopped and declared dead): once none of theirs came for twice MAX_BATCH_AGE (an hour;
+    here a second), bob's node forgets them, its numbers, the verdict and the link peer, and
+    its heartbeat names only nodes heard from lately."""
+    monkeypatch.setattr(cluster_node, "MAX_BATCH_AGE", 1.0)
+    await cluster.start()
+    bob = await cluster.connect("bob", node=1)
+    keeper = cluster.nodes[1].hub.cluster
+    assert keeper is not None
+    # A node it sent to and never heard was declared dead (no NodeGone reached it): its peer.
+    keeper.links.send("ghost-0a0b0c", Forget("nobody", "none"), None)
+    await _until(lambda: keeper.links.batches_inboxed > 0)
+    gone: list[str] = ["ghost-0a0b0c"]
+    for round_ in range(3):
+        await cluster.add_node()
+        index = len(cluster.nodes) - 1
+        caller = await cluster.connect(f"caller{round_}", node=index)
+        await caller.send("call-request", call_request(f"c{round_}", f"caller{round_}", "bob"))
+        await bob.expect("call-request", id=f"c{round_}")
+        gone.append(node_id(cluster, index))
+        await _until(lambda: gone[-1] in marks(cluster, keeper.node_id))  # heard from it
+        cluster._running[index][0].cancel()  # it stops: declared dead, its call ends
+        await bob.expect("call-end", callId=f"c{round_}", reason="peer_disconnected")
+        await _until(lambda: gone[-1] in keeper._gone)
+    assert len(cluster.audit.records("cluster.node_down")) == 3
+    live = {node_id(cluster, index) for index in range(3)}
+    await _until(lambda: not set(gone) & (set(keeper._gone) | set(keeper.links._peers)))
+    await _until(lambda: set(marks(cluster, keeper.node_id)) <= live)
+
+
+async def test_a_node_of_the_previous_release_is_heard_and_never_forgotten(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rolling upgrade: a node of the previous release (the same VERSION) seals batches
+    without the time. They are carried out as ever, and its number is never forgotten: a
+    recorded batch of it, appended again, could not be told stale, only a replay. A node of
+    this release, silent as long, is forgotten."""
+    monkeypatch.setattr(cluster_node, "MAX_BATCH_AGE", 1.0)
+    await cluster.start(links=False)
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    await connected_call(alice, bob)  # node 0 (this release) sends bob's node batches
+    target, new = node_id(cluster, 1), node_id(cluster, 0)
+    old = "old-release-0a1b2c"
+    ring = (Deliver(bob.conn, "call-request", call_request("x", "carol", "bob")), "bob")
+    undated = codec(cluster=cluster.name).seal_delivery(old, target, 7, [ring], at=None)
+    client = redis.Redis.from_url(cluster.redis_url)
+    try:
+        client.xadd(f"{cluster.name}:in:{target}", undated)  # type: ignore[arg-type]
+        await bob.expect("call-request", id="x")
+        await _until(lambda: {old, new} <= set(marks(cluster, target)))
+        await _until(lambda: new not in marks(cluster, target))  # silent for 2 s: forgotten
+        assert marks(cluster, target)[old] == 7
+        client.xadd(f"{cluster.name}:in:{target}", undated)  # type: ignore[arg-type]
+        await _until(lambda: bool(cluster.audit.records("cluster.rejected")))
+    finally:
+        client.close()
+    [row] = cluster.audit.records("cluster.rejected")
+    assert (row["node"], row["reason"]) == (target, "replayed")
+    await bob.expect_silence()
 
 
 async def test_redis_restarted_without_its_data_mid_call(

@@ -18,6 +18,7 @@ a node never would. Fault injection reaches into the links' internals (`Links._p
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import secrets
 import socket
@@ -32,6 +33,7 @@ import trio
 import trio.testing
 
 from callgate.cluster import links as links_module
+from callgate.cluster import node as cluster_node
 from callgate.cluster.entries import BadEntry, EntryCodec, Order
 from callgate.cluster.links import (
     ACK,
@@ -46,6 +48,7 @@ from callgate.cluster.links import (
     WELCOME,
     FrameReader,
     LinkClosed,
+    Links,
     RecentPaths,
     frame,
 )
@@ -54,7 +57,7 @@ from callgate.config import load_settings
 from callgate.core.actions import Deliver
 from callgate.errors import ConfigError
 from conftest import STEP, Client, ClusterHarness
-from test_cluster import _until, call_across_nodes, codec, connected_call, ice, now_ms
+from test_cluster import _until, call_across_nodes, codec, connected_call, ice, marks, now_ms
 
 FORGER_KEY = b"a guessed key that is long enough!!"
 
@@ -222,6 +225,37 @@ BREAKS: dict[str, Callable[[ClusterNode, trio.SocketStream], None]] = {
     # The target drops its end with the batch unread: lost, and a reset for the sender.
     "target": drop_inbound,
 }
+
+
+async def test_a_link_opens_at_once_to_a_node_that_forgot_this_one(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A link opens only once the target carried out what the opener put in its inbox. A
+    target forgets the number of an origin it carried out nothing of for twice MAX_BATCH_AGE
+    (an hour; here a second), and an inbox append that old no longer holds a link back (what
+    of it is still unread is stale there): the link reopened after such a silence carries the
+    next batch at once, instead of failing its handshake and sending it by the inbox."""
+    monkeypatch.setattr(cluster_node, "MAX_BATCH_AGE", 1.0)
+    # The opener keeps its peer of the target (it forgets an idle one as long as the target
+    # forgets it: the two may cross).
+    monkeypatch.setattr(Links, "prune", lambda self: [])
+    alice, bob = await call_across_nodes(cluster)
+    sender, receiver = member(cluster, 0), member(cluster, 1)
+    peer = sender.links._peers[receiver.node_id]
+    sender.links._fall_back(peer, "a test")  # the link is lost
+    peer.next_try = math.inf  # and not tried again for now: the next batch takes the inbox
+    inboxed = sender.links.batches_inboxed
+    await alice.send("ice-candidate", {**ice("ab", "bob"), "n": 1})
+    await bob.expect("ice-candidate", callId="ab", n=1)
+    assert sender.links.batches_inboxed == inboxed + 1 and peer.inbox_high > 0
+    await _until(lambda: sender.node_id in marks(cluster, receiver.node_id))
+    await _until(lambda: sender.node_id not in marks(cluster, receiver.node_id))  # forgotten
+    peer.next_try = 0.0  # tried again with the next batch
+    await alice.send("ice-candidate", {**ice("ab", "bob"), "n": 2})
+    await bob.expect("ice-candidate", callId="ab", n=2)
+    assert sender.links.batches_inboxed == inboxed + 1  # it went on the new link
+    assert sender.links.linked(receiver.node_id)
+    assert not rejected(cluster)
 
 
 @pytest.mark.parametrize("end", sorted(BREAKS))

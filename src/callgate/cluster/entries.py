@@ -4,8 +4,9 @@ Nothing unsigned read from Redis decides anything. Each value here is signed wit
 (HMAC-SHA256 over a domain tag, the cluster name and the payload), with a domain tag per kind so
 that one is never taken for another. Deliveries (actions for another node's connections) also
 name their target node and carry their origin's number, so a copy is refused, and the time
-their origin sealed them, so a copy kept too long is refused too (`is_stale`). Pure: no I/O,
-no clock. (The shared call state's records are signed in records.py.)
+their origin sealed them, so a copy kept longer than a node remembers numbers is refused too
+(`is_stale`, `forgettable`). Pure: no I/O, no clock. (The shared call state's records are
+signed in records.py.)
 """
 
 from __future__ import annotations
@@ -95,6 +96,22 @@ def is_stale(delivery: Delivery, now: float, max_age: float) -> bool:
     genuine batch held that long (Redis away for longer) or a recorded one appended again.
     An undated batch (the previous release's) is never stale: its origin is never forgotten."""
     return delivery.at is not None and delivery.at < (now - max_age) * 1000
+
+
+def forget_after(max_age: float) -> float:
+    """Seconds without a dated batch from an origin after which its marks may be forgotten:
+    `max_age`, and as much again as a margin for the clocks of two nodes, which NTP keeps far
+    closer than that."""
+    return 2 * max_age
+
+
+def forgettable(heard: Mapping[str, float], now: float, max_age: float) -> list[str]:
+    """The origins whose last batch carried out here was dated, and carried out (at
+    `heard[origin]`, unix seconds on this node's clock) more than `forget_after(max_age)`
+    before `now`. Any batch of theirs that this node carried out was sealed before that, so
+    a copy of it appended again is refused as stale: forgetting its number reopens no replay."""
+    horizon = now - forget_after(max_age)
+    return [origin for origin, when in heard.items() if when < horizon]
 
 
 class Heartbeat(NamedTuple):
