@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,14 @@ import trio
 from callgate import trail
 from callgate.audit import TERMINAL_CALL_EVENTS
 from callgate.cluster import node as cluster_node
-from callgate.cluster.entries import BadEntry, EntryCodec, Forget
+from callgate.cluster.entries import (
+    BadEntry,
+    EntryCodec,
+    Forget,
+    forget_after,
+    forgettable,
+    is_stale,
+)
 from callgate.cluster.node import ClusterNode, RecordedThrottle, Watch
 from callgate.cluster.records import KEEP, BadRecord, RecordCodec, Slice, Timer
 from callgate.cluster.store import Store
@@ -103,6 +111,11 @@ def node_id(h: ClusterHarness, index: int) -> str:
 
 
 # -- records, deliveries and the slice, without Redis -----------------------------------------
+
+
+def now_ms() -> int:
+    """Now, as a batch's seal time (unix milliseconds)."""
+    return int(time.time() * 1000)
 
 
 def codec(key: bytes = KEY, cluster: str = "c1") -> EntryCodec:
@@ -199,7 +212,7 @@ def test_delivery_batches_are_signed_for_one_node() -> None:
         (Close("n2.b", 4003, "token revoked"), None),
         (Forget("alice", "c1"), None),
     ]
-    fields = codec().seal_delivery("n1", "n2", 5, orders)
+    fields = codec().seal_delivery("n1", "n2", 5, orders, at=now_ms())
     delivery = codec().open_delivery(fields, "n2")
     assert (delivery.origin, delivery.seq, delivery.orders) == ("n1", 5, orders)
     for reader, target, edited, reason in (
@@ -212,6 +225,52 @@ def test_delivery_batches_are_signed_for_one_node() -> None:
         with pytest.raises(BadEntry) as refused:
             reader.open_delivery(edited, target)
         assert refused.value.reason == reason
+
+
+def test_a_batch_says_when_it_was_sealed_and_one_kept_too_long_is_stale() -> None:
+    """A batch carries, signed, when its origin sealed it: past MAX_BATCH_AGE it is stale,
+    whoever kept it. The time cannot be taken out of a genuine batch (the MAC covers it), and
+    a batch of the previous release, which has none, is never stale."""
+    ring: Any = [
+        (Deliver("n2.b", "ice-candidate", {"callId": "c1"}), "bob"),
+        (Ack("n2.b", 1), None),
+    ]
+    sealed_at = 1_700_000_000_000  # unix ms
+    fields = codec().seal_delivery("n1", "n2", 5, ring, at=sealed_at)
+    delivery = codec().open_delivery(fields, "n2")
+    assert (delivery.at, delivery.messages) == (sealed_at, 1)
+    hour = 3600.0
+    assert not is_stale(delivery, sealed_at / 1000 + hour, hour)
+    assert is_stale(delivery, sealed_at / 1000 + hour + 0.01, hour)
+    assert not is_stale(delivery, sealed_at / 1000 - 30, hour)  # a clock behind the origin's
+    undated = codec().open_delivery(codec().seal_delivery("n1", "n2", 5, ring, at=None), "n2")
+    assert undated.at is None and not is_stale(undated, sealed_at / 1000 + 100 * hour, hour)
+    stripped = {**fields, b"p": fields[b"p"].replace(b',"at":%d' % sealed_at, b"")}
+    assert stripped[b"p"] != fields[b"p"]
+    with pytest.raises(BadEntry) as refused:
+        codec().open_delivery(stripped, "n2")
+    assert refused.value.reason == "bad_mac"
+    with pytest.raises(BadEntry) as refused:  # signed, but not a time: a broken node
+        codec().open_delivery(codec().seal_delivery("n1", "n2", 5, ring, at=True), "n2")
+    assert refused.value.reason == "malformed"
+
+
+def test_an_origin_is_forgotten_only_once_a_copy_of_its_batches_would_be_stale() -> None:
+    """A node forgets an origin's number once it carried out no batch of it for twice the
+    batch age (a margin as long again for the clocks): any batch it did carry out, sealed
+    before that, is stale by then, so a recorded one appended again is still refused."""
+    hour = 3600.0
+    heard = {"n1": 10_000.0, "n2": 10_000.0 + hour, "n3": 10_000.0 + 2 * hour}
+    assert forget_after(hour) == 2 * hour
+    assert forgettable(heard, 10_000.0 + 2 * hour, hour) == []
+    assert forgettable(heard, 10_000.0 + 2 * hour + 1, hour) == ["n1"]
+    assert forgettable(heard, 10_000.0 + 3 * hour + 1, hour) == ["n1", "n2"]
+    # The last batch carried out from n1, sealed then on a clock up to an hour ahead of this
+    # node's: stale when n1 is forgotten.
+    for skew in (0.0, 600.0, hour - 1):
+        last = codec().seal_delivery("n1", "n2", 9, [], at=int((10_000.0 + skew) * 1000))
+        delivery = codec().open_delivery(last, "n2")
+        assert is_stale(delivery, 10_000.0 + 2 * hour + 1, hour)
 
 
 # -- three nodes on Redis ----------------------------------------------------------------------
@@ -263,6 +322,33 @@ async def test_a_device_resumes_its_call_on_another_node(cluster: ClusterHarness
     assert (ended["event"], ended["reason"]) == ("call.ended", "hangup")
 
 
+async def test_a_batch_held_longer_than_max_batch_age_is_refused_as_stale(
+    cluster: ClusterHarness,
+) -> None:
+    """A genuine batch sealed more than MAX_BATCH_AGE (an hour) ago, as a writer would hold it
+    through a Redis outage that long, is carried out in no way: refused as stale, and audited
+    with the messages for devices it held (none reaches a buffer: it could be a replay)."""
+    await cluster.start(links=False)
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    await connected_call(alice, bob)
+    sender, target = node_id(cluster, 0), node_id(cluster, 1)
+    late: Any = [(Deliver(bob.conn, "ice-candidate", ice("ab", "bob")), "bob")] * 2
+    hours_ago = now_ms() - int(cluster_node.MAX_BATCH_AGE * 1000) - 60_000
+    held = codec(cluster=cluster.name).seal_delivery(sender, target, 10**9, late, at=hours_ago)
+    client = redis.Redis.from_url(cluster.redis_url)
+    try:
+        client.xadd(f"{cluster.name}:in:{target}", held)  # type: ignore[arg-type]
+    finally:
+        client.close()
+    await _until(lambda: bool(cluster.audit.records("cluster.rejected")))
+    await bob.expect_silence()
+    [row] = cluster.audit.records("cluster.rejected")
+    assert (row["node"], row["reason"], row["dropped_messages"]) == (target, "stale", 2)
+    await alice.send("ice-candidate", ice("ab", "bob"))  # node 0's next batch: carried out
+    await bob.expect("ice-candidate", callId="ab")
+
+
 async def test_forged_replayed_and_misrouted_deliveries_are_refused_and_audited(
     cluster: ClusterHarness,
 ) -> None:
@@ -278,11 +364,11 @@ async def test_forged_replayed_and_misrouted_deliveries_are_refused_and_audited(
         inbox = f"{cluster.name}:in:{target}"
         # Someone with access to Redis but not the cluster key "rings" bob as alice,
         forged = codec(key=b"a guessed key that is long enough!!", cluster=cluster.name)
-        client.xadd(inbox, forged.seal_delivery(sender, target, 10**9, [ring]))  # type: ignore[arg-type]
+        client.xadd(inbox, forged.seal_delivery(sender, target, 10**9, [ring], at=now_ms()))  # type: ignore[arg-type]
         # replays a genuine batch (numbered 1: node 0 sent that one long ago),
-        client.xadd(inbox, genuine.seal_delivery(sender, target, 1, [ring]))  # type: ignore[arg-type]
+        client.xadd(inbox, genuine.seal_delivery(sender, target, 1, [ring], at=now_ms()))  # type: ignore[arg-type]
         # and copies a genuine batch meant for node 2 into node 1's inbox.
-        other = genuine.seal_delivery(sender, node_id(cluster, 2), 10**9, [ring])
+        other = genuine.seal_delivery(sender, node_id(cluster, 2), 10**9, [ring], at=now_ms())
         client.xadd(inbox, other)  # type: ignore[arg-type]
     finally:
         client.close()
@@ -603,6 +689,84 @@ async def _until(predicate: Any) -> None:
     with trio.fail_after(STEP):
         while not predicate():
             await trio.sleep(0.02)
+
+
+def marks(cluster: ClusterHarness, node: str) -> dict[str, int]:
+    """Per origin, the last batch `node` carried out, as its heartbeat in Redis says (signed)."""
+    reader = redis.Redis.from_url(cluster.redis_url)
+    try:
+        raw: Any = reader.get(f"{cluster.name}:hb:{node}")
+        beat = codec(cluster=cluster.name).heartbeat(raw, node)
+    finally:
+        reader.close()
+    return {} if beat is None else beat.done
+
+
+async def test_a_heartbeat_names_no_node_long_dead(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Node ids are new with every process, and a heartbeat says, per origin, the last batch
+    the node carried out. Nodes come and go (here three, each with a call to bob's node, each
+    stopped and declared dead): once none of theirs came for twice MAX_BATCH_AGE (an hour;
+    here a second), bob's node forgets them, its numbers, the verdict and the link peer, and
+    its heartbeat names only nodes heard from lately."""
+    monkeypatch.setattr(cluster_node, "MAX_BATCH_AGE", 1.0)
+    await cluster.start()
+    bob = await cluster.connect("bob", node=1)
+    keeper = cluster.nodes[1].hub.cluster
+    assert keeper is not None
+    # A node it sent to and never heard was declared dead (no NodeGone reached it): its peer.
+    keeper.links.send("ghost-0a0b0c", Forget("nobody", "none"), None)
+    await _until(lambda: keeper.links.batches_inboxed > 0)
+    gone: list[str] = ["ghost-0a0b0c"]
+    for round_ in range(3):
+        await cluster.add_node()
+        index = len(cluster.nodes) - 1
+        caller = await cluster.connect(f"caller{round_}", node=index)
+        await caller.send("call-request", call_request(f"c{round_}", f"caller{round_}", "bob"))
+        await bob.expect("call-request", id=f"c{round_}")
+        gone.append(node_id(cluster, index))
+        await _until(lambda: gone[-1] in marks(cluster, keeper.node_id))  # heard from it
+        cluster._running[index][0].cancel()  # it stops: declared dead, its call ends
+        await bob.expect("call-end", callId=f"c{round_}", reason="peer_disconnected")
+        await _until(lambda: gone[-1] in keeper._gone)
+    assert len(cluster.audit.records("cluster.node_down")) == 3
+    live = {node_id(cluster, index) for index in range(3)}
+    await _until(lambda: not set(gone) & (set(keeper._gone) | set(keeper.links._peers)))
+    await _until(lambda: set(marks(cluster, keeper.node_id)) <= live)
+
+
+async def test_a_node_of_the_previous_release_is_heard_and_never_forgotten(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rolling upgrade: a node of the previous release (the same VERSION) seals batches
+    without the time. They are carried out as ever, and its number is never forgotten: a
+    recorded batch of it, appended again, could not be told stale, only a replay. A node of
+    this release, heard from later and silent since, is forgotten."""
+    monkeypatch.setattr(cluster_node, "MAX_BATCH_AGE", 1.0)
+    await cluster.start(links=False)
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    target, new = node_id(cluster, 1), node_id(cluster, 0)
+    old = "old-release-0a1b2c"
+    candidate: Any = [(Deliver(bob.conn, "ice-candidate", ice("x", "bob")), "bob")]
+    undated = codec(cluster=cluster.name).seal_delivery(old, target, 7, candidate, at=None)
+    client = redis.Redis.from_url(cluster.redis_url)
+    try:
+        client.xadd(f"{cluster.name}:in:{target}", undated)  # type: ignore[arg-type]
+        await bob.expect("ice-candidate", callId="x")
+        await _until(lambda: old in marks(cluster, target))
+        await connected_call(alice, bob)  # node 0, of this release, heard from after it
+        await _until(lambda: new in marks(cluster, target))
+        await _until(lambda: new not in marks(cluster, target))  # silent for 2 s: forgotten
+        assert marks(cluster, target)[old] == 7  # heard from before it, and kept
+        client.xadd(f"{cluster.name}:in:{target}", undated)  # type: ignore[arg-type]
+        await _until(lambda: bool(cluster.audit.records("cluster.rejected")))
+    finally:
+        client.close()
+    [row] = cluster.audit.records("cluster.rejected")
+    assert (row["node"], row["reason"]) == (target, "replayed")
+    await bob.expect_silence()
 
 
 async def test_redis_restarted_without_its_data_mid_call(

@@ -18,6 +18,7 @@ a node never would. Fault injection reaches into the links' internals (`Links._p
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import secrets
 import socket
@@ -32,6 +33,7 @@ import trio
 import trio.testing
 
 from callgate.cluster import links as links_module
+from callgate.cluster import node as cluster_node
 from callgate.cluster.entries import BadEntry, EntryCodec, Order
 from callgate.cluster.links import (
     ACK,
@@ -46,6 +48,7 @@ from callgate.cluster.links import (
     WELCOME,
     FrameReader,
     LinkClosed,
+    Links,
     RecentPaths,
     frame,
 )
@@ -54,7 +57,7 @@ from callgate.config import load_settings
 from callgate.core.actions import Deliver
 from callgate.errors import ConfigError
 from conftest import STEP, Client, ClusterHarness
-from test_cluster import _until, call_across_nodes, codec, connected_call, ice
+from test_cluster import _until, call_across_nodes, codec, connected_call, ice, marks, now_ms
 
 FORGER_KEY = b"a guessed key that is long enough!!"
 
@@ -224,6 +227,37 @@ BREAKS: dict[str, Callable[[ClusterNode, trio.SocketStream], None]] = {
 }
 
 
+async def test_a_link_opens_at_once_to_a_node_that_forgot_this_one(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A link opens only once the target carried out what the opener put in its inbox. A
+    target forgets the number of an origin it carried out nothing of for twice MAX_BATCH_AGE
+    (an hour; here a second), and an inbox append that old no longer holds a link back (what
+    of it is still unread is stale there): the link reopened after such a silence carries the
+    next batch at once, instead of failing its handshake and sending it by the inbox."""
+    monkeypatch.setattr(cluster_node, "MAX_BATCH_AGE", 1.0)
+    # The opener keeps its peer of the target (it forgets an idle one as long as the target
+    # forgets it: the two may cross).
+    monkeypatch.setattr(Links, "prune", lambda self: [])
+    alice, bob = await call_across_nodes(cluster)
+    sender, receiver = member(cluster, 0), member(cluster, 1)
+    peer = sender.links._peers[receiver.node_id]
+    sender.links._fall_back(peer, "a test")  # the link is lost
+    peer.next_try = math.inf  # and not tried again for now: the next batch takes the inbox
+    inboxed = sender.links.batches_inboxed
+    await alice.send("ice-candidate", {**ice("ab", "bob"), "n": 1})
+    await bob.expect("ice-candidate", callId="ab", n=1)
+    assert sender.links.batches_inboxed == inboxed + 1 and peer.inbox_high > 0
+    await _until(lambda: sender.node_id in marks(cluster, receiver.node_id))
+    await _until(lambda: sender.node_id not in marks(cluster, receiver.node_id))  # forgotten
+    peer.next_try = 0.0  # tried again with the next batch
+    await alice.send("ice-candidate", {**ice("ab", "bob"), "n": 2})
+    await bob.expect("ice-candidate", callId="ab", n=2)
+    assert sender.links.batches_inboxed == inboxed + 1  # it went on the new link
+    assert sender.links.linked(receiver.node_id)
+    assert not rejected(cluster)
+
+
 @pytest.mark.parametrize("end", sorted(BREAKS))
 async def test_a_link_broken_mid_call_loses_nothing_and_comes_back(
     cluster: ClusterHarness, end: str
@@ -292,7 +326,7 @@ def _batch_without_hello(h: ClusterHarness, bob: Client, nonce: str) -> bytes:
     make every later batch of node 0 look like a replay)."""
     genuine = codec(cluster=h.name)
     origin, target = member(h, 0).node_id, member(h, 1).node_id
-    return batch(genuine.seal_delivery(origin, target, 10**9, [ring_bob(bob, 99)]))
+    return batch(genuine.seal_delivery(origin, target, 10**9, [ring_bob(bob, 99)], at=now_ms()))
 
 
 # What each probe sends, and the reason it is audited with (None: refused, not audited).
@@ -341,7 +375,9 @@ async def test_a_forged_hello_followed_at_once_by_a_batch_is_audited(
     _alice, bob = await call_across_nodes(cluster)
     forger = codec(key=FORGER_KEY, cluster=cluster.name)
     origin, target = member(cluster, 0), member(cluster, 1)
-    forged = forger.seal_delivery(origin.node_id, target.node_id, 10**9, [ring_bob(bob, 99)])
+    forged = forger.seal_delivery(
+        origin.node_id, target.node_id, 10**9, [ring_bob(bob, 99)], at=now_ms()
+    )
     stream = await dial(target)
     try:
         nonce = secrets.token_hex(16)
@@ -373,7 +409,9 @@ async def test_a_replayed_batch_on_a_fresh_link_is_refused_and_audited(
         assert isinstance(last, int) and last >= 1
         for count, seq in enumerate((last, 1), 1):  # the last one again, and the first one
             orders = [ring_bob(bob, 99)]
-            fields = genuine.seal_delivery(sender.node_id, receiver.node_id, seq, orders)
+            fields = genuine.seal_delivery(
+                sender.node_id, receiver.node_id, seq, orders, at=now_ms()
+            )
             await stream.send_all(batch(fields))
             await _until(lambda count=count: len(rejected(cluster)) == count)
         # Acked (nothing more was carried out), not closed: a replay is dropped, not the link.
@@ -403,7 +441,7 @@ async def test_a_batch_on_a_link_that_is_not_the_links_is_refused_and_audited(
     target = third.node_id if other == "target" else receiver.node_id
     stream, reader, nonce, welcome = await open_link(genuine, receiver, sender.node_id)
     try:
-        fields = genuine.seal_delivery(origin, target, 10**9, [ring_bob(bob, 99)])
+        fields = genuine.seal_delivery(origin, target, 10**9, [ring_bob(bob, 99)], at=now_ms())
         await stream.send_all(batch(fields))
         await _until(lambda: bool(rejected(cluster)))
         assert set(await acks(genuine, reader, nonce)) == {welcome["last"]}
@@ -427,7 +465,7 @@ async def test_a_batch_from_the_inbox_sent_again_on_a_link_counts_once_then_is_a
     receiver = member(cluster, 1)
     genuine = codec(cluster=cluster.name)
     origin = "ghost"  # an origin of its own: its numbers do not collide with node 0's
-    fields = genuine.seal_delivery(origin, receiver.node_id, 1, [ring_bob(bob, 50)])
+    fields = genuine.seal_delivery(origin, receiver.node_id, 1, [ring_bob(bob, 50)], at=now_ms())
     client = redis.Redis.from_url(cluster.redis_url)
     try:
         client.xadd(f"{cluster.name}:in:{receiver.node_id}", fields)  # type: ignore[arg-type]
@@ -465,7 +503,7 @@ async def test_a_links_first_batch_is_acked_however_soon_it_comes(
     origin = "ghost"  # numbers of its own
 
     def first(seq: int) -> bytes:
-        return batch(genuine.seal_delivery(origin, receiver.node_id, seq, []))
+        return batch(genuine.seal_delivery(origin, receiver.node_id, seq, [], at=now_ms()))
 
     for seq in range(1, 11):
         together = seq % 2 == 1
@@ -503,7 +541,7 @@ async def test_a_busy_link_is_acked_after_so_many_batches_without_waiting_for_th
     stream, reader, nonce, _ = await open_link(genuine, receiver, origin)
     try:
         frames = [
-            batch(genuine.seal_delivery(origin, receiver.node_id, seq, []))
+            batch(genuine.seal_delivery(origin, receiver.node_id, seq, [], at=now_ms()))
             for seq in range(1, ACK_AFTER + 1)
         ]
         await stream.send_all(b"".join(frames))
@@ -524,7 +562,9 @@ async def test_a_link_is_acked_in_time_for_an_opener_that_waits_less(
     origin = "ghost"
     stream, reader, nonce, _ = await open_link(genuine, receiver, origin, ack_timeout=0.5)
     try:
-        await stream.send_all(batch(genuine.seal_delivery(origin, receiver.node_id, 1, [])))
+        await stream.send_all(
+            batch(genuine.seal_delivery(origin, receiver.node_id, 1, [], at=now_ms()))
+        )
         assert await acks(genuine, reader, nonce) == [1]
     finally:
         await stream.aclose()
@@ -574,7 +614,9 @@ async def test_a_handshake_played_again_opens_nothing(cluster: ClusterHarness) -
         await first.aclose()
     received = receiver.received
     # Signed with the key, numbered as new: carried out on any link that opened.
-    fresh = batch(genuine.seal_delivery(origin, receiver.node_id, 1, [ring_bob(bob, 99)]))
+    fresh = batch(
+        genuine.seal_delivery(origin, receiver.node_id, 1, [ring_bob(bob, 99)], at=now_ms())
+    )
     again = await dial(receiver)
     try:
         await again.send_all(recorded_hello)
@@ -614,7 +656,7 @@ async def test_links_on_a_wildcard_address_are_dialled_at_the_advertised_one(
 
 def _frames() -> list[tuple[bytes, bytes]]:
     sealer = codec()
-    fields = sealer.seal_delivery("n1", "n2", 7, [])
+    fields = sealer.seal_delivery("n1", "n2", 7, [], at=now_ms())
     return [
         (HELLO, sealer.seal_link("hello", {"o": "n1", "t": "n2", "n": "x", "high": 0})),
         (BATCH, fields[b"m"] + fields[b"p"]),

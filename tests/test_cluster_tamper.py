@@ -33,6 +33,8 @@ from test_cluster import (
     beats,
     connected_call,
     ice,
+    marks,
+    node_id,
     sign_in,
     terminal_records,
 )
@@ -294,3 +296,53 @@ async def test_a_spoiled_record_holds_no_lane(
     assert (await carol.expect("ack"))["ref"] == 1
     refused = cluster.audit.records("cluster.rejected")
     assert [(row["entry"], row["reason"]) for row in refused] == [("u:bob", "bad_mac")]
+
+
+async def test_a_batch_recorded_and_appended_after_its_origin_was_forgotten_is_stale(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Node ids are new with every process, so a node forgets the number of an origin it
+    carried out no batch of for twice MAX_BATCH_AGE (an hour; here a second), and its
+    heartbeat stops naming it. A genuine batch of that origin, recorded by a Redis client
+    without the key and appended again after that, is refused as stale (audited with the
+    messages it held), not carried out: its number is forgotten, its time is not."""
+    monkeypatch.setattr(cluster_node, "MAX_BATCH_AGE", 1.0)
+    await cluster.start(links=False)  # every batch in the inboxes, where a client records it
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    sender, target = node_id(cluster, 0), node_id(cluster, 1)
+    inbox = f"{cluster.name}:in:{target}"
+    captured: list[dict[bytes, bytes]] = []
+    stop = threading.Event()
+
+    def sniff() -> None:  # the attacker records what reaches bob's node's inbox
+        spy = redis.Redis.from_url(cluster.redis_url)
+        position: Any = "0-0"
+        while not stop.is_set():
+            reply: Any = spy.xread({inbox: position}, block=100)
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    captured.append(fields)
+                    position = entry_id
+        spy.close()
+
+    threading.Thread(target=sniff, daemon=True).start()
+    attacker = redis.Redis.from_url(cluster.redis_url)
+    try:
+        await connected_call(alice, bob)
+        await alice.send("ice-candidate", {**ice("ab", "bob"), "n": "original"})
+        assert (await bob.expect("ice-candidate", callId="ab"))["data"]["n"] == "original"
+        await _until(lambda: any(b"original" in fields[b"p"] for fields in captured))
+        [batch] = [fields for fields in captured if b"original" in fields[b"p"]]
+        await _until(lambda: sender in marks(cluster, target))
+        await _until(lambda: sender not in marks(cluster, target))  # silent for 2 s: forgotten
+        attacker.xadd(inbox, batch)  # type: ignore[arg-type]
+        await _until(lambda: bool(cluster.audit.records("cluster.rejected")))
+        await bob.expect_silence()  # not carried out
+        [row] = cluster.audit.records("cluster.rejected")
+        assert (row["node"], row["reason"], row["dropped_messages"]) == (target, "stale", 1)
+        await alice.send("ice-candidate", {**ice("ab", "bob"), "n": "after"})
+        assert (await bob.expect("ice-candidate", callId="ab"))["data"]["n"] == "after"
+    finally:
+        stop.set()
+        attacker.close()

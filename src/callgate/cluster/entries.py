@@ -3,8 +3,10 @@
 Nothing unsigned read from Redis decides anything. Each value here is signed with the cluster key
 (HMAC-SHA256 over a domain tag, the cluster name and the payload), with a domain tag per kind so
 that one is never taken for another. Deliveries (actions for another node's connections) also
-name their target node and carry their origin's number, so a copy is refused. Pure: no I/O.
-(The shared call state's records are signed in records.py.)
+name their target node and carry their origin's number, so a copy is refused, and the time
+their origin sealed them, so a copy kept longer than a node remembers numbers is refused too
+(`is_stale`, `forgettable`). Pure: no I/O, no clock. (The shared call state's records are
+signed in records.py.)
 """
 
 from __future__ import annotations
@@ -75,11 +77,42 @@ Order = Deliver | Ack | SendError | Close | Forget | Learn | NodeGone
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """A verified batch of orders from `origin` for this node."""
+    """A verified batch of orders from `origin` for this node, sealed at `at` (unix
+    milliseconds, on the origin's clock; None from a node of the release before batches were
+    dated, which still speaks VERSION 2)."""
 
     origin: str
     seq: int
     orders: list[tuple[Order, str | None]]
+    at: int | None = None
+
+    @property
+    def messages(self) -> int:
+        """How many deliveries to devices it holds (what refusing it keeps from them)."""
+        return sum(1 for order, _ in self.orders if isinstance(order, Deliver))
+
+
+def is_stale(delivery: Delivery, now: float, max_age: float) -> bool:
+    """Sealed more than `max_age` seconds before `now` (unix seconds): refused, whether a
+    genuine batch held that long (Redis away for longer) or a recorded one appended again.
+    An undated batch (the previous release's) is never stale: its origin is never forgotten."""
+    return delivery.at is not None and delivery.at < (now - max_age) * 1000
+
+
+def forget_after(max_age: float) -> float:
+    """Seconds without a dated batch from an origin after which its marks may be forgotten:
+    `max_age`, and as much again as a margin for the clocks of two nodes, which NTP keeps far
+    closer than that."""
+    return 2 * max_age
+
+
+def forgettable(heard: Mapping[str, float], now: float, max_age: float) -> list[str]:
+    """The origins whose last batch carried out here was dated, and carried out (at
+    `heard[origin]`, unix seconds on this node's clock) more than `forget_after(max_age)`
+    before `now`. Any batch of theirs that this node carried out was sealed before that, so
+    a copy of it appended again is refused as stale: forgetting its number reopens no replay."""
+    horizon = now - forget_after(max_age)
+    return [origin for origin, when in heard.items() if when < horizon]
 
 
 class Heartbeat(NamedTuple):
@@ -273,16 +306,25 @@ class EntryCodec:
         return body
 
     def seal_delivery(
-        self, origin: str, target: str, seq: int, orders: list[tuple[Order, str | None]]
+        self,
+        origin: str,
+        target: str,
+        seq: int,
+        orders: list[tuple[Order, str | None]],
+        *,
+        at: int | None,
     ) -> dict[bytes, bytes]:
-        """The stream fields of a batch of orders for node `target`."""
-        body = {
+        """The stream fields of a batch of orders for node `target`, sealed at `at` (unix
+        milliseconds; None only to stand for the previous release, which did not date them)."""
+        body: dict[str, Any] = {
             "v": VERSION,
             "o": origin,
             "t": target,
             "s": seq,
             "a": [_order(o, u) for o, u in orders],
         }
+        if at is not None:
+            body["at"] = at
         payload = orjson.dumps(body)
         return {b"p": payload, b"m": self._mac(payload, _DELIVERY)}
 
@@ -302,7 +344,10 @@ class EntryCodec:
             if body["t"] != target:
                 raise BadEntry("misrouted")
             orders = [_read_order(item) for item in body["a"]]
-            return Delivery(str(body["o"]), int(body["s"]), orders)
+            at = body.get("at")
+            if at is not None and type(at) is not int:
+                raise BadEntry("malformed")
+            return Delivery(str(body["o"]), int(body["s"]), orders, at)
         except (KeyError, TypeError, ValueError, IndexError):
             # Signed with our key but not understood: a newer or broken node.
             raise BadEntry("malformed") from None

@@ -22,8 +22,10 @@ The inbox is the fallback, and two rules keep the two paths from losing or reord
    its own number, and from then on that target's batches take the inbox.
 2. A link is (re)opened only when the target says, in the handshake, that it has carried out
    every batch this node put in its inbox (`last` >= the highest number sent that way; what is
-   queued meanwhile waits for the handshake, which HANDSHAKE_TIMEOUT bounds). So a target gets
-   each origin's batches in order; what it may get twice is a batch sent on a link and then
+   queued meanwhile waits for the handshake, which HANDSHAKE_TIMEOUT bounds). Only appends of
+   the last `forget_after` count: an older batch is refused as stale wherever it is read
+   (node.py), and its number may be forgotten by the target. So a target gets each origin's
+   batches in order; what it may get twice is a batch sent on a link and then
    copied to the inbox. node.py carries out each number once and tells such a copy (the other
    path, once) from a replay (the same path, a second copy, or too old): only a replay is
    audited.
@@ -51,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import math
 import os
 import secrets
 import struct
@@ -135,38 +138,45 @@ class RecentPaths:
 
 class Refusals:
     """Refusals audited once per source and reason per REFUSAL_WINDOW, with how many there
-    were: whoever can reach the link port, or write to Redis, could otherwise fill the audit
-    trail at their own speed."""
+    were (and how many messages for devices they held, `lost`: stale batches): whoever can
+    reach the link port, or write to Redis, could otherwise fill the audit trail at their own
+    speed."""
 
     def __init__(self, most: int = 1024) -> None:
-        self._windows: dict[tuple[str, str], tuple[float, int]] = {}
+        self._windows: dict[tuple[str, str], tuple[float, int, int]] = {}
         self._most = most
 
-    def admit(self, source: str, reason: str, count: int = 1) -> int | None:
-        """The count to audit now (these `count` refusals, and those kept quiet since the last
-        record), or None to keep these quiet."""
+    def admit(
+        self, source: str, reason: str, count: int = 1, lost: int = 0
+    ) -> tuple[int, int] | None:
+        """The count and the messages lost to audit now (these `count` refusals, and those
+        kept quiet since the last record), or None to keep these quiet."""
         now = time.monotonic()
         key = (source, reason)
         window = self._windows.get(key)
         if window is not None and now < window[0]:
-            self._windows[key] = (window[0], window[1] + count)
+            self._windows[key] = (window[0], window[1] + count, window[2] + lost)
             return None
         if len(self._windows) >= self._most:
             self._windows.clear()
-        self._windows[key] = (now + REFUSAL_WINDOW, 0)
-        return (window[1] if window is not None else 0) + count
+        self._windows[key] = (now + REFUSAL_WINDOW, 0, 0)
+        if window is None:
+            return count, lost
+        return window[1] + count, window[2] + lost
 
-    def overdue(self) -> list[tuple[str, str, int]]:
-        """(source, reason, count) of the windows that ended with refusals not yet audited
-        (their count would otherwise wait for the next refusal, maybe for ever); those
-        windows are closed."""
+    def overdue(self) -> list[tuple[str, str, int, int]]:
+        """(source, reason, count, lost) of the windows that ended with refusals not yet
+        audited (their count would otherwise wait for the next refusal, maybe for ever);
+        those windows are closed."""
         now = time.monotonic()
         ended = [
-            (key, kept) for key, (until, kept) in self._windows.items() if until <= now and kept > 0
+            (key, kept, lost)
+            for key, (until, kept, lost) in self._windows.items()
+            if until <= now and kept > 0
         ]
-        for key, _ in ended:
+        for key, _, _ in ended:
             del self._windows[key]
-        return [(source, reason, kept) for (source, reason), kept in ended]
+        return [(source, reason, kept, lost) for (source, reason), kept, lost in ended]
 
 
 class LinkClosed(Exception):
@@ -254,6 +264,8 @@ class Peer:
     nonce: str = ""
     unacked: deque[Sent] = field(default_factory=deque)
     inbox_high: int = 0  # the highest number this node put in the target's inbox
+    inbox_at: float = -math.inf  # when it last put one there (monotonic)
+    used_at: float = field(default_factory=time.monotonic)  # when it last sealed a batch
     attempts: int = 0
     next_try: float = 0.0
     connecting: bool = False
@@ -287,8 +299,11 @@ class LinkHost(Protocol):
     async def still_member(self) -> bool:
         """False: it was declared dead meanwhile (what a link brought is not its own)."""
 
-    def rejected(self, entry: str, reason: str, count: int = 1) -> None:
-        """Audit something refused (`cluster.rejected`; `count` of them since the last)."""
+    def rejected(
+        self, entry: str, reason: str, count: int = 1, *, messages: int | None = None
+    ) -> None:
+        """Audit something refused (`cluster.rejected`; `count` of them since the last;
+        `messages`, the messages for devices a refused batch held)."""
 
 
 class Links:
@@ -302,6 +317,7 @@ class Links:
         node: LinkHost,
         *,
         ack_timeout: float,
+        forget_after: float,
         enabled: bool = True,
         reactor: Reactor | None = None,
     ) -> None:
@@ -313,6 +329,9 @@ class Links:
         if reactor is not None:
             reactor.after_turn(self._end_turn)
         self.ack_timeout = ack_timeout
+        # A peer that sent nothing for this long and has no link open is forgotten (`prune`),
+        # and its inbox appends older than this hold no link back (a batch that old is stale).
+        self.forget_after = forget_after
         self.enabled = enabled
         self._peers: dict[str, Peer] = {}
         self._seq = itertools.count(1)
@@ -405,6 +424,23 @@ class Links:
         peer.queue, peer.unacked = [], deque()
         self._close(peer)
         return left
+
+    def prune(self) -> list[str]:
+        """Forget the peers with no link open, nothing queued or unacked, and nothing sealed
+        for `forget_after` (a node that died without this node hearing of it, or one it has
+        not talked to for that long: a peer comes back with the next order for it). Returns
+        the nodes forgotten."""
+        horizon = time.monotonic() - self.forget_after
+        idle = [
+            node
+            for node, peer in self._peers.items()
+            if peer.used_at < horizon
+            and peer.stream is None
+            and not (peer.connecting or peer.sending or peer.queue or peer.unacked or peer.rest)
+        ]
+        for node in idle:
+            self._peers.pop(node).scope.cancel()
+        return idle
 
     def reset(self) -> None:
         """This node was evicted and starts under a new id (called before the id changes): no
@@ -520,9 +556,11 @@ class Links:
         """The next batch of what is queued for `peer` (the rest stays queued): at most
         MAX_BATCH_ORDERS orders, and halved until it is under MAX_BATCH_BYTES."""
         take = min(len(peer.queue), MAX_BATCH_ORDERS)
+        at = int(time.time() * 1000)  # when it was sealed: a batch kept too long is stale
+        peer.used_at = time.monotonic()
         while True:  # (a number a halved batch does not use is skipped: targets need order only)
             orders, seq = peer.queue[:take], next(self._seq)
-            fields = self._codec.seal_delivery(self._node.node_id, peer.node, seq, orders)
+            fields = self._codec.seal_delivery(self._node.node_id, peer.node, seq, orders, at=at)
             if take == 1 or len(fields[b"p"]) <= MAX_BATCH_BYTES:
                 break
             take //= 2
@@ -566,6 +604,7 @@ class Links:
     def _to_inbox(self, peer: Peer, seq: int, fields: dict[bytes, bytes], orders: int) -> None:
         self._line.send(peer.node, fields, orders)
         peer.inbox_high = max(peer.inbox_high, seq)
+        peer.inbox_at = time.monotonic()
         self.batches_inboxed += 1
 
     def _fall_back(self, peer: Peer, why: str) -> None:
@@ -603,6 +642,10 @@ class Links:
                 return
             host, _, port = address.rpartition(":")
             host = host.strip("[]")  # an IPv6 address, written [::1]:port
+            # What this node put in the target's inbox, unless it was so long ago that any of
+            # it still unread is stale there (and the target may have forgotten its number).
+            fresh = time.monotonic() - peer.inbox_at < self.forget_after
+            high = peer.inbox_high if fresh else 0
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 stream = await trio.open_tcp_stream(host, int(port))
                 nonce = secrets.token_hex(16)
@@ -613,7 +656,7 @@ class Links:
                     "o": origin,
                     "t": peer.node,
                     "n": nonce,
-                    "high": peer.inbox_high,
+                    "high": high,
                     "ack": self.ack_timeout,
                 }
                 await stream.send_all(frame(HELLO, self._codec.seal_link("hello", hello)))
@@ -627,7 +670,7 @@ class Links:
             ):
                 raise LinkClosed("not the node dialled")
             last, challenge = welcome.get("last"), welcome.get("m")
-            if not isinstance(last, int) or last < peer.inbox_high:
+            if not isinstance(last, int) or last < high:
                 raise LinkClosed("its inbox is not carried out yet")
             if peer.node not in self._peers or self._node.node_id != origin:
                 raise LinkClosed("no longer wanted")
@@ -716,16 +759,16 @@ class Links:
     def audit_overdue(self) -> None:
         """Audit the refusals of links whose window ended since the last record (node.py
         calls this with each heartbeat)."""
-        for host, reason, count in self._refusals.overdue():
+        for host, reason, count, _ in self._refusals.overdue():
             self._node.rejected(f"link:{host}", reason, count)
 
     def _refused(self, stream: trio.SocketStream, reason: str) -> None:
         """Audit a refused link: once per address and reason per REFUSAL_WINDOW, with how
         many were refused since (anyone who reaches the port could otherwise fill the trail)."""
         host = _peer_name(stream).rpartition(":")[0] or "?"
-        count = self._refusals.admit(host, reason)
-        if count is not None:
-            self._node.rejected(f"link:{host}", reason, count)
+        admitted = self._refusals.admit(host, reason)
+        if admitted is not None:
+            self._node.rejected(f"link:{host}", reason, admitted[0])
 
     async def _serve_link(self, stream: trio.SocketStream) -> None:
         reader = FrameReader(stream, HANDSHAKE_FRAME)  # nothing big before the key is proven

@@ -52,6 +52,9 @@ from callgate.cluster.entries import (
     NodeGone,
     Order,
     RevocationVersion,
+    forget_after,
+    forgettable,
+    is_stale,
     node_of,
 )
 from callgate.cluster.line import RETRY_DELAYS, DeliveryLine, Entries
@@ -111,6 +114,13 @@ RECOVERY_SAMPLE = 16
 _chance = secrets.SystemRandom()
 MAX_OUTBOX = 100_000  # orders waiting for Redis; past this new ones are refused, counted, logged
 DEAD_VERDICT_MS = 3_600_000  # how long a node's death verdict is kept
+# Seconds after its origin sealed it that a batch is refused (`stale`): far longer than any
+# link, inbox, handover or ack delay, and than the nodes' clocks differ. What this node keeps
+# per origin (its last batch number, the paths of recent batches) is forgotten once no dated
+# batch came from that origin for `forget_after` (twice this): a copy of any batch it carried
+# out is refused as stale by then, so forgetting its number reopens no replay.
+MAX_BATCH_AGE = 3600.0
+STALE = "stale"
 # The close reason of a connection whose device the cluster no longer holds.
 LET_GO = "node left the cluster"
 # The `call-end` reason when Redis lost a call's state (restarted without its data).
@@ -286,11 +296,13 @@ class ClusterNode:
         # inbox behind them (line.py: redis-py in two threads).
         self.line = DeliveryLine(settings.redis_url, settings.name)
         self.line.node_id = self.node_id
+        self.max_batch_age = MAX_BATCH_AGE  # (read when the node is made: tests shorten it)
         self.links = Links(
             self.codec,
             self.line,
             self,
             ack_timeout=settings.ack_timeout,
+            forget_after=forget_after(self.max_batch_age),
             enabled=settings.links,
             reactor=reactor,
         )
@@ -298,9 +310,13 @@ class ClusterNode:
         self._inbox_changed = trio.Event()
         # Per origin node: the last batch number carried out, and by which path the recent
         # ones came ("link" or "inbox"): a batch a link failed to ack is copied to the inbox,
-        # and that copy is not a replay.
+        # and that copy is not a replay. Node ids are new with every process, so both are
+        # forgotten for an origin whose last batch carried out here, dated, came longer than
+        # `forget_after` ago (`_heard_at`: unix time it was carried out); an origin of the
+        # previous release dates no batch and is never forgotten.
         self._last_seq: dict[str, int] = {}
         self._paths: dict[str, RecentPaths] = {}
+        self._heard_at: dict[str, float] = {}
         self.duplicates = 0
         self._inbox_position = b"0-0"
         self._beat = 0
@@ -329,9 +345,11 @@ class ClusterNode:
         self._revocation_content: tuple[frozenset[str], dict[str, float]] | None = None
         self._pending_revocations: bytes | None = None
         self.lost_orders = 0
-        # Nodes declared dead: nothing is sent to them (their deliveries are decided again),
-        # and a leader that buried one takes what still lands in its inbox for a while.
-        self._gone: set[str] = set()
+        # Nodes declared dead, with when this node heard of it: nothing is sent to them (their
+        # deliveries are decided again) until `forget_after` later, when nothing of the cluster
+        # names their connections any more; and a leader that buried one takes what still lands
+        # in its inbox for a while.
+        self._gone: dict[str, float] = {}
         self._buried: dict[str, float] = {}
         # The leader's heartbeat asks for dead nodes to be buried; a task of their own buries
         # them, so that a long burial (a node of many users) never stops this node's beats.
@@ -989,6 +1007,15 @@ class ClusterNode:
         if origin is not None and delivery.origin != origin:
             refuse(entry_id, "misrouted")  # another node's batch, on this link
             return
+        now = time.time()
+        if is_stale(delivery, now, self.max_batch_age):
+            # Sealed too long ago: held that long (Redis away for longer), or recorded and
+            # appended again, which cannot be told apart once the origin's number is
+            # forgotten. Carried out in no way (handing its deliveries to buffers would be the
+            # replay itself); an hour-old message is of no use to a call. Audited, with how
+            # many messages for devices it held.
+            refuse(entry_id, STALE, messages=delivery.messages)
+            return
         if handover is not None:  # a dead or leaving node's inbox, handed over
             done, handed = handover
             if delivery.seq <= done.get(delivery.origin, 0):
@@ -1017,6 +1044,8 @@ class ClusterNode:
                     refuse(entry_id, "replayed")
                 return
             self._last_seq[delivery.origin] = delivery.seq
+            if delivery.at is not None:
+                self._heard_at[delivery.origin] = now
             paths.add(delivery.seq, linked)
             self.links.carried_out_more()
         local: list[Action] = []
@@ -1053,20 +1082,34 @@ class ClusterNode:
             self._send(origin, Forget(sender, call_id), None)
 
     def _entry_rejected(
-        self, entry_id: str, reason: str, count: int = 1, source: str = "inbox"
+        self,
+        entry_id: str,
+        reason: str,
+        count: int = 1,
+        source: str = "inbox",
+        *,
+        messages: int | None = None,
     ) -> None:
         """Refused what any Redis client can write (inbox entries, timer-set members): audited
         once per source and reason per REFUSAL_WINDOW, with how many (a client without the
-        key can write garbage as fast as Redis takes it)."""
-        total = self._unsigned_refusals.admit(source, reason, count)
+        key can write garbage as fast as Redis takes it), and with how many messages for
+        devices they held (`messages`, for stale batches)."""
+        total = self._unsigned_refusals.admit(source, reason, count, messages or 0)
         if total is not None:
-            self.rejected(entry_id, reason, total)
+            refused, lost = total
+            self.rejected(entry_id, reason, refused, messages=None if messages is None else lost)
 
-    def rejected(self, entry_id: str, reason: str, count: int = 1) -> None:
-        log.warning("cluster delivery refused", entry=entry_id, reason=reason)
+    def rejected(
+        self, entry_id: str, reason: str, count: int = 1, *, messages: int | None = None
+    ) -> None:
+        log.warning(
+            "cluster delivery refused", entry=entry_id, reason=reason, dropped_messages=messages
+        )
         fields: dict[str, Any] = {"node": self.node_id, "entry": entry_id, "reason": reason}
         if count > 1:  # links refused from one address, audited once a window (links.py)
             fields["count"] = count
+        if messages is not None:  # a stale batch: the messages for devices it held, dropped
+            fields["dropped_messages"] = messages
         self._executor.audit("cluster.rejected", fields)
 
     # -- timers ------------------------------------------------------------------------------
@@ -1204,6 +1247,7 @@ class ClusterNode:
             watched = sorted(
                 (set(self.watch.missed) | set(await self.store.members())) - {self.node_id}
             )
+        self._forget_silent(time.time())  # (before the beat, whose marks it bounds)
         read_up_to = self._inbox_position
         epoch, lease, beats, dead = await self.store.keep(
             self.node_id,
@@ -1234,8 +1278,8 @@ class ClusterNode:
                 log.warning("cluster epoch changed but the shared records are intact: ignored")
         self._epoch = epoch
         # Refusals kept quiet in a window that has ended: their count, audited now.
-        for source, reason, count in self._unsigned_refusals.overdue():
-            self.rejected(source, reason, count)
+        for source, reason, count, lost in self._unsigned_refusals.overdue():
+            self.rejected(source, reason, count, messages=lost if reason == STALE else None)
         self.links.audit_overdue()
         await self._check_revocations()
         seen: dict[str, int | None] = {}
@@ -1255,6 +1299,20 @@ class ClusterNode:
         if self.is_leader and self.judging and self.watch.dead():
             self._judge_wanted.set()
         await self._sweep_buried()
+
+    def _forget_silent(self, now: float) -> None:
+        """Forget what is kept per node id for the nodes gone or silent for `forget_after`:
+        each origin's number and recent paths (so the heartbeat's marks name only the nodes
+        heard from lately), nodes declared dead, and link peers unused. Node ids are new with
+        every process: without this, months of restarts would fill them."""
+        for origin in forgettable(self._heard_at, now, self.max_batch_age):
+            del self._heard_at[origin]
+            self._last_seq.pop(origin, None)
+            self._paths.pop(origin, None)
+        horizon = now - forget_after(self.max_batch_age)
+        for node in [node for node, when in self._gone.items() if when < horizon]:
+            del self._gone[node]
+        self.links.prune()
 
     @property
     def judging(self) -> bool:
@@ -1344,7 +1402,7 @@ class ClusterNode:
         self._executor.audit("cluster.node_down", {"node": node, "devices": devices})
 
     def _node_gone(self, node: str) -> None:
-        self._gone.add(node)
+        self._gone[node] = time.time()
         self._paths.pop(node, None)
         # What its link never acked, or was still to send, is decided again (its buffers).
         for order, user in self.links.forget(node):
