@@ -1195,6 +1195,53 @@ async def test_due_timers_the_lanes_refuse_wait_for_the_sweep(
     assert [row["event"] for row in terminal_records(cluster)] == ["call.timeout"]
 
 
+async def test_a_node_signs_no_one_in_before_its_heartbeat_says_it_runs(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member of `nodes` is buried only if a signed heartbeat of it was ever written
+    (`last:<node>`), so a node takes no client under an id before a heartbeat under that id
+    went through. Here a node declared dead (as after a freeze) carries on under a new id
+    and beats at once; its heartbeats under the new id are held back: a client signing in
+    meanwhile waits, and is let in once that first beat is in Redis."""
+    await cluster.start()
+    kept = cluster.nodes[1].hub.cluster
+    assert kept is not None
+    old_id = kept.node_id
+    release = trio.Event()
+
+    async def held_keep(node: str, *rest: Any, real: Any = kept.store.keep) -> Any:
+        if node != old_id:
+            await release.wait()
+        return await real(node, *rest)
+
+    monkeypatch.setattr(kept.store, "keep", held_keep)
+    attacker = redis.Redis.from_url(cluster.redis_url)  # here: standing for the leader
+    try:
+        verdict = EntryCodec(cluster.name, KEY).seal_dead(old_id)
+        attacker.set(f"{cluster.name}:dead:{old_id}", verdict)
+        await _until(lambda: kept.node_id != old_id)
+        new_id = kept.node_id
+        signed: list[Client] = []
+
+        async def alice_signs_in() -> None:
+            client = await sign_in(cluster, "alice", node=1)
+            await client.expect("session", user="alice")
+            signed.append(client)
+
+        cluster.nursery.start_soon(alice_signs_in)
+        # Her sign-in reached the node (queued for a decision at once, before): once the node
+        # is quiet, it would have been decided.
+        await _until(lambda: len(cluster.nodes[1].hub.signed_in) == 1 and kept.quiet)
+        assert attacker.get(f"{cluster.name}:u:alice") is None  # not decided: it waits
+        assert attacker.get(f"{cluster.name}:last:{new_id}") is None
+        release.set()
+        await _until(lambda: signed)
+        assert attacker.get(f"{cluster.name}:last:{new_id}") is not None
+        assert attacker.sismember(f"{cluster.name}:nodes", new_id)
+    finally:
+        attacker.close()
+
+
 async def test_a_heartbeat_deleted_or_forged_without_the_key_is_not_a_death(
     cluster: ClusterHarness,
 ) -> None:

@@ -322,6 +322,10 @@ class ClusterNode:
         self._checked_at = 0.0  # when a link last asked whether this node is still a member
         self._store_ok = False
         self.joined = trio.Event()
+        # Set once a heartbeat under the current node id went through (its signed `last:<node>`
+        # is in Redis before it is a member of `nodes`): only then are sign-ins decided, so a
+        # node that dies holding devices always left the evidence that gets it buried.
+        self._registered = trio.Event()
         # The revocation list this node holds: its version, and its sealed value (written
         # again whenever Redis holds an older or no genuine one).
         self._revocation_version: RevocationVersion = (-1, "")  # none: any genuine list is newer
@@ -390,6 +394,7 @@ class ClusterNode:
         """
         match event:
             case Authenticated(conn=conn, user=user):
+                await self._wait_registered(conn)
                 self._devices[conn] = LocalDevice(
                     user, event.session_id, event.token_id, event.issued_at
                 )
@@ -419,6 +424,21 @@ class ClusterNode:
         if isinstance(job.error, CloseConnection):
             raise job.error
         raise CloseConnection(CloseCode.TRY_AGAIN_LATER, "cluster unavailable")
+
+    async def _wait_registered(self, conn: str) -> None:
+        """Before a sign-in: wait (bounded) until a heartbeat under this node's id went
+        through, which writes the signed evidence that the node ran (a node without it is
+        never buried: its devices would stay in their users' records).
+
+        Raises: CloseConnection 1001 when `conn` is of an id this node no longer has (it was
+        declared dead meanwhile), 1013 when no heartbeat went through in time."""
+        if not self._registered.is_set() and node_of(conn) == self.node_id:
+            with trio.move_on_after(self._settings.apply_timeout):
+                await self._registered.wait()
+        if node_of(conn) != self.node_id:
+            raise CloseConnection(CloseCode.GOING_AWAY, LET_GO)
+        if not self._registered.is_set():
+            raise CloseConnection(CloseCode.TRY_AGAIN_LATER, "cluster unavailable")
 
     def _take_message(self, received: MessageReceived) -> None:
         """A client message, where it was read (the hub calls this inline, without waking the
@@ -750,6 +770,11 @@ class ClusterNode:
             writes = sliced.writes(actions, job.fired)
             if not writes.changes:
                 return actions, sliced
+            for event in events:
+                if isinstance(event, Authenticated) and node_of(event.conn) != self.node_id:
+                    # Signed in under an id this node lost while it waited (declared dead,
+                    # maybe buried already): never registered under it.
+                    raise CloseConnection(CloseCode.GOING_AWAY, LET_GO)
             writes.sign_timers(self.codec.seal_timer_due)
             try:
                 committed = await self.store.commit(writes)
@@ -1193,7 +1218,10 @@ class ClusterNode:
 
     async def _keep(self) -> None:
         async with self._keeping:
+            node = self.node_id
             await self._keep_once()
+            if self.node_id != node:  # evicted: the new id beats at once (sign-ins wait for it)
+                await self._keep_once()
 
     async def _keep_once(self) -> None:
         settings, codec = self._settings, self.codec
@@ -1223,6 +1251,7 @@ class ClusterNode:
         if codec.is_dead(dead, self.node_id):
             self._evict()
             return
+        self._registered.set()
         if self._epoch is not None and epoch != self._epoch:
             # A new epoch value, or one that does not verify: Redis may have lost its data.
             # Decided on signed records, not on that value: are this node's devices still there?
@@ -1373,6 +1402,8 @@ class ClusterNode:
         self._routes.clear()
         self._devices.clear()
         self.links.reset()
+        self._registered.set()  # (sign-ins waiting under the old id: refused)
+        self._registered = trio.Event()
         self.node_id = new_node_id(self._settings.node_name)
         self._inbox_position = b"0-0"
         self.line.node_id, self.line.finished_up_to = self.node_id, b"0-0"
