@@ -191,6 +191,22 @@ def test_a_sign_in_records_presence_and_a_tampered_record_stops_the_decision() -
         Slice(records(), {"u:alice": forged}, RULES, RecordedThrottle(), (0, 0, 0))
 
 
+def test_a_users_record_says_on_which_nodes_they_are_online() -> None:
+    """What a burial checks before it spends a decision on a user its dead node's (unsigned)
+    presence set lists: the signed record names an online device of that node."""
+    held = {**device("n2.b", "alice"), "hold": {"timer": 7, "until": 9.0, "buffer": []}}
+    raw = records().seal("u:alice", {"devices": [device("n1.a", "alice"), held], "calls": []})
+    assert records().online_nodes("alice", raw) == {"n1"}  # (held on n2: not online there)
+    assert records().online_nodes("alice", records().seal("u:alice", {})) == set()
+    with pytest.raises(BadRecord):  # another user's record, moved under alice's name
+        records().online_nodes("alice", raw.replace(b"alice", b"bob"))
+    with pytest.raises(BadRecord):
+        records().online_nodes("bob", raw)
+    odd = records().seal("u:alice", {"devices": [{"conn": 3, "hold": None}]})
+    with pytest.raises(BadRecord):
+        records().online_nodes("alice", odd)
+
+
 def test_delivery_batches_are_signed_for_one_node() -> None:
     orders: list[Any] = [
         (Deliver("n2.b", "ice-candidate", {"callId": "c1", "from": "alice"}), "bob"),
@@ -1029,8 +1045,11 @@ def test_a_node_dies_after_several_missed_checks_never_one() -> None:
     assert watch.missed == {"n2": 4} and watch.dead() == []
     watch.observe({"n2": 2})
     assert watch.missed == {"n2": 5} and watch.dead() == ["n2"]
+    assert watch.saw("n2") and not watch.saw("n3")
+    watch.observe({"n3": None})  # watched, never seen genuine: no evidence it ever ran
+    assert not watch.saw("n3")
     watch.forget("n2")
-    assert watch.missed == {}
+    assert watch.missed == {"n3": 1} and not watch.saw("n2")
 
 
 async def test_burying_a_node_of_many_users_stops_no_heartbeat(

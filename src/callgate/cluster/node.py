@@ -48,6 +48,7 @@ from callgate.cluster.entries import (
     BadEntry,
     EntryCodec,
     Forget,
+    Heartbeat,
     Learn,
     NodeGone,
     Order,
@@ -226,6 +227,11 @@ class Watch:
                 self._missed[node] = 0
             else:
                 self._missed[node] = self._missed.get(node, 0) + 1
+
+    def saw(self, node: str) -> bool:
+        """Whether a genuine heartbeat of `node` was ever seen here (since it was last
+        forgotten): evidence that it ran."""
+        return node in self._last_beat
 
     def is_newer(self, node: str, beat: int) -> bool:
         last = self._last_beat.get(node)
@@ -1322,23 +1328,30 @@ class ClusterNode:
             if node in self._buried:  # buried already (a beat read before that saw it again)
                 self.watch.forget(node)
                 continue
-            log.warning("node stopped heartbeating; its devices are disconnected", node=node)
-            await self._bury(node)
+            last = self.codec.heartbeat(await self.store.get(f"last:{node}"), node)
+            if last is None and not self.watch.saw(node):
+                # No genuine beat of it, ever: no node ran under that name (a Redis client
+                # without the key added it). Dropped unread: its presence set, however large,
+                # costs no decision.
+                await self.store.drop_member(node)
+                self._entry_rejected("nodes", "unsigned", source="nodes")
+            else:
+                log.warning("node stopped heartbeating; its devices are disconnected", node=node)
+                await self._bury(node, last)
             self.watch.forget(node)
             self._read_up_to.pop(node, None)
 
-    async def _bury(self, node: str) -> None:
-        """A dead node: its verdict, its devices disconnected, its inbox to their buffers."""
+    async def _bury(self, node: str, last: Heartbeat | None) -> None:
+        """A dead node: its verdict, its devices disconnected, its inbox to their buffers.
+        `last`: its last heartbeat as kept in Redis (`last:<node>`), if genuine."""
         await self.store.declare_dead(node, self.codec.seal_dead(node), DEAD_VERDICT_MS)
         # How far it got: from its beats this node read as leader, and from its last beat as
         # kept in Redis (the newer of the two for each origin: another leader may have read
         # its later beats, or it led itself).
-        last = self.codec.heartbeat(await self.store.get(f"last:{node}"), node)
         if last is not None:
             marks = self._done_of.setdefault(node, {})
             for origin, seq in last.done.items():
                 marks[origin] = max(marks.get(origin, 0), seq)
-        users = await self.store.users_on(node)
         disconnected: list[Event] = []
 
         def disconnect(sliced: Slice) -> list[Event]:
@@ -1352,16 +1365,28 @@ class ClusterNode:
 
         # The users' disconnects go BURIAL_IN_FLIGHT at a time, spread over the lanes: a node
         # of many users is buried as fast as the lanes decide, not one decision at a time,
-        # and the lanes keep room for this node's own clients meanwhile.
-        for start in range(0, len(users), BURIAL_IN_FLIGHT):
-            decided = []
-            for user in users[start : start + BURIAL_IN_FLIGHT]:
+        # and the lanes keep room for this node's own clients meanwhile. Its presence set is
+        # unsigned: it is read a page at a time with the users' records, and only a user whose
+        # signed record names an online device of that node costs a decision.
+        decided: list[trio.Event] = []
+        cursor = 0
+        while True:
+            cursor, records = await self.store.presence_page(node, cursor)
+            for user, raw in records.items():
+                if not self._online_on(user, raw, node):
+                    continue
                 job = Job([user], disconnect, durable=True)
                 job.done = trio.Event()
                 decided.append(job.done)
                 await self._lanes[self._lane_of(job)][0].send(job)  # (full: wait for room)
-            for finished in decided:
-                await finished.wait()
+                if len(decided) == BURIAL_IN_FLIGHT:
+                    for finished in decided:
+                        await finished.wait()
+                    decided = []
+            if not cursor:
+                break
+        for finished in decided:
+            await finished.wait()
         devices = len({event.conn for event in disconnected if isinstance(event, Disconnected)})
         self._node_gone(node)
         for other in await self.store.members():
@@ -1371,6 +1396,19 @@ class ClusterNode:
         self._buried[node] = time.monotonic()
         await self.store.forget_node(node)
         self._executor.audit("cluster.node_down", {"node": node, "devices": devices})
+
+    def _online_on(self, user: UserId, raw: bytes | None, node: str) -> bool:
+        """Whether `user`'s record (as read, None: absent) names an online device of `node`:
+        a user a presence set lists without one costs a burial nothing more. A record that
+        does not verify could not be decided on either: audited, summed (the presence set
+        that listed it is open to any Redis client)."""
+        if raw is None:
+            return False
+        try:
+            return node in self.records.online_nodes(user, raw)
+        except BadRecord as bad:
+            self._entry_rejected("presence", bad.reason, source="presence")
+            return False
 
     def _node_gone(self, node: str) -> None:
         self._gone.add(node)
