@@ -24,7 +24,9 @@ TIMER_SWEEP, so a dead node's timers fire elsewhere; a claim expires, so a timer
 lost, and the commit makes its outcome happen once); the keeper
 (heartbeats, the leader lease, and, on the leader, declaring dead the nodes whose signed
 heartbeats lapsed: their devices are disconnected (held for `reconnect_grace`) and their unread
-inboxes go to the held devices' resume buffers).
+inboxes go to the held devices' resume buffers). `nodes` and the presence sets are unsigned:
+only a node of which a genuine heartbeat was seen is buried (a node signs no one in before its
+first beat), and only users whose signed record names an online device of it cost a decision.
 """
 
 from __future__ import annotations

@@ -11,11 +11,12 @@ Keys, all under `<cluster name>:` (docs/cluster.md, "Data layout"):
 | `u:<user>` | string | the user's record (records.py), signed |
 | `c:<call key>` | string | a live call's record, signed |
 | `timers` | sorted set | armed core timers: member `<timer id>|<user>`, score the unix deadline |
-| `n:<node>` | set | the users with an online device on that node (presence) |
+| `n:<node>` | set | users with an online device there (presence; unsigned: records checked) |
 | `in:<node>` | stream | the node's inbox: signed batches of orders (trimmed at each beat) |
 | `hb:<node>` | string | the node's signed heartbeat (expires after `node_timeout`) |
+| `last:<node>` | string | the same, kept a week (an hour once buried): evidence that it ran |
 | `dead:<node>` | string | the signed verdict that the node is dead |
-| `nodes` | set | the nodes that joined and were not declared dead (the leader watches them) |
+| `nodes` | set | nodes that joined and were not declared dead (unsigned: see `last:<node>`) |
 | `leader` | string | the signed leader lease |
 | `epoch` | string | signed random, set once per Redis dataset: a change prompts a check |
 | `revocations` | string | the signed revocation list |
