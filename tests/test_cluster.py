@@ -204,6 +204,22 @@ def test_a_sign_in_records_presence_and_a_tampered_record_stops_the_decision() -
         Slice(records(), {"u:alice": forged}, RULES, RecordedThrottle(), (0, 0, 0))
 
 
+def test_a_users_record_says_on_which_nodes_they_are_online() -> None:
+    """What a burial checks before it spends a decision on a user its dead node's (unsigned)
+    presence set lists: the signed record names an online device of that node."""
+    held = {**device("n2.b", "alice"), "hold": {"timer": 7, "until": 9.0, "buffer": []}}
+    raw = records().seal("u:alice", {"devices": [device("n1.a", "alice"), held], "calls": []})
+    assert records().online_nodes("alice", raw) == {"n1"}  # (held on n2: not online there)
+    assert records().online_nodes("alice", records().seal("u:alice", {})) == set()
+    with pytest.raises(BadRecord):  # another user's record, moved under alice's name
+        records().online_nodes("alice", raw.replace(b"alice", b"bob"))
+    with pytest.raises(BadRecord):
+        records().online_nodes("bob", raw)
+    odd = records().seal("u:alice", {"devices": [{"conn": 3, "hold": None}]})
+    with pytest.raises(BadRecord):
+        records().online_nodes("alice", odd)
+
+
 def test_delivery_batches_are_signed_for_one_node() -> None:
     orders: list[Any] = [
         (Deliver("n2.b", "ice-candidate", {"callId": "c1", "from": "alice"}), "bob"),
@@ -1193,8 +1209,11 @@ def test_a_node_dies_after_several_missed_checks_never_one() -> None:
     assert watch.missed == {"n2": 4} and watch.dead() == []
     watch.observe({"n2": 2})
     assert watch.missed == {"n2": 5} and watch.dead() == ["n2"]
+    assert watch.saw("n2") and not watch.saw("n3")
+    watch.observe({"n3": None})  # watched, never seen genuine: no evidence it ever ran
+    assert not watch.saw("n3")
     watch.forget("n2")
-    assert watch.missed == {}
+    assert watch.missed == {"n3": 1} and not watch.saw("n2")
 
 
 async def test_burying_a_node_of_many_users_stops_no_heartbeat(
@@ -1357,6 +1376,53 @@ async def test_due_timers_the_lanes_refuse_wait_for_the_sweep(
     assert full_until is not None  # the lanes did refuse it once
     assert claims.count <= 3
     assert [row["event"] for row in terminal_records(cluster)] == ["call.timeout"]
+
+
+async def test_a_node_signs_no_one_in_before_its_heartbeat_says_it_runs(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member of `nodes` is buried only if a signed heartbeat of it was ever written
+    (`last:<node>`), so a node takes no client under an id before a heartbeat under that id
+    went through. Here a node declared dead (as after a freeze) carries on under a new id
+    and beats at once; its heartbeats under the new id are held back: a client signing in
+    meanwhile waits, and is let in once that first beat is in Redis."""
+    await cluster.start()
+    kept = cluster.nodes[1].hub.cluster
+    assert kept is not None
+    old_id = kept.node_id
+    release = trio.Event()
+
+    async def held_keep(node: str, *rest: Any, real: Any = kept.store.keep) -> Any:
+        if node != old_id:
+            await release.wait()
+        return await real(node, *rest)
+
+    monkeypatch.setattr(kept.store, "keep", held_keep)
+    attacker = redis.Redis.from_url(cluster.redis_url)  # here: standing for the leader
+    try:
+        verdict = EntryCodec(cluster.name, KEY).seal_dead(old_id)
+        attacker.set(f"{cluster.name}:dead:{old_id}", verdict)
+        await _until(lambda: kept.node_id != old_id)
+        new_id = kept.node_id
+        signed: list[Client] = []
+
+        async def alice_signs_in() -> None:
+            client = await sign_in(cluster, "alice", node=1)
+            await client.expect("session", user="alice")
+            signed.append(client)
+
+        cluster.nursery.start_soon(alice_signs_in)
+        # Her sign-in reached the node (queued for a decision at once, before): once the node
+        # is quiet, it would have been decided.
+        await _until(lambda: len(cluster.nodes[1].hub.signed_in) == 1 and kept.quiet)
+        assert attacker.get(f"{cluster.name}:u:alice") is None  # not decided: it waits
+        assert attacker.get(f"{cluster.name}:last:{new_id}") is None
+        release.set()
+        await _until(lambda: signed)
+        assert attacker.get(f"{cluster.name}:last:{new_id}") is not None
+        assert attacker.sismember(f"{cluster.name}:nodes", new_id)
+    finally:
+        attacker.close()
 
 
 async def test_a_heartbeat_deleted_or_forged_without_the_key_is_not_a_death(

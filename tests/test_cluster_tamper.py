@@ -346,3 +346,87 @@ async def test_a_batch_recorded_and_appended_after_its_origin_was_forgotten_is_s
     finally:
         stop.set()
         attacker.close()
+
+
+def _decisions(cluster: ClusterHarness) -> int:
+    """Decisions taken so far on every running node (each costs Redis round trips)."""
+    return sum(node.hub.cluster.decisions for node in cluster.nodes if node.hub.cluster)
+
+
+async def test_a_member_of_nodes_that_never_ran_is_dropped_not_buried(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`nodes` and the presence sets are unsigned. Members a client without the key added,
+    each with a presence set of thousands of users (one of them real), are dropped once the
+    leader finds them silent: no node ever wrote a signed heartbeat under their names, so
+    none is declared dead or buried, and their presence sets cost no decision. Audited once
+    (`nodes`, `unsigned`), the rest summed when the window ends (here shortened)."""
+    monkeypatch.setattr(links_module, "REFUSAL_WINDOW", 0.5)
+    await cluster.start()
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    await _until(lambda: any(n.hub.cluster and n.hub.cluster.judging for n in cluster.nodes))
+    before = _decisions(cluster)
+    fakes = [f"ghost{n}-0badc0" for n in range(3)]
+    members = f"{cluster.name}:nodes"
+    attacker = redis.Redis.from_url(cluster.redis_url)
+    try:
+        pipe = attacker.pipeline(transaction=False)
+        for fake in fakes:
+            pipe.sadd(f"{cluster.name}:n:{fake}", "alice", *(f"user{n}" for n in range(2000)))
+            pipe.sadd(members, fake)
+        pipe.execute()
+        await _until(lambda: not any(attacker.sismember(members, fake) for fake in fakes))
+        assert not any(attacker.exists(f"{cluster.name}:n:{fake}") for fake in fakes)
+        assert not any(attacker.exists(f"{cluster.name}:dead:{fake}") for fake in fakes)
+    finally:
+        attacker.close()
+    assert _decisions(cluster) == before  # not one decision for the 6,003 listed users
+    assert not cluster.audit.records("cluster.node_down")
+
+    def refused() -> list[tuple[str, str, int]]:
+        rows = cluster.audit.records("cluster.rejected")
+        return [(row["entry"], row["reason"], row.get("count", 1)) for row in rows]
+
+    await _until(lambda: sum(count for *_, count in refused()) == 3)
+    assert refused() == [("nodes", "unsigned", 1), ("nodes", "unsigned", 2)]
+    await alice.send("call-request", call_request("ab", "alice", "bob"))
+    await bob.expect("call-request", id="ab")  # alice, listed under a fake, still reachable
+
+
+async def test_users_listed_under_a_dead_nodes_name_cost_its_burial_no_decision(
+    cluster: ClusterHarness,
+) -> None:
+    """A real node dies: its presence set, padded by a client without the key with users
+    who have no device there (no record, a record naming none, a record that does not
+    verify), costs one decision per user whose signed record names an online device of that
+    node, and the node's own devices are retired as before."""
+    await cluster.start()
+    nodes = [running.hub.cluster for running in cluster.nodes]
+    await _until(lambda: any(node is not None and node.judging for node in nodes))
+    leader = next(i for i, node in enumerate(nodes) if node is not None and node.judging)
+    victim, other = (leader + 1) % 3, (leader + 2) % 3
+    alice = await cluster.connect("alice", node=leader)
+    await cluster.connect("bob", node=victim)
+    await cluster.connect("carol", node=other)  # a real record that names no victim device
+    await cluster.connect("mallory", node=other)
+    victim_id = node_id(cluster, victim)
+    attacker = redis.Redis.from_url(cluster.redis_url)
+    try:
+        raw = attacker.get(f"{cluster.name}:u:mallory")
+        assert isinstance(raw, bytes)
+        attacker.set(f"{cluster.name}:u:mallory", raw[:-2] + b" }")  # no longer verifies
+        padding = ["alice", "carol", "mallory", *(f"user{n}" for n in range(1000))]
+        attacker.sadd(f"{cluster.name}:n:{victim_id}", *padding)
+    finally:
+        attacker.close()
+    before = _decisions(cluster)
+    cluster._running[victim][0].cancel()  # the victim stops heartbeating, its devices stay
+    await _until(lambda: cluster.audit.records("cluster.node_down"))
+    [down] = cluster.audit.records("cluster.node_down")
+    assert (down["node"], down["devices"]) == (victim_id, 1)
+    assert _decisions(cluster) - before == 1  # bob's disconnect, nothing for the padding
+    refused = cluster.audit.records("cluster.rejected")
+    assert [(row["entry"], row["reason"]) for row in refused] == [("presence", "bad_mac")]
+    await alice.send("call-request", call_request("ab", "alice", "bob"))
+    await alice.expect("call-reject", callId="ab", reason="unavailable")  # bob is gone

@@ -24,7 +24,9 @@ TIMER_SWEEP, so a dead node's timers fire elsewhere; a claim expires, so a timer
 lost, and the commit makes its outcome happen once); the keeper
 (heartbeats, the leader lease, and, on the leader, declaring dead the nodes whose signed
 heartbeats lapsed: their devices are disconnected (held for `reconnect_grace`) and their unread
-inboxes go to the held devices' resume buffers).
+inboxes go to the held devices' resume buffers). `nodes` and the presence sets are unsigned:
+only a node of which a genuine heartbeat was seen is buried (a node signs no one in before its
+first beat), and only users whose signed record names an online device of it cost a decision.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from callgate.cluster.entries import (
     BadEntry,
     EntryCodec,
     Forget,
+    Heartbeat,
     Learn,
     NodeGone,
     Order,
@@ -237,6 +240,11 @@ class Watch:
             else:
                 self._missed[node] = self._missed.get(node, 0) + 1
 
+    def saw(self, node: str) -> bool:
+        """Whether a genuine heartbeat of `node` was ever seen here (since it was last
+        forgotten): evidence that it ran."""
+        return node in self._last_beat
+
     def is_newer(self, node: str, beat: int) -> bool:
         last = self._last_beat.get(node)
         return last is None or beat > last
@@ -338,6 +346,10 @@ class ClusterNode:
         self._checked_at = 0.0  # when a link last asked whether this node is still a member
         self._store_ok = False
         self.joined = trio.Event()
+        # Set once a heartbeat under the current node id went through (its signed `last:<node>`
+        # is in Redis before it is a member of `nodes`): only then are sign-ins decided, so a
+        # node that dies holding devices always left the evidence that gets it buried.
+        self._registered = trio.Event()
         # The revocation list this node holds: its version, and its sealed value (written
         # again whenever Redis holds an older or no genuine one).
         self._revocation_version: RevocationVersion = (-1, "")  # none: any genuine list is newer
@@ -408,6 +420,7 @@ class ClusterNode:
         """
         match event:
             case Authenticated(conn=conn, user=user):
+                await self._wait_registered(conn)
                 self._devices[conn] = LocalDevice(
                     user, event.session_id, event.token_id, event.issued_at
                 )
@@ -437,6 +450,21 @@ class ClusterNode:
         if isinstance(job.error, CloseConnection):
             raise job.error
         raise CloseConnection(CloseCode.TRY_AGAIN_LATER, "cluster unavailable")
+
+    async def _wait_registered(self, conn: str) -> None:
+        """Before a sign-in: wait (bounded) until a heartbeat under this node's id went
+        through, which writes the signed evidence that the node ran (a node without it is
+        never buried: its devices would stay in their users' records).
+
+        Raises: CloseConnection 1001 when `conn` is of an id this node no longer has (it was
+        declared dead meanwhile), 1013 when no heartbeat went through in time."""
+        if not self._registered.is_set() and node_of(conn) == self.node_id:
+            with trio.move_on_after(self._settings.apply_timeout):
+                await self._registered.wait()
+        if node_of(conn) != self.node_id:
+            raise CloseConnection(CloseCode.GOING_AWAY, LET_GO)
+        if not self._registered.is_set():
+            raise CloseConnection(CloseCode.TRY_AGAIN_LATER, "cluster unavailable")
 
     def _take_message(self, received: MessageReceived) -> None:
         """A client message, where it was read (the hub calls this inline, without waking the
@@ -768,6 +796,11 @@ class ClusterNode:
             writes = sliced.writes(actions, job.fired)
             if not writes.changes:
                 return actions, sliced
+            for event in events:
+                if isinstance(event, Authenticated) and node_of(event.conn) != self.node_id:
+                    # Signed in under an id this node lost while it waited (declared dead,
+                    # maybe buried already): never registered under it.
+                    raise CloseConnection(CloseCode.GOING_AWAY, LET_GO)
             writes.sign_timers(self.codec.seal_timer_due)
             try:
                 committed = await self.store.commit(writes)
@@ -1236,7 +1269,10 @@ class ClusterNode:
 
     async def _keep(self) -> None:
         async with self._keeping:
+            node = self.node_id
             await self._keep_once()
+            if self.node_id != node:  # evicted: the new id beats at once (sign-ins wait for it)
+                await self._keep_once()
 
     async def _keep_once(self) -> None:
         settings, codec = self._settings, self.codec
@@ -1267,6 +1303,7 @@ class ClusterNode:
         if codec.is_dead(dead, self.node_id):
             self._evict()
             return
+        self._registered.set()
         if self._epoch is not None and epoch != self._epoch:
             # A new epoch value, or one that does not verify: Redis may have lost its data.
             # Decided on signed records, not on that value: are this node's devices still there?
@@ -1351,23 +1388,30 @@ class ClusterNode:
             if node in self._buried:  # buried already (a beat read before that saw it again)
                 self.watch.forget(node)
                 continue
-            log.warning("node stopped heartbeating; its devices are disconnected", node=node)
-            await self._bury(node)
+            last = self.codec.heartbeat(await self.store.get(f"last:{node}"), node)
+            if last is None and not self.watch.saw(node):
+                # No genuine beat of it, ever: no node ran under that name (a Redis client
+                # without the key added it). Dropped unread: its presence set, however large,
+                # costs no decision.
+                await self.store.drop_member(node)
+                self._entry_rejected("nodes", "unsigned", source="nodes")
+            else:
+                log.warning("node stopped heartbeating; its devices are disconnected", node=node)
+                await self._bury(node, last)
             self.watch.forget(node)
             self._read_up_to.pop(node, None)
 
-    async def _bury(self, node: str) -> None:
-        """A dead node: its verdict, its devices disconnected, its inbox to their buffers."""
+    async def _bury(self, node: str, last: Heartbeat | None) -> None:
+        """A dead node: its verdict, its devices disconnected, its inbox to their buffers.
+        `last`: its last heartbeat as kept in Redis (`last:<node>`), if genuine."""
         await self.store.declare_dead(node, self.codec.seal_dead(node), DEAD_VERDICT_MS)
         # How far it got: from its beats this node read as leader, and from its last beat as
         # kept in Redis (the newer of the two for each origin: another leader may have read
         # its later beats, or it led itself).
-        last = self.codec.heartbeat(await self.store.get(f"last:{node}"), node)
         if last is not None:
             marks = self._done_of.setdefault(node, {})
             for origin, seq in last.done.items():
                 marks[origin] = max(marks.get(origin, 0), seq)
-        users = await self.store.users_on(node)
         disconnected: list[Event] = []
 
         def disconnect(sliced: Slice) -> list[Event]:
@@ -1381,16 +1425,28 @@ class ClusterNode:
 
         # The users' disconnects go BURIAL_IN_FLIGHT at a time, spread over the lanes: a node
         # of many users is buried as fast as the lanes decide, not one decision at a time,
-        # and the lanes keep room for this node's own clients meanwhile.
-        for start in range(0, len(users), BURIAL_IN_FLIGHT):
-            decided = []
-            for user in users[start : start + BURIAL_IN_FLIGHT]:
+        # and the lanes keep room for this node's own clients meanwhile. Its presence set is
+        # unsigned: it is read a page at a time with the users' records, and only a user whose
+        # signed record names an online device of that node costs a decision.
+        decided: list[trio.Event] = []
+        cursor = 0
+        while True:
+            cursor, records = await self.store.presence_page(node, cursor)
+            for user, raw in records.items():
+                if not self._online_on(user, raw, node):
+                    continue
                 job = Job([user], disconnect, durable=True)
                 job.done = trio.Event()
                 decided.append(job.done)
                 await self._lanes[self._lane_of(job)][0].send(job)  # (full: wait for room)
-            for finished in decided:
-                await finished.wait()
+                if len(decided) == BURIAL_IN_FLIGHT:
+                    for finished in decided:
+                        await finished.wait()
+                    decided = []
+            if not cursor:
+                break
+        for finished in decided:
+            await finished.wait()
         devices = len({event.conn for event in disconnected if isinstance(event, Disconnected)})
         self._node_gone(node)
         for other in await self.store.members():
@@ -1400,6 +1456,19 @@ class ClusterNode:
         self._buried[node] = time.monotonic()
         await self.store.forget_node(node)
         self._executor.audit("cluster.node_down", {"node": node, "devices": devices})
+
+    def _online_on(self, user: UserId, raw: bytes | None, node: str) -> bool:
+        """Whether `user`'s record (as read, None: absent) names an online device of `node`:
+        a user a presence set lists without one costs a burial nothing more. A record that
+        does not verify could not be decided on either: audited, summed (the presence set
+        that listed it is open to any Redis client)."""
+        if raw is None:
+            return False
+        try:
+            return node in self.records.online_nodes(user, raw)
+        except BadRecord as bad:
+            self._entry_rejected("presence", bad.reason, source="presence")
+            return False
 
     def _node_gone(self, node: str) -> None:
         self._gone[node] = time.time()
@@ -1431,6 +1500,8 @@ class ClusterNode:
         self._routes.clear()
         self._devices.clear()
         self.links.reset()
+        self._registered.set()  # (sign-ins waiting under the old id: refused)
+        self._registered = trio.Event()
         self.node_id = new_node_id(self._settings.node_name)
         self._inbox_position = b"0-0"
         self.line.node_id, self.line.finished_up_to = self.node_id, b"0-0"

@@ -86,6 +86,16 @@ class RecordCodec:
             raise BadRecord(name, "malformed")
         return payload
 
+    def online_nodes(self, user: UserId, raw: bytes) -> set[str]:
+        """The nodes where `user`'s record says they have an online device (those nodes'
+        presence sets list them). Raises: BadRecord("bad_mac" | "malformed")."""
+        name = USER_PREFIX + user
+        devices = self.open(name, raw).get("devices")
+        try:
+            return _online_nodes(devices) if isinstance(devices, list) else set()
+        except (KeyError, TypeError, AttributeError):
+            raise BadRecord(name, "malformed") from None
+
 
 def empty_user() -> dict[str, Any]:
     return {"devices": [], "missed": [], "calls": []}

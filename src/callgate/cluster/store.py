@@ -11,11 +11,12 @@ Keys, all under `<cluster name>:` (docs/cluster.md, "Data layout"):
 | `u:<user>` | string | the user's record (records.py), signed |
 | `c:<call key>` | string | a live call's record, signed |
 | `timers` | sorted set | armed core timers: member `<timer id>|<user>`, score the unix deadline |
-| `n:<node>` | set | the users with an online device on that node (presence) |
+| `n:<node>` | set | users with an online device there (presence; unsigned: records checked) |
 | `in:<node>` | stream | the node's inbox: signed batches of orders (trimmed at each beat) |
 | `hb:<node>` | string | the node's signed heartbeat (expires after `node_timeout`) |
+| `last:<node>` | string | the same, kept a week (an hour once buried): evidence that it ran |
 | `dead:<node>` | string | the signed verdict that the node is dead |
-| `nodes` | set | the nodes that joined and were not declared dead (the leader watches them) |
+| `nodes` | set | nodes that joined and were not declared dead (unsigned: see `last:<node>`) |
 | `leader` | string | the signed leader lease |
 | `epoch` | string | signed random, set once per Redis dataset: a change prompts a check |
 | `revocations` | string | the signed revocation list |
@@ -43,7 +44,13 @@ __all__ = ["STORE_ERRORS", "RedisError", "Store", "delete_cluster_keys"]
 # catches both: a silent Redis is an unavailable one, never a crash.
 STORE_ERRORS = (RedisError, TimeoutError)
 
-LAST_BEAT_MS = 3_600_000  # how long a node's last heartbeat is kept after it (`last:<node>`)
+# How long a node's last heartbeat (`last:<node>`) is kept: a week after the beat that wrote it
+# (it is the signed evidence that the node ever ran, without which no node is buried: it must
+# outlast any stretch in which no leader judges, such as a cluster stopped overnight), and an
+# hour once the node is buried (a second burial, or a sweep, still reads it meanwhile).
+LAST_BEAT_MS = 7 * 24 * 3_600_000
+BURIED_LAST_BEAT_MS = 3_600_000
+PRESENCE_PAGE = 512  # presence members read (SSCAN) and their records fetched (MGET) at once
 
 # ARGV: prefix, then the users the event concerns. Returns [name, raw or "", ...]: those users'
 # records, the records of their calls, then the records of the other participants of those
@@ -269,15 +276,35 @@ class Store:
 
     # -- presence and inboxes ----------------------------------------------------------------
 
-    async def users_on(self, node: str) -> list[str]:
-        members: Any = await self._redis.smembers(self.key(f"n:{node}"))
-        return sorted(bytes(member).decode() for member in members)
+    async def presence_page(self, node: str, cursor: int) -> tuple[int, dict[str, bytes | None]]:
+        """One page of `node`'s presence set (SSCAN: a set of any size is read a page at a
+        time, a member possibly twice), each user with their record as stored (None: absent),
+        and the cursor of the next page (0: done). The set is unsigned: the caller verifies
+        each record before it spends anything more on that user."""
+        next_cursor, members = await self._redis.sscan(
+            self.key(f"n:{node}"), cursor, count=PRESENCE_PAGE
+        )
+        users = sorted({bytes(member).decode(errors="replace") for member in members})
+        found: dict[str, bytes | None] = {}
+        if users:
+            values: Any = await self._redis.mget([self.key(f"u:{user}") for user in users])
+            for user, value in zip(users, values, strict=True):
+                found[user] = None if value is None else bytes(value)
+        return int(next_cursor), found
 
     async def forget_node(self, node: str) -> None:
         """A buried node: its presence set, heartbeat and membership go (its last heartbeat
-        stays, expiring: a second burial, or a sweep, still needs it)."""
+        stays an hour more: a second burial, or a sweep, still needs it)."""
         await self._redis.delete([self.key(f"n:{node}"), self.key(f"hb:{node}")])
+        await self._redis.pexpire(self.key(f"last:{node}"), BURIED_LAST_BEAT_MS)
         await self._redis.srem(self.key("nodes"), [node])
+
+    async def drop_member(self, node: str) -> None:
+        """A member of `nodes` that never ran (no node wrote it): it goes, with whatever was
+        written under its name, unread (UNLINK frees a large set outside Redis's main
+        thread)."""
+        await self._redis.srem(self.key("nodes"), [node])
+        await self._redis.unlink([self.key(f"n:{node}"), self.key(f"hb:{node}")])
 
     async def members(self) -> list[str]:
         """The nodes that joined and were not buried (the leader watches them)."""
@@ -310,8 +337,10 @@ class Store:
         One round trip."""
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.set(self.key(f"hb:{node}"), heartbeat, px=timeout_ms)
-            # The same value, kept as long as a death verdict: whichever node buries this one
-            # (a leader that never read its beats, when it led itself) learns how far it got.
+            # The same value, kept a week: whichever node buries this one (a leader that never
+            # read its beats, when it led itself) learns how far it got; and that it ran at
+            # all: a member of `nodes` without it is never buried. Written before this node is
+            # a member, and this node takes no client before its first beat went through.
             pipe.set(self.key(f"last:{node}"), heartbeat, px=LAST_BEAT_MS)
             pipe.sadd(self.key("nodes"), [node])
             pipe.set(self.key("epoch"), epoch, condition=coredis.PureToken.NX)
