@@ -34,6 +34,8 @@ from callgate.cluster.entries import (
     Forget,
     forget_after,
     forgettable,
+    heard_time,
+    is_from_the_future,
     is_stale,
 )
 from callgate.cluster.node import ClusterNode, RecordedThrottle, Watch
@@ -287,6 +289,27 @@ def test_an_origin_is_forgotten_only_once_a_copy_of_its_batches_would_be_stale()
         last = codec().seal_delivery("n1", "n2", 9, [], at=int((10_000.0 + skew) * 1000))
         delivery = codec().open_delivery(last, "n2")
         assert is_stale(delivery, 10_000.0 + 2 * hour + 1, hour)
+
+
+def test_a_batch_from_a_clock_far_ahead_is_refused_and_any_other_is_stale_once_forgotten() -> None:
+    """The sender's clock may run ahead of this node's. Up to MAX_BATCH_AGE ahead its batch is
+    carried out, and its sender counts as heard from at the batch's own time, so a copy of it
+    is stale the moment the sender is forgotten, whatever the skew; further ahead it is
+    refused (`future`): it would stay fresh for as long as that clock was wrong."""
+    hour, now = 3600.0, 10_000.0
+    for skew in (-600.0, 0.0, 600.0, hour - 1, hour, hour + 1, 5 * hour, 1e6):
+        sealed = codec().seal_delivery("n1", "n2", 9, [], at=int((now + skew) * 1000))
+        delivery = codec().open_delivery(sealed, "n2")
+        assert is_from_the_future(delivery, now, hour) == (skew > hour), skew
+        if skew > hour:
+            continue
+        heard = {"n1": heard_time(delivery, now)}
+        assert heard["n1"] == max(now, now + skew)  # (on its own: safe even past the margin)
+        forgotten = heard["n1"] + forget_after(hour) + 0.001
+        assert forgettable(heard, forgotten, hour) == ["n1"]
+        assert is_stale(delivery, forgotten, hour), skew
+    undated = codec().open_delivery(codec().seal_delivery("n1", "n2", 9, [], at=None), "n2")
+    assert not is_from_the_future(undated, now, hour) and heard_time(undated, now) == now
 
 
 # -- three nodes on Redis ----------------------------------------------------------------------
@@ -1422,6 +1445,52 @@ async def test_a_node_signs_no_one_in_before_its_heartbeat_says_it_runs(
         assert attacker.get(f"{cluster.name}:last:{new_id}") is not None
         assert attacker.sismember(f"{cluster.name}:nodes", new_id)
     finally:
+        attacker.close()
+
+
+async def test_a_beat_of_the_old_id_registers_no_new_one_when_a_link_evicts_meanwhile(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node back from a freeze may be evicted by a link (`still_member`) while its keeper's
+    beat, under the old id, waits for Redis. That beat's answer is the old id's: it must not
+    let the new id sign anyone in before a beat under the new id went through."""
+    await cluster.start()
+    kept = cluster.nodes[1].hub.cluster
+    assert kept is not None
+    old_id = kept.node_id
+    release = trio.Event()
+    evicted: list[str] = []
+
+    async def keep(node: str, *rest: Any, real: Any = kept.store.keep) -> Any:
+        if node != old_id:
+            await release.wait()  # the new id's beats are held back
+        result = await real(node, *rest)
+        if node == old_id and not evicted:
+            evicted.append(node)
+            kept._evict()  # as `still_member` would, on a link, while this beat waited
+        return result
+
+    monkeypatch.setattr(kept.store, "keep", keep)
+    await _until(lambda: kept.node_id != old_id)
+    new_id = kept.node_id
+    attacker = redis.Redis.from_url(cluster.redis_url)
+    try:
+        assert not kept._registered.is_set()
+        signed: list[Client] = []
+
+        async def alice_signs_in() -> None:
+            client = await sign_in(cluster, "alice", node=1)
+            await client.expect("session", user="alice")
+            signed.append(client)
+
+        cluster.nursery.start_soon(alice_signs_in)
+        await _until(lambda: len(cluster.nodes[1].hub.signed_in) == 1 and kept.quiet)
+        assert attacker.get(f"{cluster.name}:u:alice") is None  # waits for the new id's beat
+        release.set()
+        await _until(lambda: signed)
+        assert attacker.get(f"{cluster.name}:last:{new_id}") is not None
+    finally:
+        release.set()
         attacker.close()
 
 

@@ -17,6 +17,7 @@ import redis
 
 from callgate.cluster import links as links_module
 from callgate.cluster import node as cluster_node
+from callgate.core.actions import Deliver
 from callgate.revocation import RevocationList
 from conftest import (
     ClusterHarness,
@@ -31,10 +32,12 @@ from test_cluster import (
     _cluster_env,
     _until,
     beats,
+    codec,
     connected_call,
     ice,
     marks,
     node_id,
+    now_ms,
     sign_in,
     terminal_records,
 )
@@ -430,3 +433,32 @@ async def test_users_listed_under_a_dead_nodes_name_cost_its_burial_no_decision(
     assert [(row["entry"], row["reason"]) for row in refused] == [("presence", "bad_mac")]
     await alice.send("call-request", call_request("ab", "alice", "bob"))
     await alice.expect("call-reject", callId="ab", reason="unavailable")  # bob is gone
+
+
+async def test_a_batch_dated_further_ahead_than_a_batch_may_age_is_refused(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A genuine node whose clock runs ahead by more than MAX_BATCH_AGE (an hour; here 1 s,
+    ahead by 5 s) dates its batches in the future: carried out, such a batch would stay fresh
+    after its sender is forgotten, and a recorded copy would be carried out again. It is
+    refused (`future`), audited with the messages it held, and never reaches the device."""
+    monkeypatch.setattr(cluster_node, "MAX_BATCH_AGE", 1.0)
+    await cluster.start(links=False)
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    await connected_call(alice, bob)
+    target = node_id(cluster, 1)
+    orders: Any = [(Deliver(bob.conn, "ice-candidate", {**ice("ab", "bob"), "n": "ahead"}), "bob")]
+    fields = codec(cluster=cluster.name).seal_delivery(
+        "skewed-0a0b0c", target, 1, orders, at=now_ms() + 5_000
+    )
+    appender = redis.Redis.from_url(cluster.redis_url)
+    try:
+        appender.xadd(f"{cluster.name}:in:{target}", fields)  # type: ignore[arg-type]
+    finally:
+        appender.close()
+    await _until(lambda: bool(cluster.audit.records("cluster.rejected")))
+    [row] = cluster.audit.records("cluster.rejected")
+    assert (row["node"], row["reason"], row["dropped_messages"]) == (target, "future", 1)
+    await alice.send("ice-candidate", {**ice("ab", "bob"), "n": "next"})
+    assert (await bob.expect("ice-candidate", callId="ab"))["data"]["n"] == "next"

@@ -99,6 +99,20 @@ def is_stale(delivery: Delivery, now: float, max_age: float) -> bool:
     return delivery.at is not None and delivery.at < (now - max_age) * 1000
 
 
+def is_from_the_future(delivery: Delivery, now: float, max_age: float) -> bool:
+    """Sealed more than `max_age` seconds after `now` (unix seconds): its sender's clock runs
+    ahead by more than the cluster tolerates. Refused: a batch dated that far ahead would stay
+    fresh, and keep its sender remembered, for as long as the clock was wrong."""
+    return delivery.at is not None and delivery.at > (now + max_age) * 1000
+
+
+def heard_time(delivery: Delivery, now: float) -> float:
+    """When to count `delivery`'s sender as last heard from (unix seconds, for `forgettable`):
+    now, or the batch's own time if its sender's clock runs ahead of this node's, so a copy of
+    it is stale by the time its sender is forgotten, whatever the two clocks say."""
+    return now if delivery.at is None else max(now, delivery.at / 1000)
+
+
 def forget_after(max_age: float) -> float:
     """Seconds without a dated batch from an origin after which its marks may be forgotten:
     `max_age`, and as much again as a margin for the clocks of two nodes, which NTP keeps far

@@ -57,6 +57,8 @@ from callgate.cluster.entries import (
     RevocationVersion,
     forget_after,
     forgettable,
+    heard_time,
+    is_from_the_future,
     is_stale,
     node_of,
 )
@@ -124,6 +126,7 @@ DEAD_VERDICT_MS = 3_600_000  # how long a node's death verdict is kept
 # out is refused as stale by then, so forgetting its number reopens no replay.
 MAX_BATCH_AGE = 3600.0
 STALE = "stale"
+FUTURE = "future"
 # The close reason of a connection whose device the cluster no longer holds.
 LET_GO = "node left the cluster"
 # The `call-end` reason when Redis lost a call's state (restarted without its data).
@@ -1049,6 +1052,11 @@ class ClusterNode:
             # many messages for devices it held.
             refuse(entry_id, STALE, messages=delivery.messages)
             return
+        if is_from_the_future(delivery, now, self.max_batch_age):
+            # Its sender's clock runs ahead by more than the hour: dated that far ahead, a
+            # recorded copy would stay fresh past the time its sender is forgotten here.
+            refuse(entry_id, FUTURE, messages=delivery.messages)
+            return
         if handover is not None:  # a dead or leaving node's inbox, handed over
             done, handed = handover
             if delivery.seq <= done.get(delivery.origin, 0):
@@ -1078,7 +1086,7 @@ class ClusterNode:
                 return
             self._last_seq[delivery.origin] = delivery.seq
             if delivery.at is not None:
-                self._heard_at[delivery.origin] = now
+                self._heard_at[delivery.origin] = heard_time(delivery, now)
             paths.add(delivery.seq, linked)
             self.links.carried_out_more()
         local: list[Action] = []
@@ -1278,17 +1286,21 @@ class ClusterNode:
         settings, codec = self._settings, self.codec
         timeout_ms = int(settings.node_timeout * 1000)
         self._beat += 1
+        # The id this beat is for: a link that wakes after a freeze may evict this node while
+        # the beat waits for Redis (`still_member`), and what the beat brings back is then
+        # about the old id, never the new one (`_keep` beats again under the new id).
+        node = self.node_id
         watched = []
         if self.is_leader:
-            watched = sorted(
-                (set(self.watch.missed) | set(await self.store.members())) - {self.node_id}
-            )
+            watched = sorted((set(self.watch.missed) | set(await self.store.members())) - {node})
         self._forget_silent(time.time())  # (before the beat, whose marks it bounds)
         read_up_to = self._inbox_position
+        if self.node_id != node:
+            return
         epoch, lease, beats, dead = await self.store.keep(
-            self.node_id,
+            node,
             codec.seal_heartbeat(
-                self.node_id, self._beat, read_up_to.decode(), self.links.address, self._last_seq
+                node, self._beat, read_up_to.decode(), self.links.address, self._last_seq
             ),
             timeout_ms,
             watched,
@@ -1300,7 +1312,9 @@ class ClusterNode:
         self._store_ok = True
         self._kept_at = time.monotonic()
         self.joined.set()
-        if codec.is_dead(dead, self.node_id):
+        if self.node_id != node:
+            return  # evicted meanwhile: this beat's answers are the old id's
+        if codec.is_dead(dead, node):
             self._evict()
             return
         self._registered.set()
@@ -1316,7 +1330,8 @@ class ClusterNode:
         self._epoch = epoch
         # Refusals kept quiet in a window that has ended: their count, audited now.
         for source, reason, count, lost in self._unsigned_refusals.overdue():
-            self.rejected(source, reason, count, messages=lost if reason == STALE else None)
+            dated = reason in (STALE, FUTURE)  # refused for their time: what they held is said
+            self.rejected(source, reason, count, messages=lost if dated else None)
         self.links.audit_overdue()
         await self._check_revocations()
         seen: dict[str, int | None] = {}
