@@ -1629,3 +1629,35 @@ async def test_a_connected_calls_messages_take_the_direct_link(cluster: ClusterH
         await bob.expect("ice-candidate")
     assert sender.links.batches_inboxed == inboxed
     assert sender.links.batches_linked >= linked + 20
+
+
+async def test_a_sign_in_waits_for_the_first_beat_no_longer_than_apply_timeout(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node whose first beat under its id does not go through (Redis slow, or the beat
+    lost) keeps a signing-in client no longer than `apply_timeout`: closed 1013, as any sign-in
+    the cluster cannot decide in time, and nothing of it written."""
+    await cluster.start(apply_timeout=0.5)
+    kept = cluster.nodes[1].hub.cluster
+    assert kept is not None
+    old_id = kept.node_id
+    release = trio.Event()
+
+    async def held_keep(node: str, *rest: Any, real: Any = kept.store.keep) -> Any:
+        if node != old_id:
+            await release.wait()  # no beat under the new id goes through
+        return await real(node, *rest)
+
+    monkeypatch.setattr(kept.store, "keep", held_keep)
+    attacker = redis.Redis.from_url(cluster.redis_url)  # here: standing for the leader
+    try:
+        attacker.set(
+            f"{cluster.name}:dead:{old_id}", EntryCodec(cluster.name, KEY).seal_dead(old_id)
+        )
+        await _until(lambda: kept.node_id != old_id)
+        client = await sign_in(cluster, "alice", node=1)
+        await client.expect_closed(1013, "cluster unavailable")
+        assert attacker.get(f"{cluster.name}:u:alice") is None
+    finally:
+        release.set()
+        attacker.close()
