@@ -904,13 +904,36 @@ class ClusterNode:
                         local.append(action)
         self._executor.execute(local, forwarded=forwarded)
 
-    def _undelivered(self, action: Deliver, user: UserId | None, retry: bool) -> None:
+    def _undelivered(
+        self, action: Deliver, user: UserId | None, retry: bool, *, dead: bool = False
+    ) -> None:
         """A delivery found no open connection here: decided again, once, on the shared
         state (the device is held: its resume buffer; it resumed elsewhere: its call's
-        device now). A device that is gone altogether left its calls: nothing to keep."""
-        if user is not None and retry:
-            failed = DeliveryFailed(action.conn, user, action.event, action.data)
+        device now). A device that is gone altogether left its calls: nothing to keep.
+
+        `dead`: it was for a device of a node known dead. Its burial retires every device
+        the node's presence set lists, but a signed record may still name one online there (the
+        set was deleted by a Redis client without the key, the node was dropped unburied, or
+        the burial has not reached that user yet): decided again as it is, the delivery would
+        come straight back here, for as long as the record says so. So that device is
+        disconnected first, in the same decision, as a burial does (held for
+        `reconnect_grace`, or its calls end): the record heals, and the delivery follows the
+        device like any other (its resume buffer, or the sender is told the call ended)."""
+        if user is None or not (retry or dead):
+            return
+        failed = DeliveryFailed(action.conn, user, action.event, action.data)
+        if not dead:
             self._enqueue(Job([user], [failed], retry=False, durable=True))
+            return
+        conn = action.conn
+
+        def retire_then_deliver(sliced: Slice) -> list[Event]:
+            if conn not in sliced.board.devices_of(user):  # held, retired, or never online
+                return [failed]
+            log.warning("a device of a dead node was still online; disconnected", conn=conn)
+            return [Disconnected(conn), failed]
+
+        self._enqueue(Job([user], retire_then_deliver, retry=False, durable=True))
 
     def _heard(self, conn: str, event: str, data: Mapping[str, Any]) -> None:
         """What this node's device is told about its calls keeps its copy of them current
@@ -935,9 +958,9 @@ class ClusterNode:
         return self.line.pending + self.links.queued >= MAX_OUTBOX
 
     def _send(self, node: str, order: Order, user: str | None) -> None:
-        if node in self._gone:  # its inbox is read by nobody: decide the delivery again
+        if node in self._gone:  # its inbox is read by nobody: its device is let go
             if isinstance(order, Deliver):
-                self._undelivered(order, user, True)
+                self._undelivered(order, user, True, dead=True)
             return
         # (links' unacked batches are bounded on their own: MAX_UNACKED per link)
         if self._outbox_full:  # Redis away long: say so
@@ -1476,7 +1499,7 @@ class ClusterNode:
         # What its link never acked, or was still to send, is decided again (its buffers).
         for order, user in self.links.forget(node):
             if isinstance(order, Deliver):
-                self._undelivered(order, user, True)
+                self._undelivered(order, user, True, dead=True)
         for key, route in list(self._routes.items()):
             if any(node_of(conn) == node for conn in route.peer_conns):
                 del self._routes[key]
