@@ -976,9 +976,25 @@ class ClusterNode:
         return self._last_seq.get(origin, 0)
 
     async def link_address(self, node: str) -> str | None:
-        """Where `node`'s links listen, from its signed heartbeat (None: use its inbox)."""
+        """Where `node`'s links listen, from its signed heartbeat (None: use its inbox).
+
+        Asked before anything is sent to a node this node has no link to, and again at most
+        every few seconds while there is none (links.py), never per message. So it is also
+        where a node not known here to be dead is checked: one this node never heard was
+        declared dead (it joined later), or heard of over `forget_after` ago, may still be
+        named online by a signed record (see `_undelivered`), and its inbox is read by nobody.
+        Its signed verdict `dead:<node>`, if there is one, makes it gone here, and what was
+        queued for it is decided again. Only the verdict counts: a client without the key
+        can delete a live node's `hb:`, `last:` and membership, never write a verdict."""
         try:
-            return self.codec.link_of(await self.store.get(f"hb:{node}"), node)
+            heartbeat = await self.store.get(f"hb:{node}")
+            if node not in self._gone:
+                verdict = await self.store.get(f"dead:{node}")
+                if self.codec.is_dead(verdict, node) and node not in self._gone:
+                    log.info("a node this one sends to was declared dead", node=node)
+                    self._node_gone(node)
+                    return None
+            return self.codec.link_of(heartbeat, node)
         except STORE_ERRORS:
             return None
 
