@@ -116,7 +116,12 @@ TIMER_CLAIM = 64
 RECOVERY_SAMPLE = 16
 _chance = secrets.SystemRandom()
 MAX_OUTBOX = 100_000  # orders waiting for Redis; past this new ones are refused, counted, logged
-DEAD_VERDICT_MS = 3_600_000  # how long a node's death verdict is kept
+# How long a node's death verdict is kept: as long as its `last:` could have been (a week).
+# Besides the node itself (frozen, it finds it when it wakes), the other nodes read it before
+# they send to a node they do not know to be dead (`link_address`): a signed record may name
+# a device of it online long after its burial (its presence set was deleted), and its inbox
+# is read by nobody. One small key per dead node.
+DEAD_VERDICT_MS = 7 * 24 * 3_600_000
 # Seconds after its origin sealed it that a batch is refused (`stale`): far longer than any
 # link, inbox, handover or ack delay, and than the nodes' clocks differ. What this node keeps
 # per origin (its last batch number, the paths of recent batches) is forgotten once no dated
