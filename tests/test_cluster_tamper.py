@@ -19,6 +19,7 @@ from callgate.cluster import links as links_module
 from callgate.cluster import node as cluster_node
 from callgate.revocation import RevocationList
 from conftest import (
+    Client,
     ClusterHarness,
     call_request,
     make_settings,
@@ -444,16 +445,17 @@ def _online_nodes(cluster: ClusterHarness, user: str) -> set[str]:
 
 
 async def _kill_after_its_presence_set_is_deleted(
-    cluster: ClusterHarness,
-) -> tuple[int, int, str]:
-    """A node that holds bob dies after a client without the key deleted its presence set:
-    its burial retires none of its devices, and bob's signed record still names it. Returns
-    the dead node's index, the index of the survivor that does not lead, and bob's session."""
+    cluster: ClusterHarness, devices: int = 1
+) -> tuple[int, int, list[Client]]:
+    """A node that holds bob (`devices` of his) dies after a client without the key deleted its
+    presence set: its burial retires none of its devices, and bob's signed record still names
+    them. Returns the dead node's index, the index of the survivor that does not lead, and
+    bob's clients."""
     nodes = [running.hub.cluster for running in cluster.nodes]
     await _until(lambda: any(node is not None and node.judging for node in nodes))
     leader = next(i for i, node in enumerate(nodes) if node is not None and node.judging)
     victim, other = (leader + 1) % 3, (leader + 2) % 3
-    bob = await cluster.connect("bob", node=victim)
+    bobs = [await cluster.connect("bob", node=victim) for _ in range(devices)]
     victim_id = node_id(cluster, victim)
     attacker = redis.Redis.from_url(cluster.redis_url)
     try:
@@ -465,7 +467,7 @@ async def _kill_after_its_presence_set_is_deleted(
     [down] = cluster.audit.records("cluster.node_down")
     assert (down["node"], down["devices"]) == (victim_id, 0)  # the burial missed bob
     assert _online_nodes(cluster, "bob") == {victim_id}
-    return victim, other, bob.session["sessionId"]
+    return victim, other, bobs
 
 
 def _survivors_quiet(cluster: ClusterHarness, dead: int) -> bool:
@@ -476,16 +478,18 @@ def _survivors_quiet(cluster: ClusterHarness, dead: int) -> bool:
     )
 
 
+@pytest.mark.parametrize("devices", [1, 2])
 async def test_a_device_its_dead_nodes_burial_missed_is_retired_by_its_first_delivery(
-    cluster: ClusterHarness,
+    cluster: ClusterHarness, devices: int
 ) -> None:
     """A client without the key deletes a node's presence set before the node dies: its
     burial retires none of its devices. The first delivery for such a device, from a node that
-    knows its node is dead, retires it as the burial would have (held for `reconnect_grace`)
-    and puts the message in its resume buffer: a few decisions, not one per round trip to
-    Redis for as long as the message lives."""
+    knows its node is dead, retires it as the burial would have (held for `reconnect_grace`;
+    with two ringing, the one that rang last is held) and puts the message in its resume
+    buffer: one decision per delivery, not one per round trip to Redis for as long as the
+    message lives."""
     await cluster.start(make_settings(calls={"reconnect_grace": 10}))
-    victim, other, bob_session = await _kill_after_its_presence_set_is_deleted(cluster)
+    victim, other, bobs = await _kill_after_its_presence_set_is_deleted(cluster, devices)
     victim_id = node_id(cluster, victim)
     sender = cluster.nodes[other].hub.cluster
     assert sender is not None
@@ -495,10 +499,12 @@ async def test_a_device_its_dead_nodes_burial_missed_is_retired_by_its_first_del
     await alice.send("call-request", call_request("ab", "alice", "bob"))
     await _until(lambda: _online_nodes(cluster, "bob") == set())  # no longer online there
     await _until(lambda: _survivors_quiet(cluster, victim))
-    # The call-request, bob's disconnect with the delivery in one decision, and nothing more.
-    assert _decisions(cluster) - before == 2
-    assert [row["user"] for row in cluster.audit.records("session.held")] == ["bob"]
-    again = await sign_in(cluster, "bob", node=other, resume=bob_session)
+    # The call-request, then one decision per delivery: the first disconnects every device
+    # of bob's on the dead node and hands the message on; nothing more.
+    assert _decisions(cluster) - before == 1 + devices
+    [held] = cluster.audit.records("session.held")
+    [bob] = [client for client in bobs if client.conn == held["conn"]]
+    again = await sign_in(cluster, "bob", node=other, resume=bob.session["sessionId"])
     await again.expect("session", resumed=True)
     await again.expect("call-request", id="ab")  # from his resume buffer
 

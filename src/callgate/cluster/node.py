@@ -362,9 +362,11 @@ class ClusterNode:
         self._revocation_content: tuple[frozenset[str], dict[str, float]] | None = None
         self._pending_revocations: bytes | None = None
         self.lost_orders = 0
-        # Nodes declared dead, with when this node heard of it: nothing is sent to them (their
-        # deliveries are decided again) until `forget_after` later, when nothing of the cluster
-        # names their connections any more; and a leader that buried one takes what still lands
+        # Nodes declared dead, with when this node heard of it: nothing is sent to them (a
+        # delivery for one of their devices retires it, if a signed record still names it
+        # online, and follows it: `_undelivered`), for `forget_after`; after that the verdict
+        # `dead:<node>`, read before anything is sent to a node with no link
+        # (`link_address`), puts it back here. A leader that buried one takes what still lands
         # in its inbox for a while.
         self._gone: dict[str, float] = {}
         self._buried: dict[str, float] = {}
@@ -923,20 +925,21 @@ class ClusterNode:
         come straight back here, for as long as the record says so. So that device is
         disconnected first, in the same decision, as a burial does (held for
         `reconnect_grace`, or its calls end): the record heals, and the delivery follows the
-        device like any other (its resume buffer, or the sender is told the call ended)."""
+        device like any other (its resume buffer, or the sender is told the call ended). So is
+        every other online device of the user on a node known dead: the delivery, decided
+        again, would go to them next (a call's other ringing devices)."""
         if user is None or not (retry or dead):
             return
         failed = DeliveryFailed(action.conn, user, action.event, action.data)
         if not dead:
             self._enqueue(Job([user], [failed], retry=False, durable=True))
             return
-        conn = action.conn
 
         def retire_then_deliver(sliced: Slice) -> list[Event]:
-            if conn not in sliced.board.devices_of(user):  # held, retired, or never online
-                return [failed]
-            log.warning("a device of a dead node was still online; disconnected", conn=conn)
-            return [Disconnected(conn), failed]
+            stale = [c for c in sliced.board.devices_of(user) if node_of(c) in self._gone]
+            if stale:
+                log.warning("a device of a dead node was still online; disconnected", conns=stale)
+            return [*(Disconnected(conn) for conn in stale), failed]
 
         self._enqueue(Job([user], retire_then_deliver, retry=False, durable=True))
 
