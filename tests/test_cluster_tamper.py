@@ -20,6 +20,7 @@ from callgate.cluster import node as cluster_node
 from callgate.core.actions import Deliver
 from callgate.revocation import RevocationList
 from conftest import (
+    Client,
     ClusterHarness,
     call_request,
     make_settings,
@@ -38,6 +39,7 @@ from test_cluster import (
     marks,
     node_id,
     now_ms,
+    records,
     sign_in,
     terminal_records,
 )
@@ -462,3 +464,147 @@ async def test_a_batch_dated_further_ahead_than_a_batch_may_age_is_refused(
     assert (row["node"], row["reason"], row["dropped_messages"]) == (target, "future", 1)
     await alice.send("ice-candidate", {**ice("ab", "bob"), "n": "next"})
     assert (await bob.expect("ice-candidate", callId="ab"))["data"]["n"] == "next"
+
+
+def _online_nodes(cluster: ClusterHarness, user: str) -> set[str]:
+    """The nodes where `user`'s signed record in Redis names an online device."""
+    reader = redis.Redis.from_url(cluster.redis_url)
+    try:
+        raw: Any = reader.get(f"{cluster.name}:u:{user}")
+    finally:
+        reader.close()
+    return set() if raw is None else records(cluster=cluster.name).online_nodes(user, raw)
+
+
+async def _kill_after_its_presence_set_is_deleted(
+    cluster: ClusterHarness, devices: int = 1
+) -> tuple[int, int, list[Client]]:
+    """A node that holds bob (`devices` of his) dies after a client without the key deleted its
+    presence set: its burial retires none of its devices, and bob's signed record still names
+    them. Returns the dead node's index, the index of the survivor that does not lead, and
+    bob's clients."""
+    nodes = [running.hub.cluster for running in cluster.nodes]
+    await _until(lambda: any(node is not None and node.judging for node in nodes))
+    leader = next(i for i, node in enumerate(nodes) if node is not None and node.judging)
+    victim, other = (leader + 1) % 3, (leader + 2) % 3
+    bobs = [await cluster.connect("bob", node=victim) for _ in range(devices)]
+    victim_id = node_id(cluster, victim)
+    attacker = redis.Redis.from_url(cluster.redis_url)
+    try:
+        attacker.delete(f"{cluster.name}:n:{victim_id}")
+    finally:
+        attacker.close()
+    cluster._running[victim][0].cancel()  # it stops heartbeating; bob's record stays
+    await _until(lambda: bool(cluster.audit.records("cluster.node_down")))
+    [down] = cluster.audit.records("cluster.node_down")
+    assert (down["node"], down["devices"]) == (victim_id, 0)  # the burial missed bob
+    assert _online_nodes(cluster, "bob") == {victim_id}
+    return victim, other, bobs
+
+
+def _survivors_quiet(cluster: ClusterHarness, dead: int) -> bool:
+    return all(
+        running.hub.cluster.quiet
+        for index, running in enumerate(cluster.nodes)
+        if index != dead and running.hub.cluster is not None
+    )
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+async def test_a_device_its_dead_nodes_burial_missed_is_retired_by_its_first_delivery(
+    cluster: ClusterHarness, devices: int
+) -> None:
+    """A client without the key deletes a node's presence set before the node dies: its
+    burial retires none of its devices. The first delivery for such a device, from a node that
+    knows its node is dead, retires it as the burial would have (held for `reconnect_grace`;
+    with two ringing, the one that rang last is held) and puts the message in its resume
+    buffer: one decision per delivery, not one per round trip to Redis for as long as the
+    message lives."""
+    await cluster.start(make_settings(calls={"reconnect_grace": 10}))
+    victim, other, bobs = await _kill_after_its_presence_set_is_deleted(cluster, devices)
+    victim_id = node_id(cluster, victim)
+    sender = cluster.nodes[other].hub.cluster
+    assert sender is not None
+    await _until(lambda: victim_id in sender._gone)
+    alice = await cluster.connect("alice", node=other)
+    before = _decisions(cluster)
+    await alice.send("call-request", call_request("ab", "alice", "bob"))
+    await _until(lambda: _online_nodes(cluster, "bob") == set())  # no longer online there
+    await _until(lambda: _survivors_quiet(cluster, victim))
+    # The call-request, then one decision per delivery: the first disconnects every device
+    # of bob's on the dead node and hands the message on; nothing more.
+    assert _decisions(cluster) - before == 1 + devices
+    [held] = cluster.audit.records("session.held")
+    [bob] = [client for client in bobs if client.conn == held["conn"]]
+    again = await sign_in(cluster, "bob", node=other, resume=bob.session["sessionId"])
+    await again.expect("session", resumed=True)
+    await again.expect("call-request", id="ab")  # from his resume buffer
+
+
+@pytest.mark.parametrize("links", [True, False])
+async def test_a_device_of_a_node_dead_and_forgotten_is_retired_not_sent_to_its_inbox(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch, links: bool
+) -> None:
+    """The same stale device, once the sender has forgotten the dead node (two hours after
+    it heard of it; here shortened): the node's id has no heartbeat, and its signed death
+    verdict is still there, so the sender knows it is dead again before anything goes to an
+    inbox nobody reads. The caller is told (`reconnect_grace` 0: the call ends)."""
+    monkeypatch.setattr(cluster_node, "MAX_BATCH_AGE", 1.0)
+    monkeypatch.setattr(cluster_node, "BURIED_SWEEP", 0.5)  # (the leader's sweep ends first)
+    await cluster.start(links=links)
+    victim, other, _ = await _kill_after_its_presence_set_is_deleted(cluster)
+    victim_id = node_id(cluster, victim)
+    sender = cluster.nodes[other].hub.cluster
+    assert sender is not None
+    await _until(lambda: victim_id in sender._gone)
+    await _until(lambda: victim_id not in sender._gone)  # forgotten (after 2 s here)
+    leader = cluster.nodes[3 - victim - other].hub.cluster
+    assert leader is not None
+    await _until(lambda: not leader._buried)  # its inbox is no longer emptied by anyone
+    alice = await cluster.connect("alice", node=other)
+    before = _decisions(cluster)
+    await alice.send("call-request", call_request("ab", "alice", "bob"))
+    await alice.expect("call-end", callId="ab", reason="peer_disconnected")
+    await _until(lambda: _survivors_quiet(cluster, victim))
+    assert _online_nodes(cluster, "bob") == set()
+    assert victim_id in sender._gone
+    assert _decisions(cluster) - before == 2
+    attacker = redis.Redis.from_url(cluster.redis_url)
+    try:
+        assert not attacker.exists(f"{cluster.name}:in:{victim_id}")  # nothing lost there
+    finally:
+        attacker.close()
+
+
+async def test_a_live_node_whose_keys_are_deleted_keeps_its_devices(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a client without the key can delete or write is no evidence of a death: with the
+    node's heartbeat gone when the sender looks for its link, its `last:` deleted, it taken
+    out of `nodes` and a forged verdict in its `dead:` key, bob, on that live node, is not
+    retired: the message reaches him through the node's inbox."""
+    await cluster.start()
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    target = node_id(cluster, 1)
+    sender = cluster.nodes[0].hub.cluster
+    assert sender is not None
+    attacker = redis.Redis.from_url(cluster.redis_url)
+    get = sender.store.get
+
+    async def heartbeat_deleted(name: str) -> bytes | None:
+        # (deleted between the target's beats, just when the sender looks: deterministic here)
+        return None if name == f"hb:{target}" else await get(name)
+
+    monkeypatch.setattr(sender.store, "get", heartbeat_deleted)
+    try:
+        attacker.delete(f"{cluster.name}:last:{target}")
+        attacker.srem(f"{cluster.name}:nodes", target)
+        attacker.set(f"{cluster.name}:dead:{target}", b'{"node": "%s"}' % target.encode())
+        await alice.send("call-request", call_request("ab", "alice", "bob"))
+        await bob.expect("call-request", id="ab")
+    finally:
+        attacker.close()
+    assert target not in sender._gone
+    assert _online_nodes(cluster, "bob") == {target}
+    assert not sender.links.linked(target)  # (it went by the inbox)

@@ -41,7 +41,9 @@ a frame may be HANDSHAKE_FRAME bytes at most, MAX_HANDSHAKES connections may be 
 handshake (MAX_HANDSHAKES_PER_ADDRESS from one address), and refusals are audited once per
 address and reason per REFUSAL_WINDOW (with a count). Frames are authenticated, not encrypted:
 like the Redis connection without TLS, links belong on a private network (docs/cluster.md).
-Where to dial a node comes from its signed heartbeat.
+Where to dial a node comes from its signed heartbeat, looked up before anything is sent to a
+target without a link (links on or off): that lookup also finds a target declared dead that
+node.py did not know of, which then gets nothing more, not even in its inbox.
 
 Wire format of a frame: 4-byte big-endian length of what follows, one byte of kind, the body.
 Bodies: hello, welcome, confirm, ack: MAC then JSON (entries.py `seal_link`); batch: MAC then
@@ -285,7 +287,8 @@ class LinkHost(Protocol):
         """Its current id (a new one after the cluster evicted it)."""
 
     async def link_address(self, node: str) -> str | None:
-        """Where `node`'s links listen (its signed heartbeat); None: use its inbox."""
+        """Where `node`'s links listen (its signed heartbeat); None: use its inbox. A node
+        found declared dead is forgotten here meanwhile (`forget`), its queue decided again."""
 
     def carried_out(self, origin: str) -> int:
         """The last batch number from `origin` carried out here."""
@@ -549,8 +552,10 @@ class Links:
                     self._fall_back(peer, "no ack in time")
 
     def _should_try(self, peer: Peer) -> bool:
-        """Links are tried only for traffic: a target nobody sends to costs nothing."""
-        return self.enabled and not peer.connecting and time.monotonic() >= peer.next_try
+        """Links are tried only for traffic: a target nobody sends to costs nothing. With
+        links off, the target is still looked up (`link_address`, which finds a node declared
+        dead) before its inbox is used, and again at most every NO_LINK_RETRY."""
+        return not peer.connecting and time.monotonic() >= peer.next_try
 
     def _seal(self, peer: Peer) -> tuple[int, dict[bytes, bytes], list[Queued]]:
         """The next batch of what is queued for `peer` (the rest stays queued): at most
@@ -632,12 +637,15 @@ class Links:
 
     async def _connect(self, peer: Peer) -> None:
         """Open a link to `peer.node`; it carries batches once the target has carried out
-        everything this node put in its inbox."""
+        everything this node put in its inbox. (Links off: only the lookup.)"""
         stream: trio.SocketStream | None = None
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 address = await self._node.link_address(peer.node)
-            if address is None:  # it has no link (or no genuine heartbeat yet): the inbox
+            if self._peers.get(peer.node) is not peer:
+                return  # found dead meanwhile (`forget`): what was queued is decided again
+            if address is None or not self.enabled:
+                # It has no link (or no genuine heartbeat yet), or links are off: the inbox.
                 self._retry_later(peer, NO_LINK_RETRY)
                 return
             host, _, port = address.rpartition(":")

@@ -118,7 +118,12 @@ TIMER_CLAIM = 64
 RECOVERY_SAMPLE = 16
 _chance = secrets.SystemRandom()
 MAX_OUTBOX = 100_000  # orders waiting for Redis; past this new ones are refused, counted, logged
-DEAD_VERDICT_MS = 3_600_000  # how long a node's death verdict is kept
+# How long a node's death verdict is kept: as long as its `last:` could have been (a week).
+# Besides the node itself (frozen, it finds it when it wakes), the other nodes read it before
+# they send to a node they do not know to be dead (`link_address`): a signed record may name
+# a device of it online long after its burial (its presence set was deleted), and its inbox
+# is read by nobody. One small key per dead node.
+DEAD_VERDICT_MS = 7 * 24 * 3_600_000
 # Seconds after its origin sealed it that a batch is refused (`stale`): far longer than any
 # link, inbox, handover or ack delay, and than the nodes' clocks differ. What this node keeps
 # per origin (its last batch number, the paths of recent batches) is forgotten once no dated
@@ -360,9 +365,11 @@ class ClusterNode:
         self._revocation_content: tuple[frozenset[str], dict[str, float]] | None = None
         self._pending_revocations: bytes | None = None
         self.lost_orders = 0
-        # Nodes declared dead, with when this node heard of it: nothing is sent to them (their
-        # deliveries are decided again) until `forget_after` later, when nothing of the cluster
-        # names their connections any more; and a leader that buried one takes what still lands
+        # Nodes declared dead, with when this node heard of it: nothing is sent to them (a
+        # delivery for one of their devices retires it, if a signed record still names it
+        # online, and follows it: `_undelivered`), for `forget_after`; after that the verdict
+        # `dead:<node>`, read before anything is sent to a node with no link
+        # (`link_address`), puts it back here. A leader that buried one takes what still lands
         # in its inbox for a while.
         self._gone: dict[str, float] = {}
         self._buried: dict[str, float] = {}
@@ -907,13 +914,37 @@ class ClusterNode:
                         local.append(action)
         self._executor.execute(local, forwarded=forwarded)
 
-    def _undelivered(self, action: Deliver, user: UserId | None, retry: bool) -> None:
+    def _undelivered(
+        self, action: Deliver, user: UserId | None, retry: bool, *, dead: bool = False
+    ) -> None:
         """A delivery found no open connection here: decided again, once, on the shared
         state (the device is held: its resume buffer; it resumed elsewhere: its call's
-        device now). A device that is gone altogether left its calls: nothing to keep."""
-        if user is not None and retry:
-            failed = DeliveryFailed(action.conn, user, action.event, action.data)
+        device now). A device that is gone altogether left its calls: nothing to keep.
+
+        `dead`: it was for a device of a node known dead. Its burial retires every device
+        the node's presence set lists, but a signed record may still name one online there (the
+        set was deleted by a Redis client without the key, the node was dropped unburied, or
+        the burial has not reached that user yet): decided again as it is, the delivery would
+        come straight back here, for as long as the record says so. So that device is
+        disconnected first, in the same decision, as a burial does (held for
+        `reconnect_grace`, or its calls end): the record heals, and the delivery follows the
+        device like any other (its resume buffer, or the sender is told the call ended). So is
+        every other online device of the user on a node known dead: the delivery, decided
+        again, would go to them next (a call's other ringing devices)."""
+        if user is None or not (retry or dead):
+            return
+        failed = DeliveryFailed(action.conn, user, action.event, action.data)
+        if not dead:
             self._enqueue(Job([user], [failed], retry=False, durable=True))
+            return
+
+        def retire_then_deliver(sliced: Slice) -> list[Event]:
+            stale = [c for c in sliced.board.devices_of(user) if node_of(c) in self._gone]
+            if stale:
+                log.warning("a device of a dead node was still online; disconnected", conns=stale)
+            return [*(Disconnected(conn) for conn in stale), failed]
+
+        self._enqueue(Job([user], retire_then_deliver, retry=False, durable=True))
 
     def _heard(self, conn: str, event: str, data: Mapping[str, Any]) -> None:
         """What this node's device is told about its calls keeps its copy of them current
@@ -938,9 +969,9 @@ class ClusterNode:
         return self.line.pending + self.links.queued >= MAX_OUTBOX
 
     def _send(self, node: str, order: Order, user: str | None) -> None:
-        if node in self._gone:  # its inbox is read by nobody: decide the delivery again
+        if node in self._gone:  # its inbox is read by nobody: its device is let go
             if isinstance(order, Deliver):
-                self._undelivered(order, user, True)
+                self._undelivered(order, user, True, dead=True)
             return
         # (links' unacked batches are bounded on their own: MAX_UNACKED per link)
         if self._outbox_full:  # Redis away long: say so
@@ -956,9 +987,25 @@ class ClusterNode:
         return self._last_seq.get(origin, 0)
 
     async def link_address(self, node: str) -> str | None:
-        """Where `node`'s links listen, from its signed heartbeat (None: use its inbox)."""
+        """Where `node`'s links listen, from its signed heartbeat (None: use its inbox).
+
+        Asked before anything is sent to a node this node has no link to, and again at most
+        every few seconds while there is none (links.py), never per message. So it is also
+        where a node not known here to be dead is checked: one this node never heard was
+        declared dead (it joined later), or heard of over `forget_after` ago, may still be
+        named online by a signed record (see `_undelivered`), and its inbox is read by nobody.
+        Its signed verdict `dead:<node>`, if there is one, makes it gone here, and what was
+        queued for it is decided again. Only the verdict counts: a client without the key
+        can delete a live node's `hb:`, `last:` and membership, never write a verdict."""
         try:
-            return self.codec.link_of(await self.store.get(f"hb:{node}"), node)
+            heartbeat = await self.store.get(f"hb:{node}")
+            if node not in self._gone:
+                verdict = await self.store.get(f"dead:{node}")
+                if self.codec.is_dead(verdict, node) and node not in self._gone:
+                    log.info("a node this one sends to was declared dead", node=node)
+                    self._node_gone(node)
+                    return None
+            return self.codec.link_of(heartbeat, node)
         except STORE_ERRORS:
             return None
 
@@ -1491,7 +1538,7 @@ class ClusterNode:
         # What its link never acked, or was still to send, is decided again (its buffers).
         for order, user in self.links.forget(node):
             if isinstance(order, Deliver):
-                self._undelivered(order, user, True)
+                self._undelivered(order, user, True, dead=True)
         for key, route in list(self._routes.items()):
             if any(node_of(conn) == node for conn in route.peer_conns):
                 del self._routes[key]
