@@ -493,9 +493,13 @@ async def test_a_node_killed_mid_ring_its_timers_still_fire_on_time(
             await process.wait()
 
 
-async def test_a_frozen_node_loses_no_message(cluster: ClusterHarness, tmp_path: Path) -> None:
+async def test_a_frozen_node_loses_no_message(
+    cluster: ClusterHarness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """SIGSTOP the node that holds bob: what alice sends meanwhile waits in his resume buffer,
-    wherever he resumes; the node, woken, learns it was declared dead and lets go."""
+    wherever he resumes; the node, woken, learns it was declared dead and lets go. The beat
+    that told it so added its old id to `nodes` again: that id is dropped, not buried twice."""
+    monkeypatch.setattr(cluster_node, "BURIED_SWEEP", 5.0)  # (30 s: the dead inbox is emptied)
     await cluster.start(make_settings(calls={"reconnect_grace": 10}))
     process, url = await start_server_process(server_config(tmp_path), _cluster_env(cluster, 10))
     try:
@@ -521,6 +525,14 @@ async def test_a_frozen_node_loses_no_message(cluster: ClusterHarness, tmp_path:
         await again.send("call-end", {"callId": "ab", "to": "alice"})
         await alice.expect("call-end", callId="ab")
         assert [row["reason"] for row in terminal_records(cluster)] == ["hangup"]
+        rows = cluster.audit.records
+        await _until(
+            lambda: (
+                [(r["entry"], r["reason"]) for r in rows("cluster.rejected")]
+                == [("nodes", "replayed")]
+            )
+        )
+        assert len(rows("cluster.node_down")) == 1
     finally:
         if process.returncode is None:
             process.kill()
