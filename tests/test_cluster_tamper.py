@@ -597,3 +597,32 @@ async def test_a_last_beat_older_than_a_verdict_is_kept_is_no_evidence(
         attacker.close()
     assert [row["node"] for row in cluster.audit.records("cluster.node_down")] == [previous]
     assert _refused(cluster) == [("nodes", "replayed", 1)]
+
+
+@pytest.mark.parametrize("key", ["leader", "epoch", "nodes", "hb:0fake"])
+async def test_a_liveness_key_of_another_type_stops_no_heartbeat_and_no_burial(
+    cluster: ClusterHarness, key: str
+) -> None:
+    """One write without the key: the lease, the epoch or `nodes` made a hash (or a member
+    whose heartbeat is a hash). Each node's beat reads and writes them: a WRONGTYPE there
+    failed every beat of every node (or of every leader), so no node led, none was buried,
+    and nodes took Redis for unreachable. Read as absent instead, `nodes` and `epoch` removed
+    so that they are written again: the nodes stay available and the dead node is buried."""
+    _, victim, attacker = await _a_dead_node_holding_bob(cluster)
+    try:
+        attacker.delete(f"{cluster.name}:{key}")
+        attacker.hset(f"{cluster.name}:{key}", "x", "y")
+        if key == "hb:0fake":
+            attacker.sadd(f"{cluster.name}:nodes", "0fake")
+        _stop(cluster, victim)
+        await _until(lambda: bool(cluster.audit.records("cluster.node_down")))
+        for running in cluster.nodes:
+            node = running.hub.cluster
+            assert node is not None
+            assert node.node_id == victim or node.available
+        assert attacker.type(f"{cluster.name}:nodes") == b"set"
+        assert attacker.type(f"{cluster.name}:epoch") == b"string"
+    finally:
+        attacker.close()
+    [down] = cluster.audit.records("cluster.node_down")
+    assert (down["node"], down["devices"]) == (victim, 1)

@@ -35,6 +35,9 @@ import coredis
 from coredis.exceptions import RedisError, WrongTypeError
 
 from callgate.cluster.records import KEEP, Timer, Writes
+from callgate.log import get_logger
+
+log = get_logger("callgate.cluster")
 
 __all__ = [
     "STORE_ERRORS",
@@ -164,6 +167,37 @@ end
 return out
 """
 
+# One heartbeat. KEYS: hb:<node>, last:<node>, nodes, epoch, leader, dead:<node>, then the
+# watched nodes' hb:<node>. ARGV: the heartbeat, its expiry, last:'s expiry, the node, a new
+# epoch. Returns [keys removed, epoch, lease, verdict, beats...]. Only a client without the key
+# gives a key another type than nodes write: read as absent rather than failing every node's
+# beat (a hash for `leader` would stop every beat, so every burial), and `nodes` or `epoch` of
+# another type removed (what deleting them does), so that they can be written again.
+_KEEP = """
+local function retype(key, kind)
+  local found = redis.call('TYPE', key)['ok']
+  if found ~= kind and found ~= 'none' then
+    redis.call('UNLINK', key)
+    return 1
+  end
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
+local removed = retype(KEYS[3], 'set') + retype(KEYS[4], 'string')
+redis.call('SADD', KEYS[3], ARGV[4])
+redis.call('SET', KEYS[4], ARGV[5], 'NX')
+local out = {removed}
+for i = 4, #KEYS do
+  if redis.call('TYPE', KEYS[i])['ok'] == 'string' then
+    out[#out + 1] = redis.call('GET', KEYS[i])
+  else
+    out[#out + 1] = false
+  end
+end
+return out
+"""
+
 # KEYS: string keys to read. Returns [value or "", ...], each key's value, except that a key
 # of another type (no node made it) reads as false, rather than making the script fail.
 _STRINGS = """
@@ -179,8 +213,10 @@ return out
 
 # Replace the lease only if it still holds the value this node judged (ours, absent, or not
 # genuine); 1 when it did, and this node leads. Redis cannot check the signature: Python did.
+# A lease of another type (no node wrote it) was read as absent, and is replaced the same.
 _LEASE = """
-local current = redis.call('GET', KEYS[1])
+local current = false
+if redis.call('TYPE', KEYS[1])['ok'] == 'string' then current = redis.call('GET', KEYS[1]) end
 if (current or '') == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   return 1
@@ -231,6 +267,7 @@ class Store:
         self._lease = self._redis.register_script(_LEASE)
         self._take = self._redis.register_script(_TAKE_INBOX)
         self._strings = self._redis.register_script(_STRINGS)
+        self._keep = self._redis.register_script(_KEEP)
 
     def key(self, name: str) -> str:
         return self.prefix + name
@@ -355,8 +392,12 @@ class Store:
         )
 
     async def members(self) -> list[str]:
-        """The nodes that joined and were not buried (the leader watches them)."""
-        members: Any = await self._redis.smembers(self.key("nodes"))
+        """The nodes that joined and were not buried (the leader watches them); none while
+        `nodes` is of another type (the next heartbeat removes it)."""
+        try:
+            members: Any = await self._redis.smembers(self.key("nodes"))
+        except WrongTypeError:
+            return []
         return sorted(bytes(member).decode() for member in members)
 
     async def take_inbox(self, node: str) -> list[tuple[bytes, Mapping[bytes, bytes]]]:
@@ -384,22 +425,23 @@ class Store:
         epoch: bytes,
     ) -> tuple[bytes | None, bytes | None, list[bytes | None], bytes | None]:
         """Beat; read the epoch, the lease, the watched nodes' beats and this node's verdict.
-        One round trip."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.set(self.key(f"hb:{node}"), heartbeat, px=timeout_ms)
-            # The same value, kept a week: whichever node buries this one (a leader that never
-            # read its beats, when it led itself) learns how far it got; and that it ran at
-            # all: a member of `nodes` without it is never buried. Written before this node is
-            # a member, and this node takes no client before its first beat went through.
-            pipe.set(self.key(f"last:{node}"), heartbeat, px=LAST_BEAT_MS)
-            pipe.sadd(self.key("nodes"), [node])
-            pipe.set(self.key("epoch"), epoch, condition=coredis.PureToken.NX)
-            got_epoch = pipe.get(self.key("epoch"))
-            got_lease = pipe.get(self.key("leader"))
-            got_dead = pipe.get(self.key(f"dead:{node}"))
-            got_beats = [pipe.get(self.key(f"hb:{other}")) for other in watched]
-        beats = [await beat for beat in got_beats]
-        return await got_epoch, await got_lease, beats, await got_dead
+        One round trip (one script: _KEEP). The heartbeat is also written as `last:<node>`,
+        kept a week: whichever node buries this one (a leader that never read its beats, when
+        it led itself) learns how far it got; and that it ran at all: a member of `nodes`
+        without it is never buried. Written before this node is a member, and this node takes
+        no client before its first beat went through."""
+        keys = [self.key(name) for name in ("hb:" + node, "last:" + node, "nodes", "epoch")]
+        keys += [self.key("leader"), self.key(f"dead:{node}")]
+        keys += [self.key(f"hb:{other}") for other in watched]
+        reply: Any = await self._keep(
+            keys=keys, args=[heartbeat, timeout_ms, LAST_BEAT_MS, node, epoch]
+        )
+        if reply[0]:
+            log.warning("cluster keys of another type were removed", keys=int(reply[0]))
+        got_epoch, got_lease, got_dead, *beats = (
+            None if value is None else bytes(value) for value in reply[1:]
+        )
+        return got_epoch, got_lease, beats, got_dead
 
     async def take_lease(self, judged: bytes | None, renewed: bytes, timeout_ms: int) -> bool:
         took: Any = await self._lease(
