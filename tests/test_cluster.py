@@ -516,9 +516,13 @@ async def test_a_node_killed_mid_ring_its_timers_still_fire_on_time(
             await process.wait()
 
 
-async def test_a_frozen_node_loses_no_message(cluster: ClusterHarness, tmp_path: Path) -> None:
+async def test_a_frozen_node_loses_no_message(
+    cluster: ClusterHarness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """SIGSTOP the node that holds bob: what alice sends meanwhile waits in his resume buffer,
-    wherever he resumes; the node, woken, learns it was declared dead and lets go."""
+    wherever he resumes; the node, woken, learns it was declared dead and lets go. The beat
+    that told it so added its old id to `nodes` again: that id is dropped, not buried twice."""
+    monkeypatch.setattr(cluster_node, "BURIED_SWEEP", 5.0)  # (30 s: the dead inbox is emptied)
     await cluster.start(make_settings(calls={"reconnect_grace": 10}))
     process, url = await start_server_process(server_config(tmp_path), _cluster_env(cluster, 10))
     try:
@@ -544,6 +548,14 @@ async def test_a_frozen_node_loses_no_message(cluster: ClusterHarness, tmp_path:
         await again.send("call-end", {"callId": "ab", "to": "alice"})
         await alice.expect("call-end", callId="ab")
         assert [row["reason"] for row in terminal_records(cluster)] == ["hangup"]
+        rows = cluster.audit.records
+        await _until(
+            lambda: (
+                [(r["entry"], r["reason"]) for r in rows("cluster.rejected")]
+                == [("nodes", "replayed")]
+            )
+        )
+        assert len(rows("cluster.node_down")) == 1
     finally:
         if process.returncode is None:
             process.kill()
@@ -1220,6 +1232,25 @@ def test_heartbeat_and_lease_values_verify_only_when_genuine() -> None:
     assert codec().is_dead(verdict, "n1") and not codec().is_dead(verdict, "n2")
     assert not codec().is_dead(codec().seal_heartbeat("n1", 1), "n1")
     assert not codec().is_dead(b'{"node": "n1"}', "n1")
+
+
+def test_a_verdict_says_whether_the_burial_was_done_and_a_beat_when_it_beat() -> None:
+    """A verdict written as a burial begins says dead, not buried (a burial cut short by an
+    outage is finished by the next leader's pass); the one written once it is done says both,
+    and the previous release, which reads only `node`, takes it as dead. A heartbeat carries
+    the time it was sealed; one of the previous release carries none and is never too old."""
+    begun, done = codec().seal_dead("n1"), codec().seal_dead("n1", buried=True)
+    assert codec().is_dead(begun, "n1") and not codec().is_buried(begun, "n1")
+    assert codec().is_dead(done, "n1") and codec().is_buried(done, "n1")
+    assert not codec().is_buried(done, "n2")
+    assert not codec().is_buried(codec().seal_heartbeat("n1", 1), "n1")
+    week = 7 * 24 * 3_600_000
+    dated = codec().heartbeat(codec().seal_heartbeat("n1", 3, at=now_ms() - week - 1), "n1")
+    assert dated is not None and dated.at is not None
+    assert dated.older_than(week, now_ms()) and not dated.older_than(2 * week, now_ms())
+    undated = codec().heartbeat(codec().seal_heartbeat("n1", 3), "n1")
+    assert undated is not None and undated.at is None
+    assert not undated.older_than(0, now_ms() + week)
 
 
 def test_a_node_dies_after_several_missed_checks_never_one() -> None:

@@ -608,3 +608,196 @@ async def test_a_live_node_whose_keys_are_deleted_keeps_its_devices(
     assert target not in sender._gone
     assert _online_nodes(cluster, "bob") == {target}
     assert not sender.links.linked(target)  # (it went by the inbox)
+
+
+def _judging(cluster: ClusterHarness) -> int:
+    """The index of the node that judges (leads, past its grace)."""
+    nodes = [running.hub.cluster for running in cluster.nodes]
+    return next(i for i, node in enumerate(nodes) if node is not None and node.judging)
+
+
+def _refused(cluster: ClusterHarness) -> list[tuple[str, str, int]]:
+    rows = cluster.audit.records("cluster.rejected")
+    return [(row["entry"], row["reason"], row.get("count", 1)) for row in rows]
+
+
+async def _a_dead_node_holding_bob(
+    cluster: ClusterHarness,
+) -> tuple[Client, str, redis.Redis]:
+    """Three nodes; alice on the judging node, bob on another (the victim, not yet stopped);
+    an attacker's Redis connection (closed with the test's cluster)."""
+    await cluster.start()
+    await _until(lambda: any(n.hub.cluster and n.hub.cluster.judging for n in cluster.nodes))
+    leader = _judging(cluster)
+    victim = (leader + 1) % 3
+    alice = await cluster.connect("alice", node=leader)
+    await cluster.connect("bob", node=victim)
+    return alice, node_id(cluster, victim), redis.Redis.from_url(cluster.redis_url)
+
+
+def _stop(cluster: ClusterHarness, node: str) -> None:
+    """The node stops heartbeating (killed); its devices' records still name it online."""
+    index = next(i for i in range(len(cluster.nodes)) if node_id(cluster, i) == node)
+    cluster._running[index][0].cancel()
+
+
+async def test_a_fake_member_whose_last_beat_is_not_a_string_keeps_no_node_from_burial(
+    cluster: ClusterHarness,
+) -> None:
+    """Two writes without the key: a member `0fake` (sorted before every real id) whose
+    `last:0fake` is a hash. Redis answers WRONGTYPE to reading it: tampering, not an outage.
+    It counts as no evidence (the member is dropped, its keys of any type unlinked, audited
+    `malformed`), and the real dead node judged in the same pass is buried."""
+    alice, victim, attacker = await _a_dead_node_holding_bob(cluster)
+    try:
+        attacker.sadd(f"{cluster.name}:nodes", "0fake")
+        attacker.hset(f"{cluster.name}:last:0fake", "x", "y")
+        _stop(cluster, victim)
+        await _until(lambda: bool(cluster.audit.records("cluster.node_down")))
+        await _until(lambda: not attacker.sismember(f"{cluster.name}:nodes", "0fake"))
+        assert not attacker.exists(f"{cluster.name}:last:0fake")
+        assert not attacker.sismember(f"{cluster.name}:nodes", victim)
+    finally:
+        attacker.close()
+    [down] = cluster.audit.records("cluster.node_down")
+    assert (down["node"], down["devices"]) == (victim, 1)
+    assert _refused(cluster) == [("nodes", "malformed", 1)]  # not also `unsigned`
+    await alice.send("call-request", call_request("ab", "alice", "bob"))
+    await alice.expect("call-reject", callId="ab", reason="unavailable")  # bob is gone
+
+
+async def test_a_dead_nodes_presence_set_of_another_type_is_read_as_empty(
+    cluster: ClusterHarness,
+) -> None:
+    """`n:<dead node>` replaced by a string: the burial reads it as empty (removed, audited
+    `presence` `malformed`) and goes on: verdict, the node out of `nodes`, `node_down`. Its
+    devices stay online in their users' records, as when the set is deleted."""
+    _, victim, attacker = await _a_dead_node_holding_bob(cluster)
+    try:
+        _stop(cluster, victim)
+        attacker.delete(f"{cluster.name}:n:{victim}")
+        attacker.set(f"{cluster.name}:n:{victim}", "not a set")
+        await _until(lambda: bool(cluster.audit.records("cluster.node_down")))
+        assert not attacker.sismember(f"{cluster.name}:nodes", victim)
+        assert not attacker.exists(f"{cluster.name}:n:{victim}")
+    finally:
+        attacker.close()
+    [down] = cluster.audit.records("cluster.node_down")
+    assert (down["node"], down["devices"]) == (victim, 0)
+    assert _refused(cluster) == [("presence", "malformed", 1)]
+
+
+async def test_a_dead_nodes_inbox_of_another_type_is_read_as_empty(
+    cluster: ClusterHarness,
+) -> None:
+    """`in:<dead node>` replaced by a hash: taking it over finds no stream (removed unread,
+    audited `inbox` `malformed`), and the burial is done once: its devices disconnected,
+    `node_down` written, not started again with every heartbeat."""
+    alice, victim, attacker = await _a_dead_node_holding_bob(cluster)
+    try:
+        _stop(cluster, victim)
+        attacker.delete(f"{cluster.name}:in:{victim}")
+        attacker.hset(f"{cluster.name}:in:{victim}", "x", "y")
+        await _until(lambda: bool(cluster.audit.records("cluster.node_down")))
+        assert not attacker.sismember(f"{cluster.name}:nodes", victim)
+        assert not attacker.exists(f"{cluster.name}:in:{victim}")
+    finally:
+        attacker.close()
+    [down] = cluster.audit.records("cluster.node_down")
+    assert (down["node"], down["devices"]) == (victim, 1)
+    assert _refused(cluster) == [("inbox", "malformed", 1)]
+    await alice.send("call-request", call_request("ab", "alice", "bob"))
+    await alice.expect("call-reject", callId="ab", reason="unavailable")
+
+
+async def test_a_buried_nodes_last_beat_put_back_gets_it_buried_no_more(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any Redis client can record `last:<node>` of a node while it runs. Put back after
+    the node was buried, with the id added to `nodes` again, it is a genuine beat of a node
+    that ran; but the node is buried already: the leader remembers it, and its signed
+    verdict says so for as long as that beat counts (so a leader that did not bury it knows
+    too). Dropped, no verdict, no `NodeGone`, no `node_down` again; audited `replayed`,
+    summed."""
+    monkeypatch.setattr(cluster_node, "BURIED_SWEEP", 0.5)  # (its own 30 s check is not this)
+    monkeypatch.setattr(links_module, "REFUSAL_WINDOW", 0.5)
+    _, victim, attacker = await _a_dead_node_holding_bob(cluster)
+    leader = cluster.nodes[_judging(cluster)].hub.cluster
+    assert leader is not None
+    members, last = f"{cluster.name}:nodes", f"{cluster.name}:last:{victim}"
+    try:
+        recorded = attacker.get(last)
+        assert recorded is not None
+        _stop(cluster, victim)
+        await _until(lambda: bool(cluster.audit.records("cluster.node_down")))
+        for replay in range(3):
+            if replay == 2:  # as a leader that did not bury it: only the verdict says so
+                leader._burials.clear()
+            attacker.set(last, recorded)  # no expiry
+            attacker.sadd(members, victim)
+            await _until(lambda: not attacker.sismember(members, victim))
+        await _until(lambda: sum(count for *_, count in _refused(cluster)) == 3)
+        assert len(cluster.audit.records("cluster.node_down")) == 1
+        assert not attacker.exists(last)  # unlinked with it
+        verdict: Any = attacker.get(f"{cluster.name}:dead:{victim}")
+    finally:
+        attacker.close()
+    assert codec(cluster=cluster.name).is_buried(verdict, victim)
+    assert {(entry, reason) for entry, reason, _ in _refused(cluster)} == {("nodes", "replayed")}
+
+
+async def test_a_last_beat_older_than_a_verdict_is_kept_is_no_evidence(
+    cluster: ClusterHarness,
+) -> None:
+    """A heartbeat is dated. A genuine `last:` older than a week (and an hour for clocks) can
+    only have been put back (Redis expires it): no evidence that its node ran, since its
+    verdict may have expired too. The member is dropped, audited `replayed`. One of the
+    previous release carries no date and still counts: during a rolling upgrade such a node
+    that dies is buried."""
+    await cluster.start()
+    await _until(lambda: any(n.hub.cluster and n.hub.cluster.judging for n in cluster.nodes))
+    seal = codec(cluster=cluster.name).seal_heartbeat
+    old, previous = "old-0a0b0c", "previous-0a0b0c"
+    attacker = redis.Redis.from_url(cluster.redis_url)
+    members = f"{cluster.name}:nodes"
+    try:
+        eight_days = 8 * 24 * 3_600_000
+        attacker.set(f"{cluster.name}:last:{old}", seal(old, 41, at=now_ms() - eight_days))
+        attacker.set(f"{cluster.name}:last:{previous}", seal(previous, 41))  # undated
+        attacker.sadd(members, old, previous)
+        await _until(lambda: not attacker.smembers(members) & {b"old-0a0b0c", b"previous-0a0b0c"})
+        assert not attacker.exists(f"{cluster.name}:dead:{old}")
+        assert attacker.exists(f"{cluster.name}:dead:{previous}")
+    finally:
+        attacker.close()
+    assert [row["node"] for row in cluster.audit.records("cluster.node_down")] == [previous]
+    assert _refused(cluster) == [("nodes", "replayed", 1)]
+
+
+@pytest.mark.parametrize("key", ["leader", "epoch", "nodes", "hb:0fake"])
+async def test_a_liveness_key_of_another_type_stops_no_heartbeat_and_no_burial(
+    cluster: ClusterHarness, key: str
+) -> None:
+    """One write without the key: the lease, the epoch or `nodes` made a hash (or a member
+    whose heartbeat is a hash). Each node's beat reads and writes them: a WRONGTYPE there
+    failed every beat of every node (or of every leader), so no node led, none was buried,
+    and nodes took Redis for unreachable. Read as absent instead, `nodes` and `epoch` removed
+    so that they are written again: the nodes stay available and the dead node is buried."""
+    _, victim, attacker = await _a_dead_node_holding_bob(cluster)
+    try:
+        attacker.delete(f"{cluster.name}:{key}")
+        attacker.hset(f"{cluster.name}:{key}", "x", "y")
+        if key == "hb:0fake":
+            attacker.sadd(f"{cluster.name}:nodes", "0fake")
+        _stop(cluster, victim)
+        await _until(lambda: bool(cluster.audit.records("cluster.node_down")))
+        for running in cluster.nodes:
+            node = running.hub.cluster
+            assert node is not None
+            assert node.node_id == victim or node.available
+        assert attacker.type(f"{cluster.name}:nodes") == b"set"
+        assert attacker.type(f"{cluster.name}:epoch") == b"string"
+    finally:
+        attacker.close()
+    [down] = cluster.audit.records("cluster.node_down")
+    assert (down["node"], down["devices"]) == (victim, 1)

@@ -130,12 +130,19 @@ def forgettable(heard: Mapping[str, float], now: float, max_age: float) -> list[
 
 
 class Heartbeat(NamedTuple):
-    """A node's genuine heartbeat: its beat number, how far it had read its inbox, and per
-    origin the number of the last batch it had carried out."""
+    """A node's genuine heartbeat: its beat number, how far it had read its inbox, per origin
+    the number of the last batch it had carried out, and when it beat (unix milliseconds on
+    its clock; None from a node of the release before beats were dated)."""
 
     beat: int
     read: str
     done: dict[str, int]
+    at: int | None = None
+
+    def older_than(self, max_age_ms: int, now_ms: int) -> bool:
+        """Sealed more than `max_age_ms` before `now_ms`: a value kept past its expiry (a
+        recorded one put back). An undated beat (the previous release's) never is."""
+        return self.at is not None and self.at < now_ms - max_age_ms
 
 
 # A revocation list's version: its generation (unix milliseconds when written, and always past
@@ -201,13 +208,17 @@ class EntryCodec:
         read_up_to: str = "0-0",
         link: str = "",
         done: Mapping[str, int] | None = None,
+        at: int | None = None,
     ) -> bytes:
         """A node's heartbeat value: its id, a number that grows with every beat, how far it
         has read its inbox and, per origin, the number of the last batch it carried out (what
-        a node burying it need not hand over again), and the `host:port` its direct links
-        listen on ("" = none; links.py)."""
-        body = {"node": node, "beat": beat, "read": read_up_to, "link": link}
+        a node burying it need not hand over again), the `host:port` its direct links listen
+        on ("" = none; links.py), and when it beat (`at`, unix milliseconds: a recorded
+        `last:<node>` put back after it expired does not count as evidence that it ran)."""
+        body: dict[str, Any] = {"node": node, "beat": beat, "read": read_up_to, "link": link}
         body["done"] = dict(done or {})
+        if at is not None:
+            body["at"] = at
         return self._seal_value(_HEARTBEAT, body)
 
     def link_of(self, sealed: bytes | None, node: str) -> str | None:
@@ -238,7 +249,8 @@ class EntryCodec:
         marks = (
             {str(k): v for k, v in done.items() if type(v) is int} if isinstance(done, dict) else {}
         )
-        return Heartbeat(beat, str(read), marks)
+        at = body.get("at")
+        return Heartbeat(beat, str(read), marks, at if type(at) is int else None)
 
     def seal_lease(self, node: str, expires: float) -> bytes:
         """The leader lease's value: who holds it and until when (unix time)."""
@@ -256,12 +268,22 @@ class EntryCodec:
         """The value that marks one Redis dataset (a new one after a restart without data)."""
         return self._seal_value(_EPOCH, {"epoch": token})
 
-    def seal_dead(self, node: str) -> bytes:
-        """The cluster's verdict that `node` is dead (it reads it, and closes what it holds)."""
-        return self._seal_value(_DEAD, {"node": node})
+    def seal_dead(self, node: str, *, buried: bool = False) -> bytes:
+        """The cluster's verdict that `node` is dead (it reads it, and closes what it holds);
+        `buried`: written again once its burial is done (a member of that name is then never
+        buried again). The previous release reads only `node`."""
+        body: dict[str, Any] = {"node": node}
+        if buried:
+            body["buried"] = True
+        return self._seal_value(_DEAD, body)
 
     def is_dead(self, sealed: bytes | None, node: str) -> bool:
         return self._verified(_DEAD, sealed).get("node") == node
+
+    def is_buried(self, sealed: bytes | None, node: str) -> bool:
+        """Whether `sealed` is the verdict on `node` written once its burial was done."""
+        body = self._verified(_DEAD, sealed)
+        return body.get("node") == node and body.get("buried") is True
 
     def seal_revocations(
         self, tokens: frozenset[str], users: Mapping[str, float], version: RevocationVersion

@@ -65,7 +65,13 @@ from callgate.cluster.entries import (
 from callgate.cluster.line import RETRY_DELAYS, DeliveryLine, Entries
 from callgate.cluster.links import Links, RecentPaths, Refusals
 from callgate.cluster.records import USER_PREFIX, BadRecord, RecordCodec, Slice, Timer, Writes
-from callgate.cluster.store import STORE_ERRORS, Store
+from callgate.cluster.store import (
+    LAST_BEAT_MS,
+    STORE_ERRORS,
+    Store,
+    WrongType,
+    WrongTypeError,
+)
 from callgate.config import ClusterSettings
 from callgate.core.actions import (
     Ack,
@@ -118,12 +124,16 @@ TIMER_CLAIM = 64
 RECOVERY_SAMPLE = 16
 _chance = secrets.SystemRandom()
 MAX_OUTBOX = 100_000  # orders waiting for Redis; past this new ones are refused, counted, logged
-# How long a node's death verdict is kept: as long as its `last:` could have been (a week).
+# How long a node's death verdict (`dead:<node>`) is kept, and the leader's memory that it
+# buried it: as long as its `last:<node>` counts as evidence that it ran (a week after the beat,
+# and an hour more for the clocks of the node that beat and the one that judges), so that a
+# recorded `last:` put back never gets a node buried twice. A `last:` older than that is refused.
 # Besides the node itself (frozen, it finds it when it wakes), the other nodes read it before
 # they send to a node they do not know to be dead (`link_address`): a signed record may name
 # a device of it online long after its burial (its presence set was deleted), and its inbox
 # is read by nobody. One small key per dead node.
-DEAD_VERDICT_MS = 7 * 24 * 3_600_000
+DEAD_VERDICT_MS = LAST_BEAT_MS + 3_600_000
+REPLAYED = "replayed"  # a member of `nodes` buried already, or a `last:` older than a verdict
 # Seconds after its origin sealed it that a batch is refused (`stale`): far longer than any
 # link, inbox, handover or ack delay, and than the nodes' clocks differ. What this node keeps
 # per origin (its last batch number, the paths of recent batches) is forgotten once no dated
@@ -373,6 +383,10 @@ class ClusterNode:
         # in its inbox for a while.
         self._gone: dict[str, float] = {}
         self._buried: dict[str, float] = {}
+        # The nodes this one buried as leader, with when (unix time, in order), for
+        # DEAD_VERDICT_MS: a member of that name is never buried again, even if its verdict
+        # was deleted.
+        self._burials: dict[str, float] = {}
         # The leader's heartbeat asks for dead nodes to be buried; a task of their own buries
         # them, so that a long burial (a node of many users) never stops this node's beats.
         self._judge_wanted = trio.Event()
@@ -1347,7 +1361,12 @@ class ClusterNode:
         epoch, lease, beats, dead = await self.store.keep(
             node,
             codec.seal_heartbeat(
-                node, self._beat, read_up_to.decode(), self.links.address, self._last_seq
+                node,
+                self._beat,
+                read_up_to.decode(),
+                self.links.address,
+                self._last_seq,
+                at=int(time.time() * 1000),
             ),
             timeout_ms,
             watched,
@@ -1422,7 +1441,13 @@ class ClusterNode:
         )
 
     async def _sweep_buried(self) -> None:
-        """What landed in a buried node's inbox before every node heard of its death."""
+        """What landed in a buried node's inbox before every node heard of its death; and the
+        burials this node remembers, forgotten once their verdict expires."""
+        remembered = time.time() - DEAD_VERDICT_MS / 1000
+        for node, when in list(self._burials.items()):
+            if when >= remembered:
+                break  # (in the order they were buried)
+            del self._burials[node]
         horizon = time.monotonic() - BURIED_SWEEP
         for node, buried_at in list(self._buried.items()):
             if buried_at < horizon:
@@ -1444,24 +1469,59 @@ class ClusterNode:
                 log.exception("burying a dead node failed")
 
     async def _judge(self) -> None:
+        """Each dead member, judged on its own: what Redis holds under one node's name (any
+        client may write it) never keeps the others from being judged. A Redis outage stops
+        the pass (the next heartbeat asks again)."""
         for node in self.watch.dead():
             if not self.judging:
                 return  # no longer the leader: the one that is buries it
             if node in self._buried:  # buried already (a beat read before that saw it again)
                 self.watch.forget(node)
                 continue
-            last = self.codec.heartbeat(await self.store.get(f"last:{node}"), node)
-            if last is None and not self.watch.saw(node):
-                # No genuine beat of it, ever: no node ran under that name (a Redis client
-                # without the key added it). Dropped unread: its presence set, however large,
-                # costs no decision.
-                await self.store.drop_member(node)
-                self._entry_rejected("nodes", "unsigned", source="nodes")
-            else:
-                log.warning("node stopped heartbeating; its devices are disconnected", node=node)
-                await self._bury(node, last)
+            try:
+                await self._judge_one(node)
+            except (WrongType, WrongTypeError):
+                # A key under its name of another type than any node writes, where none was
+                # foreseen: that node waits for the next pass, the others are judged now.
+                log.warning("a dead node's keys were tampered with", node=node)
+                self._entry_rejected("nodes", "malformed", source="nodes")
+                continue
+            except STORE_ERRORS:
+                raise
+            except Exception:
+                log.exception("judging a dead node failed", node=node)
+                continue
             self.watch.forget(node)
             self._read_up_to.pop(node, None)
+
+    async def _judge_one(self, node: str) -> None:
+        """Bury a dead member that ran and was not buried yet; drop any other unread."""
+        (raw_last, raw_dead), wrong = await self.store.strings([f"last:{node}", f"dead:{node}"])
+        if wrong:  # read as absent: no evidence, no verdict (the burial's verdict replaces it)
+            self._entry_rejected("nodes", "malformed", len(wrong), source="nodes")
+        if node in self._burials or self.codec.is_buried(raw_dead, node):
+            # Buried already: a recorded `last:` put back with the name added to `nodes`
+            # again, or a frozen node's old id that added itself again on waking. Buried
+            # twice it would be declared dead, announced to every node and audited again.
+            await self.store.drop_member(node)
+            self._entry_rejected("nodes", REPLAYED, source="nodes")
+            return
+        last = self.codec.heartbeat(raw_last, node)
+        expired = last is not None and last.older_than(DEAD_VERDICT_MS, int(time.time() * 1000))
+        if expired:  # kept past its expiry: put back (its verdict may have expired, or gone)
+            last = None
+        if last is None and not self.watch.saw(node):
+            # No genuine beat of it, ever: no node ran under that name (a Redis client
+            # without the key added it). Dropped unread: its presence set, however large,
+            # costs no decision.
+            await self.store.drop_member(node)
+            if expired:
+                self._entry_rejected("nodes", REPLAYED, source="nodes")
+            elif f"last:{node}" not in wrong:  # (audited above)
+                self._entry_rejected("nodes", "unsigned", source="nodes")
+            return
+        log.warning("node stopped heartbeating; its devices are disconnected", node=node)
+        await self._bury(node, last)
 
     async def _bury(self, node: str, last: Heartbeat | None) -> None:
         """A dead node: its verdict, its devices disconnected, its inbox to their buffers.
@@ -1493,7 +1553,11 @@ class ClusterNode:
         decided: list[trio.Event] = []
         cursor = 0
         while True:
-            cursor, records = await self.store.presence_page(node, cursor)
+            try:
+                cursor, records = await self.store.presence_page(node, cursor)
+            except WrongType:  # not a set: removed, read as empty (its users stay online)
+                self._entry_rejected("presence", "malformed", source="presence")
+                cursor, records = 0, {}
             for user, raw in records.items():
                 if not self._online_on(user, raw, node):
                     continue
@@ -1516,7 +1580,8 @@ class ClusterNode:
                 self._send(other, NodeGone(node), None)
         await self._take_over_inbox(node)
         self._buried[node] = time.monotonic()
-        await self.store.forget_node(node)
+        self._burials[node] = time.time()
+        await self.store.forget_node(node, self.codec.seal_dead(node, buried=True), DEAD_VERDICT_MS)
         self._executor.audit("cluster.node_down", {"node": node, "devices": devices})
 
     def _online_on(self, user: UserId, raw: bytes | None, node: str) -> bool:
@@ -1552,7 +1617,12 @@ class ClusterNode:
             read = _stream_id(self._read_up_to.get(node, "0-0").encode())
             done = self._done_of.get(node, {})
         handed = self._handed_over.setdefault(node, set())
-        for entry_id, fields in await self.store.take_inbox(node):
+        try:
+            entries = await self.store.take_inbox(node)
+        except WrongType:  # not a stream: removed, read as empty
+            self._entry_rejected("inbox", "malformed", source="inbox")
+            return
+        for entry_id, fields in entries:
             if _stream_id(entry_id) > read:
                 self._receive(entry_id.decode(), fields, to=node, handover=(done, handed))
 

@@ -15,7 +15,7 @@ Keys, all under `<cluster name>:` (docs/cluster.md, "Data layout"):
 | `in:<node>` | stream | the node's inbox: signed batches of orders (trimmed at each beat) |
 | `hb:<node>` | string | the node's signed heartbeat (expires after `node_timeout`) |
 | `last:<node>` | string | the same, kept a week (an hour once buried): evidence that it ran |
-| `dead:<node>` | string | the signed verdict that the node is dead |
+| `dead:<node>` | string | the signed verdict that the node is dead (kept as long as `last:`) |
 | `nodes` | set | nodes that joined and were not declared dead (unsigned: see `last:<node>`) |
 | `leader` | string | the signed leader lease |
 | `epoch` | string | signed random, set once per Redis dataset: a change prompts a check |
@@ -32,17 +32,39 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import coredis
-from coredis.exceptions import RedisError
+from coredis.exceptions import RedisError, WrongTypeError
 
 from callgate.cluster.records import KEEP, Timer, Writes
+from callgate.log import get_logger
 
-__all__ = ["STORE_ERRORS", "RedisError", "Store", "delete_cluster_keys"]
+log = get_logger("callgate.cluster")
+
+__all__ = [
+    "STORE_ERRORS",
+    "RedisError",
+    "Store",
+    "WrongType",
+    "WrongTypeError",
+    "delete_cluster_keys",
+]
 
 # What a failed store call raises: coredis's errors (refused connection, dropped connection, an
 # error reply), and the builtin TimeoutError it raises when Redis does not answer within the
 # stream timeout (a frozen or partitioned Redis), which is not a RedisError. Every caller
 # catches both: a silent Redis is an unavailable one, never a crash.
 STORE_ERRORS = (RedisError, TimeoutError)
+
+
+class WrongType(Exception):
+    """A key holds another type than the cluster writes there (Redis answered WRONGTYPE).
+    Redis never changes a key's type by itself: a client without the cluster key wrote it.
+    That is tampering, not an outage, so this is not a RedisError (not in STORE_ERRORS): the
+    key is removed (it holds nothing a node wrote) and the caller reads it as absent."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
 
 # How long a node's last heartbeat (`last:<node>`) is kept: a week after the beat that wrote it
 # (it is the signed evidence that the node ever ran, without which no node is buried: it must
@@ -145,10 +167,56 @@ end
 return out
 """
 
+# One heartbeat. KEYS: hb:<node>, last:<node>, nodes, epoch, leader, dead:<node>, then the
+# watched nodes' hb:<node>. ARGV: the heartbeat, its expiry, last:'s expiry, the node, a new
+# epoch. Returns [keys removed, epoch, lease, verdict, beats...]. Only a client without the key
+# gives a key another type than nodes write: read as absent rather than failing every node's
+# beat (a hash for `leader` would stop every beat, so every burial), and `nodes` or `epoch` of
+# another type removed (what deleting them does), so that they can be written again.
+_KEEP = """
+local function retype(key, kind)
+  local found = redis.call('TYPE', key)['ok']
+  if found ~= kind and found ~= 'none' then
+    redis.call('UNLINK', key)
+    return 1
+  end
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
+local removed = retype(KEYS[3], 'set') + retype(KEYS[4], 'string')
+redis.call('SADD', KEYS[3], ARGV[4])
+redis.call('SET', KEYS[4], ARGV[5], 'NX')
+local out = {removed}
+for i = 4, #KEYS do
+  if redis.call('TYPE', KEYS[i])['ok'] == 'string' then
+    out[#out + 1] = redis.call('GET', KEYS[i])
+  else
+    out[#out + 1] = false
+  end
+end
+return out
+"""
+
+# KEYS: string keys to read. Returns [value or "", ...], each key's value, except that a key
+# of another type (no node made it) reads as false, rather than making the script fail.
+_STRINGS = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local kind = redis.call('TYPE', key)['ok']
+  if kind == 'string' then out[i] = redis.call('GET', key)
+  elseif kind == 'none' then out[i] = ''
+  else out[i] = false end
+end
+return out
+"""
+
 # Replace the lease only if it still holds the value this node judged (ours, absent, or not
 # genuine); 1 when it did, and this node leads. Redis cannot check the signature: Python did.
+# A lease of another type (no node wrote it) was read as absent, and is replaced the same.
 _LEASE = """
-local current = redis.call('GET', KEYS[1])
+local current = false
+if redis.call('TYPE', KEYS[1])['ok'] == 'string' then current = redis.call('GET', KEYS[1]) end
 if (current or '') == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   return 1
@@ -157,9 +225,15 @@ return 0
 """
 
 # KEYS: a dead node's inbox, and where to move it. Only the first node to call it gets the
-# entries (RENAME moves the stream atomically); they are read, then deleted.
+# entries (RENAME moves the stream atomically); they are read, then deleted. An inbox that is
+# not a stream (no node made it) is removed unread: -1.
 _TAKE_INBOX = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'none' then return {} end
+if kind ~= 'stream' then
+  redis.call('UNLINK', KEYS[1])
+  return -1
+end
 redis.call('RENAME', KEYS[1], KEYS[2])
 local entries = redis.call('XRANGE', KEYS[2], '-', '+')
 redis.call('DEL', KEYS[2])
@@ -192,6 +266,8 @@ class Store:
         self._claim = self._redis.register_script(_CLAIM)
         self._lease = self._redis.register_script(_LEASE)
         self._take = self._redis.register_script(_TAKE_INBOX)
+        self._strings = self._redis.register_script(_STRINGS)
+        self._keep = self._redis.register_script(_KEEP)
 
     def key(self, name: str) -> str:
         return self.prefix + name
@@ -280,10 +356,14 @@ class Store:
         """One page of `node`'s presence set (SSCAN: a set of any size is read a page at a
         time, a member possibly twice), each user with their record as stored (None: absent),
         and the cursor of the next page (0: done). The set is unsigned: the caller verifies
-        each record before it spends anything more on that user."""
-        next_cursor, members = await self._redis.sscan(
-            self.key(f"n:{node}"), cursor, count=PRESENCE_PAGE
-        )
+        each record before it spends anything more on that user.
+        Raises: WrongType, when it is not a set (it is removed)."""
+        key = self.key(f"n:{node}")
+        try:
+            next_cursor, members = await self._redis.sscan(key, cursor, count=PRESENCE_PAGE)
+        except WrongTypeError:
+            await self._redis.unlink([key])
+            raise WrongType(f"n:{node}") from None
         users = sorted({bytes(member).decode(errors="replace") for member in members})
         found: dict[str, bytes | None] = {}
         if users:
@@ -292,31 +372,42 @@ class Store:
                 found[user] = None if value is None else bytes(value)
         return int(next_cursor), found
 
-    async def forget_node(self, node: str) -> None:
-        """A buried node: its presence set, heartbeat and membership go (its last heartbeat
-        stays an hour more: a second burial, or a sweep, still needs it)."""
-        await self._redis.delete([self.key(f"n:{node}"), self.key(f"hb:{node}")])
-        await self._redis.pexpire(self.key(f"last:{node}"), BURIED_LAST_BEAT_MS)
-        await self._redis.srem(self.key("nodes"), [node])
+    async def forget_node(self, node: str, verdict: bytes, keep_ms: int) -> None:
+        """A buried node: its verdict is written again as `verdict` (the burial is done) and
+        kept `keep_ms`; its presence set, heartbeat and membership go (its last heartbeat stays
+        an hour more: a sweep still needs it)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.set(self.key(f"dead:{node}"), verdict, px=keep_ms)
+            pipe.unlink([self.key(f"n:{node}"), self.key(f"hb:{node}")])
+            pipe.pexpire(self.key(f"last:{node}"), BURIED_LAST_BEAT_MS)
+            pipe.srem(self.key("nodes"), [node])
 
     async def drop_member(self, node: str) -> None:
-        """A member of `nodes` that never ran (no node wrote it): it goes, with whatever was
-        written under its name, unread (UNLINK frees a large set outside Redis's main
-        thread)."""
+        """A member of `nodes` that is not to be buried (no node ran under that name, or it
+        was buried already): it goes, with whatever was written under its name but its
+        verdict, unread, of any type (UNLINK frees a large set outside Redis's main thread)."""
         await self._redis.srem(self.key("nodes"), [node])
-        await self._redis.unlink([self.key(f"n:{node}"), self.key(f"hb:{node}")])
+        await self._redis.unlink(
+            [self.key(f"n:{node}"), self.key(f"hb:{node}"), self.key(f"last:{node}")]
+        )
 
     async def members(self) -> list[str]:
-        """The nodes that joined and were not buried (the leader watches them)."""
-        members: Any = await self._redis.smembers(self.key("nodes"))
+        """The nodes that joined and were not buried (the leader watches them); none while
+        `nodes` is of another type (the next heartbeat removes it)."""
+        try:
+            members: Any = await self._redis.smembers(self.key("nodes"))
+        except WrongTypeError:
+            return []
         return sorted(bytes(member).decode() for member in members)
 
     async def take_inbox(self, node: str) -> list[tuple[bytes, Mapping[bytes, bytes]]]:
         """A dead node's inbox, moved out of its reach (only one caller gets it): entry ids
-        and fields, oldest first."""
+        and fields, oldest first. Raises: WrongType, when it is not a stream (it is removed)."""
         reply: Any = await self._take(
             keys=[self.key(f"in:{node}"), self.key(f"in:{node}:taken")], args=[]
         )
+        if not isinstance(reply, list):
+            raise WrongType(f"in:{node}")
         out: list[tuple[bytes, Mapping[bytes, bytes]]] = []
         for entry_id, flat in zip(reply[0::2], reply[1::2], strict=True):
             fields = {bytes(flat[i]): bytes(flat[i + 1]) for i in range(0, len(flat), 2)}
@@ -334,22 +425,23 @@ class Store:
         epoch: bytes,
     ) -> tuple[bytes | None, bytes | None, list[bytes | None], bytes | None]:
         """Beat; read the epoch, the lease, the watched nodes' beats and this node's verdict.
-        One round trip."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.set(self.key(f"hb:{node}"), heartbeat, px=timeout_ms)
-            # The same value, kept a week: whichever node buries this one (a leader that never
-            # read its beats, when it led itself) learns how far it got; and that it ran at
-            # all: a member of `nodes` without it is never buried. Written before this node is
-            # a member, and this node takes no client before its first beat went through.
-            pipe.set(self.key(f"last:{node}"), heartbeat, px=LAST_BEAT_MS)
-            pipe.sadd(self.key("nodes"), [node])
-            pipe.set(self.key("epoch"), epoch, condition=coredis.PureToken.NX)
-            got_epoch = pipe.get(self.key("epoch"))
-            got_lease = pipe.get(self.key("leader"))
-            got_dead = pipe.get(self.key(f"dead:{node}"))
-            got_beats = [pipe.get(self.key(f"hb:{other}")) for other in watched]
-        beats = [await beat for beat in got_beats]
-        return await got_epoch, await got_lease, beats, await got_dead
+        One round trip (one script: _KEEP). The heartbeat is also written as `last:<node>`,
+        kept a week: whichever node buries this one (a leader that never read its beats, when
+        it led itself) learns how far it got; and that it ran at all: a member of `nodes`
+        without it is never buried. Written before this node is a member, and this node takes
+        no client before its first beat went through."""
+        keys = [self.key(name) for name in ("hb:" + node, "last:" + node, "nodes", "epoch")]
+        keys += [self.key("leader"), self.key(f"dead:{node}")]
+        keys += [self.key(f"hb:{other}") for other in watched]
+        reply: Any = await self._keep(
+            keys=keys, args=[heartbeat, timeout_ms, LAST_BEAT_MS, node, epoch]
+        )
+        if reply[0]:
+            log.warning("cluster keys of another type were removed", keys=int(reply[0]))
+        got_epoch, got_lease, got_dead, *beats = (
+            None if value is None else bytes(value) for value in reply[1:]
+        )
+        return got_epoch, got_lease, beats, got_dead
 
     async def take_lease(self, judged: bytes | None, renewed: bytes, timeout_ms: int) -> bool:
         took: Any = await self._lease(
@@ -381,6 +473,20 @@ class Store:
                 if value is not None:
                     found[name] = bytes(value)
         return found
+
+    async def strings(self, names: Sequence[str]) -> tuple[list[bytes | None], list[str]]:
+        """The values of string keys `names` (None: absent), in one round trip; and those of
+        them that hold another type (no node wrote them), which read as None here."""
+        reply: Any = await self._strings(keys=[self.key(name) for name in names], args=[])
+        values: list[bytes | None] = []
+        wrong: list[str] = []
+        for name, value in zip(names, reply, strict=True):
+            if value is None:  # (Lua's false)
+                wrong.append(name)
+                values.append(None)
+            else:
+                values.append(bytes(value) or None)
+        return values, wrong
 
     async def get(self, name: str) -> bytes | None:
         value: Any = await self._redis.get(self.key(name))
