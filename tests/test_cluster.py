@@ -120,6 +120,15 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def append_to_inbox(cluster: ClusterHarness, node: str, fields: dict[bytes, bytes]) -> None:
+    """Append a batch to `node`'s inbox as any Redis client can (the key not needed)."""
+    client = redis.Redis.from_url(cluster.redis_url)
+    try:
+        client.xadd(f"{cluster.name}:in:{node}", fields)  # type: ignore[arg-type]
+    finally:
+        client.close()
+
+
 def codec(key: bytes = KEY, cluster: str = "c1") -> EntryCodec:
     return EntryCodec(cluster, key)
 
@@ -375,11 +384,7 @@ async def test_a_batch_held_longer_than_max_batch_age_is_refused_as_stale(
     late: Any = [(Deliver(bob.conn, "ice-candidate", ice("ab", "bob")), "bob")] * 2
     hours_ago = now_ms() - int(cluster_node.MAX_BATCH_AGE * 1000) - 60_000
     held = codec(cluster=cluster.name).seal_delivery(sender, target, 10**9, late, at=hours_ago)
-    client = redis.Redis.from_url(cluster.redis_url)
-    try:
-        client.xadd(f"{cluster.name}:in:{target}", held)  # type: ignore[arg-type]
-    finally:
-        client.close()
+    append_to_inbox(cluster, target, held)
     await _until(lambda: bool(cluster.audit.records("cluster.rejected")))
     await bob.expect_silence()
     [row] = cluster.audit.records("cluster.rejected")
@@ -1432,6 +1437,39 @@ async def test_due_timers_the_lanes_refuse_wait_for_the_sweep(
     assert [row["event"] for row in terminal_records(cluster)] == ["call.timeout"]
 
 
+def hold_beats_of_a_new_id(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch, node: int = 1
+) -> tuple[ClusterNode, str, trio.Event]:
+    """Node `node`'s heartbeats under any id but its present one wait until the returned
+    event is set (as if Redis never answered them). Returns the node and its present id."""
+    kept = cluster.nodes[node].hub.cluster
+    assert kept is not None
+    old_id = kept.node_id
+    release = trio.Event()
+
+    async def held_keep(beating: str, *rest: Any, real: Any = kept.store.keep) -> Any:
+        if beating != old_id:
+            await release.wait()
+        return await real(beating, *rest)
+
+    monkeypatch.setattr(kept.store, "keep", held_keep)
+    return kept, old_id, release
+
+
+def signing_in(cluster: ClusterHarness, user: str, node: int) -> list[Client]:
+    """`user` signs in on `node` in the background: the list holds the client once its
+    `session` came (a sign-in that waits for something the test holds back)."""
+    signed: list[Client] = []
+
+    async def signs_in() -> None:
+        client = await sign_in(cluster, user, node=node)
+        await client.expect("session", user=user)
+        signed.append(client)
+
+    cluster.nursery.start_soon(signs_in)
+    return signed
+
+
 async def test_a_node_signs_no_one_in_before_its_heartbeat_says_it_runs(
     cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1441,31 +1479,14 @@ async def test_a_node_signs_no_one_in_before_its_heartbeat_says_it_runs(
     and beats at once; its heartbeats under the new id are held back: a client signing in
     meanwhile waits, and is let in once that first beat is in Redis."""
     await cluster.start()
-    kept = cluster.nodes[1].hub.cluster
-    assert kept is not None
-    old_id = kept.node_id
-    release = trio.Event()
-
-    async def held_keep(node: str, *rest: Any, real: Any = kept.store.keep) -> Any:
-        if node != old_id:
-            await release.wait()
-        return await real(node, *rest)
-
-    monkeypatch.setattr(kept.store, "keep", held_keep)
+    kept, old_id, release = hold_beats_of_a_new_id(cluster, monkeypatch)
     attacker = redis.Redis.from_url(cluster.redis_url)  # here: standing for the leader
     try:
         verdict = EntryCodec(cluster.name, KEY).seal_dead(old_id)
         attacker.set(f"{cluster.name}:dead:{old_id}", verdict)
         await _until(lambda: kept.node_id != old_id)
         new_id = kept.node_id
-        signed: list[Client] = []
-
-        async def alice_signs_in() -> None:
-            client = await sign_in(cluster, "alice", node=1)
-            await client.expect("session", user="alice")
-            signed.append(client)
-
-        cluster.nursery.start_soon(alice_signs_in)
+        signed = signing_in(cluster, "alice", node=1)
         # Her sign-in reached the node (queued for a decision at once, before): once the node
         # is quiet, it would have been decided.
         await _until(lambda: len(cluster.nodes[1].hub.signed_in) == 1 and kept.quiet)
@@ -1507,14 +1528,7 @@ async def test_a_beat_of_the_old_id_registers_no_new_one_when_a_link_evicts_mean
     attacker = redis.Redis.from_url(cluster.redis_url)
     try:
         assert not kept._registered.is_set()
-        signed: list[Client] = []
-
-        async def alice_signs_in() -> None:
-            client = await sign_in(cluster, "alice", node=1)
-            await client.expect("session", user="alice")
-            signed.append(client)
-
-        cluster.nursery.start_soon(alice_signs_in)
+        signed = signing_in(cluster, "alice", node=1)
         await _until(lambda: len(cluster.nodes[1].hub.signed_in) == 1 and kept.quiet)
         assert attacker.get(f"{cluster.name}:u:alice") is None  # waits for the new id's beat
         release.set()
@@ -1669,17 +1683,7 @@ async def test_a_sign_in_waits_for_the_first_beat_no_longer_than_apply_timeout(
     lost) keeps a signing-in client no longer than `apply_timeout`: closed 1013, as any sign-in
     the cluster cannot decide in time, and nothing of it written."""
     await cluster.start(apply_timeout=0.5)
-    kept = cluster.nodes[1].hub.cluster
-    assert kept is not None
-    old_id = kept.node_id
-    release = trio.Event()
-
-    async def held_keep(node: str, *rest: Any, real: Any = kept.store.keep) -> Any:
-        if node != old_id:
-            await release.wait()  # no beat under the new id goes through
-        return await real(node, *rest)
-
-    monkeypatch.setattr(kept.store, "keep", held_keep)
+    kept, old_id, release = hold_beats_of_a_new_id(cluster, monkeypatch)
     attacker = redis.Redis.from_url(cluster.redis_url)  # here: standing for the leader
     try:
         attacker.set(

@@ -32,6 +32,7 @@ from conftest import (
 from test_cluster import (
     _cluster_env,
     _until,
+    append_to_inbox,
     beats,
     codec,
     connected_call,
@@ -43,6 +44,26 @@ from test_cluster import (
     sign_in,
     terminal_records,
 )
+
+
+def record_inbox(
+    cluster: ClusterHarness, inbox: str, captured: list[dict[bytes, bytes]], stop: threading.Event
+) -> None:
+    """A Redis client without the key records every entry appended to `inbox` into `captured`
+    (in a thread of its own, until `stop`), to append it again later."""
+
+    def sniff() -> None:
+        spy = redis.Redis.from_url(cluster.redis_url)
+        position: Any = "0-0"
+        while not stop.is_set():
+            reply: Any = spy.xread({inbox: position}, block=100)
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    captured.append(fields)
+                    position = entry_id
+        spy.close()
+
+    threading.Thread(target=sniff, daemon=True).start()
 
 
 async def test_a_timer_member_no_node_wrote_is_dropped_and_crashes_nothing(
@@ -207,18 +228,7 @@ async def test_batches_appended_again_to_a_dead_nodes_inbox_reach_nobody(
         doomed = bob.session["connectionId"].partition(".")[0]
         inbox = f"{cluster.name}:in:{doomed}"
 
-        def sniff() -> None:  # the attacker records what reaches the doomed node's inbox
-            spy = redis.Redis.from_url(cluster.redis_url)
-            position: Any = "0-0"
-            while not stop.is_set():
-                reply: Any = spy.xread({inbox: position}, block=100)
-                for _, entries in reply or []:
-                    for entry_id, fields in entries:
-                        captured.append(fields)
-                        position = entry_id
-            spy.close()
-
-        threading.Thread(target=sniff, daemon=True).start()
+        record_inbox(cluster, inbox, captured, stop)  # the doomed node's
         await connected_call(alice, bob)
         await alice.send("ice-candidate", {**ice("ab", "bob"), "n": "original"})
         assert (await bob.expect("ice-candidate", callId="ab"))["data"]["n"] == "original"
@@ -320,18 +330,7 @@ async def test_a_batch_recorded_and_appended_after_its_origin_was_forgotten_is_s
     captured: list[dict[bytes, bytes]] = []
     stop = threading.Event()
 
-    def sniff() -> None:  # the attacker records what reaches bob's node's inbox
-        spy = redis.Redis.from_url(cluster.redis_url)
-        position: Any = "0-0"
-        while not stop.is_set():
-            reply: Any = spy.xread({inbox: position}, block=100)
-            for _, entries in reply or []:
-                for entry_id, fields in entries:
-                    captured.append(fields)
-                    position = entry_id
-        spy.close()
-
-    threading.Thread(target=sniff, daemon=True).start()
+    record_inbox(cluster, inbox, captured, stop)  # bob's node's
     attacker = redis.Redis.from_url(cluster.redis_url)
     try:
         await connected_call(alice, bob)
@@ -454,11 +453,7 @@ async def test_a_batch_dated_further_ahead_than_a_batch_may_age_is_refused(
     fields = codec(cluster=cluster.name).seal_delivery(
         "skewed-0a0b0c", target, 1, orders, at=now_ms() + 5_000
     )
-    appender = redis.Redis.from_url(cluster.redis_url)
-    try:
-        appender.xadd(f"{cluster.name}:in:{target}", fields)  # type: ignore[arg-type]
-    finally:
-        appender.close()
+    append_to_inbox(cluster, target, fields)
     await _until(lambda: bool(cluster.audit.records("cluster.rejected")))
     [row] = cluster.audit.records("cluster.rejected")
     assert (row["node"], row["reason"], row["dropped_messages"]) == (target, "future", 1)
