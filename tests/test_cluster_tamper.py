@@ -40,7 +40,7 @@ from test_cluster import (
     marks,
     node_id,
     now_ms,
-    records,
+    online_nodes,
     sign_in,
     terminal_records,
 )
@@ -461,16 +461,6 @@ async def test_a_batch_dated_further_ahead_than_a_batch_may_age_is_refused(
     assert (await bob.expect("ice-candidate", callId="ab"))["data"]["n"] == "next"
 
 
-def _online_nodes(cluster: ClusterHarness, user: str) -> set[str]:
-    """The nodes where `user`'s signed record in Redis names an online device."""
-    reader = redis.Redis.from_url(cluster.redis_url)
-    try:
-        raw: Any = reader.get(f"{cluster.name}:u:{user}")
-    finally:
-        reader.close()
-    return set() if raw is None else records(cluster=cluster.name).online_nodes(user, raw)
-
-
 async def _kill_after_its_presence_set_is_deleted(
     cluster: ClusterHarness, devices: int = 1
 ) -> tuple[int, int, list[Client]]:
@@ -493,7 +483,7 @@ async def _kill_after_its_presence_set_is_deleted(
     await _until(lambda: bool(cluster.audit.records("cluster.node_down")))
     [down] = cluster.audit.records("cluster.node_down")
     assert (down["node"], down["devices"]) == (victim_id, 0)  # the burial missed bob
-    assert _online_nodes(cluster, "bob") == {victim_id}
+    assert online_nodes(cluster, "bob") == {victim_id}
     return victim, other, bobs
 
 
@@ -524,7 +514,7 @@ async def test_a_device_its_dead_nodes_burial_missed_is_retired_by_its_first_del
     alice = await cluster.connect("alice", node=other)
     before = _decisions(cluster)
     await alice.send("call-request", call_request("ab", "alice", "bob"))
-    await _until(lambda: _online_nodes(cluster, "bob") == set())  # no longer online there
+    await _until(lambda: online_nodes(cluster, "bob") == set())  # no longer online there
     await _until(lambda: _survivors_quiet(cluster, victim))
     # The call-request, then one decision per delivery: the first disconnects every device
     # of bob's on the dead node and hands the message on; nothing more.
@@ -561,7 +551,7 @@ async def test_a_device_of_a_node_dead_and_forgotten_is_retired_not_sent_to_its_
     await alice.send("call-request", call_request("ab", "alice", "bob"))
     await alice.expect("call-end", callId="ab", reason="peer_disconnected")
     await _until(lambda: _survivors_quiet(cluster, victim))
-    assert _online_nodes(cluster, "bob") == set()
+    assert online_nodes(cluster, "bob") == set()
     assert victim_id in sender._gone
     assert _decisions(cluster) - before == 2
     attacker = redis.Redis.from_url(cluster.redis_url)
@@ -601,7 +591,7 @@ async def test_a_live_node_whose_keys_are_deleted_keeps_its_devices(
     finally:
         attacker.close()
     assert target not in sender._gone
-    assert _online_nodes(cluster, "bob") == {target}
+    assert online_nodes(cluster, "bob") == {target}
     assert not sender.links.linked(target)  # (it went by the inbox)
 
 

@@ -1475,7 +1475,13 @@ class ClusterNode:
         for node in self.watch.dead():
             if not self.judging:
                 return  # no longer the leader: the one that is buries it
-            if node in self._buried:  # buried already (a beat read before that saw it again)
+            if node in self._buried:
+                # Buried moments ago: a beat read before the burial saw it again, or a frozen
+                # node that woke added its old id back with the beat that told it it is dead.
+                # Its keys go again, quietly (it is no one's doing), and it is not buried twice.
+                await self.store.forget_node(
+                    node, self.codec.seal_dead(node, buried=True), DEAD_VERDICT_MS
+                )
                 self.watch.forget(node)
                 continue
             try:
@@ -1599,7 +1605,9 @@ class ClusterNode:
 
     def _node_gone(self, node: str) -> None:
         self._gone[node] = time.time()
-        self._paths.pop(node, None)
+        # (Its `_paths` stay until `_forget_silent`: a frozen node that wakes evicted copies
+        # the link batches it saw no ack for to the inboxes, and those copies are expected,
+        # not replays.)
         # What its link never acked, or was still to send, is decided again (its buffers).
         for order, user in self.links.forget(node):
             if isinstance(order, Deliver):
