@@ -11,6 +11,7 @@ Keys, all under `<cluster name>:` (docs/cluster.md, "Data layout"):
 | `u:<user>` | string | the user's record (records.py), signed |
 | `c:<call key>` | string | a live call's record, signed |
 | `timers` | sorted set | armed core timers: member `<timer id>|<user>`, score the unix deadline |
+| `timer-due` | hash | each armed timer's deadline, signed (the scores are not) |
 | `n:<node>` | set | users with an online device there (presence; unsigned: records checked) |
 | `in:<node>` | stream | the node's inbox: signed batches of orders (trimmed at each beat) |
 | `hb:<node>` | string | the node's signed heartbeat (expires after `node_timeout`) |
@@ -22,13 +23,19 @@ Keys, all under `<cluster name>:` (docs/cluster.md, "Data layout"):
 | `revocations` | string | the signed revocation list |
 | `limits:*` | | the shared call-rate counters (`limits`) |
 
+Redis never changes a key's type, but any client can replace a key by one of another type. Such a
+key holds nothing a node wrote: wherever a node reads or writes it, it is read as absent or empty
+and removed, as if deleted, never taken for an outage, and the node audits it (node.py). A
+script checks the types of the keys it writes before its first write (Lua keeps what a script
+wrote before an error). The inboxes' own checks are in line.py.
+
 The scripts read keys they compute (a user's calls, their participants), so they need one Redis
 primary (or every key of a cluster in one slot); docs/cluster.md says how to size and shard.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import coredis
@@ -77,7 +84,9 @@ PRESENCE_PAGE = 512  # presence members read (SSCAN) and their records fetched (
 # ARGV: prefix, then the users the event concerns. Returns [name, raw or "", ...]: those users'
 # records, the records of their calls, then the records of the other participants of those
 # calls. What it reads to find calls and participants is unsigned: it only decides what to load;
-# the node verifies every record before anything is decided on it.
+# the node verifies every record before anything is decided on it. A record of another type
+# than a string (only a client without the key makes one) is read as absent, as if deleted,
+# and removed (so the decision writes it again): false in place of its value.
 _LOAD = """
 local prefix = ARGV[1]
 local out, seen, keys, peers = {}, {}, {}, {}
@@ -87,8 +96,13 @@ local function fields(raw)
   return {}
 end
 local function get(name)
-  local raw = redis.call('GET', prefix .. name)
+  local raw = redis.pcall('GET', prefix .. name)
   out[#out + 1] = name
+  if type(raw) == 'table' then  -- WRONGTYPE: no node wrote it; read as absent, and removed
+    redis.call('UNLINK', prefix .. name)
+    out[#out + 1] = false
+    return false
+  end
   out[#out + 1] = raw or ''
   return raw
 end
@@ -123,13 +137,35 @@ return out
 
 # ARGV: prefix, n, then n x (name, expected raw or "", new raw / "" to delete / "=" to keep),
 # then m, then m x (op, key, member, score). Writes only if every record still holds what was
-# read: 1, else 0 (the node loads again and decides again).
+# read: 1 (or {1, keys removed...}), else 0 (the node loads again and decides again).
+# Lua keeps what a script wrote before an error, so nothing here may fail halfway: a record of
+# another type holds nothing that was read (a conflict: loaded again, it is removed), and
+# every other key written (the timers, their deadlines, presence sets) is checked before the
+# first write, one TYPE each: one of another type (only a client without the key makes one)
+# is removed, as if deleted, and written again by this commit.
 _COMMIT = """
 local prefix, n = ARGV[1], tonumber(ARGV[2])
 local i = 3
 for _ = 1, n do
-  if (redis.call('GET', prefix .. ARGV[i]) or '') ~= ARGV[i + 1] then return 0 end
+  local raw = redis.pcall('GET', prefix .. ARGV[i])
+  if type(raw) == 'table' or (raw or '') ~= ARGV[i + 1] then return 0 end
   i = i + 3
+end
+local kinds = {zadd = 'zset', zrem = 'zset', hset = 'hash', hdel = 'hash', sadd = 'set',
+  srem = 'set'}
+local m, removed, checked = tonumber(ARGV[i]), {1}, {}
+local j = i + 1
+for _ = 1, m do
+  local name = ARGV[j + 1]
+  if not checked[name] then
+    checked[name] = true
+    local found = redis.call('TYPE', prefix .. name)['ok']
+    if found ~= 'none' and found ~= kinds[ARGV[j]] then
+      redis.call('UNLINK', prefix .. name)
+      removed[#removed + 1] = name
+    end
+  end
+  j = j + 4
 end
 i = 3
 for _ = 1, n do
@@ -138,7 +174,7 @@ for _ = 1, n do
   elseif new ~= '=' then redis.call('SET', prefix .. ARGV[i], new) end
   i = i + 3
 end
-local m = tonumber(ARGV[i]); i = i + 1
+i = i + 1
 for _ = 1, m do
   local op, key, member = ARGV[i], prefix .. ARGV[i + 1], ARGV[i + 2]
   if op == 'zadd' then redis.call('ZADD', key, ARGV[i + 3], member)
@@ -149,14 +185,26 @@ for _ = 1, m do
   elseif op == 'srem' then redis.call('SREM', key, member) end
   i = i + 4
 end
+if #removed > 1 then return removed end
 return 1
 """
 
 # KEYS: the timers set, their signed deadlines. ARGV: now, hold_until, limit. Claims due timers
 # for this node: each is pushed to `hold_until`, so another node fires it only if this one dies
-# before its commit removes it. Returns [member, signed deadline or false, ...]: the scores are
-# unsigned, so the node fires a timer only once its signed deadline says it is due.
+# before its commit removes it. Returns {[member, signed deadline or false, ...], [keys
+# removed]}: the scores are unsigned, so the node fires a timer only once its signed deadline
+# says it is due. Either key of another type (only a client without the key makes one) failed
+# every claim, so no timer fired anywhere: it is removed, as if deleted (1 or 2 in the second
+# list), and read as empty.
 _CLAIM = """
+local removed = {}
+for i, kind in ipairs({'zset', 'hash'}) do
+  local found = redis.call('TYPE', KEYS[i])['ok']
+  if found ~= 'none' and found ~= kind then
+    redis.call('UNLINK', KEYS[i])
+    removed[#removed + 1] = i
+  end
+end
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
 local out = {}
 for _, member in ipairs(due) do
@@ -164,7 +212,7 @@ for _, member in ipairs(due) do
   out[#out + 1] = member
   out[#out + 1] = redis.call('HGET', KEYS[2], member)
 end
-return out
+return {out, removed}
 """
 
 # One heartbeat. KEYS: hb:<node>, last:<node>, nodes, epoch, leader, dead:<node>, then the
@@ -199,14 +247,18 @@ return out
 """
 
 # KEYS: string keys to read. Returns [value or "", ...], each key's value, except that a key
-# of another type (no node made it) reads as false, rather than making the script fail.
+# of another type (no node made it) reads as false, rather than making the script fail, and is
+# removed (as if deleted: a node writes it again where it is written).
 _STRINGS = """
 local out = {}
 for i, key in ipairs(KEYS) do
   local kind = redis.call('TYPE', key)['ok']
   if kind == 'string' then out[i] = redis.call('GET', key)
   elseif kind == 'none' then out[i] = ''
-  else out[i] = false end
+  else
+    redis.call('UNLINK', key)
+    out[i] = false
+  end
 end
 return out
 """
@@ -256,10 +308,21 @@ def _client(url: str) -> coredis.Redis[bytes]:
     )
 
 
+def _said(names: Sequence[str]) -> None:
+    log.warning("cluster keys of another type were removed", keys=list(names))
+
+
 class Store:
-    def __init__(self, redis_url: str, prefix: str) -> None:
+    """`removed`: told the names (without the prefix) of keys of another type than nodes
+    write that a decision's load or commit, or a timer claim, found and removed (on trio's
+    thread, before the call returns); their callers' answers stay as if the keys were absent."""
+
+    def __init__(
+        self, redis_url: str, prefix: str, removed: Callable[[Sequence[str]], None] = _said
+    ) -> None:
         self._url = redis_url
         self.prefix = prefix + ":"
+        self._removed = removed
         self._redis = _client(redis_url)
         self._load = self._redis.register_script(_LOAD)
         self._commit = self._redis.register_script(_COMMIT)
@@ -282,16 +345,24 @@ class Store:
     # -- decisions ---------------------------------------------------------------------------
 
     async def load(self, users: Sequence[str]) -> dict[str, bytes | None]:
-        """The records an event about `users` needs (records.py, `Slice`)."""
+        """The records an event about `users` needs (records.py, `Slice`); one of another
+        type than a string is absent here (removed, and said to `removed`)."""
         reply: Any = await self._load(args=[self.prefix, *users])
-        names, values = reply[0::2], reply[1::2]
-        return {
-            (name.decode() if isinstance(name, bytes) else str(name)): (bytes(value) or None)
-            for name, value in zip(names, values, strict=True)
-        }
+        found: dict[str, bytes | None] = {}
+        wrong: list[str] = []
+        for name, value in zip(reply[0::2], reply[1::2], strict=True):
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            if value is None:  # (Lua's false)
+                wrong.append(name)
+            found[name] = None if value is None else (bytes(value) or None)
+        if wrong:
+            self._removed(wrong)
+        return found
 
     async def commit(self, writes: Writes) -> bool:
-        """Write `writes` if nothing it read changed meanwhile; False on a conflict."""
+        """Write `writes` if nothing it read changed meanwhile; False on a conflict. The
+        script writes nothing before it has checked every key's type, so an error it answers
+        left nothing half-written."""
         args: list[str | bytes | float] = [self.prefix, len(writes.records)]
         for name, (old, new) in writes.records.items():
             args += [name, old, new]
@@ -310,6 +381,9 @@ class Store:
         for op in ops:
             args += list(op)
         result: Any = await self._commit(args=args)
+        if isinstance(result, list):  # {1, keys of another type removed before writing...}
+            self._removed([bytes(name).decode(errors="replace") for name in result[1:]])
+            return True
         return bool(result)
 
     async def claim_timers(
@@ -320,8 +394,11 @@ class Store:
         which are removed, so that no node claims them again."""
         keys = [self.key("timers"), self.key("timer-due")]
         reply: Any = await self._claim(keys=keys, args=[now, hold_until, limit])
+        flat, removed = reply
+        if removed:  # of another type: removed (as if deleted), read as empty
+            self._removed([("timers", "timer-due")[int(index) - 1] for index in removed])
         timers, malformed = [], []
-        for member, sealed in zip(reply[0::2], reply[1::2], strict=True):
+        for member, sealed in zip(flat[0::2], flat[1::2], strict=True):
             raw = bytes(member).decode(errors="replace")
             timer = Timer.parse(raw)
             if timer is None:
@@ -476,7 +553,8 @@ class Store:
 
     async def strings(self, names: Sequence[str]) -> tuple[list[bytes | None], list[str]]:
         """The values of string keys `names` (None: absent), in one round trip; and those of
-        them that hold another type (no node wrote them), which read as None here."""
+        them that held another type (no node wrote them), which read as None here and are
+        removed (as if deleted)."""
         reply: Any = await self._strings(keys=[self.key(name) for name in names], args=[])
         values: list[bytes | None] = []
         wrong: list[str] = []
