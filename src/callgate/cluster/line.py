@@ -18,10 +18,17 @@ socket's cost. So each node runs:
 
 Hand-offs are a `queue.SimpleQueue` one way and `run_sync_soon` the other: no thread waits on
 trio, and trio never waits on a thread. What the threads share with trio is said at each field.
+
+An inbox of another type than a stream (only a Redis client without the key makes one: Redis
+never changes a key's type) would fail every append to it and every read of it for good, and
+no delivery by that inbox would arrive. Whichever thread meets it removes it (if it still is
+not a stream: one script, so a stream another node made meanwhile is kept), tells trio (which
+audits it), and goes on at once: the appends that failed are made again, the others not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import threading
@@ -44,6 +51,21 @@ RETRY_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 Outgoing = tuple[str, Mapping[bytes, bytes], int]
 # Queued by `stop`.
 STOP = "stop"
+WRONG_TYPE_ROUNDS = 3  # removals in a row before an append is treated as failing (backed off)
+# KEYS: an inbox. Removed if it is not a stream (nor absent): 1, else 0.
+_UNLINK_IF_NOT_STREAM = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'stream' or kind == 'none' then return 0 end
+redis.call('UNLINK', KEYS[1])
+return 1
+"""
+
+
+def _wrong_type(exc: BaseException) -> bool:
+    """A WRONGTYPE answer (redis-py has no class of its own for it)."""
+    return isinstance(exc, redis.ResponseError) and str(exc).startswith("WRONGTYPE")
+
+
 Entries = list[tuple[bytes, Mapping[bytes, bytes]]]
 
 
@@ -76,6 +98,8 @@ class DeliveryLine:
         self._appended = 0
         self.writable = True
         self.readable = True
+        # Set by `start`: tells trio of an inbox of another type removed (the key's name).
+        self._retyped: Callable[[str], None] = lambda key: None
 
     # -- trio's side -------------------------------------------------------------------------
 
@@ -102,10 +126,19 @@ class DeliveryLine:
             self._stopped.wait(0.005)
         return not self.pending
 
-    def start(self, received: Callable[[str, Entries], None]) -> None:
+    def start(
+        self, received: Callable[[str, Entries], None], retyped: Callable[[str], None]
+    ) -> None:
         """Start both threads; each batch read is handed to `received(node_id, entries)` on
-        trio's thread."""
+        trio's thread, and so is the name (without the prefix) of each inbox of another type
+        the threads removed, to `retyped`."""
         token = trio.lowlevel.current_trio_token()
+
+        def tell(key: str) -> None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(retyped, key.removeprefix(self._prefix[: -len("in:")]))
+
+        self._retyped = tell
         for name, target in (
             ("writer", self._write_forever),
             ("reader", lambda: self._read_forever(token, received)),
@@ -166,18 +199,46 @@ class DeliveryLine:
             client.close()
 
     def _append(self, client: redis.Redis, taken: list[Outgoing], trim: bytes | None) -> None:
+        """Raises: redis.RedisError (all of `taken` is appended again after a back-off)."""
         commands: list[tuple[Any, ...]] = []
         if trim is not None:  # what trio finished, while this round trip goes anyway
             commands.append(("XTRIM", self._prefix + self.node_id, "MINID", _following(trim)))
         for node, fields, _ in taken:
             commands.append(("XADD", self._prefix + node, "*", *itertools.chain(*fields.items())))
-        if len(commands) == 1:  # the usual case: one command, without a pipeline's objects
-            client.execute_command(*commands[0])  # type: ignore[no-untyped-call]
-            return
-        pipe = client.pipeline(transaction=False)
-        for command in commands:
-            pipe.execute_command(*command)  # type: ignore[no-untyped-call]
-        pipe.execute()
+        for _ in range(WRONG_TYPE_ROUNDS):
+            if len(commands) == 1:  # the usual case: one command, without a pipeline's objects
+                try:
+                    client.execute_command(*commands[0])  # type: ignore[no-untyped-call]
+                except redis.ResponseError as exc:
+                    if not _wrong_type(exc):
+                        raise
+                    replies: list[Any] = [exc]
+                else:
+                    return
+            else:
+                pipe = client.pipeline(transaction=False)
+                for command in commands:
+                    pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+                # Each command's own answer: one on an inbox of another type fails alone, and
+                # only it is made again (the others were appended: again, they would be
+                # refused as replays).
+                replies = pipe.execute(raise_on_error=False)
+            failed = [c for c, r in zip(commands, replies, strict=True) if isinstance(r, Exception)]
+            for reply in replies:
+                if isinstance(reply, Exception) and not _wrong_type(reply):
+                    raise reply
+            if not failed:
+                return
+            for key in {command[1] for command in failed}:
+                self._remove_wrong_type(client, key)
+            commands = failed
+        raise redis.ResponseError("WRONGTYPE: an inbox kept being replaced by another type")
+
+    def _remove_wrong_type(self, client: redis.Redis, key: str) -> None:
+        """`key` answered WRONGTYPE: removed if it still is no stream, and said to trio."""
+        if client.eval(_UNLINK_IF_NOT_STREAM, 1, key):
+            log.warning("a cluster inbox of another type was removed", key=key)
+            self._retyped(key)
 
     # -- the reader thread -------------------------------------------------------------------
 
@@ -206,6 +267,12 @@ class DeliveryLine:
                             {inbox: position}, count=READ_COUNT, block=READ_BLOCK_MS
                         )
                 except redis.RedisError as exc:
+                    if _wrong_type(exc):  # not a stream: removed, read again at once
+                        try:
+                            self._remove_wrong_type(client, inbox)
+                            continue
+                        except redis.RedisError as again:
+                            exc = again
                     what = "cluster inbox not readable; retrying"
                     attempt = self._back_off("readable", what, exc, attempt)
                     continue
