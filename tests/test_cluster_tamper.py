@@ -8,18 +8,24 @@ replayed deliveries.)
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+import trio
 
 from callgate.cluster import links as links_module
 from callgate.cluster import node as cluster_node
+from callgate.cluster.records import Timer, Writes
+from callgate.cluster.store import Store
+from callgate.cluster.store import delete_cluster_keys as delete_cluster_keys_async
 from callgate.core.actions import Deliver
 from callgate.revocation import RevocationList
 from conftest import (
+    REDIS_URL,
     Client,
     ClusterHarness,
     call_request,
@@ -575,13 +581,15 @@ async def test_a_live_node_whose_keys_are_deleted_keeps_its_devices(
     sender = cluster.nodes[0].hub.cluster
     assert sender is not None
     attacker = redis.Redis.from_url(cluster.redis_url)
-    get = sender.store.get
+    strings = sender.store.strings
 
-    async def heartbeat_deleted(name: str) -> bytes | None:
+    async def heartbeat_deleted(names: list[str]) -> tuple[list[bytes | None], list[str]]:
         # (deleted between the target's beats, just when the sender looks: deterministic here)
-        return None if name == f"hb:{target}" else await get(name)
+        values, wrong = await strings(names)
+        hidden = [None if n == f"hb:{target}" else v for n, v in zip(names, values, strict=True)]
+        return hidden, wrong
 
-    monkeypatch.setattr(sender.store, "get", heartbeat_deleted)
+    monkeypatch.setattr(sender.store, "strings", heartbeat_deleted)
     try:
         attacker.delete(f"{cluster.name}:last:{target}")
         attacker.srem(f"{cluster.name}:nodes", target)
@@ -786,3 +794,230 @@ async def test_a_liveness_key_of_another_type_stops_no_heartbeat_and_no_burial(
         attacker.close()
     [down] = cluster.audit.records("cluster.node_down")
     assert (down["node"], down["devices"]) == (victim, 1)
+
+
+# -- keys a node writes, of another type: one write without the key, no outage -----------------
+
+
+def _retype(attacker: redis.Redis, key: str, kind: str) -> None:
+    """What a client without the key can do to any key: replace it by one of another type
+    (Redis never changes a key's type; SET replaces any key, the others need it gone)."""
+    attacker.delete(key)
+    if kind == "string":
+        attacker.set(key, "x")
+    elif kind == "hash":
+        attacker.hset(key, "x", "y")
+    else:
+        raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(("key", "kind"), [("timers", "string"), ("timer-due", "string")])
+async def test_a_timer_key_of_another_type_stops_no_timer(
+    cluster: ClusterHarness, key: str, kind: str
+) -> None:
+    """`timers` (a sorted set) or `timer-due` (a hash) replaced by a string: every commit that
+    arms or disarms a timer and every claim failed on it (WRONGTYPE), so no ring timeout or
+    reconnect grace fired anywhere, for good. The commit and the claim read it as empty and
+    write it again (what deleting it does: removed, audited `timers` `malformed`); the ring
+    timeout fires on time, once."""
+    await cluster.start(make_settings(calls={"ring_timeout": 1.0}))
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    attacker = redis.Redis.from_url(cluster.redis_url)
+    try:
+        _retype(attacker, f"{cluster.name}:{key}", kind)
+        await alice.send("call-request", call_request("ab", "alice", "bob"))
+        await bob.expect("call-request", id="ab")
+        started = trio.current_time()
+        await alice.expect("call-end", callId="ab", reason="timeout")
+        assert trio.current_time() - started < 1.0 + 0.8  # on time (a claim, a decision)
+        await bob.expect("call-end", callId="ab", reason="timeout")
+        for name, kinds in (("timers", {b"zset", b"none"}), ("timer-due", {b"hash", b"none"})):
+            assert attacker.type(f"{cluster.name}:{name}") in kinds
+    finally:
+        attacker.close()
+    assert [row["event"] for row in terminal_records(cluster)] == ["call.timeout"]
+    assert ("timers", "malformed") in {(entry, reason) for entry, reason, _ in _refused(cluster)}
+    for node in cluster.nodes:
+        assert node.hub.cluster is not None and node.hub.cluster.available
+
+
+async def test_a_live_nodes_presence_set_of_another_type_is_written_again(
+    cluster: ClusterHarness,
+) -> None:
+    """`n:<live node>` replaced by a string: a commit that adds a user to it failed halfway
+    (Lua keeps what it wrote before an error: the user's record said online, the set did not
+    list them), and the node took the records it read back for a commit that went through.
+    The commit reads it as empty and writes it again before it writes anything (audited
+    `presence` `malformed`), so when that node dies its burial finds bob."""
+    await cluster.start()
+    await _until(lambda: any(n.hub.cluster and n.hub.cluster.judging for n in cluster.nodes))
+    leader = _judging(cluster)
+    victim = (leader + 1) % 3
+    attacker = redis.Redis.from_url(cluster.redis_url)
+    try:
+        _retype(attacker, f"{cluster.name}:n:{node_id(cluster, victim)}", "string")
+        alice = await cluster.connect("alice", node=leader)
+        await cluster.connect("bob", node=victim)
+        presence = f"{cluster.name}:n:{node_id(cluster, victim)}"
+        assert attacker.smembers(presence) == {b"bob"}
+        _stop(cluster, node_id(cluster, victim))
+        await _until(lambda: bool(cluster.audit.records("cluster.node_down")))
+    finally:
+        attacker.close()
+    [down] = cluster.audit.records("cluster.node_down")
+    assert down["devices"] == 1
+    assert ("presence", "malformed") in {(entry, reason) for entry, reason, _ in _refused(cluster)}
+    await alice.send("call-request", call_request("ab", "alice", "bob"))
+    await alice.expect("call-reject", callId="ab", reason="unavailable")  # bob is gone
+
+
+async def test_a_live_nodes_inbox_of_another_type_is_written_again(
+    cluster: ClusterHarness,
+) -> None:
+    """`in:<live node>` replaced by a hash, links off (every delivery by the inbox): the
+    writer's XADD and the reader's XREAD failed for good, so nothing reached that node's
+    devices. Whichever thread meets it removes it (audited `inbox` `malformed`) and goes on:
+    the call connects."""
+    await cluster.start(links=False)
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    attacker = redis.Redis.from_url(cluster.redis_url)
+    try:
+        _retype(attacker, f"{cluster.name}:in:{node_id(cluster, 1)}", "hash")
+        await connected_call(alice, bob, "ab")
+        await alice.send("ice-candidate", ice("ab", "bob"))
+        await bob.expect("ice-candidate", callId="ab")
+    finally:
+        attacker.close()
+    await _until(lambda: ("inbox", "malformed") in {(e, r) for e, r, _ in _refused(cluster)})
+    for node in cluster.nodes:
+        assert node.hub.cluster is not None and node.hub.cluster.available
+
+
+async def test_records_of_another_type_are_read_as_absent(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user's or a call's record replaced by a hash: loading it failed (WRONGTYPE), so
+    every decision about that user failed as if Redis were away, a disconnect's for good,
+    holding its lane and every user behind it. Read as absent instead, as if deleted (a
+    call whose record is gone is gone, as after a Redis restart), removed and audited
+    (`malformed`, under the record's name): carol signs in, and alice calls bob again."""
+    monkeypatch.setattr(cluster_node, "LANES", 1)  # every user of a node in one lane
+    await cluster.start()
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    await connected_call(alice, bob, "ab")
+    attacker = redis.Redis.from_url(cluster.redis_url)
+    try:
+        keys: Any = attacker.keys(f"{cluster.name}:c:*")
+        [call_key] = [bytes(key).decode() for key in keys]
+        _retype(attacker, call_key, "hash")
+        _retype(attacker, f"{cluster.name}:u:carol", "hash")
+        carol = await cluster.connect("carol", node=1)  # (her sign-in loads her record)
+        await alice.send("call-end", {"callId": "ab", "to": "bob"}, ref=5)
+        reply = await alice.recv()  # the call is gone: refused, not "cluster unavailable"
+        assert reply["event"] == "error" and reply["data"]["code"] != "rate_limited", reply
+        await connected_call(alice, bob, "ab2")
+        await carol.send("user-connected", "carol", ref=1)
+        assert (await carol.expect("ack"))["ref"] == 1
+        assert attacker.type(call_key) == b"none"
+        assert attacker.type(f"{cluster.name}:u:carol") == b"string"  # written again
+    finally:
+        attacker.close()
+    refused = {(entry, reason) for entry, reason, _ in _refused(cluster)}
+    call_name = call_key.removeprefix(f"{cluster.name}:")
+    assert refused == {(call_name, "malformed"), ("u:carol", "malformed")}
+    for node in cluster.nodes:
+        assert node.hub.cluster is not None and node.hub.cluster.available
+
+
+async def test_a_revocation_list_of_another_type_stops_no_heartbeat(
+    cluster: ClusterHarness,
+) -> None:
+    """`revocations` replaced by a hash: every node reads it with every heartbeat, and the
+    WRONGTYPE made every beat count as an outage (no node available, none leading). Read as
+    absent (removed, audited `revocations` `malformed`): the nodes write their list back."""
+    await cluster.start()
+    key = f"{cluster.name}:revocations"
+    attacker = redis.Redis.from_url(cluster.redis_url)
+    try:
+        cluster.nodes[0].hub.apply_revocations(RevocationList(users={"carol": 2**40}))
+        await _until(lambda: attacker.get(key) is not None)
+        _retype(attacker, key, "hash")
+        await beats(cluster)
+        await _until(lambda: attacker.type(key) == b"string")
+        await beats(cluster)
+        for node in cluster.nodes:
+            assert node.hub.cluster is not None and node.hub.cluster.available
+        await _until(lambda: any(n.hub.cluster and n.hub.cluster.judging for n in cluster.nodes))
+    finally:
+        attacker.close()
+    assert ("revocations", "malformed") in {(e, r) for e, r, _ in _refused(cluster)}
+    refused = await sign_in(cluster, "carol", node=2)
+    await refused.expect_closed(4003, "token revoked")
+
+
+async def test_a_live_nodes_verdict_of_another_type_keeps_no_link_shut(
+    cluster: ClusterHarness,
+) -> None:
+    """`dead:<live node>` made a hash: the sender reads it before it opens a link, and the
+    WRONGTYPE counted as Redis away, so no link to that node ever opened (every delivery went
+    by its inbox). Read as absent (removed, audited `nodes` `malformed`): the link opens."""
+    await cluster.start()
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    target = node_id(cluster, 1)
+    sender = cluster.nodes[0].hub.cluster
+    assert sender is not None
+    attacker = redis.Redis.from_url(cluster.redis_url)
+    try:
+        _retype(attacker, f"{cluster.name}:dead:{target}", "hash")
+        await connected_call(alice, bob, "ab")
+        await _until(lambda: sender.links.linked(target))
+        assert not attacker.exists(f"{cluster.name}:dead:{target}")
+    finally:
+        attacker.close()
+    assert target not in sender._gone
+    assert ("nodes", "malformed") in {(e, r) for e, r, _ in _refused(cluster)}
+
+
+async def test_the_store_scripts_remove_keys_of_another_type_before_they_write() -> None:
+    """The store's scripts, on the real Redis, every key they touch of another type. Lua keeps
+    what a script wrote before an error: the commit used to write the user's record, then fail
+    on the presence set or the timers (WRONGTYPE), half-written. Now each key is read as absent
+    or empty and removed (said to the store's `removed`) before the first write, and the
+    commit writes everything; a record of another type is a conflict (nothing written), and
+    loaded again it reads as absent."""
+    name = f"test-{os.urandom(4).hex()}"
+    removed: list[str] = []
+    attacker = redis.Redis.from_url(REDIS_URL)
+    async with Store(REDIS_URL, name, removed=removed.extend) as store:
+        try:
+            for key in ("timers", "timer-due", "n:n1", "u:bob"):
+                _retype(attacker, f"{name}:{key}", "hash" if key != "timer-due" else "string")
+            writes = Writes(
+                records={"u:alice": (b"", b"alice's"), "u:bob": (b"", b"bob's")},
+                timers_started=[(Timer(7, "alice"), 12.0)],
+                timer_deadlines={"7|alice": b"sealed"},
+                present={"n1": {"alice"}},
+            )
+            assert await store.commit(writes) is False  # u:bob is no string: nothing written
+            assert attacker.get(f"{name}:u:alice") is None
+            assert await store.load(["alice", "bob"]) == {"u:alice": None, "u:bob": None}
+            assert removed == ["u:bob"] and attacker.type(f"{name}:u:bob") == b"none"
+            assert await store.commit(writes) is True
+            assert sorted(removed[1:]) == ["n:n1", "timer-due", "timers"]
+            assert attacker.get(f"{name}:u:bob") == b"bob's"
+            assert attacker.smembers(f"{name}:n:n1") == {b"alice"}
+            assert attacker.zscore(f"{name}:timers", "7|alice") == 12.0
+            assert attacker.hget(f"{name}:timer-due", "7|alice") == b"sealed"
+            del removed[:]
+            for key in ("timers", "timer-due"):
+                _retype(attacker, f"{name}:{key}", "string")
+            assert await store.claim_timers(20.0, 30.0, 64) == ([], 0)
+            assert sorted(removed) == ["timer-due", "timers"]
+            assert not attacker.exists(f"{name}:timers", f"{name}:timer-due")
+        finally:
+            attacker.close()
+            await delete_cluster_keys_async(REDIS_URL, name)

@@ -38,7 +38,7 @@ import math
 import secrets
 import time
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -302,7 +302,7 @@ class ClusterNode:
         self._adopt_revocations = adopt_revocations
         self._evicted = evicted
         self.node_id = new_node_id(settings.node_name)
-        self.store = Store(settings.redis_url, settings.name)
+        self.store = Store(settings.redis_url, settings.name, removed=self._retyped)
         self.records = RecordCodec(settings.name, key)
         self.codec = EntryCodec(settings.name, key)
         self._throttle = RecordedThrottle()
@@ -783,6 +783,8 @@ class ClusterNode:
         for attempt in range(ATTEMPTS):
             try:
                 raw = await self.store.load(job.users)
+            except WrongTypeError as exc:  # (the script reads none: never an outage)
+                raise Tampered from exc
             except STORE_ERRORS as exc:
                 self._store_failed(exc)
                 raise Unavailable from exc
@@ -828,6 +830,12 @@ class ClusterNode:
             writes.sign_timers(self.codec.seal_timer_due)
             try:
                 committed = await self.store.commit(writes)
+            except WrongTypeError as exc:
+                # The script checks every key's type before its first write, so an error
+                # answer wrote nothing: not committed anyway, and not an outage (a client
+                # without the key raced the check): this event is refused, no other.
+                log.warning("cluster commit refused a key of another type", error=str(exc))
+                raise Tampered from exc
             except STORE_ERRORS as exc:
                 # Refused, or lost on the way back: Redis may have run it. Asked once; when
                 # it did, the decision stands and is carried out (a fired timer is gone from
@@ -1012,13 +1020,15 @@ class ClusterNode:
         queued for it is decided again. Only the verdict counts: a client without the key
         can delete a live node's `hb:`, `last:` and membership, never write a verdict."""
         try:
-            heartbeat = await self.store.get(f"hb:{node}")
-            if node not in self._gone:
-                verdict = await self.store.get(f"dead:{node}")
-                if self.codec.is_dead(verdict, node) and node not in self._gone:
-                    log.info("a node this one sends to was declared dead", node=node)
-                    self._node_gone(node)
-                    return None
+            # One round trip; either of another type (no node wrote it) reads as absent: a
+            # verdict of another type would otherwise keep every link to that node shut.
+            (heartbeat, verdict), wrong = await self.store.strings([f"hb:{node}", f"dead:{node}"])
+            if wrong:
+                self._retyped(wrong)
+            if node not in self._gone and self.codec.is_dead(verdict, node):
+                log.info("a node this one sends to was declared dead", node=node)
+                self._node_gone(node)
+                return None
             return self.codec.link_of(heartbeat, node)
         except STORE_ERRORS:
             return None
@@ -1046,7 +1056,9 @@ class ClusterNode:
             self._checked_at = time.monotonic()
             verdict = None
             with trio.move_on_after(1.0), contextlib.suppress(*STORE_ERRORS):
-                verdict = await self.store.get(f"dead:{node}")
+                (verdict,), wrong = await self.store.strings([f"dead:{node}"])
+                if wrong:
+                    self._retyped(wrong)
             if self.codec.is_dead(verdict, node) and self.node_id == node:
                 self._evict()
         return self.node_id == node
@@ -1200,6 +1212,24 @@ class ClusterNode:
         if total is not None:
             refused, lost = total
             self.rejected(entry_id, reason, refused, messages=None if messages is None else lost)
+
+    def _retyped(self, names: Sequence[str]) -> None:
+        """Keys of another type than nodes write, found and removed (read as absent or
+        empty, as if deleted; only a Redis client without the key makes one): audited
+        `malformed`. A record under its name, like a record that does not verify; the rest
+        summed per kind, once a minute (any client can write them as fast as Redis takes it):
+        `timers` (the set or the deadlines), `presence`, `inbox`, `nodes` (liveness keys),
+        `revocations`."""
+        for name in names:
+            if name.startswith((USER_PREFIX, "c:")):
+                self._executor.audit(
+                    "cluster.rejected", {"node": self.node_id, "entry": name, "reason": "malformed"}
+                )
+                log.warning("cluster record refused", record=name, reason="malformed")
+                continue
+            kind, _, _ = name.partition(":")
+            source = _RETYPED_SOURCES.get(kind, kind)
+            self._entry_rejected(source, "malformed", source=source)
 
     def rejected(
         self, entry_id: str, reason: str, count: int = 1, *, messages: int | None = None
@@ -1714,7 +1744,11 @@ class ClusterNode:
         if pending is not None:
             await self.store.put("revocations", pending)
             self._pending_revocations = None
-        raw = await self.store.get("revocations")
+        # Of another type (no node wrote it) it reads as absent and is removed: a WRONGTYPE
+        # here would fail every beat of every node, so none would be available or lead.
+        (raw,), wrong = await self.store.strings(["revocations"])
+        if wrong:
+            self._retyped(wrong)
         current = self.codec.open_revocations(raw)
         if current is not None and current.version > self._revocation_version:
             event = RevocationChanged(current.token_ids, current.users_before)
@@ -1756,11 +1790,20 @@ class ClusterNode:
             nursery.start_soon(self._keep_loop)
             nursery.start_soon(self._judge_loop)
             nursery.start_soon(self._inbox_loop)
-            self.line.start(self._inbox_received)
+            self.line.start(self._inbox_received, lambda key: self._retyped([key]))
             nursery.start_soon(self._timer_loop)
 
 
 _ENDS_CALL = frozenset({"call-end", "call-reject"})
+# Under which `entry` a key of another type is audited, by the start of its name.
+_RETYPED_SOURCES = {
+    "timer-due": "timers",
+    "n": "presence",
+    "in": "inbox",
+    "hb": "nodes",
+    "last": "nodes",
+    "dead": "nodes",
+}
 _RELAYED = (IceCandidate, CallRenegotiate)  # what a connected call's cached route carries
 
 
