@@ -1021,3 +1021,29 @@ async def test_the_store_scripts_remove_keys_of_another_type_before_they_write()
         finally:
             attacker.close()
             await delete_cluster_keys_async(REDIS_URL, name)
+
+
+async def test_a_call_limit_key_of_another_type_stops_no_caller(cluster: ClusterHarness) -> None:
+    """alice's call-limit windows (`limits:*`, the `limits` library's lists) replaced by
+    hashes: counting her call requests failed (WRONGTYPE), and every one she sent was
+    refused as "cluster unavailable", for good. The windows are cleared (as if deleted,
+    audited `limits` `malformed`) and counted again: her call rings."""
+    await cluster.start()
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    await alice.send("call-request", call_request("ab", "alice", "bob"))
+    await bob.expect("call-request", id="ab")
+    await alice.send("call-end", {"callId": "ab", "to": "bob"})
+    await bob.expect("call-end", callId="ab")
+    attacker = redis.Redis.from_url(cluster.redis_url)
+    try:
+        windows: Any = attacker.keys(f"{cluster.name}:limits*")
+        assert windows
+        for key in windows:
+            _retype(attacker, bytes(key).decode(), "hash")
+        await alice.send("call-request", call_request("ab2", "alice", "bob"))
+        await bob.expect("call-request", id="ab2")
+        assert {attacker.type(key) for key in windows} == {b"list"}
+    finally:
+        attacker.close()
+    assert ("limits", "malformed") in {(e, r) for e, r, _ in _refused(cluster)}

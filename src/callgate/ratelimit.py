@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 from limits import RateLimitItem, parse_many
+from limits.errors import StorageError
 from limits.storage import Storage
 from limits.strategies import MovingWindowRateLimiter
 
@@ -52,8 +54,13 @@ class RateLimiter:
             if client is not None:
                 client.close()
 
-    def admit_call(self, caller: str, callee: str) -> Throttled | None:
-        """The core's `CallThrottle`: per caller, then per caller and callee pair.
+    def admit_call(
+        self, caller: str, callee: str, retyped: Callable[[str], None] | None = None
+    ) -> Throttled | None:
+        """The core's `CallThrottle`: per caller, then per caller and callee pair. On the
+        shared storage, windows of another type than `limits` writes (only a Redis client
+        without the cluster key makes one) are cleared, as if deleted, and counted again;
+        `retyped` is told the limit's name.
 
         Raises: limits.errors.StorageError when the shared storage (Redis) cannot be reached.
         """
@@ -66,7 +73,18 @@ class RateLimiter:
             if shared is None:
                 retry = windows.hit(key, now)
             else:
-                retry = _admit_shared(shared, items, limit, *key)
+                try:
+                    retry = _admit_shared(shared, items, limit, *key)
+                except StorageError as exc:
+                    # WRONGTYPE would refuse this caller's requests for good: cleared (DEL
+                    # takes a key of any type) and counted once more.
+                    if not str(exc.storage_error).startswith("WRONGTYPE"):
+                        raise
+                    for item in items:
+                        shared.clear(item, limit, *key)
+                    if retyped is not None:
+                        retyped(limit)
+                    retry = _admit_shared(shared, items, limit, *key)
             if retry is not None:
                 return Throttled(limit, retry)
         return None

@@ -768,13 +768,21 @@ class ClusterNode:
         ):
             return True
         message = received.message
+        retyped: list[str] = []  # (appended in the worker thread, read here after it)
         try:
             job.throttled = await trio.to_thread.run_sync(
-                self._limiter.admit_call, message.from_user, message.to, abandon_on_cancel=True
+                self._limiter.admit_call,
+                message.from_user,
+                message.to,
+                retyped.append,
+                abandon_on_cancel=True,
             )
         except StorageError:
             self._carry_out([SendError(received.conn, *_unavailable(received))], {})
             return False
+        finally:
+            for _ in retyped:  # windows of another type, cleared: audited, summed
+                self._entry_rejected("limits", "malformed", source="limits")
         job.count_call = False  # a retried decision does not count again
         return True
 
