@@ -19,6 +19,7 @@ import trio
 
 from callgate.cluster import links as links_module
 from callgate.cluster import node as cluster_node
+from callgate.cluster.node import ClusterNode
 from callgate.cluster.records import Timer, Writes
 from callgate.cluster.store import Store
 from callgate.cluster.store import delete_cluster_keys as delete_cluster_keys_async
@@ -567,6 +568,17 @@ async def test_a_device_of_a_node_dead_and_forgotten_is_retired_not_sent_to_its_
         attacker.close()
 
 
+async def _alice_calls_across(cluster: ClusterHarness) -> tuple[Client, Client, ClusterNode, str]:
+    """A started cluster with alice on node 0 (the sender) and bob on node 1: alice, bob,
+    node 0, and node 1's id."""
+    await cluster.start()
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    sender = cluster.nodes[0].hub.cluster
+    assert sender is not None
+    return alice, bob, sender, node_id(cluster, 1)
+
+
 async def test_a_live_node_whose_keys_are_deleted_keeps_its_devices(
     cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -574,12 +586,7 @@ async def test_a_live_node_whose_keys_are_deleted_keeps_its_devices(
     node's heartbeat gone when the sender looks for its link, its `last:` deleted, it taken
     out of `nodes` and a forged verdict in its `dead:` key, bob, on that live node, is not
     retired: the message reaches him through the node's inbox."""
-    await cluster.start()
-    alice = await cluster.connect("alice", node=0)
-    bob = await cluster.connect("bob", node=1)
-    target = node_id(cluster, 1)
-    sender = cluster.nodes[0].hub.cluster
-    assert sender is not None
+    alice, bob, sender, target = await _alice_calls_across(cluster)
     attacker = redis.Redis.from_url(cluster.redis_url)
     strings = sender.store.strings
 
@@ -659,48 +666,39 @@ async def test_a_fake_member_whose_last_beat_is_not_a_string_keeps_no_node_from_
     await alice.expect("call-reject", callId="ab", reason="unavailable")  # bob is gone
 
 
-async def test_a_dead_nodes_presence_set_of_another_type_is_read_as_empty(
-    cluster: ClusterHarness,
+@pytest.mark.parametrize(
+    ("key", "entry", "devices"),
+    [("n", "presence", 0), ("in", "inbox", 1)],
+    ids=["presence-set-a-string", "inbox-a-hash"],
+)
+async def test_a_dead_nodes_key_of_another_type_is_read_as_empty(
+    cluster: ClusterHarness, key: str, entry: str, devices: int
 ) -> None:
-    """`n:<dead node>` replaced by a string: the burial reads it as empty (removed, audited
-    `presence` `malformed`) and goes on: verdict, the node out of `nodes`, `node_down`. Its
-    devices stay online in their users' records, as when the set is deleted."""
-    _, victim, attacker = await _a_dead_node_holding_bob(cluster)
-    try:
-        _stop(cluster, victim)
-        attacker.delete(f"{cluster.name}:n:{victim}")
-        attacker.set(f"{cluster.name}:n:{victim}", "not a set")
-        await _until(lambda: bool(cluster.audit.records("cluster.node_down")))
-        assert not attacker.sismember(f"{cluster.name}:nodes", victim)
-        assert not attacker.exists(f"{cluster.name}:n:{victim}")
-    finally:
-        attacker.close()
-    [down] = cluster.audit.records("cluster.node_down")
-    assert (down["node"], down["devices"]) == (victim, 0)
-    assert _refused(cluster) == [("presence", "malformed", 1)]
-
-
-async def test_a_dead_nodes_inbox_of_another_type_is_read_as_empty(
-    cluster: ClusterHarness,
-) -> None:
-    """`in:<dead node>` replaced by a hash: taking it over finds no stream (removed unread,
-    audited `inbox` `malformed`), and the burial is done once: its devices disconnected,
-    `node_down` written, not started again with every heartbeat."""
+    """A dead node's presence set replaced by a string, or its inbox by a hash: the burial
+    reads it as empty (removed, audited `malformed` under `presence` or `inbox`) and is done
+    once: verdict, the node out of `nodes`, one `node_down`, not started again with every
+    heartbeat. With its presence set gone its devices stay online in their users' records (as
+    when the set is deleted: `devices` 0); with its inbox gone, bob is disconnected as usual."""
     alice, victim, attacker = await _a_dead_node_holding_bob(cluster)
+    retyped = f"{cluster.name}:{key}:{victim}"
     try:
         _stop(cluster, victim)
-        attacker.delete(f"{cluster.name}:in:{victim}")
-        attacker.hset(f"{cluster.name}:in:{victim}", "x", "y")
+        attacker.delete(retyped)
+        if key == "n":
+            attacker.set(retyped, "not a set")
+        else:
+            attacker.hset(retyped, "x", "y")
         await _until(lambda: bool(cluster.audit.records("cluster.node_down")))
         assert not attacker.sismember(f"{cluster.name}:nodes", victim)
-        assert not attacker.exists(f"{cluster.name}:in:{victim}")
+        assert not attacker.exists(retyped)
     finally:
         attacker.close()
     [down] = cluster.audit.records("cluster.node_down")
-    assert (down["node"], down["devices"]) == (victim, 1)
-    assert _refused(cluster) == [("inbox", "malformed", 1)]
-    await alice.send("call-request", call_request("ab", "alice", "bob"))
-    await alice.expect("call-reject", callId="ab", reason="unavailable")
+    assert (down["node"], down["devices"]) == (victim, devices)
+    assert _refused(cluster) == [(entry, "malformed", 1)]
+    if devices:
+        await alice.send("call-request", call_request("ab", "alice", "bob"))
+        await alice.expect("call-reject", callId="ab", reason="unavailable")
 
 
 async def test_a_buried_nodes_last_beat_put_back_gets_it_buried_no_more(
@@ -964,12 +962,7 @@ async def test_a_live_nodes_verdict_of_another_type_keeps_no_link_shut(
     """`dead:<live node>` made a hash: the sender reads it before it opens a link, and the
     WRONGTYPE counted as Redis away, so no link to that node ever opened (every delivery went
     by its inbox). Read as absent (removed, audited `nodes` `malformed`): the link opens."""
-    await cluster.start()
-    alice = await cluster.connect("alice", node=0)
-    bob = await cluster.connect("bob", node=1)
-    target = node_id(cluster, 1)
-    sender = cluster.nodes[0].hub.cluster
-    assert sender is not None
+    alice, bob, sender, target = await _alice_calls_across(cluster)
     attacker = redis.Redis.from_url(cluster.redis_url)
     try:
         _retype(attacker, f"{cluster.name}:dead:{target}", "hash")
