@@ -17,12 +17,16 @@ import pytest
 import redis
 import trio
 
+from callgate.cluster import line as line_module
 from callgate.cluster import links as links_module
 from callgate.cluster import node as cluster_node
+from callgate.cluster import store as store_module
+from callgate.cluster.line import DeliveryLine
 from callgate.cluster.node import ClusterNode
 from callgate.cluster.records import Timer, Writes
 from callgate.cluster.store import Store
 from callgate.cluster.store import delete_cluster_keys as delete_cluster_keys_async
+from callgate.config import CallSettings
 from callgate.core.actions import Deliver
 from callgate.revocation import RevocationList
 from conftest import (
@@ -1014,6 +1018,71 @@ async def test_the_store_scripts_remove_keys_of_another_type_before_they_write()
         finally:
             attacker.close()
             await delete_cluster_keys_async(REDIS_URL, name)
+
+
+async def test_a_user_record_listing_many_calls_costs_a_load_no_more_than_a_genuine_one() -> None:
+    """The load script reads a user's call records by the `calls` list of the user's record,
+    before any node has checked that record's MAC. One written without the key listing 10,000
+    call keys made every load of that user read 10,000 keys inside Redis (Redis answering
+    no one meanwhile). At most MAX_CALLS_READ of them are read (a genuine record lists at most
+    `max_calls_per_user`, 16); the record itself fails its check on the node."""
+    name = f"test-{os.urandom(4).hex()}"
+    attacker = redis.Redis.from_url(REDIS_URL)
+    listed = b'{"devices": [], "missed": [], "calls": [%s]}' % b", ".join(
+        b'"k%d"' % i for i in range(10_000)
+    )
+    async with Store(REDIS_URL, name) as store:
+        try:
+            attacker.set(f"{name}:u:bob", b"0" * 64 + listed)
+            found = await store.load(["bob"])
+            assert len(found) == 1 + store_module.MAX_CALLS_READ  # u:bob and 64 of its calls
+            most_calls = CallSettings.model_fields["max_calls_per_user"].metadata[1].le
+            assert 4 * most_calls <= store_module.MAX_CALLS_READ  # room for any genuine record
+        finally:
+            attacker.close()
+            await delete_cluster_keys_async(REDIS_URL, name)
+
+
+async def test_an_inbox_kept_of_another_type_delays_only_its_own_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Redis client that keeps turning one inbox into a string wins the race with the
+    writer's removal every time, until the writer backs off. The batches for other inboxes
+    in the same round trip were appended: they are not appended again after the back-off
+    (their targets would refuse the copies as replays), and the one batch for the retyped
+    inbox is appended once the race is over."""
+    prefix = f"test-{os.urandom(4).hex()}"
+    attacker = redis.Redis.from_url(REDIS_URL)
+    line = DeliveryLine(REDIS_URL, prefix)
+    line.node_id = "node-self"
+    races = {"won": 0}
+    remove = DeliveryLine._remove_wrong_type
+
+    def racing(self: DeliveryLine, client: redis.Redis, key: str) -> None:
+        remove(self, client, key)
+        if races["won"] < line_module.WRONG_TYPE_ROUNDS:  # the client's next SET lands first
+            races["won"] += 1
+            attacker.set(key, "x")
+
+    monkeypatch.setattr(DeliveryLine, "_remove_wrong_type", racing)
+    attacker.set(f"{prefix}:in:node-y", "x")
+    try:
+        line.start(lambda node, entries: None, lambda key: None)
+        line.send("node-y", {b"m": b"batch-for-y"}, 1)
+        line.send("node-z", {b"m": b"batch-for-z"}, 1)
+        await _until(lambda: line.pending == 0)
+        assert races["won"] == line_module.WRONG_TYPE_ROUNDS  # the writer did give up once
+
+        def bodies(inbox: str) -> list[bytes]:
+            entries: Any = attacker.xrange(f"{prefix}:in:{inbox}")
+            return [fields[b"m"] for _, fields in entries]
+
+        assert bodies("node-z") == [b"batch-for-z"]  # once: not appended again
+        assert bodies("node-y") == [b"batch-for-y"]
+    finally:
+        line.stop()
+        attacker.close()
+        await delete_cluster_keys_async(REDIS_URL, prefix)
 
 
 async def test_a_call_limit_key_of_another_type_stops_no_caller(cluster: ClusterHarness) -> None:

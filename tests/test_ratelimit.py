@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
 import threading
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from limits import parse_many
+from limits.storage import RedisStorage
 
 from callgate.config import LimitSettings
 from callgate.core.policy import Throttled
@@ -109,3 +112,40 @@ def test_call_limits_per_caller_then_per_pair() -> None:
     fifth = limiter.admit_call("alice", "dave")
     assert isinstance(fifth, Throttled) and fifth.limit == "call_request"
     assert limiter.admit_call("bob", "alice") is None  # each caller counts alone
+
+
+def test_a_shared_window_of_another_type_is_cleared_however_redis_words_the_error() -> None:
+    """`limits`' moving window runs Lua scripts. Redis 7 passes a WRONGTYPE from inside one
+    through as is; Redis 6.2 wraps it ("ERR Error running script ...: WRONGTYPE ..."). Either
+    way the caller's window (written by a Redis client without the key) is cleared and the
+    call counted again: a caller refused for good otherwise. The real storage, its first
+    script answering as Redis 6.2 does."""
+    from redis.exceptions import ResponseError
+
+    from conftest import REDIS_URL
+
+    # (as redis-py reads Redis 6.2's "ERR Error running script ...": without the "ERR ")
+    redis_6_2 = ResponseError(
+        "Error running script (call to f_0123): @user_script:12: @user_script: 12: "
+        "WRONGTYPE Operation against a key holding the wrong kind of value"
+    )
+
+    class FirstScriptFails(RedisStorage):
+        failed = False
+
+        def acquire_entry(self, *args: Any, **kwargs: Any) -> bool:
+            if not FirstScriptFails.failed:
+                FirstScriptFails.failed = True
+                raise redis_6_2
+            return bool(super().acquire_entry(*args, **kwargs))
+
+    prefix = f"test-{os.urandom(4).hex()}:limits"
+    storage = FirstScriptFails(REDIS_URL, key_prefix=prefix, wrap_exceptions=True)
+    limiter = RateLimiter(LimitSettings(call_request="5/minute"), call_storage=storage)
+    told: list[str] = []
+    try:
+        assert limiter.admit_call("alice", "bob", told.append) is None
+        assert told == ["call_request"] and FirstScriptFails.failed
+    finally:
+        storage.reset()
+        limiter.close()

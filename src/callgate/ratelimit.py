@@ -78,7 +78,9 @@ class RateLimiter:
                 except StorageError as exc:
                     # WRONGTYPE would refuse this caller's requests for good: cleared (DEL
                     # takes a key of any type) and counted once more.
-                    if not str(exc.storage_error).startswith("WRONGTYPE"):
+                    # (Redis 7 answers a script's WRONGTYPE as is; 6.2 inside "ERR Error
+                    # running script ...": looked for anywhere in the message.)
+                    if "WRONGTYPE" not in str(exc.storage_error):
                         raise
                     for item in items:
                         shared.clear(item, limit, *key)

@@ -61,9 +61,18 @@ return 1
 """
 
 
+class _NotAppended(Exception):
+    """Some commands of a round trip were not carried out: which, and why."""
+
+    def __init__(self, commands: list[tuple[Any, ...]], error: redis.RedisError) -> None:
+        super().__init__(str(error))
+        self.commands = commands
+        self.error = error
+
+
 def _wrong_type(exc: BaseException) -> bool:
     """A WRONGTYPE answer (redis-py has no class of its own for it)."""
-    return isinstance(exc, redis.ResponseError) and str(exc).startswith("WRONGTYPE")
+    return isinstance(exc, redis.ResponseError) and "WRONGTYPE" in str(exc)
 
 
 Entries = list[tuple[bytes, Mapping[bytes, bytes]]]
@@ -199,19 +208,33 @@ class DeliveryLine:
             client.close()
 
     def _append(self, client: redis.Redis, taken: list[Outgoing], trim: bytes | None) -> None:
-        """Raises: redis.RedisError (all of `taken` is appended again after a back-off)."""
-        commands: list[tuple[Any, ...]] = []
+        """Raises: redis.RedisError; `taken` then holds only what was not appended (appended
+        again, after a back-off: the rest would be refused as replays by their targets)."""
+        appends = [
+            ("XADD", self._prefix + node, "*", *itertools.chain(*fields.items()))
+            for node, fields, _ in taken
+        ]
+        commands: list[tuple[Any, ...]] = list(appends)
         if trim is not None:  # what trio finished, while this round trip goes anyway
-            commands.append(("XTRIM", self._prefix + self.node_id, "MINID", _following(trim)))
-        for node, fields, _ in taken:
-            commands.append(("XADD", self._prefix + node, "*", *itertools.chain(*fields.items())))
+            commands.insert(0, ("XTRIM", self._prefix + self.node_id, "MINID", _following(trim)))
+        try:
+            self._append_rounds(client, commands)
+        except _NotAppended as left:
+            by_command = {id(command): item for command, item in zip(appends, taken, strict=True)}
+            kept = [by_command[id(c)] for c in left.commands if id(c) in by_command]
+            self._appended += sum(orders for _, _, orders in taken) - sum(o for _, _, o in kept)
+            taken[:] = kept
+            raise left.error from None
+
+    def _append_rounds(self, client: redis.Redis, commands: list[tuple[Any, ...]]) -> None:
+        """Raises: _NotAppended, with the commands not carried out and why."""
         for _ in range(WRONG_TYPE_ROUNDS):
             if len(commands) == 1:  # the usual case: one command, without a pipeline's objects
                 try:
                     client.execute_command(*commands[0])  # type: ignore[no-untyped-call]
-                except redis.ResponseError as exc:
+                except redis.RedisError as exc:
                     if not _wrong_type(exc):
-                        raise
+                        raise _NotAppended(commands, exc) from None
                     replies: list[Any] = [exc]
                 else:
                     return
@@ -222,17 +245,26 @@ class DeliveryLine:
                 # Each command's own answer: one on an inbox of another type fails alone, and
                 # only it is made again (the others were appended: again, they would be
                 # refused as replays).
-                replies = pipe.execute(raise_on_error=False)
+                try:
+                    replies = pipe.execute(raise_on_error=False)
+                except redis.RedisError as exc:  # the connection: nothing is known appended
+                    raise _NotAppended(commands, exc) from None
             failed = [c for c, r in zip(commands, replies, strict=True) if isinstance(r, Exception)]
             for reply in replies:
                 if isinstance(reply, Exception) and not _wrong_type(reply):
-                    raise reply
+                    if not isinstance(reply, redis.RedisError):
+                        reply = redis.RedisError(reply)
+                    raise _NotAppended(failed, reply)
             if not failed:
                 return
-            for key in {command[1] for command in failed}:
-                self._remove_wrong_type(client, key)
+            try:
+                for key in {command[1] for command in failed}:
+                    self._remove_wrong_type(client, key)
+            except redis.RedisError as exc:
+                raise _NotAppended(failed, exc) from None
             commands = failed
-        raise redis.ResponseError("WRONGTYPE: an inbox kept being replaced by another type")
+        gave_up = redis.ResponseError("WRONGTYPE: an inbox kept being replaced by another type")
+        raise _NotAppended(commands, gave_up)
 
     def _remove_wrong_type(self, client: redis.Redis, key: str) -> None:
         """`key` answered WRONGTYPE: removed if it still is no stream, and said to trio."""

@@ -81,6 +81,12 @@ LAST_BEAT_MS = 7 * 24 * 3_600_000
 BURIED_LAST_BEAT_MS = 3_600_000
 PRESENCE_PAGE = 512  # presence members read (SSCAN) and their records fetched (MGET) at once
 
+# Call keys read from one user record (its `calls`) by the load script: a user takes part in at
+# most `[calls] max_calls_per_user` (16 at most) calls, so a genuine record never lists more;
+# the record is checked only on the node, and a longer list (written without the key) must not
+# cost Redis a read per entry.
+MAX_CALLS_READ = 64
+
 # ARGV: prefix, then the users the event concerns. Returns [name, raw or "", ...]: those users'
 # records, the records of their calls, then the records of the other participants of those
 # calls. What it reads to find calls and participants is unsigned: it only decides what to load;
@@ -89,6 +95,7 @@ PRESENCE_PAGE = 512  # presence members read (SSCAN) and their records fetched (
 # and removed (so the decision writes it again): false in place of its value.
 _LOAD = """
 local prefix = ARGV[1]
+local MAX_CALLS = {max_calls}
 local out, seen, keys, peers = {}, {}, {}, {}
 local function fields(raw)
   local ok, rec = pcall(cjson.decode, string.sub(raw, 65))
@@ -112,7 +119,10 @@ for i = 2, #ARGV do
   if raw then
     local calls = fields(raw)['calls']
     if type(calls) == 'table' then
-      for _, key in ipairs(calls) do
+      -- The record is not verified yet (the node does that): at most MAX_CALLS of its call
+      -- keys are read, however many a Redis client without the key wrote in it.
+      for n, key in ipairs(calls) do
+        if n > MAX_CALLS then break end
         if type(key) == 'string' and not keys[key] then keys[key] = true; keys[#keys + 1] = key end
       end
     end
@@ -133,7 +143,7 @@ for _, key in ipairs(keys) do
 end
 for _, user in ipairs(peers) do get('u:' .. user) end
 return out
-"""
+""".replace("{max_calls}", str(MAX_CALLS_READ))
 
 # ARGV: prefix, n, then n x (name, expected raw or "", new raw / "" to delete / "=" to keep),
 # then m, then m x (op, key, member, score). Writes only if every record still holds what was
