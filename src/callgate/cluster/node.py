@@ -791,7 +791,7 @@ class ClusterNode:
         for attempt in range(ATTEMPTS):
             try:
                 raw = await self.store.load(job.users)
-            except WrongTypeError as exc:  # (the script reads none: never an outage)
+            except WrongTypeError as exc:  # (a guard: the script reads none of another type)
                 raise Tampered from exc
             except STORE_ERRORS as exc:
                 self._store_failed(exc)
@@ -839,9 +839,9 @@ class ClusterNode:
             try:
                 committed = await self.store.commit(writes)
             except WrongTypeError as exc:
-                # The script checks every key's type before its first write, so an error
-                # answer wrote nothing: not committed anyway, and not an outage (a client
-                # without the key raced the check): this event is refused, no other.
+                # Not expected: the script checks every key's type before its first write (and
+                # runs atomically). Kept as a guard for a key the checks miss: an error answer
+                # is then no outage, and this event alone is refused.
                 log.warning("cluster commit refused a key of another type", error=str(exc))
                 raise Tampered from exc
             except STORE_ERRORS as exc:

@@ -25,9 +25,10 @@ Keys, all under `<cluster name>:` (docs/cluster.md, "Data layout"):
 
 Redis never changes a key's type, but any client can replace a key by one of another type. Such a
 key holds nothing a node wrote: wherever a node reads or writes it, it is read as absent or empty
-and removed, as if deleted, never taken for an outage, and the node audits it (node.py). A
-script checks the types of the keys it writes before its first write (Lua keeps what a script
-wrote before an error). The inboxes' own checks are in line.py.
+and removed, as if deleted, never taken for an outage, and the node audits it (node.py; the
+heartbeat's own keys, `nodes` and `epoch`, are logged, not audited). A script checks the types
+of the keys it writes before its first write (Lua keeps what a script wrote before an error).
+The inboxes' own checks are in line.py.
 
 The scripts read keys they compute (a user's calls, their participants), so they need one Redis
 primary (or every key of a cluster in one slot); docs/cluster.md says how to size and shard.
