@@ -487,8 +487,8 @@ def start_cluster(layout: Layout, workdir: Path, callgate: Callgate) -> Cluster:
     (enabled, redis_url, name, key) as environment overrides. Pinned to no core: four nodes of
     the replicated design need more than one core at the cluster run's load, and the workers of
     `--workers` are there to use several."""
-    ports = [free_port() for _ in range(layout.nodes)]
-    name = f"bench-{ports[0]}-{secrets.token_hex(4)}"  # in no other name, not even a later run's
+    first_port = free_port()
+    name = f"bench-{first_port}-{secrets.token_hex(4)}"  # in no other name, not even a later run's
     env = (
         {
             "CALLGATE_CLUSTER_ENABLED": "true",
@@ -502,21 +502,22 @@ def start_cluster(layout: Layout, workdir: Path, callgate: Callgate) -> Cluster:
     extra = ("--workers", str(layout.workers)) if layout.workers > 1 else ()
     servers: list[Server] = []
     try:
+        # One at a time, each port picked just before its node starts: a node's link listener
+        # binds a port of the kernel's choosing as it starts, which could be the port picked
+        # for a node not started yet.
         for index in range(layout.nodes):
-            servers.append(
-                Server(
-                    layout.target,
-                    ports[index],
-                    workdir,
-                    callgate,
-                    env,
-                    serve_args=extra,
-                    listeners=layout.workers,
-                    core=None,
-                    wait=False,
-                )
+            server = Server(
+                layout.target,
+                first_port if index == 0 else free_port(),
+                workdir,
+                callgate,
+                env,
+                serve_args=extra,
+                listeners=layout.workers,
+                core=None,
+                wait=False,
             )
-        for server in servers:
+            servers.append(server)
             server.wait_until_listening()
     except BaseException:
         for server in servers:
