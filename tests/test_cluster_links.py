@@ -23,6 +23,7 @@ import random
 import secrets
 import socket
 import struct
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -907,3 +908,28 @@ async def test_refused_links_are_summed_and_the_sum_is_audited_when_the_window_e
     await _until(lambda: len(rejected(cluster)) == 2)
     summary = [(row["entry"], row["reason"], row.get("count", 1)) for row in rejected(cluster)]
     assert summary == [(entry, "bad_mac", 1), (entry, "bad_mac", 2)]
+
+
+async def test_with_links_off_a_slow_lookup_backs_off_as_no_link_does(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With links off a node still looks a target up (its death verdict) before it uses the
+    target's inbox. A lookup Redis does not answer in time dialled nothing: what was queued
+    goes by the inbox, and the target is asked again after NO_LINK_RETRY, not on a link's
+    short back-off, which counts failed dials towards a warning about a link that does not
+    open."""
+    monkeypatch.setattr(links_module, "HANDSHAKE_TIMEOUT", 0.2)
+    await cluster.start(links=False)
+    sender = member(cluster, 0)
+
+    async def unanswered(node: str) -> str | None:
+        await trio.sleep_forever()
+        return None
+
+    monkeypatch.setattr(sender, "link_address", unanswered)
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    await connected_call(alice, bob)  # (its messages to bob went by the inbox)
+    peer = sender.links._peers[member(cluster, 1).node_id]
+    assert peer.attempts == 0
+    assert peer.next_try - time.monotonic() > links_module.NO_LINK_RETRY / 2

@@ -699,6 +699,9 @@ class Links:
         ) as exc:
             if stream is not None:
                 _abort(stream)
+            if not self.enabled:  # links off: only the lookup failed (Redis slow), nothing dialled
+                self._retry_later(peer, NO_LINK_RETRY)
+                return
             log.debug("cluster link not opened", node=peer.node, error=str(exc))
             if peer.attempts + 1 == WARN_AFTER:
                 log.warning(
