@@ -39,6 +39,7 @@ from typing import Any
 import redis
 import trio
 
+from callgate.cluster.store import DROP_OTHER_TYPE
 from callgate.log import get_logger
 
 log = get_logger("callgate.cluster")
@@ -53,12 +54,13 @@ Outgoing = tuple[str, Mapping[bytes, bytes], int]
 STOP = "stop"
 WRONG_TYPE_ROUNDS = 3  # removals in a row before an append is treated as failing (backed off)
 # KEYS: an inbox. Removed if it is not a stream (nor absent): 1, else 0.
-_UNLINK_IF_NOT_STREAM = """
-local kind = redis.call('TYPE', KEYS[1])['ok']
-if kind == 'stream' or kind == 'none' then return 0 end
-redis.call('UNLINK', KEYS[1])
-return 1
+_UNLINK_IF_NOT_STREAM = (
+    DROP_OTHER_TYPE
+    + """
+if dropped(KEYS[1], 'stream') then return 1 end
+return 0
 """
+)
 
 
 class _NotAppended(Exception):

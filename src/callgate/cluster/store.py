@@ -88,6 +88,19 @@ PRESENCE_PAGE = 512  # presence members read (SSCAN) and their records fetched (
 # cost Redis a read per entry.
 MAX_CALLS_READ = 64
 
+# Lua shared by the scripts below (and line.py's): `dropped(key, kind)` removes `key` when it holds
+# another type than `kind` (only a client without the cluster key makes one: Redis never changes
+# a key's type), as if deleted, and says whether it did. A script checks each key it writes this
+# way before its first write: Lua keeps what a script wrote before an error.
+DROP_OTHER_TYPE = """
+local function dropped(key, kind)
+  local found = redis.call('TYPE', key)['ok']
+  if found == 'none' or found == kind then return false end
+  redis.call('UNLINK', key)
+  return true
+end
+"""
+
 # ARGV: prefix, then the users the event concerns. Returns [name, raw or "", ...]: those users'
 # records, the records of their calls, then the records of the other participants of those
 # calls. What it reads to find calls and participants is unsigned: it only decides what to load;
@@ -154,7 +167,9 @@ return out
 # every other key written (the timers, their deadlines, presence sets) is checked before the
 # first write, one TYPE each: one of another type (only a client without the key makes one)
 # is removed, as if deleted, and written again by this commit.
-_COMMIT = """
+_COMMIT = (
+    DROP_OTHER_TYPE
+    + """
 local prefix, n = ARGV[1], tonumber(ARGV[2])
 local i = 3
 for _ = 1, n do
@@ -170,11 +185,7 @@ for _ = 1, m do
   local name = ARGV[j + 1]
   if not checked[name] then
     checked[name] = true
-    local found = redis.call('TYPE', prefix .. name)['ok']
-    if found ~= 'none' and found ~= kinds[ARGV[j]] then
-      redis.call('UNLINK', prefix .. name)
-      removed[#removed + 1] = name
-    end
+    if dropped(prefix .. name, kinds[ARGV[j]]) then removed[#removed + 1] = name end
   end
   j = j + 4
 end
@@ -199,6 +210,7 @@ end
 if #removed > 1 then return removed end
 return 1
 """
+)
 
 # KEYS: the timers set, their signed deadlines. ARGV: now, hold_until, limit. Claims due timers
 # for this node: each is pushed to `hold_until`, so another node fires it only if this one dies
@@ -207,14 +219,12 @@ return 1
 # says it is due. Either key of another type (only a client without the key makes one) failed
 # every claim, so no timer fired anywhere: it is removed, as if deleted (1 or 2 in the second
 # list), and read as empty.
-_CLAIM = """
+_CLAIM = (
+    DROP_OTHER_TYPE
+    + """
 local removed = {}
 for i, kind in ipairs({'zset', 'hash'}) do
-  local found = redis.call('TYPE', KEYS[i])['ok']
-  if found ~= 'none' and found ~= kind then
-    redis.call('UNLINK', KEYS[i])
-    removed[#removed + 1] = i
-  end
+  if dropped(KEYS[i], kind) then removed[#removed + 1] = i end
 end
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
 local out = {}
@@ -225,6 +235,7 @@ for _, member in ipairs(due) do
 end
 return {out, removed}
 """
+)
 
 # One heartbeat. KEYS: hb:<node>, last:<node>, nodes, epoch, leader, dead:<node>, then the
 # watched nodes' hb:<node>. ARGV: the heartbeat, its expiry, last:'s expiry, the node, a new
@@ -232,18 +243,14 @@ return {out, removed}
 # gives a key another type than nodes write: read as absent rather than failing every node's
 # beat (a hash for `leader` would stop every beat, so every burial), and `nodes` or `epoch` of
 # another type removed (what deleting them does), so that they can be written again.
-_KEEP = """
-local function retype(key, kind)
-  local found = redis.call('TYPE', key)['ok']
-  if found ~= kind and found ~= 'none' then
-    redis.call('UNLINK', key)
-    return 1
-  end
-  return 0
-end
+_KEEP = (
+    DROP_OTHER_TYPE
+    + """
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
-local removed = retype(KEYS[3], 'set') + retype(KEYS[4], 'string')
+local removed = 0
+if dropped(KEYS[3], 'set') then removed = removed + 1 end
+if dropped(KEYS[4], 'string') then removed = removed + 1 end
 redis.call('SADD', KEYS[3], ARGV[4])
 redis.call('SET', KEYS[4], ARGV[5], 'NX')
 local out = {removed}
@@ -256,23 +263,21 @@ for i = 4, #KEYS do
 end
 return out
 """
+)
 
 # KEYS: string keys to read. Returns [value or "", ...], each key's value, except that a key
 # of another type (no node made it) reads as false, rather than making the script fail, and is
 # removed (as if deleted: a node writes it again where it is written).
-_STRINGS = """
+_STRINGS = (
+    DROP_OTHER_TYPE
+    + """
 local out = {}
 for i, key in ipairs(KEYS) do
-  local kind = redis.call('TYPE', key)['ok']
-  if kind == 'string' then out[i] = redis.call('GET', key)
-  elseif kind == 'none' then out[i] = ''
-  else
-    redis.call('UNLINK', key)
-    out[i] = false
-  end
+  if dropped(key, 'string') then out[i] = false else out[i] = redis.call('GET', key) or '' end
 end
 return out
 """
+)
 
 # Replace the lease only if it still holds the value this node judged (ours, absent, or not
 # genuine); 1 when it did, and this node leads. Redis cannot check the signature: Python did.
@@ -290,13 +295,11 @@ return 0
 # KEYS: a dead node's inbox, and where to move it. Only the first node to call it gets the
 # entries (RENAME moves the stream atomically); they are read, then deleted. An inbox that is
 # not a stream (no node made it) is removed unread: -1.
-_TAKE_INBOX = """
-local kind = redis.call('TYPE', KEYS[1])['ok']
-if kind == 'none' then return {} end
-if kind ~= 'stream' then
-  redis.call('UNLINK', KEYS[1])
-  return -1
-end
+_TAKE_INBOX = (
+    DROP_OTHER_TYPE
+    + """
+if dropped(KEYS[1], 'stream') then return -1 end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
 redis.call('RENAME', KEYS[1], KEYS[2])
 local entries = redis.call('XRANGE', KEYS[2], '-', '+')
 redis.call('DEL', KEYS[2])
@@ -307,6 +310,7 @@ for _, entry in ipairs(entries) do
 end
 return out
 """
+)
 
 
 def _client(url: str) -> coredis.Redis[bytes]:
