@@ -133,15 +133,22 @@ async def test_one_spoiled_record_and_a_forged_epoch_end_no_call(cluster: Cluste
     assert {(row["entry"], row["reason"]) for row in refused} == {("u:zed", "bad_mac")}
 
 
-async def test_an_older_revocation_list_put_back_revives_no_token(cluster: ClusterHarness) -> None:
-    """The revocation list carries a version that only grows: an older genuine list written
-    back is not taken by any node, and the nodes write the newer one back over it."""
+async def _carol_revoked(cluster: ClusterHarness) -> tuple[str, redis.Redis]:
+    """A started cluster whose revocation list, in Redis, revokes carol: its key, and a Redis
+    client without the cluster key (close it)."""
     await cluster.start()
     key = f"{cluster.name}:revocations"
     attacker = redis.Redis.from_url(cluster.redis_url)
+    cluster.nodes[0].hub.apply_revocations(RevocationList(users={"carol": 2**40}))
+    await _until(lambda: attacker.get(key) is not None)
+    return key, attacker
+
+
+async def test_an_older_revocation_list_put_back_revives_no_token(cluster: ClusterHarness) -> None:
+    """The revocation list carries a version that only grows: an older genuine list written
+    back is not taken by any node, and the nodes write the newer one back over it."""
+    key, attacker = await _carol_revoked(cluster)
     try:
-        cluster.nodes[0].hub.apply_revocations(RevocationList(users={"carol": 2**40}))
-        await _until(lambda: attacker.get(key) is not None)
         older = attacker.get(key)  # kept by the attacker
         assert isinstance(older, bytes)
         cluster.nodes[0].hub.apply_revocations(RevocationList(users={"carol": 2**40, "bob": 2**40}))
@@ -940,12 +947,8 @@ async def test_a_revocation_list_of_another_type_stops_no_heartbeat(
     """`revocations` replaced by a hash: every node reads it with every heartbeat, and the
     WRONGTYPE made every beat count as an outage (no node available, none leading). Read as
     absent (removed, audited `revocations` `malformed`): the nodes write their list back."""
-    await cluster.start()
-    key = f"{cluster.name}:revocations"
-    attacker = redis.Redis.from_url(cluster.redis_url)
+    key, attacker = await _carol_revoked(cluster)
     try:
-        cluster.nodes[0].hub.apply_revocations(RevocationList(users={"carol": 2**40}))
-        await _until(lambda: attacker.get(key) is not None)
         _retype(attacker, key, "hash")
         await beats(cluster)
         await _until(lambda: attacker.type(key) == b"string")
