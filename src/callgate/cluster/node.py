@@ -969,10 +969,10 @@ class ClusterNode:
             return
 
         def retire_then_deliver(sliced: Slice) -> list[Event]:
-            stale = [c for c in sliced.board.devices_of(user) if node_of(c) in self._gone]
+            stale = _disconnects(sliced, self._gone.__contains__)  # as its burial would have
             if stale:
-                log.warning("a device of a dead node was still online; disconnected", conns=stale)
-            return [*(Disconnected(conn) for conn in stale), failed]
+                log.warning("dead node's devices still online; disconnected", devices=len(stale))
+            return [*stale, failed]
 
         self._enqueue(Job([user], retire_then_deliver, retry=False, durable=True))
 
@@ -1581,11 +1581,7 @@ class ClusterNode:
         disconnected: list[Event] = []
 
         def disconnect(sliced: Slice) -> list[Event]:
-            events: list[Event] = [
-                Disconnected(device.conn)
-                for device in sliced.board.devices()
-                if node_of(device.conn) == node and device.hold is None
-            ]
+            events = _disconnects(sliced, lambda of: of == node)
             disconnected.extend(events)
             return events
 
@@ -1813,6 +1809,12 @@ _RETYPED_SOURCES = {
     "dead": "nodes",
 }
 _RELAYED = (IceCandidate, CallRenegotiate)  # what a connected call's cached route carries
+
+
+def _disconnects(sliced: Slice, dead: Callable[[str], bool]) -> list[Event]:
+    """What a burial decides on a slice: each online device of a node that `dead` names (by
+    its id) is disconnected (held for `reconnect_grace`, or its calls end)."""
+    return [Disconnected(conn) for conn in sliced.board.online_connections() if dead(node_of(conn))]
 
 
 def _unavailable(received: MessageReceived) -> tuple[ErrorCode, str, Any, int]:
