@@ -1287,6 +1287,34 @@ def test_a_node_dies_after_several_missed_checks_never_one() -> None:
     assert watch.missed == {"n3": 1} and not watch.saw("n2")
 
 
+def test_a_check_reads_every_node_that_ran_and_a_bounded_number_of_others() -> None:
+    """`nodes` is unsigned: the members no node was seen running under are checked at most
+    `unknown_at_most` at a time, each until it is seen or dead; nodes seen running always."""
+    watch = Watch(ClusterSettings(heartbeat_interval=0.2, node_timeout=1.0))
+    watch.observe({"real1": 1, "real2": 1})
+    fakes = [f"fake{i}" for i in range(10)]
+    first = watch.to_check(["real1", *fakes], unknown_at_most=3)
+    assert first == {"real1", "real2", "fake0", "fake1", "fake2"}
+    watch.observe({node: (2 if node.startswith("real") else None) for node in first})
+    # The same unknown members are counted on; no newcomer while they fill the room.
+    assert watch.to_check(reversed(fakes), unknown_at_most=3) == first
+    # One seen at last (a real node's first check): it leaves the unknown, room for another.
+    watch.observe({"fake1": 1})
+    assert watch.to_check(fakes, unknown_at_most=3) == first | {"fake3"}
+    # Judged (dropped from `nodes`) and forgotten: room again.
+    watch.forget("fake0")
+    watch.forget("fake2")
+    left = [node for node in fakes if node not in ("fake0", "fake2")]
+    assert watch.to_check(left, unknown_at_most=3) == {
+        "real1",
+        "real2",
+        "fake1",
+        "fake3",
+        "fake4",
+        "fake5",
+    }
+
+
 async def test_burying_a_node_of_many_users_stops_no_heartbeat(
     cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:

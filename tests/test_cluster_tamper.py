@@ -677,6 +677,42 @@ async def test_a_fake_member_whose_last_beat_is_not_a_string_keeps_no_node_from_
     await alice.expect("call-reject", callId="ab", reason="unavailable")  # bob is gone
 
 
+async def test_fake_members_by_the_thousand_cost_each_beat_a_bounded_read(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Members of `nodes` added without the key (here 12, with room for 4 at a time; in a
+    release, 256 of however many) are checked a few at a time: each beat of the leader reads
+    the heartbeats of the nodes that ran and of at most 4 others. The fakes are dropped all
+    the same, a few at a time, and a real node that dies meanwhile is buried as usual."""
+    monkeypatch.setattr(cluster_node, "MAX_UNKNOWN_WATCHED", 4)
+    reads: list[list[str]] = []
+    keep = Store.keep
+
+    async def counted_keep(store: Store, node: str, *args: Any) -> Any:
+        reads.append(list(args[2]))  # (heartbeat, timeout_ms, watched, epoch)
+        return await keep(store, node, *args)
+
+    monkeypatch.setattr(Store, "keep", counted_keep)
+    alice, victim, attacker = await _a_dead_node_holding_bob(cluster)
+    fakes = {f"0fake{i:02}" for i in range(12)}
+    try:
+        attacker.sadd(f"{cluster.name}:nodes", *fakes)
+        reads.clear()
+        _stop(cluster, victim)
+        await _until(lambda: bool(cluster.audit.records("cluster.node_down")))
+        members = f"{cluster.name}:nodes"
+        await _until(lambda: not fakes & {m.decode() for m in attacker.smembers(members)})
+    finally:
+        attacker.close()
+    [down] = cluster.audit.records("cluster.node_down")
+    assert (down["node"], down["devices"]) == (victim, 1)
+    real = {node_id(cluster, index) for index in range(3)}
+    assert reads and all(len(set(watched) - real) <= 4 for watched in reads)
+    assert fakes <= {node for watched in reads for node in watched}  # each one was checked
+    await alice.send("call-request", call_request("ab", "alice", "bob"))
+    await alice.expect("call-reject", callId="ab", reason="unavailable")  # bob is gone
+
+
 @pytest.mark.parametrize(
     ("key", "entry", "devices"),
     [("n", "presence", 0), ("in", "inbox", 1)],

@@ -38,7 +38,7 @@ import math
 import secrets
 import time
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -148,6 +148,9 @@ LET_GO = "node left the cluster"
 STATE_LOST = "state_lost"
 TIMERS_IN_FLIGHT = 256  # timer firings queued at once (the rest wait for the next sweep)
 BURIAL_IN_FLIGHT = 64  # a dead node's users decided at once while it is buried (8 per lane)
+# Members of `nodes` never seen running that the leader checks at once (Watch.to_check): the
+# set is unsigned, and each checked member costs a heartbeat read with every beat.
+MAX_UNKNOWN_WATCHED = 256
 BURIED_SWEEP = 30.0  # seconds the burying node keeps emptying a dead node's inbox
 
 
@@ -266,6 +269,25 @@ class Watch:
     def is_newer(self, node: str, beat: int) -> bool:
         last = self._last_beat.get(node)
         return last is None or beat > last
+
+    def to_check(self, members: Iterable[str], unknown_at_most: int) -> set[str]:
+        """The nodes the next check reads: every node seen running, however many, and those
+        of `members` (as read from the unsigned `nodes`) never seen running, up to
+        `unknown_at_most` of them at a time. An unknown node is checked again at every check
+        until it is seen or declared dead (then judged and forgotten), so each is counted to
+        the end; newcomers wait for room. A real node's first heartbeat adds it to `nodes`
+        with that beat: it is unknown only until its first check. Members added by a Redis
+        client without the key, however many, cost each check at most `unknown_at_most`
+        reads, and this watch at most that many entries beyond the nodes that ran."""
+        unknown = [node for node in self._missed if node not in self._last_beat]
+        chosen = set(self._missed)
+        for node in members:
+            if len(unknown) >= unknown_at_most:
+                break
+            if node not in chosen:
+                chosen.add(node)
+                unknown.append(node)
+        return chosen
 
     def dead(self) -> list[str]:
         return sorted(n for n, missed in self._missed.items() if missed >= self.misses_for_death)
@@ -1391,7 +1413,8 @@ class ClusterNode:
         node = self.node_id
         watched = []
         if self.is_leader:
-            watched = sorted((set(self.watch.missed) | set(await self.store.members())) - {node})
+            members = await self.store.members()
+            watched = sorted(self.watch.to_check(members, MAX_UNKNOWN_WATCHED) - {node})
         self._forget_silent(time.time())  # (before the beat, whose marks it bounds)
         read_up_to = self._inbox_position
         if self.node_id != node:
@@ -1616,7 +1639,10 @@ class ClusterNode:
         devices = len({event.conn for event in disconnected if isinstance(event, Disconnected)})
         self._node_gone(node)
         for other in await self.store.members():
-            if other not in (node, self.node_id):
+            # (Only nodes seen running: `nodes` is unsigned, and a node never seen is either
+            # one no node ran under, or one that joined within the last beat, which learns of
+            # the death when it first sends there: `link_address` reads the verdict.)
+            if other not in (node, self.node_id) and self.watch.saw(other):
                 self._send(other, NodeGone(node), None)
         await self._take_over_inbox(node)
         self._buried[node] = time.monotonic()

@@ -88,6 +88,12 @@ PRESENCE_PAGE = 512  # presence members read (SSCAN) and their records fetched (
 # cost Redis a read per entry.
 MAX_CALLS_READ = 64
 
+# Members of `nodes` read at once (SRANDMEMBER: all of them while there are no more than this,
+# else a random sample). The set is unsigned: any Redis client can add members, and the leader
+# reads a heartbeat for each member it watches, so what it reads per beat must not grow with
+# what such a client adds. Far more than any real cluster has nodes.
+MAX_MEMBERS_READ = 1024
+
 # Lua shared by the scripts below (and line.py's): `dropped(key, kind)` removes `key` when it holds
 # another type than `kind` (only a client without the cluster key makes one: Redis never changes
 # a key's type), as if deleted, and says whether it did. A script checks each key it writes this
@@ -484,13 +490,15 @@ class Store:
         )
 
     async def members(self) -> list[str]:
-        """The nodes that joined and were not buried (the leader watches them); none while
-        `nodes` is of another type (the next heartbeat removes it)."""
+        """The nodes that joined and were not buried (the leader watches them): all of them
+        while there are at most MAX_MEMBERS_READ, else that many chosen at random (the set is
+        unsigned: see MAX_MEMBERS_READ); none while `nodes` is of another type (the next
+        heartbeat removes it)."""
         try:
-            members: Any = await self._redis.smembers(self.key("nodes"))
+            members: Any = await self._redis.srandmember(self.key("nodes"), MAX_MEMBERS_READ)
         except WrongTypeError:
             return []
-        return sorted(bytes(member).decode() for member in members)
+        return sorted(bytes(member).decode(errors="replace") for member in members)
 
     async def take_inbox(self, node: str) -> list[tuple[bytes, Mapping[bytes, bytes]]]:
         """A dead node's inbox, moved out of its reach (only one caller gets it): entry ids
