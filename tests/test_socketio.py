@@ -496,3 +496,39 @@ async def test_no_error_echoes_a_token(gate: Harness) -> None:
         error = await next_event(alice)
         assert error[0] == "error" and token[32:64] not in json.dumps(error), error
         assert len(error[1]["message"]) < 70, error
+
+
+@pytest.mark.parametrize("fragmented", [False, True])
+async def test_a_message_over_the_limit_is_said_goodbye_to_as_a_socketio_close(
+    harness: Harness, fragmented: bool
+) -> None:
+    """Contract 11: a 1009 is preceded by `closing` and `41`, like every other close the
+    client must not come back from. A frame (or fragments) larger than `max_message_bytes`
+    in bytes was closed by the engine itself, with neither."""
+    await harness.start(make_settings(server={"max_message_bytes": 4096}))
+    alice = await raw_signed_in(harness, "alice")
+    bob = await harness.connect("bob")
+    await alice.send_message(
+        "42" + json.dumps(["call-request", call_request("big", "alice", "bob")])
+    )
+    await bob.expect("call-request", id="big")
+    big = "42" + json.dumps(["user-connected", "a" * 5000])
+    if fragmented:
+        # Four small frames of one message: each under the limit, the message over it.
+        stream = harness.clients[0].stream
+        await stream.send_all(_masked_frame(0x1, big[:2000].encode(), fin=False))
+        await stream.send_all(_masked_frame(0x0, big[2000:4000].encode(), fin=False))
+        await stream.send_all(_masked_frame(0x0, big[4000:].encode(), fin=True))
+    else:
+        await alice.send_message(big)
+    packets, code = await until_closed(alice)
+    assert packets == ['42["closing",{"code":1009,"reason":"message too big"}]', "41"]
+    assert code == 1009
+    await bob.expect("call-end", callId="big", reason="peer_disconnected")
+
+
+def _masked_frame(opcode: int, payload: bytes, *, fin: bool) -> bytes:
+    """One client frame (RFC 6455 5.2), masked with a zero key (the payload reads as is)."""
+    size = len(payload)
+    length = bytes([0x80 | size]) if size < 126 else b"\xfe" + size.to_bytes(2, "big")
+    return bytes([(0x80 if fin else 0) | opcode]) + length + b"\x00\x00\x00\x00" + payload
