@@ -138,6 +138,20 @@ async def test_user_connected_only_for_yourself(gate: Harness) -> None:
     await alice.expect_error("forbidden", ref=2)
 
 
+@pytest.mark.parametrize(
+    "data", ['"Alice"', '""', '"x\\u0007"', "42", "null", "{}", '["alice"]', '{"user": "alice"}']
+)
+async def test_user_connected_with_any_other_value_is_forbidden(gate: Harness, data: str) -> None:
+    """Contract 3: `user-connected` "is accepted only when its data equals the authenticated
+    user...; any other value is `forbidden`": a value that is no user id at all too."""
+    alice = await gate.connect("alice")
+    await alice.ws.send_message('{"event": "user-connected", "data": %s, "ref": 3}' % data)
+    await alice.expect_error("forbidden", ref=3)
+    await alice.ws.send_message('{"event": "user-connected", "ref": 4}')  # no data at all
+    await alice.expect_error("forbidden", ref=4)
+    await alice.expect_silence()
+
+
 async def test_call_request_flood_is_rate_limited_and_others_unaffected(harness: Harness) -> None:
     await harness.start(
         make_settings(limits={"call_request": "3/minute", "call_request_pair": "100/minute"})

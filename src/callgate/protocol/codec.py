@@ -359,12 +359,9 @@ def decode_object(envelope: object, limits: FieldLimits) -> Envelope:
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'event' must be a string", ref)
     data = envelope.get("data")
     if event == USER_CONNECTED:
-        # The original design sends the bare user id string as data.
-        if not valid_user_id(data, limits.max_user_id_length):
-            raise ProtocolError(
-                ErrorCode.INVALID_MESSAGE, "user-connected: data must be your user id", ref
-            )
-        return Envelope(UserConnected(data), ref)
+        # The original design sends the bare user id string as data. Whatever else it holds
+        # (another id, no id at all, no data) is the switchboard's `forbidden` (contract 3).
+        return Envelope(UserConnected(data if isinstance(data, str) else None), ref)
     decoder = _DECODERS.get(event)
     if decoder is None:
         raise ProtocolError(ErrorCode.UNKNOWN_EVENT, f"unknown event {excerpt(event)}", ref)
