@@ -70,6 +70,23 @@ async def test_refresh_with_a_bad_token_is_refused_but_keeps_the_connection(gate
     await alice.expect("ack")
 
 
+@pytest.mark.parametrize(
+    "data", [None, "token", {}, {"token": ""}, {"token": 42}, {"token": "x" * 20_000}]
+)
+async def test_a_refresh_without_a_usable_token_is_an_invalid_token(
+    gate: Harness, data: object
+) -> None:
+    """Contract 2: "an `auth` whose token is missing, empty or not a string is an invalid
+    token", on a renewal too: refused as any bad token is (`forbidden`, `invalid token`), not as
+    a malformed message, and the connection carries on."""
+    alice = await gate.connect("alice")
+    await alice.send("auth", data, ref=1)
+    error = await alice.expect_error("forbidden", ref=1)
+    assert error["data"]["message"] == "invalid token"
+    await alice.expect_silence()
+    assert gate.audit.records("auth.failed")[-1]["reason"] == "malformed"
+
+
 # -- reconnect and resume ----------------------------------------------------------------------
 
 

@@ -257,13 +257,14 @@ def _readable_ref(envelope: object) -> Ref | None:
 
 
 def _decode_auth(fields: _Fields) -> Auth:
+    # A token that is missing, empty, not a string or too long is no malformed message but an
+    # invalid token (contract 2), on a sign-in and on a renewal alike: it reads as "", which
+    # `valid_token` refuses where the token is used.
     token = fields.data.get("token")
-    if not valid_token(token):
-        fields.fail("'token' must be a non-empty string")
     resume = fields.data.get("resume")
     if resume is not None and (not isinstance(resume, str) or len(resume) > MAX_REF_LENGTH):
         fields.fail("'resume' must be a session id string")
-    return Auth(token=token, resume=resume)
+    return Auth(token=token if valid_token(token) else "", resume=resume)
 
 
 def _decode_call_request(fields: _Fields) -> CallRequest:
@@ -366,6 +367,8 @@ def decode_object(envelope: object, limits: FieldLimits) -> Envelope:
     if decoder is None:
         raise ProtocolError(ErrorCode.UNKNOWN_EVENT, f"unknown event {excerpt(event)}", ref)
     if not isinstance(data, dict):
+        if event == AUTH:  # no token in it: an invalid token, as in `_decode_auth`
+            return Envelope(Auth(token=""), ref)
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"{event}: 'data' must be an object", ref)
     return Envelope(decoder(_Fields(event, data, ref, limits)), ref)
 

@@ -55,7 +55,7 @@ from callgate.errors import AuthError, CloseCode, CloseConnection, ErrorCode
 from callgate.ice import ice_servers
 from callgate.log import get_logger
 from callgate.metrics import Metrics
-from callgate.protocol.codec import FieldLimits, ProtocolError
+from callgate.protocol.codec import FieldLimits, ProtocolError, valid_token
 from callgate.protocol.dialects import Credentials
 from callgate.protocol.messages import Auth, Envelope, Ref
 from callgate.revocation import RevocationList
@@ -546,6 +546,8 @@ class ConnectionHub:
         if current is None:
             return
         try:
+            if not valid_token(message.token):  # missing, empty, not a string: contract 2
+                raise AuthError(INVALID, "malformed")
             identity = await self._verify(message.token)
         except AuthError as refused:
             # The current token still holds until its `exp`: the client may try again.
