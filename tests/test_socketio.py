@@ -532,3 +532,20 @@ def _masked_frame(opcode: int, payload: bytes, *, fin: bool) -> bytes:
     size = len(payload)
     length = bytes([0x80 | size]) if size < 126 else b"\xfe" + size.to_bytes(2, "big")
     return bytes([(0x80 if fin else 0) | opcode]) + length + b"\x00\x00\x00\x00" + payload
+
+
+@pytest.mark.parametrize(("packet", "signed_in"), [("41", True), ("1", True), ("1", False)])
+@pytest.mark.both_engines
+async def test_a_client_that_says_goodbye_gets_a_normal_close(
+    gate: Harness, packet: str, signed_in: bool
+) -> None:
+    """A Socket.IO DISCONNECT or an Engine.IO close is a client leaving: the server closes the
+    WebSocket with 1000 (contract 9: normal), not by dropping the TCP connection (1006)."""
+    ws = await (raw_signed_in(gate, "alice") if signed_in else raw_socketio(gate))
+    await ws.send_message(packet)
+    assert await until_closed(ws) == ([], 1000)
+    with trio.fail_after(STEP):  # (trio-websocket: written once the close handshake is done)
+        while not gate.audit.records("conn.close"):
+            await trio.sleep(0.01)
+    [closed] = gate.audit.records("conn.close")
+    assert closed["close_code"] == 1000

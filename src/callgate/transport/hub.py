@@ -59,7 +59,7 @@ from callgate.protocol.codec import FieldLimits, ProtocolError, valid_token
 from callgate.protocol.dialects import Credentials
 from callgate.protocol.messages import Auth, Envelope, Ref
 from callgate.revocation import RevocationList
-from callgate.transport.connection import Connection, PeerGone
+from callgate.transport.connection import ClientLeft, Connection, PeerGone
 from callgate.transport.executor import Dispatch, Executor, LocalDispatch, trio_deadline
 from callgate.transport.listener import Accepted
 from callgate.transport.reactor import Reactor
@@ -293,6 +293,10 @@ class ConnectionHub:
                 connection.run_in(nursery)  # the writer starts there with the first frame
                 try:
                     await self._converse(connection, upgrade)
+                except ClientLeft:
+                    connection.leave()  # a close frame (1000), not a dropped TCP connection
+                    with trio.move_on_after(server.close_timeout):
+                        await connection.writer_done.wait()
                 except PeerGone:
                     pass
                 except CloseConnection as close:
