@@ -114,7 +114,7 @@ def test_user_connected_and_auth() -> None:
     assert decode('{"event":"auth","data":{"token":"t"}}', LIMITS).message == Auth("t")
     # Any other data is no invalid message but a claim the switchboard refuses (`forbidden`).
     for data in ('{"user":"a"}', "42", "null", '"\\u0007"'):
-        message = decode('{"event":"user-connected","data":%s}' % data, LIMITS).message
+        message = decode('{"event":"user-connected","data":' + data + "}", LIMITS).message
         assert isinstance(message, UserConnected) and message.user != "a"
     assert decode('{"event":"user-connected"}', LIMITS).message == UserConnected(None)
 
