@@ -12,6 +12,7 @@ from typing import Any
 
 import jwt
 import pytest
+import structlog
 import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -25,6 +26,7 @@ from conftest import (
     SECRET,
     STEP,
     Client,
+    FailsOn,
     Harness,
     call_request,
     make_settings,
@@ -145,7 +147,7 @@ async def test_user_connected_with_any_other_value_is_forbidden(gate: Harness, d
     """Contract 3: `user-connected` "is accepted only when its data equals the authenticated
     user...; any other value is `forbidden`": a value that is no user id at all too."""
     alice = await gate.connect("alice")
-    await alice.ws.send_message('{"event": "user-connected", "data": %s, "ref": 3}' % data)
+    await alice.ws.send_message('{"event": "user-connected", "ref": 3, "data": ' + data + "}")
     await alice.expect_error("forbidden", ref=3)
     await alice.ws.send_message('{"event": "user-connected", "ref": 4}')  # no data at all
     await alice.expect_error("forbidden", ref=4)
@@ -628,3 +630,20 @@ async def test_a_client_that_stops_reading_is_told_1008(harness: Harness) -> Non
     await alice.expect("call-end", callId="ab", reason="peer_disconnected")
     closes = [r for r in harness.audit.records("conn.close") if r.get("user") == "bob"]
     assert [r["close_code"] for r in closes] == [1008]
+
+
+@pytest.mark.both_engines
+async def test_an_internal_error_closes_1011(
+    gate: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Contract 9: `1011` internal error. A connection whose handling fails is closed with it
+    (and its peer's call ends as for any drop), not dropped without a close frame (1006)."""
+    assert gate.server is not None
+    hub = gate.server.hub
+    monkeypatch.setattr(hub, "_dispatch", FailsOn(hub._dispatch, "boom"))
+    alice, bob = await gate.connected_call()
+    with structlog.testing.capture_logs() as logs:
+        await alice.send("user-connected", "alice", ref="boom")
+        await alice.expect_closed(1011, "internal error")
+        await bob.expect("call-end", callId="ab", reason="peer_disconnected")
+    assert [entry["event"] for entry in logs] == ["connection failed"]

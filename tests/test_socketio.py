@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, connect_websocket_url
 
@@ -23,6 +24,7 @@ from conftest import (
     STEP,
     Client,
     ClusterHarness,
+    FailsOn,
     Harness,
     call_request,
     connect_ws,
@@ -549,3 +551,18 @@ async def test_a_client_that_says_goodbye_gets_a_normal_close(
             await trio.sleep(0.01)
     [closed] = gate.audit.records("conn.close")
     assert closed["close_code"] == 1000
+
+
+async def test_an_internal_error_is_a_closing_without_a_disconnect(
+    gate: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Contract 11: for 1011 the server emits `closing`, then just closes the transport (no
+    `41`), so socket.io-client reconnects by itself."""
+    assert gate.server is not None
+    hub = gate.server.hub
+    monkeypatch.setattr(hub, "_dispatch", FailsOn(hub._dispatch, 7))
+    alice = await raw_signed_in(gate, "alice")
+    with structlog.testing.capture_logs():
+        await alice.send_message('427["user-connected","alice"]')
+        packets, code = await until_closed(alice)
+    assert (packets, code) == (['42["closing",{"code":1011,"reason":"internal error"}]'], 1011)

@@ -304,6 +304,13 @@ class ConnectionHub:
                     # Let the writer flush what is queued (the error, say) and the close frame.
                     with trio.move_on_after(server.close_timeout):
                         await connection.writer_done.wait()
+                except Exception:
+                    # A bug: the client is told (1011, contract 9: reconnect with back-off),
+                    # and `handle` logs it.
+                    connection.close(CloseCode.INTERNAL_ERROR, "internal error")
+                    with trio.move_on_after(server.close_timeout):
+                        await connection.writer_done.wait()
+                    raise
                 nursery.cancel_scope.cancel()
         finally:
             self._forget(connection)
