@@ -386,6 +386,23 @@ async def test_bad_header_token_is_refused_after_upgrade(gate: Harness) -> None:
     await client.expect_closed(4001, "invalid token")
 
 
+async def test_a_bearer_header_without_a_token_is_an_invalid_token(gate: Harness) -> None:
+    """Contract 2: an empty token is an invalid token. `Authorization: Bearer` with nothing
+    after it waited for an `auth` message and closed `auth timeout` seconds later."""
+    client = await gate.open(headers=[(b"authorization", b"Bearer")])
+    await client.expect_closed(4001, "invalid token")
+    assert gate.audit.records("auth.failed")[-1]["reason"] == "malformed"
+
+
+async def test_another_authorization_scheme_leaves_the_auth_message(gate: Harness) -> None:
+    """A browser behind HTTP basic authentication sends `Authorization: Basic` with its
+    upgrade: not a token, so it signs in with its first message as browsers do."""
+    client = await gate.open(headers=[(b"authorization", b"Basic YWxpY2U6c2VjcmV0")])
+    await client.send("auth", {"token": token_for("alice")}, ref=1)
+    await client.expect("session", user="alice")
+    await client.expect("ack")
+
+
 async def test_query_token_refused_unless_enabled(harness: Harness) -> None:
     await harness.start()
     client = await harness.open(url=harness.url + "?token=" + token_for("alice"))

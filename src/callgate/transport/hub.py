@@ -433,7 +433,10 @@ class ConnectionHub:
             raise AuthError(INVALID, "query_token_refused")
         if upgrade.repeated_authorization:
             raise AuthError(INVALID, "repeated_authorization")
-        token = upgrade.take_bearer() or (upgrade.query_tokens[0] if upgrade.query_tokens else None)
+        bearer = upgrade.take_bearer()
+        if bearer == "":  # `Authorization: Bearer` and no token: an empty token (contract 2)
+            raise AuthError(INVALID, "malformed")
+        token = bearer or (upgrade.query_tokens[0] if upgrade.query_tokens else None)
         if token:
             return await self._verify(token), Credentials(token, upgrade.resume)
         with trio.move_on_after(self._settings.server.auth_timeout):

@@ -61,7 +61,10 @@ class Upgrade:
     target: str
     addr: str  # the client's address: the TCP peer, or what a trusted proxy says it is
     key: bytes  # Sec-WebSocket-Key, for the 101's Sec-WebSocket-Accept
-    bearer: str | None  # from `Authorization: Bearer`; "" for another scheme or no token
+    # From `Authorization: Bearer`: "" for a Bearer header without a token (an invalid token);
+    # None without the header or for another scheme (HTTP basic authentication in front of a
+    # browser's page): then the client signs in with its first message.
+    bearer: str | None
     query_tokens: list[str]  # `?token=` (refused unless allowed: the hub decides)
     resume: str | None
     # More than one `Authorization` header: a proxy that reads the last one would disagree
@@ -77,7 +80,7 @@ def _bearer(value: bytes | None) -> str | None:
     if value is None:
         return None
     scheme, _, token = value.decode("latin-1").strip().partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else ""
+    return token.strip() if scheme.lower() == "bearer" else None
 
 
 def read_upgrade(head: RequestHead, rules: UpgradeRules, peer: str) -> Upgrade | Refusal:
