@@ -566,3 +566,18 @@ async def test_an_internal_error_is_a_closing_without_a_disconnect(
         await alice.send_message('427["user-connected","alice"]')
         packets, code = await until_closed(alice)
     assert (packets, code) == (['42["closing",{"code":1011,"reason":"internal error"}]'], 1011)
+
+
+async def test_other_namespaces_after_sign_in_are_refused_on_their_namespace(
+    gate: Harness,
+) -> None:
+    """Contract 11: any namespace but the main one gets CONNECT_ERROR `Invalid namespace`.
+    socket.io-client multiplexes: `io(url + "/admin")` beside a connected main socket sends its
+    CONNECT on the same transport, and waits for the answer on that namespace. A DISCONNECT of
+    a namespace the client is not in leaves the main one alone."""
+    alice = await raw_signed_in(gate, "alice")
+    await alice.send_message('40/admin,{"token":"' + token_for("alice") + '"}')
+    assert await next_packet(alice) == '44/admin,{"message":"Invalid namespace"}'
+    await alice.send_message("41/admin,")
+    await alice.send_message('427["user-connected","alice"]')
+    assert await next_packet(alice) == '437[{"ok":true}]'
