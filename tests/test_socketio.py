@@ -581,3 +581,15 @@ async def test_other_namespaces_after_sign_in_are_refused_on_their_namespace(
     await alice.send_message("41/admin,")
     await alice.send_message('427["user-connected","alice"]')
     assert await next_packet(alice) == '437[{"ok":true}]'
+
+
+async def test_an_origin_not_allowed_is_a_connect_error(harness: Harness) -> None:
+    """The Socket.IO form of the 4003 for an origin not allowed (contract 9 and 11)."""
+    await harness.start(make_settings(server={"allowed_origins": ["https://app.example"]}))
+    ws, stream = await connect_ws(
+        harness.nursery,
+        harness.url.removesuffix("/ws") + SOCKETIO_PATH,
+        extra_headers=[(b"origin", b"https://evil.example")],
+    )
+    harness.clients.append(Client(ws, stream))
+    assert await until_closed(ws) == (['44{"message":"origin not allowed"}'], 4003)

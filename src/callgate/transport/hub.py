@@ -4,11 +4,11 @@ One task per WebSocket: handshake checks, authentication, the read loop, and a b
 
 Life of a connection
 --------------------
-1. Before the upgrade: the path (else 404), the `Origin` allow-list (else 403), and whether the
-   server is still accepting (else 503).
+1. Before the upgrade: the path (else 404), and whether the server is still accepting (else
+   503).
 2. After the upgrade, refusals close the *WebSocket* with a code, because browsers cannot read
    the status of a failed upgrade: too many connections from the address or the user, or too many
-   handshakes (4029); a bad token (4001); a revoked token (4003).
+   handshakes (4029); an `Origin` not allowed (4003); a bad token (4001); a revoked token (4003).
 3. Authentication: `Authorization: Bearer` on the upgrade, or a first `auth` message within
    `auth_timeout` (a `?token=` query parameter only when `allow_query_token` is on). A `resume`
    session id (in the `auth` message, or the `Callgate-Resume` header) lets the switchboard hand
@@ -83,6 +83,11 @@ class _LeftForTask(Exception):
     def __init__(self, envelope: Envelope) -> None:
         super().__init__("left for the connection's task")
         self.envelope = envelope
+
+
+class _TurnedAway(CloseConnection):
+    """Refused before sign-in for where the client comes from, not for its token: audited as
+    `conn.refused` (already), not as `auth.failed`."""
 
 
 class ConnectionHub:
@@ -208,10 +213,6 @@ class ConnectionHub:
     def evict_all(self) -> None:
         for connection in list(self._live.values()):
             connection.close(CloseCode.GOING_AWAY, "node left the cluster")
-
-    def refused_upgrade(self, addr: str, status: int) -> None:
-        """The front refused an upgrade that is worth a record (an origin not allowed)."""
-        self.audit("conn.refused", {"addr": addr, "code": status})
 
     @property
     def connections(self) -> list[Connection]:
@@ -344,6 +345,7 @@ class ConnectionHub:
         """Sign the client in, then read its messages until it leaves."""
         try:
             self._admit_address(connection)
+            self._admit_origin(connection, upgrade)
             for frame in connection.dialect.greeting(connection.id):
                 connection.push(frame)
             self._start_heartbeat(connection)
@@ -359,7 +361,9 @@ class ConnectionHub:
             if not self.accepting:  # a drain began while this client was signing in
                 raise CloseConnection(CloseCode.GOING_AWAY, "server draining")
         except CloseConnection as refused:
-            if refused.close_code != CloseCode.RATE_LIMIT_ABUSE:
+            if not isinstance(refused, _TurnedAway) and (
+                refused.close_code != CloseCode.RATE_LIMIT_ABUSE
+            ):
                 detail = refused.detail if isinstance(refused, AuthError) else refused.reason
                 self.audit(
                     "auth.failed",
@@ -404,7 +408,17 @@ class ConnectionHub:
             self.audit(
                 "conn.refused", {"conn": connection.id, "addr": connection.addr, "code": 4029}
             )
-            raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "rate limit exceeded")
+            raise _TurnedAway(CloseCode.RATE_LIMIT_ABUSE, "rate limit exceeded")
+
+    def _admit_origin(self, connection: Connection, upgrade: Upgrade) -> None:
+        """Raises: CloseConnection 4003 for a browser page from an origin not allowed (contract
+        9), before anything it sends is read or its token is looked at."""
+        if upgrade.origin_refused:
+            connection.refuse(CloseCode.FORBIDDEN, "origin not allowed")
+            self.audit(
+                "conn.refused", {"conn": connection.id, "addr": connection.addr, "code": 4003}
+            )
+            raise _TurnedAway(CloseCode.FORBIDDEN, "origin not allowed")
 
     def _check_not_revoked(self, identity: Identity) -> None:
         if self.revocations.revokes(identity.user, identity.token_id, identity.issued_at):

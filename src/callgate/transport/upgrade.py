@@ -9,8 +9,9 @@ with `Upgrade.bearer` / `query_token` / `resume`.
 The order of the checks is the contract's (protocol doc, section 1): the route (404; Socket.IO
 long-polling and other Engine.IO versions get 400 with a JSON message), the WebSocket handshake
 headers as RFC 6455 4.2.1 and wsproto check them (400), then who the client is (a forwarding
-header from a trusted proxy, proxy.py: 400 when it is malformed), then the `Origin` allow-list
-(403).
+header from a trusted proxy, proxy.py: 400 when it is malformed). An `Origin` outside the
+allow-list does not fail the upgrade: like a refused token, it is closed 4003 once upgraded, so
+that the browser page sees why (contract 9; `Upgrade.origin_refused`).
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ class Upgrade:
     # More than one `Authorization` header: a proxy that reads the last one would disagree
     # with us (the first) about who connected, so the upgrade's credentials count for nothing.
     repeated_authorization: bool
+    # A browser page from an origin outside `[server] allowed_origins`: closed 4003 at once.
+    origin_refused: bool = False
 
     def take_bearer(self) -> str | None:
         bearer, self.bearer = self.bearer, None
@@ -137,13 +140,11 @@ def read_upgrade(head: RequestHead, rules: UpgradeRules, peer: str) -> Upgrade |
         return Refusal(400, str(bad), peer)
 
     origin = first.get(b"origin")
-    if (
+    origin_refused = bool(
         rules.allowed_origins
         and origin is not None
         and origin.decode("latin-1") not in rules.allowed_origins
-    ):
-        return Refusal(403, "origin not allowed", addr)
-
+    )
     resume = first.get(RESUME_HEADER)
     return Upgrade(
         dialect=dialect,
@@ -154,4 +155,5 @@ def read_upgrade(head: RequestHead, rules: UpgradeRules, peer: str) -> Upgrade |
         query_tokens=parse_qs(target.query).get("token", []),
         resume=resume.decode("latin-1") if resume is not None else None,
         repeated_authorization=authorizations > 1,
+        origin_refused=origin_refused,
     )
