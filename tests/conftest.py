@@ -28,6 +28,7 @@ import callgate
 from callgate.audit import AuditLog, StreamSink, load_private_key
 from callgate.auth import mint_token
 from callgate.config import Settings, load_settings
+from callgate.core.events import Event, MessageReceived
 from callgate.transport.server import RunningServer, serve
 
 
@@ -260,6 +261,21 @@ CALL_EVENTS = frozenset(
 )
 # Refs of `expect_silence` probes: unique within a test run.
 _probes = itertools.count(1)
+
+
+class FailsOn:
+    """A dispatch that fails (a bug) on the message with one `ref`, else passes events on."""
+
+    def __init__(self, inner: Any, ref: str | int) -> None:
+        self._inner, self._ref = inner, ref
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def dispatch(self, event: Event, *, forwarded: bool = False) -> None:
+        if isinstance(event, MessageReceived) and event.ref == self._ref:
+            raise RuntimeError("a bug")
+        self._inner.dispatch(event, forwarded=forwarded)
 
 
 ClientFactory = Callable[..., Awaitable[Client]]

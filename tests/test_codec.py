@@ -112,6 +112,11 @@ def test_user_connected_and_auth() -> None:
         "al ice"
     )
     assert decode('{"event":"auth","data":{"token":"t"}}', LIMITS).message == Auth("t")
+    # Any other data is no invalid message but a claim the switchboard refuses (`forbidden`).
+    for data in ('{"user":"a"}', "42", "null", '"\\u0007"'):
+        message = decode('{"event":"user-connected","data":' + data + "}", LIMITS).message
+        assert isinstance(message, UserConnected) and message.user != "a"
+    assert decode('{"event":"user-connected"}', LIMITS).message == UserConnected(None)
 
 
 def test_end_of_candidates_is_null() -> None:
@@ -142,7 +147,6 @@ def test_end_of_candidates_is_null() -> None:
         '{"event":"ice-candidate","data":{"callId":"c","to":"b","candidate":{"candidate":1}}}',
         '{"event":"ice-candidate","data":{"callId":"c","to":"b",'
         '"candidate":{"candidate":"x","sdpMLineIndex":-1}}}',
-        '{"event":"user-connected","data":{"user":"a"}}',
     ],
 )
 def test_invalid_messages(frame: str) -> None:

@@ -130,7 +130,6 @@ def test_an_upgrade_yields_its_dialect_and_credentials() -> None:
         (head(method=b"POST"), 400),
         (RequestHead(b"GET", b"/ws", GOOD[1:]), 400),  # no Host
         (RequestHead(b"GET", b"/ws", GOOD[:-1]), 400),  # no key
-        (head(b"/ws", (b"origin", b"https://evil.example")), 403),
     ],
 )
 def test_what_is_refused_before_the_upgrade(request_head: RequestHead, status: int) -> None:
@@ -146,4 +145,7 @@ def test_two_authorization_headers_void_the_credentials_and_an_allowed_origin_pa
     )
     assert isinstance(twice, Upgrade) and twice.repeated_authorization
     allowed = read_upgrade(head(b"/ws", (b"origin", b"https://app.example")), RULES, "192.0.2.1")
-    assert isinstance(allowed, Upgrade)
+    assert isinstance(allowed, Upgrade) and not allowed.origin_refused
+    # Another origin is upgraded too, to be closed 4003 where the page can see it (contract 9).
+    evil = read_upgrade(head(b"/ws", (b"origin", b"https://evil.example")), RULES, "192.0.2.1")
+    assert isinstance(evil, Upgrade) and evil.origin_refused

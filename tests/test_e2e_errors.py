@@ -12,6 +12,7 @@ from typing import Any
 
 import jwt
 import pytest
+import structlog
 import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -25,6 +26,7 @@ from conftest import (
     SECRET,
     STEP,
     Client,
+    FailsOn,
     Harness,
     call_request,
     make_settings,
@@ -136,6 +138,20 @@ async def test_user_connected_only_for_yourself(gate: Harness) -> None:
     await alice.expect("ack")
     await alice.send("user-connected", "bob", ref=2)
     await alice.expect_error("forbidden", ref=2)
+
+
+@pytest.mark.parametrize(
+    "data", ['"Alice"', '""', '"x\\u0007"', "42", "null", "{}", '["alice"]', '{"user": "alice"}']
+)
+async def test_user_connected_with_any_other_value_is_forbidden(gate: Harness, data: str) -> None:
+    """Contract 3: `user-connected` "is accepted only when its data equals the authenticated
+    user...; any other value is `forbidden`": a value that is no user id at all too."""
+    alice = await gate.connect("alice")
+    await alice.ws.send_message('{"event": "user-connected", "ref": 3, "data": ' + data + "}")
+    await alice.expect_error("forbidden", ref=3)
+    await alice.ws.send_message('{"event": "user-connected", "ref": 4}')  # no data at all
+    await alice.expect_error("forbidden", ref=4)
+    await alice.expect_silence()
 
 
 async def test_call_request_flood_is_rate_limited_and_others_unaffected(harness: Harness) -> None:
@@ -368,6 +384,23 @@ async def test_every_bad_token_class_is_refused_4001(
 async def test_bad_header_token_is_refused_after_upgrade(gate: Harness) -> None:
     client = await gate.open(headers=[(b"authorization", b"Bearer nope")])
     await client.expect_closed(4001, "invalid token")
+
+
+async def test_a_bearer_header_without_a_token_is_an_invalid_token(gate: Harness) -> None:
+    """Contract 2: an empty token is an invalid token. `Authorization: Bearer` with nothing
+    after it waited for an `auth` message and closed `auth timeout` seconds later."""
+    client = await gate.open(headers=[(b"authorization", b"Bearer")])
+    await client.expect_closed(4001, "invalid token")
+    assert gate.audit.records("auth.failed")[-1]["reason"] == "malformed"
+
+
+async def test_another_authorization_scheme_leaves_the_auth_message(gate: Harness) -> None:
+    """A browser behind HTTP basic authentication sends `Authorization: Basic` with its
+    upgrade: not a token, so it signs in with its first message as browsers do."""
+    client = await gate.open(headers=[(b"authorization", b"Basic YWxpY2U6c2VjcmV0")])
+    await client.send("auth", {"token": token_for("alice")}, ref=1)
+    await client.expect("session", user="alice")
+    await client.expect("ack")
 
 
 async def test_query_token_refused_unless_enabled(harness: Harness) -> None:
@@ -614,3 +647,20 @@ async def test_a_client_that_stops_reading_is_told_1008(harness: Harness) -> Non
     await alice.expect("call-end", callId="ab", reason="peer_disconnected")
     closes = [r for r in harness.audit.records("conn.close") if r.get("user") == "bob"]
     assert [r["close_code"] for r in closes] == [1008]
+
+
+@pytest.mark.both_engines
+async def test_an_internal_error_closes_1011(
+    gate: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Contract 9: `1011` internal error. A connection whose handling fails is closed with it
+    (and its peer's call ends as for any drop), not dropped without a close frame (1006)."""
+    assert gate.server is not None
+    hub = gate.server.hub
+    monkeypatch.setattr(hub, "_dispatch", FailsOn(hub._dispatch, "boom"))
+    alice, bob = await gate.connected_call()
+    with structlog.testing.capture_logs() as logs:
+        await alice.send("user-connected", "alice", ref="boom")
+        await alice.expect_closed(1011, "internal error")
+        await bob.expect("call-end", callId="ab", reason="peer_disconnected")
+    assert [entry["event"] for entry in logs] == ["connection failed"]

@@ -70,6 +70,23 @@ async def test_refresh_with_a_bad_token_is_refused_but_keeps_the_connection(gate
     await alice.expect("ack")
 
 
+@pytest.mark.parametrize(
+    "data", [None, "token", {}, {"token": ""}, {"token": 42}, {"token": "x" * 20_000}]
+)
+async def test_a_refresh_without_a_usable_token_is_an_invalid_token(
+    gate: Harness, data: object
+) -> None:
+    """Contract 2: "an `auth` whose token is missing, empty or not a string is an invalid
+    token", on a renewal too: refused as any bad token is (`forbidden`, `invalid token`), not as
+    a malformed message, and the connection carries on."""
+    alice = await gate.connect("alice")
+    await alice.send("auth", data, ref=1)
+    error = await alice.expect_error("forbidden", ref=1)
+    assert error["data"]["message"] == "invalid token"
+    await alice.expect_silence()
+    assert gate.audit.records("auth.failed")[-1]["reason"] == "malformed"
+
+
 # -- reconnect and resume ----------------------------------------------------------------------
 
 
@@ -293,14 +310,23 @@ async def test_keepalive_drops_a_silent_peer(harness: Harness) -> None:
 
 @pytest.mark.both_engines
 async def test_origin_allow_list(harness: Harness) -> None:
+    """Contract 9: 4003 is forbidden, origin included; as for a refused token (contract 2),
+    the upgrade completes, so that the browser page sees the close code, and nothing of what
+    the page sends is read."""
     await harness.start(make_settings(server={"allowed_origins": ["https://app.example"]}))
-    assert harness.server is not None
-    stream, reply = await raw_upgrade(harness.server.port, {"Origin": "https://evil.example"})
-    await stream.aclose()
-    assert reply.startswith(b"HTTP/1.1 403")
-    stream, reply = await raw_upgrade(harness.server.port, {"Origin": "https://app.example"})
-    await stream.aclose()
-    assert reply.startswith(b"HTTP/1.1 101")
+    bearer = (b"authorization", f"Bearer {token_for('alice')}".encode())
+    evil = await harness.open(headers=[(b"origin", b"https://evil.example"), bearer])
+    await evil.expect_closed(4003, "origin not allowed")
+    assert not harness.audit.records("auth.ok")
+    [refused] = harness.audit.records("conn.refused")
+    assert (refused["code"], refused["conn"]) == (
+        4003,
+        harness.audit.records("conn.open")[0]["conn"],
+    )
+    good = await harness.open(headers=[(b"origin", b"https://app.example"), bearer])
+    await good.expect("session", user="alice")
+    app = await harness.open(headers=[bearer])  # no Origin: not a browser
+    await app.expect("session", user="alice")
 
 
 @pytest.mark.both_engines

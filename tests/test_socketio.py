@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, connect_websocket_url
 
@@ -23,6 +24,7 @@ from conftest import (
     STEP,
     Client,
     ClusterHarness,
+    FailsOn,
     Harness,
     call_request,
     connect_ws,
@@ -496,3 +498,98 @@ async def test_no_error_echoes_a_token(gate: Harness) -> None:
         error = await next_event(alice)
         assert error[0] == "error" and token[32:64] not in json.dumps(error), error
         assert len(error[1]["message"]) < 70, error
+
+
+@pytest.mark.parametrize("fragmented", [False, True])
+async def test_a_message_over_the_limit_is_said_goodbye_to_as_a_socketio_close(
+    harness: Harness, fragmented: bool
+) -> None:
+    """Contract 11: a 1009 is preceded by `closing` and `41`, like every other close the
+    client must not come back from. A frame (or fragments) larger than `max_message_bytes`
+    in bytes was closed by the engine itself, with neither."""
+    await harness.start(make_settings(server={"max_message_bytes": 4096}))
+    alice = await raw_signed_in(harness, "alice")
+    bob = await harness.connect("bob")
+    await alice.send_message(
+        "42" + json.dumps(["call-request", call_request("big", "alice", "bob")])
+    )
+    await bob.expect("call-request", id="big")
+    big = "42" + json.dumps(["user-connected", "a" * 5000])
+    if fragmented:
+        # Four small frames of one message: each under the limit, the message over it.
+        stream = harness.clients[0].stream
+        await stream.send_all(_masked_frame(0x1, big[:2000].encode(), fin=False))
+        await stream.send_all(_masked_frame(0x0, big[2000:4000].encode(), fin=False))
+        await stream.send_all(_masked_frame(0x0, big[4000:].encode(), fin=True))
+    else:
+        await alice.send_message(big)
+    packets, code = await until_closed(alice)
+    assert packets == ['42["closing",{"code":1009,"reason":"message too big"}]', "41"]
+    assert code == 1009
+    await bob.expect("call-end", callId="big", reason="peer_disconnected")
+
+
+def _masked_frame(opcode: int, payload: bytes, *, fin: bool) -> bytes:
+    """One client frame (RFC 6455 5.2), masked with a zero key (the payload reads as is)."""
+    size = len(payload)
+    length = bytes([0x80 | size]) if size < 126 else b"\xfe" + size.to_bytes(2, "big")
+    return bytes([(0x80 if fin else 0) | opcode]) + length + b"\x00\x00\x00\x00" + payload
+
+
+@pytest.mark.parametrize(("packet", "signed_in"), [("41", True), ("1", True), ("1", False)])
+@pytest.mark.both_engines
+async def test_a_client_that_says_goodbye_gets_a_normal_close(
+    gate: Harness, packet: str, signed_in: bool
+) -> None:
+    """A Socket.IO DISCONNECT or an Engine.IO close is a client leaving: the server closes the
+    WebSocket with 1000 (contract 9: normal), not by dropping the TCP connection (1006)."""
+    ws = await (raw_signed_in(gate, "alice") if signed_in else raw_socketio(gate))
+    await ws.send_message(packet)
+    assert await until_closed(ws) == ([], 1000)
+    with trio.fail_after(STEP):  # (trio-websocket: written once the close handshake is done)
+        while not gate.audit.records("conn.close"):
+            await trio.sleep(0.01)
+    [closed] = gate.audit.records("conn.close")
+    assert closed["close_code"] == 1000
+
+
+async def test_an_internal_error_is_a_closing_without_a_disconnect(
+    gate: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Contract 11: for 1011 the server emits `closing`, then just closes the transport (no
+    `41`), so socket.io-client reconnects by itself."""
+    assert gate.server is not None
+    hub = gate.server.hub
+    monkeypatch.setattr(hub, "_dispatch", FailsOn(hub._dispatch, 7))
+    alice = await raw_signed_in(gate, "alice")
+    with structlog.testing.capture_logs():
+        await alice.send_message('427["user-connected","alice"]')
+        packets, code = await until_closed(alice)
+    assert (packets, code) == (['42["closing",{"code":1011,"reason":"internal error"}]'], 1011)
+
+
+async def test_other_namespaces_after_sign_in_are_refused_on_their_namespace(
+    gate: Harness,
+) -> None:
+    """Contract 11: any namespace but the main one gets CONNECT_ERROR `Invalid namespace`.
+    socket.io-client multiplexes: `io(url + "/admin")` beside a connected main socket sends its
+    CONNECT on the same transport, and waits for the answer on that namespace. A DISCONNECT of
+    a namespace the client is not in leaves the main one alone."""
+    alice = await raw_signed_in(gate, "alice")
+    await alice.send_message('40/admin,{"token":"' + token_for("alice") + '"}')
+    assert await next_packet(alice) == '44/admin,{"message":"Invalid namespace"}'
+    await alice.send_message("41/admin,")
+    await alice.send_message('427["user-connected","alice"]')
+    assert await next_packet(alice) == '437[{"ok":true}]'
+
+
+async def test_an_origin_not_allowed_is_a_connect_error(harness: Harness) -> None:
+    """The Socket.IO form of the 4003 for an origin not allowed (contract 9 and 11)."""
+    await harness.start(make_settings(server={"allowed_origins": ["https://app.example"]}))
+    ws, stream = await connect_ws(
+        harness.nursery,
+        harness.url.removesuffix("/ws") + SOCKETIO_PATH,
+        extra_headers=[(b"origin", b"https://evil.example")],
+    )
+    harness.clients.append(Client(ws, stream))
+    assert await until_closed(ws) == (['44{"message":"origin not allowed"}'], 4003)

@@ -257,13 +257,14 @@ def _readable_ref(envelope: object) -> Ref | None:
 
 
 def _decode_auth(fields: _Fields) -> Auth:
+    # A token that is missing, empty, not a string or too long is no malformed message but an
+    # invalid token (contract 2), on a sign-in and on a renewal alike: it reads as "", which
+    # `valid_token` refuses where the token is used.
     token = fields.data.get("token")
-    if not valid_token(token):
-        fields.fail("'token' must be a non-empty string")
     resume = fields.data.get("resume")
     if resume is not None and (not isinstance(resume, str) or len(resume) > MAX_REF_LENGTH):
         fields.fail("'resume' must be a session id string")
-    return Auth(token=token, resume=resume)
+    return Auth(token=token if valid_token(token) else "", resume=resume)
 
 
 def _decode_call_request(fields: _Fields) -> CallRequest:
@@ -359,16 +360,15 @@ def decode_object(envelope: object, limits: FieldLimits) -> Envelope:
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'event' must be a string", ref)
     data = envelope.get("data")
     if event == USER_CONNECTED:
-        # The original design sends the bare user id string as data.
-        if not valid_user_id(data, limits.max_user_id_length):
-            raise ProtocolError(
-                ErrorCode.INVALID_MESSAGE, "user-connected: data must be your user id", ref
-            )
-        return Envelope(UserConnected(data), ref)
+        # The original design sends the bare user id string as data. Whatever else it holds
+        # (another id, no id at all, no data) is the switchboard's `forbidden` (contract 3).
+        return Envelope(UserConnected(data if isinstance(data, str) else None), ref)
     decoder = _DECODERS.get(event)
     if decoder is None:
         raise ProtocolError(ErrorCode.UNKNOWN_EVENT, f"unknown event {excerpt(event)}", ref)
     if not isinstance(data, dict):
+        if event == AUTH:  # no token in it: an invalid token, as in `_decode_auth`
+            return Envelope(Auth(token=""), ref)
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"{event}: 'data' must be an object", ref)
     return Envelope(decoder(_Fields(event, data, ref, limits)), ref)
 

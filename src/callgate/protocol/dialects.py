@@ -211,6 +211,15 @@ class SocketIODialect:
                 raise ProtocolError(ErrorCode.INVALID_MESSAGE, "not an Engine.IO message packet")
             return engine
         packet = sio.parse_socket_packet(text[1:])
+        if packet.namespace != sio.MAIN_NAMESPACE:
+            # A multiplexed `io(url + "/other")` beside the main socket: its CONNECT is refused
+            # on its namespace, as before sign-in; it has nothing else to leave or send.
+            if packet.kind == sio.CONNECT:
+                return Incoming(
+                    reply=sio.connect_error_packet("Invalid namespace", packet.namespace)
+                )
+            if packet.kind == sio.DISCONNECT:
+                return NOTHING
         if packet.kind == sio.DISCONNECT:
             return Incoming(left=True)
         if packet.kind != sio.EVENT or packet.namespace != sio.MAIN_NAMESPACE:

@@ -42,9 +42,12 @@ class Auth:
 
 @dataclass(frozen=True, slots=True)
 class UserConnected:
-    """`user-connected`: the original design's identity claim; accepted only for yourself."""
+    """`user-connected`: the original design's identity claim; accepted only for yourself.
 
-    user: UserId
+    `user` is the claimed id, or None when the data is not a string: any value but the
+    sender's own id is `forbidden` (contract section 3), so the codec does not refuse it."""
+
+    user: UserId | None
 
     @property
     def event(self) -> str:

@@ -106,6 +106,11 @@ class PeerGone(Exception):
     """The client's socket closed under us (trio-websocket's ConnectionClosed, translated)."""
 
 
+class ClientLeft(PeerGone):
+    """The client said goodbye in its dialect (a Socket.IO DISCONNECT, an Engine.IO close) on
+    a socket that is still open: the server closes it with 1000 (`leave`)."""
+
+
 class Connection:
     """One client socket: its id, its identity once authenticated, and its bounded outbox."""
 
@@ -182,7 +187,7 @@ class Connection:
     def read_sign_in(self, text: str, limits: FieldLimits) -> Credentials | None:
         """A frame read before sign-in: the credentials in it, or None once it is answered.
 
-        Raises: AuthError (no sign-in), PeerGone (the client left).
+        Raises: AuthError (no sign-in), ClientLeft (the client said goodbye).
         """
         reading = self.dialect.sign_in(text, limits)
         if isinstance(reading, Credentials):
@@ -193,16 +198,16 @@ class Connection:
     def read_message(self, text: str, limits: FieldLimits) -> Envelope | None:
         """A frame as an envelope, or None for frames that carry none (pings, pongs).
 
-        Raises: ProtocolError, PeerGone.
+        Raises: ProtocolError, ClientLeft.
         """
         reading = self.dialect.read(text, limits)
         self._obey(reading)
         return reading.envelope
 
     def _obey(self, reading: Incoming) -> None:
-        """Do what a frame asks of the connection besides its message. Raises: PeerGone."""
+        """Do what a frame asks of the connection besides its message. Raises: ClientLeft."""
         if reading.left:
-            raise PeerGone
+            raise ClientLeft
         if reading.pong:
             self.ping_outstanding = False
         if reading.reply is not None:
@@ -222,6 +227,11 @@ class Connection:
         if self.close_code is None:  # (unless those frames overflowed the outbox: `_overflow`)
             self.close_code, self.close_reason = code, reason
             self._enqueue(_CloseRequest(code, reason))
+
+    def leave(self) -> None:
+        """Close 1000 after everything queued, with no farewell: the client left (ClientLeft)."""
+        if self.close_code is None:
+            self._close_after([], CloseCode.NORMAL, "client disconnected")
 
     def refuse(
         self, code: int, reason: str, error: tuple[ErrorCode, str, int | None] | None = None

@@ -38,6 +38,8 @@ from wsproto.events import (
 )
 from wsproto.utilities import RemoteProtocolError, generate_accept_token
 
+from callgate.errors import CloseCode
+from callgate.errors import CloseConnection as Close
 from callgate.protocol.frames import fast_frames, text_frame
 from callgate.transport.reactor import Reactor
 
@@ -70,6 +72,7 @@ class WsprotoConnection:
         "_socket",
         "_stream",
         "_text",
+        "_too_big",
         "_unsent",
         "closed",
     )
@@ -88,6 +91,10 @@ class WsprotoConnection:
         self._text: list[str] = []
         self._binary: list[bytes] = []
         self._size = 0
+        # A message grew past `max_message_size`: once the messages before it are taken,
+        # `get_message` raises the 1009 for the transport to close with (after the dialect's
+        # farewell: a Socket.IO client is told `closing` and `41` first, contract 11).
+        self._too_big = False
         self._pongs: dict[bytes, trio.Event] = {}
         # Told of a pong that answers no awaited `ping` (see `try_ping_now`).
         self._heartbeat_answered: Callable[[], None] | None = None
@@ -132,13 +139,17 @@ class WsprotoConnection:
         self._reactor = self._inline = None
 
     async def get_message(self) -> str | bytes:
-        """The next message. Raises: ConnectionClosed, or what the inline handler raised."""
+        """The next message. Raises: ConnectionClosed; CloseConnection 1009 for a message over
+        `max_message_size` (nothing of it is read any more); or what the inline handler raised.
+        """
         while True:
             if self._failure is not None:
                 failure, self._failure = self._failure, None
                 raise failure
             if self._inbox:
                 return self._inbox.pop(0)
+            if self._too_big:
+                raise Close(CloseCode.MESSAGE_TOO_BIG, "message too big")
             if self.closed is not None:
                 raise ConnectionClosed(self.closed)
             if self._unsent and not self._sending:
@@ -270,7 +281,7 @@ class WsprotoConnection:
                 self._text.append(event.data)
                 self._size += len(event.data)
                 if self._size > self._max_message_size:
-                    await self.aclose(1009, "message too big")
+                    self._message_too_big()
                     return
                 if event.message_finished:
                     self._inbox.append("".join(self._text))
@@ -282,7 +293,7 @@ class WsprotoConnection:
                 self._binary.append(bytes(event.data))
                 self._size += len(event.data)
                 if self._size > self._max_message_size:
-                    await self.aclose(1009, "message too big")
+                    self._message_too_big()
                     return
                 if event.message_finished:
                     self._inbox.append(b"".join(self._binary))
@@ -299,6 +310,13 @@ class WsprotoConnection:
                 self._set_closed(event.code, event.reason or None)
                 if self._protocol.state is ConnectionState.REMOTE_CLOSING:
                     await self._send(self._protocol.send(event.response()))
+
+    def _message_too_big(self) -> None:
+        """Stop collecting the message: the transport closes 1009 (see `get_message`)."""
+        self._too_big = True
+        self._text.clear()
+        self._binary.clear()
+        self._size = 0
 
     def _pong(self, payload: bytes) -> None:
         waiter = self._pongs.pop(payload, None)

@@ -4,11 +4,11 @@ One task per WebSocket: handshake checks, authentication, the read loop, and a b
 
 Life of a connection
 --------------------
-1. Before the upgrade: the path (else 404), the `Origin` allow-list (else 403), and whether the
-   server is still accepting (else 503).
+1. Before the upgrade: the path (else 404), and whether the server is still accepting (else
+   503).
 2. After the upgrade, refusals close the *WebSocket* with a code, because browsers cannot read
    the status of a failed upgrade: too many connections from the address or the user, or too many
-   handshakes (4029); a bad token (4001); a revoked token (4003).
+   handshakes (4029); an `Origin` not allowed (4003); a bad token (4001); a revoked token (4003).
 3. Authentication: `Authorization: Bearer` on the upgrade, or a first `auth` message within
    `auth_timeout` (a `?token=` query parameter only when `allow_query_token` is on). A `resume`
    session id (in the `auth` message, or the `Callgate-Resume` header) lets the switchboard hand
@@ -55,11 +55,11 @@ from callgate.errors import AuthError, CloseCode, CloseConnection, ErrorCode
 from callgate.ice import ice_servers
 from callgate.log import get_logger
 from callgate.metrics import Metrics
-from callgate.protocol.codec import FieldLimits, ProtocolError
+from callgate.protocol.codec import FieldLimits, ProtocolError, valid_token
 from callgate.protocol.dialects import Credentials
 from callgate.protocol.messages import Auth, Envelope, Ref
 from callgate.revocation import RevocationList
-from callgate.transport.connection import Connection, PeerGone
+from callgate.transport.connection import ClientLeft, Connection, PeerGone
 from callgate.transport.executor import Dispatch, Executor, LocalDispatch, trio_deadline
 from callgate.transport.listener import Accepted
 from callgate.transport.reactor import Reactor
@@ -83,6 +83,11 @@ class _LeftForTask(Exception):
     def __init__(self, envelope: Envelope) -> None:
         super().__init__("left for the connection's task")
         self.envelope = envelope
+
+
+class _TurnedAway(CloseConnection):
+    """Refused before sign-in for where the client comes from, not for its token: audited as
+    `conn.refused` (already), not as `auth.failed`."""
 
 
 class ConnectionHub:
@@ -209,10 +214,6 @@ class ConnectionHub:
         for connection in list(self._live.values()):
             connection.close(CloseCode.GOING_AWAY, "node left the cluster")
 
-    def refused_upgrade(self, addr: str, status: int) -> None:
-        """The front refused an upgrade that is worth a record (an origin not allowed)."""
-        self.audit("conn.refused", {"addr": addr, "code": status})
-
     @property
     def connections(self) -> list[Connection]:
         """Every accepted connection of this node, signed in or not, oldest first."""
@@ -293,6 +294,10 @@ class ConnectionHub:
                 connection.run_in(nursery)  # the writer starts there with the first frame
                 try:
                     await self._converse(connection, upgrade)
+                except ClientLeft:
+                    connection.leave()  # a close frame (1000), not a dropped TCP connection
+                    with trio.move_on_after(server.close_timeout):
+                        await connection.writer_done.wait()
                 except PeerGone:
                     pass
                 except CloseConnection as close:
@@ -300,6 +305,13 @@ class ConnectionHub:
                     # Let the writer flush what is queued (the error, say) and the close frame.
                     with trio.move_on_after(server.close_timeout):
                         await connection.writer_done.wait()
+                except Exception:
+                    # A bug: the client is told (1011, contract 9: reconnect with back-off),
+                    # and `handle` logs it.
+                    connection.close(CloseCode.INTERNAL_ERROR, "internal error")
+                    with trio.move_on_after(server.close_timeout):
+                        await connection.writer_done.wait()
+                    raise
                 nursery.cancel_scope.cancel()
         finally:
             self._forget(connection)
@@ -333,6 +345,7 @@ class ConnectionHub:
         """Sign the client in, then read its messages until it leaves."""
         try:
             self._admit_address(connection)
+            self._admit_origin(connection, upgrade)
             for frame in connection.dialect.greeting(connection.id):
                 connection.push(frame)
             self._start_heartbeat(connection)
@@ -348,7 +361,9 @@ class ConnectionHub:
             if not self.accepting:  # a drain began while this client was signing in
                 raise CloseConnection(CloseCode.GOING_AWAY, "server draining")
         except CloseConnection as refused:
-            if refused.close_code != CloseCode.RATE_LIMIT_ABUSE:
+            if not isinstance(refused, _TurnedAway) and (
+                refused.close_code != CloseCode.RATE_LIMIT_ABUSE
+            ):
                 detail = refused.detail if isinstance(refused, AuthError) else refused.reason
                 self.audit(
                     "auth.failed",
@@ -393,7 +408,17 @@ class ConnectionHub:
             self.audit(
                 "conn.refused", {"conn": connection.id, "addr": connection.addr, "code": 4029}
             )
-            raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "rate limit exceeded")
+            raise _TurnedAway(CloseCode.RATE_LIMIT_ABUSE, "rate limit exceeded")
+
+    def _admit_origin(self, connection: Connection, upgrade: Upgrade) -> None:
+        """Raises: CloseConnection 4003 for a browser page from an origin not allowed (contract
+        9), before anything it sends is read or its token is looked at."""
+        if upgrade.origin_refused:
+            connection.refuse(CloseCode.FORBIDDEN, "origin not allowed")
+            self.audit(
+                "conn.refused", {"conn": connection.id, "addr": connection.addr, "code": 4003}
+            )
+            raise _TurnedAway(CloseCode.FORBIDDEN, "origin not allowed")
 
     def _check_not_revoked(self, identity: Identity) -> None:
         if self.revocations.revokes(identity.user, identity.token_id, identity.issued_at):
@@ -422,7 +447,10 @@ class ConnectionHub:
             raise AuthError(INVALID, "query_token_refused")
         if upgrade.repeated_authorization:
             raise AuthError(INVALID, "repeated_authorization")
-        token = upgrade.take_bearer() or (upgrade.query_tokens[0] if upgrade.query_tokens else None)
+        bearer = upgrade.take_bearer()
+        if bearer == "":  # `Authorization: Bearer` and no token: an empty token (contract 2)
+            raise AuthError(INVALID, "malformed")
+        token = bearer or (upgrade.query_tokens[0] if upgrade.query_tokens else None)
         if token:
             return await self._verify(token), Credentials(token, upgrade.resume)
         with trio.move_on_after(self._settings.server.auth_timeout):
@@ -546,6 +574,8 @@ class ConnectionHub:
         if current is None:
             return
         try:
+            if not valid_token(message.token):  # missing, empty, not a string: contract 2
+                raise AuthError(INVALID, "malformed")
             identity = await self._verify(message.token)
         except AuthError as refused:
             # The current token still holds until its `exp`: the client may try again.

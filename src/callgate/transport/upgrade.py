@@ -9,8 +9,9 @@ with `Upgrade.bearer` / `query_token` / `resume`.
 The order of the checks is the contract's (protocol doc, section 1): the route (404; Socket.IO
 long-polling and other Engine.IO versions get 400 with a JSON message), the WebSocket handshake
 headers as RFC 6455 4.2.1 and wsproto check them (400), then who the client is (a forwarding
-header from a trusted proxy, proxy.py: 400 when it is malformed), then the `Origin` allow-list
-(403).
+header from a trusted proxy, proxy.py: 400 when it is malformed). An `Origin` outside the
+allow-list does not fail the upgrade: like a refused token, it is closed 4003 once upgraded, so
+that the browser page sees why (contract 9; `Upgrade.origin_refused`).
 """
 
 from __future__ import annotations
@@ -61,12 +62,17 @@ class Upgrade:
     target: str
     addr: str  # the client's address: the TCP peer, or what a trusted proxy says it is
     key: bytes  # Sec-WebSocket-Key, for the 101's Sec-WebSocket-Accept
-    bearer: str | None  # from `Authorization: Bearer`; "" for another scheme or no token
+    # From `Authorization: Bearer`: "" for a Bearer header without a token (an invalid token);
+    # None without the header or for another scheme (HTTP basic authentication in front of a
+    # browser's page): then the client signs in with its first message.
+    bearer: str | None
     query_tokens: list[str]  # `?token=` (refused unless allowed: the hub decides)
     resume: str | None
     # More than one `Authorization` header: a proxy that reads the last one would disagree
     # with us (the first) about who connected, so the upgrade's credentials count for nothing.
     repeated_authorization: bool
+    # A browser page from an origin outside `[server] allowed_origins`: closed 4003 at once.
+    origin_refused: bool = False
 
     def take_bearer(self) -> str | None:
         bearer, self.bearer = self.bearer, None
@@ -77,7 +83,7 @@ def _bearer(value: bytes | None) -> str | None:
     if value is None:
         return None
     scheme, _, token = value.decode("latin-1").strip().partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else ""
+    return token.strip() if scheme.lower() == "bearer" else None
 
 
 def read_upgrade(head: RequestHead, rules: UpgradeRules, peer: str) -> Upgrade | Refusal:
@@ -134,13 +140,11 @@ def read_upgrade(head: RequestHead, rules: UpgradeRules, peer: str) -> Upgrade |
         return Refusal(400, str(bad), peer)
 
     origin = first.get(b"origin")
-    if (
+    origin_refused = bool(
         rules.allowed_origins
         and origin is not None
         and origin.decode("latin-1") not in rules.allowed_origins
-    ):
-        return Refusal(403, "origin not allowed", addr)
-
+    )
     resume = first.get(RESUME_HEADER)
     return Upgrade(
         dialect=dialect,
@@ -151,4 +155,5 @@ def read_upgrade(head: RequestHead, rules: UpgradeRules, peer: str) -> Upgrade |
         query_tokens=parse_qs(target.query).get("token", []),
         resume=resume.decode("latin-1") if resume is not None else None,
         repeated_authorization=authorizations > 1,
+        origin_refused=origin_refused,
     )
