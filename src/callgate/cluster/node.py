@@ -1091,6 +1091,9 @@ class ClusterNode:
             for node, entries in batches:
                 if node != self.node_id:
                     continue  # evicted meanwhile: what it read went to the held devices' buffers
+                if not entries:  # read to the last id a stream can have, removed: from its start
+                    self._inbox_position = b"0-0"
+                    continue
                 for entry_id, fields in entries:
                     self._inbox_position = entry_id
                     self._receive(entry_id.decode(), fields)

@@ -1,0 +1,180 @@
+"""Cluster faults on paths that had no test: keys of another type a Redis client without the
+cluster key keeps writing (an inbox, `nodes`, `timers`), and timers adopted or rescheduled.
+
+Real nodes on the real Redis (three, dealt as each test says), real clients; the attacker is a
+plain redis-py client, which can read, write and delete any key but does not hold the key.
+Every wait is bounded (the harness's STEP, or a tighter bound a test is about).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+import trio
+
+from callgate.cluster.line import DeliveryLine
+from conftest import STEP, Client, ClusterHarness, call_request
+from test_cluster import _until, ice, node_id
+from test_cluster_tamper import _refused
+
+
+async def _connected(caller: Client, callee: Client, call_id: str, names: tuple[str, str]) -> None:
+    await caller.send("call-request", call_request(call_id, *names))
+    await callee.expect("call-request", id=call_id)
+    answer = {"type": "answer", "sdp": "v=0"}
+    await callee.send("call-answer", {"callId": call_id, "to": names[0], "answer": answer})
+    await caller.expect("call-answer", callId=call_id)
+
+
+@contextlib.contextmanager
+def _kept_retyped(redis_url: str, key: str) -> Iterator[dict[str, int]]:
+    """A Redis client without the key that turns `key` into a string over and over (SET
+    replaces a key of any type), in a thread of its own, as fast as Redis answers, until the
+    block ends. Yields how many rounds it made."""
+    stop, made = threading.Event(), {"rounds": 0}
+
+    def retype() -> None:
+        attacker = redis.Redis.from_url(redis_url)
+        try:
+            while not stop.is_set():
+                pipe = attacker.pipeline(transaction=False)
+                for _ in range(20):
+                    pipe.set(key, "x")
+                pipe.execute()
+                made["rounds"] += 1
+        finally:
+            attacker.close()
+
+    thread = threading.Thread(target=retype, daemon=True)
+    thread.start()
+    try:
+        yield made
+    finally:
+        stop.set()
+        thread.join(STEP)
+
+
+# -- the inbox writer: one retyped target holds up no other ------------------------------------
+
+
+async def test_an_inbox_kept_retyped_holds_up_no_other_nodes_deliveries(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Links off: every delivery goes by its target's inbox, appended by the sending node's
+    one writer thread. A client without the key keeps turning node 1's inbox into a string
+    while node 0 sends to node 1 (dave to bob) and to node 2 (alice to carol). The writer used
+    to give up on node 1's batch after three removals in a row and back off (up to 2 s at a
+    time), and every batch for node 2 waited behind it. Now node 1's inbox is replaced in the
+    same script that appends to it, and a target whose appends are refused backs off alone:
+    each of alice's candidates reaches carol at once, in order. (The client's thread wins
+    some races by itself; to win every one that a removal apart from the append would leave
+    open, it also writes right after each removal a writer makes.)"""
+    await cluster.start(links=False)
+    alice = await cluster.connect("alice", node=0)
+    dave = await cluster.connect("dave", node=0)
+    bob = await cluster.connect("bob", node=1)
+    carol = await cluster.connect("carol", node=2)
+    await _connected(alice, carol, "ac", ("alice", "carol"))
+    await _connected(dave, bob, "db", ("dave", "bob"))
+    # (the harness waits for every node to be quiet after each message a client reads: node 1
+    # cannot be while its inbox is retyped, so carol reads without it meanwhile)
+    carol.after_receive = None
+    slowest = 0.0
+    inbox = f"{cluster.name}:in:{node_id(cluster, 1)}"
+    remove, racing = DeliveryLine._remove_wrong_type, redis.Redis.from_url(cluster.redis_url)
+
+    def race_won(self: DeliveryLine, client: redis.Redis, key: str) -> None:
+        remove(self, client, key)
+        if key == inbox and threading.current_thread().name == "callgate-line-writer":
+            racing.set(key, "x")  # (its next SET lands before the writer's next append)
+
+    monkeypatch.setattr(DeliveryLine, "_remove_wrong_type", race_won)
+    with _kept_retyped(cluster.redis_url, inbox) as made, contextlib.closing(racing):
+        await _until(lambda: made["rounds"] > 0)
+        for _ in range(20):
+            await dave.send("ice-candidate", ice("db", "bob"))
+            await trio.sleep(0.01)  # (its own round trip of the writer)
+            sent = trio.current_time()
+            await alice.send("ice-candidate", ice("ac", "carol"))
+            await carol.expect("ice-candidate", callId="ac")
+            slowest = max(slowest, trio.current_time() - sent)
+    assert slowest < 1.0, slowest  # (about a millisecond; a back-off took up to 2 s)
+    monkeypatch.undo()
+    # Once the client stops, node 1's reader removes the last string it left: bob's call goes on.
+    await _until(lambda: _type(cluster, inbox) != "string")
+    carol.after_receive = cluster.in_step
+    await _until(lambda: ("inbox", "malformed") in {(e, r) for e, r, _ in _refused(cluster)})
+    for running in cluster.nodes:
+        assert running.hub.cluster is not None and running.hub.cluster.available
+    await dave.send("ice-candidate", {**ice("db", "bob"), "candidate": _numbered(99)})
+    while (await bob.expect("ice-candidate"))["data"]["candidate"] != _numbered(99):
+        pass  # (what came during the retyping: whatever the client's SETs did not wipe out)
+    await alice.send("ice-candidate", ice("ac", "carol"))
+    await carol.expect("ice-candidate", callId="ac")
+
+
+def _type(cluster: ClusterHarness, key: str) -> str:
+    client = redis.Redis.from_url(cluster.redis_url)
+    try:
+        return bytes(client.type(key)).decode()  # type: ignore[arg-type]
+    finally:
+        client.close()
+
+
+LAST_ID = "18446744073709551615-18446744073709551615"  # the last id a stream can have
+
+
+async def test_an_inbox_at_the_last_stream_id_holds_up_nothing_for_good(
+    cluster: ClusterHarness,
+) -> None:
+    """One `XADD <node 1's inbox> 18446744073709551615-18446744073709551615` by a client
+    without the key: a stream with the last possible id takes no more appends ("exhausted"),
+    and no id follows it. Node 0's writer used to take the refused append for Redis away and
+    back off for every target (carol, on node 2, got nothing more), and node 1's reader, once
+    it had read that entry, trimmed past it with an id Redis refuses, and backed off for good
+    (bob got nothing more, links off). Now the reader removes an inbox it has read to its last
+    possible id (nothing can follow), the writer holds only node 1's batches until then: carol
+    gets alice's candidates at once, bob gets dave's, each once, in order."""
+    await cluster.start(links=False)
+    alice = await cluster.connect("alice", node=0)
+    dave = await cluster.connect("dave", node=0)
+    bob = await cluster.connect("bob", node=1)
+    carol = await cluster.connect("carol", node=2)
+    await _connected(alice, carol, "ac", ("alice", "carol"))
+    await _connected(dave, bob, "db", ("dave", "bob"))
+    inbox = f"{cluster.name}:in:{node_id(cluster, 1)}"
+    attacker = redis.Redis.from_url(cluster.redis_url)
+    try:
+        attacker.xadd(inbox, {"x": "y"}, id=LAST_ID)
+    finally:
+        attacker.close()
+    carol.after_receive = bob.after_receive = None  # (node 0 is not quiet while it holds some)
+    slowest = 0.0
+    for n in range(5):
+        await dave.send("ice-candidate", {**ice("db", "bob"), "candidate": _numbered(n)})
+        sent = trio.current_time()
+        await alice.send("ice-candidate", ice("ac", "carol"))
+        await carol.expect("ice-candidate", callId="ac")
+        slowest = max(slowest, trio.current_time() - sent)
+    assert slowest < 1.0, slowest
+    for n in range(5):  # (STEP bounds each: the writer tries node 1 again within 2 s)
+        got = await bob.expect("ice-candidate", callId="db")
+        assert got["data"]["candidate"] == _numbered(n)
+    carol.after_receive = bob.after_receive = cluster.in_step
+    await bob.send("ice-candidate", ice("db", "dave"))
+    await dave.expect("ice-candidate", callId="db")
+    await alice.send("ice-candidate", ice("ac", "carol"))
+    await carol.expect("ice-candidate", callId="ac")  # (in_step: nothing else was sent to bob)
+    for running in cluster.nodes:
+        assert running.hub.cluster is not None and running.hub.cluster.available
+
+
+def _numbered(n: int) -> dict[str, Any]:
+    candidate = dict(ice("x", "y")["candidate"])
+    candidate["candidate"] = f"{candidate['candidate']} n{n}"
+    return candidate
