@@ -178,3 +178,35 @@ def _numbered(n: int) -> dict[str, Any]:
     candidate = dict(ice("x", "y")["candidate"])
     candidate["candidate"] = f"{candidate['candidate']} n{n}"
     return candidate
+
+
+# -- the inbox reader alone --------------------------------------------------------------------
+
+
+async def test_the_reader_alone_removes_its_own_inbox_of_another_type_and_reads_on(
+    cluster: ClusterHarness,
+) -> None:
+    """Links off, nothing on its way to node 1: its inbox made a hash. Node 1's reader meets
+    it on its own (no writer appends to it meanwhile): it removes it, node 1 audits it
+    (`inbox` `malformed`), and it reads on: a batch appended afterwards reaches bob."""
+    await cluster.start(links=False)
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    await _connected(alice, bob, "ab", ("alice", "bob"))
+    inbox = f"{cluster.name}:in:{node_id(cluster, 1)}"
+    attacker = redis.Redis.from_url(cluster.redis_url)
+    try:
+        attacker.delete(inbox)
+        attacker.hset(inbox, "x", "y")
+        await _until(lambda: _type(cluster, inbox) != "hash")
+        assert _type(cluster, inbox) == "none"  # (no append since: the reader removed it)
+    finally:
+        attacker.close()
+    await _until(lambda: bool(cluster.captures[1].records("cluster.rejected")))  # (told to trio)
+    reader_node = cluster.captures[1].records("cluster.rejected")
+    assert [(row["entry"], row["reason"]) for row in reader_node] == [("inbox", "malformed")]
+    await alice.send("ice-candidate", ice("ab", "bob"))
+    await bob.expect("ice-candidate", callId="ab")
+    await bob.send("ice-candidate", ice("ab", "alice"))
+    await alice.expect("ice-candidate", callId="ab")
+    assert [(e, r) for e, r, _ in _refused(cluster)] == [("inbox", "malformed")]
