@@ -20,7 +20,7 @@ import trio
 from callgate.cluster.line import DeliveryLine
 from conftest import STEP, Client, ClusterHarness, call_request
 from test_cluster import _until, ice, node_id
-from test_cluster_tamper import _refused
+from test_cluster_tamper import _a_dead_node_holding_bob, _judging, _refused, _stop
 
 
 async def _connected(caller: Client, callee: Client, call_id: str, names: tuple[str, str]) -> None:
@@ -210,3 +210,102 @@ async def test_the_reader_alone_removes_its_own_inbox_of_another_type_and_reads_
     await bob.send("ice-candidate", ice("ab", "alice"))
     await alice.expect("ice-candidate", callId="ab")
     assert [(e, r) for e, r, _ in _refused(cluster)] == [("inbox", "malformed")]
+
+
+# -- `nodes` of another type around a burial ---------------------------------------------------
+
+
+def _members(cluster: ClusterHarness) -> set[str] | None:
+    """The members of `nodes` (None: it is not a set)."""
+    client = redis.Redis.from_url(cluster.redis_url)
+    try:
+        if client.type(f"{cluster.name}:nodes") not in (b"set", b"none"):
+            return None
+        found: Any = client.smembers(f"{cluster.name}:nodes")
+        return {bytes(member).decode() for member in found}
+    finally:
+        client.close()
+
+
+async def _live_beats(cluster: ClusterHarness, stopped: str, count: int = 2) -> None:
+    """Every node but `stopped` has gone through `count` more heartbeats."""
+    for running in cluster.nodes:
+        node = running.hub.cluster
+        assert node is not None
+        if node.node_id != stopped:
+            beat = node.beats
+            await _until(lambda node=node, beat=beat: node.beats > beat + count)
+
+
+def _all_beat_on(cluster: ClusterHarness, stopped: str) -> None:
+    for running in cluster.nodes:
+        node = running.hub.cluster
+        assert node is not None
+        assert node.node_id == stopped or node.available
+
+
+async def test_nodes_made_a_string_while_a_burial_runs_stops_nothing(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`nodes` made a string by a client without the key while the leader buries a dead node
+    (between reading its presence set and telling the others). The burial read it for whom
+    to tell (`NodeGone`: nobody, the set reading as empty) and removed the node from it (an
+    error: the burial stopped before its `cluster.node_down`, and the node, remembered as
+    buried, was never recorded down). Now the burial tells every node it knows, removes a
+    `nodes` of another type as if deleted (audited `nodes` `malformed`), and ends: one
+    `node_down`, the third node told, the nodes beating and back in a `nodes` set."""
+    alice, victim, attacker = await _a_dead_node_holding_bob(cluster)
+    leader = cluster.nodes[_judging(cluster)].hub.cluster
+    assert leader is not None
+    third = next(
+        running.hub.cluster
+        for running in cluster.nodes
+        if running.hub.cluster is not None
+        and running.hub.cluster.node_id not in (victim, leader.node_id)
+    )
+    page = leader.store.presence_page
+
+    async def retyped_meanwhile(node: str, cursor: int) -> tuple[int, dict[str, bytes | None]]:
+        found = await page(node, cursor)
+        if node == victim:
+            attacker.set(f"{cluster.name}:nodes", "x")
+        return found
+
+    monkeypatch.setattr(leader.store, "presence_page", retyped_meanwhile)
+    try:
+        _stop(cluster, victim)
+        await _until(lambda: bool(cluster.audit.records("cluster.node_down")))
+        await _until(lambda: _members(cluster) == {leader.node_id, third.node_id})
+        await _until(lambda: victim in third._gone)  # (NodeGone reached it)
+    finally:
+        attacker.close()
+    [down] = cluster.audit.records("cluster.node_down")
+    assert (down["node"], down["devices"]) == (victim, 1)
+    _all_beat_on(cluster, victim)
+    await _until(lambda: ("nodes", "malformed") in {(e, r) for e, r, _ in _refused(cluster)})
+    await alice.send("call-request", call_request("ab", "alice", "bob"))
+    await alice.expect("call-reject", callId="ab", reason="unavailable")  # bob is gone
+
+
+async def test_nodes_made_a_hash_right_after_a_burial_stops_nothing(
+    cluster: ClusterHarness,
+) -> None:
+    """Right after a burial, `nodes` made a hash: every node's next beat removes it (read as
+    absent) and adds itself again, audited `nodes` `malformed`; nothing crashes, no node is
+    taken for dead, and the buried one stays buried (one `node_down`)."""
+    alice, victim, attacker = await _a_dead_node_holding_bob(cluster)
+    live = {node_id(cluster, i) for i in range(3)} - {victim}
+    try:
+        _stop(cluster, victim)
+        await _until(lambda: bool(cluster.audit.records("cluster.node_down")))
+        attacker.delete(f"{cluster.name}:nodes")
+        attacker.hset(f"{cluster.name}:nodes", "x", "y")
+        await _until(lambda: _members(cluster) == live)
+        await _live_beats(cluster, victim)
+    finally:
+        attacker.close()
+    _all_beat_on(cluster, victim)
+    assert len(cluster.audit.records("cluster.node_down")) == 1
+    await _until(lambda: ("nodes", "malformed") in {(e, r) for e, r, _ in _refused(cluster)})
+    await alice.send("call-request", call_request("ab", "alice", "bob"))
+    await alice.expect("call-reject", callId="ab", reason="unavailable")

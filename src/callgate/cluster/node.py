@@ -1618,7 +1618,9 @@ class ClusterNode:
             await finished.wait()
         devices = len({event.conn for event in disconnected if isinstance(event, Disconnected)})
         self._node_gone(node)
-        for other in await self.store.members():
+        # Every node this leader knows of: the members of `nodes`, and those it watches (a
+        # `nodes` of another type reads as empty, and the others must still be told).
+        for other in sorted(set(await self.store.members()) | set(self.watch.missed)):
             if other not in (node, self.node_id):
                 self._send(other, NodeGone(node), None)
         await self._take_over_inbox(node)
@@ -1810,6 +1812,8 @@ _RETYPED_SOURCES = {
     "hb": "nodes",
     "last": "nodes",
     "dead": "nodes",
+    "nodes": "nodes",
+    "epoch": "nodes",
 }
 _RELAYED = (IceCandidate, CallRenegotiate)  # what a connected call's cached route carries
 

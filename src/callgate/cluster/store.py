@@ -239,10 +239,11 @@ return {out, removed}
 
 # One heartbeat. KEYS: hb:<node>, last:<node>, nodes, epoch, leader, dead:<node>, then the
 # watched nodes' hb:<node>. ARGV: the heartbeat, its expiry, last:'s expiry, the node, a new
-# epoch. Returns [keys removed, epoch, lease, verdict, beats...]. Only a client without the key
-# gives a key another type than nodes write: read as absent rather than failing every node's
-# beat (a hash for `leader` would stop every beat, so every burial), and `nodes` or `epoch` of
-# another type removed (what deleting them does), so that they can be written again.
+# epoch. Returns [keys removed (1: nodes, 2: epoch, added), epoch, lease, verdict, beats...].
+# Only a client without the key gives a key another type than nodes write: read as absent
+# rather than failing every node's beat (a hash for `leader` would stop every beat, so every
+# burial), and `nodes` or `epoch` of another type removed (what deleting them does), so that
+# they can be written again (said to `removed`: audited).
 _KEEP = (
     DROP_OTHER_TYPE
     + """
@@ -250,7 +251,7 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
 local removed = 0
 if dropped(KEYS[3], 'set') then removed = removed + 1 end
-if dropped(KEYS[4], 'string') then removed = removed + 1 end
+if dropped(KEYS[4], 'string') then removed = removed + 2 end
 redis.call('SADD', KEYS[3], ARGV[4])
 redis.call('SET', KEYS[4], ARGV[5], 'NX')
 local out = {removed}
@@ -291,6 +292,36 @@ if (current or '') == ARGV[1] then
 end
 return 0
 """
+
+# A dead node buried. KEYS: dead:<node>, n:<node>, hb:<node>, last:<node>, nodes. ARGV: the
+# verdict (the burial done), its expiry, last:'s expiry, the node. Returns 1 if `nodes` was of
+# another type (only a client without the key makes one: removed, as if deleted; the nodes add
+# themselves again with their next beat), else 0.
+_FORGET = (
+    DROP_OTHER_TYPE
+    + """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('UNLINK', KEYS[2], KEYS[3])
+redis.call('PEXPIRE', KEYS[4], ARGV[3])
+local removed = dropped(KEYS[5], 'set')
+redis.call('SREM', KEYS[5], ARGV[4])
+if removed then return 1 end
+return 0
+"""
+)
+
+# A member of `nodes` dropped unread. KEYS: nodes, n:<node>, hb:<node>, last:<node>. ARGV: the
+# node. Returns 1 if `nodes` was of another type (removed, as if deleted), else 0.
+_DROP_MEMBER = (
+    DROP_OTHER_TYPE
+    + """
+local removed = dropped(KEYS[1], 'set')
+redis.call('SREM', KEYS[1], ARGV[1])
+redis.call('UNLINK', KEYS[2], KEYS[3], KEYS[4])
+if removed then return 1 end
+return 0
+"""
+)
 
 # KEYS: a dead node's inbox, and where to move it. Only the first node to call it gets the
 # entries (RENAME moves the stream atomically); they are read, then deleted. An inbox that is
@@ -346,6 +377,8 @@ class Store:
         self._take = self._redis.register_script(_TAKE_INBOX)
         self._strings = self._redis.register_script(_STRINGS)
         self._keep = self._redis.register_script(_KEEP)
+        self._forget = self._redis.register_script(_FORGET)
+        self._drop_member = self._redis.register_script(_DROP_MEMBER)
 
     def key(self, name: str) -> str:
         return self.prefix + name
@@ -468,20 +501,21 @@ class Store:
         """A buried node: its verdict is written again as `verdict` (the burial is done) and
         kept `keep_ms`; its presence set, heartbeat and membership go (its last heartbeat stays
         an hour more: a sweep still needs it)."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.set(self.key(f"dead:{node}"), verdict, px=keep_ms)
-            pipe.unlink([self.key(f"n:{node}"), self.key(f"hb:{node}")])
-            pipe.pexpire(self.key(f"last:{node}"), BURIED_LAST_BEAT_MS)
-            pipe.srem(self.key("nodes"), [node])
+        keys = [self.key(f"{kind}:{node}") for kind in ("dead", "n", "hb", "last")]
+        removed: Any = await self._forget(
+            keys=[*keys, self.key("nodes")], args=[verdict, keep_ms, BURIED_LAST_BEAT_MS, node]
+        )
+        if removed:  # of another type: removed (as if deleted), and said
+            self._removed(["nodes"])
 
     async def drop_member(self, node: str) -> None:
         """A member of `nodes` that is not to be buried (no node ran under that name, or it
         was buried already): it goes, with whatever was written under its name but its
         verdict, unread, of any type (UNLINK frees a large set outside Redis's main thread)."""
-        await self._redis.srem(self.key("nodes"), [node])
-        await self._redis.unlink(
-            [self.key(f"n:{node}"), self.key(f"hb:{node}"), self.key(f"last:{node}")]
-        )
+        keys = [self.key("nodes")] + [self.key(f"{kind}:{node}") for kind in ("n", "hb", "last")]
+        removed: Any = await self._drop_member(keys=keys, args=[node])
+        if removed:  # of another type: removed (as if deleted), and said
+            self._removed(["nodes"])
 
     async def members(self) -> list[str]:
         """The nodes that joined and were not buried (the leader watches them); none while
@@ -528,8 +562,8 @@ class Store:
         reply: Any = await self._keep(
             keys=keys, args=[heartbeat, timeout_ms, LAST_BEAT_MS, node, epoch]
         )
-        if reply[0]:
-            log.warning("cluster keys of another type were removed", keys=int(reply[0]))
+        if reply[0]:  # (said: audited, summed)
+            self._removed([name for bit, name in ((1, "nodes"), (2, "epoch")) if reply[0] & bit])
         got_epoch, got_lease, got_dead, *beats = (
             None if value is None else bytes(value) for value in reply[1:]
         )
