@@ -17,9 +17,10 @@ import pytest
 import redis
 import trio
 
+from callgate.cluster import node as cluster_node
 from callgate.cluster.line import DeliveryLine
-from conftest import STEP, Client, ClusterHarness, call_request
-from test_cluster import _until, ice, node_id
+from conftest import STEP, Client, ClusterHarness, call_request, make_settings
+from test_cluster import _until, ice, node_id, sign_in, terminal_records
 from test_cluster_tamper import _a_dead_node_holding_bob, _judging, _refused, _stop
 
 
@@ -309,3 +310,123 @@ async def test_nodes_made_a_hash_right_after_a_burial_stops_nothing(
     await _until(lambda: ("nodes", "malformed") in {(e, r) for e, r, _ in _refused(cluster)})
     await alice.send("call-request", call_request("ab", "alice", "bob"))
     await alice.expect("call-reject", callId="ab", reason="unavailable")
+
+
+# -- timers ------------------------------------------------------------------------------------
+
+
+def _timer_keys(cluster: ClusterHarness) -> tuple[dict[bytes, float], dict[bytes, bytes]]:
+    """The shared timer set and the signed deadlines, as any Redis client reads them."""
+    client = redis.Redis.from_url(cluster.redis_url)
+    try:
+        timers: Any = client.zrange(f"{cluster.name}:timers", 0, -1, withscores=True)
+        due: Any = client.hgetall(f"{cluster.name}:timer-due")
+        return dict(timers), dict(due)
+    finally:
+        client.close()
+
+
+async def test_a_dead_nodes_ring_timer_fires_once_on_another_node_on_time(
+    cluster: ClusterHarness,
+) -> None:
+    """alice's node arms the ring timeout of her call to bob, then stops (killed) before it is
+    due. Another node's sweep claims it: it fires once, not before its deadline and within a
+    sweep (plus a decision) after it; bob gets `call-end` `timeout`, so does alice when she
+    resumes on a third node, and one terminal record is written."""
+    ring = 2.0
+    await cluster.start(make_settings(calls={"reconnect_grace": 10, "ring_timeout": ring}))
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    sent = trio.current_time()
+    await alice.send("call-request", call_request("ab", "alice", "bob"))
+    await bob.expect("call-request", id="ab")
+    assert len(_timer_keys(cluster)[0]) == 1  # (armed by node 0)
+    _stop(cluster, node_id(cluster, 0))
+    bob.after_receive = None  # (the harness would wait for the stopped node's inbox)
+    await bob.expect("call-end", callId="ab", reason="timeout")
+    fired = trio.current_time() - sent
+    assert ring - cluster_node.TIMER_GRAIN <= fired < ring + cluster_node.TIMER_SWEEP + 1.0, fired
+    bob.after_receive = cluster.in_step
+    await _until(lambda: bool(cluster.audit.records("session.held")))
+    resumed = await sign_in(cluster, "alice", node=2, resume=alice.session["sessionId"])
+    await resumed.expect("session", resumed=True)
+    await resumed.expect("call-end", callId="ab", reason="timeout")
+    await bob.expect_silence()
+    assert [row["event"] for row in terminal_records(cluster)] == ["call.timeout"]
+    assert _timer_keys(cluster) == ({}, {})
+
+
+async def test_a_ring_timer_disarmed_then_put_back_never_fires(cluster: ClusterHarness) -> None:
+    """alice's ring timer (armed on node 0) is disarmed by bob's answer on node 1, then the
+    call ends. It fires nothing afterwards: not at its old deadline (node 0 still claims
+    then, and finds nothing), and not when a client without the key puts back the member
+    and the signed deadline it recorded while the call rang (claimed and fired, it names a
+    timer no call holds any more: nothing happens, and it is removed)."""
+    ring = 1.0
+    await cluster.start(make_settings(calls={"ring_timeout": ring}))
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    await alice.send("call-request", call_request("ab", "alice", "bob"))
+    await bob.expect("call-request", id="ab")
+    recorded = _timer_keys(cluster)
+    assert len(recorded[0]) == len(recorded[1]) == 1
+    answer = {"type": "answer", "sdp": "v=0"}
+    await bob.send("call-answer", {"callId": "ab", "to": "alice", "answer": answer})
+    await alice.expect("call-answer", callId="ab")
+    assert _timer_keys(cluster) == ({}, {})  # disarmed with the answer's commit
+    await alice.send("call-end", {"callId": "ab", "to": "bob"})
+    await bob.expect("call-end", callId="ab")
+    await alice.expect_silence(ring + 2 * cluster_node.TIMER_SWEEP)  # past the old deadline
+    attacker = redis.Redis.from_url(cluster.redis_url)
+    try:
+        [(member, _)] = recorded[0].items()
+        attacker.zadd(f"{cluster.name}:timers", {member: 0})
+        attacker.hset(f"{cluster.name}:timer-due", member, recorded[1][member])
+        await _until(lambda: _timer_keys(cluster) == ({}, {}))  # claimed, fired: nothing
+    finally:
+        attacker.close()
+    await alice.expect_silence()
+    await bob.expect_silence()
+    assert [row["event"] for row in terminal_records(cluster)] == ["call.ended"]
+    assert not [row for row in cluster.audit.records() if row["event"] == "call.timeout"]
+
+
+@pytest.mark.parametrize("kind", ["string", "hash", "deleted"])
+async def test_ring_timers_survive_their_set_replaced(cluster: ClusterHarness, kind: str) -> None:
+    """Two calls ring (alice to bob, carol to dave); a client without the key replaces the
+    shared timer set `timers` with a string or a hash, or deletes it. The set held their
+    ring timeouts (its scores say when to claim): they were lost, and both calls rang until
+    someone hung up. The signed deadlines (`timer-due`) still name them: the next claim puts
+    each back in the set at its signed deadline, and both calls time out, on time, once."""
+    ring = 1.5
+    await cluster.start(make_settings(calls={"ring_timeout": ring}))
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    carol = await cluster.connect("carol", node=2)
+    dave = await cluster.connect("dave", node=0)
+    sent = trio.current_time()
+    await alice.send("call-request", call_request("ab", "alice", "bob"))
+    await carol.send("call-request", call_request("cd", "carol", "dave"))
+    await bob.expect("call-request", id="ab")
+    await dave.expect("call-request", id="cd")
+    assert len(_timer_keys(cluster)[0]) == 2
+    attacker = redis.Redis.from_url(cluster.redis_url)
+    try:
+        key = f"{cluster.name}:timers"
+        attacker.delete(key)
+        if kind == "string":
+            attacker.set(key, "x")
+        elif kind == "hash":
+            attacker.hset(key, "x", "y")
+    finally:
+        attacker.close()
+    for caller, callee, call_id in ((alice, bob, "ab"), (carol, dave, "cd")):
+        await caller.expect("call-end", callId=call_id, reason="timeout")
+        await callee.expect("call-end", callId=call_id, reason="timeout")
+    fired = trio.current_time() - sent
+    assert fired < ring + cluster_node.TIMER_SWEEP + 1.5, fired
+    assert [row["event"] for row in terminal_records(cluster)] == ["call.timeout"] * 2
+    assert _timer_keys(cluster) == ({}, {})
+    await _until(lambda: ("timers", "missing") in {(e, r) for e, r, _ in _refused(cluster)})
+    if kind != "deleted":
+        assert ("timers", "malformed") in {(e, r) for e, r, _ in _refused(cluster)}

@@ -1329,6 +1329,35 @@ class ClusterNode:
                     await self.store.release_timers(refused, now)
             else:
                 self._claim_again = len(claimed) + malformed == TIMER_CLAIM
+            if self.store.timers_missing:
+                with contextlib.suppress(*STORE_ERRORS):  # (else at the next claim)
+                    if await self._rearm_timers(now):
+                        self._claim_again = True  # (some are due: claimed at once)
+
+    async def _rearm_timers(self, now: float) -> bool:
+        """Signed deadlines whose member is gone from the timer set: the set was deleted, or
+        replaced by a key of another type (removed by a claim or a commit), by a Redis client
+        without the key, and with it every ring timeout and reconnect grace it held, so calls
+        rang, and held devices waited, for good. Each deadline that verifies puts its member
+        back at that deadline (audited `timers` `missing`, summed); one that does not is
+        removed (`malformed`). Whether any of those put back is due already."""
+        found = await self.store.missing_timers(TIMER_CLAIM * 4)
+        due: dict[str, tuple[float, bytes]] = {}
+        spoiled: dict[str, bytes] = {}
+        for member, sealed in found.items():
+            deadline = self.codec.open_timer_due(sealed, member)
+            if deadline is None or Timer.parse(member) is None:
+                spoiled[member] = sealed
+            else:
+                due[member] = (deadline, sealed)
+        if not found:
+            return False
+        await self.store.rearm_timers(due, spoiled)
+        if due:
+            self._entry_rejected("timers", "missing", len(due), source="timers")
+        if spoiled:
+            self._entry_rejected("timers", "malformed", len(spoiled), source="timers")
+        return any(deadline <= now + TIMER_GRAIN for deadline, _ in due.values())
 
     async def _due_only(self, claimed: list[tuple[Timer, bytes | None]], now: float) -> list[Timer]:
         """Of the claimed timers, those whose signed deadline has come. The set's scores are

@@ -233,9 +233,54 @@ for _, member in ipairs(due) do
   out[#out + 1] = member
   out[#out + 1] = redis.call('HGET', KEYS[2], member)
 end
-return {out, removed}
+local missing = 0
+if redis.call('HLEN', KEYS[2]) > redis.call('ZCARD', KEYS[1]) then missing = 1 end
+return {out, removed, missing}
 """
 )
+
+# KEYS: the timers set, their signed deadlines. ARGV: how many at most. The deadlines whose
+# member is not in the set (it was deleted, or replaced by a key of another type, by a client
+# without the key: each is written and removed with its member, in one commit), as [member,
+# signed deadline, ...]; none while either key is of another type (the next claim removes it).
+_MISSING_TIMERS = """
+if redis.call('TYPE', KEYS[2])['ok'] ~= 'hash' then return {} end
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'zset' and kind ~= 'none' then return {} end
+local all, out = redis.call('HGETALL', KEYS[2]), {}
+for i = 1, #all, 2 do
+  if not redis.call('ZSCORE', KEYS[1], all[i]) then
+    out[#out + 1] = all[i]
+    out[#out + 1] = all[i + 1]
+    if #out >= 2 * tonumber(ARGV[1]) then break end
+  end
+end
+return out
+"""
+
+# KEYS: the timers set, their signed deadlines. ARGV: n, n x (member, score, signed deadline),
+# then m x (member, signed deadline). Each of the n put back in the set at its score, each of
+# the m deadlines removed, only if its signed deadline is still the one read (one fired or
+# armed again meanwhile is left as it is), and only onto keys of their own types.
+_REARM_TIMERS = """
+if redis.call('TYPE', KEYS[2])['ok'] ~= 'hash' then return 0 end
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'zset' and kind ~= 'none' then return 0 end
+local n, i = tonumber(ARGV[1]), 2
+for _ = 1, n do
+  if redis.call('HGET', KEYS[2], ARGV[i]) == ARGV[i + 2] then
+    redis.call('ZADD', KEYS[1], 'NX', ARGV[i + 1], ARGV[i])
+  end
+  i = i + 3
+end
+while i < #ARGV do
+  if redis.call('HGET', KEYS[2], ARGV[i]) == ARGV[i + 1] then
+    redis.call('HDEL', KEYS[2], ARGV[i])
+  end
+  i = i + 2
+end
+return 1
+"""
 
 # One heartbeat. KEYS: hb:<node>, last:<node>, nodes, epoch, leader, dead:<node>, then the
 # watched nodes' hb:<node>. ARGV: the heartbeat, its expiry, last:'s expiry, the node, a new
@@ -378,6 +423,11 @@ class Store:
         self._strings = self._redis.register_script(_STRINGS)
         self._keep = self._redis.register_script(_KEEP)
         self._forget = self._redis.register_script(_FORGET)
+        self._missing = self._redis.register_script(_MISSING_TIMERS)
+        self._rearm = self._redis.register_script(_REARM_TIMERS)
+        # Whether the last timer claim found signed deadlines without their member in the set
+        # (more deadlines than members): `missing_timers` says which.
+        self.timers_missing = False
         self._drop_member = self._redis.register_script(_DROP_MEMBER)
 
     def key(self, name: str) -> str:
@@ -442,7 +492,8 @@ class Store:
         which are removed, so that no node claims them again."""
         keys = [self.key("timers"), self.key("timer-due")]
         reply: Any = await self._claim(keys=keys, args=[now, hold_until, limit])
-        flat, removed = reply
+        flat, removed, missing = reply
+        self.timers_missing = bool(missing)
         if removed:  # of another type: removed (as if deleted), read as empty
             self._removed([("timers", "timer-due")[int(index) - 1] for index in removed])
         timers, malformed = [], []
@@ -456,6 +507,31 @@ class Store:
         if malformed:
             await self._redis.zrem(self.key("timers"), malformed)
         return timers, len(malformed)
+
+    async def missing_timers(self, limit: int) -> dict[str, bytes]:
+        """Up to `limit` signed deadlines whose member is missing from the timer set (the set
+        deleted, or replaced by a key of another type, by a client without the key), by
+        member: what the last claim said there are (`timers_missing`). Unverified: the
+        caller checks each before anything is put back."""
+        keys = [self.key("timers"), self.key("timer-due")]
+        flat: Any = await self._missing(keys=keys, args=[limit])
+        return {
+            bytes(member).decode(errors="replace"): bytes(sealed)
+            for member, sealed in zip(flat[0::2], flat[1::2], strict=True)
+        }
+
+    async def rearm_timers(
+        self, due: Mapping[str, tuple[float, bytes]], spoiled: Mapping[str, bytes]
+    ) -> None:
+        """Put back in the timer set each member of `due` at its deadline, and remove the
+        deadlines of `spoiled` (they do not verify), each only if its signed deadline is still
+        the one given (a timer fired or armed again meanwhile is left alone)."""
+        args: list[Any] = [len(due)]
+        for member, (deadline, sealed) in due.items():
+            args += [member, deadline, sealed]
+        for member, sealed in spoiled.items():
+            args += [member, sealed]
+        await self._rearm(keys=[self.key("timers"), self.key("timer-due")], args=args)
 
     async def adopt_timers(self, due: Mapping[str, float], sealed: Mapping[str, bytes]) -> None:
         """Claimed timers that had no signed deadline: given one (unless one was written
