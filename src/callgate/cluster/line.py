@@ -22,8 +22,18 @@ trio, and trio never waits on a thread. What the threads share with trio is said
 An inbox of another type than a stream (only a Redis client without the key makes one: Redis
 never changes a key's type) would fail every append to it and every read of it for good, and
 no delivery by that inbox would arrive. Whichever thread meets it removes it (if it still is
-not a stream: one script, so a stream another node made meanwhile is kept), tells trio (which
-audits it), and goes on at once: the appends that failed are made again, the others not.
+not a stream, so a stream another node made meanwhile is kept), tells trio (which audits it),
+and goes on at once. The writer removes it and appends again in one script, so a client that
+keeps retyping the inbox has no moment between the two to retype it in: the appends that
+failed are made again, the others not (their targets would refuse the copies as replays).
+
+An append Redis refuses by itself (an answer about that inbox alone, not Redis away: a stream
+at the last id a stream can have takes no more) holds only that target's batches, in order,
+tried again on a back-off of that target's own; every other target's go out meanwhile. They
+count as pending, as while Redis is away (past MAX_OUTBOX orders the node refuses new ones,
+counted and logged). Such a stream (only a client without the key appends at that id) is
+removed by its reader once it has read it to that id, since no id follows it, and read again
+from its start: the held batches go out with their target's next attempt.
 """
 
 from __future__ import annotations
@@ -52,7 +62,6 @@ RETRY_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 Outgoing = tuple[str, Mapping[bytes, bytes], int]
 # Queued by `stop`.
 STOP = "stop"
-WRONG_TYPE_ROUNDS = 3  # removals in a row before an append is treated as failing (backed off)
 # KEYS: an inbox. Removed if it is not a stream (nor absent): 1, else 0.
 _UNLINK_IF_NOT_STREAM = (
     DROP_OTHER_TYPE
@@ -61,6 +70,43 @@ if dropped(KEYS[1], 'stream') then return 1 end
 return 0
 """
 )
+# KEYS: an inbox. ARGV: a batch's fields and values. The inbox removed if it is not a stream
+# (nor absent), then the batch appended: 1 if it was removed, else 0. One script, so a client
+# that keeps retyping the inbox cannot slip its write between the removal and the append.
+_APPEND_OVER_OTHER_TYPE = (
+    DROP_OTHER_TYPE
+    + """
+local removed = dropped(KEYS[1], 'stream')
+redis.call('XADD', KEYS[1], '*', unpack(ARGV))
+if removed then return 1 end
+return 0
+"""
+)
+
+
+# The largest part of a stream id (each of its two parts is an unsigned 64-bit number).
+LAST_PART = 2**64 - 1
+# KEYS: an inbox. ARGV: the last id a stream can have, which trio carried out. Removed if that
+# still is its last entry (nothing can have been appended after it): 1, else 0.
+_DROP_READ_TO_THE_END = """
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'stream' then return 0 end
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+if last and last[1] == ARGV[1] then
+  redis.call('UNLINK', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+
+class _Held:
+    """A target's batches that Redis refused to append (an answer about that inbox alone),
+    in order, with when they are tried again and how many attempts in a row failed."""
+
+    def __init__(self) -> None:
+        self.batches: list[Outgoing] = []
+        self.retry_at = 0.0
+        self.attempts = 0
 
 
 class _NotAppended(Exception):
@@ -85,10 +131,19 @@ def _stream_key(entry_id: bytes) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def _following(entry_id: bytes) -> str:
-    """The stream id right after `entry_id` (what `XTRIM MINID` keeps from)."""
-    ms, _, seq = entry_id.partition(b"-")
-    return f"{int(ms)}-{int(seq or 0) + 1}"
+def _at_the_end(entry_id: bytes) -> bool:
+    """Whether `entry_id` is the last id a stream can have (only a client without the key
+    appends one with it): no id follows it, and the stream takes no more appends."""
+    return _stream_key(entry_id) == (LAST_PART, LAST_PART)
+
+
+def _trim(inbox: str, finished: bytes) -> tuple[Any, ...]:
+    """The command that trims `inbox` up to `finished`, the last entry trio carried out (never
+    the last id a stream can have: `_at_the_end`): `XTRIM MINID` the id right after it."""
+    ms, _, seq = finished.partition(b"-")
+    if int(seq or 0) < LAST_PART:
+        return ("XTRIM", inbox, "MINID", f"{int(ms)}-{int(seq or 0) + 1}")
+    return ("XTRIM", inbox, "MINID", f"{int(ms) + 1}-0")
 
 
 class DeliveryLine:
@@ -141,8 +196,9 @@ class DeliveryLine:
         self, received: Callable[[str, Entries], None], retyped: Callable[[str], None]
     ) -> None:
         """Start both threads; each batch read is handed to `received(node_id, entries)` on
-        trio's thread, and so is the name (without the prefix) of each inbox of another type
-        the threads removed, to `retyped`."""
+        trio's thread (no entries: the inbox, read to the last id a stream can have, was
+        removed, and is read again from its start), and so is the name (without the prefix)
+        of each inbox of another type the threads removed, to `retyped`."""
         token = trio.lowlevel.current_trio_token()
 
         def tell(key: str) -> None:
@@ -177,96 +233,181 @@ class DeliveryLine:
 
     def _write_forever(self) -> None:
         client = self._client()
-        attempt = 0
+        attempt = 0  # round trips in a row that Redis did not answer (it is away: for all)
         taken: list[Outgoing] = []
+        # Per target whose own appends Redis refused (an answer to that append alone): its
+        # batches, in order, wait for its next attempt; the other targets' go out meanwhile.
+        held: dict[str, _Held] = {}
         try:
             while not self._stopped.is_set():
                 if not taken:
-                    item = self._outgoing.get()
-                    # Let what comes within COALESCE join this round trip: a round trip and the
-                    # wake-ups around it cost the same for one order as for a hundred.
-                    self._stopped.wait(COALESCE)
-                    while True:  # everything queued meanwhile goes in the same round trip
-                        if item == STOP:
-                            return
-                        taken.append(item)  # type: ignore[arg-type]
-                        try:
-                            item = self._outgoing.get_nowait()
-                        except queue.Empty:
-                            break
+                    if not self._take(taken, held):
+                        return
+                    if not taken:  # a wait for a held target's next attempt ended
+                        continue
                 finished = self.finished_up_to
+                # (an inbox read to its last possible id is the reader's to remove)
+                trim = finished != self._trimmed and not _at_the_end(finished)
                 try:
-                    self._append(client, taken, None if finished == self._trimmed else finished)
+                    refused = self._append(client, taken, finished if trim else None)
                 except redis.RedisError as exc:
                     what = "cluster deliveries not writable; kept"
                     attempt = self._back_off("writable", what, exc, attempt)
                     continue
                 attempt = 0
                 self.writable = True
-                self._appended += sum(orders for _, _, orders in taken)
-                self._trimmed = max(self._trimmed, finished, key=_stream_key)
+                if trim:
+                    self._trimmed = max(self._trimmed, finished, key=_stream_key)
+                for node in {node for node, _, _ in taken} - set(refused):
+                    held.pop(node, None)  # (appended: a later refusal backs off from the start)
+                for node, (kept, error) in refused.items():
+                    self._hold(held, node, kept, error)
                 taken = []
         finally:
             client.close()
 
-    def _append(self, client: redis.Redis, taken: list[Outgoing], trim: bytes | None) -> None:
-        """Raises: redis.RedisError; `taken` then holds only what was not appended (appended
-        again, after a back-off: the rest would be refused as replays by their targets)."""
+    def _take(self, taken: list[Outgoing], held: dict[str, _Held]) -> bool:
+        """Fill `taken` with what goes in the next round trip: everything queued (waiting for
+        some if nothing is, until a held target's next attempt), each batch for a held target
+        behind that target's; then the held batches whose target's attempt has come. False:
+        stopped."""
+        retry_at = min((h.retry_at for h in held.values() if h.batches), default=None)
+        try:
+            if retry_at is None:
+                item = self._outgoing.get()
+            else:
+                item = self._outgoing.get(timeout=max(0.0, retry_at - time.monotonic()))
+        except queue.Empty:
+            item = None
+        if item is not None:
+            # Let what comes within COALESCE join this round trip: a round trip and the
+            # wake-ups around it cost the same for one order as for a hundred.
+            self._stopped.wait(COALESCE)
+            while True:  # everything queued meanwhile goes in the same round trip
+                if isinstance(item, str):  # STOP
+                    return False
+                waiting = held.get(item[0])
+                if waiting is not None and waiting.batches:
+                    waiting.batches.append(item)
+                else:
+                    taken.append(item)
+                try:
+                    item = self._outgoing.get_nowait()
+                except queue.Empty:
+                    break
+        now = time.monotonic()
+        for waiting in held.values():
+            if waiting.batches and waiting.retry_at <= now:
+                taken.extend(waiting.batches)
+                waiting.batches = []
+        return True
+
+    def _hold(
+        self, held: dict[str, _Held], node: str, kept: list[Outgoing], error: redis.RedisError
+    ) -> None:
+        """Redis refused the appends to `node`'s inbox (`kept`, in order): they wait for that
+        target's next attempt, backed off per target, while the other targets' go out."""
+        waiting = held.setdefault(node, _Held())
+        if not waiting.attempts:
+            log.warning(
+                "cluster deliveries to one node not appended; kept", node=node, error=str(error)
+            )
+        delay = RETRY_DELAYS[min(waiting.attempts, len(RETRY_DELAYS) - 1)]
+        waiting.attempts += 1
+        waiting.retry_at = time.monotonic() + delay
+        waiting.batches = kept + waiting.batches
+
+    def _append(
+        self, client: redis.Redis, taken: list[Outgoing], trim: bytes | None
+    ) -> dict[str, tuple[list[Outgoing], redis.RedisError]]:
+        """Append `taken` in one round trip (and trim what trio finished). Returns, per target
+        whose appends Redis refused, those batches (in order) and why: every other batch was
+        appended, once.
+        Raises: redis.RedisError, when Redis did not answer; `taken` then holds only what was
+        not appended (appended again after a back-off: the rest would be refused as replays
+        by their targets)."""
         appends = [
             ("XADD", self._prefix + node, "*", *itertools.chain(*fields.items()))
             for node, fields, _ in taken
         ]
         commands: list[tuple[Any, ...]] = list(appends)
         if trim is not None:  # what trio finished, while this round trip goes anyway
-            commands.insert(0, ("XTRIM", self._prefix + self.node_id, "MINID", _following(trim)))
+            commands.insert(0, _trim(self._prefix + self.node_id, trim))
         try:
-            self._append_rounds(client, commands)
+            failed = self._append_once(client, commands)
         except _NotAppended as left:
             by_command = {id(command): item for command, item in zip(appends, taken, strict=True)}
             kept = [by_command[id(c)] for c in left.commands if id(c) in by_command]
             self._appended += sum(orders for _, _, orders in taken) - sum(o for _, _, o in kept)
             taken[:] = kept
             raise left.error from None
-
-    def _append_rounds(self, client: redis.Redis, commands: list[tuple[Any, ...]]) -> None:
-        """Raises: _NotAppended, with the commands not carried out and why."""
-        for _ in range(WRONG_TYPE_ROUNDS):
-            if len(commands) == 1:  # the usual case: one command, without a pipeline's objects
-                try:
-                    client.execute_command(*commands[0])  # type: ignore[no-untyped-call]
-                except redis.RedisError as exc:
-                    if not _wrong_type(exc):
-                        raise _NotAppended(commands, exc) from None
-                    replies: list[Any] = [exc]
-                else:
-                    return
+        refused: dict[str, tuple[list[Outgoing], redis.RedisError]] = {}
+        for command, item in zip(appends, taken, strict=True):
+            error = failed.get(id(command))
+            if error is None:
+                self._appended += item[2]
             else:
-                pipe = client.pipeline(transaction=False)
-                for command in commands:
-                    pipe.execute_command(*command)  # type: ignore[no-untyped-call]
-                # Each command's own answer: one on an inbox of another type fails alone, and
-                # only it is made again (the others were appended: again, they would be
-                # refused as replays).
-                try:
-                    replies = pipe.execute(raise_on_error=False)
-                except redis.RedisError as exc:  # the connection: nothing is known appended
-                    raise _NotAppended(commands, exc) from None
-            failed = [c for c, r in zip(commands, replies, strict=True) if isinstance(r, Exception)]
-            for reply in replies:
-                if isinstance(reply, Exception) and not _wrong_type(reply):
-                    if not isinstance(reply, redis.RedisError):
-                        reply = redis.RedisError(reply)
-                    raise _NotAppended(failed, reply)
-            if not failed:
-                return
+                refused.setdefault(item[0], ([], error))[0].append(item)
+        return refused
+
+    def _append_once(
+        self, client: redis.Redis, commands: list[tuple[Any, ...]]
+    ) -> dict[int, redis.RedisError]:
+        """Carry out `commands` (appends, and a trim first); the appends Redis refused (by the
+        command's id), with Redis's answer. An append to an inbox of another type is made
+        again by one script that removes that key first if it still is not a stream: atomic,
+        so a client that keeps retyping the inbox cannot win a race against it.
+        Raises: _NotAppended, with the commands not known carried out, when Redis did not
+        answer."""
+        if len(commands) == 1:  # the usual case: one command, without a pipeline's objects
             try:
-                for key in {command[1] for command in failed}:
-                    self._remove_wrong_type(client, key)
+                client.execute_command(*commands[0])  # type: ignore[no-untyped-call]
+            except redis.ResponseError as exc:
+                replies: list[Any] = [exc]
             except redis.RedisError as exc:
-                raise _NotAppended(failed, exc) from None
-            commands = failed
-        gave_up = redis.ResponseError("WRONGTYPE: an inbox kept being replaced by another type")
-        raise _NotAppended(commands, gave_up)
+                raise _NotAppended(commands, exc) from None
+            else:
+                return {}
+        else:
+            pipe = client.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+            # Each command's own answer: one refused (an inbox of another type, say) fails
+            # alone, and only it is made again (the others were appended: again, they would
+            # be refused as replays).
+            try:
+                replies = pipe.execute(raise_on_error=False)
+            except redis.RedisError as exc:  # the connection: nothing is known appended
+                raise _NotAppended(commands, exc) from None
+        refused: dict[int, redis.RedisError] = {}
+        answered = [
+            (c, r) for c, r in zip(commands, replies, strict=True) if isinstance(r, Exception)
+        ]
+        for position, (command, reply) in enumerate(answered):
+            if not isinstance(reply, redis.RedisError):
+                reply = redis.ResponseError(str(reply))
+            if not _wrong_type(reply):
+                refused[id(command)] = reply
+                continue
+            try:
+                if command[0] != "XADD":  # the trim of this node's own inbox: nothing to trim
+                    self._remove_wrong_type(client, command[1])
+                else:
+                    self._append_over_other_type(client, command)
+            except redis.ResponseError as exc:
+                refused[id(command)] = exc
+            except redis.RedisError as exc:  # unknown from this one on: made again
+                left = [c for n, (c, _) in enumerate(answered) if n >= position or id(c) in refused]
+                raise _NotAppended(left, exc) from None
+        return refused
+
+    def _append_over_other_type(self, client: redis.Redis, command: tuple[Any, ...]) -> None:
+        """An append answered WRONGTYPE: its inbox removed if it still is not a stream (said
+        to trio), and the batch appended, in one script."""
+        _, key, _, *fields = command
+        if client.eval(_APPEND_OVER_OTHER_TYPE, 1, key, *fields):
+            log.warning("a cluster inbox of another type was removed", key=key)
+            self._retyped(key)
 
     def _remove_wrong_type(self, client: redis.Redis, key: str) -> None:
         """`key` answered WRONGTYPE: removed if it still is no stream, and said to trio."""
@@ -290,16 +431,30 @@ class DeliveryLine:
                     inbox, position, self._trimmed = self._prefix + node, b"0-0", b"0-0"
                 finished = self.finished_up_to
                 try:
+                    if _at_the_end(finished):  # read to its last possible id: removed
+                        client.eval(_DROP_READ_TO_THE_END, 1, inbox, finished)
+                        log.warning("a cluster inbox at the last stream id was removed", key=inbox)
+                        # Whatever is there now came after that entry: read from its start
+                        # (and trio, told by an empty batch, counts from there too).
+                        position, self._trimmed, self.finished_up_to = b"0-0", b"0-0", b"0-0"
+                        token.run_sync_soon(received, node, [])
+                        continue
                     if finished != self._trimmed:  # trim what trio finished, in this round trip
                         pipe = client.pipeline(transaction=False)
-                        pipe.xtrim(inbox, minid=_following(finished), approximate=False)
+                        pipe.execute_command(*_trim(inbox, finished))  # type: ignore[no-untyped-call]
                         pipe.xread({inbox: position}, count=READ_COUNT, block=READ_BLOCK_MS)
-                        reply: Any = pipe.execute()[-1]
-                        self._trimmed = max(self._trimmed, finished, key=_stream_key)
+                        # A trim refused (WRONGTYPE: the read says so too) keeps no read back.
+                        trimmed, reply = pipe.execute(raise_on_error=False)
+                        if isinstance(reply, Exception):
+                            raise reply
+                        if not isinstance(trimmed, Exception):
+                            self._trimmed = max(self._trimmed, finished, key=_stream_key)
                     else:
                         reply = client.xread(
                             {inbox: position}, count=READ_COUNT, block=READ_BLOCK_MS
                         )
+                except trio.RunFinishedError:
+                    return
                 except redis.RedisError as exc:
                     if _wrong_type(exc):  # not a stream: removed, read again at once
                         try:

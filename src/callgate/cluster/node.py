@@ -1113,6 +1113,9 @@ class ClusterNode:
             for node, entries in batches:
                 if node != self.node_id:
                     continue  # evicted meanwhile: what it read went to the held devices' buffers
+                if not entries:  # read to the last id a stream can have, removed: from its start
+                    self._inbox_position = b"0-0"
+                    continue
                 for entry_id, fields in entries:
                     self._inbox_position = entry_id
                     self._receive(entry_id.decode(), fields)
@@ -1348,6 +1351,35 @@ class ClusterNode:
                     await self.store.release_timers(refused, now)
             else:
                 self._claim_again = len(claimed) + malformed == TIMER_CLAIM
+            if self.store.timers_missing:
+                with contextlib.suppress(*STORE_ERRORS):  # (else at the next claim)
+                    if await self._rearm_timers(now):
+                        self._claim_again = True  # (some are due: claimed at once)
+
+    async def _rearm_timers(self, now: float) -> bool:
+        """Signed deadlines whose member is gone from the timer set: the set was deleted, or
+        replaced by a key of another type (removed by a claim or a commit), by a Redis client
+        without the key, and with it every ring timeout and reconnect grace it held, so calls
+        rang, and held devices waited, for good. Each deadline that verifies puts its member
+        back at that deadline (audited `timers` `missing`, summed); one that does not is
+        removed (`malformed`). Whether any of those put back is due already."""
+        found = await self.store.missing_timers(TIMER_CLAIM * 4)
+        due: dict[str, tuple[float, bytes]] = {}
+        spoiled: dict[str, bytes] = {}
+        for member, sealed in found.items():
+            deadline = self.codec.open_timer_due(sealed, member)
+            if deadline is None or Timer.parse(member) is None:
+                spoiled[member] = sealed
+            else:
+                due[member] = (deadline, sealed)
+        if not found:
+            return False
+        await self.store.rearm_timers(due, spoiled)
+        if due:
+            self._entry_rejected("timers", "missing", len(due), source="timers")
+        if spoiled:
+            self._entry_rejected("timers", "malformed", len(spoiled), source="timers")
+        return any(deadline <= now + TIMER_GRAIN for deadline, _ in due.values())
 
     async def _due_only(self, claimed: list[tuple[Timer, bytes | None]], now: float) -> list[Timer]:
         """Of the claimed timers, those whose signed deadline has come. The set's scores are
@@ -1638,10 +1670,12 @@ class ClusterNode:
             await finished.wait()
         devices = len({event.conn for event in disconnected if isinstance(event, Disconnected)})
         self._node_gone(node)
-        for other in await self.store.members():
-            # (Only nodes seen running: `nodes` is unsigned, and a node never seen is either
-            # one no node ran under, or one that joined within the last beat, which learns of
-            # the death when it first sends there: `link_address` reads the verdict.)
+        # Every node this leader knows of and saw running: the members of `nodes`, and those
+        # it watches (a `nodes` of another type reads as empty, and the others must still be
+        # told). Only nodes seen running: `nodes` is unsigned, and a node never seen is either
+        # one no node ran under, or one that joined within the last beat, which learns of the
+        # death when it first sends there (`link_address` reads the verdict).
+        for other in sorted(set(await self.store.members()) | set(self.watch.missed)):
             if other not in (node, self.node_id) and self.watch.saw(other):
                 self._send(other, NodeGone(node), None)
         await self._take_over_inbox(node)
@@ -1833,6 +1867,8 @@ _RETYPED_SOURCES = {
     "hb": "nodes",
     "last": "nodes",
     "dead": "nodes",
+    "nodes": "nodes",
+    "epoch": "nodes",
 }
 _RELAYED = (IceCandidate, CallRenegotiate)  # what a connected call's cached route carries
 

@@ -239,16 +239,62 @@ for _, member in ipairs(due) do
   out[#out + 1] = member
   out[#out + 1] = redis.call('HGET', KEYS[2], member)
 end
-return {out, removed}
+local missing = 0
+if redis.call('HLEN', KEYS[2]) > redis.call('ZCARD', KEYS[1]) then missing = 1 end
+return {out, removed, missing}
 """
 )
 
+# KEYS: the timers set, their signed deadlines. ARGV: how many at most. The deadlines whose
+# member is not in the set (it was deleted, or replaced by a key of another type, by a client
+# without the key: each is written and removed with its member, in one commit), as [member,
+# signed deadline, ...]; none while either key is of another type (the next claim removes it).
+_MISSING_TIMERS = """
+if redis.call('TYPE', KEYS[2])['ok'] ~= 'hash' then return {} end
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'zset' and kind ~= 'none' then return {} end
+local all, out = redis.call('HGETALL', KEYS[2]), {}
+for i = 1, #all, 2 do
+  if not redis.call('ZSCORE', KEYS[1], all[i]) then
+    out[#out + 1] = all[i]
+    out[#out + 1] = all[i + 1]
+    if #out >= 2 * tonumber(ARGV[1]) then break end
+  end
+end
+return out
+"""
+
+# KEYS: the timers set, their signed deadlines. ARGV: n, n x (member, score, signed deadline),
+# then m x (member, signed deadline). Each of the n put back in the set at its score, each of
+# the m deadlines removed, only if its signed deadline is still the one read (one fired or
+# armed again meanwhile is left as it is), and only onto keys of their own types.
+_REARM_TIMERS = """
+if redis.call('TYPE', KEYS[2])['ok'] ~= 'hash' then return 0 end
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'zset' and kind ~= 'none' then return 0 end
+local n, i = tonumber(ARGV[1]), 2
+for _ = 1, n do
+  if redis.call('HGET', KEYS[2], ARGV[i]) == ARGV[i + 2] then
+    redis.call('ZADD', KEYS[1], 'NX', ARGV[i + 1], ARGV[i])
+  end
+  i = i + 3
+end
+while i < #ARGV do
+  if redis.call('HGET', KEYS[2], ARGV[i]) == ARGV[i + 1] then
+    redis.call('HDEL', KEYS[2], ARGV[i])
+  end
+  i = i + 2
+end
+return 1
+"""
+
 # One heartbeat. KEYS: hb:<node>, last:<node>, nodes, epoch, leader, dead:<node>, then the
 # watched nodes' hb:<node>. ARGV: the heartbeat, its expiry, last:'s expiry, the node, a new
-# epoch. Returns [keys removed, epoch, lease, verdict, beats...]. Only a client without the key
-# gives a key another type than nodes write: read as absent rather than failing every node's
-# beat (a hash for `leader` would stop every beat, so every burial), and `nodes` or `epoch` of
-# another type removed (what deleting them does), so that they can be written again.
+# epoch. Returns [keys removed (1: nodes, 2: epoch, added), epoch, lease, verdict, beats...].
+# Only a client without the key gives a key another type than nodes write: read as absent
+# rather than failing every node's beat (a hash for `leader` would stop every beat, so every
+# burial), and `nodes` or `epoch` of another type removed (what deleting them does), so that
+# they can be written again (said to `removed`: audited).
 _KEEP = (
     DROP_OTHER_TYPE
     + """
@@ -256,7 +302,7 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
 local removed = 0
 if dropped(KEYS[3], 'set') then removed = removed + 1 end
-if dropped(KEYS[4], 'string') then removed = removed + 1 end
+if dropped(KEYS[4], 'string') then removed = removed + 2 end
 redis.call('SADD', KEYS[3], ARGV[4])
 redis.call('SET', KEYS[4], ARGV[5], 'NX')
 local out = {removed}
@@ -297,6 +343,36 @@ if (current or '') == ARGV[1] then
 end
 return 0
 """
+
+# A dead node buried. KEYS: dead:<node>, n:<node>, hb:<node>, last:<node>, nodes. ARGV: the
+# verdict (the burial done), its expiry, last:'s expiry, the node. Returns 1 if `nodes` was of
+# another type (only a client without the key makes one: removed, as if deleted; the nodes add
+# themselves again with their next beat), else 0.
+_FORGET = (
+    DROP_OTHER_TYPE
+    + """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('UNLINK', KEYS[2], KEYS[3])
+redis.call('PEXPIRE', KEYS[4], ARGV[3])
+local removed = dropped(KEYS[5], 'set')
+redis.call('SREM', KEYS[5], ARGV[4])
+if removed then return 1 end
+return 0
+"""
+)
+
+# A member of `nodes` dropped unread. KEYS: nodes, n:<node>, hb:<node>, last:<node>. ARGV: the
+# node. Returns 1 if `nodes` was of another type (removed, as if deleted), else 0.
+_DROP_MEMBER = (
+    DROP_OTHER_TYPE
+    + """
+local removed = dropped(KEYS[1], 'set')
+redis.call('SREM', KEYS[1], ARGV[1])
+redis.call('UNLINK', KEYS[2], KEYS[3], KEYS[4])
+if removed then return 1 end
+return 0
+"""
+)
 
 # KEYS: a dead node's inbox, and where to move it. Only the first node to call it gets the
 # entries (RENAME moves the stream atomically); they are read, then deleted. An inbox that is
@@ -352,6 +428,13 @@ class Store:
         self._take = self._redis.register_script(_TAKE_INBOX)
         self._strings = self._redis.register_script(_STRINGS)
         self._keep = self._redis.register_script(_KEEP)
+        self._forget = self._redis.register_script(_FORGET)
+        self._missing = self._redis.register_script(_MISSING_TIMERS)
+        self._rearm = self._redis.register_script(_REARM_TIMERS)
+        # Whether the last timer claim found signed deadlines without their member in the set
+        # (more deadlines than members): `missing_timers` says which.
+        self.timers_missing = False
+        self._drop_member = self._redis.register_script(_DROP_MEMBER)
 
     def key(self, name: str) -> str:
         return self.prefix + name
@@ -415,7 +498,8 @@ class Store:
         which are removed, so that no node claims them again."""
         keys = [self.key("timers"), self.key("timer-due")]
         reply: Any = await self._claim(keys=keys, args=[now, hold_until, limit])
-        flat, removed = reply
+        flat, removed, missing = reply
+        self.timers_missing = bool(missing)
         if removed:  # of another type: removed (as if deleted), read as empty
             self._removed([("timers", "timer-due")[int(index) - 1] for index in removed])
         timers, malformed = [], []
@@ -429,6 +513,31 @@ class Store:
         if malformed:
             await self._redis.zrem(self.key("timers"), malformed)
         return timers, len(malformed)
+
+    async def missing_timers(self, limit: int) -> dict[str, bytes]:
+        """Up to `limit` signed deadlines whose member is missing from the timer set (the set
+        deleted, or replaced by a key of another type, by a client without the key), by
+        member: what the last claim said there are (`timers_missing`). Unverified: the
+        caller checks each before anything is put back."""
+        keys = [self.key("timers"), self.key("timer-due")]
+        flat: Any = await self._missing(keys=keys, args=[limit])
+        return {
+            bytes(member).decode(errors="replace"): bytes(sealed)
+            for member, sealed in zip(flat[0::2], flat[1::2], strict=True)
+        }
+
+    async def rearm_timers(
+        self, due: Mapping[str, tuple[float, bytes]], spoiled: Mapping[str, bytes]
+    ) -> None:
+        """Put back in the timer set each member of `due` at its deadline, and remove the
+        deadlines of `spoiled` (they do not verify), each only if its signed deadline is still
+        the one given (a timer fired or armed again meanwhile is left alone)."""
+        args: list[Any] = [len(due)]
+        for member, (deadline, sealed) in due.items():
+            args += [member, deadline, sealed]
+        for member, sealed in spoiled.items():
+            args += [member, sealed]
+        await self._rearm(keys=[self.key("timers"), self.key("timer-due")], args=args)
 
     async def adopt_timers(self, due: Mapping[str, float], sealed: Mapping[str, bytes]) -> None:
         """Claimed timers that had no signed deadline: given one (unless one was written
@@ -474,20 +583,21 @@ class Store:
         """A buried node: its verdict is written again as `verdict` (the burial is done) and
         kept `keep_ms`; its presence set, heartbeat and membership go (its last heartbeat stays
         an hour more: a sweep still needs it)."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.set(self.key(f"dead:{node}"), verdict, px=keep_ms)
-            pipe.unlink([self.key(f"n:{node}"), self.key(f"hb:{node}")])
-            pipe.pexpire(self.key(f"last:{node}"), BURIED_LAST_BEAT_MS)
-            pipe.srem(self.key("nodes"), [node])
+        keys = [self.key(f"{kind}:{node}") for kind in ("dead", "n", "hb", "last")]
+        removed: Any = await self._forget(
+            keys=[*keys, self.key("nodes")], args=[verdict, keep_ms, BURIED_LAST_BEAT_MS, node]
+        )
+        if removed:  # of another type: removed (as if deleted), and said
+            self._removed(["nodes"])
 
     async def drop_member(self, node: str) -> None:
         """A member of `nodes` that is not to be buried (no node ran under that name, or it
         was buried already): it goes, with whatever was written under its name but its
         verdict, unread, of any type (UNLINK frees a large set outside Redis's main thread)."""
-        await self._redis.srem(self.key("nodes"), [node])
-        await self._redis.unlink(
-            [self.key(f"n:{node}"), self.key(f"hb:{node}"), self.key(f"last:{node}")]
-        )
+        keys = [self.key("nodes")] + [self.key(f"{kind}:{node}") for kind in ("n", "hb", "last")]
+        removed: Any = await self._drop_member(keys=keys, args=[node])
+        if removed:  # of another type: removed (as if deleted), and said
+            self._removed(["nodes"])
 
     async def members(self) -> list[str]:
         """The nodes that joined and were not buried (the leader watches them): all of them
@@ -536,8 +646,8 @@ class Store:
         reply: Any = await self._keep(
             keys=keys, args=[heartbeat, timeout_ms, LAST_BEAT_MS, node, epoch]
         )
-        if reply[0]:
-            log.warning("cluster keys of another type were removed", keys=int(reply[0]))
+        if reply[0]:  # (said: audited, summed)
+            self._removed([name for bit, name in ((1, "nodes"), (2, "epoch")) if reply[0] & bit])
         got_epoch, got_lease, got_dead, *beats = (
             None if value is None else bytes(value) for value in reply[1:]
         )
