@@ -53,6 +53,7 @@ class WsprotoConnection:
     __slots__ = (
         "_binary",
         "_buffer",
+        "_count_frame",
         "_drained",
         "_early",
         "_failure",
@@ -114,6 +115,8 @@ class WsprotoConnection:
         self._reactor: Reactor | None = None
         self._inline: Callable[[str], bool] | None = None
         self._failure: Exception | None = None
+        # Told of every frame that carries no whole message (`count_frames`).
+        self._count_frame: Callable[[], bool] | None = None
 
     # -- receiving ---------------------------------------------------------------------------
 
@@ -130,6 +133,22 @@ class WsprotoConnection:
 
     def detach_reactor(self) -> None:
         self._reactor = self._inline = None
+
+    def count_frames(self, counter: Callable[[], bool] | None) -> None:
+        """From now on `counter()` is called for every frame the client sends that carries no
+        whole message: a ping, and each fragment of a message but its last (the message itself
+        is counted when it is read). It returns False for a frame over the rate (a ping is then
+        not answered), and may raise (CloseConnection), which `get_message` raises. None stops it.
+
+        Such frames cost wsproto's parsing each, as a message does, and were free: a client
+        could send them without end (empty continuation frames, pings) and never meet a limit.
+        Whole text frames and pongs (the fast path) are not frames of this kind.
+        """
+        self._count_frame = counter
+
+    def _frame_admitted(self) -> bool:
+        counter = self._count_frame
+        return counter is None or counter()
 
     async def get_message(self) -> str | bytes:
         """The next message. Raises: ConnectionClosed, or what the inline handler raised."""
@@ -266,6 +285,10 @@ class WsprotoConnection:
 
     async def _handle_events(self) -> None:
         for event in self._protocol.events():
+            if isinstance(event, TextMessage | BytesMessage) and (
+                event.frame_finished and not event.message_finished
+            ):
+                self._frame_admitted()  # a fragment: counted (over the rate: still joined)
             if isinstance(event, TextMessage):
                 self._text.append(event.data)
                 self._size += len(event.data)
@@ -289,7 +312,7 @@ class WsprotoConnection:
                     self._binary.clear()
                     self._size = 0
             elif isinstance(event, Ping):
-                if self._protocol.state is ConnectionState.OPEN:
+                if self._frame_admitted() and self._protocol.state is ConnectionState.OPEN:
                     await self._send(self._protocol.send(event.response()))
             elif isinstance(event, Pong):
                 self._pong(bytes(event.payload))

@@ -285,6 +285,7 @@ class ConnectionHub:
         )
         connection.limits = self._limiter.for_connection()
         connection.may_write_now = self._not_in_burst
+        connection.ws.count_frames(partial(self._admit_frame, connection))
         self._all[conn_id] = connection
         self._per_address[addr] += 1
         self.audit("conn.open", {"conn": conn_id, "addr": addr})
@@ -308,6 +309,7 @@ class ConnectionHub:
         """Synchronous cleanup: runs even when the connection was cancelled."""
         connection.nursery = None
         connection.ws.detach_reactor()  # drops the handler, and with it the cycle back to us
+        connection.ws.count_frames(None)  # the same for the frame counter
         self._deadlines.cancel(connection.keepalive)
         self._deadlines.cancel(connection.expiry)
         self._all.pop(connection.id, None)
@@ -530,6 +532,22 @@ class ConnectionHub:
         connection.send_error(
             ErrorCode.RATE_LIMITED, "too many messages", connection.peek_ref(text), retry
         )
+        if connection.limits.is_flooding():
+            self.metrics.rate_limited.labels("flood").inc()
+            raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "rate limit exceeded")
+        return False
+
+    def _admit_frame(self, connection: Connection) -> bool:
+        """A frame that carries no whole message (a WebSocket ping, a fragment of a message but
+        its last) counts against the connection's message rate as a message does, from the
+        first frame, signed in or not; over it, it counts towards `flood` (nothing is sent:
+        there is no message to answer). True when within the rate.
+
+        Raises: CloseConnection 4029 when the connection keeps flooding.
+        """
+        if connection.limits.admit_message() is None:
+            return True
+        self.metrics.rate_limited.labels("messages").inc()
         if connection.limits.is_flooding():
             self.metrics.rate_limited.labels("flood").inc()
             raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "rate limit exceeded")
