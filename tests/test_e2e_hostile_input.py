@@ -153,7 +153,18 @@ def _signed(claims: dict[str, Any]) -> str:
 # the trail as any other bad token does.
 @pytest.mark.parametrize(
     ("claims", "reason"),
-    [({"exp": 1e300}, "bad_exp"), ({"exp": 4_000_000_000, "iat": -1e300}, "bad_iat")],
+    [
+        ({"exp": 1e300}, "bad_exp"),
+        ({"exp": 4_000_000_000, "iat": -1e300}, "bad_iat"),
+        # Not numbers at all: `true` was read as 1 (so "token expired", audited `expired`), and
+        # a string `nbf` was audited `malformed`.
+        ({"exp": True}, "bad_exp"),
+        ({"exp": "4000000000"}, "bad_exp"),
+        ({"exp": 4_000_000_000, "nbf": "0"}, "bad_nbf"),
+        ({"exp": 4_000_000_000, "nbf": False}, "bad_nbf"),
+        ({"exp": 4_000_000_000, "iat": "1"}, "bad_iat"),
+        ({"exp": 4_000_000_000, "iat": True}, "bad_iat"),
+    ],
 )
 async def test_a_time_claim_out_of_range_is_an_invalid_token(
     gate: Harness, claims: dict[str, Any], reason: str
@@ -179,3 +190,4 @@ async def test_socketio_rejects_an_out_of_range_exp(gate: Harness) -> None:
     assert packet.startswith("44") and "invalid token" in packet, packet
     [failed] = gate.audit.records("auth.failed")
     assert failed["reason"] == "bad_exp"
+
