@@ -191,3 +191,24 @@ async def test_socketio_rejects_an_out_of_range_exp(gate: Harness) -> None:
     [failed] = gate.audit.records("auth.failed")
     assert failed["reason"] == "bad_exp"
 
+
+# What a client may write in its close frame: up to 123 bytes of its own text.
+CLOSE_TEXT = 'eyJhbGciOiJIUzI1NiJ9.e30.marker\n{"event":"auth.ok"} a=candidate:1 marker-ice'
+
+
+@pytest.mark.both_engines
+@pytest.mark.parametrize("signed_in", [True, False])
+async def test_a_clients_close_reason_is_not_written_to_the_trail(
+    harness: Harness, signed_in: bool
+) -> None:
+    """The close frame's reason is the client's own text: it reached `conn.close` word for word
+    (a token, a candidate line, a forged record's JSON), from anyone who could open a socket.
+    The trail says only that the client closed, and with which code."""
+    await harness.start()
+    client = await harness.connect("alice") if signed_in else await harness.open()
+    await client.ws.aclose(4000, CLOSE_TEXT)
+    await harness.settle()
+    [closed] = harness.audit.records("conn.close")
+    assert closed["close_code"] == 4000
+    assert closed["reason"] == "closed by the client"
+    assert "marker" not in harness.audit.text

@@ -37,6 +37,11 @@ class CloseCode(IntEnum):
     RATE_LIMIT_ABUSE = 4029
 
 
+# What a connection closed by its client is said to have closed with (the audit trail's
+# `conn.close` reason): never the close frame's own reason, which is the client's text.
+CLOSED_BY_CLIENT = "closed by the client"
+
+
 class CallgateError(Exception):
     """Base of every error callgate raises on purpose."""
 

@@ -38,6 +38,7 @@ from wsproto.events import (
 )
 from wsproto.utilities import RemoteProtocolError, generate_accept_token
 
+from callgate.errors import CLOSED_BY_CLIENT
 from callgate.protocol.frames import fast_frames, text_frame
 from callgate.transport.reactor import Reactor
 
@@ -318,8 +319,9 @@ class WsprotoConnection:
                 self._pong(bytes(event.payload))
             elif isinstance(event, CloseConnection):
                 # Closed first: the writer may run while the reply is sent, and must not frame
-                # another message into a closing connection.
-                self._set_closed(event.code, event.reason or None)
+                # another message into a closing connection. Not with the client's reason: that
+                # is the client's own text (up to 123 bytes), and the reason goes to the trail.
+                self._set_closed(event.code, CLOSED_BY_CLIENT)
                 if self._protocol.state is ConnectionState.REMOTE_CLOSING:
                     await self._send(self._protocol.send(event.response()))
 
