@@ -130,7 +130,6 @@ def test_an_upgrade_yields_its_dialect_and_credentials() -> None:
         (head(method=b"POST"), 400),
         (RequestHead(b"GET", b"/ws", GOOD[1:]), 400),  # no Host
         (RequestHead(b"GET", b"/ws", GOOD[:-1]), 400),  # no key
-        (head(b"/ws", (b"origin", b"https://evil.example")), 403),
     ],
 )
 def test_what_is_refused_before_the_upgrade(request_head: RequestHead, status: int) -> None:
@@ -146,4 +145,13 @@ def test_two_authorization_headers_void_the_credentials_and_an_allowed_origin_pa
     )
     assert isinstance(twice, Upgrade) and twice.repeated_authorization
     allowed = read_upgrade(head(b"/ws", (b"origin", b"https://app.example")), RULES, "192.0.2.1")
-    assert isinstance(allowed, Upgrade)
+    assert isinstance(allowed, Upgrade) and allowed.origin_allowed
+    apps = read_upgrade(head(b"/ws"), RULES, "192.0.2.1")  # no Origin: not a browser
+    assert isinstance(apps, Upgrade) and apps.origin_allowed
+
+
+def test_another_origin_is_upgraded_to_be_closed_4003() -> None:
+    """Not refused before the upgrade: the hub closes it 4003 (contract section 9), which a
+    browser's page can read, and reads nothing from it."""
+    evil = read_upgrade(head(b"/ws", (b"origin", b"https://evil.example")), RULES, "192.0.2.1")
+    assert isinstance(evil, Upgrade) and not evil.origin_allowed

@@ -487,7 +487,9 @@ FLOOD_LIMITS = {"messages": "20/second", "flood": "5/10 seconds"}
 
 
 @pytest.mark.parametrize("flood", sorted(FRAME_FLOODS))
-async def test_a_flood_of_frames_without_a_message_closes_4029(harness: Harness, flood: str) -> None:
+async def test_a_flood_of_frames_without_a_message_closes_4029(
+    harness: Harness, flood: str
+) -> None:
     """Every ping and every fragment counts against `[limits] messages`, as a message does;
     past it the frames count towards `flood`, and a client that keeps on is closed 4029."""
     await harness.start(make_settings(limits=FLOOD_LIMITS))

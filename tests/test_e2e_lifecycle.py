@@ -12,12 +12,22 @@ import jwt
 import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric import ec
+from trio_websocket import ConnectionClosed
 from wsproto.connection import Connection as WSConnection
 from wsproto.connection import ConnectionType
 from wsproto.events import Ping, TextMessage
 
 from callgate.revocation import add_revocation
-from conftest import CANDIDATE, STEP, Client, Harness, call_request, make_settings, token_for
+from conftest import (
+    CANDIDATE,
+    STEP,
+    Client,
+    Harness,
+    call_request,
+    connect_ws,
+    make_settings,
+    token_for,
+)
 
 
 async def talk(sender: Client, receiver: Client, to: str) -> None:
@@ -300,14 +310,39 @@ async def test_keepalive_drops_a_silent_peer(harness: Harness) -> None:
 
 @pytest.mark.both_engines
 async def test_origin_allow_list(harness: Harness) -> None:
+    """A page of another origin is closed `4003` (contract section 9) right after the upgrade,
+    which a browser's page can read, unlike the status of a failed upgrade (contract section
+    2's reason for completing the upgrade of a refused token). Nothing it sends is read: a
+    valid token in the header signs nobody in."""
     await harness.start(make_settings(server={"allowed_origins": ["https://app.example"]}))
-    assert harness.server is not None
-    stream, reply = await raw_upgrade(harness.server.port, {"Origin": "https://evil.example"})
-    await stream.aclose()
-    assert reply.startswith(b"HTTP/1.1 403")
-    stream, reply = await raw_upgrade(harness.server.port, {"Origin": "https://app.example"})
-    await stream.aclose()
-    assert reply.startswith(b"HTTP/1.1 101")
+    bearer = (b"authorization", f"Bearer {token_for('alice')}".encode())
+    evil = await harness.open(headers=[(b"origin", b"https://evil.example"), bearer])
+    assert await evil.expect_closed(4003, "origin not allowed") == []
+    anonymous = await harness.open(headers=[(b"origin", b"https://evil.example")])
+    assert await anonymous.expect_closed(4003, "origin not allowed") == []
+    assert not harness.audit.records("auth.ok")
+    refused = harness.audit.records("conn.refused")
+    assert [record["code"] for record in refused] == [4003, 4003]
+    allowed = await harness.open(headers=[(b"origin", b"https://app.example"), bearer])
+    await allowed.expect("session", user="alice")
+    no_origin = await harness.connect("bob")  # an app, not a browser: no Origin at all
+    assert no_origin.session["user"] == "bob"
+
+
+async def test_a_socketio_page_of_another_origin_gets_connect_error(harness: Harness) -> None:
+    """Told as Socket.IO tells any refused sign-in (CONNECT_ERROR), before the open packet."""
+    await harness.start(make_settings(server={"allowed_origins": ["https://app.example"]}))
+    url = harness.url.removesuffix("/ws") + "/socket.io/?EIO=4&transport=websocket"
+    ws, stream = await connect_ws(
+        harness.nursery, url, extra_headers=[(b"origin", b"https://evil.example")]
+    )
+    page = Client(ws, stream)
+    harness.clients.append(page)
+    with trio.fail_after(STEP):
+        assert await ws.get_message() == '44{"message":"origin not allowed"}'
+    with pytest.raises(ConnectionClosed), trio.fail_after(STEP):
+        await ws.get_message()
+    assert not harness.audit.records("auth.ok")
 
 
 @pytest.mark.both_engines

@@ -74,6 +74,7 @@ if TYPE_CHECKING:
     from callgate.ratelimit import RateLimiter
 
 log = get_logger("callgate.connection")
+ORIGIN_NOT_ALLOWED = "origin not allowed"
 
 
 class _LeftForTask(Exception):
@@ -209,10 +210,6 @@ class ConnectionHub:
         for connection in list(self._live.values()):
             connection.close(CloseCode.GOING_AWAY, "node left the cluster")
 
-    def refused_upgrade(self, addr: str, status: int) -> None:
-        """The front refused an upgrade that is worth a record (an origin not allowed)."""
-        self.audit("conn.refused", {"addr": addr, "code": status})
-
     @property
     def connections(self) -> list[Connection]:
         """Every accepted connection of this node, signed in or not, oldest first."""
@@ -335,6 +332,7 @@ class ConnectionHub:
         """Sign the client in, then read its messages until it leaves."""
         try:
             self._admit_address(connection)
+            self._admit_origin(connection, upgrade)
             for frame in connection.dialect.greeting(connection.id):
                 connection.push(frame)
             self._start_heartbeat(connection)
@@ -350,7 +348,8 @@ class ConnectionHub:
             if not self.accepting:  # a drain began while this client was signing in
                 raise CloseConnection(CloseCode.GOING_AWAY, "server draining")
         except CloseConnection as refused:
-            if refused.close_code != CloseCode.RATE_LIMIT_ABUSE:
+            turned_away = connection.close_code is not None  # already refused and audited
+            if refused.close_code != CloseCode.RATE_LIMIT_ABUSE and not turned_away:
                 detail = refused.detail if isinstance(refused, AuthError) else refused.reason
                 self.audit(
                     "auth.failed",
@@ -396,6 +395,15 @@ class ConnectionHub:
                 "conn.refused", {"conn": connection.id, "addr": connection.addr, "code": 4029}
             )
             raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "rate limit exceeded")
+
+    def _admit_origin(self, connection: Connection, upgrade: Upgrade) -> None:
+        """Raises: CloseConnection 4003 for a browser page of an origin not allowed, before
+        anything it sent is read (contract section 9)."""
+        if upgrade.origin_allowed:
+            return
+        connection.refuse(CloseCode.FORBIDDEN, ORIGIN_NOT_ALLOWED)
+        self.audit("conn.refused", {"conn": connection.id, "addr": connection.addr, "code": 4003})
+        raise CloseConnection(CloseCode.FORBIDDEN, ORIGIN_NOT_ALLOWED)
 
     def _check_not_revoked(self, identity: Identity) -> None:
         if self.revocations.revokes(identity.user, identity.token_id, identity.issued_at):

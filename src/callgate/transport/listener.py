@@ -228,12 +228,12 @@ def _close_under_reader(stream: trio.abc.Stream) -> None:
 
 
 async def _read_upgrade(
-    stream: trio.abc.Stream, front: FrontSettings, refused: Callable[[str, int], None], peer: str
+    stream: trio.abc.Stream, front: FrontSettings, peer: str
 ) -> tuple[trio.abc.Stream, bytes, Upgrade, bytes] | None:
     """The head of a WebSocket upgrade: the stream to go on with (TLS begins after a PROXY
     header), the head's raw bytes (without a PROXY header), what it asks for (the client's
-    address included), and the bytes after it; None when it was answered here (404, 400, 403)
-    or is broken."""
+    address included), and the bytes after it; None when it was answered here (404, 400) or
+    is broken."""
     early = b""
     if front.proxy_protocol:
         proxied = await _read_proxy_header(stream, peer, front)
@@ -255,8 +255,6 @@ async def _read_upgrade(
     raw, request, trailing = head
     upgrade = read_upgrade(request, front.rules, peer)
     if isinstance(upgrade, Refusal):
-        if upgrade.status == 403:
-            refused(upgrade.addr, 403)  # audited: a browser page from an origin not allowed
         await _respond(stream, upgrade.status, upgrade.message)
         return None
     return stream, raw, upgrade, trailing
@@ -266,7 +264,6 @@ async def _serve_stream(
     front: FrontSettings,
     pending: _PendingHandshakes,
     handler: Handler,
-    refused: Callable[[str, int], None],
     stream: trio.abc.Stream,
 ) -> None:
     try:
@@ -283,7 +280,7 @@ async def _serve_stream(
     try:
         try:
             # Bounded in time by `pending.expire`, which closes the socket of a late head.
-            routed = await _read_upgrade(stream, front, refused, addr)
+            routed = await _read_upgrade(stream, front, addr)
         finally:
             pending.release(addr, accepted)
         if routed is None:
@@ -329,7 +326,6 @@ async def serve_front(
     front: FrontSettings,
     handler: Handler,
     handler_nursery: trio.Nursery,
-    refused: Callable[[str, int], None],
     *,
     reuse_port: bool = False,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
@@ -338,7 +334,7 @@ async def serve_front(
     (a graceful shutdown stops accepting first, then drains). `reuse_port`: share the port with
     other processes (`[server] reuse_port`, `callgate serve --workers`)."""
     pending = _PendingHandshakes(front.max_pending_per_address, front.handshake_timeout)
-    serve = partial(_serve_stream, front, pending, handler, refused)
+    serve = partial(_serve_stream, front, pending, handler)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pending.expire)
         if reuse_port:

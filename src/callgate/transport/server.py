@@ -393,7 +393,6 @@ async def _serve(
                         front,
                         hub.handle,
                         connections,
-                        hub.refused_upgrade,
                         reuse_port=server.reuse_port,
                     ),
                 )

@@ -37,9 +37,7 @@ class TrioWebSocketEngine:
         closed = self._ws.closed
         if closed is None or self._closing or closed.code == CloseCode.ABNORMAL:
             return closed  # ours, or the socket was lost (trio-websocket gives no reason)
-        if closed.code == CloseCode.MESSAGE_TOO_BIG and (closed.reason or "").startswith(
-            _TOO_BIG
-        ):
+        if closed.code == CloseCode.MESSAGE_TOO_BIG and (closed.reason or "").startswith(_TOO_BIG):
             return CloseReason(closed.code, "message too big")  # trio-websocket's own close
         return CloseReason(closed.code, CLOSED_BY_CLIENT)
 

@@ -9,8 +9,10 @@ with `Upgrade.bearer` / `query_token` / `resume`.
 The order of the checks is the contract's (protocol doc, section 1): the route (404; Socket.IO
 long-polling and other Engine.IO versions get 400 with a JSON message), the WebSocket handshake
 headers as RFC 6455 4.2.1 and wsproto check them (400), then who the client is (a forwarding
-header from a trusted proxy, proxy.py: 400 when it is malformed), then the `Origin` allow-list
-(403).
+header from a trusted proxy, proxy.py: 400 when it is malformed). Last the `Origin` allow-list,
+which refuses nothing here: a page of another origin is upgraded to be closed `4003` at once
+(`Upgrade.origin_allowed`; contract section 9), because a browser's page can read a close code
+and never the status of a failed upgrade.
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ class Upgrade:
     # More than one `Authorization` header: a proxy that reads the last one would disagree
     # with us (the first) about who connected, so the upgrade's credentials count for nothing.
     repeated_authorization: bool
+    # False for a browser page of an origin outside `allowed_origins`: the hub closes it 4003
+    # before it reads anything from it (no credentials of it are looked at).
+    origin_allowed: bool = True
 
     def take_bearer(self) -> str | None:
         bearer, self.bearer = self.bearer, None
@@ -134,12 +139,11 @@ def read_upgrade(head: RequestHead, rules: UpgradeRules, peer: str) -> Upgrade |
         return Refusal(400, str(bad), peer)
 
     origin = first.get(b"origin")
-    if (
-        rules.allowed_origins
-        and origin is not None
-        and origin.decode("latin-1") not in rules.allowed_origins
-    ):
-        return Refusal(403, "origin not allowed", addr)
+    origin_allowed = (
+        not rules.allowed_origins
+        or origin is None
+        or origin.decode("latin-1") in rules.allowed_origins
+    )
 
     resume = first.get(RESUME_HEADER)
     return Upgrade(
@@ -151,4 +155,5 @@ def read_upgrade(head: RequestHead, rules: UpgradeRules, peer: str) -> Upgrade |
         query_tokens=parse_qs(target.query).get("token", []),
         resume=resume.decode("latin-1") if resume is not None else None,
         repeated_authorization=authorizations > 1,
+        origin_allowed=origin_allowed,
     )
