@@ -679,3 +679,39 @@ async def test_a_client_that_stops_reading_is_told_1008(harness: Harness) -> Non
     await alice.expect("call-end", callId="ab", reason="peer_disconnected")
     closes = [r for r in harness.audit.records("conn.close") if r.get("user") == "bob"]
     assert [r["close_code"] for r in closes] == [1008]
+
+
+@pytest.mark.both_engines
+async def test_a_client_that_stops_reading_is_closed_by_the_size_of_its_queue(
+    harness: Harness,
+) -> None:
+    """`outbound_queue` counts frames: 400 frames of 60 KB fit in a queue of 1,024, and the
+    server held them all (24 MB) for a client that never read. The queue is also bounded in size
+    (`outbound_queue_bytes`, 1 MiB by default): past it the client is closed 1008 as for a full
+    queue, and the server holds about that much for it, not 400 frames."""
+    running = await harness.start(
+        make_settings(server={"outbound_queue": 1024, "close_timeout": STEP, "ping_interval": 0})
+    )
+    alice = await harness.connect("alice")
+    bob = await _RawClient.open(running.port, token_for("bob"))
+    assert (await bob.recv())["event"] == "session"
+    await alice.send("call-request", call_request("ab", "alice", "bob"))
+    assert (await bob.recv())["event"] == "call-request"
+    await bob.send("call-answer", {"callId": "ab", "to": "alice", "answer": SDP_ANSWER_OBJECT})
+    await alice.expect("call-answer")
+    bulk = {"candidate": None, "callId": "ab", "to": "bob", "padding": "x" * 60_000}
+    for n in range(400):
+        await alice.send("ice-candidate", bulk, ref=n if n == 399 else None)
+    assert await alice.recv() == {"event": "ack", "ref": 399}
+    delivered = 0
+    while True:
+        event = await bob.next_event()
+        if isinstance(event, WsCloseConnection):
+            break
+        assert isinstance(event, TextMessage), event
+        delivered += event.message_finished
+    assert (event.code, event.reason) == (1008, "client too slow: outbound queue full")
+    assert 0 < delivered < 400
+    await bob.stream.send_all(bob.ws.send(event.response()))
+    await bob.stream.aclose()
+    await alice.expect("call-end", callId="ab", reason="peer_disconnected")
