@@ -212,3 +212,27 @@ async def test_a_clients_close_reason_is_not_written_to_the_trail(
     assert closed["close_code"] == 4000
     assert closed["reason"] == "closed by the client"
     assert "marker" not in harness.audit.text
+
+
+@pytest.mark.both_engines
+@pytest.mark.parametrize(
+    ("frame", "code", "reason"),
+    [
+        (bytes([0x81, 0x82, 0, 0, 0, 0, 0xFF, 0xFE]), 1007, "invalid UTF-8"),  # text, not UTF-8
+        (bytes([0xC1, 0x80, 0, 0, 0, 0]), 1002, "protocol error"),  # RSV1: nothing negotiated it
+    ],
+)
+async def test_a_broken_frame_is_the_servers_close_not_the_clients(
+    harness: Harness, frame: bytes, code: int, reason: str
+) -> None:
+    """wsproto reports a broken frame as a close with the code RFC 6455 names for it. Taken for
+    the client's own close, the connection ended without a close frame (RFC 6455 7.1.7: the
+    server SHOULD send one), and the trail said the client closed it."""
+    await harness.start()
+    alice = await harness.connect("alice")
+    await alice.stream.send_all(frame)
+    if harness.engine != "trio-websocket":  # which fails the connection without a close frame
+        await alice.expect_closed(code, reason)
+    await harness.settle()
+    [closed] = harness.audit.records("conn.close")
+    assert (closed["close_code"], closed["reason"]) == (code, reason)

@@ -38,7 +38,7 @@ from wsproto.events import (
 )
 from wsproto.utilities import RemoteProtocolError, generate_accept_token
 
-from callgate.errors import CLOSED_BY_CLIENT
+from callgate.errors import CLOSED_BY_CLIENT, PROTOCOL_FAILURES
 from callgate.protocol.frames import fast_frames, text_frame
 from callgate.transport.reactor import Reactor
 
@@ -317,8 +317,17 @@ class WsprotoConnection:
                     await self._send(self._protocol.send(event.response()))
             elif isinstance(event, Pong):
                 self._pong(bytes(event.payload))
+            elif isinstance(event, CloseConnection) and (
+                self._protocol.state is ConnectionState.OPEN
+            ):
+                # Not the client's close: wsproto found its frames broken (invalid UTF-8, a
+                # reserved bit, an unmasked frame...) and says so with a close event, the
+                # connection still open. Fail it with that code (RFC 6455 7.1.7).
+                code = event.code if event.code in PROTOCOL_FAILURES else 1002
+                await self.aclose(code, PROTOCOL_FAILURES[code])
+                return
             elif isinstance(event, CloseConnection):
-                # Closed first: the writer may run while the reply is sent, and must not frame
+                # The client's close. Closed first: the writer may run while the reply is sent, and must not frame
                 # another message into a closing connection. Not with the client's reason: that
                 # is the client's own text (up to 123 bytes), and the reason goes to the trail.
                 self._set_closed(event.code, CLOSED_BY_CLIENT)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from trio_websocket import CloseReason, WebSocketConnection, WebSocketRequest
 
-from callgate.errors import CLOSED_BY_CLIENT, CloseCode
+from callgate.errors import CLOSED_BY_CLIENT, PROTOCOL_FAILURES, CloseCode
 
 if TYPE_CHECKING:
     from callgate.transport.reactor import Reactor
@@ -39,6 +39,8 @@ class TrioWebSocketEngine:
             return closed  # ours, or the socket was lost (trio-websocket gives no reason)
         if closed.code == CloseCode.MESSAGE_TOO_BIG and (closed.reason or "").startswith(_TOO_BIG):
             return CloseReason(closed.code, "message too big")  # trio-websocket's own close
+        if closed.code in PROTOCOL_FAILURES:  # the client's frames were broken (or it says so)
+            return CloseReason(closed.code, PROTOCOL_FAILURES[closed.code])
         return CloseReason(closed.code, CLOSED_BY_CLIENT)
 
     async def get_message(self) -> str | bytes:
