@@ -122,10 +122,8 @@ async def test_an_outbox_over_its_size_closes_1008_before_it_holds_outbound_queu
                 connection.push(str(n) * 3000)
             assert connection.close_code is None
             connection.push("3" * 3000)  # this one does not
-            assert (connection.close_code, connection.close_reason) == (
-                1008,
-                "client too slow: outbound queue full",
-            )
+            closed: tuple[int | None, str] = (connection.close_code, connection.close_reason)
+            assert closed == (1008, "client too slow: outbound queue full")
             ws.release.set()
             await connection.writer_done.wait()
             nursery.cancel_scope.cancel()

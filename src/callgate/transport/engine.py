@@ -327,9 +327,10 @@ class WsprotoConnection:
                 await self.aclose(code, PROTOCOL_FAILURES[code])
                 return
             elif isinstance(event, CloseConnection):
-                # The client's close. Closed first: the writer may run while the reply is sent, and must not frame
-                # another message into a closing connection. Not with the client's reason: that
-                # is the client's own text (up to 123 bytes), and the reason goes to the trail.
+                # The client's close. Closed first: the writer may run while the reply is sent,
+                # and must not frame another message into a closing connection. Not with the
+                # client's reason: that is its own text (up to 123 bytes), and reasons go to the
+                # trail.
                 self._set_closed(event.code, CLOSED_BY_CLIENT)
                 if self._protocol.state is ConnectionState.REMOTE_CLOSING:
                     await self._send(self._protocol.send(event.response()))
