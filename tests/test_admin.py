@@ -174,6 +174,9 @@ async def test_lists_with_filters_and_paging(harness: Harness) -> None:
         ("GET", "/v1/calls?state=bogus", None, "state: one of ringing, connected"),
         ("GET", "/v1/calls?limit=0", None, "limit: a whole number from 1 to 1000"),
         ("GET", "/v1/connections?cursor=-1", None, "cursor: a whole number"),
+        # `str.isdigit` takes these; `int` refuses the superscript (a 500) and reads the other
+        ("GET", "/v1/calls?limit=%C2%B2", None, "limit: a whole number from 1 to 1000"),
+        ("GET", "/v1/connections?cursor=%D9%A3", None, "cursor: a whole number"),
         ("GET", "/v1/connections?min_age=soon", None, "min_age: a number of seconds"),
         ("GET", "/v1/users?nope=1", None, "unknown parameter 'nope'"),
         ("GET", "/v1/users?user=a&user=b", None, "user: give it once"),

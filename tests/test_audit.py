@@ -227,6 +227,29 @@ def test_lifecycle_records_and_records_without_a_connection_are_never_held_back(
     assert len(digest) == 0
 
 
+def test_token_refreshes_and_renegotiations_are_summed_per_connection_and_call() -> None:
+    """A client can cause these with every message it sends, without being refused: they are
+    summed as refusals are, a renegotiation per call and with the call's fields."""
+    digest = RefusalDigest()
+    call = {"call_key": "c1.1", "call_id": "x", "caller": "eve", "callee": "bob", "media": "voice"}
+    other = {**call, "call_key": "c1.2", "call_id": "y"}
+    first = [
+        ("token.refreshed", {"conn": "c1", "user": "eve"}),
+        ("call.renegotiated", {**call, "conn": "c1", "by": "eve"}),
+        ("call.renegotiated", {**other, "conn": "c1", "by": "eve"}),
+    ]
+    for event, fields in first:
+        assert digest.admit(event, fields, now=0.0) == [(event, fields)]
+    for second in range(1, 10):
+        for event, fields in first:
+            assert digest.admit(event, fields, now=float(second)) == []
+    closed = digest.closed("c1")
+    assert sorted(closed, key=str) == sorted(
+        [(event, {**fields, "count": 9}) for event, fields in first], key=str
+    )
+    assert len(digest) == 0
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     st.lists(

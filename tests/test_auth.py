@@ -177,6 +177,13 @@ def test_the_payload_hook_is_where_pyjwt_keeps_it() -> None:
         ({"exp": 2**64 + 1}, "bad_exp"),
         ({"exp": 4_000_000_000, "iat": -1}, "bad_iat"),
         ({"exp": 4_000_000_000, "nbf": -1e300}, "bad_nbf"),
+        # JSON's true and false are no numbers (pyjwt reads `true` as 1: "token expired")
+        ({"exp": True}, "bad_exp"),
+        ({"exp": False}, "bad_exp"),
+        ({"exp": None}, "bad_exp"),
+        ({"exp": 4_000_000_000, "nbf": True}, "bad_nbf"),
+        ({"exp": 4_000_000_000, "nbf": "0"}, "bad_nbf"),
+        ({"exp": 4_000_000_000, "iat": False}, "bad_iat"),
     ],
 )
 def test_time_claims_must_fit_in_a_safe_integer(claims: dict[str, object], detail: str) -> None:

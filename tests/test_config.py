@@ -56,6 +56,7 @@ def test_every_required_key_is_in_the_shipped_file() -> None:
         "drain_timeout",
         "ping_interval",
         "outbound_queue",
+        "outbound_queue_bytes",
         "max_connections_per_user",
         "max_connections_per_address",
         "trusted_proxies",

@@ -105,3 +105,44 @@ async def test_a_client_that_never_reads_again_is_cut_off_after_close_timeout() 
                 connection.push(f"frame-{n}")
             await trio.sleep_forever()  # cancelled at the overflow's deadline
     assert (ws.sent, ws.closed_with, connection.close_code) == ([], None, 1008)
+
+
+async def test_an_outbox_over_its_size_closes_1008_before_it_holds_outbound_queue_frames() -> None:
+    """`outbound_queue` counts frames; a client that stops reading could have 256 frames of
+    64 KB each held for it (16 MB; 10 ringing devices that never read: 150 MB, observed). The
+    outbox is also bounded in size (`outbound_queue_bytes`, in characters)."""
+    ws = _StuckSocket()
+    connection = Connection("c1", ws, NativeDialect(), "127.0.0.1", 256, 30.0, queue_bytes=10_000)  # type: ignore[arg-type]
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            connection.run_in(nursery)
+            connection.push("in-hand")
+            await trio.testing.wait_all_tasks_blocked()  # the writer is stuck in that write
+            for n in range(3):  # 7 + 3 x 3,000 characters fit in 10,000
+                connection.push(str(n) * 3000)
+            assert connection.close_code is None
+            connection.push("3" * 3000)  # this one does not
+            closed: tuple[int | None, str] = (connection.close_code, connection.close_reason)
+            assert closed == (1008, "client too slow: outbound queue full")
+            ws.release.set()
+            await connection.writer_done.wait()
+            nursery.cancel_scope.cancel()
+    assert ws.sent == ["in-hand"]
+    assert ws.closed_with == (1008, "client too slow: outbound queue full")
+
+
+async def test_a_frame_larger_than_the_outbox_size_goes_out_when_nothing_waits() -> None:
+    """The size bounds what waits, not what may be sent: a frame over it is queued alone."""
+    ws = _StuckSocket()
+    connection = Connection("c1", ws, NativeDialect(), "127.0.0.1", 256, 30.0, queue_bytes=1000)  # type: ignore[arg-type]
+    ws.release.set()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            connection.run_in(nursery)
+            for n in range(3):
+                connection.push(str(n) * 5000)
+                while len(ws.sent) <= n:
+                    await trio.sleep(0)
+            nursery.cancel_scope.cancel()
+    assert connection.close_code is None
+    assert [len(sent) for sent in ws.sent] == [5000, 5000, 5000]

@@ -149,3 +149,5 @@ def test_two_authorization_headers_void_the_credentials_and_an_allowed_origin_pa
     # Another origin is upgraded too, to be closed 4003 where the page can see it (contract 9).
     evil = read_upgrade(head(b"/ws", (b"origin", b"https://evil.example")), RULES, "192.0.2.1")
     assert isinstance(evil, Upgrade) and evil.origin_refused
+    apps = read_upgrade(head(b"/ws"), RULES, "192.0.2.1")  # no Origin: not a browser
+    assert isinstance(apps, Upgrade) and not apps.origin_refused

@@ -498,6 +498,71 @@ async def test_an_endless_fragmented_binary_message_is_cut_off(harness: Harness)
     await alice.expect_closed(1009)
 
 
+def masked_frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
+    """One client frame (RFC 6455 5.2), masked as clients must, of at most 125 bytes."""
+    mask = b"\x01\x02\x03\x04"
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([(0x80 if fin else 0) | opcode, 0x80 | len(payload)]) + mask + masked
+
+
+# Frames that carry no whole message: a WebSocket ping, and each fragment of a message but its
+# last. None of them was counted once: a client could send them as fast as its link allowed
+# (a million empty continuation frames took a second client's round trip from 0.5 ms to
+# 200-900 ms), signed in or not, and never meet a limit.
+FRAME_FLOODS = {
+    "pings": masked_frame(0x9, b"ping") * 500,
+    "empty continuation frames": masked_frame(0x1, b"{", fin=False)
+    + masked_frame(0x0, b"", fin=False) * 500,
+    "one-byte fragments": masked_frame(0x1, b"[", fin=False)
+    + masked_frame(0x0, b"1", fin=False) * 500,
+}
+FLOOD_LIMITS = {"messages": "20/second", "flood": "5/10 seconds"}
+
+
+@pytest.mark.parametrize("flood", sorted(FRAME_FLOODS))
+async def test_a_flood_of_frames_without_a_message_closes_4029(
+    harness: Harness, flood: str
+) -> None:
+    """Every ping and every fragment counts against `[limits] messages`, as a message does;
+    past it the frames count towards `flood`, and a client that keeps on is closed 4029."""
+    await harness.start(make_settings(limits=FLOOD_LIMITS))
+    alice, bob = await harness.connected_call()
+    await alice.stream.send_all(FRAME_FLOODS[flood])
+    await alice.expect_closed(4029, "rate limit exceeded")
+    await bob.expect("call-end", callId="ab", reason="peer_disconnected")
+
+
+@pytest.mark.parametrize("flood", sorted(FRAME_FLOODS))
+async def test_a_flood_of_frames_before_sign_in_closes_4029(harness: Harness, flood: str) -> None:
+    """Before sign-in too: nothing the server answers (a pong) or keeps (a fragment) is free."""
+    await harness.start(make_settings(limits=FLOOD_LIMITS))
+    anonymous = await harness.open()
+    await anonymous.stream.send_all(FRAME_FLOODS[flood])
+    await anonymous.expect_closed(4029, "rate limit exceeded")
+
+
+async def test_a_message_in_a_few_fragments_and_a_few_pings_are_within_the_limits(
+    harness: Harness,
+) -> None:
+    """What a client does within the limit still works: a message in fragments is one message
+    (its fragments count, and it is acknowledged), and pings are answered."""
+    await harness.start(make_settings(limits=FLOOD_LIMITS))
+    alice = await harness.connect("alice")
+    text = json.dumps({"event": "user-connected", "data": "alice", "ref": "in-pieces"}).encode()
+    pieces = [text[:10], text[10:20], text[20:]]
+    await alice.stream.send_all(
+        masked_frame(0x1, pieces[0], fin=False)
+        + masked_frame(0x9, b"between fragments")
+        + masked_frame(0x0, pieces[1], fin=False)
+        + masked_frame(0x0, pieces[2])
+    )
+    assert await alice.recv() == {"event": "ack", "ref": "in-pieces"}
+    for _ in range(3):
+        with trio.fail_after(STEP):
+            await alice.ws.ping()
+    await alice.expect_silence()
+
+
 @pytest.mark.both_engines
 async def test_half_open_handshakes_per_address_are_capped(harness: Harness) -> None:
     """A slowloris: sockets that never finish their request head. Past the per-address cap,
@@ -664,3 +729,38 @@ async def test_an_internal_error_closes_1011(
         await alice.expect_closed(1011, "internal error")
         await bob.expect("call-end", callId="ab", reason="peer_disconnected")
     assert [entry["event"] for entry in logs] == ["connection failed"]
+
+
+async def test_a_client_that_stops_reading_is_closed_by_the_size_of_its_queue(
+    harness: Harness,
+) -> None:
+    """`outbound_queue` counts frames: 400 frames of 60 KB fit in a queue of 1,024, and the
+    server held them all (24 MB) for a client that never read. The queue is also bounded in size
+    (`outbound_queue_bytes`, 1 MiB by default): past it the client is closed 1008 as for a full
+    queue, and the server holds about that much for it, not 400 frames."""
+    running = await harness.start(
+        make_settings(server={"outbound_queue": 1024, "close_timeout": STEP, "ping_interval": 0})
+    )
+    alice = await harness.connect("alice")
+    bob = await _RawClient.open(running.port, token_for("bob"))
+    assert (await bob.recv())["event"] == "session"
+    await alice.send("call-request", call_request("ab", "alice", "bob"))
+    assert (await bob.recv())["event"] == "call-request"
+    await bob.send("call-answer", {"callId": "ab", "to": "alice", "answer": SDP_ANSWER_OBJECT})
+    await alice.expect("call-answer")
+    bulk = {"candidate": None, "callId": "ab", "to": "bob", "padding": "x" * 60_000}
+    for n in range(400):
+        await alice.send("ice-candidate", bulk, ref=n if n == 399 else None)
+    assert await alice.recv() == {"event": "ack", "ref": 399}
+    delivered = 0
+    while True:
+        event = await bob.next_event()
+        if isinstance(event, WsCloseConnection):
+            break
+        assert isinstance(event, TextMessage), event
+        delivered += event.message_finished
+    assert (event.code, event.reason) == (1008, "client too slow: outbound queue full")
+    assert 0 < delivered < 400
+    await bob.stream.send_all(bob.ws.send(event.response()))
+    await bob.stream.aclose()
+    await alice.expect("call-end", callId="ab", reason="peer_disconnected")

@@ -153,7 +153,18 @@ def _signed(claims: dict[str, Any]) -> str:
 # the trail as any other bad token does.
 @pytest.mark.parametrize(
     ("claims", "reason"),
-    [({"exp": 1e300}, "bad_exp"), ({"exp": 4_000_000_000, "iat": -1e300}, "bad_iat")],
+    [
+        ({"exp": 1e300}, "bad_exp"),
+        ({"exp": 4_000_000_000, "iat": -1e300}, "bad_iat"),
+        # Not numbers at all: `true` was read as 1 (so "token expired", audited `expired`), and
+        # a string `nbf` was audited `malformed`.
+        ({"exp": True}, "bad_exp"),
+        ({"exp": "4000000000"}, "bad_exp"),
+        ({"exp": 4_000_000_000, "nbf": "0"}, "bad_nbf"),
+        ({"exp": 4_000_000_000, "nbf": False}, "bad_nbf"),
+        ({"exp": 4_000_000_000, "iat": "1"}, "bad_iat"),
+        ({"exp": 4_000_000_000, "iat": True}, "bad_iat"),
+    ],
 )
 async def test_a_time_claim_out_of_range_is_an_invalid_token(
     gate: Harness, claims: dict[str, Any], reason: str
@@ -179,3 +190,49 @@ async def test_socketio_rejects_an_out_of_range_exp(gate: Harness) -> None:
     assert packet.startswith("44") and "invalid token" in packet, packet
     [failed] = gate.audit.records("auth.failed")
     assert failed["reason"] == "bad_exp"
+
+
+# What a client may write in its close frame: up to 123 bytes of its own text.
+CLOSE_TEXT = 'eyJhbGciOiJIUzI1NiJ9.e30.marker\n{"event":"auth.ok"} a=candidate:1 marker-ice'
+
+
+@pytest.mark.both_engines
+@pytest.mark.parametrize("signed_in", [True, False])
+async def test_a_clients_close_reason_is_not_written_to_the_trail(
+    harness: Harness, signed_in: bool
+) -> None:
+    """The close frame's reason is the client's own text: it reached `conn.close` word for word
+    (a token, a candidate line, a forged record's JSON), from anyone who could open a socket.
+    The trail says only that the client closed, and with which code."""
+    await harness.start()
+    client = await harness.connect("alice") if signed_in else await harness.open()
+    await client.ws.aclose(4000, CLOSE_TEXT)
+    await harness.settle()
+    [closed] = harness.audit.records("conn.close")
+    assert closed["close_code"] == 4000
+    assert closed["reason"] == "closed by the client"
+    assert "marker" not in harness.audit.text
+
+
+@pytest.mark.both_engines
+@pytest.mark.parametrize(
+    ("frame", "code", "reason"),
+    [
+        (bytes([0x81, 0x82, 0, 0, 0, 0, 0xFF, 0xFE]), 1007, "invalid UTF-8"),  # text, not UTF-8
+        (bytes([0xC1, 0x80, 0, 0, 0, 0]), 1002, "protocol error"),  # RSV1: nothing negotiated it
+    ],
+)
+async def test_a_broken_frame_is_the_servers_close_not_the_clients(
+    harness: Harness, frame: bytes, code: int, reason: str
+) -> None:
+    """wsproto reports a broken frame as a close with the code RFC 6455 names for it. Taken for
+    the client's own close, the connection ended without a close frame (RFC 6455 7.1.7: the
+    server SHOULD send one), and the trail said the client closed it."""
+    await harness.start()
+    alice = await harness.connect("alice")
+    await alice.stream.send_all(frame)
+    if harness.engine != "trio-websocket":  # which fails the connection without a close frame
+        await alice.expect_closed(code, reason)
+    await harness.settle()
+    [closed] = harness.audit.records("conn.close")
+    assert (closed["close_code"], closed["reason"]) == (code, reason)

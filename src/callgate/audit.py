@@ -7,9 +7,10 @@ Values are flattened to JSON scalars and long strings are cut; the JSON encoder 
 control and non-ASCII character, so a user-chosen id can never break a line or put a terminal
 escape sequence on an auditor's screen.
 
-A client cannot fill the disk with refusals: `RefusalDigest` writes the first refusal of each kind
-from a connection, then sums its repeats into one record per `REFUSAL_WINDOW` (docs/audit-log.md,
-"Repeated refusals").
+A client cannot fill the disk with refusals, nor with the two records it can cause at its message
+rate without being refused (a token refresh, a renegotiation): `RefusalDigest` writes the first
+record of each kind from a connection, then sums its repeats into one record per
+`REFUSAL_WINDOW` (docs/audit-log.md, "Repeated refusals").
 """
 
 from __future__ import annotations
@@ -115,9 +116,13 @@ TERMINAL_CALL_EVENTS = frozenset(
 
 
 # Records of a client's message or token being refused: a client can cause one per message it
-# sends, so repeats from one connection are summed (`RefusalDigest`). Nothing else is: call,
-# session and connection records are written one by one, always.
+# sends, so repeats from one connection are summed (`RefusalDigest`).
 REFUSAL_EVENTS = frozenset({"authz.denied", "auth.failed"})
+# Records a client can also cause with every message it sends, accepted: renewing its token on
+# its connection, renegotiating its call. Summed as refusals are (a renegotiation's per call).
+# Nothing else is: the other call, session and connection records are written one by one, always.
+REPEATED_EVENTS = frozenset({"token.refreshed", "call.renegotiated"})
+SUMMED_EVENTS = REFUSAL_EVENTS | REPEATED_EVENTS
 # Seconds: after a refusal written in full, repeats of its kind from its connection within this
 # window are counted, not written; the count is written when the window ends (or the connection).
 REFUSAL_WINDOW = 60.0
@@ -139,28 +144,36 @@ class _Burst:
 
 
 class RefusalDigest:
-    """Bounds the records one connection's refusals can write; pure, on the clock it is given.
+    """Bounds the records one connection's refusals (and `REPEATED_EVENTS`) can write; pure, on
+    the clock it is given.
 
-    A refusal's kind is its event, `msg_event` and `reason`. The first refusal of a kind from a
+    A refusal's kind is its event, `msg_event` and `reason`; a renegotiation's, its event and
+    call (`call_key`); a token refresh's, its event. The first record of a kind from a
     connection is written in full and opens a window of `window` seconds; repeats within it are
     only counted. When the window ends with repeats, one summary is written (the same event and
-    kind, without the per-message `call_id`, with `count` = the repeats) and a new window opens;
-    a window that ends without repeats is forgotten, so the next refusal of that kind is written
-    in full again. Two records of one kind from one connection are thus at least `window`
-    seconds apart, whatever the client sends. A closing connection's counts are written at once
-    (`closed`), before its `conn.close`. Records without a `conn` pass through untouched.
+    kind, a refusal's without the per-message `call_id`, with `count` = the repeats) and a new
+    window opens; a window that ends without repeats is forgotten, so the next record of that
+    kind is written in full again. Two records of one kind from one connection are thus at
+    least `window` seconds apart, whatever the client sends. A closing connection's counts are
+    written at once (`closed`), before its `conn.close`. Records without a `conn` pass through
+    untouched.
     """
 
     def __init__(self, window: float = REFUSAL_WINDOW) -> None:
         self._window = window
-        self._bursts: dict[str, dict[tuple[str, str, str], _Burst]] = {}
+        self._bursts: dict[str, dict[tuple[str, str, str, str], _Burst]] = {}
 
     def admit(self, event: str, fields: Mapping[str, Any], now: float) -> list[Record]:
         """The records to write now for this one (itself, a summary, or nothing)."""
         conn = fields.get("conn")
-        if event not in REFUSAL_EVENTS or not isinstance(conn, str):
+        if event not in SUMMED_EVENTS or not isinstance(conn, str):
             return [(event, fields)]
-        kind = (event, str(fields.get("msg_event", "")), str(fields.get("reason", "")))
+        kind = (
+            event,
+            str(fields.get("msg_event", "")),
+            str(fields.get("reason", "")),
+            str(fields.get("call_key", "")),
+        )
         bursts = self._bursts.setdefault(conn, {})
         burst = bursts.get(kind)
         written: list[Record] = []
@@ -172,7 +185,11 @@ class RefusalDigest:
                 return written
             burst = None
         if burst is None:
-            summary = {k: v for k, v in fields.items() if k not in _PER_MESSAGE_FIELDS}
+            summary = (
+                {k: v for k, v in fields.items() if k not in _PER_MESSAGE_FIELDS}
+                if event in REFUSAL_EVENTS
+                else dict(fields)
+            )
             bursts[kind] = _Burst(summary, now + self._window)
             written.append((event, fields))
         else:
@@ -563,7 +580,8 @@ class AuditLog:
         }
 
     def write(self, event: str, fields: Mapping[str, Any], now: float | None = None) -> None:
-        """Write one record; a repeated refusal is counted instead (`RefusalDigest`).
+        """Write one record; a repeated refusal (or token refresh, or renegotiation) is
+        counted instead (`RefusalDigest`).
 
         `now` is the monotonic clock (tests give their own).
         """
@@ -571,7 +589,7 @@ class AuditLog:
             unknown = set(fields) - AUDIT_FIELDS
             if unknown:
                 raise ValueError(f"audit fields not in the allow-list: {sorted(unknown)}")
-        if event in REFUSAL_EVENTS:
+        if event in SUMMED_EVENTS:
             when = time.monotonic() if now is None else now
             for refusal, refusal_fields in self._refusals.admit(event, fields, when):
                 self._write(refusal, refusal_fields)

@@ -156,9 +156,12 @@ class TokenVerifier:
 MAX_TIME_CLAIM = 2**53 - 1
 
 
+_TIME_CLAIMS = ("exp", "nbf", "iat")
+
+
 def _unix_time(claims: dict[str, Any], name: str) -> int | float | None:
     """A time claim (`exp`, `nbf`, `iat`) if present. Raises: AuthError `invalid token` if it is
-    not a finite number of seconds from 0 to `MAX_TIME_CLAIM`."""
+    not a finite number of seconds from 0 to `MAX_TIME_CLAIM` (`true` and `false` are not)."""
     value = claims.get(name)
     if value is None and name not in claims:
         return None
@@ -212,6 +215,10 @@ class _Claims(jwt.PyJWT):
             raise jwt.DecodeError("Invalid payload string") from err
         if not isinstance(payload, dict):
             raise jwt.DecodeError("Invalid payload string: must be a json object")
+        # The time claims' type and range, before pyjwt reads them: it takes `true` for 1 (an
+        # `exp` of `true` was "token expired"). pyjwt calls this once the signature is checked.
+        for name in _TIME_CLAIMS:
+            _unix_time(payload, name)
         return payload
 
 

@@ -91,6 +91,9 @@ class ServerSettings(_Section):
     max_message_bytes: int = Field(65536, ge=4096, le=16 * 1024 * 1024)
     auth_timeout: float = Field(10.0, gt=0, le=300)
     outbound_queue: int = Field(256, ge=8, le=65536)
+    # ... and the most characters (bytes, for ASCII) of frames queued for it: a frame count alone
+    # let a client that does not read hold 256 frames of max_message_bytes each (16 MiB).
+    outbound_queue_bytes: int = Field(1024 * 1024, ge=16384, le=1024 * 1024 * 1024)
     close_timeout: float = Field(3.0, gt=0, le=60)
     # Browsers' `Origin` values allowed to connect; empty allows any. Requests without an
     # `Origin` header (apps, servers) are not affected.

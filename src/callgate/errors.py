@@ -37,6 +37,14 @@ class CloseCode(IntEnum):
     RATE_LIMIT_ABUSE = 4029
 
 
+# What a connection closed by its client is said to have closed with (the audit trail's
+# `conn.close` reason): never the close frame's own reason, which is the client's text.
+CLOSED_BY_CLIENT = "closed by the client"
+# The codes a connection is failed with when its client's frames are broken (RFC 6455 7.4.1),
+# and the reason the server gives with each.
+PROTOCOL_FAILURES = {1002: "protocol error", 1007: "invalid UTF-8"}
+
+
 class CallgateError(Exception):
     """Base of every error callgate raises on purpose."""
 

@@ -346,7 +346,9 @@ def _page(rows: list[dict[str, Any]], query: Mapping[str, str]) -> dict[str, Any
 def _integer(value: str | None, name: str, default: int, low: int, high: int) -> int:
     if value is None:
         return default
-    if not value.isdigit() or not low <= int(value) <= high:
+    # ASCII digits only: `str.isdigit` also takes superscripts (which `int` refuses) and other
+    # scripts' digits (which `int` reads).
+    if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:
         raise _bad(f"{name}: a whole number from {low} to {high}")
     return int(value)
 

@@ -5,7 +5,9 @@ Engine.IO/Socket.IO framing) over one engine (the `Engine` interface below, impl
 both: engine.py for wsproto, trio_engine.py for trio-websocket). Senders never wait: a frame goes
 straight to the socket when it can (`push`), else through a bounded memory channel drained by the
 writer task (both made with the first such frame), and a full channel means the client is not
-reading, so that connection alone is closed (1008, see `_overflow`). `ConnectionHub` (hub.py) runs
+reading, so that connection alone is closed (1008, see `_overflow`). Full means `queue_size`
+frames, or `queue_bytes` characters of frames: a count of frames alone let a client that does not
+read have 256 frames of 64 KB each held for it. `ConnectionHub` (hub.py) runs
 a connection's life.
 """
 
@@ -101,6 +103,12 @@ class Engine(Protocol):
 
     def detach_reactor(self) -> None: ...
 
+    def count_frames(self, counter: Callable[[], bool] | None) -> None:
+        """Call `counter` for every frame that carries no whole message (a ping, a fragment but
+        the last), if the engine can see them: False means over the rate (a ping then goes
+        unanswered); what it raises, `get_message` raises. None stops counting."""
+        ...
+
 
 class PeerGone(Exception):
     """The client's socket closed under us (trio-websocket's ConnectionClosed, translated)."""
@@ -122,6 +130,8 @@ class Connection:
         addr: str,
         queue_size: int,
         close_timeout: float = 3.0,
+        *,
+        queue_bytes: int = 1 << 20,
     ) -> None:
         self.id = conn_id
         self.ws = ws
@@ -159,6 +169,10 @@ class Connection:
         # Frames queued and not yet written. At 0 the writer has nothing in hand, so a frame
         # may go straight to the socket without overtaking any (see `push`).
         self._in_flight = 0
+        # Their size, in characters (bytes, for the ASCII text of nearly every frame), and the
+        # most it may reach: one frame over it is queued only when nothing else is.
+        self._queued_chars = 0
+        self._queue_chars = queue_bytes
         # False once the outbox overflowed: from then on nothing goes straight out either.
         self._direct = True
         # Set by the hub: False while it handles a burst of messages from one read, when the
@@ -290,9 +304,14 @@ class Connection:
         outbox = self._outbox or self._start_writer()
         if outbox is None:
             return  # the connection is already finishing
+        size = len(item) if isinstance(item, str) else 0  # a close or flush always fits
+        if size and self._queued_chars and self._queued_chars + size > self._queue_chars:
+            self._overflow()
+            return
         try:
             outbox.send_nowait(item)
             self._in_flight += 1
+            self._queued_chars += size
         except trio.WouldBlock:
             self._overflow()
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -384,6 +403,7 @@ class Connection:
                 if texts or flush:  # (a `_Flush` alone: what the socket did not take at once)
                     await self.ws.send_messages(texts)
                 self._in_flight -= len(batch)
+                self._queued_chars -= sum(map(len, texts))
                 if self._overflowed:
                     break  # the frames queued behind the batch in hand are dropped
             if self._overflowed and self.close_code is not None:

@@ -38,7 +38,7 @@ from wsproto.events import (
 )
 from wsproto.utilities import RemoteProtocolError, generate_accept_token
 
-from callgate.errors import CloseCode
+from callgate.errors import CLOSED_BY_CLIENT, PROTOCOL_FAILURES, CloseCode
 from callgate.errors import CloseConnection as Close
 from callgate.protocol.frames import fast_frames, text_frame
 from callgate.transport.reactor import Reactor
@@ -55,6 +55,7 @@ class WsprotoConnection:
     __slots__ = (
         "_binary",
         "_buffer",
+        "_count_frame",
         "_drained",
         "_early",
         "_failure",
@@ -121,6 +122,8 @@ class WsprotoConnection:
         self._reactor: Reactor | None = None
         self._inline: Callable[[str], bool] | None = None
         self._failure: Exception | None = None
+        # Told of every frame that carries no whole message (`count_frames`).
+        self._count_frame: Callable[[], bool] | None = None
 
     # -- receiving ---------------------------------------------------------------------------
 
@@ -137,6 +140,22 @@ class WsprotoConnection:
 
     def detach_reactor(self) -> None:
         self._reactor = self._inline = None
+
+    def count_frames(self, counter: Callable[[], bool] | None) -> None:
+        """From now on `counter()` is called for every frame the client sends that carries no
+        whole message: a ping, and each fragment of a message but its last (the message itself
+        is counted when it is read). It returns False for a frame over the rate (a ping is then
+        not answered), and may raise (CloseConnection), which `get_message` raises. None stops it.
+
+        Such frames cost wsproto's parsing each, as a message does, and were free: a client
+        could send them without end (empty continuation frames, pings) and never meet a limit.
+        Whole text frames and pongs (the fast path) are not frames of this kind.
+        """
+        self._count_frame = counter
+
+    def _frame_admitted(self) -> bool:
+        counter = self._count_frame
+        return counter is None or counter()
 
     async def get_message(self) -> str | bytes:
         """The next message. Raises: ConnectionClosed; CloseConnection 1009 for a message over
@@ -277,6 +296,10 @@ class WsprotoConnection:
 
     async def _handle_events(self) -> None:
         for event in self._protocol.events():
+            if isinstance(event, TextMessage | BytesMessage) and (
+                event.frame_finished and not event.message_finished
+            ):
+                self._frame_admitted()  # a fragment: counted (over the rate: still joined)
             if isinstance(event, TextMessage):
                 self._text.append(event.data)
                 self._size += len(event.data)
@@ -300,14 +323,25 @@ class WsprotoConnection:
                     self._binary.clear()
                     self._size = 0
             elif isinstance(event, Ping):
-                if self._protocol.state is ConnectionState.OPEN:
+                if self._frame_admitted() and self._protocol.state is ConnectionState.OPEN:
                     await self._send(self._protocol.send(event.response()))
             elif isinstance(event, Pong):
                 self._pong(bytes(event.payload))
+            elif isinstance(event, CloseConnection) and (
+                self._protocol.state is ConnectionState.OPEN
+            ):
+                # Not the client's close: wsproto found its frames broken (invalid UTF-8, a
+                # reserved bit, an unmasked frame...) and says so with a close event, the
+                # connection still open. Fail it with that code (RFC 6455 7.1.7).
+                code = event.code if event.code in PROTOCOL_FAILURES else 1002
+                await self.aclose(code, PROTOCOL_FAILURES[code])
+                return
             elif isinstance(event, CloseConnection):
-                # Closed first: the writer may run while the reply is sent, and must not frame
-                # another message into a closing connection.
-                self._set_closed(event.code, event.reason or None)
+                # The client's close. Closed first: the writer may run while the reply is sent,
+                # and must not frame another message into a closing connection. Not with the
+                # client's reason: that is its own text (up to 123 bytes), and reasons go to the
+                # trail.
+                self._set_closed(event.code, CLOSED_BY_CLIENT)
                 if self._protocol.state is ConnectionState.REMOTE_CLOSING:
                     await self._send(self._protocol.send(event.response()))
 

@@ -74,6 +74,7 @@ if TYPE_CHECKING:
     from callgate.ratelimit import RateLimiter
 
 log = get_logger("callgate.connection")
+ORIGIN_NOT_ALLOWED = "origin not allowed"
 
 
 class _LeftForTask(Exception):
@@ -283,9 +284,11 @@ class ConnectionHub:
             addr,
             server.outbound_queue,
             server.close_timeout,
+            queue_bytes=server.outbound_queue_bytes,
         )
         connection.limits = self._limiter.for_connection()
         connection.may_write_now = self._not_in_burst
+        connection.ws.count_frames(partial(self._admit_frame, connection))
         self._all[conn_id] = connection
         self._per_address[addr] += 1
         self.audit("conn.open", {"conn": conn_id, "addr": addr})
@@ -320,6 +323,7 @@ class ConnectionHub:
         """Synchronous cleanup: runs even when the connection was cancelled."""
         connection.nursery = None
         connection.ws.detach_reactor()  # drops the handler, and with it the cycle back to us
+        connection.ws.count_frames(None)  # the same for the frame counter
         self._deadlines.cancel(connection.keepalive)
         self._deadlines.cancel(connection.expiry)
         self._all.pop(connection.id, None)
@@ -414,11 +418,11 @@ class ConnectionHub:
         """Raises: CloseConnection 4003 for a browser page from an origin not allowed (contract
         9), before anything it sends is read or its token is looked at."""
         if upgrade.origin_refused:
-            connection.refuse(CloseCode.FORBIDDEN, "origin not allowed")
+            connection.refuse(CloseCode.FORBIDDEN, ORIGIN_NOT_ALLOWED)
             self.audit(
                 "conn.refused", {"conn": connection.id, "addr": connection.addr, "code": 4003}
             )
-            raise _TurnedAway(CloseCode.FORBIDDEN, "origin not allowed")
+            raise _TurnedAway(CloseCode.FORBIDDEN, ORIGIN_NOT_ALLOWED)
 
     def _check_not_revoked(self, identity: Identity) -> None:
         if self.revocations.revokes(identity.user, identity.token_id, identity.issued_at):
@@ -558,6 +562,22 @@ class ConnectionHub:
         connection.send_error(
             ErrorCode.RATE_LIMITED, "too many messages", connection.peek_ref(text), retry
         )
+        if connection.limits.is_flooding():
+            self.metrics.rate_limited.labels("flood").inc()
+            raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "rate limit exceeded")
+        return False
+
+    def _admit_frame(self, connection: Connection) -> bool:
+        """A frame that carries no whole message (a WebSocket ping, a fragment of a message but
+        its last) counts against the connection's message rate as a message does, from the
+        first frame, signed in or not; over it, it counts towards `flood` (nothing is sent:
+        there is no message to answer). True when within the rate.
+
+        Raises: CloseConnection 4029 when the connection keeps flooding.
+        """
+        if connection.limits.admit_message() is None:
+            return True
+        self.metrics.rate_limited.labels("messages").inc()
         if connection.limits.is_flooding():
             self.metrics.rate_limited.labels("flood").inc()
             raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "rate limit exceeded")

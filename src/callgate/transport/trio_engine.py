@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 from trio_websocket import CloseReason, WebSocketConnection, WebSocketRequest
 
+from callgate.errors import CLOSED_BY_CLIENT, PROTOCOL_FAILURES, CloseCode
+
 if TYPE_CHECKING:
     from callgate.transport.reactor import Reactor
 
@@ -22,14 +24,24 @@ if TYPE_CHECKING:
 class TrioWebSocketEngine:
     """An accepted trio-websocket connection, as an `Engine`."""
 
-    __slots__ = ("_ws",)
+    __slots__ = ("_closing", "_ws")
 
     def __init__(self, ws: WebSocketConnection) -> None:
         self._ws = ws
+        self._closing = False  # `aclose` was called: the close is ours
 
     @property
     def closed(self) -> CloseReason | None:
-        return self._ws.closed
+        """Why the connection closed, never in the client's words: trio-websocket keeps the
+        reason of the client's close frame, the client's own text, which goes no further."""
+        closed = self._ws.closed
+        if closed is None or self._closing or closed.code == CloseCode.ABNORMAL:
+            return closed  # ours, or the socket was lost (trio-websocket gives no reason)
+        if closed.code == CloseCode.MESSAGE_TOO_BIG and (closed.reason or "").startswith(_TOO_BIG):
+            return CloseReason(closed.code, "message too big")  # trio-websocket's own close
+        if closed.code in PROTOCOL_FAILURES:  # the client's frames were broken (or it says so)
+            return CloseReason(closed.code, PROTOCOL_FAILURES[closed.code])
+        return CloseReason(closed.code, CLOSED_BY_CLIENT)
 
     async def get_message(self) -> str | bytes:
         return await self._ws.get_message()
@@ -57,6 +69,7 @@ class TrioWebSocketEngine:
         await self._ws.ping()
 
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
+        self._closing = True
         await self._ws.aclose(code, reason)
 
     def attach_reactor(self, reactor: Reactor, inline: Callable[[str], bool]) -> None:
@@ -64,6 +77,14 @@ class TrioWebSocketEngine:
 
     def detach_reactor(self) -> None:
         """Nothing attached."""
+
+    def count_frames(self, counter: Callable[[], bool] | None) -> None:
+        """Not counted: trio-websocket answers pings and joins fragments in its own reader
+        task, out of sight of its public API (SECURITY.md, *Abuse limits*)."""
+
+
+# How trio-websocket's own reason for a message over its size limit begins.
+_TOO_BIG = "Exceeded maximum message size"
 
 
 class TrioWebSocketRequest:
