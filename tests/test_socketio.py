@@ -593,3 +593,30 @@ async def test_an_origin_not_allowed_is_a_connect_error(harness: Harness) -> Non
     )
     harness.clients.append(Client(ws, stream))
     assert await until_closed(ws) == (['44{"message":"origin not allowed"}'], 4003)
+
+
+@pytest.mark.parametrize("connect_token", [None, "bob"], ids=["header-only", "connect-token"])
+async def test_a_bearer_header_on_a_socketio_upgrade_waits_for_the_connect(
+    harness: Harness, connect_token: str | None
+) -> None:
+    """A Node or React Native socket.io-client may also send `Authorization: Bearer` (its
+    `extraHeaders`). Socket.IO signs in with the CONNECT packet (contract 11), which such a
+    client sends all the same: it is answered `40{sid}` and `session`, never before it (an
+    unsolicited `40` made the client's own CONNECT an `error`). A CONNECT that carries a
+    token signs in with that token; one without uses the header's."""
+    await harness.start(make_settings())
+    ws, stream = await connect_ws(
+        harness.nursery,
+        harness.url.removesuffix("/ws") + SOCKETIO_PATH,
+        extra_headers=[(b"authorization", f"Bearer {token_for('alice')}".encode())],
+    )
+    harness.clients.append(Client(ws, stream))
+    assert (await next_packet(ws)).startswith("0{")
+    payload = {} if connect_token is None else {"token": token_for(connect_token)}
+    await ws.send_message("40" + json.dumps(payload))
+    assert (await next_packet(ws)).startswith("40{")
+    event, session = await next_event(ws)
+    assert (event, session["user"]) == ("session", connect_token or "alice")
+    # The next packet answers the next event: no `error` came for the CONNECT.
+    await ws.send_message('421["user-connected",' + json.dumps(session["user"]) + "]")
+    assert await next_packet(ws) == '431[{"ok":true}]'

@@ -74,10 +74,21 @@ class Dialect(Protocol):
     @property
     def heartbeat_frame(self) -> str | None: ...
 
+    @property
+    def connects(self) -> bool:
+        """Whether a client signs in with a frame of its own even when its upgrade carried a
+        token (Socket.IO's CONNECT, which every client sends and waits to have answered)."""
+        ...
+
     def greeting(self, conn_id: str) -> list[str]: ...
 
-    def sign_in(self, text: str, limits: FieldLimits) -> Credentials | Incoming:
-        """Raises: AuthError (a frame that is no sign-in, or a malformed one)."""
+    def sign_in(
+        self, text: str, limits: FieldLimits, upgrade: Credentials | None = None
+    ) -> Credentials | Incoming:
+        """`upgrade`: the credentials the upgrade carried (a dialect that `connects`), used
+        when the frame signs in without a token of its own.
+
+        Raises: AuthError (a frame that is no sign-in, or a malformed one)."""
         ...
 
     def welcome(self, conn_id: str) -> list[str]: ...
@@ -129,11 +140,14 @@ class NativeDialect:
     """callgate's JSON envelopes (contract sections 1-10); WebSocket pings for the heartbeat."""
 
     heartbeat_frame: str | None = None
+    connects = False  # a token on the upgrade signs in: an `auth` after it is a renewal
 
     def greeting(self, conn_id: str) -> list[str]:
         return []
 
-    def sign_in(self, text: str, limits: FieldLimits) -> Credentials | Incoming:
+    def sign_in(
+        self, text: str, limits: FieldLimits, upgrade: Credentials | None = None
+    ) -> Credentials | Incoming:
         try:
             envelope = decode(text, limits)
         except ProtocolError:
@@ -172,6 +186,7 @@ class SocketIODialect:
     """Engine.IO v4 / Socket.IO v5 framing (contract section 11); Engine.IO's own heartbeat."""
 
     heartbeat_frame: str | None = sio.ENGINE_PING
+    connects = True  # a client sends CONNECT and waits for `40`, signed in by header or not
 
     def __init__(self, ping_interval: float, ping_timeout: float, max_payload: int) -> None:
         self._ping_interval = ping_interval
@@ -183,7 +198,9 @@ class SocketIODialect:
             sio.open_packet(conn_id, self._ping_interval, self._ping_timeout, self._max_payload)
         ]
 
-    def sign_in(self, text: str, limits: FieldLimits) -> Credentials | Incoming:
+    def sign_in(
+        self, text: str, limits: FieldLimits, upgrade: Credentials | None = None
+    ) -> Credentials | Incoming:
         if text[:1] != sio.ENGINE_MESSAGE:
             engine = self._engine_packet(text)
             if engine is None:
@@ -199,6 +216,11 @@ class SocketIODialect:
             # Answered, and the client may try the main namespace next.
             return Incoming(reply=sio.connect_error_packet("Invalid namespace", packet.namespace))
         auth = packet.payload if isinstance(packet.payload, dict) else {}
+        if upgrade is not None and auth.get("token") is None:
+            # Signed in with the upgrade's `Authorization` (a client's `extraHeaders`); its
+            # CONNECT may still say which session it resumes.
+            resume = auth.get("resume")
+            return Credentials(upgrade.token, resume if isinstance(resume, str) else upgrade.resume)
         return _credentials(auth.get("token"), auth.get("resume"), None)
 
     def welcome(self, conn_id: str) -> list[str]:

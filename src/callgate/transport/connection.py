@@ -198,12 +198,15 @@ class Connection:
     ) -> None:
         self.push(self.dialect.error(code, message, ref, retry_after))
 
-    def read_sign_in(self, text: str, limits: FieldLimits) -> Credentials | None:
-        """A frame read before sign-in: the credentials in it, or None once it is answered.
+    def read_sign_in(
+        self, text: str, limits: FieldLimits, upgrade: Credentials | None = None
+    ) -> Credentials | None:
+        """A frame read before sign-in: the credentials in it (or `upgrade`'s, the upgrade's
+        own, where the dialect takes them), or None once it is answered.
 
         Raises: AuthError (no sign-in), ClientLeft (the client said goodbye).
         """
-        reading = self.dialect.sign_in(text, limits)
+        reading = self.dialect.sign_in(text, limits, upgrade)
         if isinstance(reading, Credentials):
             return reading
         self._obey(reading)

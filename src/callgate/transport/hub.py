@@ -455,8 +455,9 @@ class ConnectionHub:
         if bearer == "":  # `Authorization: Bearer` and no token: an empty token (contract 2)
             raise AuthError(INVALID, "malformed")
         token = bearer or (upgrade.query_tokens[0] if upgrade.query_tokens else None)
-        if token:
-            return await self._verify(token), Credentials(token, upgrade.resume)
+        carried = Credentials(token, upgrade.resume) if token else None
+        if carried is not None and not connection.dialect.connects:
+            return await self._verify(carried.token), carried
         with trio.move_on_after(self._settings.server.auth_timeout):
             while True:
                 text = await connection.receive()
@@ -465,7 +466,7 @@ class ConnectionHub:
                 # sign-in (pings, CONNECTs to other namespaces) could otherwise go on without end.
                 if not self._admit(connection, text):
                     continue
-                credentials = connection.read_sign_in(text, self._field_limits)
+                credentials = connection.read_sign_in(text, self._field_limits, carried)
                 if credentials is not None:
                     return await self._verify(credentials.token), credentials
         raise AuthError("auth timeout", "auth_timeout")
