@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -391,13 +392,16 @@ async def test_a_ring_timer_disarmed_then_put_back_never_fires(cluster: ClusterH
     assert not [row for row in cluster.audit.records() if row["event"] == "call.timeout"]
 
 
-@pytest.mark.parametrize("kind", ["string", "hash", "deleted"])
+@pytest.mark.parametrize("kind", ["string", "hash", "deleted", "padded"])
 async def test_ring_timers_survive_their_set_replaced(cluster: ClusterHarness, kind: str) -> None:
     """Two calls ring (alice to bob, carol to dave); a client without the key replaces the
-    shared timer set `timers` with a string or a hash, or deletes it. The set held their
-    ring timeouts (its scores say when to claim): they were lost, and both calls rang until
-    someone hung up. The signed deadlines (`timer-due`) still name them: the next claim puts
-    each back in the set at its signed deadline, and both calls time out, on time, once."""
+    shared timer set `timers` with a string or a hash, or deletes it (`padded`: and adds
+    members of its own, due in a year, so that the set holds more members than `timer-due`
+    signed deadlines). The set held their ring timeouts (its scores say when to claim): they
+    were lost, and both calls rang until someone hung up. The signed deadlines (`timer-due`)
+    still name them: a claim finds one missing (there are more deadlines than members, or a
+    deadline drawn at random has no member), the deadlines are put back in the set at their
+    signed time, and both calls time out, on time, once."""
     ring = 1.5
     await cluster.start(make_settings(calls={"ring_timeout": ring}))
     alice = await cluster.connect("alice", node=0)
@@ -418,6 +422,8 @@ async def test_ring_timers_survive_their_set_replaced(cluster: ClusterHarness, k
             attacker.set(key, "x")
         elif kind == "hash":
             attacker.hset(key, "x", "y")
+        elif kind == "padded":
+            attacker.zadd(key, {f"pad{i}": time.time() + 365 * 86400 for i in range(8)})
     finally:
         attacker.close()
     for caller, callee, call_id in ((alice, bob, "ab"), (carol, dave, "cd")):
@@ -426,7 +432,8 @@ async def test_ring_timers_survive_their_set_replaced(cluster: ClusterHarness, k
     fired = trio.current_time() - sent
     assert fired < ring + cluster_node.TIMER_SWEEP + 1.5, fired
     assert [row["event"] for row in terminal_records(cluster)] == ["call.timeout"] * 2
-    assert _timer_keys(cluster) == ({}, {})
+    timers, due = _timer_keys(cluster)
+    assert due == {} and all(member.startswith(b"pad") for member in timers)
     await _until(lambda: ("timers", "missing") in {(e, r) for e, r, _ in _refused(cluster)})
-    if kind != "deleted":
+    if kind in ("string", "hash"):
         assert ("timers", "malformed") in {(e, r) for e, r, _ in _refused(cluster)}
