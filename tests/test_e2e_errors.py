@@ -515,6 +515,9 @@ FRAME_FLOODS = {
     + masked_frame(0x0, b"", fin=False) * 500,
     "one-byte fragments": masked_frame(0x1, b"[", fin=False)
     + masked_frame(0x0, b"1", fin=False) * 500,
+    # Pongs that answer no ping of the server's. Behind a ping (or any frame the fast path
+    # leaves to wsproto) every later frame is parsed by wsproto, pongs as pings are.
+    "unsolicited pongs": masked_frame(0x9, b"ping") + masked_frame(0xA, b"pong") * 500,
 }
 FLOOD_LIMITS = {"messages": "20/second", "flood": "5/10 seconds"}
 

@@ -592,7 +592,29 @@ async def test_an_origin_not_allowed_is_a_connect_error(harness: Harness) -> Non
         extra_headers=[(b"origin", b"https://evil.example")],
     )
     harness.clients.append(Client(ws, stream))
-    assert await until_closed(ws) == (['44{"message":"origin not allowed"}'], 4003)
+    (opened, *rest), code = await until_closed(ws)
+    # Engine.IO's open packet first: a client reads no packet before it (see below).
+    assert opened.startswith("0{"), opened
+    assert (rest, code) == (['44{"message":"origin not allowed"}'], 4003)
+
+
+@needs_node
+async def test_a_real_client_of_an_origin_not_allowed_is_told_so(harness: Harness) -> None:
+    """socket.io-client drops every packet that comes before Engine.IO's open packet: sent the
+    CONNECT_ERROR and the close alone, it reported nothing (no `connect_error`, no `disconnect`)
+    and waited for ever; with the HTTP 403 of before, it had at least seen a `connect_error`.
+    After the open packet, it reads the refusal, and a CONNECT_ERROR tells it not to retry."""
+    await harness.start(make_settings(server={"allowed_origins": ["https://app.example"]}))
+    client = await SocketIOClient.start(harness.nursery, harness.url)
+    await client.command(
+        "connect", token=token_for("alice"), extraHeaders={"Origin": "https://evil.example"}
+    )
+    await client.expect("auth_called")
+    await client.expect("connect_error", message="origin not allowed")
+    await client.stop()
+    [refused] = harness.audit.records("conn.refused")
+    assert refused["code"] == 4003
+    assert not harness.audit.records("auth.ok")
 
 
 @pytest.mark.parametrize("connect_token", [None, "bob"], ids=["header-only", "connect-token"])

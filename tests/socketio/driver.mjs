@@ -12,13 +12,14 @@ function out(message) {
 }
 
 const commands = {
-  connect({ namespace = "", token, resume, reconnection = false }) {
+  connect({ namespace = "", token, resume, reconnection = false, extraHeaders }) {
     if (token) tokens.push(token);
     socket = io(url + namespace, {
       transports: ["websocket"],
       reconnection,
       reconnectionDelay: 100,
       reconnectionDelayMax: 200,
+      extraHeaders, // (Node only: a browser's page cannot set them, but its Origin is sent)
       // Called on every (re)connection: a fresh token each time, as an app would fetch one.
       auth: (cb) => {
         out({ type: "auth_called", left: tokens.length });

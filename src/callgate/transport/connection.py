@@ -104,9 +104,10 @@ class Engine(Protocol):
     def detach_reactor(self) -> None: ...
 
     def count_frames(self, counter: Callable[[], bool] | None) -> None:
-        """Call `counter` for every frame that carries no whole message (a ping, a fragment but
-        the last), if the engine can see them: False means over the rate (a ping then goes
-        unanswered); what it raises, `get_message` raises. None stops counting."""
+        """Call `counter` for every frame that carries no whole message (a ping, a pong that
+        answers nothing, a fragment but the last), if the engine can see them: False means over
+        the rate (a ping then goes unanswered); what it raises, `get_message` raises. None
+        stops counting."""
         ...
 
 

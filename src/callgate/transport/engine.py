@@ -143,13 +143,15 @@ class WsprotoConnection:
 
     def count_frames(self, counter: Callable[[], bool] | None) -> None:
         """From now on `counter()` is called for every frame the client sends that carries no
-        whole message: a ping, and each fragment of a message but its last (the message itself
-        is counted when it is read). It returns False for a frame over the rate (a ping is then
-        not answered), and may raise (CloseConnection), which `get_message` raises. None stops it.
+        whole message: a ping, a pong that answers no ping of ours, and each fragment of a
+        message but its last (the message itself is counted when it is read). It returns False
+        for a frame over the rate (a ping is then not answered), and may raise
+        (CloseConnection), which `get_message` raises. None stops it.
 
         Such frames cost wsproto's parsing each, as a message does, and were free: a client
         could send them without end (empty continuation frames, pings) and never meet a limit.
-        Whole text frames and pongs (the fast path) are not frames of this kind.
+        Whole text frames and pongs the fast path reads (before any frame it leaves to wsproto)
+        are not counted here.
         """
         self._count_frame = counter
 
@@ -326,7 +328,10 @@ class WsprotoConnection:
                 if self._frame_admitted() and self._protocol.state is ConnectionState.OPEN:
                     await self._send(self._protocol.send(event.response()))
             elif isinstance(event, Pong):
-                self._pong(bytes(event.payload))
+                if not self._pong(bytes(event.payload)):
+                    # A pong that answers nothing: parsed by wsproto as a ping is, so counted
+                    # as a ping is (else a ping, then pongs without end, went uncounted).
+                    self._frame_admitted()
             elif isinstance(event, CloseConnection) and (
                 self._protocol.state is ConnectionState.OPEN
             ):
@@ -352,7 +357,8 @@ class WsprotoConnection:
         self._binary.clear()
         self._size = 0
 
-    def _pong(self, payload: bytes) -> None:
+    def _pong(self, payload: bytes) -> bool:
+        """Whether the pong answered something: a `ping`, or the heartbeat."""
         waiter = self._pongs.pop(payload, None)
         if waiter is not None:
             waiter.set()
@@ -361,6 +367,9 @@ class WsprotoConnection:
             # pongs as its own heartbeat, and any pong shows the peer is there).
             answered, self._heartbeat_answered = self._heartbeat_answered, None
             answered()
+        else:
+            return False
+        return True
 
     def _set_closed(self, code: int, reason: str | None) -> None:
         if self.closed is None:

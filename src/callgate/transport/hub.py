@@ -348,10 +348,13 @@ class ConnectionHub:
     async def _converse(self, connection: Connection, upgrade: Upgrade) -> None:
         """Sign the client in, then read its messages until it leaves."""
         try:
-            self._admit_address(connection)
-            self._admit_origin(connection, upgrade)
+            # The dialect's greeting first, even to a client turned away: a Socket.IO client
+            # reads nothing before Engine.IO's open packet, so the CONNECT_ERROR of a refusal
+            # sent without it is dropped, and the client waits, silent, for ever.
             for frame in connection.dialect.greeting(connection.id):
                 connection.push(frame)
+            self._admit_address(connection)
+            self._admit_origin(connection, upgrade)
             self._start_heartbeat(connection)
             identity, credentials = await self._authenticate(connection, upgrade)
             self._check_not_revoked(identity)
