@@ -642,3 +642,18 @@ async def test_a_bearer_header_on_a_socketio_upgrade_waits_for_the_connect(
     # The next packet answers the next event: no `error` came for the CONNECT.
     await ws.send_message('421["user-connected",' + json.dumps(session["user"]) + "]")
     assert await next_packet(ws) == '431[{"ok":true}]'
+
+
+@needs_node
+async def test_a_real_client_with_an_authorization_header_signs_in_with_its_connect(
+    gate: Harness,
+) -> None:
+    """socket.io-client with `extraHeaders: {Authorization}` (Node, React Native) and `auth`:
+    its CONNECT's token signs it in, and no `error` event follows its CONNECT."""
+    client = await connected_socketio(
+        gate, "bob", extraHeaders={"Authorization": f"Bearer {token_for('alice')}"}
+    )
+    await client.command("emit", event="user-connected", data="bob", ack=True)
+    ack = await client.expect("ack", event="user-connected")
+    assert ack["result"] == {"ok": True}
+    await client.stop()
