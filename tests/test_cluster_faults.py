@@ -437,3 +437,31 @@ async def test_ring_timers_survive_their_set_replaced(cluster: ClusterHarness, k
     await _until(lambda: ("timers", "missing") in {(e, r) for e, r, _ in _refused(cluster)})
     if kind in ("string", "hash"):
         assert ("timers", "malformed") in {(e, r) for e, r, _ in _refused(cluster)}
+
+
+async def test_a_ring_timer_whose_score_is_raised_still_fires_on_time(
+    cluster: ClusterHarness,
+) -> None:
+    """A client without the key raises a ringing call's timer score a year ahead (ZADD XX):
+    no claim would take it before then, and the call would ring until a side hung up. Claims
+    draw a signed deadline at random and compare its score: this one is put back at its
+    deadline (audited `timers` `late`) and the call times out on time, once."""
+    ring = 1.5
+    await cluster.start(make_settings(calls={"ring_timeout": ring}))
+    alice = await cluster.connect("alice", node=0)
+    bob = await cluster.connect("bob", node=1)
+    sent = trio.current_time()
+    await alice.send("call-request", call_request("ab", "alice", "bob"))
+    await bob.expect("call-request", id="ab")
+    [member] = _timer_keys(cluster)[0]
+    attacker = redis.Redis.from_url(cluster.redis_url)
+    try:
+        attacker.zadd(f"{cluster.name}:timers", {member: time.time() + 365 * 86400}, xx=True)
+    finally:
+        attacker.close()
+    await alice.expect("call-end", callId="ab", reason="timeout")
+    await bob.expect("call-end", callId="ab", reason="timeout")
+    fired = trio.current_time() - sent
+    assert ring <= fired < ring + cluster_node.TIMER_SWEEP + 1.5, fired
+    assert [row["event"] for row in terminal_records(cluster)] == ["call.timeout"]
+    await _until(lambda: ("timers", "late") in {(e, r) for e, r, _ in _refused(cluster)})

@@ -119,6 +119,9 @@ ATTEMPTS = 50  # compare-and-set conflicts in a row before a decision gives up
 TIMER_SWEEP = 0.5
 TIMER_GRAIN = 0.1  # seconds: its own timers due within one grain cost a node one claim
 TIMER_CLAIM = 64
+# Seconds a timer's unsigned score may be past its signed deadline, and past any claim's hold
+# as this node's clock sees it, before it counts as raised by a Redis client without the key.
+TIMER_LATE_SLACK = 10.0
 # How many of its devices' records a node checks when the epoch changed (Redis lost its data?),
 # chosen at random so that a client of Redis without the key cannot know which to delete.
 RECOVERY_SAMPLE = 16
@@ -1355,6 +1358,25 @@ class ClusterNode:
                 with contextlib.suppress(*STORE_ERRORS):  # (else at the next claim)
                     if await self._rearm_timers(now):
                         self._claim_again = True  # (some are due: claimed at once)
+            if self.store.timer_drawn is not None:
+                with contextlib.suppress(*STORE_ERRORS):  # (another is drawn next claim)
+                    if await self._pull_back_late(*self.store.timer_drawn, now + hold):
+                        self._claim_again = True
+
+    async def _pull_back_late(
+        self, member: str, score: float, sealed: bytes, held_until: float
+    ) -> bool:
+        """A timer drawn at random by a claim: its unsigned score raised past both its signed
+        deadline and any claim's hold (a Redis client without the key, to keep a call ringing
+        for good) is put back at its deadline, and audited (`timers` `late`). Whether it was.
+        A genuine score is its deadline, or a claim's time plus its hold: TIMER_LATE_SLACK
+        leaves room for nodes' clocks that differ."""
+        deadline = self.codec.open_timer_due(sealed, member)
+        if deadline is None or score <= max(deadline, held_until) + TIMER_LATE_SLACK:
+            return False
+        await self.store.reschedule_timers({member: deadline})
+        self._entry_rejected("timers", "late", source="timers")
+        return deadline <= time.time() + TIMER_GRAIN
 
     async def _rearm_timers(self, now: float) -> bool:
         """Signed deadlines whose member is gone from the timer set: the set was deleted, or

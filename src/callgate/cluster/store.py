@@ -239,17 +239,26 @@ for _, member in ipairs(due) do
   out[#out + 1] = member
   out[#out + 1] = redis.call('HGET', KEYS[2], member)
 end
-local missing = 0
+local missing, drawn = 0, {}
 if redis.call('HLEN', KEYS[2]) > redis.call('ZCARD', KEYS[1]) then
   missing = 1
 else
   -- The set may also hold members of a client's own (padding it past the deadlines' count):
   -- one deadline drawn at random whose member is gone says so too. With every claim of every
-  -- node drawing one, a set deleted and padded is found within a few claims.
+  -- node drawing one, a set deleted and padded is found within a few claims. A member that
+  -- is there is returned with its score and signed deadline: a score raised far past that
+  -- deadline (which would keep it from ever being claimed) is put back by the node.
   local probe = redis.call('HRANDFIELD', KEYS[2])
-  if probe and not redis.call('ZSCORE', KEYS[1], probe) then missing = 1 end
+  if probe then
+    local score = redis.call('ZSCORE', KEYS[1], probe)
+    if score then
+      drawn = {probe, score, redis.call('HGET', KEYS[2], probe)}
+    else
+      missing = 1
+    end
+  end
 end
-return {out, removed, missing}
+return {out, removed, missing, drawn}
 """
 )
 
@@ -442,6 +451,9 @@ class Store:
         # Whether the last timer claim found signed deadlines without their member in the set
         # (more deadlines than members): `missing_timers` says which.
         self.timers_missing = False
+        # One timer the last claim drew at random (member, score, signed deadline), for the
+        # node to check that its unsigned score was not raised past its deadline.
+        self.timer_drawn: tuple[str, float, bytes] | None = None
         self._drop_member = self._redis.register_script(_DROP_MEMBER)
 
     def key(self, name: str) -> str:
@@ -506,8 +518,13 @@ class Store:
         which are removed, so that no node claims them again."""
         keys = [self.key("timers"), self.key("timer-due")]
         reply: Any = await self._claim(keys=keys, args=[now, hold_until, limit])
-        flat, removed, missing = reply
+        flat, removed, missing, drawn = reply
         self.timers_missing = bool(missing)
+        self.timer_drawn = (
+            (bytes(drawn[0]).decode(errors="replace"), float(drawn[1]), bytes(drawn[2]))
+            if drawn
+            else None
+        )
         if removed:  # of another type: removed (as if deleted), read as empty
             self._removed([("timers", "timer-due")[int(index) - 1] for index in removed])
         timers, malformed = [], []
