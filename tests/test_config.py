@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from callgate.config import DEVELOPMENT_SECRET, is_loopback_host, load_settings
+from callgate.config import DEVELOPMENT_SECRET, ServerSettings, is_loopback_host, load_settings
 from callgate.errors import ConfigError
 
 SHIPPED = Path(__file__).parent.parent / "config" / "callgate.toml"
@@ -178,3 +178,13 @@ def test_a_bad_environment_override_names_its_variable(
     # Not blamed on the file, which is fine.
     assert str(SHIPPED) not in message
     assert "short" not in message  # a secret's value is never echoed
+
+
+def test_the_queue_holds_four_of_the_largest_messages_however_small_it_is_set() -> None:
+    """`outbound_queue_bytes` bounds what waits for a client, but never below four messages of
+    `max_message_bytes`: with that raised and the queue left as it was, a client reading at its
+    link's pace would be closed (1008) for two large messages forwarded to it in a row."""
+    assert ServerSettings().outbound_queue_chars == 1024 * 1024
+    raised = ServerSettings(max_message_bytes=600_000, outbound_queue_bytes=16384)
+    assert raised.outbound_queue_chars == 2_400_000
+    assert ServerSettings(outbound_queue_bytes=16384).outbound_queue_chars == 4 * 65536

@@ -138,6 +138,14 @@ class ServerSettings(_Section):
                 ) from None
         return value
 
+    @property
+    def outbound_queue_chars(self) -> int:
+        """The size bound a connection's queue has: `outbound_queue_bytes`, but never less than
+        four messages of `max_message_bytes`, so that a client that reads at its link's pace is
+        not closed for two large messages forwarded to it in a row (with `max_message_bytes`
+        raised and the queue left as it was)."""
+        return max(self.outbound_queue_bytes, 4 * self.max_message_bytes)
+
 
 class AuthSettings(_Section):
     algorithms: tuple[str, ...] = ("HS256",)

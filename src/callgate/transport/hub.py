@@ -284,7 +284,7 @@ class ConnectionHub:
             addr,
             server.outbound_queue,
             server.close_timeout,
-            queue_bytes=server.outbound_queue_bytes,
+            queue_bytes=server.outbound_queue_chars,
         )
         connection.limits = self._limiter.for_connection()
         connection.may_write_now = self._not_in_burst
