@@ -392,7 +392,7 @@ async def test_a_member_of_nodes_that_never_ran_is_dropped_not_buried(
     members = f"{cluster.name}:nodes"
     attacker = redis.Redis.from_url(cluster.redis_url)
     try:
-        pipe = attacker.pipeline(transaction=False)
+        pipe = attacker.pipeline(transaction=True)  # (all at once: judged in one pass)
         for fake in fakes:
             pipe.sadd(f"{cluster.name}:n:{fake}", "alice", *(f"user{n}" for n in range(2000)))
             pipe.sadd(members, fake)
@@ -410,7 +410,10 @@ async def test_a_member_of_nodes_that_never_ran_is_dropped_not_buried(
         return [(row["entry"], row["reason"], row.get("count", 1)) for row in rows]
 
     await _until(lambda: sum(count for *_, count in refused()) == 3)
-    assert refused() == [("nodes", "unsigned", 1), ("nodes", "unsigned", 2)]
+    # The first at once, the others summed (on a slow machine a window may end between two
+    # of them: more records, never more than one each).
+    assert {(entry, reason) for entry, reason, _ in refused()} == {("nodes", "unsigned")}
+    assert refused()[0][2] == 1 and len(refused()) <= 3
     await alice.send("call-request", call_request("ab", "alice", "bob"))
     await bob.expect("call-request", id="ab")  # alice, listed under a fake, still reachable
 
