@@ -61,6 +61,19 @@ def _kept_retyped(redis_url: str, key: str) -> Iterator[dict[str, int]]:
         thread.join(STEP)
 
 
+async def _two_calls_by_inboxes(cluster: ClusterHarness) -> tuple[Client, Client, Client, Client]:
+    """Links off (every delivery by its target's inbox): alice and dave on node 0, bob on node
+    1, carol on node 2; alice in a call with carol, dave with bob."""
+    await cluster.start(links=False)
+    alice = await cluster.connect("alice", node=0)
+    dave = await cluster.connect("dave", node=0)
+    bob = await cluster.connect("bob", node=1)
+    carol = await cluster.connect("carol", node=2)
+    await _connected(alice, carol, "ac", ("alice", "carol"))
+    await _connected(dave, bob, "db", ("dave", "bob"))
+    return alice, dave, bob, carol
+
+
 # -- the inbox writer: one retyped target holds up no other ------------------------------------
 
 
@@ -76,13 +89,7 @@ async def test_an_inbox_kept_retyped_holds_up_no_other_nodes_deliveries(
     each of alice's candidates reaches carol at once, in order. (The client's thread wins
     some races by itself; to win every one that a removal apart from the append would leave
     open, it also writes right after each removal a writer makes.)"""
-    await cluster.start(links=False)
-    alice = await cluster.connect("alice", node=0)
-    dave = await cluster.connect("dave", node=0)
-    bob = await cluster.connect("bob", node=1)
-    carol = await cluster.connect("carol", node=2)
-    await _connected(alice, carol, "ac", ("alice", "carol"))
-    await _connected(dave, bob, "db", ("dave", "bob"))
+    alice, dave, bob, carol = await _two_calls_by_inboxes(cluster)
     # (the harness waits for every node to be quiet after each message a client reads: node 1
     # cannot be while its inbox is retyped, so carol reads without it meanwhile)
     carol.after_receive = None
@@ -142,13 +149,7 @@ async def test_an_inbox_at_the_last_stream_id_holds_up_nothing_for_good(
     (bob got nothing more, links off). Now the reader removes an inbox it has read to its last
     possible id (nothing can follow), the writer holds only node 1's batches until then: carol
     gets alice's candidates at once, bob gets dave's, each once, in order."""
-    await cluster.start(links=False)
-    alice = await cluster.connect("alice", node=0)
-    dave = await cluster.connect("dave", node=0)
-    bob = await cluster.connect("bob", node=1)
-    carol = await cluster.connect("carol", node=2)
-    await _connected(alice, carol, "ac", ("alice", "carol"))
-    await _connected(dave, bob, "db", ("dave", "bob"))
+    alice, dave, bob, carol = await _two_calls_by_inboxes(cluster)
     inbox = f"{cluster.name}:in:{node_id(cluster, 1)}"
     attacker = redis.Redis.from_url(cluster.redis_url)
     try:
