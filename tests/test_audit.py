@@ -250,6 +250,33 @@ def test_token_refreshes_and_renegotiations_are_summed_per_connection_and_call()
     assert len(digest) == 0
 
 
+def test_a_calls_summed_renegotiations_are_written_before_its_terminal_record() -> None:
+    """An auditor reads a call by its `call_key` up to its terminal record (the call report
+    does): the count of its renegotiations, from both sides, comes before that record, not at
+    the window's end or when a connection closes, after it. Another call's count waits."""
+    stream = io.StringIO()
+    log = AuditLog(StreamSink(stream), strict=True)
+    call = {"call_key": "c1.1", "call_id": "x", "caller": "eve", "callee": "bob", "media": "voice"}
+    other = {**call, "call_key": "c1.2", "call_id": "y"}
+    for second in range(4):
+        log.write("call.renegotiated", {**call, "conn": "c1", "by": "eve"}, now=float(second))
+        log.write("call.renegotiated", {**call, "conn": "c2", "by": "bob"}, now=float(second))
+        log.write("call.renegotiated", {**other, "conn": "c1", "by": "eve"}, now=float(second))
+    log.write("call.ended", {**call, "reason": "hangup", "by": "eve"}, now=5.0)
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    story = [
+        (r["event"], r.get("conn"), r.get("count")) for r in records if r.get("call_key") == "c1.1"
+    ]
+    assert story == [
+        ("call.renegotiated", "c1", None),
+        ("call.renegotiated", "c2", None),
+        ("call.renegotiated", "c1", 3),
+        ("call.renegotiated", "c2", 3),
+        ("call.ended", None, None),
+    ]
+    assert [r.get("count") for r in records if r.get("call_key") == "c1.2"] == [None]
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     st.lists(

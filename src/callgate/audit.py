@@ -121,7 +121,8 @@ REFUSAL_EVENTS = frozenset({"authz.denied", "auth.failed"})
 # Records a client can also cause with every message it sends, accepted: renewing its token on
 # its connection, renegotiating its call. Summed as refusals are (a renegotiation's per call).
 # Nothing else is: the other call, session and connection records are written one by one, always.
-REPEATED_EVENTS = frozenset({"token.refreshed", "call.renegotiated"})
+RENEGOTIATED = "call.renegotiated"
+REPEATED_EVENTS = frozenset({"token.refreshed", RENEGOTIATED})
 SUMMED_EVENTS = REFUSAL_EVENTS | REPEATED_EVENTS
 # Seconds: after a refusal written in full, repeats of its kind from its connection within this
 # window are counted, not written; the count is written when the window ends (or the connection).
@@ -219,6 +220,21 @@ class RefusalDigest:
         """The counts of a connection that ends; nothing of it is kept."""
         bursts = self._bursts.pop(conn, {})
         return [_summary(kind[0], burst) for kind, burst in bursts.items() if burst.count]
+
+    def call_over(self, call_key: str) -> list[Record]:
+        """The renegotiation counts of a call that ends, from every connection, so that they
+        come before its terminal record (a call is read up to that record); nothing of that
+        call is kept."""
+        written: list[Record] = []
+        for conn in list(self._bursts):
+            bursts = self._bursts[conn]
+            for kind in [k for k in bursts if k[0] == RENEGOTIATED and k[3] == call_key]:
+                burst = bursts.pop(kind)
+                if burst.count:
+                    written.append(_summary(kind[0], burst))
+            if not bursts:
+                del self._bursts[conn]
+        return written
 
     def flush(self) -> list[Record]:
         """Every count still open (the trail is closing)."""
@@ -598,6 +614,11 @@ class AuditLog:
             conn = fields.get("conn")
             if isinstance(conn, str):
                 for summary, summary_fields in self._refusals.closed(conn):
+                    self._write(summary, summary_fields)
+        elif event in TERMINAL_CALL_EVENTS:  # and a call's renegotiation counts before its end
+            call_key = fields.get("call_key")
+            if isinstance(call_key, str):
+                for summary, summary_fields in self._refusals.call_over(call_key):
                     self._write(summary, summary_fields)
         self._write(event, fields)
 
