@@ -715,6 +715,43 @@ async def test_fake_members_by_the_thousand_cost_each_beat_a_bounded_read(
     await alice.expect("call-reject", callId="ab", reason="unavailable")  # bob is gone
 
 
+async def test_fake_members_named_to_sort_first_keep_no_new_leader_from_a_dead_node(
+    cluster: ClusterHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client without the key keeps adding members named to sort before every real id
+    (`0fake…`), more than the leader checks at once. The leader dies: the node that takes the
+    lease has seen no node running yet, so every member is unknown to it. Its room for
+    unknown members must not go to the fakes every time because of their names: it finds the
+    dead leader among them and buries it (before, it checked the first names in order, the
+    fakes, again as soon as they were dropped, and the old leader was never judged)."""
+    monkeypatch.setattr(cluster_node, "MAX_UNKNOWN_WATCHED", 4)
+    await cluster.start()
+    await _until(lambda: any(n.hub.cluster and n.hub.cluster.judging for n in cluster.nodes))
+    leader = node_id(cluster, _judging(cluster))
+    members = f"{cluster.name}:nodes"
+    fakes = [f"0fake{i:02}" for i in range(8)]
+    attacker = redis.Redis.from_url(cluster.redis_url)
+
+    async def flood() -> None:
+        while True:
+            attacker.sadd(members, *fakes)
+            await trio.sleep(0.05)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flood)
+            await trio.sleep(0.3)
+            _stop(cluster, leader)
+            with trio.fail_after(20):
+                while not any(
+                    row["node"] == leader for row in cluster.audit.records("cluster.node_down")
+                ):
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+    finally:
+        attacker.close()
+
+
 @pytest.mark.parametrize(
     ("key", "entry", "devices"),
     [("n", "presence", 0), ("in", "inbox", 1)],

@@ -35,6 +35,7 @@ import contextlib
 import copy
 import heapq
 import math
+import random
 import secrets
 import time
 import zlib
@@ -276,12 +277,14 @@ class Watch:
     def to_check(self, members: Iterable[str], unknown_at_most: int) -> set[str]:
         """The nodes the next check reads: every node seen running, however many, and those
         of `members` (as read from the unsigned `nodes`) never seen running, up to
-        `unknown_at_most` of them at a time. An unknown node is checked again at every check
-        until it is seen or declared dead (then judged and forgotten), so each is counted to
-        the end; newcomers wait for room. A real node's first heartbeat adds it to `nodes`
-        with that beat: it is unknown only until its first check. Members added by a Redis
-        client without the key, however many, cost each check at most `unknown_at_most`
-        reads, and this watch at most that many entries beyond the nodes that ran."""
+        `unknown_at_most` of them at a time, the first in `members`' order (the caller's:
+        random, so that no name takes the room before others). An unknown node is checked
+        again at every check until it is seen or declared dead (then judged and forgotten), so
+        each is counted to the end; newcomers wait for room. A real node's first heartbeat
+        adds it to `nodes` with that beat: it is unknown only until its first check. Members
+        added by a Redis client without the key, however many, cost each check at most
+        `unknown_at_most` reads, and this watch at most that many entries beyond the nodes
+        that ran."""
         unknown = [node for node in self._missed if node not in self._last_beat]
         chosen = set(self._missed)
         for node in members:
@@ -1467,7 +1470,12 @@ class ClusterNode:
         node = self.node_id
         watched = []
         if self.is_leader:
-            members = await self.store.members()
+            # In random order, not by name, and without this node: the room for members never
+            # seen running goes to names a client without the key picked to sort first no
+            # more than to any others, so a new leader (which has seen no node yet) finds the
+            # nodes that ran among them, and so does any leader a node that joined meanwhile.
+            members = [member for member in await self.store.members() if member != node]
+            random.shuffle(members)
             watched = sorted(self.watch.to_check(members, MAX_UNKNOWN_WATCHED) - {node})
         self._forget_silent(time.time())  # (before the beat, whose marks it bounds)
         read_up_to = self._inbox_position
