@@ -240,22 +240,20 @@ for _, member in ipairs(due) do
   out[#out + 1] = redis.call('HGET', KEYS[2], member)
 end
 local missing, drawn = 0, {}
-if redis.call('HLEN', KEYS[2]) > redis.call('ZCARD', KEYS[1]) then
-  missing = 1
-else
-  -- The set may also hold members of a client's own (padding it past the deadlines' count):
-  -- one deadline drawn at random whose member is gone says so too. With every claim of every
-  -- node drawing one, a set deleted and padded is found within a few claims. A member that
-  -- is there is returned with its score and signed deadline: a score raised far past that
-  -- deadline (which would keep it from ever being claimed) is put back by the node.
-  local probe = redis.call('HRANDFIELD', KEYS[2])
-  if probe then
-    local score = redis.call('ZSCORE', KEYS[1], probe)
-    if score then
-      drawn = {probe, score, redis.call('HGET', KEYS[2], probe)}
-    else
-      missing = 1
-    end
+if redis.call('HLEN', KEYS[2]) > redis.call('ZCARD', KEYS[1]) then missing = 1 end
+-- The set may also hold members of a client's own (padding it past the deadlines' count):
+-- one deadline drawn at random whose member is gone says so too. With every claim of every
+-- node drawing one, a set deleted and padded is found within a few claims. A member that is
+-- there is returned with its score and signed deadline: a score raised far past that deadline
+-- (which would keep it from ever being claimed) is put back by the node. Drawn with every
+-- claim, so that deadlines a client keeps adding (more deadlines than members) hide no score.
+local probe = redis.call('HRANDFIELD', KEYS[2])
+if probe then
+  local score = redis.call('ZSCORE', KEYS[1], probe)
+  if score then
+    drawn = {probe, score, redis.call('HGET', KEYS[2], probe)}
+  else
+    missing = 1
   end
 end
 return {out, removed, missing, drawn}
