@@ -657,3 +657,29 @@ async def test_a_real_client_with_an_authorization_header_signs_in_with_its_conn
     ack = await client.expect("ack", event="user-connected")
     assert ack["result"] == {"ok": True}
     await client.stop()
+
+
+@pytest.mark.parametrize("header_token", [False, True], ids=["connect-token", "header-token"])
+async def test_a_resume_header_on_a_socketio_upgrade_is_honoured(
+    harness: Harness, header_token: bool
+) -> None:
+    """`Callgate-Resume` on the upgrade (an app's `extraHeaders`) resumes as the native
+    protocol's header does, whichever carries the token (the CONNECT, or `Authorization`);
+    a `resume` in the CONNECT itself would take its place."""
+    await harness.start(make_settings(calls={"reconnect_grace": 30}))
+    alice, _bob = await harness.connected_call()
+    await alice.ws.aclose()
+    headers = [(b"callgate-resume", alice.session["sessionId"].encode())]
+    if header_token:
+        headers.append((b"authorization", f"Bearer {token_for('alice')}".encode()))
+    ws, stream = await connect_ws(
+        harness.nursery, harness.url.removesuffix("/ws") + SOCKETIO_PATH, extra_headers=headers
+    )
+    harness.clients.append(Client(ws, stream))
+    assert (await next_packet(ws)).startswith("0{")
+    await ws.send_message(
+        "40" + ("{}" if header_token else json.dumps({"token": token_for("alice")}))
+    )
+    assert (await next_packet(ws)).startswith("40{")
+    event, session = await next_event(ws)
+    assert (event, session["user"], session["resumed"]) == ("session", "alice", True)

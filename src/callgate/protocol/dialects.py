@@ -85,8 +85,9 @@ class Dialect(Protocol):
     def sign_in(
         self, text: str, limits: FieldLimits, upgrade: Credentials | None = None
     ) -> Credentials | Incoming:
-        """`upgrade`: the credentials the upgrade carried (a dialect that `connects`), used
-        when the frame signs in without a token of its own.
+        """`upgrade`: what the upgrade carried (a dialect that `connects`): its token, used
+        when the frame has none of its own (`""`: none), and the session it resumes, used when
+        the frame names none.
 
         Raises: AuthError (a frame that is no sign-in, or a malformed one)."""
         ...
@@ -216,12 +217,15 @@ class SocketIODialect:
             # Answered, and the client may try the main namespace next.
             return Incoming(reply=sio.connect_error_packet("Invalid namespace", packet.namespace))
         auth = packet.payload if isinstance(packet.payload, dict) else {}
-        if upgrade is not None and auth.get("token") is None:
-            # Signed in with the upgrade's `Authorization` (a client's `extraHeaders`); its
-            # CONNECT may still say which session it resumes.
-            resume = auth.get("resume")
-            return Credentials(upgrade.token, resume if isinstance(resume, str) else upgrade.resume)
-        return _credentials(auth.get("token"), auth.get("resume"), None)
+        token, resume = auth.get("token"), auth.get("resume")
+        if upgrade is not None:
+            # What the upgrade carried (a client's `extraHeaders`: `Authorization`,
+            # `Callgate-Resume`) counts where the CONNECT says nothing of its own.
+            if token is None and upgrade.token:
+                token = upgrade.token
+            if not isinstance(resume, str):
+                resume = upgrade.resume
+        return _credentials(token, resume, None)
 
     def welcome(self, conn_id: str) -> list[str]:
         return [sio.connected_packet(conn_id)]

@@ -458,9 +458,11 @@ class ConnectionHub:
         if bearer == "":  # `Authorization: Bearer` and no token: an empty token (contract 2)
             raise AuthError(INVALID, "malformed")
         token = bearer or (upgrade.query_tokens[0] if upgrade.query_tokens else None)
-        carried = Credentials(token, upgrade.resume) if token else None
-        if carried is not None and not connection.dialect.connects:
-            return await self._verify(carried.token), carried
+        if token and not connection.dialect.connects:
+            return await self._verify(token), Credentials(token, upgrade.resume)
+        # A dialect whose client signs in by a frame of its own all the same (Socket.IO) takes
+        # what the upgrade carried (a token, a session to resume) where that frame has none.
+        carried = Credentials(token or "", upgrade.resume) if token or upgrade.resume else None
         with trio.move_on_after(self._settings.server.auth_timeout):
             while True:
                 text = await connection.receive()
