@@ -288,7 +288,7 @@ class ConnectionHub:
         )
         connection.limits = self._limiter.for_connection()
         connection.may_write_now = self._not_in_burst
-        connection.ws.count_frames(partial(self._admit_frame, connection))
+        connection.ws.count_frames(partial(self._admit, connection, None))
         self._all[conn_id] = connection
         self._per_address[addr] += 1
         self.audit("conn.open", {"conn": conn_id, "addr": addr})
@@ -556,8 +556,11 @@ class ConnectionHub:
         if isinstance(envelope.message, Auth):
             await self._refresh(connection, envelope.message, envelope.ref)
 
-    def _admit(self, connection: Connection, text: str) -> bool:
-        """Count a message against the connection's rate; over it, say so and drop it.
+    def _admit(self, connection: Connection, text: str | None) -> bool:
+        """Count a message against the connection's rate; over it, say so and drop it. `text`
+        None: a frame that carries no whole message (a WebSocket ping, a pong that answers
+        nothing, a fragment but the last), counted as a message is, from the first frame,
+        signed in or not; over the rate nothing is sent (there is no message to answer).
 
         Raises: CloseConnection 4029 when the connection keeps flooding.
         """
@@ -565,25 +568,10 @@ class ConnectionHub:
         if retry is None:
             return True
         self.metrics.rate_limited.labels("messages").inc()
-        connection.send_error(
-            ErrorCode.RATE_LIMITED, "too many messages", connection.peek_ref(text), retry
-        )
-        if connection.limits.is_flooding():
-            self.metrics.rate_limited.labels("flood").inc()
-            raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "rate limit exceeded")
-        return False
-
-    def _admit_frame(self, connection: Connection) -> bool:
-        """A frame that carries no whole message (a WebSocket ping, a fragment of a message but
-        its last) counts against the connection's message rate as a message does, from the
-        first frame, signed in or not; over it, it counts towards `flood` (nothing is sent:
-        there is no message to answer). True when within the rate.
-
-        Raises: CloseConnection 4029 when the connection keeps flooding.
-        """
-        if connection.limits.admit_message() is None:
-            return True
-        self.metrics.rate_limited.labels("messages").inc()
+        if text is not None:
+            connection.send_error(
+                ErrorCode.RATE_LIMITED, "too many messages", connection.peek_ref(text), retry
+            )
         if connection.limits.is_flooding():
             self.metrics.rate_limited.labels("flood").inc()
             raise CloseConnection(CloseCode.RATE_LIMIT_ABUSE, "rate limit exceeded")
