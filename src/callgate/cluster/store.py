@@ -626,12 +626,12 @@ class Store:
         """The nodes that joined and were not buried (the leader watches them): all of them
         while there are at most MAX_MEMBERS_READ, else that many chosen at random (the set is
         unsigned: see MAX_MEMBERS_READ); none while `nodes` is of another type (the next
-        heartbeat removes it)."""
+        heartbeat removes it). In no particular order."""
         try:
             members: Any = await self._redis.srandmember(self.key("nodes"), MAX_MEMBERS_READ)
         except WrongTypeError:
             return []
-        return sorted(bytes(member).decode(errors="replace") for member in members)
+        return [bytes(member).decode(errors="replace") for member in members]
 
     async def take_inbox(self, node: str) -> list[tuple[bytes, Mapping[bytes, bytes]]]:
         """A dead node's inbox, moved out of its reach (only one caller gets it): entry ids
